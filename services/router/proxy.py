@@ -56,6 +56,7 @@ from lockgate.services.router.upstream import (
     chain,
     forward_headers,
     scrub,
+    shapes_answer,
 )
 from lockgate.services.router.wire import (
     CHAT,
@@ -402,6 +403,7 @@ class Proxy:
         flags = "01" if sc.trace_flags.sampled else "00"
         up_headers = {**_UP_BASE, "traceparent": f"00-{trace_id}-{span_id}-{flags}"}
         forward_headers(h, up_headers)
+        shaped = shapes_answer(h)  # then not the body alone: no cached answer, no digest (probe p18 F3)
         out_headers = {**ticket.limits, "x-lockgate-trace-id": trace_id}
         if key.role == "admin":  # the arm, for an operator debugging; a client that learnt it could steer (README)
             out_headers |= {"x-lockgate-variant": variant, "x-lockgate-release": target.release}
@@ -409,8 +411,8 @@ class Proxy:
         streamed: list[bytes] | None = None
         underway = Underway()  # the upstream call in flight, should the client leave before one answers
         try:
-            hit = await self.admission.lookup(ticket, op.path, deployment, target.release, hops[0].body, rec,
-                                              out_headers, want_usage)
+            hit = None if shaped else await self.admission.lookup(ticket, op.path, deployment, target.release,
+                                                                  hops[0].body, rec, out_headers, want_usage)
             # Shadow: a sampled copy to the candidate, scheduled off the request path (`body` is as the client
             # sent it, before this release's patches). On a cache miss only: a hit replays an answer, no evidence
             # of anything, and costs its caller nothing; copied, an app would choose the candidate's sample by
@@ -475,7 +477,7 @@ class Proxy:
             # turn, after aiohttp has handed the response to the socket, not before.
             loop = asyncio.get_running_loop()
             loop.call_soon(self._record, span, key, trace_id, span_id, deployment, variant, target, model, req, user,
-                           session, rec, op, by_header, body)
+                           session, rec, op, by_header, b"" if shaped else body)
             for failed, attempt in zip(rec.earlier, attempts, strict=True):
                 f_variant, f_target = failed.hop.tag
                 loop.call_soon(self._record, INVALID_SPAN, key, trace_id, secrets.token_hex(8), deployment, f_variant,

@@ -38,6 +38,10 @@ from lockgate.services.router.wire import own_request_id
 _FORWARD = ("OpenAI-Beta", "Idempotency-Key", "Accept")
 _FORWARD_PREFIX = "x-stainless-"
 _FORWARD_LOWER = frozenset(n.lower() for n in _FORWARD)
+# Of those, the ones that may change the answer to one body: a beta feature, or a key under which a provider replays
+# the first answer it gave (to another body too). A request carrying one is not the body alone: never cached, never
+# digested for a recorded eval (probe p18 F3).
+_SHAPING = ("OpenAI-Beta", "Idempotency-Key")
 # Response headers the client needs to pace itself and to quote to the provider's support (OpenAI's
 # processing time, API version and organization: what its SDK's users log next to the request id).
 # Not `openai-organization`: the operator's provider account is none of an application's business.
@@ -52,6 +56,12 @@ def forward_headers(incoming: Mapping[str, str], out: dict[str, str]) -> None:
         # The first-letter test keeps this loop cheap: it runs on every request's every header.
         if name[0] in "aAiIoOxX" and ((low := name.lower()) in _FORWARD_LOWER or low.startswith(_FORWARD_PREFIX)):
             out[name] = value
+
+
+def shapes_answer(incoming: Mapping[str, str]) -> bool:
+    """Whether the client sent a header the router forwards that may change the answer to its body (`incoming`: the
+    request's case-insensitive headers)."""
+    return any(name in incoming for name in _SHAPING)
 
 
 def returned_headers(upstream: Mapping[str, str]) -> dict[str, str]:

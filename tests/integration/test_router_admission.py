@@ -416,6 +416,28 @@ async def test_cache_hit_miss_ttl_and_temperature(settings: Settings, store: Sto
     assert third.headers["x-lockgate-cache"] == "miss" and sim.requests[MODEL] == 5
 
 
+async def test_a_request_whose_headers_may_change_its_answer_is_neither_cached_nor_digested(
+        settings: Settings, store: Store, stack: Stack, sim: SimServer, tmp_path: Path) -> None:
+    # Probe p18 F3: the router forwards `OpenAI-Beta` (beta features) and `Idempotency-Key` (a provider replays the
+    # first answer given under a key), which may change the answer; neither was in the cache key nor in the request
+    # digest a recorded eval matches, so one body could be answered from another's cache entry or stand for another
+    # answer than its digest says.
+    router, keys, sub = await _caching(settings, store, stack, sim, tmp_path, "faq", 60)
+    c = client(router, keys.app_key)
+    for header in ({"Idempotency-Key": "k-1"}, {"OpenAI-Beta": "assistants=v2"}):
+        for _ in range(2):
+            raw = await c.chat.completions.with_raw_response.create(
+                model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=MAX_TOKENS, temperature=0,
+                extra_headers=header)
+            assert "x-lockgate-cache" not in raw.headers, header
+    assert sim.requests[MODEL] == 4  # each one answered by the upstream
+    events = []
+    while len(events) < 4:
+        events += _events.decode((await sub.next_msg(timeout=10)).data)
+    assert [REQUEST_DIGEST in e.attributes or "cache" in e.attributes for e in events] == [False] * 4
+    await sub.unsubscribe()
+
+
 async def test_under_auth_the_router_leases_and_reports_but_an_app_cannot_touch_the_counters(
         tmp_path: Path, unique: str) -> None:
     server = NatsServer(tmp_path / "nats", config=auth_config(Subjects(unique), credentials.ensure(tmp_path)))
