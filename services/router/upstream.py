@@ -65,17 +65,22 @@ def shapes_answer(incoming: Mapping[str, str]) -> bool:
 
 
 def returned_headers(upstream: Mapping[str, str]) -> dict[str, str]:
-    """The upstream's rate-limit, retry and request-id headers, for the client; with a request id of the router's
-    own if the upstream gave none, as every OpenAI answer has one (the SDK's `request_id`, what a user quotes)."""
+    """The upstream's rate-limit, retry and request-id headers, for the client."""
     out: dict[str, str] = {}
-    identified = False
     for name, value in upstream.items():
         if name[0] in "rRxXoO" and ((low := name.lower()) in _RETURN_LOWER or low.startswith(_RETURN_PREFIX)):
             out[name] = value
-            identified = identified or low == "x-request-id"
-    if not identified:
-        out["x-request-id"] = own_request_id()
     return out
+
+
+def identified(passed: dict[str, str]) -> dict[str, str]:
+    """`passed` (the upstream's headers for the client) with a request id of the router's own if the upstream gave
+    none, as every OpenAI answer has one (the SDK's `request_id`, what a user quotes). Added after `passed_back`:
+    the router's own random hex holds nothing to mask, and, scrubbed, every request paid a whole scrub for it (and
+    filled the scrubber's memo of short texts with ids never seen again)."""
+    if not any(name.lower() == "x-request-id" for name in passed):
+        passed["x-request-id"] = own_request_id()
+    return passed
 
 
 class UpstreamUnavailable(LockgateError):
@@ -442,7 +447,8 @@ class Upstream:
                 opened.release()
             raise
         status = opened.status
-        passed = passed_back(provider(ep.provider).returned(opened.headers, returned_headers(opened.headers)), ep)
+        passed = identified(passed_back(provider(ep.provider).returned(opened.headers, returned_headers(opened.headers)),
+                                        ep))
         if not streaming:
             opened.release()
             if status != 200 and resilience.retryable_status(status):

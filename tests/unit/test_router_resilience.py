@@ -31,7 +31,7 @@ from lockgate.services.router.resilience import (
     retry_wait,
     retryable_status,
 )
-from lockgate.services.router.upstream import forward_headers, returned_headers, scrub
+from lockgate.services.router.upstream import forward_headers, identified, returned_headers, scrub
 
 # Breaker
 
@@ -239,6 +239,13 @@ def test_forwarded_and_returned_headers() -> None:
                                          "openai-processing-ms": "12", "OpenAI-Version": "2020-10-01"}))
     assert back == {"Retry-After": "3", "X-RateLimit-Remaining-Tokens": "10", "x-request-id": "r",
                     "openai-processing-ms": "12", "OpenAI-Version": "2020-10-01"}
+
+
+def test_an_answer_without_a_request_id_gets_the_routers_own() -> None:
+    assert identified({"X-Request-ID": "r"}) == {"X-Request-ID": "r"}  # the upstream's, in any spelling
+    own = identified({"retry-after": "3"})
+    assert own["retry-after"] == "3" and own["x-request-id"].startswith("req_lockgate_")
+    assert own["x-request-id"] != identified({})["x-request-id"]
 
 
 def test_upstream_address_is_replaced_by_the_endpoint_id_in_error_bodies() -> None:
