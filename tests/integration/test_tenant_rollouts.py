@@ -143,7 +143,7 @@ async def test_another_tenants_deployment_in_an_unscoped_keys_reach_is_not_its_t
     read: dict[str, Any] = {}
     assert await _call(router, unscoped, "GET", "acme-chat", answer=read) == 404
     assert read["error"]["code"] == "deployment_not_found" and "acme-v" not in str(read), read
-    changes = [("POST", None, "pause"), ("POST", None, "resume"), ("POST", {"step": 1, "canary": "acme-v2"}, "approve"),
+    changes = [("POST", None, "pause"), ("POST", None, "resume"), ("POST", {"step": 1, "canary": "acme-v2", "started_at": 1.0}, "approve"),
                ("POST", {"weight": 100}, "set-weight"), ("POST", None, "abort"), ("POST", None, "promote"),
                ("POST", None, "retry"), ("POST", None, "undo"), ("DELETE", None, "break-glass"),
                ("PATCH", {"weight": 100}, ""),
