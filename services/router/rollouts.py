@@ -62,8 +62,9 @@ _ADMISSION_RETRY_S = 1.0
 # How long a gate decision waits for this replica's KV watch to apply the route writes made before it
 # (Rollouts._routes_current); past it, every route is read again from KV instead.
 _WATCH_LAG_S = 2.0
-# How often every serving stable's current decision is read again (Rollouts._hold_stables): a decision the route
-# never acted on (a replica that missed it, a route stored before stables were checked) takes effect within it.
+# How often every serving stable's and every live canary's current decision is read again (Rollouts._hold_stables,
+# _hold_canaries): a decision the route never acted on (its message taken by a replica that could not act on it, a
+# route stored before stables were checked) takes effect within it.
 STABLE_CHECK_S = 5.0
 # A canary's admission read again (Rollouts._admission_now): its release, its current verified decision (None:
 # none, or it does not verify) and why not; None when the admission holds (or the route rests on none).
@@ -116,6 +117,7 @@ class Rollouts:
         self._persist_lock = asyncio.Lock()
         self._kv: Any = None
         self._watcher: Any = None
+        self._rewatched = asyncio.Event()  # set when `_watcher` is replaced (`_rewatch`) or closed
         self._revisions: dict[str, int] = {}  # KV revision each in-memory route is based on
         self._watched = 0  # the last KV revision (of any route) the watch has applied or passed over
         self._watch_moved = asyncio.Event()
@@ -253,35 +255,73 @@ class Rollouts:
         self._wake.set()
 
     async def run_watch(self) -> None:
-        """Apply route changes written by any replica as they land in KV (runs until close())."""
-        watcher = self._watcher
-        if watcher is None:
-            return
+        """Apply route changes written by any replica as they land in KV (runs until close()); when the watch is
+        made anew (`_rewatch`), the new one is followed."""
+        while (watcher := self._watcher) is not None:
+            replaced = self._rewatched
+            follow = asyncio.ensure_future(self._apply_watched(watcher))
+            swapped = asyncio.ensure_future(replaced.wait())
+            try:
+                await asyncio.wait((follow, swapped), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                follow.cancel()
+                swapped.cancel()
+            if follow.done() and not follow.cancelled():
+                follow.result()  # raises what ended it
+                if self._watcher is watcher:
+                    return  # stopped, not replaced
+
+    async def _apply_watched(self, watcher: Any) -> None:
         async for entry in watcher:
             if entry is not None:
                 self._on_entry(entry)
+
+    async def _rewatch(self) -> None:
+        """Watch the routes bucket anew, from every key's current value on, in place of the watch before.
+
+        The watch is an ephemeral consumer: a nats-server restart drops it, and nats-py makes it again only once
+        two of its heartbeats went missing, 10 to 20 s later. Meanwhile the replica, connected, healthy and serving
+        canaries, saw no route another replica wrote: an abort made just after a restart left it sending half its
+        users to the aborted canary for 15 s (probe p19 F1). A new watch delivers what was written meanwhile (each
+        key's last value) and what is written next."""
+        try:
+            watcher = await self._kv.watchall()
+        except nats.errors.Error as exc:
+            raise BusUnavailable(f"cannot watch the routes in KV again: {exc!r}") from None
+        if self._watcher is None:  # closed meanwhile
+            with contextlib.suppress(Exception):
+                await watcher.stop()
+            return
+        old, self._watcher = self._watcher, watcher
+        replaced, self._rewatched = self._rewatched, asyncio.Event()
+        replaced.set()
+        if old is not None:
+            with contextlib.suppress(Exception):  # dropped with the old server: nothing left to stop
+                await old.stop()
 
     async def run_cut_off(self) -> None:
         """Serve stable only while cut off from the bus (runs until close()).
 
         A replica that cannot hear the bus hears no BLOCK of a canary and no other replica's abort: past
         `router_cut_off_s` it stops sending anyone to a canary (weight, header route, shadow) until the connection
-        is back and its routes are read again from KV (what the others decided meanwhile). A shorter loss (a
-        server restart) changes nothing: the decisions it missed are redelivered once it is back."""
+        is back and its routes are read again from KV (what the others decided meanwhile). After a shorter loss (a
+        server restart) it keeps serving canaries, and its routes are read again as well, with the watch made anew:
+        the server dropped the watch, which nats-py makes again only 10 to 20 s later (probe p19 F1)."""
         bus, bound = self.ctx.bus, self.ctx.settings.router_cut_off_s
         seen = bus.reconnects
         while True:
             await bus.lost(seen)
             if bus.reconnects == seen:  # down now
+                back = seen
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(bound):
-                        seen = await bus.reconnected(after=seen)
-                        continue  # back within the bound
-                self._cut("lost", True, f"cut off from the bus for more than {bound:g} s (router_cut_off_s)")
-                seen = await bus.reconnected(after=seen)
-            else:  # a loss seen only once it was over: short, so nothing to catch up on
+                        back = await bus.reconnected(after=seen)
+                if back == seen:
+                    self._cut("lost", True, f"cut off from the bus for more than {bound:g} s (router_cut_off_s)")
+                    back = await bus.reconnected(after=seen)
+                seen = back
+            else:  # a loss seen only once it was over: the watch may have gone with it all the same
                 seen = bus.reconnects
-                continue
             await self._caught_up()
             self._cut("lost", False, "back on the bus with its routes reloaded")
 
@@ -313,11 +353,13 @@ class Rollouts:
             await asyncio.sleep(every)  # the probe's cadence, not a synchronisation
 
     async def _caught_up(self) -> None:
-        """Persist what this replica changed while cut off (compare-and-set: what another replica wrote wins),
-        then read every route again from KV; retried while the bus fails it."""
+        """Watch the routes anew (`_rewatch`: what any replica writes from now on is applied as it lands), persist
+        what this replica changed while cut off (compare-and-set: what another replica wrote wins), then read every
+        route again from KV; retried while the bus fails it (a restarted server's JetStream not ready yet)."""
         policy = RetryPolicy(attempts=None, initial_s=0.1, max_s=2.0)
 
         async def once() -> None:
+            await self._rewatch()
             await self.flush()
             await self._reload_all()
 
@@ -388,6 +430,7 @@ class Rollouts:
         """Stop watching KV."""
         self._refuse_after(0.0)
         watcher, self._watcher = self._watcher, None
+        self._rewatched.set()
         if watcher is not None:
             with contextlib.suppress(Exception):
                 await watcher.stop()
@@ -530,8 +573,8 @@ class Rollouts:
         at 10%, or a paused one, kept its traffic until something would raise it, and an override for good. The
         trust file is local and nothing announces its changes, so this looks at it (a stat) every `every_s` seconds.
         A change it cannot act on (the file malformed, the decisions unreadable) is looked at again at the next.
-        Every serving stable's decision is read again too, at start, on such a change and every `stable_check_s`
-        seconds (`_hold_stables`)."""
+        Every serving stable's and every live canary's decision is read again too, at start, on such a change and
+        every `stable_check_s` seconds (`_hold_stables`, `_hold_canaries`)."""
         seen: Keyring | None = None
         checked = -math.inf  # at once on start: a route restored from KV may rest on a stable no decision allows now
         while True:
@@ -549,7 +592,49 @@ class Rollouts:
                     await self._hold_stables()
                 except LockgateError as exc:
                     log.warning("serving stables not checked again yet: %s", exc.message)
+                try:
+                    await self._hold_canaries()
+                except LockgateError as exc:
+                    log.warning("live canaries not checked again yet: %s", exc.message)
             await asyncio.sleep(every_s)
+
+    async def _hold_canaries(self) -> None:
+        """Every live canary's admission (`domain.rests_on_admission`) against its release's current decision, read
+        again now. A verified decision that does not allow it is acted on as its message arriving is (`_act_on`:
+        a BLOCK aborts the canary, a NEEDS_REVIEW holds it at 0%); none that verifies takes it back to 0%
+        (`_unadmit`). Retryable if one cannot be read or acted on now (the others are checked all the same).
+
+        A decision's message reaches one replica (the router's durable consumer is shared), and the others learn it
+        from the route that one writes. One that takes it and cannot act (a partition that drops the server's side
+        only, a frozen process) held it until redelivery, 30 s later, maybe to another such replica: a connected,
+        healthy replica kept a canary a person rejected at 50% for 30 to 180 s (probe p19 F2). The decision is in
+        KV before it is announced, so every replica acts on it within `stable_check_s` whatever the others do."""
+        unread: list[str] = []
+        for route in list(self.routes.values()):
+            if not domain.rests_on_admission(route):
+                continue
+            try:
+                await self._hold_canary(route)
+            except Retryable as exc:  # the bus away, the route contended: looked at again next time
+                unread.append(f"{route.deployment}: {exc.message}")
+        await self.flush()
+        if unread:
+            raise Retryable(f"canaries not checked again: {'; '.join(unread)}")
+
+    async def _hold_canary(self, route: Route) -> None:
+        """A live canary's admission against its release's current decision, read again now: a verified one that
+        does not allow it is acted on as its message arriving is (a BLOCK aborts the canary, and says so; before,
+        a trust change that found one only took the canary back to 0%); none that verifies takes it back to 0%."""
+        admission = await self._admission_now(route)
+        if admission is None:
+            return
+        decision = admission[1]
+        if decision is not None and decision.id != route.decision_id:
+            log.warning("%s: canary %s rests on an admission its current decision %s (%s) does not give: acting on "
+                        "that decision", route.deployment, decision.release, decision.id, decision.decision)
+            await self._act_on(decision)
+        elif self.routes.get(route.deployment) is route:  # else changed meanwhile: looked at again next time
+            self._unadmit(route, admission)
 
     async def _hold_stables(self) -> None:
         """Every route's serving stable against its release's current decision, read again now: rolled back
@@ -581,8 +666,8 @@ class Rollouts:
             raise BusUnavailable(f"stables not checked again: {'; '.join(unread)}")
 
     async def _recheck(self, roots: Keyring) -> None:
-        """Every route's admission and override against the trust roots `roots`; BusUnavailable if a decision
-        cannot be read (nothing is skipped: the caller tries the whole again)."""
+        """Every route's admission (`_hold_canary`) and override against the trust roots `roots`; Retryable if a
+        decision cannot be read or acted on now (nothing is skipped: the caller tries the whole again)."""
         unread: list[str] = []
         for route in list(self.routes.values()):
             override = route.override
@@ -594,15 +679,12 @@ class Rollouts:
             if not domain.rests_on_admission(route):  # at 0% too: a header route may serve it
                 continue
             try:
-                admission = await self._admission_now(route)
-            except BusUnavailable as exc:
+                await self._hold_canary(route)
+            except Retryable as exc:
                 unread.append(f"{route.deployment}: {exc.message}")
-                continue
-            if self.routes.get(route.deployment) is route:  # else changed meanwhile, checked by that change
-                self._unadmit(route, admission)
         await self.flush()
         if unread:
-            raise BusUnavailable(f"admissions not checked again: {'; '.join(unread)}")
+            raise Retryable(f"admissions not checked again: {'; '.join(unread)}")
 
     def _timer_due(self, route: Route) -> float | None:
         """`_due`, no earlier than a deployment's admission can be read again (see `_may_step`)."""
@@ -772,6 +854,11 @@ class Rollouts:
             log.warning("ignoring gate decision %s for %s: it is not the release's current verified decision",
                         decision.id, decision.release)
             return
+        await self._act_on(decision)
+
+    async def _act_on(self, decision: GateDecided) -> None:
+        """Act on a release's current verified decision, on routes holding every route write made before now; a
+        decision's message (`on_decision`) and the periodic re-read of live canaries (`_hold_canaries`) alike."""
         await self._routes_current()
         await self._until_won(lambda: self.apply_decision(decision))  # reads its decisions again on every attempt
 

@@ -181,3 +181,45 @@ async def test_a_replica_behind_on_the_route_cannot_put_back_a_blocked_stable(
         assert "stable release 'r0' is BLOCKed" in text and "the current stable is 'r2'" in text
     route = a.rollouts.route("chat")  # a reloaded the route it lost to
     assert (route.stable.release, route.canary.release if route.canary else None) == ("r2", "r3")
+
+
+async def test_a_block_whose_message_a_replica_swallowed_is_acted_on_by_every_replica(
+    replicas: tuple[Any, Any], bus: Bus, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Probe p19 F2: a decision's message reaches one replica (the durable consumer is shared); one that took a
+    person's reject and could not act on it (a partition dropping the server's side, a frozen process) left every
+    other replica serving the rejected canary at 50% until redelivery, 30 to 180 s. Here the replica that takes the
+    BLOCK's message acks it and does nothing, so it is never redelivered: both replicas abort the canary all the
+    same, on its current decision read again (STABLE_CHECK_S), as its message would have."""
+    a, b = replicas
+    signer = Signer.generate()
+    trust_key(trust_file_path(a.ctx.settings), signer.public)
+    for release in ("r1", "r2"):
+        await register_model_release(bus, release)
+    await store_pass(bus, "r1", a.ctx.settings)
+    async with aiohttp.ClientSession(headers=admin_headers(a.ctx.settings.home)) as http:
+        body = {"stable_release": "r1", "canary_release": "r2", "strategy": {"steps": [50, 100], "interval_s": 3600}}
+        async with http.put(f"{a.url}/lockgate/v1/deployments/chat", json=body) as resp:
+            assert resp.status == 200, await resp.text()
+    await gate_decided(bus, signer.sign(GateDecided(release="r2", rules=[], decision="PASS",
+                                                    artifacts=await judged(bus, "r2"))))
+    for r in (a, b):
+        await r.rollouts.wait_for(lambda routes: "chat" in routes and routes["chat"].weight == 50.0, timeout=10)
+
+    taken = asyncio.Event()
+
+    async def swallowed(decision: GateDecided) -> None:
+        taken.set()  # acked, acted on by nobody: never redelivered
+
+    for r in (a, b):  # whichever replica the shared consumer hands it to
+        monkeypatch.setattr(r.rollouts, "on_decision", swallowed)
+    block = signer.sign(GateDecided(release="r2", rules=[], decision="BLOCK", reason="override: rejected by alice",
+                                    artifacts=await judged(bus, "r2")))
+    await gate_decided(bus, block)
+    async with asyncio.timeout(10):
+        await taken.wait()
+    for r in (a, b):
+        await r.rollouts.wait_for(lambda routes: routes["chat"].phase == "aborted", timeout=3 * a.rollouts.stable_check_s)
+        route = r.rollouts.route("chat")
+        assert (route.weight, route.decision_id) == (0.0, block.id), route.reason
+        assert route.reason == "aborted r2: gate BLOCK: override: rejected by alice", route.reason

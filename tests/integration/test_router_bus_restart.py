@@ -1,0 +1,60 @@
+"""Router replicas across a short nats-server restart (probe p19 F1): the server drops their routes watch (an
+ephemeral consumer), which nats-py makes again only 10 to 20 s later. Back on the bus, each replica watches its
+routes anew and reads them again at once, so a change another replica makes just after the restart reaches it
+then. On a real nats-server with auth on, each replica as the router identity."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from lockgate import credentials
+from lockgate.config import Settings
+from lockgate.server.natsserver import NatsServer, auth_config
+from lockgate.store import Store
+from lockgate.subjects import Subjects
+from tests.helpers import admin_headers
+from tests.integration.test_router_drift_replay import Stack, _rollout
+
+pytestmark = pytest.mark.timeout(90)
+
+
+@pytest.fixture
+async def restartable(tmp_path: Path, unique: str, store: Store) -> AsyncIterator[tuple[Stack, NatsServer]]:
+    """The drift-replay suite's stack on a nats-server of this test's own, which it restarts."""
+    server = NatsServer(tmp_path / "nats", config=auth_config(Subjects(unique), credentials.ensure(tmp_path)))
+    await server.start()
+    settings = Settings(prefix=unique, home=str(tmp_path), nats_url=server.url, router_port=0, deployment="chat",
+                        app="shop", stable_upstream="http://127.0.0.1:9", canary_upstream="http://127.0.0.1:9")
+    s = Stack(settings, store)
+    try:
+        await s.bus("admin")
+        yield s, server
+    finally:
+        await s.close()
+        server.stop()
+
+
+async def test_a_change_made_just_after_a_bus_restart_reaches_the_other_replica_at_once(
+        restartable: tuple[Stack, NatsServer]) -> None:
+    # Before: router-a aborted the canary 0.2 s after nats-server came back; router-b, connected and "serving all",
+    # kept the aborted canary at 50% for 15 s, until nats-py noticed the dead watch and made it again.
+    stack, server = restartable
+    a = await stack.replica("router-a")
+    b = await stack.replica("router-b")
+    await _rollout(stack, a)  # r2 at 50% against r1
+    await b.rollouts.wait_for(lambda r: "chat" in r and r["chat"].weight == 50.0, timeout=10)
+
+    server.kill()  # a crash; back at once on its port and store, well within router_cut_off_s
+    await server.start()
+    for name in ("router-a", "router-b"):
+        await stack.named[name].wait_state("connected", timeout_s=20)
+    async with aiohttp.ClientSession(headers=admin_headers(stack.settings.home)) as http:
+        async with http.post(f"{a.url}/lockgate/v1/deployments/chat/abort") as resp:
+            assert resp.status == 200, await resp.text()
+    assert not b.rollouts.cut_off
+    await b.rollouts.wait_for(lambda r: r["chat"].phase == "aborted", timeout=5)  # nats-py's own: 10 to 20 s
+    assert b.rollouts.route("chat").weight == 0.0
