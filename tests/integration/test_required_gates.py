@@ -267,7 +267,8 @@ async def test_a_pass_decided_before_the_gates_file_required_its_policy_is_a_blo
                 f"(decision {lax.id}) was decided under policy lenient={lax.policy}; run it with `--policy "
                 "strict.yaml`"), held.reason
             verified = await run_cli(after, "gate", "verify", "r-lax")
-            assert verified.exit_code == 0 and "(r-lax: BLOCK)" in verified.output, verified.output
+            # Authentic, and a BLOCK: exit 5, as for any decision that admits nothing.
+            assert verified.exit_code == 5 and "(r-lax: BLOCK, decided " in verified.output, verified.output
             # The deployment serving it goes back to its known-good release; it is no first release either.
             router = after.services["router"]
             await router.rollouts.wait_for(lambda routes: routes["chat"].stable.release == "r-ok", timeout=20)
