@@ -26,7 +26,7 @@ from lockgate import artifacts, credentials
 from lockgate.bus import Bus
 from lockgate.codec import Codec, encode
 from lockgate.config import Settings
-from lockgate.contracts import EvalCaseResult, EvalCasesRecorded, EvalCompleted, GateDecided
+from lockgate.contracts import EvalCaseResult, EvalCasesRecorded, EvalCompleted, EvalRequested, GateDecided
 from lockgate.evalruns import EvalRun, binding_digest
 from lockgate.server.runtime import Runtime
 from lockgate.services.query.evals import eval_cases
@@ -87,6 +87,17 @@ async def _answer_on_stop(evaluator: Runtime, sim: HoldingSim) -> None:
     sim.go.set()
 
 
+async def stopped_mid_run(settings: Settings, sim: HoldingSim, operator: Bus, req: EvalRequested) -> None:
+    """`req` published by the operator and run by an evaluator stopped mid-run: the held case is answered once it
+    stops starting new ones, and every answered case is published before it exits; the last is never asked."""
+    async with evaluator(settings) as first:
+        await operator.publish(operator.subjects.eval_requested, req)
+        await asyncio.wait_for(sim.held.wait(), 30)
+        answer = asyncio.create_task(_answer_on_stop(first, sim))
+    await answer
+    assert len(sim.users) == ANSWERED + 1  # the run stopped before its last case
+
+
 @pytest.fixture
 async def sim() -> AsyncIterator[HoldingSim]:
     async with HoldingSim(SimConfig(models={"good": ModelSpec(answers=qa_answers())})) as server:
@@ -127,13 +138,7 @@ async def test_a_run_resumed_after_a_restart_evaluates_the_binding_it_started_on
         # A run of a name nobody registered, asking for exactly what the release will ship, one case at a time.
         req = request(release="p-late", suite=suite, policy=policy, endpoint="default", model="good",
                       concurrency=1, cache=False, timeout_s=30.0)
-        async with evaluator(stack.settings) as first:
-            await operator.publish(operator.subjects.eval_requested, req)
-            await asyncio.wait_for(sim.held.wait(), 30)
-            # Stopped mid-run: the held case is answered once the evaluator stops starting new ones.
-            answer = asyncio.create_task(_answer_on_stop(first, sim))
-        await answer
-        assert len(sim.users) == ANSWERED + 1  # the run stopped before its last case
+        await stopped_mid_run(stack.settings, sim, operator, req)
         # Whether or not the sink has stored them yet, the resumed run reads the cases it published
         # (test_eval_resume_unstored.py).
 

@@ -11,7 +11,6 @@ it has answered all but one case and started again on the same nats-server.
 
 from __future__ import annotations
 
-import asyncio
 from collections import Counter
 from collections.abc import AsyncIterator
 
@@ -25,12 +24,11 @@ from lockgate.services.query.evals import eval_cases
 from lockgate_dev.sim import ModelSpec, SimConfig
 from tests.integration.test_eval_gate import qa_answers, request
 from tests.integration.test_eval_resume_binding import (
-    ANSWERED,
     HoldingSim,
-    _answer_on_stop,
     _operator,
     _register_parts,
     evaluator,
+    stopped_mid_run,
 )
 
 pytestmark = pytest.mark.timeout(120)
@@ -63,14 +61,7 @@ async def test_a_resumed_run_asks_no_case_it_published_that_the_sink_has_not_sto
         suite, policy, _, _ = await _register_parts(operator)
         req = request(release="p-unstored", suite=suite, policy=policy, endpoint="default", model="good",
                       concurrency=1, cache=False, timeout_s=30.0)
-        async with evaluator(stack.settings) as first:
-            await operator.publish(operator.subjects.eval_requested, req)
-            await asyncio.wait_for(sim.held.wait(), 30)
-            # Stopped mid-run: the held case is answered once the evaluator stops starting new ones, and every
-            # answered case is published before it exits.
-            answer = asyncio.create_task(_answer_on_stop(first, sim))
-        await answer
-        assert len(sim.users) == ANSWERED + 1  # the run stopped before its last case
+        await stopped_mid_run(stack.settings, sim, operator, req)
         assert eval_cases(stack.ctx.store, req.run_id) == []  # type: ignore[arg-type]  # none of them stored
 
         async with evaluator(stack.settings):  # the same request, redelivered, resumes
