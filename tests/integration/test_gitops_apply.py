@@ -451,3 +451,72 @@ async def test_a_line_version_name_bound_to_other_content_by_a_raw_kv_create_bin
     created = await cli(settings, "release", "create", name, "--app", "shop", "--artifact",
                         f"prompt/p14-prompt={prompt.hash}")
     assert created.exit_code == 1 and "is already registered with other content" in created.output, created.output
+
+
+async def test_a_deployment_whose_live_route_serves_another_app_or_stable_is_drift_through_the_cli(
+        bus: Bus, settings: Settings, tmp_path: Path) -> None:
+    # Found by a probe (p20 F8): `rollout start gitshop-web --stable shop-v1` (app shop) outside Git, and `plan` said
+    # "unchanged", exit 0, while the folder's gitshop-web serves gitshop-base (gitshop-v1) of app gitshop: deployments
+    # were desired state only, never compared with what the router serves (an alias moved outside Git was).
+    from lockgate.services.router.domain import Route, Target
+
+    repo = Path(shutil.copytree(FIXTURE, tmp_path / "repo"))
+    async with recorder(bus, settings):
+        assert (await cli(settings, "apply", str(repo))).exit_code == 0
+    assert (await cli(settings, "plan", str(repo))).exit_code == 0  # no route yet: nothing served to compare
+    routes = await bus.kv(bus.subjects.kv_routes)
+
+    async def served(route: Route | bytes) -> None:  # the router's record, as `rollout start` leaves it
+        await routes.put(token("gitshop-web"), route if isinstance(route, bytes) else msgspec.json.encode(route))
+
+    await served(Route(deployment="gitshop-web", stable=Target(release="shop-v1", app="shop"), phase="aborted"))
+    drifted = await cli(settings, "plan", str(repo))
+    assert drifted.exit_code == 2, drifted.output
+    assert ("~ deployment gitshop-web: live route serves shop-v1 of app shop, folder says gitshop-v1 of app gitshop"
+            in _joined(drifted.output)), drifted.output
+    assert "1 deployment serving other than the folder says" in _joined(drifted.output)
+    planned = json.loads((await cli(settings, "plan", str(repo), "--json")).output)
+    [step] = [s for s in planned["steps"] if s["kind"] == "deployment"]
+    assert (step["action"], step["drift"], step["previous_release"], step["release"], step["live_app"], step["app"]) == (
+        "unchanged", True, "shop-v1", "gitshop-v1", "shop", "gitshop")
+    assert planned["exit_code"] == 2 and planned["summary"]["drift"] == 1
+    # apply moves no traffic: it says so, and the next plan still shows the drift.
+    async with recorder(bus, settings):
+        applied = await cli(settings, "apply", str(repo))
+    assert applied.exit_code == 0 and "~ deployment gitshop-web: live route serves shop-v1" in _joined(applied.output)
+    assert (await cli(settings, "plan", str(repo))).exit_code == 2
+
+    # Same stable release, another app (a route of the release's name under another app): drift too.
+    await served(Route(deployment="gitshop-web", stable=Target(release="gitshop-v1", app="shop")))
+    assert (await cli(settings, "plan", str(repo))).exit_code == 2
+    # Serving the folder's stable (a canary of any release may be under way): nothing to do.
+    await served(Route(deployment="gitshop-web", stable=Target(release="gitshop-v1", app="gitshop"),
+                       canary=Target(release="other-v2", app="gitshop"), phase="progressing"))
+    assert (await cli(settings, "plan", str(repo))).exit_code == 0
+    # A record that is no route: said in the table and below it, never a failed plan.
+    await served(b'{"not": "a route"}')
+    unread = await cli(settings, "plan", str(repo))
+    assert unread.exit_code == 0, unread.output
+    assert "? deployment gitshop-web: its live route was not compared with the folder" in _joined(unread.output)
+
+
+async def test_plan_reads_a_deployments_live_route_with_the_viewer_identity(
+        secured: tuple, tmp_path: Path) -> None:  # noqa: F811
+    # CI runs `plan` as the viewer: its credentials read the routes KV (a refused read would leave every route
+    # "not compared", the drift unseen).
+    from lockgate.services.router.domain import Route, Target
+
+    _, settings, admin = secured
+    repo = Path(shutil.copytree(FIXTURE, tmp_path / "repo"))
+    operator, lineage = await _bus(settings, "operator"), await _bus(settings, "lineage")
+    try:
+        await apply_folder(operator, settings, repo, lineage=lineage)
+    finally:
+        for b in (operator, lineage):
+            await b.close()
+    routes = await admin.kv(admin.subjects.kv_routes)
+    await routes.put(token("gitshop-web"), msgspec.json.encode(
+        Route(deployment="gitshop-web", stable=Target(release="shop-v1", app="shop"), phase="aborted")))
+    drifted = await cli(settings, "plan", str(repo))
+    assert drifted.exit_code == 2, drifted.output
+    assert "~ deployment gitshop-web: live route serves shop-v1 of app shop" in _joined(drifted.output), drifted.output

@@ -11,7 +11,7 @@ import pytest
 from lockgate import artifacts
 from lockgate.errors import ConfigError
 from lockgate.gitops.documents import GitopsError, load_folder
-from lockgate.gitops.plan import StateEntry, diff
+from lockgate.gitops.plan import Serving, StateEntry, diff
 from lockgate.gitops.resolve import Resource, resolve
 
 pytestmark = pytest.mark.timeout(10)
@@ -148,6 +148,28 @@ def test_an_alias_moved_outside_git_is_drift_to_undo(folder: Path) -> None:
     assert plan.exit_code == 2
     # Never set live (or set by this folder's first apply): the applied state decides, as before.
     assert diff(desired, {}, {}, live={}).count("add") == 12
+
+
+def test_a_deployment_whose_live_route_serves_another_app_or_stable_is_drift_apply_does_not_carry_out(
+        folder: Path) -> None:
+    desired = resolve(load_folder(folder))
+    applied = _applied(desired)
+    assert diff(desired, applied, {}, serving={"gitshop-web": Serving(stable="gitshop-v1", app="gitshop")}).exit_code == 0
+    # A route stored before the router recorded the app: the stable release alone is compared.
+    assert diff(desired, applied, {}, serving={"gitshop-web": Serving(stable="gitshop-v1")}).exit_code == 0
+    # The folder's canary, promoted: what the folder asked to roll out.
+    [line] = [r.release for r in desired if r.name == "gitshop" and r.kind == "release"]
+    assert diff(desired, applied, {}, serving={"gitshop-web": Serving(stable=line, app="gitshop")}).exit_code == 0
+    for live in (Serving(stable="shop-v1", app="shop"), Serving(stable="gitshop-v1", app="shop"), Serving(stable="x")):
+        plan = diff(desired, applied, {}, serving={"gitshop-web": live})
+        [step] = [s for s in plan.steps if s.kind == "deployment"]
+        assert (step.action, step.drift, step.previous_release, step.release, step.live_app, step.app) == (
+            "unchanged", True, live.stable, "gitshop-v1", live.app, "gitshop")
+        assert plan.exit_code == 2 and plan.changes == []  # apply moves no traffic
+    # An unreadable route is said, compared with nothing, and fails nothing.
+    plan = diff(desired, applied, {}, serving={"gitshop-web": Serving(unread="its record is unreadable")})
+    [step] = [s for s in plan.steps if s.kind == "deployment"]
+    assert (step.drift, step.unread, plan.exit_code) == (False, "its record is unreadable", 0)
 
 
 def _release_doc(folder: Path, name: str, pinned: str, parent: str) -> None:

@@ -32,10 +32,18 @@ def _short(digest: str) -> str:
     return digest.removeprefix("sha256:")[:12]
 
 
+def _serves(release: str, app: str) -> str:
+    return f"{release} of app {app}" if app else release
+
+
 def _rows(plan: Any) -> list[dict[str, str | Text]]:
     rows = []
     for s in plan.steps:
-        if s.drift:  # moved outside Git: apply points it back at the folder's release
+        if s.drift and s.kind == "deployment":  # serves other than the folder says: apply moves no traffic
+            what = (f"live app {s.live_app}, folder app {s.app}" if s.live_app not in ("", s.app)
+                    else _short(s.digest))
+            release = f"live {s.previous_release}, folder {s.release}" if s.previous_release != s.release else s.release
+        elif s.drift:  # moved outside Git: apply points it back at the folder's release
             what = f"live {s.previous_release}, folder {s.release}"
             release = f"{s.previous_release} -> {s.release}"
         elif s.action == "change":
@@ -44,7 +52,10 @@ def _rows(plan: Any) -> list[dict[str, str | Text]]:
         else:
             what = _short(s.digest or s.previous)
             release = s.release or s.previous_release
-        rows.append({"action": _DRIFT if s.drift else _MARK[s.action], "kind": s.kind, "name": s.name, "release": release,
+        if s.unread:
+            what += " (live route not compared: see below)"
+        rows.append({"action": _DRIFT if s.drift and (s.kind == "alias" or s.action == "unchanged")
+                     else _MARK[s.action], "kind": s.kind, "name": s.name, "release": release,
                      "content": what, "file": s.source, "applied at commit": (s.commit[:10] + (" (dirty)" if s.dirty
                                                                                               else "")) if s.commit
                      else ("(no commit)" if s.action in ("unchanged", "orphan", "remove") else "")})
@@ -52,18 +63,31 @@ def _rows(plan: Any) -> list[dict[str, str | Text]]:
 
 
 def _summary(plan: Any) -> dict[str, int]:
-    return {a: plan.count(a) for a in ("add", "change", "remove", "unchanged", "orphan")}
+    # drift: deployments whose live route serves other than the folder says (an alias moved is a change)
+    return {**{a: plan.count(a) for a in ("add", "change", "remove", "unchanged", "orphan")},
+            "drift": sum(1 for s in plan.steps if s.drift and s.kind == "deployment")}
 
 
 def _print(plan: Any, prov: Any, title: str, hidden: list[str]) -> None:
     where = f"commit {prov.commit[:10]}{' (dirty)' if prov.dirty else ''}" if prov.commit else "not in Git"
     table(_rows(plan), title=f"{title} ({where})", empty="the folder holds no documents")
     for s in plan.steps:
-        if s.drift:
+        if s.drift and s.kind == "deployment":
+            console.print(f"~ deployment {s.name}: live route serves {_serves(s.previous_release, s.live_app)}, folder "
+                          f"says {_serves(s.release, s.app)} (apply moves no traffic: roll the folder's release out, or "
+                          "change the document to what is served)", highlight=False,
+                          soft_wrap=True)
+        elif s.unread:
+            console.print(f"? deployment {s.name}: its live route was not compared with the folder: {s.unread}",
+                          highlight=False, soft_wrap=True)
+        elif s.drift:
             console.print(f"~ alias {s.name}: live {s.previous_release}, folder {s.release} (moved outside Git; "
                           "apply points it back)", highlight=False, soft_wrap=True)
     n = _summary(plan)
     line = f"{n['add']} to add, {n['change']} to change, {n['remove']} to remove, {n['unchanged']} unchanged"
+    if n["drift"]:
+        line += (f"; {n['drift']} deployment{'s' if n['drift'] != 1 else ''} serving other than the folder says "
+                 "(apply moves no traffic)")
     if n["orphan"]:
         line += f"; {n['orphan']} applied before but no longer in the folder (kept; --prune removes them)"
     console.print(line, highlight=False)
@@ -86,12 +110,13 @@ def _load(directory: str) -> tuple[list[Any], Any, list[str]]:
 
 async def _plan(bus: Any, desired: list[Any], prune: bool, settings: Any) -> Any:
     from lockgate.gitops.plan import diff
-    from lockgate.gitops.state import read_aliases, read_bindings, read_state
+    from lockgate.gitops.state import read_aliases, read_bindings, read_serving, read_state
 
     state = await read_state(bus)
     releases = [r for r in desired if r.kind == "release"]
     bound = await read_bindings(bus, [*{*(r.release for r in releases), *(r.bundle["parent"] for r in releases)} - {""}])
-    return diff(desired, state, bound, prune=prune, live=await read_aliases(bus, settings, desired))
+    return diff(desired, state, bound, prune=prune, live=await read_aliases(bus, settings, desired),
+                serving=await read_serving(bus, desired))
 
 
 def _result(plan: Any, prov: Any, hidden: list[str], **extra: Any) -> dict[str, Any]:

@@ -7,6 +7,9 @@ release name already bound to other content is an error, not a change: releases 
 Entries no longer in the folder are `orphan` (kept) unless pruning, when they are `remove`.
 An alias moved outside Git (`lockgate alias set`) has drifted: the live alias names another release than
 the folder, so the plan changes it back (a `change` with `drift` set), whatever the applied state says.
+A deployment whose live route (the router's record) serves another app, or another stable release than its
+document's stable or (promoted) canary, has drifted too (`rollout start` outside Git): its step keeps its action and has `drift` set, since apply never moves
+traffic; the plan exits 2 all the same, so a CI check "the plan is clean" fails until the two agree.
 """
 
 from __future__ import annotations
@@ -36,7 +39,20 @@ class Step(msgspec.Struct, frozen=True, kw_only=True):
     source: str = ""
     commit: str = ""  # for unchanged, orphan and remove: the commit that applied the current entry
     dirty: bool = False
-    drift: bool = False  # an alias whose live release (previous_release) is not the folder's
+    # An alias whose live release (previous_release) is not the folder's (release), or a deployment whose live route
+    # serves another stable release (previous_release; release: the folder's) or app (live_app; app: the folder's).
+    drift: bool = False
+    app: str = ""
+    live_app: str = ""
+    unread: str = ""  # a deployment's: why its live route could not be read (compared with nothing)
+
+
+class Serving(msgspec.Struct, frozen=True, kw_only=True):
+    """What a deployment's live route serves, from the router's record, or why it could not be read (`unread`)."""
+
+    stable: str = ""
+    app: str = ""  # "" in routes the router stored before it recorded the app
+    unread: str = ""
 
 
 class Plan(msgspec.Struct, frozen=True, kw_only=True):
@@ -56,8 +72,8 @@ class Plan(msgspec.Struct, frozen=True, kw_only=True):
 
     @property
     def exit_code(self) -> int:
-        """For CI: 1 errors, 2 changes planned, 0 nothing to do."""
-        return 1 if self.errors else 2 if self.changes else 0
+        """For CI: 1 errors, 2 changes planned or drift, 0 nothing to do."""
+        return 1 if self.errors else 2 if self.changes or any(s.drift for s in self.steps) else 0
 
 
 def _rank(kind: str) -> int:
@@ -65,11 +81,13 @@ def _rank(kind: str) -> int:
 
 
 def diff(desired: list[Resource], state: dict[str, StateEntry], bound: dict[str, str], *,
-         prune: bool = False, live: dict[str, str] | None = None) -> Plan:
+         prune: bool = False, live: dict[str, str] | None = None,
+         serving: dict[str, Serving] | None = None) -> Plan:
     """The plan from the desired resources, the applied state (by `kind/name`), the content hash each
-    desired release name is already bound to (absent: not bound) and the release each alias points to
-    now (`app/alias` -> release; absent: never set)."""
-    live = live or {}
+    desired release name is already bound to (absent: not bound), the release each alias points to
+    now (`app/alias` -> release; absent: never set) and what each deployment's live route serves
+    (by deployment name; absent: it has none)."""
+    live, serving = live or {}, serving or {}
     steps: list[Step] = []
     errors: list[str] = _parent_errors(desired, bound)
     for res in desired:
@@ -87,11 +105,13 @@ def diff(desired: list[Resource], state: dict[str, StateEntry], bound: dict[str,
             steps.append(Step(action="change", kind=res.kind, name=res.name, digest=res.digest, previous=entry.digest,
                               release=res.release, previous_release=live[res.name], source=res.source, drift=True))
             continue
-        steps.append(Step(action=action, kind=res.kind, name=res.name, digest=res.digest,
-                          previous=entry.digest if entry and action == "change" else "", release=res.release,
-                          previous_release=entry.release if entry and action == "change" else "",
-                          source=res.source, commit=entry.commit if entry and action == "unchanged" else "",
-                          dirty=entry.dirty if entry and action == "unchanged" else False))
+        step = Step(action=action, kind=res.kind, name=res.name, digest=res.digest,
+                    previous=entry.digest if entry and action == "change" else "", release=res.release,
+                    previous_release=entry.release if entry and action == "change" else "",
+                    source=res.source, commit=entry.commit if entry and action == "unchanged" else "",
+                    dirty=entry.dirty if entry and action == "unchanged" else False)
+        steps.append(_serving(step, res, serving[res.name]) if res.kind == "deployment" and res.name in serving
+                     else step)
     wanted = {r.key for r in desired}
     for key, entry in sorted(state.items()):
         if key not in wanted:
@@ -101,6 +121,19 @@ def diff(desired: list[Resource], state: dict[str, StateEntry], bound: dict[str,
     generation = _generations(desired)
     steps.sort(key=lambda s: (_rank(s.kind), generation.get(s.release, 0) if s.kind == "release" else 0, s.name))
     return Plan(steps=steps, errors=errors)
+
+
+def _serving(step: Step, res: Resource, now: Serving) -> Step:
+    """A deployment's step with what its live route serves: drift when the app or stable release is not the
+    folder's (an app the router did not record is not compared). The folder's canary, promoted, serves as stable
+    what the folder asked to roll out: no drift."""
+    if now.unread:
+        return msgspec.structs.replace(step, unread=now.unread)
+    app, stable = res.spec["app"], res.spec["stable"]
+    if now.stable in (stable, res.spec["canary"] or stable) and now.app in ("", app):
+        return step
+    return msgspec.structs.replace(step, drift=True, release=stable, previous_release=now.stable, app=app,
+                                   live_app=now.app)
 
 
 def _conflict(res: Resource, bound: str) -> str:

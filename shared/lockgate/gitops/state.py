@@ -5,7 +5,9 @@ history, so earlier applies stay visible. Artifacts go to the content-addressed 
 announced as `lockgate artifact register` does; releases are bound create-only as `release create`
 does (signed by the personal identity when there is one). Deployments and budgets are recorded as
 desired state only: apply never moves traffic, since the router admits a release only with a gate
-decision that allows it (start a canary with the router's admin API once the gate has decided).
+decision that allows it (start a canary with the router's admin API once the gate has decided); `plan`
+reads each deployment's live route (routes KV, read-only) to show one that serves another app or stable
+release than its document.
 Pruning deletes a resource's state entry; the artifact and release stay (content-addressed and
 immutable, lineage and audit keep naming them).
 """
@@ -16,6 +18,7 @@ import contextlib
 
 import msgspec
 import nats.errors
+import nats.js.errors
 
 from lockgate import artifacts
 from lockgate.bus import Bus
@@ -25,7 +28,7 @@ from lockgate.contracts import AppliedChange, ApplyRecorded, ApplyReply, ApplyRe
 from lockgate.errors import LockgateError, NotFound, UnreadableValue
 from lockgate.gitops.documents import GitopsError
 from lockgate.gitops.git import Provenance
-from lockgate.gitops.plan import Plan
+from lockgate.gitops.plan import Plan, Serving
 from lockgate.gitops.resolve import ARTIFACT_KIND, Resource
 from lockgate.identity import Identity, bundle_content, sign_apply
 from lockgate.ids import content_hash
@@ -79,6 +82,56 @@ async def read_aliases(bus: Bus, settings: Settings, desired: list[Resource]) ->
             current, _, _, _ = await aliases.pointed_at(bus, settings, res.spec["app"], res.spec["alias"])
             if current is not None:
                 out[res.name] = current.release
+    return out
+
+
+class _Target(msgspec.Struct, frozen=True):
+    release: str
+    app: str = ""  # "" in routes the router stored before it recorded the app
+
+
+class _Route(msgspec.Struct, frozen=True):
+    """What `plan` reads of the router's route record: whose route it is and what its stable arm serves. Unknown
+    fields stay allowed (a view of a record the router evolves); `deployment` and `stable` are required, so JSON
+    that is no route is never read as one."""
+
+    deployment: str
+    stable: _Target
+
+
+_route = msgspec.json.Decoder(_Route)
+
+
+async def read_serving(bus: Bus, desired: list[Resource]) -> dict[str, Serving]:
+    """What the live route of each of the folder's deployments serves (deployments without a route are left out).
+
+    A route that cannot be read is named so, with why: the plan says it and goes on, it never fails for it."""
+    out: dict[str, Serving] = {}
+    deployments = [r.name for r in desired if r.kind == "deployment"]
+    if not deployments:
+        return out
+    bucket = bus.subjects.kv_routes
+    try:
+        kv = await bus.kv(bucket)
+    except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+        return {name: Serving(unread=f"cannot open KV {bucket}: {exc!r}") for name in deployments}
+    for name in deployments:
+        try:
+            entry = await kv.get(token(name))
+        except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
+            continue  # never started: it serves nothing to compare
+        except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+            out[name] = Serving(unread=f"cannot read KV {bucket}: {exc!r}")
+            continue
+        try:
+            route = _route.decode(entry.value or b"")
+        except msgspec.DecodeError as exc:
+            out[name] = Serving(unread=f"its record in KV {bucket} is unreadable ({exc})")
+            continue
+        if route.deployment != name:
+            out[name] = Serving(unread=f"its key in KV {bucket} holds the route of {route.deployment!r}")
+            continue
+        out[name] = Serving(stable=route.stable.release, app=route.stable.app)
     return out
 
 
