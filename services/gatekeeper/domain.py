@@ -378,6 +378,9 @@ class Used:
 
     hash: str
     names: frozenset[str] = frozenset()
+    # Whether the events stream still holds a registration of the version under any kind: one it holds none of may
+    # be a policy whose registration aged out; one registered as another kind only (a dataset) is no policy.
+    known: bool = False
 
     def __str__(self) -> str:
         if not self.hash:
@@ -403,15 +406,17 @@ def required_rules(release: str, app: str, required: Required | None, policy: Us
 
     `standing`: the id of the release's current PASS, judged against the file as it is when the gatekeeper
     starts (under_requirement). A name-only pin is then not held against a version the events stream no longer
-    holds a registration of (older than the stream keeps): what it was registered as is unknown, and a PASS the
-    file allowed when it was decided must not BLOCK at a restart for that. A name alone trusts operators anyway
-    (any of them may register a version under it)."""
+    holds a registration of, under any kind (older than the stream keeps): what it was registered as is unknown,
+    and a PASS the file allowed when it was decided must not BLOCK at a restart for that. A name alone trusts
+    operators anyway (any of them may register a version under it). One registered as another kind only (a
+    dataset's bytes named as the policy) is no policy of any name: held against the pin (probe p21 F1)."""
     if required is None:
         return ()
     out = []
     for rule, what, pin, used in ((REQUIRED_POLICY, "policy", required.policy, policy),
                                   (REQUIRED_SUITE, "suite", required.suite, suite or Used(""))):
-        if pin is None or meets(pin, used) or (standing and not pin.hash and used.hash and not used.names):
+        if pin is None or meets(pin, used) or (standing and not pin.hash and used.hash and not used.names
+                                                      and not used.known):
             continue
         by = f"its PASS (decision {standing}) was decided under" if standing else "this eval used"
         out.append(RuleResult(

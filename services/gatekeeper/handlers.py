@@ -293,8 +293,9 @@ class GateHandlers:
         app = str((bundle or {}).get("app", ""))
         if self.gates is None or bundle is None or (required := self.gates.for_app(app)) is None:
             return ()
-        used_policy = domain.Used(policy, await self.registrations.names(required.policy.kind, policy))
-        used_suite = domain.Used(suite, await self.registrations.names(required.suite.kind, suite)) \
+        reg = self.registrations
+        used_policy = domain.Used(policy, await reg.names(required.policy.kind, policy), await reg.known(policy))
+        used_suite = domain.Used(suite, await reg.names(required.suite.kind, suite), await reg.known(suite)) \
             if required.suite else None
         return domain.required_rules(release, app, required, used_policy, used_suite, standing=standing)
 

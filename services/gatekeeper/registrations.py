@@ -41,6 +41,14 @@ class Registrations:
             await self._catch_up()
         return frozenset(name for k, name in self._names.get(digest, ()) if k == kind)
 
+    async def known(self, digest: str) -> bool:
+        """Whether `digest` was registered under any kind and name the stream still holds."""
+        if not digest:
+            return False
+        async with self._lock:
+            await self._catch_up()
+        return bool(self._names.get(digest))
+
     async def _catch_up(self) -> None:
         stream = self.bus.subjects.streams["events"].name
         subject = self.bus.subjects.artifact_registered

@@ -188,6 +188,15 @@ def test_a_standing_pass_under_a_policy_the_gates_file_does_not_allow_is_a_block
                           "all 1 rules of policy 'lenient' passed")
 
 
+def test_a_standing_pass_under_a_version_the_stream_holds_as_another_kind_only_is_a_block() -> None:
+    # Probe p21 F1: a dataset's bytes named as the eval's policy are registered under no policy name, which the
+    # judgement at start took for a registration aged out of the stream, and the PASS kept admitting.
+    failed = required_rules("r2", "shop", required(Pin("policy", "strict")), Used(H1, known=True), standing="d-lax")
+    out = under_requirement(LAX_PASS, failed)
+    assert out is not None and out.decision == "BLOCK"
+    assert f"was decided under policy {H1} (registered under no name)" in out.reason
+
+
 def test_a_standing_pass_under_another_pinned_version_or_suite_is_a_block() -> None:
     # An exact pin holds whatever the names: a version registered long ago is not the pinned content either.
     [old_pin] = required_rules("r2", "shop", required(Pin("policy", "strict", H2)), Used(H1), standing="d-lax")
