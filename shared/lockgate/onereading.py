@@ -12,6 +12,7 @@ most readers) takes for another number, boolean or text is refused, quoting it: 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
@@ -84,10 +85,8 @@ def _first_repeat(value: Any, path: str) -> tuple[str, str] | None:
 def json_loads(data: bytes | str) -> Any:
     """`data` as `json.loads` reads it; TwoReadings naming the first key an object repeats (`"a"` and `"\\u0061"`
     are one key) and its path. ValueError (or RecursionError) for what is not JSON, as `json.loads` raises."""
-    try:
+    with contextlib.suppress(_Repeated):
         return json.loads(data, object_pairs_hook=_unique)
-    except _Repeated:
-        pass
     # Only a refused document is read twice: the hook above cannot know where in the document it is.
     found = _first_repeat(json.loads(data, object_pairs_hook=_Pairs), "$")
     key, where = found if found else ("?", "$")
@@ -199,11 +198,11 @@ class _OneReading:
 
 
 class _PyLoader(_OneReading, yaml.SafeLoader):
-    pass
+    """PyYAML's pure-Python safe loader, checked."""
 
 
 class _CLoader(_OneReading, getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
-    pass
+    """libyaml's safe loader (as msgspec.yaml uses), checked."""
 
 
 def yaml_loads(data: bytes | str, *, c_parser: bool = False) -> Any:

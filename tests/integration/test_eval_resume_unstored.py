@@ -21,24 +21,19 @@ from lockgate.config import Settings
 from lockgate.contracts import EvalCompleted
 from lockgate.server.runtime import Runtime
 from lockgate.services.query.evals import eval_cases
-from lockgate_dev.sim import ModelSpec, SimConfig
-from tests.integration.test_eval_gate import qa_answers, request
+from tests.integration.test_eval_gate import request
 from tests.integration.test_eval_resume_binding import (
     HoldingSim,
     _operator,
     _register_parts,
     evaluator,
+    sim,
     stopped_mid_run,
 )
 
+sim = sim  # the simulator fixture of the binding tests: it holds the last case until the evaluator stops
 pytestmark = pytest.mark.timeout(120)
 completed: Codec[EvalCompleted] = Codec(EvalCompleted)
-
-
-@pytest.fixture
-async def sim() -> AsyncIterator[HoldingSim]:
-    async with HoldingSim(SimConfig(models={"good": ModelSpec(answers=qa_answers())})) as server:
-        yield server
 
 
 @pytest.fixture
