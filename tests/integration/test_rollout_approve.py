@@ -12,10 +12,9 @@ import pytest
 from click.testing import CliRunner
 
 from lockgate.cli.main import cli
-from lockgate.contracts import GateDecided
 from lockgate.server.apikeys import KeyStore, bootstrap
-from lockgate.signing import Signer, trust_file_path, trust_key
-from tests.helpers import admin_headers, gate_decided, judged, register_model_release, store_pass
+from lockgate.signing import Signer
+from tests.helpers import admin_headers
 from tests.integration import test_rollout_analysis as analysis_tests
 from tests.integration import test_router_replicas as replica_tests
 from tests.integration.test_rollout_analysis import _pass, _start
@@ -123,17 +122,8 @@ async def test_an_approval_that_lost_the_compare_and_set_to_another_replicas_is_
     # Replica a has not yet seen b's approval of step 1 (its KV watch lags): a's approval of step 1 loses the
     # compare-and-set, is recomputed on the route b wrote, and is refused there, not applied to step 2.
     a, b = replicas
-    signer = Signer.generate()
-    trust_key(trust_file_path(a.ctx.settings), signer.public)
-    for release in ("r1", "r2"):
-        await register_model_release(bus, release)
-    await store_pass(bus, "r1", a.ctx.settings)
+    await replica_tests.canary_passed(bus, a, PAUSES)
     async with aiohttp.ClientSession(headers=admin_headers(a.ctx.settings.home)) as http:
-        body = {"stable_release": "r1", "canary_release": "r2", "strategy": PAUSES}
-        async with http.put(f"{a.url}{DEPLOYMENT}", json=body) as resp:
-            assert resp.status == 200, await resp.text()
-        await gate_decided(bus, signer.sign(GateDecided(release="r2", rules=[], decision="PASS",
-                                                        artifacts=await judged(bus, "r2"))))
         for r in (a, b):
             await r.rollouts.wait_for(lambda routes: "chat" in routes and routes["chat"].step_pause, timeout=10)
         monkeypatch.setattr(a.rollouts, "_on_entry", lambda entry: None)  # replica a's watch lags from here

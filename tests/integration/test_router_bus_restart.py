@@ -11,13 +11,10 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from lockgate import credentials
-from lockgate.config import Settings
-from lockgate.server.natsserver import NatsServer, auth_config
+from lockgate.server.natsserver import NatsServer
 from lockgate.store import Store
-from lockgate.subjects import Subjects
 from tests.helpers import admin_headers
-from tests.integration.test_router_drift_replay import Stack, _rollout
+from tests.integration.test_router_drift_replay import Stack, _rollout, own_server_stack
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -25,17 +22,8 @@ pytestmark = pytest.mark.timeout(90)
 @pytest.fixture
 async def restartable(tmp_path: Path, unique: str, store: Store) -> AsyncIterator[tuple[Stack, NatsServer]]:
     """The drift-replay suite's stack on a nats-server of this test's own, which it restarts."""
-    server = NatsServer(tmp_path / "nats", config=auth_config(Subjects(unique), credentials.ensure(tmp_path)))
-    await server.start()
-    settings = Settings(prefix=unique, home=str(tmp_path), nats_url=server.url, router_port=0, deployment="chat",
-                        app="shop", stable_upstream="http://127.0.0.1:9", canary_upstream="http://127.0.0.1:9")
-    s = Stack(settings, store)
-    try:
-        await s.bus("admin")
-        yield s, server
-    finally:
-        await s.close()
-        server.stop()
+    async with own_server_stack(tmp_path, unique, store) as pair:
+        yield pair
 
 
 async def test_a_change_made_just_after_a_bus_restart_reaches_the_other_replica_at_once(

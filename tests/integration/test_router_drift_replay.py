@@ -6,6 +6,7 @@ nats-server with auth on: the router reads as its own identity, the reports come
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -63,8 +64,9 @@ class Stack(Replicas):
         return await self.router(await self.bus("router", name, url), self.settings, self.store)
 
 
-@pytest.fixture
-async def stack(tmp_path: Path, unique: str, store: Store) -> AsyncIterator[Stack]:
+@contextlib.asynccontextmanager
+async def own_server_stack(tmp_path: Path, unique: str, store: Store) -> AsyncIterator[tuple[Stack, NatsServer]]:
+    """A Stack on a nats-server of its own (auth on), and the server (which a test may restart)."""
     server = NatsServer(tmp_path / "nats", config=auth_config(Subjects(unique), credentials.ensure(tmp_path)))
     await server.start()
     settings = Settings(prefix=unique, home=str(tmp_path), nats_url=server.url, router_port=0, deployment="chat",
@@ -72,10 +74,16 @@ async def stack(tmp_path: Path, unique: str, store: Store) -> AsyncIterator[Stac
     s = Stack(settings, store)
     try:
         await s.bus("admin")  # declares the streams and buckets, as the sink would
-        yield s
+        yield s, server
     finally:
         await s.close()
         server.stop()
+
+
+@pytest.fixture
+async def stack(tmp_path: Path, unique: str, store: Store) -> AsyncIterator[Stack]:
+    async with own_server_stack(tmp_path, unique, store) as (s, _):
+        yield s
 
 
 async def _rollout(stack: Stack, router: Any) -> None:

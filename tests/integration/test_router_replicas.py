@@ -183,6 +183,23 @@ async def test_a_replica_behind_on_the_route_cannot_put_back_a_blocked_stable(
     assert (route.stable.release, route.canary.release if route.canary else None) == ("r2", "r3")
 
 
+async def canary_passed(bus: Bus, a: Any, strategy: dict[str, Any]) -> Signer:
+    """Through replica `a`: deployment `chat` rolling r2 out from r1 (PASSed) with `strategy`, and a PASS of r2 by a
+    gatekeeper key trusted now (returned, to sign what comes next)."""
+    signer = Signer.generate()
+    trust_key(trust_file_path(a.ctx.settings), signer.public)
+    for release in ("r1", "r2"):
+        await register_model_release(bus, release)
+    await store_pass(bus, "r1", a.ctx.settings)
+    async with aiohttp.ClientSession(headers=admin_headers(a.ctx.settings.home)) as http:
+        body = {"stable_release": "r1", "canary_release": "r2", "strategy": strategy}
+        async with http.put(f"{a.url}/lockgate/v1/deployments/chat", json=body) as resp:
+            assert resp.status == 200, await resp.text()
+    await gate_decided(bus, signer.sign(GateDecided(release="r2", rules=[], decision="PASS",
+                                                    artifacts=await judged(bus, "r2"))))
+    return signer
+
+
 async def test_a_block_whose_message_a_replica_swallowed_is_acted_on_by_every_replica(
     replicas: tuple[Any, Any], bus: Bus, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -192,17 +209,7 @@ async def test_a_block_whose_message_a_replica_swallowed_is_acted_on_by_every_re
     BLOCK's message acks it and does nothing, so it is never redelivered: both replicas abort the canary all the
     same, on its current decision read again (STABLE_CHECK_S), as its message would have."""
     a, b = replicas
-    signer = Signer.generate()
-    trust_key(trust_file_path(a.ctx.settings), signer.public)
-    for release in ("r1", "r2"):
-        await register_model_release(bus, release)
-    await store_pass(bus, "r1", a.ctx.settings)
-    async with aiohttp.ClientSession(headers=admin_headers(a.ctx.settings.home)) as http:
-        body = {"stable_release": "r1", "canary_release": "r2", "strategy": {"steps": [50, 100], "interval_s": 3600}}
-        async with http.put(f"{a.url}/lockgate/v1/deployments/chat", json=body) as resp:
-            assert resp.status == 200, await resp.text()
-    await gate_decided(bus, signer.sign(GateDecided(release="r2", rules=[], decision="PASS",
-                                                    artifacts=await judged(bus, "r2"))))
+    signer = await canary_passed(bus, a, {"steps": [50, 100], "interval_s": 3600})
     for r in (a, b):
         await r.rollouts.wait_for(lambda routes: "chat" in routes and routes["chat"].weight == 50.0, timeout=10)
 
