@@ -8,21 +8,19 @@ the whole request, and every stored span carries the key's tenant and app in `lo
 
 from __future__ import annotations
 
-import base64
 import hashlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-import msgspec
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 
 from lockgate.codec import encode
 from lockgate.contracts import InferenceEvent, SpanBatch, SpanRecord
 from lockgate.errors import InvalidEvent
-from lockgate.redact import scrub_mapping, scrub_span, scrub_value
+from lockgate.redact import attribute_strings, scrub_mapping, scrub_span
 from lockgate.server.apikeys import Forbidden, event_out_of_scope
 from lockgate.services.otlp import genai
 
@@ -49,28 +47,6 @@ def value(v: AnyValue) -> Any:
 def attributes(kvs: Iterable[KeyValue]) -> dict[str, Any]:
     """OTLP key-values as a dict of Python values."""
     return {kv.key: value(kv.value) for kv in kvs}
-
-
-def as_string(v: Any) -> str:
-    """A value as the Collector's exporter stores it in a Map(String, String) column."""
-    if isinstance(v, str):
-        return v
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if v is None:
-        return ""
-    if isinstance(v, bytes):
-        return base64.b64encode(v).decode()
-    if isinstance(v, int | float):
-        return repr(v)
-    # Each string scrubbed before encoding (bytes become base64, as msgspec writes them): the scrub of the stored
-    # JSON text reads `\n` where the string had a newline, and missed a secret right after one.
-    return msgspec.json.encode(scrub_value(v)).decode()
-
-
-def strings(attrs: Mapping[str, Any]) -> dict[str, str]:
-    """Every value as a string."""
-    return {k: as_string(v) for k, v in attrs.items()}
 
 
 # The last instant otel_traces' DateTime64(9) columns hold (2262-04-11): without a window, nothing later is kept.
@@ -138,7 +114,7 @@ def decode(request: ExportTraceServiceRequest, *, tenant: str, app: str,
         # column of its own, and kept a secret that ResourceAttributes['service.name'] had masked. The API key's
         # tenant and app are stamped after the scrub, and `scrub_span` keeps them (names, never free text): the
         # sink's SenderTenant and SenderApp are these, so a tenant named like a key (probe p10) keeps its spans.
-        stored_resource = dict(scrub_mapping(strings(resource))) | {genai.TENANT: tenant, genai.APP: app}
+        stored_resource = dict(scrub_mapping(attribute_strings(resource))) | {genai.TENANT: tenant, genai.APP: app}
         service = stored_resource.get("service.name", "")
         for ss in rs.scope_spans:
             scope = ss.scope
@@ -149,7 +125,7 @@ def decode(request: ExportTraceServiceRequest, *, tenant: str, app: str,
                     span_id = _hex_id(span.span_id, 8, "span_id")
                     parent = _hex_id(span.parent_span_id, 8, "parent_span_id", optional=True)
                     links = [(_hex_id(link.trace_id, 16, f"link {n} trace_id"), _hex_id(link.span_id, 8, f"link {n} span_id"),
-                              link.trace_state, strings(attributes(link.attributes)))
+                              link.trace_state, attribute_strings(attributes(link.attributes)))
                              for n, link in enumerate(span.links)]
                 except InvalidEvent as exc:
                     out.rejected += 1
@@ -170,7 +146,7 @@ def decode(request: ExportTraceServiceRequest, *, tenant: str, app: str,
                     continue
                 # Span events' times are a column too (Events.Timestamp, DateTime64(9): 1900 to 2262): one the
                 # store cannot hold failed the insert of every span published with it. (Links carry no time.)
-                events = [(_ts(e.time_unix_nano), e.name, strings(attributes(e.attributes))) for e in span.events]
+                events = [(_ts(e.time_unix_nano), e.name, attribute_strings(attributes(e.attributes))) for e in span.events]
                 if late := _event_outside(events, window, latest):
                     n, at = late
                     out.rejected += 1
@@ -200,7 +176,7 @@ def decode(request: ExportTraceServiceRequest, *, tenant: str, app: str,
                     timestamp=facts.start, trace_id=trace_id, span_id=span_id, parent_span_id=parent,
                     trace_state=span.trace_state, name=span.name, kind=KINDS.get(span.kind, "Unspecified"),
                     service=service, resource=stored_resource, scope_name=scope.name, scope_version=scope.version,
-                    attributes=strings(attrs), duration_ns=facts.duration_ns,
+                    attributes=attribute_strings(attrs), duration_ns=facts.duration_ns,
                     status_code=STATUSES.get(span.status.code, "Unset"), status_message=span.status.message,
                     events=events, links=links,
                 )))

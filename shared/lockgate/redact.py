@@ -13,6 +13,7 @@ strings before encoding it (`scrub_value`, `scrub_json`).
 
 from __future__ import annotations
 
+import base64
 import functools
 import hashlib
 import operator
@@ -312,6 +313,30 @@ def scrub_value(value: Any, text: Callable[[str], str] = scrub_secrets) -> Any:
         return {text(k) if isinstance(k, str) else k: MARK if isinstance(v, str | list | tuple | dict) and
                 isinstance(k, str) and _SECRET_KEY.search(k) else scrub_value(v, text) for k, v in value.items()}
     return value
+
+
+def attribute_string(v: Any) -> str:
+    """A span attribute's value as the Collector's exporter stores it in a Map(String, String) column: arrays and
+    maps as JSON, each string in them scrubbed. One encoding for applications' spans and lockgate's own (before,
+    a router span's `gen_ai.response.finish_reasons` was stored as Python's `('stop',)`, probe p23 F1)."""
+    if isinstance(v, str):
+        return v
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if v is None:
+        return ""
+    if isinstance(v, bytes):
+        return base64.b64encode(v).decode()
+    if isinstance(v, int | float):
+        return repr(v)
+    # Each string scrubbed before encoding (bytes become base64, as msgspec writes them): the scrub of the stored
+    # JSON text reads `\n` where the string had a newline, and missed a secret right after one.
+    return msgspec.json.encode(scrub_value(v)).decode()
+
+
+def attribute_strings(attrs: Mapping[str, Any] | None) -> dict[str, str]:
+    """Every value as `attribute_string` writes it."""
+    return {str(k): attribute_string(v) for k, v in (attrs or {}).items()}
 
 
 def scrub_json(data: str, text: Callable[[str], str] = scrub_secrets) -> str:

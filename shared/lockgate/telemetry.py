@@ -38,7 +38,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from lockgate import __version__
 from lockgate.codec import encode
 from lockgate.contracts import SpanBatch, SpanRecord
-from lockgate.redact import scrub_span
+from lockgate.redact import attribute_strings, scrub_span
 
 if TYPE_CHECKING:
     from lockgate.bus import Bus
@@ -73,10 +73,6 @@ def extract(headers: dict[str, str]) -> Any:
         return None
 
 
-def _attrs(values: Any) -> dict[str, str]:
-    return {str(k): str(v) for k, v in (values or {}).items()}
-
-
 def _ts(ns: int | None) -> datetime:
     return datetime.fromtimestamp((ns or 0) / 1e9, UTC)
 
@@ -96,20 +92,20 @@ def to_record(span: ReadableSpan) -> SpanRecord:
         name=span.name,
         kind=_KIND.get(span.kind, "Internal"),
         service=str(res.get("service.name", "")),
-        resource=_attrs(res),
+        resource=attribute_strings(res),
         scope_name=scope.name if scope else "",
         scope_version=(scope.version or "") if scope else "",
-        attributes=_attrs(span.attributes),
+        attributes=attribute_strings(span.attributes),
         duration_ns=max(0, (span.end_time or 0) - (span.start_time or 0)),
         status_code=_STATUS.get(span.status.status_code, "Unset"),
         status_message=span.status.description or "",
-        events=[(_ts(e.timestamp), e.name, _attrs(e.attributes)) for e in span.events],
+        events=[(_ts(e.timestamp), e.name, attribute_strings(e.attributes)) for e in span.events],
         links=[
             (
                 format(link.context.trace_id, "032x"),
                 format(link.context.span_id, "016x"),
                 "",
-                _attrs(link.attributes),
+                attribute_strings(link.attributes),
             )
             for link in span.links
         ],

@@ -142,7 +142,8 @@ async def test_shutdown_flushes_spans_into_otel_traces(context: ServiceContext, 
     tracer = telemetry.tracer("router")
     trace_ids = set()
     for i in range(5):
-        span = tracer.start_span(f"chat {i}", attributes={"lockgate.release": "r1"})
+        span = tracer.start_span(f"chat {i}", attributes={"lockgate.release": "r1", "cached": True,
+                                                          "gen_ai.response.finish_reasons": ("stop", "length")})
         trace_ids.add(format(span.get_span_context().trace_id, "032x"))
         span.end()
     await telemetry.shutdown()  # no force_flush: stopping must ship what is queued
@@ -151,9 +152,13 @@ async def test_shutdown_flushes_spans_into_otel_traces(context: ServiceContext, 
         return context.store.scalar("SELECT count() FROM otel_traces WHERE ServiceName = 'lockgate-router'") >= 5
 
     await eventually(stored, [sink.spans], what="spans in otel_traces")
-    rows = context.store.rows("SELECT TraceId, SpanAttributes['lockgate.release'] AS release FROM otel_traces")
+    rows = context.store.rows("SELECT TraceId, SpanAttributes['lockgate.release'] AS release, SpanAttributes['cached']"
+                              " AS cached, SpanAttributes['gen_ai.response.finish_reasons'] AS reasons FROM otel_traces")
     assert {r["TraceId"] for r in rows} == trace_ids
     assert {r["release"] for r in rows} == {"r1"}
+    # Written as an application's spans are (test_otlp): arrays as JSON, booleans as the Collector writes them.
+    # Before (probe p23 F1), Python's repr: `('stop', 'length')` and `True`, which no JSONExtract reads.
+    assert {(r["cached"], r["reasons"]) for r in rows} == {("true", '["stop","length"]')}
 
 
 async def test_export_to_a_closed_bus_fails_without_raising(settings: Settings) -> None:

@@ -13,6 +13,7 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from lockgate.codec import Codec
 from lockgate.contracts import SpanBatch
 from lockgate.errors import InvalidEvent
+from lockgate.redact import attribute_string
 from lockgate.server.apikeys import Forbidden
 from lockgate.services.otlp import domain, wire
 
@@ -181,7 +182,7 @@ def test_any_value_kinds() -> None:
     v = AnyValue()
     json_format.ParseDict({"kvlistValue": {"values": [{"key": "k", "value": {"bytesValue": "AQI="}}]}}, v)
     assert domain.value(v) == {"k": b"\x01\x02"}
-    assert domain.as_string(domain.value(v)) == '{"k":"AQI="}'
+    assert attribute_string(domain.value(v)) == '{"k":"AQI="}'
     assert domain.value(AnyValue()) is None
 
 
