@@ -420,6 +420,19 @@ def drift_judged(route: Route) -> bool:
     return spec is not None and any(m.name == "drift" for m in spec.metrics)
 
 
+def drift_moves(route: Route) -> float | None:
+    """From when a DRIFT report moves `route` (`on_drift`; a report of a window that ended before moves nothing): a
+    live canary's start, or a blue-green release's promotion while its post-promotion analysis runs. None while no
+    report would move it: no such rollout, or an analysis with a `drift` metric judges drift itself."""
+    if route.canary is None or drift_judged(route):
+        return None
+    if route.phase == "promoted" and route.verifying:
+        return route.promoted_at
+    if route.phase not in ("promoted", "aborted") and route.weight > 0:
+        return route.started_at
+    return None
+
+
 def on_drift(route: Route, report: DriftReport,
              decisions: Mapping[str, GateDecided | None] = domain.NO_DECISIONS) -> Route | None:
     """A DRIFT report of a live canary's traffic against stable's aborts it, naming the drifting features; one
@@ -437,15 +450,11 @@ def on_drift(route: Route, report: DriftReport,
     then the report is only its evidence and never aborts on its own. A report of events no router served
     (an application's own, which it may send as it likes) moves nothing.
     """
-    if not report.served:
+    since = drift_moves(route)
+    if (since is None or route.canary is None or not report.served or not report.drifted
+            or report.window_end.timestamp() < since):
         return None
-    verifying = route.phase == "promoted" and route.verifying
-    since = route.promoted_at if verifying else route.started_at
-    if drift_judged(route):
-        return None
-    if (route.canary is None or not report.drifted or report.window_end.timestamp() < since
-            or not (verifying or (route.phase not in ("promoted", "aborted") and route.weight > 0))):
-        return None
+    verifying = route.phase == "promoted"  # and under post-promotion analysis (`drift_moves`)
     if not verifying and (report.comparison != "canary_vs_stable" or report.release != route.canary.release):
         return None
     harmful = drifts.harmful(report)

@@ -54,6 +54,7 @@ log = logging.getLogger("lockgate.router")
 
 _route_decoder = msgspec.json.Decoder(Route)
 _gate_codec: Codec[GateDecided] = Codec(GateDecided)
+_drift_decoder = msgspec.json.Decoder(DriftReport)
 # A change that lost a compare-and-set is recomputed on the reloaded route and tried again; the
 # short jittered pause keeps contending replicas from colliding again in step.
 _CAS_RETRY = RetryPolicy(attempts=5, initial_s=0.005, max_s=0.1)
@@ -63,8 +64,9 @@ _ADMISSION_RETRY_S = 1.0
 # (Rollouts._routes_current); past it, every route is read again from KV instead.
 _WATCH_LAG_S = 2.0
 # How often every serving stable's and every live canary's current decision is read again (Rollouts._hold_stables,
-# _hold_canaries): a decision the route never acted on (its message taken by a replica that could not act on it, a
-# route stored before stables were checked) takes effect within it.
+# _hold_canaries), and every live canary's drift reports stored since (_hold_drifts): a decision or report the route
+# never acted on (its message taken by a replica that could not act on it, a route stored before stables were
+# checked) takes effect within it.
 STABLE_CHECK_S = 5.0
 # A canary's admission read again (Rollouts._admission_now): its release, its current verified decision (None:
 # none, or it does not verify) and why not; None when the admission holds (or the route rests on none).
@@ -156,6 +158,9 @@ class Rollouts:
         self.unreplayed: dict[str, str] = {}
         self.replayed = asyncio.Event()  # set once the served events from before the start are read back
         self._held: dict[str, float] = {}  # deployment -> when its due step may read its admission again
+        # deployment -> (from when a DRIFT moves its route, `progress.drift_moves`; the stream sequence of the last
+        # drift report on its subject `_hold_drifts` read since)
+        self._drifts_read: dict[str, tuple[float, int]] = {}
         # True while this replica serves stable only: cut off from the bus longer than router_cut_off_s, until it
         # is back and has reloaded its routes (run_cut_off; read by the proxy on every request). Why: its connection
         # lost ("lost", run_cut_off), or connected to a server that answers nothing ("unresponsive", run_unanswered).
@@ -574,7 +579,8 @@ class Rollouts:
         trust file is local and nothing announces its changes, so this looks at it (a stat) every `every_s` seconds.
         A change it cannot act on (the file malformed, the decisions unreadable) is looked at again at the next.
         Every serving stable's and every live canary's decision is read again too, at start, on such a change and
-        every `stable_check_s` seconds (`_hold_stables`, `_hold_canaries`)."""
+        every `stable_check_s` seconds (`_hold_stables`, `_hold_canaries`), and every live canary's drift reports
+        stored since they last were (`_hold_drifts`)."""
         seen: Keyring | None = None
         checked = -math.inf  # at once on start: a route restored from KV may rest on a stable no decision allows now
         while True:
@@ -596,6 +602,10 @@ class Rollouts:
                     await self._hold_canaries()
                 except LockgateError as exc:
                     log.warning("live canaries not checked again yet: %s", exc.message)
+                try:
+                    await self._hold_drifts()
+                except LockgateError as exc:
+                    log.warning("drift reports of live canaries not read yet: %s", exc.message)
             await asyncio.sleep(every_s)
 
     async def _hold_canaries(self) -> None:
@@ -635,6 +645,60 @@ class Rollouts:
             await self._act_on(decision)
         elif self.routes.get(route.deployment) is route:  # else changed meanwhile: looked at again next time
             self._unadmit(route, admission)
+
+    async def _hold_drifts(self) -> None:
+        """The drift reports stored for every route a DRIFT moves now (`progress.drift_moves`: a live canary whose
+        analysis does not judge drift, a blue-green release under post-promotion analysis) since this replica last
+        read them, each acted on as its message arriving is (`_act_on_drift`: a DRIFT aborts the canary, or rolls
+        the release back). Retryable if one cannot be read or acted on now (the others are read all the same; it is
+        read again next time).
+
+        A report's message reaches one replica (the router's durable consumer is shared), and the others learn what
+        it did from the route that one writes. One that takes it and cannot act (a partition that drops the server's
+        side only, a frozen process) held it until redelivery, 30 s each and 8 at most, while connected, healthy
+        replicas kept the drifting canary serving. The report is in the events stream before it is delivered, so
+        every replica acts on it within `stable_check_s` whatever the others do. Every report since the last read is
+        read, not the newest only: the monitor's reports of the deployment's whole traffic, and other tenants' and
+        applications' own, share its subject, and one of them follows a canary's report within seconds."""
+        stream = self.ctx.bus.subjects.streams["events"].name
+        moved = {r.deployment: since for r in list(self.routes.values())
+                 if (since := progress.drift_moves(r)) is not None}
+        # A rollout that ended, or started again (a retry, another canary release), is read from its start again.
+        self._drifts_read = {d: read for d, read in self._drifts_read.items() if moved.get(d) == read[0]}
+        unread: list[str] = []
+        for deployment, since in moved.items():
+            try:
+                await self._hold_drift(stream, deployment, since)
+            except Retryable as exc:  # the bus away, the route contended: read again next time
+                unread.append(f"{deployment}: {exc.message}")
+        if unread:
+            raise Retryable(f"drift reports not read: {'; '.join(unread)}")
+
+    async def _hold_drift(self, stream: str, deployment: str, since: float) -> None:
+        """The reports on `deployment`'s drift subject stored since this replica last read them (since `since` at
+        first), each acted on in turn (`_hold_drifts`). One get when none is new, the common case."""
+        bus = self.ctx.bus
+        subject = bus.subjects.drift(deployment)
+        last = await bus.last_stored(stream, subject)
+        read = self._drifts_read.get(deployment)
+        if last is None or (read is not None and last[0] <= read[1]) or (read is None and last[1] < since):
+            self._drifts_read[deployment] = (since, last[0] if last is not None else 0)
+            return
+        stored = bus.stored_after(stream, subject, read[1]) if read is not None else \
+            bus.stored_since(stream, subject, since)
+        async for seq, _, data in stored:
+            try:
+                await self._act_on_drift(_drift_decoder.decode(data))
+            except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # msgspec checks UTF-8 with Python's codec
+                log.warning("%s: skipped unreadable drift report %d of %s: %s", deployment, seq, stream, exc)
+            except Retryable:
+                raise  # read again from this one next time
+            except LockgateError as exc:  # one its message would have dead-lettered: never acted on
+                log.error("%s: drift report %d of %s cannot be acted on: %s", deployment, seq, stream, exc.message)
+            self._drifts_read[deployment] = (since, seq)
+            route = self.routes.get(deployment)
+            if route is None or progress.drift_moves(route) != since:
+                return  # ended (by this report, say): nothing more to read for it
 
     async def _hold_stables(self) -> None:
         """Every route's serving stable against its release's current decision, read again now: rolled back
@@ -1270,6 +1334,11 @@ class Rollouts:
         canary's traffic aborts it (persisted; retried via nack)."""
         await self._await_ready()
         self.observe_drift(report)
+        await self._act_on_drift(report)
+
+    async def _act_on_drift(self, report: DriftReport) -> None:
+        """Act on a drift report (`progress.on_drift`): a report's message (`on_drift`) and the periodic read of the
+        live canaries' reports (`_hold_drifts`) alike."""
 
         async def change() -> None:
             route = self._drift_route(report)

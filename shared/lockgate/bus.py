@@ -762,6 +762,18 @@ class Bus:
             raise BusUnavailable(f"cannot read the state of stream {stream}: {exc!r}") from None
         return int(state.last_seq or 0)
 
+    async def last_stored(self, stream: str, subject: str) -> tuple[int, float] | None:
+        """The sequence and stored time (unix seconds) of the last message stored on `subject` (no wildcards), or
+        None if none is; one message get, as `stored_since` reads."""
+        try:
+            msg = await self._unless_refused(f"{_API}.STREAM.MSG.GET.{stream}",
+                                             lambda: self.js.get_last_msg(stream, subject))
+        except nats.js.errors.NotFoundError:
+            return None
+        except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+            raise BusUnavailable(f"cannot read the last message on {subject} of stream {stream}: {exc!r}") from None
+        return int(msg.seq or 0), msg.time.timestamp() if msg.time else 0.0
+
     async def stored_after(self, stream: str, subject: str, seq: int) -> AsyncIterator[tuple[int, str, bytes]]:
         """The sequence, subject and bytes of each message on `subject` (wildcards allowed) stored after sequence
         `seq`, oldest first, up to the stream's last message when called; read by message gets, as `stored_since`."""

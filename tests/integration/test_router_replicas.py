@@ -13,7 +13,7 @@ import pytest
 from lockgate.bus import Bus
 from lockgate.codec import Codec
 from lockgate.config import Settings
-from lockgate.contracts import DriftReport, GateDecided, RolloutState
+from lockgate.contracts import DriftReport, FeatureDrift, GateDecided, RolloutState
 from lockgate.server.registry import ServiceSet
 from lockgate.server.service import ServiceContext
 from lockgate.signing import Signer, trust_file_path, trust_key
@@ -230,3 +230,46 @@ async def test_a_block_whose_message_a_replica_swallowed_is_acted_on_by_every_re
         route = r.rollouts.route("chat")
         assert (route.weight, route.decision_id) == (0.0, block.id), route.reason
         assert route.reason == "aborted r2: gate BLOCK: override: rejected by alice", route.reason
+
+
+async def test_a_drift_report_whose_message_a_replica_swallowed_aborts_the_canary_on_every_replica(
+    replicas: tuple[Any, Any], bus: Bus, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A drift report's message reaches one replica too (the router's durable consumer is shared); one that took a
+    DRIFT of a canary whose analysis does not judge drift and could not act on it (a partition dropping the
+    server's side, a frozen process) left every other replica serving the drifting canary at 50% until
+    redelivery, 30 s each, 8 at most. Here the replica that takes the report's message acks it and does nothing,
+    so it is never redelivered, and the monitor's next report of the deployment (now versus reference) follows it:
+    both replicas abort the canary all the same, on the report read again from the stream (STABLE_CHECK_S)."""
+    a, b = replicas
+    await canary_passed(bus, a, {"steps": [50, 100], "interval_s": 3600})
+    for r in (a, b):
+        await r.rollouts.wait_for(lambda routes: "chat" in routes and routes["chat"].weight == 50.0, timeout=10)
+
+    taken: list[DriftReport] = []
+    both = asyncio.Event()
+
+    async def swallowed(report: DriftReport) -> None:
+        taken.append(report)  # acked, acted on by nobody: never redelivered
+        if len(taken) == 2:
+            both.set()
+
+    for r in (a, b):  # whichever replica the shared consumer hands it to
+        monkeypatch.setattr(r.rollouts, "on_drift", swallowed)
+    now = datetime.now(UTC)
+    drift = DriftReport(served=True, deployment="chat", window_start=now - timedelta(seconds=30), window_end=now,
+                        reference_n=100, current_n=100, drifted=True, comparison="canary_vs_stable", release="r2",
+                        reference_release="r1", features=[
+                            FeatureDrift(feature="output_tokens", psi=0.9, ks_stat=0.6, ks_pvalue=1e-6,
+                                         reference_mean=12, current_mean=36, drifted=True)])
+    whole = DriftReport(served=True, deployment="chat", window_start=now - timedelta(seconds=10), window_end=now,
+                        reference_n=100, current_n=100, features=[], drifted=False)
+    for report in (drift, whole):
+        await bus.publish(bus.subjects.drift("chat"), report)
+    async with asyncio.timeout(10):
+        await both.wait()
+    for r in (a, b):
+        await r.rollouts.wait_for(lambda routes: routes["chat"].phase == "aborted", timeout=3 * a.rollouts.stable_check_s)
+        route = r.rollouts.route("chat")
+        assert (route.weight, route.stable.release) == (0.0, "r1"), route.reason
+        assert f"drift report {drift.id}" in route.reason and "DRIFT in output_tokens (PSI 0.9" in route.reason

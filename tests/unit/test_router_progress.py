@@ -236,6 +236,31 @@ def test_drift_during_post_promotion_analysis_rolls_back() -> None:
     assert progress.on_drift(msgspec.structs.replace(promoted, promoted_at=250.0), _report()) is None  # older window
 
 
+@pytest.mark.parametrize(("case", "since"), [
+    ("live", 100.0), ("paused", 100.0), ("no weight", None), ("aborted", None), ("promoted", None),
+    ("verifying", 150.0), ("drift metric", None), ("no canary", None)])
+def test_a_drift_moves_a_live_canary_from_its_start_and_a_release_under_verification_from_its_promotion(
+        case: str, since: float | None) -> None:
+    """What the router's periodic read of drift reports reads them for (Rollouts._hold_drifts), as `on_drift` acts."""
+    route = _live()
+    if case == "paused":
+        route = msgspec.structs.replace(route, paused=True)
+    elif case == "no weight":
+        route = msgspec.structs.replace(route, weight=0.0, phase="idle")
+    elif case == "aborted":
+        route = domain.abort(route, "by operator")
+    elif case in ("promoted", "verifying"):
+        route = msgspec.structs.replace(domain.promote(route, "by operator"), verifying=case == "verifying",
+                                        promoted_at=150.0)
+    elif case == "drift metric":  # the analysis judges drift itself: a report is its evidence only
+        route = msgspec.structs.replace(route, strategy=Strategy(steps=list(STEPS), interval_s=1.0, analysis=AnalysisSpec(
+            metrics=[MetricSpec(name="drift", max=0)])))
+    elif case == "no canary":
+        route = domain.default_route("d")
+    assert progress.drift_moves(route) == since
+    assert (progress.on_drift(route, _report(), decisions=_ok(route)) is not None) == (since is not None)
+
+
 def test_drift_reports_are_replayed_per_deployment_under_analysis_from_its_rollout_start_within_a_bound() -> None:
     other = msgspec.structs.replace(_live(), deployment="e", started_at=40.0)
     idle = msgspec.structs.replace(_live(), deployment="f", strategy=None, started_at=10.0)  # no analysis: no evidence
