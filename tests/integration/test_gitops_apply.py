@@ -474,7 +474,7 @@ async def test_a_deployment_whose_live_route_serves_another_app_or_stable_is_dri
     assert drifted.exit_code == 2, drifted.output
     assert ("~ deployment gitshop-web: live route serves shop-v1 of app shop, folder says gitshop-v1 of app gitshop"
             in _joined(drifted.output)), drifted.output
-    assert "1 deployment serving other than the folder says" in _joined(drifted.output)
+    assert "1 deployment whose live route differs from the folder" in _joined(drifted.output)
     planned = json.loads((await cli(settings, "plan", str(repo), "--json")).output)
     [step] = [s for s in planned["steps"] if s["kind"] == "deployment"]
     assert (step["action"], step["drift"], step["previous_release"], step["release"], step["live_app"], step["app"]) == (
@@ -489,10 +489,15 @@ async def test_a_deployment_whose_live_route_serves_another_app_or_stable_is_dri
     # Same stable release, another app (a route of the release's name under another app): drift too.
     await served(Route(deployment="gitshop-web", stable=Target(release="gitshop-v1", app="shop")))
     assert (await cli(settings, "plan", str(repo))).exit_code == 2
-    # Serving the folder's stable (a canary of any release may be under way): nothing to do.
+    # Serving the folder's stable: nothing to do; with a canary the folder does not name under way, drift (every
+    # field the document declares is compared: test_every_field_of_a_deployment_changed_live_outside_git_...).
+    await served(Route(deployment="gitshop-web", stable=Target(release="gitshop-v1", app="gitshop")))
+    assert (await cli(settings, "plan", str(repo))).exit_code == 0
     await served(Route(deployment="gitshop-web", stable=Target(release="gitshop-v1", app="gitshop"),
                        canary=Target(release="other-v2", app="gitshop"), phase="progressing"))
-    assert (await cli(settings, "plan", str(repo))).exit_code == 0
+    other = await cli(settings, "plan", str(repo))
+    assert other.exit_code == 2 and "~ deployment gitshop-web: canary: live other-v2 (progressing at 0%)" in _joined(
+        other.output), other.output
     # A record that is no route: said in the table and below it, never a failed plan.
     await served(b'{"not": "a route"}')
     unread = await cli(settings, "plan", str(repo))
@@ -520,3 +525,81 @@ async def test_plan_reads_a_deployments_live_route_with_the_viewer_identity(
     drifted = await cli(settings, "plan", str(repo))
     assert drifted.exit_code == 2, drifted.output
     assert "~ deployment gitshop-web: live route serves shop-v1 of app shop" in _joined(drifted.output), drifted.output
+
+
+async def test_every_field_of_a_deployment_changed_live_outside_git_is_drift_row_by_row_through_the_cli(
+        bus: Bus, settings: Settings, tmp_path: Path) -> None:
+    # Found by a probe: `plan` compared a deployment's live route with its document on its stable release and app
+    # only. A canary started, set to another weight, aborted or promoted by hand, a strategy PATCHed or a
+    # break-glass override, all outside Git, planned as "unchanged", exit 0.
+    from lockgate.services.router.domain import Override, Route, Target
+    from lockgate.services.router.strategy import BlueGreen, Strategy
+
+    repo = Path(shutil.copytree(FIXTURE, tmp_path / "repo"))
+    async with recorder(bus, settings):
+        assert (await cli(settings, "apply", str(repo))).exit_code == 0
+    planned = json.loads((await cli(settings, "plan", str(repo), "--json")).output)
+    line = next(s["release"] for s in planned["steps"] if (s["kind"], s["name"]) == ("release", "gitshop"))
+    routes = await bus.kv(bus.subjects.kv_routes)
+    stable, canary = Target(release="gitshop-v1", app="gitshop"), Target(release=line, app="gitshop")
+    # The folder's rollout as its document declares it (gitshop-web.yaml: steps 10, 50, 100 every 300 s).
+    own = Strategy(steps=[10.0, 50.0, 100.0], interval_s=300.0)
+    rolling = Route(deployment="gitshop-web", stable=stable, canary=canary, phase="progressing", weight=10.0,
+                    strategy=own, admitted="d1")
+
+    async def plan(route: Route, drifted: bool = True) -> tuple[Any, list[dict]]:
+        await routes.put(token("gitshop-web"), msgspec.json.encode(route))
+        shown = await cli(settings, "plan", str(repo))
+        assert shown.exit_code == (2 if drifted else 0), (route, shown.output)
+        [step] = [s for s in json.loads((await cli(settings, "plan", str(repo), "--json")).output)["steps"]
+                  if s["kind"] == "deployment"]
+        assert step["drift"] is drifted and bool(step.get("differences")) is drifted, step
+        return shown, step.get("differences", [])
+
+    # The rollout the document names, stepping on its own steps: the weight moving is the rollout working.
+    for route in (rolling, msgspec.structs.replace(rolling, weight=50.0),
+                  msgspec.structs.replace(rolling, phase="idle", weight=0.0, admitted=""),
+                  msgspec.structs.replace(rolling, strategy=None, weight=25.0),  # the router's own steps
+                  Route(deployment="gitshop-web", stable=canary, canary=canary, phase="promoted", previous=stable,
+                        strategy=own, reason=f"promoted {line}: canary held 100% for one interval"),
+                  Route(deployment="gitshop-web", stable=stable, phase="promoted")):  # not started yet
+        await plan(route, drifted=False)
+
+    cases = {
+        "weight": (msgspec.structs.replace(rolling, weight=30.0, reason="weight set to 30% (was 10%) by ann"),
+                   "30%", "0% or a step: 10, 50, 100"),
+        "steps": (msgspec.structs.replace(rolling, strategy=Strategy(steps=[100.0], interval_s=300.0), weight=100.0),
+                  "100", "10, 50, 100"),
+        "interval_s": (msgspec.structs.replace(rolling, strategy=Strategy(steps=[10.0, 50.0, 100.0], interval_s=5.0)),
+                       "5", "300"),
+        "strategy": (msgspec.structs.replace(rolling, strategy=Strategy(blue_green=BlueGreen()), weight=0.0),
+                     "blue_green", "canary"),
+        "canary": (msgspec.structs.replace(rolling, canary=Target(release="gitshop-v1-hotfix", app="gitshop")),
+                   "gitshop-v1-hotfix (progressing at 10%)", line),
+        "break-glass": (msgspec.structs.replace(rolling, override=Override(
+            release=line, action="canary", actor="root", reason="hotfix", at=1.0, weight=10.0)),
+            f"override by root for {line} (canary up to 10%): hotfix", "none"),
+    }
+    for field, (route, live, folder) in cases.items():
+        shown, differences = await plan(route)
+        assert differences == [{"field": field, "live": live, "folder": folder}], (field, differences)
+        out = _joined(shown.output)
+        assert f"~ deployment gitshop-web: {field}: live {live}, folder says {folder}" in out, out
+        assert "1 deployment whose live route differs from the folder" in out
+    # Aborted or promoted by hand outside Git: the document still asks for its canary rolled out by its steps.
+    aborted = msgspec.structs.replace(rolling, phase="aborted", weight=0.0, reason=f"aborted {line}: by operator ann")
+    assert (await plan(aborted))[1] == [{"field": "canary", "live": f"{line} aborted: aborted {line}: by operator ann",
+                                        "folder": f"{line} rolled out"}]
+    by_hand = Route(deployment="gitshop-web", stable=canary, canary=canary, phase="promoted", previous=stable,
+                    strategy=own, reason=f"promoted {line}: by operator ann")
+    assert (await plan(by_hand))[1] == [{"field": "canary", "live": f"{line} promoted by hand: promoted {line}: by "
+                                                                    "operator ann",
+                                         "folder": f"{line} promoted by its steps"}]
+    # Several fields at once: one row each, in the table and below it.
+    shown, differences = await plan(msgspec.structs.replace(
+        rolling, stable=Target(release="shop-v1", app="shop"), weight=30.0, strategy=Strategy(steps=[10.0, 50.0,
+                                                                                                   100.0])))
+    assert [d["field"] for d in differences] == ["app", "stable", "weight"], differences
+    assert "~ deployment gitshop-web: live route serves shop-v1 of app shop, folder says gitshop-v1 of app gitshop" \
+        in _joined(shown.output)
+    assert _joined(shown.output).count("~ drift") == 3, shown.output

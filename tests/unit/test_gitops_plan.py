@@ -6,12 +6,13 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from lockgate import artifacts
 from lockgate.errors import ConfigError
 from lockgate.gitops.documents import GitopsError, load_folder
-from lockgate.gitops.plan import Serving, StateEntry, diff
+from lockgate.gitops.plan import Difference, Serving, StateEntry, diff, differences
 from lockgate.gitops.resolve import Resource, resolve
 
 pytestmark = pytest.mark.timeout(10)
@@ -170,6 +171,86 @@ def test_a_deployment_whose_live_route_serves_another_app_or_stable_is_drift_app
     plan = diff(desired, applied, {}, serving={"gitshop-web": Serving(unread="its record is unreadable")})
     [step] = [s for s in plan.steps if s.kind == "deployment"]
     assert (step.drift, step.unread, plan.exit_code) == (False, "its record is unreadable", 0)
+
+
+SPEC = {"app": "shop", "stable": "s1", "canary": "c2",
+        "rollout": {"strategy": "canary", "steps": [10.0, 50.0], "interval_s": 300.0}}
+LIVE = Serving(stable="s1", app="shop", canary="c2", phase="progressing", weight=50.0, strategy="canary",
+               steps=("10", "50", "100"), interval_s=300.0)
+
+
+def _live(**changes: object) -> Serving:
+    return msgspec.structs.replace(LIVE, **changes)
+
+
+@pytest.mark.parametrize("live", [
+    LIVE,  # the document's rollout on its steps ([10, 50] runs as 10, 50, 100, as the router normalises it)
+    _live(weight=0.0, phase="idle"), _live(weight=100.0),  # waiting for a decision; the last step
+    _live(strategy="", steps=(), interval_s=0.0, weight=25.0),  # the router's own steps: held by no route
+    _live(steps=(), interval_s=0.0, weight=25.0),  # a strategy of its own without steps or interval (an analysis)
+    Serving(stable="s1", app="shop", canary="old", phase="aborted"),  # an earlier rollout, finished
+    Serving(stable="s1", app="shop"),  # the document's canary not started yet
+    Serving(stable="c2", app="shop", canary="c2", phase="promoted", reason="promoted c2: all 3 steps done at 100%"),
+], ids=["stepping", "idle", "last step", "router steps", "no steps", "earlier aborted", "not started", "promoted"])
+def test_a_live_rollout_of_the_documents_canary_on_its_steps_is_not_drift(live: Serving) -> None:
+    assert differences(SPEC, live) == []
+
+
+@pytest.mark.parametrize(("live", "field", "live_value", "folder_value"), [
+    (_live(weight=30.0), "weight", "30%", "0% or a step: 10, 50, 100"),
+    (_live(steps=("100",), weight=100.0), "steps", "100", "10, 50, 100"),
+    (_live(steps=("10", "pause until approved", "100")), "steps", "10, pause until approved, 100", "10, 50, 100"),
+    (_live(interval_s=5.0), "interval_s", "5", "300"),
+    (_live(strategy="blue_green", steps=(), weight=0.0), "strategy", "blue_green", "canary"),
+    (_live(canary="x9", weight=10.0), "canary", "x9 (progressing at 10%)", "c2"),
+    (_live(phase="aborted", weight=0.0, reason="aborted c2: by operator ann"), "canary",
+     "c2 aborted: aborted c2: by operator ann", "c2 rolled out"),
+    (Serving(stable="c2", app="shop", canary="c2", phase="promoted", reason="promoted c2: by operator ann"), "canary",
+     "c2 promoted by hand: promoted c2: by operator ann", "c2 promoted by its steps"),
+    (Serving(stable="c2", app="shop", canary="c2", phase="promoted", reason="promoted c2: BREAK-GLASS by root: x"),
+     "canary", "c2 promoted by hand: promoted c2: BREAK-GLASS by root: x", "c2 promoted by its steps"),
+    (_live(override="override by root for c2 (canary up to 10%): x"), "break-glass",
+     "override by root for c2 (canary up to 10%): x", "none"),
+], ids=["set-weight", "steps", "pause step", "interval", "strategy", "other canary", "aborted", "promoted by hand",
+        "break-glass promote", "break-glass"])
+def test_a_field_of_the_document_changed_live_is_one_difference(live: Serving, field: str, live_value: str,
+                                                                 folder_value: str) -> None:
+    assert differences(SPEC, live) == [Difference(field=field, live=live_value, folder=folder_value)]
+
+
+def test_a_canary_started_where_the_document_names_none_and_a_blue_green_promoted_by_hand() -> None:
+    plain = {**SPEC, "canary": ""}
+    assert differences(plain, _live()) == [Difference(field="canary", live="c2 (progressing at 50%)", folder="none")]
+    assert differences(plain, Serving(stable="s1", app="shop", canary="c2", phase="aborted")) == []
+    # A blue-green preview (or a shadow-only rollout) is promoted by hand by design.
+    blue = {**SPEC, "rollout": {**SPEC["rollout"], "strategy": "blue_green"}}
+    promoted = Serving(stable="c2", app="shop", canary="c2", phase="promoted", reason="promoted c2: by operator ann")
+    assert differences(blue, promoted) == []
+    assert differences(blue, _live(strategy="blue_green", steps=(), weight=0.0)) == []
+
+
+def test_the_plan_reads_the_routers_record_as_the_router_wrote_it() -> None:
+    from lockgate.gitops.state import _route, _serving
+    from lockgate.services.router.domain import Override, Route, Target
+    from lockgate.services.router.strategy import BlueGreen, Pause, ShadowSpec, Step, Strategy
+
+    def read(route: Route) -> Serving:
+        return _serving(_route.decode(msgspec.json.encode(route)))
+
+    base = Route(deployment="d", stable=Target(release="s1", app="shop"), canary=Target(release="c2", app="shop"),
+                 phase="progressing", weight=50, reason="step 2/3: canary at 50%")
+    assert read(base) == Serving(stable="s1", app="shop", canary="c2", phase="progressing", weight=50.0,
+                                 reason="step 2/3: canary at 50%")
+    program = Strategy(steps=[10, Step(pause=Pause()), Step(set_weight=60), Step(pause=Pause(duration_s=30))],
+                       interval_s=5)
+    assert (read(msgspec.structs.replace(base, strategy=program)).steps, read(msgspec.structs.replace(
+        base, strategy=program)).interval_s) == (("10", "pause until approved", "60", "pause 30s"), 5.0)
+    weights = read(msgspec.structs.replace(base, strategy=Strategy(steps=[50, Step(set_weight=10)])))
+    assert (weights.strategy, weights.steps) == ("canary", ("10", "50", "100"))  # as the router runs them
+    assert read(msgspec.structs.replace(base, strategy=Strategy(blue_green=BlueGreen()))).strategy == "blue_green"
+    assert read(msgspec.structs.replace(base, strategy=Strategy(shadow=ShadowSpec()))).strategy == "shadow"
+    glass = Override(release="c2", action="promote", actor="root", reason="outage", at=1.0)
+    assert read(msgspec.structs.replace(base, override=glass)).override == "override by root for c2 (promote): outage"
 
 
 def _release_doc(folder: Path, name: str, pinned: str, parent: str) -> None:

@@ -39,31 +39,32 @@ def _serves(release: str, app: str) -> str:
 def _rows(plan: Any) -> list[dict[str, str | Text]]:
     rows = []
     for s in plan.steps:
-        if s.drift and s.kind == "deployment":  # serves other than the folder says: apply moves no traffic
-            what = (f"live app {s.live_app}, folder app {s.app}" if s.live_app not in ("", s.app)
-                    else _short(s.digest))
-            release = f"live {s.previous_release}, folder {s.release}" if s.previous_release != s.release else s.release
-        elif s.drift:  # moved outside Git: apply points it back at the folder's release
-            what = f"live {s.previous_release}, folder {s.release}"
-            release = f"{s.previous_release} -> {s.release}"
+        if s.drift and s.kind == "alias":  # moved outside Git: apply points it back at the folder's release
+            mark, what, release = _DRIFT, f"live {s.previous_release}, folder {s.release}", \
+                f"{s.previous_release} -> {s.release}"
         elif s.action == "change":
-            what = f"{_short(s.previous)} -> {_short(s.digest)}"
+            mark, what = _MARK[s.action], f"{_short(s.previous)} -> {_short(s.digest)}"
             release = f"{s.previous_release} -> {s.release}" if s.release != s.previous_release else s.release
         else:
-            what = _short(s.digest or s.previous)
-            release = s.release or s.previous_release
+            mark, what, release = _MARK[s.action], _short(s.digest or s.previous), s.release or s.previous_release
         if s.unread:
             what += " (live route not compared: see below)"
-        rows.append({"action": _DRIFT if s.drift and (s.kind == "alias" or s.action == "unchanged")
-                     else _MARK[s.action], "kind": s.kind, "name": s.name, "release": release,
-                     "content": what, "file": s.source, "applied at commit": (s.commit[:10] + (" (dirty)" if s.dirty
-                                                                                              else "")) if s.commit
-                     else ("(no commit)" if s.action in ("unchanged", "orphan", "remove") else "")})
-    return rows
+        commit = (s.commit[:10] + (" (dirty)" if s.dirty else "")) if s.commit else (
+            "(no commit)" if s.action in ("unchanged", "orphan", "remove") else "")
+        row = {"kind": s.kind, "name": s.name, "file": s.source, "applied at commit": commit}
+        # A deployment whose live route differs from its document: one row per field (apply moves no traffic), after
+        # the row of what apply does to its entry, if anything.
+        if not (s.differences and s.action == "unchanged"):
+            rows.append({"action": mark, **row, "release": release, "content": what})
+        live = f"live {s.previous_release}, folder {s.release}" if s.previous_release != s.release else s.release
+        rows += [{"action": _DRIFT, **row, "release": live, "content": f"{d.field}: live {d.live}, folder {d.folder}"}
+                 for d in s.differences]
+    return [{k: r[k] for k in ("action", "kind", "name", "release", "content", "file", "applied at commit")}
+            for r in rows]
 
 
 def _summary(plan: Any) -> dict[str, int]:
-    # drift: deployments whose live route serves other than the folder says (an alias moved is a change)
+    # drift: deployments whose live route differs from their document (an alias moved is a change)
     return {**{a: plan.count(a) for a in ("add", "change", "remove", "unchanged", "orphan")},
             "drift": sum(1 for s in plan.steps if s.drift and s.kind == "deployment")}
 
@@ -73,10 +74,7 @@ def _print(plan: Any, prov: Any, title: str, hidden: list[str]) -> None:
     table(_rows(plan), title=f"{title} ({where})", empty="the folder holds no documents")
     for s in plan.steps:
         if s.drift and s.kind == "deployment":
-            console.print(f"~ deployment {s.name}: live route serves {_serves(s.previous_release, s.live_app)}, folder "
-                          f"says {_serves(s.release, s.app)} (apply moves no traffic: roll the folder's release out, or "
-                          "change the document to what is served)", highlight=False,
-                          soft_wrap=True)
+            _print_differences(s)
         elif s.unread:
             console.print(f"? deployment {s.name}: its live route was not compared with the folder: {s.unread}",
                           highlight=False, soft_wrap=True)
@@ -86,14 +84,28 @@ def _print(plan: Any, prov: Any, title: str, hidden: list[str]) -> None:
     n = _summary(plan)
     line = f"{n['add']} to add, {n['change']} to change, {n['remove']} to remove, {n['unchanged']} unchanged"
     if n["drift"]:
-        line += (f"; {n['drift']} deployment{'s' if n['drift'] != 1 else ''} serving other than the folder says "
-                 "(apply moves no traffic)")
+        line += (f"; {n['drift']} deployment{'s' if n['drift'] != 1 else ''} whose live route differs from the "
+                 "folder (apply moves no traffic)")
     if n["orphan"]:
         line += f"; {n['orphan']} applied before but no longer in the folder (kept; --prune removes them)"
     console.print(line, highlight=False)
     if hidden:
         console.print(f"not read: {len(hidden)} hidden YAML file{'s' if len(hidden) != 1 else ''} (lockgate reads no "
                       f"hidden file or folder; rename one to apply it): {', '.join(hidden)}", highlight=False, soft_wrap=True)
+
+
+def _print_differences(s: Any) -> None:
+    """A drifted deployment's differences below the table, one line each (its stable and app in one)."""
+    fields = [d.field for d in s.differences]
+    if "stable" in fields or "app" in fields:
+        console.print(f"~ deployment {s.name}: live route serves {_serves(s.previous_release, s.live_app)}, folder "
+                      f"says {_serves(s.release, s.app)} (apply moves no traffic: roll the folder's release out, or "
+                      "change the document to what is served)", highlight=False, soft_wrap=True)
+    for d in s.differences:
+        if d.field not in ("stable", "app"):
+            console.print(f"~ deployment {s.name}: {d.field}: live {d.live}, folder says {d.folder} (apply moves no "
+                          "traffic: bring the route to the document, or change the document)",
+                          highlight=False, soft_wrap=True)
 
 
 def _load(directory: str) -> tuple[list[Any], Any, list[str]]:

@@ -7,14 +7,16 @@ release name already bound to other content is an error, not a change: releases 
 Entries no longer in the folder are `orphan` (kept) unless pruning, when they are `remove`.
 An alias moved outside Git (`lockgate alias set`) has drifted: the live alias names another release than
 the folder, so the plan changes it back (a `change` with `drift` set), whatever the applied state says.
-A deployment whose live route (the router's record) serves another app, or another stable release than its
-document's stable or (promoted) canary, has drifted too (`rollout start` outside Git): its step keeps its action and has `drift` set, since apply never moves
-traffic; the plan exits 2 all the same, so a CI check "the plan is clean" fails until the two agree.
+A deployment whose live route (the router's record) differs from its document on any field both hold has drifted
+too (`rollout start`, `set-weight`, `abort`, `promote`, a PATCH or a break-glass override outside Git): its step
+keeps its action, has `drift` set and lists each `Difference` (field, live value, the folder's), since apply never
+moves traffic; the plan exits 2 all the same, so a CI check "the plan is clean" fails until the two agree. The
+rollout of the document's own canary stepping through the document's steps is the rollout working, not drift.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 
@@ -24,6 +26,14 @@ from lockgate.gitops.resolve import Resource
 
 Action = Literal["add", "change", "unchanged", "remove", "orphan"]
 CHANGES = ("add", "change", "remove")
+
+
+class Difference(msgspec.Struct, frozen=True, kw_only=True):
+    """One field on which a deployment's live route differs from its document: the live value and the folder's."""
+
+    field: str
+    live: str
+    folder: str
 
 
 class Step(msgspec.Struct, frozen=True, kw_only=True):
@@ -40,19 +50,31 @@ class Step(msgspec.Struct, frozen=True, kw_only=True):
     commit: str = ""  # for unchanged, orphan and remove: the commit that applied the current entry
     dirty: bool = False
     # An alias whose live release (previous_release) is not the folder's (release), or a deployment whose live route
-    # serves another stable release (previous_release; release: the folder's) or app (live_app; app: the folder's).
+    # differs from its document (`differences`; its stable release in previous_release, release: the folder's, and
+    # its app in live_app, app: the folder's).
     drift: bool = False
     app: str = ""
     live_app: str = ""
     unread: str = ""  # a deployment's: why its live route could not be read (compared with nothing)
+    differences: list[Difference] = []
 
 
 class Serving(msgspec.Struct, frozen=True, kw_only=True):
-    """What a deployment's live route serves, from the router's record, or why it could not be read (`unread`)."""
+    """What a deployment's live route holds, from the router's record, or why it could not be read (`unread`)."""
 
     stable: str = ""
     app: str = ""  # "" in routes the router stored before it recorded the app
     unread: str = ""
+    canary: str = ""  # the release in the route's canary slot ("" none), live or finished as `phase` says
+    phase: str = ""  # idle, progressing, promoted, aborted
+    weight: float = 0.0
+    # The route's own strategy: its kind (canary, blue_green, shadow), steps as text ("10", "pause 60s") and interval;
+    # "", () and 0 where it has none of its own (the router's configured steps and interval run it then).
+    strategy: str = ""
+    steps: tuple[str, ...] = ()
+    interval_s: float = 0.0
+    override: str = ""  # a break-glass override in force, said ("" none)
+    reason: str = ""  # the router's account of the route's last change
 
 
 class Plan(msgspec.Struct, frozen=True, kw_only=True):
@@ -124,16 +146,79 @@ def diff(desired: list[Resource], state: dict[str, StateEntry], bound: dict[str,
 
 
 def _serving(step: Step, res: Resource, now: Serving) -> Step:
-    """A deployment's step with what its live route serves: drift when the app or stable release is not the
-    folder's (an app the router did not record is not compared). The folder's canary, promoted, serves as stable
-    what the folder asked to roll out: no drift."""
+    """A deployment's step with what its live route holds: drift, naming every field that differs from the
+    document (`differences`); none when the route is the document's, or its rollout under way."""
     if now.unread:
         return msgspec.structs.replace(step, unread=now.unread)
-    app, stable = res.spec["app"], res.spec["stable"]
-    if now.stable in (stable, res.spec["canary"] or stable) and now.app in ("", app):
+    found = differences(res.spec, now)
+    if not found:
         return step
-    return msgspec.structs.replace(step, drift=True, release=stable, previous_release=now.stable, app=app,
-                                   live_app=now.app)
+    return msgspec.structs.replace(step, drift=True, release=res.spec["stable"], previous_release=now.stable,
+                                   app=res.spec["app"], live_app=now.app, differences=found)
+
+
+def differences(spec: dict[str, Any], now: Serving) -> list[Difference]:
+    """Every field on which a live route differs from a deployment document's resolved spec, in document order.
+
+    The document asks for its stable release to serve and, when it names a canary, for that canary to be rolled out
+    from it by the document's `rollout:`. So its canary serving as stable (promoted by its steps) is no drift, nor is
+    a live rollout of it whose weight moves along the document's steps: that is the rollout working. A canary the
+    document does not name, one aborted or promoted by hand, or a rollout on other steps, interval, strategy or
+    weight is drift, as is any break-glass override (no document declares one). A route with no strategy of its own
+    runs the router's configured steps and interval, which the route does not hold: they are not compared."""
+    app, stable, canary, rollout = spec["app"], spec["stable"], spec["canary"], spec["rollout"]
+    out = []
+    if now.app not in ("", app):  # an app the router did not record is not compared
+        out.append(Difference(field="app", live=now.app, folder=app))
+    if now.stable not in (stable, canary or stable):
+        out.append(Difference(field="stable", live=now.stable, folder=stable))
+    live = bool(now.canary) and now.phase in ("idle", "progressing")
+    if live and now.canary != canary:
+        out.append(Difference(field="canary", live=f"{now.canary} ({now.phase} at {now.weight:g}%)",
+                              folder=canary or "none"))
+    elif live:
+        out += _rollout(rollout, now)
+    elif canary and now.canary == canary and now.phase == "aborted" and now.stable != canary:
+        # Whoever aborted it (an operator, the gate, the analysis), the document still asks for it rolled out.
+        out.append(Difference(field="canary", live=f"{canary} aborted: {now.reason}", folder=f"{canary} rolled out"))
+    elif (canary and now.stable == canary and now.phase == "promoted" and rollout["strategy"] == "canary"
+          and now.reason.startswith(tuple(f"promoted {canary}: {by}" for by in BY_HAND))):
+        # A canary's steps promote it on their own; a blue-green preview or a shadow-only rollout is promoted by
+        # hand by design. Only the route's reason says who promoted it (the router writes BY_HAND's prefixes).
+        out.append(Difference(field="canary", live=f"{canary} promoted by hand: {now.reason}",
+                              folder=f"{canary} promoted by its steps"))
+    if now.override:
+        out.append(Difference(field="break-glass", live=now.override, folder="none"))
+    return out
+
+
+# How the router's reason for a promotion by a person begins (domain.manual_promote: an operator, an admin's
+# break-glass); its automatic promotions say what promoted them instead (a step, a decision, an analysis).
+BY_HAND = ("by operator", "BREAK-GLASS by ")
+
+
+def _rollout(rollout: dict[str, Any], now: Serving) -> list[Difference]:
+    """How a live rollout of the document's canary differs from the document's `rollout:`."""
+    if not now.strategy:  # the router's configured steps and interval: the route holds none to compare
+        return []
+    if now.strategy != rollout["strategy"]:  # steps of one kind say nothing of another's
+        return [Difference(field="strategy", live=now.strategy, folder=rollout["strategy"])]
+    out = []
+    steps = normalized(rollout["steps"])
+    if rollout["strategy"] == "canary" and now.steps and now.steps != steps:
+        out.append(Difference(field="steps", live=", ".join(now.steps), folder=", ".join(steps)))
+    elif rollout["strategy"] == "canary" and now.steps and f"{now.weight:g}" not in ("0", *steps):
+        out.append(Difference(field="weight", live=f"{now.weight:g}%", folder=f"0% or a step: {', '.join(steps)}"))
+    if now.interval_s and now.interval_s != rollout["interval_s"]:
+        out.append(Difference(field="interval_s", live=f"{now.interval_s:g}", folder=f"{rollout['interval_s']:g}"))
+    return out
+
+
+def normalized(weights: list[float] | tuple[float, ...]) -> tuple[str, ...]:
+    """Canary weights as the router runs them (sorted, distinct, ending at 100), as text."""
+    from lockgate.services.router.domain import normalize_steps  # the router's own rule, not a copy of it
+
+    return tuple(f"{w:g}" for w in normalize_steps(weights))
 
 
 def _conflict(res: Resource, bound: str) -> str:

@@ -6,8 +6,8 @@ announced as `lockgate artifact register` does; releases are bound create-only a
 does (signed by the personal identity when there is one). Deployments and budgets are recorded as
 desired state only: apply never moves traffic, since the router admits a release only with a gate
 decision that allows it (start a canary with the router's admin API once the gate has decided); `plan`
-reads each deployment's live route (routes KV, read-only) to show one that serves another app or stable
-release than its document.
+reads each deployment's live route (routes KV, read-only) to show every field on which it differs from its
+document.
 Pruning deletes a resource's state entry; the artifact and release stay (content-addressed and
 immutable, lineage and audit keep naming them).
 """
@@ -15,6 +15,7 @@ immutable, lineage and audit keep naming them).
 from __future__ import annotations
 
 import contextlib
+from typing import Any
 
 import msgspec
 import nats.errors
@@ -28,7 +29,7 @@ from lockgate.contracts import AppliedChange, ApplyRecorded, ApplyReply, ApplyRe
 from lockgate.errors import LockgateError, NotFound, UnreadableValue
 from lockgate.gitops.documents import GitopsError
 from lockgate.gitops.git import Provenance
-from lockgate.gitops.plan import Plan, Serving
+from lockgate.gitops.plan import Plan, Serving, normalized
 from lockgate.gitops.resolve import ARTIFACT_KIND, Resource
 from lockgate.identity import Identity, bundle_content, sign_apply
 from lockgate.ids import content_hash
@@ -90,13 +91,70 @@ class _Target(msgspec.Struct, frozen=True):
     app: str = ""  # "" in routes the router stored before it recorded the app
 
 
+class _Strategy(msgspec.Struct, frozen=True):
+    steps: list[Any] | None = None  # weights, or step kinds as mappings (router.strategy.Step)
+    interval_s: float | None = None
+    blue_green: Any = None
+    shadow: Any = None
+
+
+class _Override(msgspec.Struct, frozen=True):
+    release: str
+    actor: str
+    reason: str = ""
+    action: str = ""
+    weight: float = 100.0
+
+
 class _Route(msgspec.Struct, frozen=True):
-    """What `plan` reads of the router's route record: whose route it is and what its stable arm serves. Unknown
-    fields stay allowed (a view of a record the router evolves); `deployment` and `stable` are required, so JSON
-    that is no route is never read as one."""
+    """What `plan` reads of the router's route record: whose route it is, what its arms serve, where its rollout
+    stands and by which strategy, and any break-glass override. Unknown fields stay allowed (a view of a record the
+    router evolves); `deployment` and `stable` are required, so JSON that is no route is never read as one."""
 
     deployment: str
     stable: _Target
+    canary: _Target | None = None
+    weight: float = 0.0
+    phase: str = "idle"
+    reason: str = ""
+    strategy: _Strategy | None = None
+    override: _Override | None = None
+
+
+def _serving(route: _Route) -> Serving:
+    """The route as the plan compares it with a document."""
+    s, glass = route.strategy, route.override
+    kind = ("" if s is None else "blue_green" if s.blue_green is not None
+            else "shadow" if s.shadow is not None and not s.steps else "canary")
+    steps: tuple[str, ...] = ()
+    if s is not None and s.steps:
+        weights = [_weight(step) for step in s.steps]
+        # Weights alone run as the router normalises them; a program with pauses or header routes runs as given.
+        steps = normalized(weights) if None not in weights else tuple(_step(step) for step in s.steps)
+    said = (f"override by {glass.actor} for {glass.release} ({glass.action or 'canary'}"
+            f"{f' up to {glass.weight:g}%' if glass.action != 'promote' else ''}): {glass.reason}") if glass else ""
+    return Serving(stable=route.stable.release, app=route.stable.app, canary=route.canary.release if route.canary
+                   else "", phase=route.phase, weight=route.weight, strategy=kind, steps=steps,
+                   interval_s=(s.interval_s or 0.0) if s is not None else 0.0, override=said, reason=route.reason)
+
+
+def _weight(step: Any) -> float | None:
+    """A step's weight: a plain number or a `set_weight` step; None for a pause or a header route."""
+    if isinstance(step, int | float) and not isinstance(step, bool):
+        return float(step)
+    weight = step.get("set_weight") if isinstance(step, dict) else None
+    return float(weight) if isinstance(weight, int | float) else None
+
+
+def _step(step: Any) -> str:
+    """One step of a program, as text."""
+    weight = _weight(step)
+    if weight is not None:
+        return f"{weight:g}"
+    if isinstance(step, dict) and isinstance(step.get("pause"), dict):
+        duration = step["pause"].get("duration_s")
+        return f"pause {duration:g}s" if isinstance(duration, int | float) else "pause until approved"
+    return "header route" if isinstance(step, dict) and step.get("set_header_route") else "step"
 
 
 _route = msgspec.json.Decoder(_Route)
@@ -131,7 +189,7 @@ async def read_serving(bus: Bus, desired: list[Resource]) -> dict[str, Serving]:
         if route.deployment != name:
             out[name] = Serving(unread=f"its key in KV {bucket} holds the route of {route.deployment!r}")
             continue
-        out[name] = Serving(stable=route.stable.release, app=route.stable.app)
+        out[name] = _serving(route)
     return out
 
 
