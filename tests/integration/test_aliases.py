@@ -20,7 +20,7 @@ from lockgate.codec import encode
 from lockgate.config import Settings
 from lockgate.contracts import AliasChanged, AuditEntry
 from lockgate.provenance import chain
-from tests.helpers import person
+from tests.helpers import person, store_decision, store_pass
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -60,9 +60,9 @@ async def test_alias_history_at_a_time_and_a_forged_record_fails(bus: Bus, setti
     first = await cli(settings, "--as", "ann", "alias", "set", "shop", "production", "shop-v1", "--reason", "launch",
                       "--json")
     assert first.exit_code == 0, first.output
-    t1 = json.loads(first.output)["record"]["time"]
+    t1 = json.loads(first.stdout)["record"]["time"]
     second = await cli(settings, "--as", "ann", "alias", "set", "shop", "production", "shop-v2", "--json")
-    t2 = json.loads(second.output)["record"]["time"]
+    t2 = json.loads(second.stdout)["record"]["time"]
     same = await cli(settings, "--as", "ann", "alias", "set", "shop", "production", "shop-v2")
     assert same.exit_code == 0 and "already points to shop-v2" in same.output
 
@@ -202,3 +202,27 @@ async def test_aliases_declared_in_the_gitops_folder_are_planned_and_applied_sig
     (repo / "aliases" / "production.yaml").write_text("kind: alias\nname: production\napp: gitshop\nrelease: nope\n")
     bad = await cli(settings, "plan", str(repo))
     assert bad.exit_code == 1 and "aliases/production.yaml" in bad.output and "$.release" in bad.output
+
+
+async def test_an_alias_moved_to_a_release_the_gate_does_not_admit_is_said(bus: Bus, settings: Settings) -> None:
+    # Probe p23 F10: `production` moved to a release a person had just rejected (or one never gated) without a word,
+    # while an application fetching its prompt by the alias serves it from then on.
+    from lockgate.contracts import GateDecided
+    from lockgate.signing import Signer, trust_file_path, trust_key
+
+    person(settings, "ann", "operator")
+    for name in ("shop-v1", "shop-v2", "shop-v3"):
+        await _release(bus, name, name)
+    await store_pass(bus, "shop-v1", settings)
+    signer = Signer.generate()
+    trust_key(trust_file_path(settings), signer.public)
+    await store_decision(bus, signer.sign(GateDecided(release="shop-v2", rules=[], decision="BLOCK", artifacts={})))
+
+    ok = await cli(settings, "--as", "ann", "alias", "set", "shop", "production", "shop-v1", "--json")
+    assert ok.exit_code == 0 and json.loads(ok.stdout)["admitted"] is True and "warning" not in ok.stderr
+    for release, said in (("shop-v2", "is a BLOCK: a BLOCK admits nothing"), ("shop-v3", "shop-v3 has no gate decision")):
+        moved = await cli(settings, "--as", "ann", "alias", "set", "shop", "production", release, "--json")
+        assert moved.exit_code == 0, moved.output  # said, not refused: the change is made and signed
+        doc = json.loads(moved.stdout)
+        assert doc["changed"] is True and doc["admitted"] is False and said in doc["not_admitted"]
+        assert said in moved.stderr and "an application reading shop/production now gets content" in moved.stderr

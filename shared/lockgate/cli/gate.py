@@ -130,6 +130,20 @@ def _verify(settings: Settings, release: str | None, path: str | None,
     return with_bus(settings, work)
 
 
+async def not_admitted(bus: Bus, ring: Keyring, release: str) -> str:
+    """Why the gate admits `release` nothing now, as `gate verify` judges it ("" when its current decision is a PASS
+    that admits it): no decision, one that does not verify, or one that admits nothing (`Keyring.not_admitting`)."""
+    decision = await get_decision(await bus.kv(bus.subjects.kv_gates), release)
+    if decision is None:
+        return f"{release} has no gate decision"
+    try:
+        ring.verify_record(decision)
+    except SignatureError as exc:  # an approval withdrawn too
+        return f"{release}'s gate decision {decision.id} is refused: {exc.message}"
+    why = ring.not_admitting(decision)
+    return f"{release}'s gate decision {decision.id} is a {decision.decision}: {why}" if why else ""
+
+
 # README "Exit codes": an authentic decision that admits nothing exits as `eval run` of a gate that did not pass.
 NOT_ADMITTED = 5
 

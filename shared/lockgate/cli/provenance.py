@@ -7,7 +7,7 @@ how many messages on it they skipped (not signed by a trusted person, unreadable
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -16,6 +16,9 @@ from lockgate.cli.main import handle_errors, json_option
 from lockgate.cli.provenance_time import parse_time
 from lockgate.cli.render import console, emit_json, err_console, output
 from lockgate.errors import ConfigError
+
+if TYPE_CHECKING:
+    from lockgate.bus import Bus
 
 
 def _row(r: Any, signer: str = "") -> dict[str, Any]:
@@ -90,20 +93,34 @@ def register(cli: click.Group) -> None:
     @handle_errors
     def alias_set(ctx: click.Context, app: str, name: str, release: str, reason: str, as_json: bool) -> None:
         """Point APP's alias NAME at RELEASE (signed with your identity, audited, appended to its history)."""
+        from lockgate.cli.gate import not_admitted
         from lockgate.cli.identity import chosen_identity
         from lockgate.provenance import aliases
+        from lockgate.signing import Keyring
 
         settings = ctx.obj["settings"]
         identity = chosen_identity(ctx)
         role = chosen_role("operator")
-        record, findings, skipped = with_bus(settings, lambda bus: aliases.set_alias(
-            bus, settings, identity, app, name, release, reason=reason, audit_as=role), role="operator")
+        ring = Keyring.from_settings(settings)
+
+        async def work(bus: Bus) -> tuple[Any, ...]:
+            return (*await aliases.set_alias(bus, settings, identity, app, name, release, reason=reason,
+                                             audit_as=role), await not_admitted(bus, ring, release))
+
+        record, findings, skipped, gate = with_bus(settings, work, role="operator")
         warn_skipped(skipped, f"the history of {app}/{name} and its release's artifact lifecycles",
                      f"lockgate history {app}/{name} --json")
         for f in findings:
             err_console.print(f"[yellow]warning:[/yellow] {f.message()}", highlight=False, soft_wrap=True)
+        if gate:
+            # Said, not refused: an alias also names what a release under review or a rollback target holds. But an
+            # application that fetches its prompt by this alias now serves content the router would not (probe p23
+            # F10: `production` moved to a release a person had just rejected, without a word).
+            err_console.print(f"[yellow]warning:[/yellow] {gate}; an application reading {app}/{name} now gets "
+                              "content the gate does not admit", highlight=False, soft_wrap=True)
         if as_json:
-            emit_json({"changed": record is not None, "record": record})
+            emit_json({"changed": record is not None, "record": record, "admitted": not gate,
+                       **({"not_admitted": gate} if gate else {})})
         elif record is None:
             console.print(f"{app}/{name} already points to {release}", highlight=False)
         else:
