@@ -208,7 +208,8 @@ class DriftGate:
             rules=[*outcome.rules, *vetoes],
             eval_run=current.eval_run if current else "", policy=current.policy if current else "",
             baseline=current.baseline if current else "", artifacts=current.artifacts if current else {},
-            reason=outcome.reason, tenant=report.tenant, source="gatekeeper", trace_id=report.trace_id))
+            reason=outcome.reason, tenant=report.tenant, source="gatekeeper", trace_id=report.trace_id,
+            seq=stored.next_seq))
         await self.publish_key()
         await self.records.settle(decision, over=stored.revision, action="decided", actor="gatekeeper",
                                   key=f"gate-drift-{report.id}")

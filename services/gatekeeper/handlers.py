@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+import msgspec
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
@@ -189,7 +190,7 @@ class GateHandlers:
                 id=decision_id, release=done.release, decision=outcome.decision,
                 rules=list(outcome.rules), eval_run=done.run_id, policy=done.policy, baseline=done.baseline,
                 reason=outcome.reason, artifacts=arts, review_required=outcome.review_required,
-                tenant=tenant, source="gatekeeper", trace_id=done.trace_id,
+                tenant=tenant, source="gatekeeper", trace_id=done.trace_id, seq=stored.next_seq,
             ))
             await self.publish_key()
             await self.records.settle(decision, over=stored.revision, action="decided", actor="gatekeeper", key=key)
@@ -261,7 +262,8 @@ class GateHandlers:
             if refusal or outcome.decision is None:
                 await self._refuse(review, current, new_id, key, actor=reviewer, reason=refusal or outcome.reason)
                 return
-            decision = (await self.own.require()).sign(outcome.decision)
+            # Ordered after the decision it answers by its seq, never by this replica's clock.
+            decision = (await self.own.require()).sign(msgspec.structs.replace(outcome.decision, seq=stored.next_seq))
             await self.publish_key()
             # Over the decision it answers: an eval's decision stored meanwhile makes it stale (refused when redelivered).
             await self.records.settle(decision, over=stored.revision, action=outcome.action, actor=reviewer, key=key)

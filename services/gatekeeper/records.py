@@ -12,7 +12,7 @@ import nats.js.errors
 from lockgate import auditlog
 from lockgate.codec import Codec, encode
 from lockgate.contracts import GateAudited, GateDecided
-from lockgate.errors import BusUnavailable, InvalidEvent, Retryable, UnreadableValue
+from lockgate.errors import BusUnavailable, InvalidEvent, LockgateError, Retryable, UnreadableValue
 from lockgate.ids import derived_id
 from lockgate.queryclient import ask
 from lockgate.redact import scrub_secrets
@@ -37,6 +37,21 @@ class Stored(NamedTuple):
     decision: GateDecided | None  # None: none stored, or `unreadable`
     revision: int  # its KV revision (0: the key was never written, or deleted)
     unreadable: str = ""  # why the value stored is no decision of the release ("" when it is, or none is)
+    deleted: int = 0  # the revision of the key's delete or purge marker, when that is what it holds
+
+    @property
+    def next_seq(self) -> int:
+        """The `seq` a decision stored over this one signs: above this decision's, and above every KV revision the
+        key had so far. The revision floor keeps the order rising over what carries none: a decision signed before
+        decisions carried one, a value that is no decision, a key deleted (its marker's revision). Above the
+        revision, it is above the `seq` of every decision stored under the key before (each one's is at most its
+        own revision), and the compare-and-set over `revision` stores one decision only per value it read."""
+        return max(self.decision.seq if self.decision is not None else 0, self.revision, self.deleted) + 1
+
+
+class UnorderedDecision(LockgateError):
+    """A decision signed without a `seq` above the one it would be stored over (Stored.next_seq): subscribers would
+    take it for an older decision and skip it, so it is not stored."""
 
 
 class DecisionRaced(Retryable):
@@ -112,6 +127,10 @@ class Records:
         """Make the decision current in KV, only over revision `over` (0: where none is stored); DecisionRaced
         when the key moved on from it."""
         s = self.ctx.bus.subjects
+        if decision.seq <= over:
+            raise UnorderedDecision(f"decision {decision.id} of {decision.release!r} is signed with seq {decision.seq}, "
+                                    f"not above revision {over} it would be stored over: a gatekeeper path that signs "
+                                    "no order (Stored.next_seq); not stored")
         try:
             kv = await self.ctx.bus.kv(s.kv_gates)
             if over:
@@ -146,8 +165,9 @@ class Records:
         try:
             kv = await self.ctx.bus.kv(bucket)
             entry = await kv.get(key)
-        except nats.js.errors.KeyNotFoundError:  # and deleted: create() writes over its tombstone
-            return Stored(None, 0)
+        except nats.js.errors.KeyNotFoundError as exc:  # and deleted: create() writes over its tombstone
+            marker = getattr(exc, "entry", None)  # a deleted key's marker (nats-py passes it on)
+            return Stored(None, 0, deleted=marker.revision if marker is not None else 0)
         except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
             raise BusUnavailable(f"cannot read {what} from KV {bucket}: {exc!r}") from None
         if not entry.value:

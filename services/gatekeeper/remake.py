@@ -13,7 +13,7 @@ import msgspec
 from lockgate.contracts import GateDecided
 from lockgate.services.gatekeeper.domain import Outcome
 from lockgate.services.gatekeeper.ownkey import OwnKey
-from lockgate.services.gatekeeper.records import Records
+from lockgate.services.gatekeeper.records import Records, Stored
 
 __all__ = ["remake"]
 
@@ -29,7 +29,7 @@ async def remake(own: OwnKey, records: Records, publish_key: Callable[[], Awaita
     decision = (await own.require()).sign(msgspec.structs.replace(
         current, id=decision_id, time=datetime.now(UTC), decision=out.decision, rules=list(out.rules),
         reason=out.reason, review_required=out.review_required, reviewed_by="", approvals=[], approval_keys=[],
-        trace_id=trace_id, span_id=""))
+        trace_id=trace_id, span_id="", seq=Stored(current, over).next_seq))
     await publish_key()
     await records.settle(decision, over=over, action=action, actor="gatekeeper",
                          key=f"gate-{action}-{decision.id}")

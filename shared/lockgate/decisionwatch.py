@@ -29,8 +29,10 @@ connection, or a decision that no longer verifies (`verified`), ends it. Its fir
 
 Whoever answers a gateway read chooses the entry's revision, and a process holding the gateway's credential
 answered with a superseded decision the gatekeeper genuinely signed (probe p20 F11). So a client that verifies also
-refuses a decision signed before the newest one it read for the release (`Newest`, by the signed time: the one
-order no one passing the entry on can change): `decision()` raises StaleDecision, a watch skips it and goes on.
+refuses a decision older than the newest one it read for the release (`Newest`, by the `seq` the gatekeeper signed
+into each: the one order no one passing the entry on can change): `decision()` raises StaleDecision, a watch skips
+it and goes on. Not by the signed time: that is the signing replica's clock, and a reject made by a replica whose
+clock ran behind was older than the PASS it replaced, so every subscriber skipped the BLOCK.
 
 A decision can stop admitting anything with no new one written: its key revoked or retired, or an approval it
 rests on withdrawn, in the trust file. `verified` checks what a watch yields, and verifies what it yielded again
@@ -44,6 +46,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import nats.errors
@@ -85,37 +88,54 @@ class DecisionWithdrawn(SignatureError):
 
 
 class StaleDecision(SignatureError):
-    """A decision signed before one this client already read for its release: a superseded decision handed back as
+    """A decision older than one this client already read for its release: a superseded decision handed back as
     the current one (probe p20 F11: a process holding the gateway's credential answered reads with an old PASS)."""
 
     def __init__(self, stale: GateDecided, newer: GateDecided) -> None:
         self.release, self.id, self.newer = stale.release, stale.id, newer.id
-        super().__init__(f"release {stale.release!r}: decision {stale.id} ({stale.decision}, signed "
-                         f"{stale.time.isoformat()}) is older than decision {newer.id} ({newer.decision}, signed "
-                         f"{newer.time.isoformat()}) this client read before: a superseded decision, not the "
-                         "current one (is another process answering reads with the gateway's credential?); read "
-                         "it again")
+        super().__init__(f"release {stale.release!r}: decision {stale.id} ({stale.decision}, {_place(stale)}) is "
+                         f"older than decision {newer.id} ({newer.decision}, {_place(newer)}) this client read "
+                         "before: a superseded decision, not the current one (is another process answering reads "
+                         "with the gateway's credential?); read it again")
+
+
+def _place(decision: GateDecided) -> str:
+    """Where a decision stands in its release's order, as StaleDecision says it."""
+    if decision.seq:
+        return f"seq {decision.seq}"
+    return f"no seq, signed {decision.time.isoformat()}"
+
+
+def order(decision: GateDecided) -> tuple[int, int, datetime]:
+    """A decision's place among its release's decisions: by the `seq` the gatekeeper signed into it (each one above
+    the decision it was stored over), never by a clock. One without a seq (signed before decisions carried one) is
+    older than every one with a seq: once a client read a decision with one, no decision made before can pass for
+    newer, whatever time it carries. Only between two without one does the signed time decide, as it did then."""
+    return (1, decision.seq, _NO_TIME) if decision.seq else (0, 0, decision.time)
+
+
+_NO_TIME = datetime.min.replace(tzinfo=UTC)  # what a decision with a seq is ordered by after it: nothing
 
 
 class Newest:
-    """The newest verified decision one client read for each release, by the time the gatekeeper signed into it: a
-    client never goes back to an older one. An answer's KV revision is not used here: whoever passes the entry on
-    writes it, while the time is under the gatekeeper's signature."""
+    """The newest verified decision one client read for each release, by `order`: a client never goes back to an
+    older one. An answer's KV revision is not used here: whoever passes the entry on writes it, while the seq is
+    under the gatekeeper's signature."""
 
     def __init__(self) -> None:
         self._by_release: dict[str, GateDecided] = {}
 
     def check(self, decision: GateDecided) -> None:
-        """StaleDecision if a decision signed later was read for its release."""
+        """StaleDecision if a newer decision was read for its release."""
         newer = self._by_release.get(decision.release)
-        if newer is not None and decision.time < newer.time:
+        if newer is not None and order(decision) < order(newer):
             raise StaleDecision(decision, newer)
 
     def saw(self, decision: GateDecided) -> None:
-        """Record a decision that verified (only those: an unverified one with a time to come would refuse every
+        """Record a decision that verified (only those: an unverified one with a seq to come would refuse every
         genuine one after it)."""
         newer = self._by_release.get(decision.release)
-        if newer is None or decision.time >= newer.time:
+        if newer is None or order(decision) >= order(newer):
             self._by_release[decision.release] = decision
 
 

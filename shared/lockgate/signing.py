@@ -30,7 +30,7 @@ _RAW = serialization.Encoding.Raw, serialization.PublicFormat.Raw
 
 # Fields appended to GateDecided after decisions were first signed: signed only when set, so a decision
 # signed before a field existed still verifies after an upgrade (its canonical bytes are unchanged).
-_SIGNED_WHEN_SET = ("approvals", "approval_keys")
+_SIGNED_WHEN_SET = ("approvals", "approval_keys", "seq")
 
 # The roles whose signed review counts (identity checks reviews; a keyring judges the approvals a PASS rests on).
 REVIEWER_ROLES = ("approver", "admin")

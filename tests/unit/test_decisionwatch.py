@@ -285,6 +285,31 @@ def test_newest_refuses_a_decision_signed_before_one_read_for_its_release() -> N
         newest.check(old)
 
 
+def test_newest_orders_by_the_signed_seq_never_by_the_signing_clock() -> None:
+    # Found by a probe: a reject made by a gatekeeper replica whose clock ran a minute behind was signed before the
+    # PASS it replaced, and was refused as stale. Its seq is the PASS's + 1: it is the newer.
+    passed = GateDecided(release="a", decision="PASS", rules=[], seq=4)
+    blocked = GateDecided(release="a", decision="BLOCK", rules=[], seq=5, time=passed.time - timedelta(minutes=1))
+    newest = Newest()
+    newest.saw(passed)
+    newest.check(blocked)
+    newest.saw(blocked)
+    with pytest.raises(StaleDecision, match=f"decision {passed.id} \\(PASS, seq 4\\) is older than decision "
+                                            f"{blocked.id} \\(BLOCK, seq 5\\)"):
+        newest.check(passed)  # later by its clock, older by its seq
+    # A decision without a seq (signed before decisions carried one) is older than any with one, whatever its time:
+    # none made before can pass for newer once one with a seq was read.
+    before = GateDecided(release="a", decision="PASS", rules=[], time=passed.time + timedelta(days=365))
+    with pytest.raises(StaleDecision, match="no seq, signed"):
+        newest.check(before)
+    newest.saw(before)  # not recorded over the newer one
+    newest.check(blocked)
+    # Read first, one without a seq gives way to the first with one, whatever their times.
+    fresh = Newest()
+    fresh.saw(before)
+    fresh.check(passed)
+
+
 async def test_verified_skips_a_decision_older_than_one_it_yielded_and_goes_on(tmp_path: Any) -> None:
     settings = Settings(home=str(tmp_path))
     signer = Signer.generate()

@@ -219,12 +219,13 @@ def test_a_decision_is_signed_with_its_free_text_scrubbed_of_secrets() -> None:
 
 
 def test_a_decision_signed_before_approvals_existed_still_verifies() -> None:
-    # The bytes an older gatekeeper signed had no `approvals` (nor `approval_keys`) field at all.
+    # The bytes an older gatekeeper signed had no `approvals` (nor `approval_keys`, nor `seq`) field at all.
     signer = Signer.generate()
     d = msgspec.structs.replace(decision(), key_id=signer.key_id)
     old = msgspec.to_builtins(d)
     old.pop("approvals")
     old.pop("approval_keys")
+    old.pop("seq")
     signed = msgspec.structs.replace(d, signature=signer.sign_bytes(canonical_json({**old, "signature": ""})))
     assert Keyring([signer.public]).verify(signed) == signer.key_id
     # once set, approvals and their keys are signed: stripping or changing them breaks the signature
@@ -233,6 +234,19 @@ def test_a_decision_signed_before_approvals_existed_still_verifies() -> None:
                      msgspec.structs.replace(approved, approval_keys=["k1", "k3"])):
         with pytest.raises(SignatureError):
             Keyring([signer.public]).verify(tampered)
+
+
+def test_a_decisions_seq_is_signed_and_one_without_it_signs_the_bytes_of_before() -> None:
+    # Subscribers order a release's decisions by seq (decisionwatch.Newest): whoever passes a decision on must not be
+    # able to raise it (an old PASS made newer than the BLOCK after it) or strip it.
+    signer = Signer.generate()
+    ordered = signer.sign(msgspec.structs.replace(decision(), seq=7))
+    assert b'"seq":7' in canonical(ordered)
+    assert Keyring([signer.public]).verify(ordered) == signer.key_id
+    for seq in (8, 0):
+        with pytest.raises(SignatureError, match="signature invalid"):
+            Keyring([signer.public]).verify(msgspec.structs.replace(ordered, seq=seq))
+    assert b'"seq"' not in canonical(decision())  # seq 0: the bytes a gatekeeper of before signed
 
 
 def test_an_explicit_signing_key_must_exist_never_made_per_process(tmp_path: Path) -> None:

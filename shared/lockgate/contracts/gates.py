@@ -51,6 +51,10 @@ class GateDecided(Event, frozen=True, kw_only=True, tag="lockgate.gate.decided")
     # The key id each of `approvals` signed with (same order): an approval counts only while that key is
     # its person's and trusted, so revoking a stolen key also takes back what it approved.
     approval_keys: list[str] = []
+    # The release's decisions in the order the gatekeeper stored them, under its signature: each one's is above the
+    # one it was stored over (Records, by compare-and-set), so no two of a release share one and no clock decides.
+    # 0: made before decisions carried one (such a one is older than any that carries one: decisionwatch.Newest).
+    seq: int = 0
 
     @property
     def judged(self) -> dict[str, str]:
