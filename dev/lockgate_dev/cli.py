@@ -54,10 +54,9 @@ async def _dev_up(settings: Settings, sim_port: int, demo: bool) -> None:
                            console=console, admin_key=admin_key, app_key=app_key, home=settings.home)
 
     try:
-        await serve_stack(settings, extra={"simulator": server.url + "  (simulated LLM upstream)",
-                                           "gates": settings.gates_file + "  (the policy each app's releases "
-                                                                          "must be gated by)"},
-                          on_ready=on_ready)
+        await serve_stack(settings, extra={"simulator": server.url, "gates": settings.gates_file},
+                          notes={"simulator": "simulated LLM upstream",
+                                 "gates": "the policy each app's releases must be gated by"}, on_ready=on_ready)
     finally:
         await server.stop()
 
@@ -90,9 +89,8 @@ def _demo_keys(home: str) -> tuple[str, str]:
 
 def _served(home: str, name: str) -> str:
     """The URL of an endpoint the stack running from `home` serves, as HOME/stack.json names it ('' if no stack runs
-    there); `dev up` writes the simulator's with a note after it."""
-    found = running.endpoints(home).get(name, "").split()
-    return found[0] if found else ""
+    there)."""
+    return running.endpoints(home).get(name, "")
 
 
 # How long the demo waits for the router's first answer before it starts: a router that is not there is said before

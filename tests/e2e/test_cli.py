@@ -219,6 +219,9 @@ def test_the_cli_finds_the_stack_running_from_its_home_on_ports_it_was_not_given
     env = {k: v for k, v in stack.items() if k not in ("LOCKGATE_NATS_URL", "LOCKGATE_HOME", "LOCKGATE_ROUTER_URL")}
     home = Path(stack["E2E_HOME"])
     assert "nats://127.0.0.1:" in (home / "stack.json").read_text() and "key" not in (home / "stack.json").read_text()
+    # Addresses only, as a script reads them (probe p23 F8: the simulator's had a note after it).
+    recorded = json.loads((home / "stack.json").read_text())["endpoints"]
+    assert recorded["simulator"] == stack["E2E_SIM"] and recorded["gates"] == f"{home}/demo-gates.yaml"
     proc = subprocess.run([*LOCKGATE, "--home", str(home), "status", "--json"], capture_output=True, text=True,
                           env=env, timeout=60, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr

@@ -181,3 +181,20 @@ def test_the_cli_asks_an_encrypted_keys_passphrase_and_says_so_in_one_line(setti
     assert wrong.exit_code != 0 and "wrong passphrase" in wrong.output
     signed = CliRunner().invoke(cli, sign, env=env)
     assert signed.exit_code == 0 and json.loads(signed.output)["break_glass"]["signature"], signed.output
+
+
+def test_identity_show_says_the_trust_files_view_as_json(settings: Settings) -> None:
+    # Probe p23 F8: README says every query command takes --json; `identity show` did not.
+    from lockgate.signing import trust_file_path, trust_person
+
+    env = {"LOCKGATE_HOME": settings.home, "LOCKGATE_TRUST_FILE": str(trust_file_path(settings))}
+    made = CliRunner().invoke(cli, ["identity", "create", "ann"], env=env)
+    assert made.exit_code == 0, made.output
+    unknown = CliRunner().invoke(cli, ["identity", "show", "--json"], env=env)
+    assert unknown.exit_code == 0, unknown.output
+    ann = load_identity(settings, "ann")
+    assert json.loads(unknown.stdout) == {"name": "ann", "key_id": ann.key_id, "trust_file": env["LOCKGATE_TRUST_FILE"],
+                                          "trusted": False, "revoked": False, "roles": []}
+    trust_person(trust_file_path(settings), "ann", ann.signer.public, roles=("approver",))
+    known = json.loads(CliRunner().invoke(cli, ["identity", "show", "--json"], env=env).stdout)
+    assert (known["trusted"], known["roles"]) == (True, ["approver"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import stat
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -167,6 +168,11 @@ def test_cli_trust_and_revoke_edit_the_trust_file(tmp_path: Path) -> None:
     assert signer.key_id in Keyring.from_trust_file(tmp_path / "trust.json").keys
     listed = runner.invoke(cli, ["gate", "keys"], env=env)
     assert listed.exit_code == 0 and f"# key id {signer.key_id}" in listed.output
+    # Probe p23 F8: README says every query command takes --json; `gate keys` did not.
+    as_json = runner.invoke(cli, ["gate", "keys", "--json"], env=env)
+    assert as_json.exit_code == 0, as_json.output
+    assert [(k["key_id"], k["pem"]) for k in json.loads(as_json.stdout)] == [
+        (signer.key_id, public_pem(signer.public).decode())]
     # A mistyped id: refused in one line naming the trusted keys (before, "revoked key nope", exit 0, while the
     # leaked key stayed trusted).
     typo = runner.invoke(cli, ["gate", "revoke", "nope"], env=env)

@@ -428,15 +428,21 @@ def register(cli: click.Group) -> None:
                            details={"trust_file": path, "until_seq": str(retirement.until_seq), "at": at})
 
     @gate.command("keys")
+    @json_option
     @click.pass_context
     @handle_errors
-    def keys_cmd(ctx: click.Context) -> None:
+    def keys_cmd(ctx: click.Context, as_json: bool) -> None:
         """Print the trusted decision keys (PEM) of the trust file and settings, for offline `verify --key`."""
         settings: Settings = ctx.obj["settings"]
         ring = Keyring.from_settings(settings)
         if not ring.keys:
             raise NotFound(f"no trusted signing keys in {trust_file_path(settings)} or LOCKGATE_TRUSTED_KEYS; "
                            f"`lockgate up` writes the gatekeeper's key there")
+        if as_json:
+            emit_json([{"key_id": kid, "pem": public_pem(pub).decode(),
+                        **({"retired_at": ring.retired[kid].at} if kid in ring.retired else {})}
+                       for kid, pub in sorted(ring.keys.items())])
+            return
         for kid, pub in sorted(ring.keys.items()):
             click.echo(f"# key id {kid}")
             click.echo(public_pem(pub).decode(), nl=False)

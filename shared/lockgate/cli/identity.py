@@ -14,8 +14,8 @@ import time
 
 import click
 
-from lockgate.cli.main import handle_errors
-from lockgate.cli.render import console
+from lockgate.cli.main import handle_errors, json_option
+from lockgate.cli.render import console, emit_json
 from lockgate.errors import ConfigError
 from lockgate.identity import Identity, create_identity, identities_dir, load_identity, sign_override
 from lockgate.signing import public_pem, read_trust_file, trust_file_path
@@ -93,17 +93,24 @@ def register(cli: click.Group) -> None:
         click.echo(public_pem(ident.signer.public).decode(), nl=False)
 
     @identity.command("show")
+    @json_option
     @click.pass_context
     @handle_errors
-    def show(ctx: click.Context) -> None:
+    def show(ctx: click.Context, as_json: bool) -> None:
         """The chosen identity: name, key id, and whether (and with which roles) the trust file knows it."""
         ident = chosen_identity(ctx)
         path = trust_file_path(ctx.obj["settings"])
         trust = read_trust_file(path)
         person = trust.people.get(ident.name)
-        if person is None or person.key_id != ident.key_id:
+        known = person is not None and person.key_id == ident.key_id
+        revoked = known and ident.key_id in trust.revoked
+        if as_json:
+            emit_json({"name": ident.name, "key_id": ident.key_id, "trust_file": str(path), "trusted": known and not
+                       revoked, "revoked": revoked, "roles": list(person.roles) if known and person else []})
+            return
+        if not known or person is None:
             status = f"not trusted in {path}"
-        elif person.key_id in trust.revoked:
+        elif revoked:
             status = f"REVOKED in {path}"
         else:
             status = f"trusted in {path} as {', '.join(person.roles)}"

@@ -211,7 +211,10 @@ def summary(route: dict[str, Any]) -> list[dict[str, Any]]:
         # The number itself: `rollout approve --started-at` takes it to name the attempt whose pause it approves.
         ("started_at", f"{route['started_at']!r} ({_when(route['started_at'])} UTC)" if route.get("started_at") else "-"),
         ("header route", _header(route.get("header_route"))),
-        ("admitted by", route.get("admitted") or "-"),
+        # The decision the canary's admission rests on, and the key that signed it (`admitted`, `admitted_by` in
+        # --json): before (probe p23 F7), a row "admitted by" showed the decision's id, the JSON's field the key's.
+        ("admitted by decision", f"{route['admitted']} (signed by key {route.get('admitted_by') or '?'})"
+         if route.get("admitted") else "-"),
         ("override", (route.get("override") or {}).get("reason", "-")),
         ("analysis", f"look {status.get('look', 0)}, failures {status.get('failures', 0)}, "
                      f"inconclusive {status.get('inconclusives', 0)}, at {_when(status.get('at', 0))}"

@@ -99,14 +99,17 @@ async def _until_stopped(stop: asyncio.Event, runtime: Runtime) -> None:
         raise failed.result()
 
 
-def _print_endpoints(endpoints: dict[str, str]) -> None:
+def _print_endpoints(endpoints: dict[str, str], notes: dict[str, str]) -> None:
     for name, url in endpoints.items():
-        console.print(f"  [bold]{name:<11}[/bold] {shown_url(url)}")
+        note = f"  ({notes[name]})" if name in notes else ""
+        console.print(f"  [bold]{name:<11}[/bold] {shown_url(url)}{note}", highlight=False)
 
 
-async def serve_stack(settings: Settings, *, extra: dict[str, str] | None = None,
+async def serve_stack(settings: Settings, *, extra: dict[str, str] | None = None, notes: dict[str, str] | None = None,
                       on_ready: Callable[[Runtime], Awaitable[None]] | None = None) -> None:
-    """Run the embedded stack until signalled; `on_ready` runs once it is up (the dev demo uses it)."""
+    """Run the embedded stack until signalled; `on_ready` runs once it is up (the dev demo uses it). `extra`: more
+    addresses to print and record in stack.json (addresses only: scripts read them), `notes` what to print beside
+    some of them."""
     from lockgate.server.apikeys import bootstrap
     from lockgate.server.runtime import Runtime
 
@@ -114,7 +117,7 @@ async def serve_stack(settings: Settings, *, extra: dict[str, str] | None = None
     try:
         await runtime.start()
         console.print("[bold green]lockgate is up[/bold green] (embedded: nats-server + chDB + all services)")
-        _print_endpoints(runtime.endpoints | (extra or {}))
+        _print_endpoints(runtime.endpoints | (extra or {}), notes or {})
         home = runtime.settings.home  # absolute (embedded_settings)
         running.write(home, runtime.endpoints | (extra or {}))  # for the CLI: `lockgate --home HOME ...` finds it
         console.print(f"  [bold]{'credentials':<11}[/bold] {credentials.directory(home)}  (NATS users, 0600: the "
