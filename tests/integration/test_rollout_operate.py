@@ -83,6 +83,12 @@ async def test_watch_stops_with_its_own_exit_code_on_abort_and_after_its_timeout
     await _start(http, router, "same", {"steps": [50, 100], "interval_s": 3600})
     timed_out = await _cli(router, "watch", "chat", "--timeout", "0.5")
     assert timed_out.exit_code == 5 and "still idle after 0.5 s" in timed_out.output
+    # A paused rollout waits for a person, not for time: said so, with why (probe p22 F4: "still progressing").
+    async with http.post(f"{router.url}/lockgate/v1/deployments/chat/pause") as resp:
+        assert resp.status == 200
+    paused = await _cli(router, "watch", "chat", "--timeout", "0.5")
+    assert paused.exit_code == 5 and "chat is paused, waiting for a person (`lockgate rollout resume chat`" in \
+        paused.output, paused.output
     async with http.post(f"{router.url}/lockgate/v1/deployments/chat/abort") as resp:
         assert resp.status == 200
     aborted = await _cli(router, "watch", "chat")

@@ -297,6 +297,17 @@ def watch_view(route: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _not_done(deployment: str, last: dict[str, Any] | None, timeout_s: float) -> str:
+    """Why `rollout watch` stopped waiting: a paused rollout waits for a person, not for time, and is said so with
+    why it paused (before, probe p22 F4: "still progressing after 4 s" for a canary the analysis had paused)."""
+    if last is None:
+        return f"rollout of {deployment}: nothing read from the router in {timeout_s:g} s"
+    if last["paused"]:
+        return (f"rollout of {deployment} is paused, waiting for a person (`lockgate rollout resume {deployment}` or "
+                f"`abort`), after {timeout_s:g} s: {last['reason']}")
+    return f"rollout of {deployment} still {last['phase']} after {timeout_s:g} s"
+
+
 def watch_line(v: dict[str, Any]) -> str:
     """One line per change: `14:02:11 progressing step 2/4 canary 25% | error_rate 0.004 <= 0.015 ... | reason`."""
     phase = v["phase"] + (" (paused)" if v["paused"] else "")
@@ -599,8 +610,7 @@ def register(cli: click.Group) -> None:
                         client.call("GET", _at(deployment))
                         continue
             break
-        raise WatchTimedOut(f"rollout of {deployment} still {last['phase'] if last else 'unknown'} after "
-                            f"{timeout_s:g} s")
+        raise WatchTimedOut(_not_done(deployment, last, timeout_s))
 
     @rollout.command("analysis")
     @click.argument("deployment")
