@@ -13,14 +13,20 @@ idle connections reused per origin (http and https) for at most `keepalive_s`, a
 peer closed them. A call cancelled part way, or a stream let go before its end (a timeout, a client
 that left), closes its connection: the upstream sees it and stops.
 The caller's timeouts stay the caller's: only the connect bound is applied here.
+A call may note when bytes of its answer last reached the router (`Heard`), for a caller that times the upstream's
+silence.
 """
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import math
 import ssl
+import sys
+import termios
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import NoReturn
 
 from yarl import URL
@@ -59,10 +65,39 @@ class Answer:
         self.body = body
 
 
+class Heard:
+    """When bytes of one call's answer last reached the router, on the caller's clock (`at`; -inf: none yet): as its
+    connection took them in, or, when the connection closed with bytes still unread in its socket, as it closed.
+
+    A caller timing the upstream's silence needs it because its own loop may have been held (looplag): bytes that came
+    during a hold were there, unread, and the silence ended with them; where none came, the hold hid nothing."""
+
+    __slots__ = ("_clock", "at")
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self._clock = clock
+        self.at = -math.inf
+
+    def note(self) -> None:
+        """Bytes of the answer are here now."""
+        self.at = self._clock()
+
+
+class _Reader(asyncio.StreamReader):
+    """A StreamReader that notes on its call's Heard when bytes come in (the protocol feeds it as they are read)."""
+
+    heard: Heard | None = None
+
+    def feed_data(self, data: bytes) -> None:
+        if self.heard is not None and data:
+            self.heard.note()
+        super().feed_data(data)
+
+
 class _Conn:
     __slots__ = ("idle_since", "reader", "writer")
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def __init__(self, reader: _Reader, writer: asyncio.StreamWriter) -> None:
         self.reader = reader
         self.writer = writer
         self.idle_since = 0.0
@@ -71,7 +106,24 @@ class _Conn:
         return not (self.reader.at_eof() or self.writer.is_closing() or now - self.idle_since > keepalive_s)
 
     def close(self) -> None:
+        # A call cancelled (its client left) while bytes of its answer waited in the socket, unread because the loop
+        # was busy: they had reached the router, as much as bytes already taken in.
+        heard, self.reader.heard = self.reader.heard, None
+        if heard is not None and _unread(self.writer):
+            heard.note()
         self.writer.close()
+
+
+def _unread(writer: asyncio.StreamWriter) -> bool:
+    """Whether the connection's socket holds bytes not read yet (FIONREAD; False when it cannot tell)."""
+    sock = writer.get_extra_info("socket")
+    if sock is None:
+        return False
+    try:
+        count = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
+    except (OSError, ValueError):  # closed already, or no such request for it
+        return False
+    return int.from_bytes(count, sys.byteorder) > 0
 
 
 class H1Pool:
@@ -95,9 +147,11 @@ class H1Pool:
             stream.release()
         return Answer(stream.status, stream.headers, body)
 
-    async def open(self, url: URL, body: bytes, headers: Mapping[str, str], connect_timeout_s: float | None) -> Stream:
+    async def open(self, url: URL, body: bytes, headers: Mapping[str, str], connect_timeout_s: float | None,
+                   heard: Heard | None = None) -> Stream:
         """POST `body` to `url` and return once the answer's head arrived: its body is read from the
-        Stream as it comes (an SSE stream's lines), and the Stream must be released."""
+        Stream as it comes (an SSE stream's lines), and the Stream must be released. `heard`: noted as bytes of
+        the answer come in, until the Stream is released."""
         origin, start = self._head(url)
         lines = [start]
         for name, value in headers.items():
@@ -112,12 +166,12 @@ class H1Pool:
             conn = self._reuse(origin)
             if conn is not None:
                 try:
-                    return await self._start(origin, conn, request)
+                    return await self._start(origin, conn, request, heard)
                 except _Stale:
                     pass  # the peer closed it while idle and read nothing: a new connection is safe
             conn = await self._connect(origin, connect_timeout_s)
             try:
-                return await self._start(origin, conn, request)
+                return await self._start(origin, conn, request, heard)
             except _Stale:
                 raise BrokenReply("the upstream closed the connection without answering") from None
         except BaseException:
@@ -166,18 +220,22 @@ class H1Pool:
             if self._ssl is None:
                 self._ssl = ssl.create_default_context()
             tls = self._ssl
+        loop = asyncio.get_running_loop()
+        reader = _Reader(limit=_MAX_HEAD, loop=loop)
         try:
-            async with asyncio.timeout(timeout_s):
-                reader, writer = await asyncio.open_connection(host, port, ssl=tls, limit=_MAX_HEAD)
+            async with asyncio.timeout(timeout_s):  # as asyncio.open_connection, with a reader that notes its bytes
+                transport, protocol = await loop.create_connection(
+                    lambda: asyncio.StreamReaderProtocol(reader, loop=loop), host, port, ssl=tls)
         except TimeoutError:
             raise ConnectTimedOut(f"no connection within {timeout_s} s") from None
         except OSError as exc:  # refused, unreachable, unresolvable (socket.gaierror), TLS failure (SSLError)
             raise ConnectFailed(str(exc)) from None
-        return _Conn(reader, writer)
+        return _Conn(reader, asyncio.StreamWriter(transport, protocol, reader, loop))
 
-    async def _start(self, origin: tuple[str, str, int], conn: _Conn, request: bytes) -> Stream:
+    async def _start(self, origin: tuple[str, str, int], conn: _Conn, request: bytes, heard: Heard | None) -> Stream:
         """Send the request and read the answer's head (1xx interim answers skipped)."""
         reader = conn.reader
+        reader.heard = heard
         got_any = False
         try:
             conn.writer.write(request)
@@ -212,6 +270,7 @@ class H1Pool:
         if not reusable:
             conn.close()
             return
+        conn.reader.heard = None  # the call is over: bytes on this connection from now on are another call's
         idle = self._idle.setdefault(origin, [])
         if len(idle) < self._max_idle:
             conn.idle_since = time.monotonic()

@@ -4,19 +4,36 @@ While one callback runs (a large body's decode, a GC pause, any embedded service
 else on the loop runs: an upstream's answer waits unread in its socket, and a client's hang-up waits too. A wait
 timed with the loop's clock across such a stall takes the stall for the upstream's silence (probe p18 F4b: clients
 hanging up during other requests' stalls were recorded `upstream_unanswered` against a 20 ms upstream). A timer
-every INTERVAL_S notes how late it ran; the lateness, summed, is the time the loop was held, and `clock` is the
-loop's clock less it: the time the loop was free to hear an answer.
+every INTERVAL_S notes how late it ran; the lateness, summed, is the time the loop was held (`held_s`).
+
+But a hold hides only an answer that came during it: where nothing of the answer came, the upstream was silent
+through the hold as through the rest (probe p21 F3: leaving every hold out of every wait, another app key's large
+bodies made a never-answering release's hang-ups just past the bound the clients' own). So `silent_s` leaves out of
+a wait only the holds up to the answer's latest bytes (h1.Heard): after them nothing came that a hold could hide.
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 # One cheap timer this often, idle or not. A stall is seen from the moment the timer was due, so up to this much of
 # each one is taken for ordinary waiting.
 INTERVAL_S = 0.1
+
+
+class Mark(NamedTuple):
+    """When a wait began: the loop's time (`at`) and how long the loop had been held by then (`held`)."""
+
+    at: float
+    held: float
+
+
+def _silent_s(since: Mark, now: float, heard: float) -> float:
+    # `heard`: held_s when bytes of the answer last came in (held_s never decreases, so bytes that came before the
+    # wait began leave nothing out).
+    return now - since.at - max(0.0, heard - since.held)
 
 
 class _Loop(Protocol):
@@ -26,8 +43,8 @@ class _Loop(Protocol):
 
 
 class LoopLag:
-    """A loop's held-up time, measured from the start: `held_s` (monotonic) and `clock` (the loop's time less it).
-    Reading either costs a clock read, not a wake-up; the timer costs one callback every INTERVAL_S."""
+    """A loop's held-up time, measured from the start (`held_s`, monotonic), and the waits timed with it. A reading
+    costs a clock read, not a wake-up; the timer costs one callback every INTERVAL_S."""
 
     __slots__ = ("_due", "_handle", "_held", "_loop", "worst_s")
 
@@ -52,11 +69,17 @@ class LoopLag:
         just after a stall, before the timer ran, it already counts)."""
         return self._held + max(0.0, self._loop.time() - self._due)
 
-    def clock(self) -> float:
-        """The loop's time less the time it was held up: the difference of two readings is how long the loop was
-        free to run over that span."""
+    def mark(self) -> Mark:
+        """Now, as a wait's start (one clock read)."""
         now = self._loop.time()
-        return now - self._held - max(0.0, now - self._due)
+        return Mark(now, self._held + max(0.0, now - self._due))
+
+    def silent_s(self, since: Mark, heard: float) -> float:
+        """How long the upstream has kept a wait begun at `since` without an answer: the loop's time since then, less
+        the holds up to `heard` (held_s when bytes of the answer last reached the router; -inf: none came). A hold
+        can have kept those bytes unread, so they may have come as it began; after them nothing came, and a hold
+        then hid nothing. Pass held_s() when the answer was there (unread) now: every hold is left out."""
+        return _silent_s(since, self._loop.time(), heard)
 
     def close(self) -> None:
         """Stop the timer (the readings stay as they were)."""
@@ -75,9 +98,13 @@ class NoLag:
         """Nothing measured."""
         return 0.0
 
-    def clock(self) -> float:
-        """The running loop's time."""
-        return asyncio.get_running_loop().time()
+    def mark(self) -> Mark:
+        """Now on the running loop's clock."""
+        return Mark(asyncio.get_running_loop().time(), 0.0)
+
+    def silent_s(self, since: Mark, heard: float) -> float:
+        """The running loop's time since `since`."""
+        return _silent_s(since, asyncio.get_running_loop().time(), heard)
 
     def close(self) -> None:
         """Nothing to stop."""

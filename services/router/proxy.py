@@ -430,8 +430,11 @@ class Proxy:
             else:
                 response = await self._once(op, hops, up_headers, out_headers, rec, cover, underway)
                 if request.transport is None:  # the client left while the upstream worked: nobody got the answer
-                    # As the answer came (else the handler was cancelled): the client waited the whole call.
-                    rec.hung_up(rec.reply.since if rec.reply is not None else None, self.upstream.lag.clock(),
+                    # As the answer came (else the handler was cancelled): the client waited the whole call. The answer
+                    # was there: any hold of the loop may have kept it unread (probe p18 F4), none is the upstream's.
+                    lag = self.upstream.lag
+                    since = rec.reply.since if rec.reply is not None else None
+                    rec.hung_up(lag.silent_s(since, lag.held_s()) if since is not None else 0.0,
                                 self.settings.router_unanswered_s)
         except asyncio.CancelledError:
             # The client closed its connection (the server cancels the handler, server.py): the upstream
@@ -443,11 +446,16 @@ class Proxy:
             # `[DONE]`, while this was still reading the upstream's end of body (before, such an answer was recorded
             # `client_disconnected` now and then, and left out of analysis, drift and scores).
             if not rec.delivered:
-                # How long the upstream had kept the client waiting: the call under way, or a stream's silence, on the
-                # lag-free clock (time the loop was held by other work is no silence of the upstream's).
-                hop = underway.hop
-                since = underway.since if hop is not None else rec.reply.waiting if rec.reply is not None else None
-                rec.hung_up(since, self.upstream.lag.clock(), self.settings.router_unanswered_s)
+                # How long the upstream had kept the client waiting: the call under way, or a stream's silence, less the
+                # holds of the loop up to the answer's latest bytes, which they may have kept unread; a hold after them,
+                # or with none come, hid nothing: the upstream was silent through it (probes p18 F4, p21 F3).
+                hop, reply = underway.hop, rec.reply
+                silent_s = 0.0
+                if hop is not None:
+                    silent_s = self.upstream.lag.silent_s(underway.since, underway.heard.at)
+                elif reply is not None and reply.waiting is not None and reply.heard is not None:
+                    silent_s = self.upstream.lag.silent_s(reply.waiting, reply.heard.at)
+                rec.hung_up(silent_s, self.settings.router_unanswered_s)
                 if hop is not None and rec.error_type == UPSTREAM_UNANSWERED and hop.tag[0] != variant:
                     # Stable, called after the canary failed, kept the client waiting: stable's failure, timed from
                     # its own call (the canary's failed call is an event of its own).
@@ -786,16 +794,16 @@ class _Record:
         rec.superseded = True
         return rec
 
-    def hung_up(self, since: float | None, now: float, limit_s: float) -> None:
-        """The client left before its answer. The release's failure (`upstream_unanswered`) when the router had by
-        then waited on the upstream (from `since` to `now`, the lag-free clock of looplag; None: it was not waiting)
-        for longer than `limit_s` (router_unanswered_s); else the client's own (`client_disconnected`), no evidence of
-        the release. Before, every hang-up was the client's: a canary that hung (no first byte, or a stream stalled)
-        below the client's timeout lost its failures from its evidence and was promoted with an error rate of 0 (probe
-        p15). And the wait was timed on the loop's clock, so the time the loop was held by other work (another
-        request's large body) was the upstream's silence: such stalls failed the arms of a good canary (probe p18)."""
-        waited = now - since if since is not None else 0.0
-        self.status, self.error_type = "error", UPSTREAM_UNANSWERED if waited > limit_s else CLIENT_DISCONNECTED
+    def hung_up(self, silent_s: float, limit_s: float) -> None:
+        """The client left before its answer. The release's failure (`upstream_unanswered`) when the upstream had by
+        then kept the router waiting (`silent_s`, timed with looplag; 0: it was not waiting) for longer than `limit_s`
+        (router_unanswered_s); else the client's own (`client_disconnected`), no evidence of the release. Before, every
+        hang-up was the client's: a canary that hung (no first byte, or a stream stalled) below the client's timeout
+        lost its failures from its evidence and was promoted with an error rate of 0 (probe p15). And the wait was
+        timed on the loop's clock, so the time the loop was held by other work (another request's large body) was the
+        upstream's silence: such stalls failed the arms of a good canary (probe p18). Then every hold was left out,
+        also where no answer had come that it could hide (probe p21)."""
+        self.status, self.error_type = "error", UPSTREAM_UNANSWERED if silent_s > limit_s else CLIENT_DISCONNECTED
 
     def unavailable(self, exc: UpstreamUnavailable, headers: dict[str, str]) -> web.Response:
         """No upstream answered: the calls made are evidence, and the error goes to the client."""

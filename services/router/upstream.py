@@ -26,7 +26,7 @@ from lockgate.errors import LockgateError
 from lockgate.redact import MARK, MIN_SECRET, scrub_bytes, scrub_json, scrub_secrets
 from lockgate.services.router import h1, resilience
 from lockgate.services.router.endpoints import Endpoint, Endpoints
-from lockgate.services.router.looplag import NO_LAG, LoopLag, NoLag
+from lockgate.services.router.looplag import NO_LAG, LoopLag, Mark, NoLag
 from lockgate.services.router.providers import Unsupported, provider
 from lockgate.services.router.wire import own_request_id
 
@@ -136,14 +136,15 @@ class Underway:
     failed before it. A call under way may be generating a whole answer the provider bills although nobody reads
     it (OpenAI does not stop a non-streamed generation when the connection drops)."""
 
-    __slots__ = ("failures", "hop", "since", "started")
+    __slots__ = ("failures", "heard", "hop", "since", "started")
 
     def __init__(self) -> None:
         self.hop: Hop | None = None
         self.started = 0.0  # when the call under way began (the loop's clock)
-        # The same on the router's lag-free clock (looplag): how long its upstream has been silent, less the time the
-        # loop was held by other work and could not have heard an answer (probe p18 F4b).
-        self.since = 0.0
+        # The same as a mark of the router's loop-lag monitor, and when bytes of its answer last came in: how long its
+        # upstream has been silent, less the holds of the loop that may have kept an answer unread (looplag).
+        self.since = Mark(0.0, 0.0)
+        self.heard = h1.Heard(NO_LAG.held_s)
         self.failures: list[Failed] = []
 
     @property
@@ -157,9 +158,9 @@ class Reply:
     to pass on, and for a 200 stream its lines (the first one already read, so a retry or fallback
     was still possible until then and never after)."""
 
-    __slots__ = ("_broken", "_clock", "_deadline", "_first", "_stall", "_stream", "attempts", "body", "charset",
-                 "earlier", "fallback_from", "fallback_reason", "headers", "hop", "since", "started", "status",
-                 "waiting")
+    __slots__ = ("_broken", "_deadline", "_first", "_lag", "_stall", "_stream", "attempts", "body", "charset",
+                 "earlier", "fallback_from", "fallback_reason", "headers", "heard", "hop", "since", "started",
+                 "status", "waiting")
 
     def __init__(self, hop: Hop, status: int, headers: dict[str, str], attempts: int,
                  fallback_from: Hop | None) -> None:
@@ -184,12 +185,14 @@ class Reply:
         # When this hop's call began (the loop's clock; None: unknown, an answer `_give_up` passes on), so a fallback's
         # answer is timed from its own call, not from the calls that failed before it.
         self.started: float | None = None
-        # The router's lag-free clock (looplag), which `since` (when this hop's call began) and `waiting` read.
-        self._clock: Callable[[], float] = NO_LAG.clock
-        self.since: float | None = None
-        # Since when a stream has been waiting for the upstream's next line (the lag-free clock); None while one is
-        # being handled: a client that hangs up during a long silence was let down by the upstream, not impatient.
-        self.waiting: float | None = None
+        # The router's loop-lag monitor, whose marks `since` (when this hop's call began) and `waiting` are, and when
+        # bytes of this call's answer last came in (on it): the upstream's silence is timed with them (looplag).
+        self._lag: LoopLag | NoLag = NO_LAG
+        self.since: Mark | None = None
+        self.heard: h1.Heard | None = None
+        # Since when a stream has been waiting for the upstream's next line; None while one is being handled: a client
+        # that hangs up during a long silence was let down by the upstream, not impatient.
+        self.waiting: Mark | None = None
 
     def attributes(self) -> dict[str, str]:
         """Event attributes saying where the request was served and whether it fell back."""
@@ -209,9 +212,9 @@ class Reply:
             return
         yield self._first
         stream.stall_after(self._stall, self._deadline)
-        clock = self._clock
+        mark = self._lag.mark
         while True:
-            self.waiting = clock()
+            self.waiting = mark()
             try:
                 line = await stream.readline()
             except h1.Stalled:
@@ -378,11 +381,12 @@ class Upstream:
                 tries += 1
                 attempts += 1
                 verdict: bool | None = None
-                started = underway.started = loop.time()
-                since = underway.since = self.lag.clock()
+                since = underway.since = self.lag.mark()
+                started = underway.started = since.at
+                heard = underway.heard = h1.Heard(self.lag.held_s)
                 underway.hop = hop
                 try:
-                    reply, failed = await self._try(hop, headers, stream, deadline, breaker)
+                    reply, failed = await self._try(hop, headers, stream, deadline, breaker, heard)
                     underway.hop = None  # answered or failed: no longer in flight (a failure is in `failures`)
                     verdict = failed is None or (failed.kind == "http" and not resilience.breaker_failure(failed.status))
                 finally:
@@ -395,7 +399,7 @@ class Upstream:
                     assert reply is not None
                     took = loop.time() - started
                     h.latency_s = took if h.latency_s is None else 0.8 * h.latency_s + 0.2 * took
-                    reply.attempts, reply.started, reply.since = attempts, started, since
+                    reply.attempts, reply.started, reply.since, reply.heard = attempts, started, since, heard
                     reply.earlier = [f for f in failures if f.kind != "breaker_open"]
                     if hop is not hops[0]:
                         reply.fallback_from, reply.fallback_reason = hops[0], failures[0].reason()
@@ -417,7 +421,7 @@ class Upstream:
         return self._give_up(hops, failures, attempts)
 
     async def _try(self, hop: Hop, headers: dict[str, str], stream: bool, deadline: float,
-                   breaker: resilience.Breaker) -> tuple[Reply | None, Failed | None]:
+                   breaker: resilience.Breaker, heard: h1.Heard) -> tuple[Reply | None, Failed | None]:
         """One call: a Reply when the hop answered with a 200 or a client error, else how it failed.
         A 200 stream is answered once its first line came, so a retry or fallback is possible until
         then and never after; the connect bound is the pool's, the others are the loop's timers."""
@@ -428,7 +432,7 @@ class Upstream:
         opened: h1.Stream | None = None
         try:
             async with asyncio.timeout_at(min(loop.time() + ep.timeouts.first_byte_s, deadline)):
-                opened = await self.pool.open(hop.url, hop.body, headers, ep.timeouts.connect_s)
+                opened = await self.pool.open(hop.url, hop.body, headers, ep.timeouts.connect_s, heard)
                 streaming = stream and opened.status == 200
                 if streaming:
                     first = await opened.readline()
@@ -456,7 +460,7 @@ class Upstream:
         reply = Reply(hop, status, passed, 1, None)
         reply.charset = _charset(opened.headers)
         if streaming:
-            reply._stream, reply._first, reply._clock = opened, first, self.lag.clock
+            reply._stream, reply._first, reply._lag = opened, first, self.lag
             reply._stall, reply._deadline = ep.timeouts.between_chunks_s, deadline
             reply._broken = lambda: breaker.record(self.clock(), False)
         else:

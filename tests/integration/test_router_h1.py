@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
+import math
 import socket
 from collections.abc import AsyncIterator, Callable
 
 import pytest
 from yarl import URL
 
-from lockgate.services.router.h1 import BrokenReply, ConnectFailed, H1Pool, Stalled
+from lockgate.services.router.h1 import BrokenReply, ConnectFailed, H1Pool, Heard, Stalled
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -139,6 +141,43 @@ async def test_a_cancelled_call_closes_its_connection_and_failures_are_typed() -
         closed = s.getsockname()[1]
     with pytest.raises(ConnectFailed):
         await pool.post(URL(f"http://127.0.0.1:{closed}/v1"), b"{}", {}, 1.0)
+    pool.close()
+
+
+async def test_a_call_notes_the_bytes_of_its_answer_that_came_in_or_waited_unread_as_it_was_cancelled() -> None:
+    # The router times an upstream's silence with these notes (looplag, probe p21 F3): a hold of its loop can have kept
+    # an answer unread only if bytes of it came in; and bytes still in the socket when the call was cancelled (its
+    # client left while the loop was busy) had reached the router as much as bytes taken in.
+    pool = H1Pool()
+    ticks = itertools.count(1.0)
+    async with _serving(lambda _req: b"") as up:  # answers only as the test writes
+        heard = Heard(lambda: next(ticks))
+        call = asyncio.create_task(pool.open(up.url, b"{}", {}, 1.0, heard))
+        await up.arrived.wait()
+        # In one step: the answer lands in the socket, and the call is cancelled before the loop reads it.
+        up.writers[0].write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        assert heard.at == 1.0  # noted as the connection closed, the answer unread
+        silent = Heard(lambda: next(ticks))  # nothing comes: nothing is noted, cancelled or not
+        up.arrived.clear()
+        call = asyncio.create_task(pool.open(up.url, b"{}", {}, 1.0, silent))
+        await up.arrived.wait()
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        assert silent.at == -math.inf
+    async with _serving(_ok()) as up:
+        taken = Heard(lambda: next(ticks))
+        stream = await pool.open(up.url, b"{}", {}, 1.0, taken)
+        assert taken.at > 1.0 and await stream.read() == b'{"ok": true}'  # noted as the answer came in
+        stream.release()
+        noted = taken.at
+        again = await pool.open(up.url, b"{}", {}, 1.0)  # the same connection, for a call that notes nothing
+        await again.read()
+        again.release()
+        assert up.connections == 1 and taken.at == noted  # the next call's bytes are not the first call's
     pool.close()
 
 

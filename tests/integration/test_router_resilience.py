@@ -53,7 +53,9 @@ class FakeLLM:
     after its first event), "chunk_then_vllm_error" (the same error event as vLLM sends it, `object: error`), "chunk_then_garbage" (a data line that is not JSON after the first event),
     "chunks_until_closed" (a stream that goes on until the router hangs up: then `hung_up` is set),
     "chunks_paced" (the same at a chunk every 50 ms, as a model generating a long answer), "done_then_hold" (a whole
-    stream, `[DONE]` included, whose body's end comes only when the test ends),
+    stream, `[DONE]` included, whose body's end comes only when the test ends), "answer_when_told" and
+    "chunk_then_next_when_told" (the answer, or a stream's second event, written as bytes on the connection when the
+    test calls `answer_now()`: in the router's socket at once, whatever its event loop is doing),
     ("echo_key", message) and ("chunk_then_echo_key", message) (a 401, or a stream's error event, whose message
     quotes the Authorization it received: `{auth}` the header's value, `{key}` the bare key), ("answer", make)
     (the response `make(authorization, body)` returns)."""
@@ -66,6 +68,8 @@ class FakeLLM:
         self._seen = asyncio.Condition()
         self.hung_up = asyncio.Event()
         self._release = asyncio.Event()
+        self._told: list[tuple[asyncio.BaseTransport, bytes]] = []  # answers written by `answer_now`
+        self.holding = asyncio.Event()  # an answer is held for `answer_now`
         self._runner: web.AppRunner | None = None
         self.port = 0
 
@@ -76,6 +80,13 @@ class FakeLLM:
     @property
     def calls(self) -> int:
         return len(self.headers)
+
+    def answer_now(self) -> None:
+        """Write the answers held for the test (answer_when_told, chunk_then_next_when_told), in this very step."""
+        for transport, data in self._told:
+            assert isinstance(transport, asyncio.WriteTransport)
+            transport.write(data)
+        self._told.clear()
 
     async def seen(self, n: int) -> None:
         """Wait until n requests have arrived (a call the router gave up on may land after its answer)."""
@@ -183,10 +194,18 @@ class FakeLLM:
                    "x-ratelimit-reset-tokens": "6ms", "openai-processing-ms": "321", "openai-version": "2020-10-01",
                    "openai-organization": "org-q7"}
         if not body.get("stream"):
-            return web.json_response({
-                "id": f"c{n}", "object": "chat.completion", "created": 1, "model": body["model"],
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
-                "usage": self.usage}, headers=headers)
+            answer = {"id": f"c{n}", "object": "chat.completion", "created": 1, "model": body["model"],
+                      "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                                   "finish_reason": "stop"}], "usage": self.usage}
+            if action == "answer_when_told":
+                data = json.dumps(answer).encode()
+                assert request.transport is not None
+                self._told.append((request.transport, b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                                   b"Content-Length: %d\r\n\r\n%s" % (len(data), data)))
+                self.holding.set()
+                await self._release.wait()
+                return web.Response(status=500)
+            return web.json_response(answer, headers=headers)
         resp = web.StreamResponse(headers={**headers, "Content-Type": "text/event-stream"})
         await resp.prepare(request)
 
@@ -197,6 +216,14 @@ class FakeLLM:
         await resp.write(chunk(choices=[{"index": 0, "delta": {"role": "assistant", "content": text},
                                          "finish_reason": None}]))
         if action == "chunk_then_hang":
+            await self._release.wait()
+            return resp
+        if action == "chunk_then_next_when_told":
+            data = chunk(choices=[{"index": 0, "delta": {"content": " again"}, "finish_reason": None}])
+            # Framed as aiohttp framed the chunk before it.
+            assert resp.headers.get("Transfer-Encoding") == "chunked" and request.transport is not None
+            self._told.append((request.transport, b"%x\r\n%s\r\n" % (len(data), data)))
+            self.holding.set()
             await self._release.wait()
             return resp
         if action == "chunks_until_closed":
@@ -545,12 +572,13 @@ def _hold_the_loop(seconds: float) -> None:
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["once", "stream"])
-async def test_a_client_that_gives_up_while_the_routers_loop_is_held_is_its_own_failure(
+async def test_a_client_that_gives_up_on_a_silent_upstream_while_the_routers_loop_is_held_records_the_releases_failure(
         gateway: Gateway, keys: Bootstrap, context: ServiceContext, events: Any, stream: bool) -> None:
-    # Found by a probe (p18 F4b): the upstream's silence was timed on the loop's clock, so while the loop was held by
-    # other work (another app key's 30 MB bodies, decoded and digested on it), a request waiting on a 20 ms upstream
-    # "waited" seconds; its client, giving up meanwhile, was recorded `upstream_unanswered`, an error of its arm, and
-    # a good canary was aborted with both arms "failing" alike. Now the time the loop was held is no upstream silence.
+    # Found by a probe (p21 F3): every hold of the router's loop was left out of the upstream's silence, whether or not
+    # an answer came during it, so another app key's large bodies (holds of seconds) made the hang-ups of clients giving
+    # up a little past router_unanswered_s on a never-answering release `client_disconnected`, left out of its
+    # evidence. Now a hold is left out only up to the answer's latest bytes: none came, so the upstream was silent
+    # through the hold as through the rest.
     context.settings = context.settings.replace(router_unanswered_s=0.5)
     async with FakeLLM("up", "chunk_then_hang" if stream else "hang") as up:
         router = await gateway({"default": {"url": up.url}})
@@ -573,6 +601,40 @@ async def test_a_client_that_gives_up_while_the_routers_loop_is_held_is_its_own_
                 _hold_the_loop(1.5)
                 with pytest.raises(openai.APITimeoutError):
                     await asked
+        (event,) = await events(1)
+    assert (event.status, event.error_type, event.client_failed) == ("error", "upstream_unanswered", False)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["once", "stream"])
+async def test_a_client_that_leaves_while_the_routers_held_loop_kept_the_answer_unread_is_its_own_failure(
+        gateway: Gateway, keys: Bootstrap, context: ServiceContext, events: Any, stream: bool) -> None:
+    # Found by a probe (p18 F4b): the upstream's silence was timed on the loop's clock, so while the loop was held by
+    # other work (another app key's 30 MB bodies, decoded and digested on it), a request to a 20 ms upstream "waited"
+    # seconds, its answer unread in the router's socket; its client, giving up meanwhile, was recorded
+    # `upstream_unanswered`, an error of its arm, and a good canary was aborted with both arms "failing" alike. Now the
+    # holds up to the answer's bytes are no silence of the upstream's: they may have kept it unread from its start.
+    context.settings = context.settings.replace(router_unanswered_s=0.5)
+    async with FakeLLM("up", "chunk_then_next_when_told" if stream else "answer_when_told") as up:
+        router = await gateway({"default": {"url": up.url}})
+        loop = asyncio.get_running_loop()
+        host, port = router.url.split("//", 1)[1].split(":")
+        body = json.dumps({"model": "m", "messages": MESSAGES, "stream": stream}).encode()
+        asker = socket.socket()  # a client whose hang-up the test places to the step: its close is at once
+        asker.setblocking(False)
+        await loop.sock_connect(asker, (host, int(port)))
+        await loop.sock_sendall(asker, b"POST /v1/chat/completions HTTP/1.1\r\nHost: %s\r\nAuthorization: Bearer %s"
+                                b"\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                                % (host.encode(), keys.app_key.encode(), len(body), body))
+        if stream:
+            got = b""
+            while b"up says hi" not in got:  # the first chunk came: the router now waits for the next line
+                got += await loop.sock_recv(asker, 65536)
+        await up.holding.wait()  # the answer (or the next line) is ready to go
+        # In one step, the loop held as by another request's large body: the client hangs up, then the upstream's
+        # answer lands in the router's socket, where it stays unread until the hold ends.
+        asker.close()
+        up.answer_now()
+        _hold_the_loop(1.5)
         (event,) = await events(1)
     assert (event.status, event.error_type, event.client_failed) == ("error", "client_disconnected", True)
 
