@@ -36,6 +36,7 @@ from lockgate.signing import (
 )
 
 PERSON_ROLES = ("operator", "approver", "admin")
+APPLY_ROLES = ("operator", "admin")  # who may sign an apply: it changes what the stack holds, as an alias move does
 # A signed break-glass statement is accepted this long after it was signed: long enough to paste it into
 # a request, short enough that a copy found later cannot be replayed.
 OVERRIDE_MAX_AGE_S = 600.0
@@ -123,13 +124,20 @@ def verify_person(settings: Settings, key_id: str, signature: str, data: bytes, 
                               "(`lockgate identity create NAME`, trusted by an admin with `lockgate gate trust --person`)")
     trust = read_trust_file(path)
     name, person = next(((n, p) for n, p in trust.people.items() if p.key_id == key_id), ("", None))
+    # Each refusal says what would make such a statement count: a key id alone tells its holder nothing to do.
     if person is None:
-        raise IdentityRefused(f"{what} is signed by key {key_id!r}, which is no person's in {path}")
+        raise IdentityRefused(f"{what} is signed by key {key_id!r}, which is no person's in {path}: an admin trusts "
+                              f"its holder with `lockgate gate trust --person NAME --role {(roles or ('approver',))[0]} "
+                              "PUBLIC_KEY`")
     if key_id in trust.revoked and not allow_revoked:
-        raise IdentityRefused(f"{what} is signed by {name}'s revoked key {key_id}")
+        raise IdentityRefused(f"{what} is signed by {name}'s revoked key {key_id} (a revoked key is never trusted "
+                              f"again: {name} needs a new identity, `lockgate identity create`, trusted by an admin)")
     if roles and not set(roles) & set(person.roles):
+        # `gate trust --person` sets the roles it is given: the command keeps the person's own.
+        flags = " ".join(f"--role {r}" for r in (*person.roles, roles[0]))
         raise IdentityRefused(f"{what} is signed by {name}, who has role(s) {', '.join(person.roles) or 'none'}; "
-                              f"it needs {' or '.join(roles)}")
+                              f"it needs {' or '.join(roles)}: an admin trusts {name} as {roles[0]} too "
+                              f"(`lockgate gate trust --person {name} {flags} PUBLIC_KEY`)")
     try:
         _public(person.key).verify(base64.b64decode(signature, validate=True), data)
     except (InvalidSignature, binascii.Error, ValueError):
@@ -163,10 +171,23 @@ def verify_apply(settings: Settings, request: ApplyRequest) -> str:
     not sign it."""
     what = f"apply of {request.directory}"
     name = verify_person(settings, request.key_id, request.signature, statement_bytes(request),
-                         roles=("operator", "admin"), what=what)
+                         roles=APPLY_ROLES, what=what)
     if request.applied_by != name:
         raise IdentityRefused(f"{what} claims applied_by {request.applied_by!r} but is signed by {name}")
     return name
+
+
+def apply_refusal(settings: Settings, identity: Identity, directory: str) -> IdentityRefused | None:
+    """Why the lineage recorder would refuse an apply of `directory` signed by `identity`, by the trust file now; None
+    if it would take it.
+
+    The recorder's own check (verify_apply) of an apply of nothing so signed: `lockgate apply` asks it before it binds
+    anything, since a release bound for an apply that is then refused stays bound (a release name binds once)."""
+    try:
+        verify_apply(settings, sign_apply(identity, ApplyRequest(directory=directory)))
+    except IdentityRefused as exc:
+        return exc
+    return None
 
 
 # Reviews

@@ -151,6 +151,27 @@ async def test_apply_without_a_lineage_recorder_says_so_and_records_nothing(
     assert await read_state(bus) == {}
 
 
+async def test_the_recorder_checks_an_applys_signer_before_anything_is_bound(
+        bus: Bus, settings: Settings, tmp_path: Path) -> None:
+    # Found by probe p23 (F3): apply bound the folder's releases first and only then asked the recorder, which refused
+    # the signer (an approver): the release names stayed taken by an apply nothing recorded. The recorder is asked
+    # first now, whatever trust file the caller read; with no recorder, nothing is bound either.
+    repo = Path(shutil.copytree(FIXTURE, tmp_path / "repo"))
+    desired = resolve(load_folder(repo))
+    releases = [r.release for r in desired if r.kind == "release"]
+    alice = person(settings, "alice", "approver")
+    with pytest.raises(GitopsError, match="no lineage recorder answers applies .*: nothing was registered"):
+        await apply(bus, diff(desired, {}, {}), desired, provenance(repo, reads=()), directory=str(repo))
+    async with recorder(bus, settings):
+        with pytest.raises(GitopsError, match="is signed by alice, who has role\\(s\\) approver; it needs operator"):
+            await apply(bus, diff(desired, {}, {}), desired, provenance(repo, reads=()), directory=str(repo),
+                        author=alice, settings=settings)
+    for name in releases:
+        with pytest.raises(NotFound):
+            await artifacts.release_of(bus, name)
+    assert await read_state(bus) == {}
+
+
 async def test_the_operator_identity_applies_through_the_recorder_and_cannot_write_the_state_itself(
         secured: tuple, tmp_path: Path) -> None:  # noqa: F811
     _, settings, admin = secured

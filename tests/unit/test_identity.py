@@ -17,6 +17,7 @@ from lockgate.errors import ConfigError, NotFound
 from lockgate.identity import (
     OVERRIDE_MAX_AGE_S,
     IdentityRefused,
+    apply_refusal,
     author_of,
     create_identity,
     load_identity,
@@ -86,6 +87,26 @@ def test_refused_reviews_say_why(settings: Settings) -> None:
     revoke_person(trust_file_path(settings), "ann")
     with pytest.raises(IdentityRefused, match="ann's revoked key"):
         verify_review(settings, sign_review(ann, review()))
+
+
+def test_an_apply_signer_is_checked_as_the_recorder_checks_it_and_a_refusal_says_what_to_do(settings: Settings) -> None:
+    # Found by probe p23 (F3): README's reviewer (an approver) signed every apply as the only identity under the home,
+    # and the refusal named only a key id, or the roles, with nothing to do about it.
+    alice = person(settings, "alice", "approver")
+    stranger = create_identity(settings, "stranger")
+    refused = apply_refusal(settings, alice, "/repo")  # type: ignore[arg-type]
+    assert refused is not None and refused.message == (
+        "apply of /repo is signed by alice, who has role(s) approver; it needs operator or admin: an admin trusts alice "
+        "as operator too (`lockgate gate trust --person alice --role approver --role operator PUBLIC_KEY`)")
+    unknown = apply_refusal(settings, stranger, "/repo")
+    assert unknown is not None and unknown.message == (
+        f"apply of /repo is signed by key {stranger.key_id!r}, which is no person's in {trust_file_path(settings)}: "
+        "an admin trusts its holder with `lockgate gate trust --person NAME --role operator PUBLIC_KEY`")
+    trust_person(trust_file_path(settings), "alice", alice.signer.public, ["approver", "operator"])  # type: ignore[attr-defined]
+    assert apply_refusal(settings, alice, "/repo") is None  # type: ignore[arg-type]
+    revoke_person(trust_file_path(settings), "alice")
+    revoked = apply_refusal(settings, alice, "/repo")  # type: ignore[arg-type]
+    assert revoked is not None and "alice needs a new identity" in revoked.message
 
 
 def _signed_as(ident: object, r: GateReview) -> GateReview:

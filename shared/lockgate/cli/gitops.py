@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from rich.text import Text
@@ -17,6 +17,9 @@ from rich.text import Text
 from lockgate.cli.access import chosen_role, with_bus
 from lockgate.cli.main import handle_errors, json_option
 from lockgate.cli.render import console, emit_json, err_console, table
+
+if TYPE_CHECKING:
+    from lockgate.identity import Identity
 
 _MARK = {"add": Text("+ add", "green"), "change": Text("~ change", "yellow"), "unchanged": Text("= unchanged", "dim"),
          "remove": Text("- remove", "red"), "orphan": Text("? not in folder", "dim")}
@@ -136,6 +139,30 @@ def _result(plan: Any, prov: Any, hidden: list[str], **extra: Any) -> dict[str, 
             "git": prov, "not_read": hidden, **extra}
 
 
+def _signer(ctx: click.Context, directory: str) -> Identity | None:
+    """The personal identity that signs the apply of `directory`, or None (unsigned: the NATS identity applies).
+
+    It is checked first, by the recorder's own check against the trust file: the recorder refuses an apply signed by
+    a person who may not apply (operator or admin), and refused, what was bound before stays bound (probe p23 F3:
+    README's approver, the only identity under the home, made every apply fail after it had bound the releases). One
+    chosen (`--as`, LOCKGATE_IDENTITY) is refused so; the only one under the home, not chosen, is left out.
+    """
+    from lockgate.cli.identity import optional_identity
+    from lockgate.identity import IdentityRefused, apply_refusal
+
+    author = optional_identity(ctx)
+    refused = apply_refusal(ctx.obj["settings"], author, directory) if author is not None else None
+    if refused is None:
+        return author
+    if ctx.find_root().obj.get("identity"):
+        raise IdentityRefused(f"{refused.message}, or apply with --as the identity of an operator or admin")
+    err_console.print(f"note: the apply is not signed by {author.name}, the only identity under the home, since the "
+                      f"recorder would refuse it: {refused.message}. It goes on unsigned, as with no identity (the "
+                      "releases it binds have no author); --as NAME signs it as an operator or admin",
+                      highlight=False, soft_wrap=True)
+    return None
+
+
 def register(cli: click.Group) -> None:
     """Attach `plan` and `apply` to the top-level group."""
 
@@ -174,14 +201,15 @@ def register(cli: click.Group) -> None:
 
         Idempotent (content-addressed: the same content is unchanged). Records the folder's Git commit,
         author and dirty flag on every entry and registration, and announces the apply (ApplyRecorded).
-        Never moves traffic: start a canary through the router once the gate allows the release.
+        Signed by the personal identity of --as (refused before anything is bound if the trust file does not make
+        it an operator or admin), or by the only one under the home if the trust file does (else unsigned, said on
+        stderr). Never moves traffic: start a canary through the router once the gate allows the release.
         """
-        from lockgate.cli.identity import optional_identity
         from lockgate.gitops.state import apply
 
         desired, prov, hidden = _load(directory)
-        author = optional_identity(ctx)  # signs the releases it binds, as `release create --as` does
         where = str(Path(directory).resolve())
+        author = _signer(ctx, where)  # signs the apply and the releases it binds, as `release create --as` does
 
         async def work(bus: Any) -> tuple[Any, Any]:
             plan = await _plan(bus, desired, prune, ctx.obj["settings"])

@@ -202,7 +202,8 @@ def _labels(res: Resource, prov: Provenance) -> dict[str, str]:
 async def apply(bus: Bus, plan: Plan, desired: list[Resource], prov: Provenance, *, directory: str,
                 author: Identity | None = None, settings: Settings | None = None,
                 audit_as: str = "operator", timeout_s: float = 30.0) -> ApplyRecorded:
-    """Carry out the plan's changes in dependency order, then have the lineage recorder record them.
+    """Have the lineage recorder check the apply's signer, carry out the plan's changes in dependency order, then have
+    the recorder record them.
 
     The recorder is the applied state's only writer: it records each entry, appends an audit row and
     announces the apply. What was carried out before a step failed is recorded all the same, so the next
@@ -222,6 +223,11 @@ async def apply(bus: Bus, plan: Plan, desired: list[Resource], prov: Provenance,
                                 applied_by=who, changes=done, entries=entries, unchanged=plan.count("unchanged"))
         return sign_apply(author, unsigned) if author is not None else unsigned  # the recorder checks who
 
+    if plan.changes:
+        # The recorder is asked first, with nothing carried out (it records nothing then): it checks who signs the
+        # apply, and that it answers at all, before anything is bound. A release name binds once, so a release bound
+        # for an apply the recorder then refused stayed bound, unrecorded (probe p23 F3).
+        await _record(bus, request(), audit_as, timeout_s)
     try:
         for step in plan.changes:
             if step.action == "remove":
@@ -271,8 +277,9 @@ async def _record(bus: Bus, request: ApplyRequest, identity: str, timeout_s: flo
     try:
         msg = await bus.request(subject, to_json(request), timeout_s=timeout_s)
     except nats.errors.NoRespondersError:
+        done = "what was registered stays" if request.changes else "nothing was registered"
         raise GitopsError("no lineage recorder answers applies (start the stack, or `lockgate serve lineage`): "
-                          "what was registered stays, the applied state is unchanged") from None
+                          f"{done}, the applied state is unchanged") from None
     except nats.errors.TimeoutError:
         raise GitopsError(f"the lineage recorder did not record the apply within {timeout_s:g} s: run "
                           "`lockgate plan` to see what it recorded") from None
