@@ -235,6 +235,9 @@ async def recorder(bus: Any, settings: Any) -> AsyncIterator[Any]:
     """A lineage recorder on `bus`: the applied state's only writer, which `apply` asks to record it."""
     svcs = ServiceSet(ServiceContext(bus=bus, telemetry=Telemetry(), settings=settings), ["lineage"])
     await svcs.start()
+    # Its subscription on the server before anyone asks: an apply asks at once (another connection's request sent
+    # before the server has the SUB gets no responders).
+    await bus.nc.flush()
     try:
         yield svcs["lineage"]
     finally:
