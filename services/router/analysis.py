@@ -23,7 +23,9 @@ measurement is Successful, Failed or Inconclusive, and the rollout counts them a
   to later traffic and stable's to earlier; each canary request is held to stable's of the same callers served at
   the same time, and one stable has none of (a 100% step) is left out of relative limits, never compared with
   older stable requests.
-  Online scores and drift are not per request key: they are judged on the whole canary as before.
+  Online scores and drift are not per request key: they are judged on the whole canary as before. Scores are
+  compared in time all the same (`_judge_score`), and a scorer's errors are judged like a rate before them: the
+  answers a judge cannot score are no random part of the canary's.
 """
 
 from __future__ import annotations
@@ -220,6 +222,9 @@ class VariantSample:
     tokens: Sequence[float] = ()
     cost: Sequence[float] = ()  # priced requests only
     scores: Mapping[str, Sequence[float]] = field(default_factory=dict)  # online evaluation, by scorer
+    # When each of `scores` was served (unix seconds of the scored answer, in the same order), for comparing like
+    # with like in time; a scorer without them: unknown, and its scores are compared with all of stable's.
+    score_times: Mapping[str, Sequence[float]] = field(default_factory=dict)
     # The same requests split by the API key that sent them (InferenceEvent.key_id; "" for none), without
     # scores (one key: the whole sample); empty: not split (the key mix is unknown, stable is not weighted).
     by_key: Mapping[str, VariantSample] = field(default_factory=dict)
@@ -321,34 +326,140 @@ def _values(sample: VariantSample, name: str) -> Sequence[float]:
     return sample.tokens if name == "tokens_per_request" else sample.cost
 
 
+# How much more of the canary's answers than of stable's (as a share, in the same time) a scorer may fail on before a
+# score metric no longer passes: its errors are evidence about the answers it could not score (probe p22 F1).
+SCORE_ERROR_MARGIN = 0.05
+
+
 def _judge_score(spec: MetricSpec, canary: VariantSample, stable: VariantSample, z: float,
                  baseline_final: bool = False) -> MetricResult:
-    """An online score's mean: lower-is-better limits as for tokens, or higher-is-better `min`/`max_decrease`.
-    `baseline_final`: stable's scores can grow no more (see `measure`)."""
-    # NaN marks a scorer error (InferenceScored.measured: e.g. the LLM judge was down): no score, not a low one.
-    values = [v for v in canary.scores.get(spec.scorer, ()) if v == v]
-    stable_values = [v for v in stable.scores.get(spec.scorer, ()) if v == v]
-    errors = len(canary.scores.get(spec.scorer, ())) - len(values)
-    stable_errors = len(stable.scores.get(spec.scorer, ())) - len(stable_values)
-    base = {"name": spec.label, "canary_n": len(values), "stable_n": len(stable_values)}
+    """An online score's mean: lower-is-better limits as for tokens, or higher-is-better `min`/`max_decrease`,
+    after the scorer's errors (`_judge_score_errors`). Like with like in time as requests are (`_in_time`): the
+    canary's scores against stable's of the same time, those stable has none of left out of relative limits.
+    `baseline_final`: stable's scores can grow no more (see `measure`), and are compared as they are."""
+    # NaN marks a scorer error (InferenceScored.measured: e.g. the LLM judge was down or its reply held no score).
+    (c_rows, c_timed), (s_rows, s_timed) = _score_rows(canary, spec.scorer), _score_rows(stable, spec.scorer)
+    c_ok, s_ok = ~np.isnan(c_rows[1]), ~np.isnan(s_rows[1])
+    scored, stable_scored = int(c_ok.sum()), int(s_ok.sum())
+    errors, stable_errors = c_rows.shape[1] - scored, s_rows.shape[1] - stable_scored
+    base = {"name": spec.label, "canary_n": scored, "stable_n": stable_scored}
     relative = spec.max_increase is not None or spec.max_ratio is not None or spec.max_decrease is not None
-    short = len(values) < spec.min_scores or (relative and len(stable_values) < spec.min_scores)
-    # Scores missing because the scorer fails: INCONCLUSIVE (never a pass, never an abort on an outage).
-    if (short and (errors or (relative and stable_errors))) or errors > len(values) or \
-            (relative and stable_errors > len(stable_values)):
+    short = scored < spec.min_scores or (relative and stable_scored < spec.min_scores)
+    # Each of the two tests below may fail a look: each at half the metric's level, so that both together abort a
+    # canary no worse than its limits no more often than one test alone would (the union bound of `measure`).
+    z = z_of((1.0 - _NORMAL.cdf(z)) / 2)
+    timed = not baseline_final and c_timed and s_timed
+    note = (f"{scored} scored + {errors} scorer errors (stable {stable_scored} + {stable_errors})"
+            if errors or stable_errors else "")
+    if errors and c_rows.shape[1] >= spec.min_scores:
+        erred = _judge_score_errors(spec, c_rows, s_rows, z, timed)
+        if erred is not None:
+            return MetricResult(**base, verdict=erred[0], why=f"{erred[1]}; {note}")  # type: ignore[arg-type]
+    # Scores missing because the scorer fails on both arms alike (an outage): INCONCLUSIVE, never a pass, never
+    # an abort.
+    if (short and (errors or (relative and stable_errors))) or errors > scored or \
+            (relative and stable_errors > stable_scored):
         return MetricResult(**base, verdict="INCONCLUSIVE",  # type: ignore[arg-type]
                             why=f"scorer errors ({errors} canary, {stable_errors} stable): no data is never a pass")
-    if short and baseline_final and relative and len(values) >= spec.min_scores:
+    if short and baseline_final and relative and scored >= spec.min_scores:
         # As for events (`measure`): a baseline that gets no more scores would hold the look WAITING for ever,
         # never counted against inconclusive_limit, and the unverified release would keep all the traffic.
         return MetricResult(**base, verdict="INCONCLUSIVE",  # type: ignore[arg-type]
-                            why=f"baseline has {len(stable_values)} scores of the {spec.min_scores} needed and gets "
-                                f"no more (canary {len(values)}): no data is never a pass")
+                            why=f"baseline has {stable_scored} scores of the {spec.min_scores} needed and gets "
+                                f"no more (canary {scored}): no data is never a pass")
     if short:
         return MetricResult(**base, verdict="WAITING",  # type: ignore[arg-type]
                             why=f"waiting for {spec.min_scores} scores per variant (is online evaluation on?)")
+    values = c_rows[:, c_ok]
+    compared, cells = _cells(values, s_rows[:, s_ok], timed)
+    left_out = scored - compared.shape[1]
+    if not left_out or not relative:
+        result = _score_verdict(spec, values[1], cells, z)
+    else:
+        result = _score_in_time(spec, values[1], compared[1], cells, left_out, z)
+    return msgspec.structs.replace(result, why="; ".join(w for w in (result.why, note) if w))
+
+
+def _score_rows(sample: VariantSample, scorer: str) -> tuple[np.ndarray, bool]:
+    """A sample's scores of `scorer` as rows (time, value), and whether it says when each was served (if not, the
+    times are NaN and unused)."""
+    values = np.asarray(sample.scores.get(scorer, ()), dtype=np.float64)
+    times = sample.score_times.get(scorer)
+    timed = times is not None and len(times) == len(values)
+    at = np.asarray(times, dtype=np.float64) if timed else np.full(len(values), np.nan)
+    return np.vstack([at, values]).reshape(2, len(values)), timed
+
+
+def _cells(canary: np.ndarray, stable: np.ndarray, timed: bool) -> tuple[np.ndarray, list[tuple[np.ndarray, float]]]:
+    """Rows (time, value) of the canary and of stable as `_in_time` compares them: (the canary's compared, stable's
+    cells with the weight of each of their values); `timed` False: every one of the canary's against all of
+    stable's, evenly."""
+    if not timed:
+        return canary, [(stable, 1.0 / stable.shape[1])] if stable.shape[1] else []
+    inside, found = _in_time(canary, stable)
+    total = sum(n for _, n in found)
+    return inside, [(c, n / total / c.shape[1]) for c, n in found if n]
+
+
+def _judge_score_errors(spec: MetricSpec, canary: np.ndarray, stable: np.ndarray, z: float,
+                        timed: bool) -> tuple[Verdict, str] | None:
+    """The scorer's errors judged like a rate (as `client_error_rate` judges refusals): the share of the canary's
+    scored answers (rows time, value; NaN an error) the scorer failed on against stable's share of the same time
+    (`_cells`). A judge fails on the odd answers (ones quoting a score, very long, in a format it chokes on), so
+    the survivors are no sample of the canary's answers: judged on them, a canary whose wrong answers the judge
+    could not score was promoted on its good ones (probe p22 F1). FAILED when significantly above stable's share
+    plus SCORE_ERROR_MARGIN, INCONCLUSIVE when above it; None: the scores decide. Only a comparison of the same
+    time may fail: an outage of the scorer hits both arms then, while against older stable scores (after a
+    promotion, at 100%) it is not told apart from the canary's fault."""
+    compared, cells = _cells(canary, stable, timed)
+    if timed and compared.shape[1] < spec.min_scores:  # too few of its time: every one, against all of stable's
+        (compared, cells), timed = _cells(canary, stable, False), False
+    x_c, n_c = int(np.isnan(compared[1]).sum()), compared.shape[1]
+    x_s, n_s = _stratified_rate([(int(np.isnan(c[1]).sum()), c.shape[1], w) for c, w in cells]) if cells else \
+        (0.0, 0.0)
+    p_c, p_s = x_c / n_c, x_s / n_s if n_s else 0.0
+    shares = (f"the scorer failed on {x_c} of {n_c} canary answers ({p_c:.0%}) against {p_s:.0%} of stable's"
+              + (" of the same time" if timed else "") + f" (margin {SCORE_ERROR_MARGIN:g})")
+    if timed and n_s and diff_lower(x_c, n_c, x_s, n_s, z) > SCORE_ERROR_MARGIN:
+        return "FAILED", (f"{shares}: significantly more (the answers a scorer cannot score are evidence too, "
+                          "never left out)")
+    if p_c > p_s + SCORE_ERROR_MARGIN:
+        return "INCONCLUSIVE", (f"{shares}: more, not significantly" if timed and n_s else
+                                f"{shares}: more, with no stable score of the same time to tell an outage apart")
+    return None
+
+
+def _score_in_time(spec: MetricSpec, values: np.ndarray, compared: np.ndarray, cells: list[tuple[np.ndarray, float]],
+                   left_out: int, z: float) -> MetricResult:
+    """A score metric with a limit relative to stable when `left_out` of the canary's scores have none of stable's
+    of their time (`_cells`), as `_judge_in_time` does for requests: the relative limits on the others
+    (`compared`), an absolute `min` or `max` on every one; nothing to compare is INCONCLUSIVE."""
+    note = (f"{left_out} canary scores of answers served before the first or after the last of stable's (e.g. at "
+            "100%) are left out of the comparison with stable")
+    parts = []
+    if spec.min is not None or spec.max is not None:
+        absolute = msgspec.structs.replace(spec, max_increase=None, max_ratio=None, max_decrease=None)
+        parts.append(_score_verdict(absolute, values, cells, z))
+    if len(compared) and cells:
+        r = _score_verdict(msgspec.structs.replace(spec, min=None, max=None), compared, cells, z)
+        parts.append(msgspec.structs.replace(r, why="; ".join(w for w in (r.why, note) if w)))
+    else:
+        parts.append(MetricResult(name=spec.label, verdict="INCONCLUSIVE", canary_n=len(values),
+                                  stable_n=sum(c.shape[1] for c, _ in cells),
+                                  why=f"no canary score to compare with stable's of the same time: {note}; "
+                                      "older stable scores are never its baseline, and no data is never a pass"))
+    return _deciding(parts)
+
+
+def _score_verdict(spec: MetricSpec, values: np.ndarray, cells: list[tuple[np.ndarray, float]],
+                   z: float) -> MetricResult:
+    """The canary's scores `values` against stable's `cells` (rows time, value, and the weight of each value)."""
+    base = {"name": spec.label, "canary_n": len(values), "stable_n": sum(c.shape[1] for c, _ in cells)}
     c, c_lo, c_hi = mean_bounds(values, z)
-    s, s_lo, s_hi = mean_bounds(stable_values, z) if len(stable_values) else (None, None, None)
+    s = s_lo = s_hi = None
+    if cells:
+        s, se = _stratified_mean([(cell[1], w) for cell, w in cells])
+        s_lo, s_hi = s - z * se, s + z * se
     if spec.min is None and spec.max_decrease is None:  # lower is better
         threshold, lenient = _threshold(spec, s), _threshold(spec, s_hi)
         assert threshold is not None and lenient is not None
@@ -568,26 +679,37 @@ def _in_time(canary: np.ndarray, stable: np.ndarray) -> tuple[np.ndarray, list[t
 
 
 def _weighted_rate(weights: list[tuple[VariantSample, float]], name: str = "error_rate") -> tuple[float, float]:
-    """A weighted baseline's error rate as (effective errors, effective size): the rate is sum(w * errors), the
-    size Kish's effective sample size 1 / sum(w^2) over requests. Approximation: the Wilson and Newcombe bounds
-    then treat the baseline as that many equally weighted requests, exact when the weights are equal and wider
-    the more uneven they are (on the side of no abort); an exact stratified variance sum(w^2 n p (1-p)) would be
-    0 for keys without errors and lose Wilson's soundness near 0, where error rates live."""
-    rate = sum(w * _rate(s, name)[0] for s, w in weights)
-    n_eff = 1.0 / sum(_rate(s, name)[1] * w * w for s, w in weights)
+    """A weighted baseline's error rate as (effective errors, effective size) (`_stratified_rate`)."""
+    return _stratified_rate([(*_rate(s, name), w) for s, w in weights])
+
+
+def _stratified_rate(cells: list[tuple[float, int, float]]) -> tuple[float, float]:
+    """Strata (failures, size, the weight of each of its members) as one rate's (effective failures, effective
+    size): the rate is sum(w * failures), the size Kish's effective sample size 1 / sum(w^2) over members.
+    Approximation: the Wilson and Newcombe bounds then treat the baseline as that many equally weighted requests,
+    exact when the weights are equal and wider the more uneven they are (on the side of no abort); an exact
+    stratified variance sum(w^2 n p (1-p)) would be 0 for strata without errors and lose Wilson's soundness near 0,
+    where error rates live."""
+    rate = sum(w * x for x, _, w in cells)
+    n_eff = 1.0 / sum(n * w * w for _, n, w in cells)
     return rate * n_eff, n_eff
 
 
 def _weighted_mean(weights: list[tuple[VariantSample, float]], name: str, z: float) -> tuple[float, float]:
-    """A weighted baseline's mean of `name` and its upper bound: the variance is the stratified one,
-    sum over keys of w^2 n s^2 with s the key's own standard deviation (its values are independent of the
-    others'), so the difference between callers' requests does not widen it."""
+    """A weighted baseline's mean of `name` and its upper bound (`_stratified_mean`)."""
+    mean, se = _stratified_mean([(np.asarray(_values(s, name), dtype=np.float64), w) for s, w in weights])
+    return mean, mean + z * se
+
+
+def _stratified_mean(cells: list[tuple[np.ndarray, float]]) -> tuple[float, float]:
+    """Strata (values, the weight of each) as one mean and its standard error: the variance is the stratified one,
+    sum over strata of w^2 n s^2 with s the stratum's own standard deviation (its values are independent of the
+    others'), so the difference between callers' (or times') values does not widen it."""
     mean = var = 0.0
-    for s, w in weights:
-        v = np.asarray(_values(s, name), dtype=np.float64)
+    for v, w in cells:
         mean += w * float(v.sum())
         var += w * w * len(v) * (float(v.var(ddof=1)) if len(v) > 1 else 0.0)
-    return mean, mean + z * math.sqrt(var)
+    return mean, math.sqrt(var)
 
 
 def _weighted_quantile(weights: list[tuple[VariantSample, float]], name: str, q: float,

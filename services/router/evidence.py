@@ -190,12 +190,15 @@ class Evidence:
         """What `release` served for `deployment` from `since` (unix seconds) on, also split by the API key that sent
         each request (copies: safe to hand to another thread while events keep arriving)."""
         ring = self._rings.get((deployment, release))
-        scores = {name: [v for t, v in ring_.values() if t >= since]
-                  for name, ring_ in self._scores.get((deployment, release), {}).items()}
+        # Each score with its answer's time: analysis compares scores like with like in time (probe p22 F2).
+        timed = {name: [(t, v) for t, v in ring_.values() if t >= since]
+                 for name, ring_ in self._scores.get((deployment, release), {}).items()}
+        scores = {name: [v for _, v in tv] for name, tv in timed.items()}
+        score_times = {name: [t for t, _ in tv] for name, tv in timed.items()}
         hung = self._hung_up.get((deployment, release))
         hung_up = int((hung.cols[0, :hung.n] >= since).sum()) if hung is not None else 0
         if ring is None or not ring.n:
-            return VariantSample(scores=scores, hung_up=hung_up)
+            return VariantSample(scores=scores, score_times=score_times, hung_up=hung_up)
         cols = ring.cols[:, :ring.n]
         key = cols[_COLS - 1]
         window = cols[0] >= since
@@ -208,7 +211,7 @@ class Evidence:
         # Split on every arm, one key too: analysis compares each caller's canary requests with its own stable ones.
         by_key = {self._keys[int(k)]: of(window & (key == k)) for k in keys} if len(keys) > 1 else \
             {self._keys[int(k)]: whole for k in keys}
-        return replace(whole, scores=scores, by_key=by_key, hung_up=hung_up)
+        return replace(whole, scores=scores, score_times=score_times, by_key=by_key, hung_up=hung_up)
 
 
 def _ring(rings: dict[tuple[str, str], _Ring], key: tuple[str, str], limit: int) -> _Ring:

@@ -194,13 +194,14 @@ ANALYSIS = {"metrics": [{"name": "score", "scorer": "llm_judge", "max_decrease":
             "min_sample": 40, "failure_limit": 0, "inconclusive_limit": 2}
 
 
-@pytest.fixture
-async def judged_canary(context: ServiceContext, run_services: Any, tmp_path: Path) -> AsyncIterator[tuple[Any, Any, Signer]]:
+async def _judged_stack(context: ServiceContext, run_services: Any, tmp_path: Path, canary_answers: SimConfig,
+                        judge_replies: SimConfig) -> AsyncIterator[tuple[Any, Any, Signer]]:
+    """Deployment `chat` (r1 PASSed, r2 on endpoint `canary`) judged online on every answer of either arm by
+    `judge_replies`' `judge-m`, with a router and an evaluator."""
     signer = Signer.generate()
     trust_key(trust_file_path(context.settings), signer.public)
     answers = SimConfig(models={"m": ModelSpec(default="an answer")}, seed=3)
-    down = SimConfig(models={"judge-m": ModelSpec(default='{"score": 1}', error_rate=1.0)})
-    async with SimServer(answers) as stable, SimServer(answers) as canary, SimServer(down) as judge:
+    async with SimServer(answers) as stable, SimServer(canary_answers) as canary, SimServer(judge_replies) as judge:
         await register_model_release(context.bus, "r1", "m", "default")
         await register_model_release(context.bus, "r2", "m", "canary")
         kv = await context.bus.kv(context.bus.subjects.kv_gates)
@@ -211,6 +212,33 @@ async def judged_canary(context: ServiceContext, run_services: Any, tmp_path: Pa
         await _apply(context.bus, context.settings, _folder(tmp_path, JUDGE.format(budget=5, price=0.1)))
         services = await run_services("router", "evaluator")
         yield services["router"], services["evaluator"], signer
+
+
+@pytest.fixture
+async def judged_canary(context: ServiceContext, run_services: Any, tmp_path: Path) -> AsyncIterator[tuple[Any, Any, Signer]]:
+    answers = SimConfig(models={"m": ModelSpec(default="an answer")}, seed=3)
+    down = SimConfig(models={"judge-m": ModelSpec(default='{"score": 1}', error_rate=1.0)})
+    async for stack in _judged_stack(context, run_services, tmp_path, answers, down):
+        yield stack
+
+
+# Probe p22 F1: the canary answers a third of the questions wrongly, quoting a score; the judge writes its own beside
+# it, a reply with two scores (an error outcome). Stable answers every question well.
+WRONG = "WRONG ANSWER, and it says: Score: 5/5"
+TWO_SCORES = 'The response claims "Score: 5/5", but it is wrong; I rate it 1/5.'
+
+
+@pytest.fixture
+async def quoting_canary(context: ServiceContext, run_services: Any,
+                         tmp_path: Path) -> AsyncIterator[tuple[Any, Any, Signer]]:
+    from lockgate.services.evaluator import judge
+
+    canary = SimConfig(models={"m": ModelSpec(default="an answer", answers={"quote": WRONG})}, seed=3)
+    graded = judge.messages(judge.JudgeParams(model="judge-m", rubric="Is it right?"), "quote", WRONG, None)
+    replies = SimConfig(models={"judge-m": ModelSpec(default='{"score": 0.9}',
+                                                     answers={graded[-1]["content"]: TWO_SCORES})})
+    async for stack in _judged_stack(context, run_services, tmp_path, canary, replies):
+        yield stack
 
 
 async def test_a_canary_analysed_on_the_judge_during_a_judge_outage_is_paused_never_passed_nor_rolled_back(
@@ -229,6 +257,41 @@ async def test_a_canary_analysed_on_the_judge_during_a_judge_outage_is_paused_ne
     judged = route.analysis.last.metrics[0]
     assert judged.name == "score:llm_judge" and judged.verdict == "INCONCLUSIVE" and "scorer errors" in judged.why
     assert evaluator.online.judge_errors.count > 0 and evaluator.online.judged.count == evaluator.online.judge_errors.count
+
+
+async def test_a_canary_whose_wrong_answers_the_judge_cannot_score_is_aborted_not_promoted_on_the_rest(
+        quoting_canary: tuple[Any, Any, Signer], context: ServiceContext) -> None:
+    router, evaluator, signer = quoting_canary
+    keys = bootstrap(context.settings.home, tenant="acme", app="shop")
+    url = f"{router.url}/v1/chat/completions"
+
+    async def one(http: aiohttp.ClientSession, i: int) -> None:
+        body = {"model": "m", "messages": [{"role": "user", "content": "quote" if i % 3 == 0 else "hi"}],
+                "user": f"user-{i}"}
+        async with http.post(url, json=body) as resp:
+            await resp.read()
+
+    sent = 0
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {keys.admin_key}"}) as http:
+        # Looks until the evidence decides (a look on the first 20 scores is INCONCLUSIVE: more errors, not
+        # significantly yet, and inconclusive_limit would pause the rollout there, which is no pass either).
+        analysis = {**ANALYSIS, "inconclusive_limit": 1000}
+        await _start(http, router, "r2", {"steps": [50, 100], "interval_s": 0.2, "analysis": analysis})
+        await _pass(router, signer, "r2")
+        online = evaluator.online
+        while (r := router.rollouts.route("chat")).phase == "progressing" and not r.paused and sent < 3000:
+            await asyncio.gather(*(one(http, sent + i) for i in range(20)))
+            sent += 20
+            # Each batch judged before the next: faster, the judge's queue overflows and few answers are judged.
+            await eventually(lambda n=sent: online.judged.count + online.judge_skipped.count >= n,
+                             [online.judged, online.judge_skipped], timeout_s=30, what="each answer judged")
+    route = router.rollouts.route("chat")
+    # Before, the judge's errors were dropped and the canary judged on the answers it could score: promoted.
+    assert route.phase == "aborted", f"after {sent} requests: {route.phase} {route.reason}"
+    assert "score:llm_judge: the scorer failed on" in route.reason and "significantly more" in route.reason
+    judged_ = route.analysis.last.metrics[0]
+    assert judged_.name == "score:llm_judge" and judged_.verdict == "FAILED" and "scorer errors" in judged_.why
+    assert evaluator.online.judge_errors.count > 0 and evaluator.online.judge_skipped.count == 0
 
 
 async def test_the_evaluator_reads_deployment_documents_and_cannot_change_them(secured: Any, tmp_path: Path) -> None:  # noqa: F811
