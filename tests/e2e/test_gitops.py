@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -160,9 +161,10 @@ def _gate_and_canary(stack: dict[str, str], repo: Path, canary: str, applied: di
     assert row == {"suite": applied["suite"], "policy": applied["policy"]}
     run("rollout", "start", "gitshop-web", "--stable", "gitshop-v1", env=stack)
     gate("--candidate", canary, "--baseline", "gitshop-v1")
-    route = json.loads(run("rollout", "start", "gitshop-web", "--stable", "gitshop-v1", "--canary", canary, "--json",
-                           env=stack).stdout)
+    started = run("rollout", "start", "gitshop-web", "--stable", "gitshop-v1", "--canary", canary, "--json", env=stack)
+    route = json.loads(started.stdout)
     assert (route["stable"]["release"], route["canary"]["release"]) == ("gitshop-v1", canary), route
+    _rolls_out_as_the_folder_says(stack, repo, canary, started)
 
     # A document edited since the apply is not what the releases bind: refused before anything runs, in one line.
     _edit(repo / "suites" / "qa.yaml", "[exact_match, token_f1]", "[exact_match]")
@@ -170,6 +172,36 @@ def _gate_and_canary(stack: dict[str, str], repo: Path, canary: str, applied: di
     assert stale.returncode == 2 and len(stale.stderr.strip().splitlines()) == 1, stale.stderr
     assert "is not the suite its folder applied" in stale.stderr and f"apply {repo} first" in stale.stderr
     _edit(repo / "suites" / "qa.yaml", "[exact_match]", "[exact_match, token_f1]")
+
+
+def _rolls_out_as_the_folder_says(stack: dict[str, str], repo: Path, canary: str, started: Any) -> None:
+    """The canary runs the applied document's `rollout:` (deployments/gitshop-web.yaml: steps 10, 50, 100 every 300 s),
+    says so, and `plan` is clean; an option over it is said to differ from the folder, and `plan` shows it. Found by a
+    probe (p23 F4): `rollout start` sent no strategy, and the canary ran the router's 10, 25, 50, 100 every second."""
+    route = json.loads(run("rollout", "get", "gitshop-web", "--json", env=stack).stdout)
+    assert route["canary"]["release"] == canary and route["weight"] in (0.0, 10.0), route
+    assert route["strategy"] and (route["strategy"]["steps"], route["strategy"]["interval_s"]) == (
+        [10.0, 50.0, 100.0], 300.0), route
+    commit = _git(repo, "rev-parse", "HEAD")[:10]
+    said = " ".join(started.stderr.split())  # on stderr: --json keeps stdout the route's JSON
+    assert ("gitshop-web: steps 10, 50, 100 every 300 s, from the applied document deployments/gitshop-web.yaml at "
+            f"commit {commit}") in said, said
+    assert "steps 10, 50, 100 every 300 s" in run("rollout", "get", "gitshop-web", env=stack).stdout
+    code, plan = _plan(stack, repo)
+    assert code == 0 and not plan["summary"]["drift"], plan
+
+    # --steps over the document: said, and the plan shows the steps the route runs against the folder's.
+    other = run("rollout", "start", "gitshop-web", "--stable", "gitshop-v1", "--canary", canary, "--steps", "20,100",
+                env=stack)
+    said = " ".join(other.stdout.split())
+    assert ("gitshop-web: steps 20, 100 every 300 s, by --steps over the applied document "
+            f"deployments/gitshop-web.yaml at commit {commit}, which says steps 10, 50, 100 every 300 s: the live route "
+            "differs from the folder") in said, said
+    code, plan = _plan(stack, repo)
+    [step] = [s for s in plan["steps"] if s["kind"] == "deployment"]
+    assert code == 2 and step["differences"] == [{"field": "steps", "live": "20, 100", "folder": "10, 50, 100"}], step
+    run("rollout", "start", "gitshop-web", "--stable", "gitshop-v1", "--canary", canary, env=stack)  # as the folder says
+    assert _plan(stack, repo)[0] == 0
 
 
 def test_plan_without_a_stack_fails_fast_for_ci(tmp_path: Path) -> None:

@@ -127,6 +127,35 @@ async def test_start_of_a_canary_the_gate_refuses_exits_6(router: Any, http: aio
         "error": "rollout of same on chat aborted at once: aborted same: gate BLOCK: toxicity", "exit_code": 6}
 
 
+async def test_start_of_a_canary_no_folder_declares_says_which_steps_run_and_sends_the_options_given(
+        router: Any, http: aiohttp.ClientSession, signer: Signer) -> None:
+    # Probe p23 F4: `rollout start` sent no strategy and said nothing of the steps the canary would run. Of a deployment
+    # no applied folder declares, the router's configured steps run, said so; --steps and --interval-s are sent.
+    started = await _cli(router, "start", "chat", "--stable", "r1", "--canary", "same")
+    assert started.exit_code == 0, started.output
+    assert ("chat: no applied folder declares it, so the router's configured steps and interval run the canary"
+            in " ".join(started.output.split())), started.output
+    assert router.rollouts.route("chat").strategy is None
+    chosen = await _cli(router, "start", "chat", "--stable", "r1", "--canary", "same", "--steps", "20,100",
+                        "--interval-s", "3600", "--json")
+    assert chosen.exit_code == 0, chosen.output
+    route = json.loads(chosen.stdout)
+    assert (route["strategy"]["steps"], route["strategy"]["interval_s"]) == ([20.0, 100.0], 3600.0), route
+    assert "chat: steps 20, 100 every 3600 s, by --steps, --interval-s (no applied folder declares it)" in " ".join(
+        chosen.stderr.split()), chosen.stderr
+    first = await _cli(router, "start", "chat", "--stable", "r1", "--steps", "20,100")  # a first release has no steps
+    assert first.exit_code == 2 and "--steps is a canary's" in first.output, first.output
+    # Whether a folder declares the deployment unknown (NATS away): nothing starts, since the router's steps might run
+    # where a folder declares others.
+    base = _base(router)
+    base[base.index("--nats") + 1] = "nats://127.0.0.1:1"
+    unread = await asyncio.to_thread(CliRunner().invoke, cli, [*base, "start", "chat", "--stable", "r1", "--canary",
+                                                                "bad"])
+    assert unread.exit_code == 1 and ("nothing started: cannot read whether an applied folder declares the rollout of "
+                                      "chat") in " ".join(unread.output.split()), unread.output
+    assert router.rollouts.route("chat").canary.release == "same"
+
+
 async def test_watch_whose_key_is_revoked_ends_saying_so(router: Any, http: aiohttp.ClientSession) -> None:
     # The router ends a watch once its key is revoked; the CLI took that end for a timeout (exit 5, "still idle
     # after 60 s"). It asks again and shows the refusal.
@@ -285,7 +314,8 @@ async def test_an_odd_deployment_name_is_a_one_line_refusal_and_a_slash_is_part_
         router: Any, keys: Bootstrap) -> None:
     # Found by a probe: a name with a space was put in the URL as it came (a 62-line http.client traceback), and
     # one with a slash was taken for two path segments (a plain "404: Not Found").
-    for args in (["start", "bad name!", "--stable", "same"], ["abort", "bad name!"], ["get", "bad name!"]):
+    for args in (["start", "bad name!", "--stable", "same"], ["start", "bad name!", "--stable", "r1", "--canary", "same"],
+                 ["abort", "bad name!"], ["get", "bad name!"]):
         result = await _cli(router, *args, key=keys.admin_key)
         assert result.exit_code != 0 and "invalid deployment 'bad name!'" in result.output, (args, result.output)
         assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1, result.output

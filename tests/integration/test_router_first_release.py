@@ -104,7 +104,7 @@ async def test_a_first_release_serves_everyone_once_a_decision_allows_it_and_lat
     # The next release rolls out as a canary from the first (r1's PASS is stored: it takes its first step at once).
     canary = await _cli(router, "start", "chat", "--stable", "fresh", "--canary", "r1", "--json", key=admin)
     assert canary.exit_code == 0, canary.output
-    route = json.loads(canary.output)
+    route = json.loads(canary.stdout)  # stderr says which steps run (no applied folder declares chat: the router's)
     assert (route["stable"]["release"], route["canary"]["release"], route["phase"]) == ("fresh", "r1", "progressing")
     assert route["weight"] > 0
     await states.unsubscribe()  # messages left unread would hold the bus's drain at teardown

@@ -1,6 +1,8 @@
 """`lockgate rollout start|get|watch|pause|resume|approve|abort|retry|promote|undo|set-weight|patch|history|analysis`:
 roll a release out and operate a deployment's rollout.
 
+`start` of a canary sends the `rollout:` of the deployment's applied GitOps document (read from the applied state
+over NATS) as its strategy, with --strategy, --steps and --interval-s over it, and says which steps and interval run.
 Actions go to the router's admin API with an API key (operator or admin role for changes, any
 role for `get` and `watch`); the router records the key's identity as the actor. A `--role` that may not change
 rollouts (viewer, approver) is refused before a change is sent, whatever role the API key has. `history` and
@@ -27,7 +29,7 @@ from rich.text import Text
 from lockgate import documents
 from lockgate.cli import access, running
 from lockgate.cli.main import handle_errors, json_option
-from lockgate.cli.render import console, emit_json, output, shown, table
+from lockgate.cli.render import console, emit_json, err_console, output, shown, table
 from lockgate.contracts.names import check_name
 from lockgate.credentials import NotAllowed
 from lockgate.errors import ConfigError, LockgateError, NotFound, SignatureError
@@ -208,6 +210,7 @@ def summary(route: dict[str, Any]) -> list[dict[str, Any]]:
         ("canary", canary.get("release", "-")),
         ("weight", f"{route.get('weight', 0):g}%"),
         ("step", f"{route.get('step', 0)} of {', '.join(_step_text(s) for s in strategy.get('steps') or []) or _kind(strategy)}"),
+        ("strategy", described(strategy)),
         # The number itself: `rollout approve --started-at` takes it to name the attempt whose pause it approves.
         ("started_at", f"{route['started_at']!r} ({_when(route['started_at'])} UTC)" if route.get("started_at") else "-"),
         ("header route", _header(route.get("header_route"))),
@@ -264,6 +267,81 @@ def _step_text(step: Any) -> str:
         d = step["pause"].get("duration_s")
         return f"pause {d:g}s" if d else "pause (approval)"
     return f"header {step['set_header_route']['header']}"
+
+
+def described(strategy: dict[str, Any] | None) -> str:
+    """What a route's strategy runs, in words (`steps 10, 50, 100 every 300 s`), naming the router's configured steps
+    or interval where it holds none of its own."""
+    s = strategy or {}
+    interval = s.get("interval_s")
+    if s.get("blue_green") is not None or (s.get("shadow") is not None and not s.get("steps")):
+        kind = "blue-green" if s.get("blue_green") is not None else "shadow only"
+        return f"{kind}, interval " + (f"{interval:g} s" if interval else "as the router is configured")
+    steps = ", ".join(_step_text(step) for step in s.get("steps") or []) or "the router's configured steps"
+    every = f"every {interval:g} s" if interval else "at the router's configured interval"
+    return f"{'steps ' * bool(s.get('steps'))}{steps} {every}"
+
+
+def strategy_of(kind: str, steps: Any, interval_s: float | None) -> dict[str, Any] | None:
+    """The PUT's `strategy` for a deployment document's `rollout:` (its strategy, steps and interval_s): a canary's
+    steps, or a blue-green or shadow-only rollout with the router's defaults for all a document cannot declare; None
+    when nothing is chosen (the router's configured steps and interval run it)."""
+    body: dict[str, Any] = {"blue_green": {}} if kind == "blue_green" else {"shadow": {}} if kind == "shadow" else {}
+    if kind == "canary" and steps:
+        body["steps"] = [float(w) for w in steps]
+    if interval_s:
+        body["interval_s"] = float(interval_s)
+    return body or None
+
+
+def _runs_as(strategy: dict[str, Any] | None) -> tuple[Any, ...]:
+    """A strategy as the router runs it (steps sorted, distinct, ending at 100), to tell two apart."""
+    from lockgate.services.router.domain import normalize_steps  # the router's own rule, as `plan` compares
+
+    s = strategy or {}
+    return ("blue_green" in s, "shadow" in s, normalize_steps(s["steps"]) if s.get("steps") else (),
+            s.get("interval_s"))
+
+
+def chosen(deployment: str, entry: Any, given: dict[str, Any]) -> tuple[dict[str, Any] | None, str]:
+    """The strategy `rollout start` sends for a canary of `deployment`, and a sentence saying where it comes from.
+
+    `entry` is the deployment's applied state (None: no applied folder declares it); `given` the options the
+    operator gave (strategy, steps, interval_s), each over the document's own. Git is the truth: before (probe p23
+    F4), the document's `rollout:` was recorded and never sent, and its 10/50/100 at 300 s ran as the router's
+    10/25/50/100 at 5 s."""
+    rollout = dict((entry.spec.get("rollout") or {}) if entry is not None else {})
+    mine = {**rollout, **given}
+    kind = mine.get("strategy", "canary")
+    if kind != "canary" and "steps" in given:
+        raise ConfigError(f"--steps are a canary's: a {kind} rollout has none (give --strategy canary)")
+    strategy = strategy_of(kind, mine.get("steps"), mine.get("interval_s"))
+    options = ", ".join(f"--{k.replace('_', '-')}" for k in given)
+    if entry is None:
+        if strategy is None:
+            return None, (f"{deployment}: no applied folder declares it, so the router's configured steps and interval "
+                          "run the canary")
+        return strategy, f"{deployment}: {described(strategy)}, by {options} (no applied folder declares it)"
+    commit = f"commit {entry.commit[:10]}{' (dirty)' * entry.dirty}" if entry.commit else "no commit (not in Git)"
+    where = f"the applied document {entry.source} at {commit}"
+    declared = strategy_of(rollout.get("strategy", "canary"), rollout.get("steps"), rollout.get("interval_s"))
+    if _runs_as(strategy) == _runs_as(declared):
+        return strategy, f"{deployment}: {described(strategy)}, from {where}"
+    return strategy, (f"{deployment}: {described(strategy)}, by {options} over {where}, which says "
+                      f"{described(declared)}: the live route differs from the folder, and `lockgate plan` shows it")
+
+
+def _weights(ctx: click.Context, param: click.Parameter, value: str | None) -> list[float] | None:
+    """`--steps 10,50,100` as weights in (0, 100]."""
+    if value is None:
+        return None
+    try:
+        steps = [float(w) for w in value.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not weights separated by commas, e.g. 10,50,100") from None
+    if not all(0 < w <= 100 for w in steps):
+        raise click.BadParameter(f"{value!r}: each step is a weight in percent, above 0 and at most 100")
+    return steps
 
 
 def metric_rows(route: dict[str, Any]) -> list[dict[str, Any]]:
@@ -464,27 +542,56 @@ def register(cli: click.Group) -> None:
                   help="A new release to roll out as a canary from --stable (it waits at 0% for a decision).")
     @click.option("--initial-weight", type=click.FloatRange(0, 100), default=None,
                   help="The canary's first weight (percent) once a decision allows it; default the first step.")
+    @click.option("--strategy", "kind", type=click.Choice(["canary", "blue_green", "shadow"]), default=None,
+                  help="The rollout's kind, over the applied deployment document's `rollout.strategy`.")
+    @click.option("--steps", callback=_weights, default=None, metavar="W,W,...",
+                  help="A canary's weights in percent (10,50,100), over the applied document's `rollout.steps`.")
+    @click.option("--interval-s", "interval_s", type=click.FloatRange(min=0, min_open=True), default=None,
+                  metavar="SECONDS", help="Seconds between steps, over the applied document's `rollout.interval_s`.")
     @json_option
     @click.pass_context
     @handle_errors
     def start(ctx: click.Context, deployment: str, stable: str, canary: str | None, initial_weight: float | None,
-              as_json: bool) -> None:
+              kind: str | None, steps: list[float] | None, interval_s: float | None, as_json: bool) -> None:
         """Roll a release out (PUT .../DEPLOYMENT). With --stable alone: a deployment's first release serves all
         traffic at once, only if its verified gate decision allows it. With --canary: a canary of that release
-        from --stable (the serving release), gated step by step."""
+        from --stable (the serving release), gated step by step by the `rollout:` of the deployment's applied
+        document (`lockgate apply`), with --strategy, --steps and --interval-s over it; the router's configured
+        steps and interval when no applied folder declares the deployment and no option is given."""
         may_change()
+        at = _at(deployment)  # a bad name is refused before anything is read or sent
+        given = {k: v for k, v in (("strategy", kind), ("steps", steps), ("interval_s", interval_s)) if v is not None}
         body: dict[str, Any] = {"stable_release": stable}
         if canary is not None:
             body["canary_release"] = canary
+        for option, value in (("--initial-weight", initial_weight), *((f"--{k.replace('_', '-')}", v)
+                                                                     for k, v in given.items())):
+            if value is not None and canary is None:
+                raise ConfigError(f"{option} is a canary's: give --canary too (a first release serves 100%)")
         if initial_weight is not None:
-            if canary is None:
-                raise ConfigError("--initial-weight is a canary's: give --canary too (a first release serves 100%)")
             body["initial_weight"] = initial_weight
-        route = admin(ctx).call("PUT", _at(deployment), body)
+        said = ""
+        if canary is not None:
+            from lockgate.gitops.state import read_entry
+
+            # Read before the PUT: the rollout starts with the strategy it is said to have. Unread, it does not start:
+            # a canary on the router's steps where a folder declares others is the hole this read closes.
+            try:
+                entry = access.with_bus(ctx.obj["settings"], lambda bus: read_entry(bus, "deployment", deployment))
+            except LockgateError as exc:
+                exc.message = (f"nothing started: cannot read whether an applied folder declares the rollout of "
+                               f"{deployment} (rollout start reads the applied state over NATS): {exc.message}")
+                raise
+            strategy, said = chosen(deployment, entry, given)
+            if strategy is not None:
+                body["strategy"] = strategy
+        route = admin(ctx).call("PUT", at, body)
         # The router takes a canary the gate refuses and aborts it at once (200, phase aborted): a pipeline's
         # `rollout start` must not read that as "canary started" (probe p20 F4).
         if canary is not None and route.get("phase") == "aborted" and attempt(route)[0] == canary:
             raise RolloutAborted(f"rollout of {canary} on {deployment} aborted at once: {route.get('reason', '')}")
+        if said:  # on stderr with --json, so that stdout stays the route's JSON alone
+            (err_console if as_json else console).print(said, highlight=False, soft_wrap=True)
         show(route, as_json)
 
     def action(name: str, doc: str, *, reason: bool = False) -> None:

@@ -5,7 +5,8 @@ history, so earlier applies stay visible. Artifacts go to the content-addressed 
 announced as `lockgate artifact register` does; releases are bound create-only as `release create`
 does (signed by the personal identity when there is one). Deployments and budgets are recorded as
 desired state only: apply never moves traffic, since the router admits a release only with a gate
-decision that allows it (start a canary with the router's admin API once the gate has decided); `plan`
+decision that allows it (start a canary with the router's admin API once the gate has decided: `rollout start`
+reads a deployment's entry here and sends its `rollout:` as the canary's strategy); `plan`
 reads each deployment's live route (routes KV, read-only) to show every field on which it differs from its
 document.
 Pruning deletes a resource's state entry; the artifact and release stay (content-addressed and
@@ -26,7 +27,7 @@ from lockgate.bus import Bus
 from lockgate.codec import to_json
 from lockgate.config import Settings
 from lockgate.contracts import AppliedChange, ApplyRecorded, ApplyReply, ApplyRequest, StateEntry
-from lockgate.errors import LockgateError, NotFound, UnreadableValue
+from lockgate.errors import BusUnavailable, LockgateError, NotFound, UnreadableValue
 from lockgate.gitops.documents import GitopsError
 from lockgate.gitops.git import Provenance
 from lockgate.gitops.plan import Plan, Serving, normalized
@@ -57,6 +58,29 @@ async def read_state(bus: Bus) -> dict[str, StateEntry]:
                                       "apply the folder again to rewrite it") from None
             out[state.key] = state
     return out
+
+
+async def read_entry(bus: Bus, kind: str, name: str) -> StateEntry | None:
+    """One resource's entry as the last apply recorded it (`rollout start` reads its deployment's `rollout:`); None
+    when no apply recorded it or a prune deleted it. Unreadable: UnreadableValue, never "not applied"."""
+    bucket = bus.subjects.kv_gitops
+    try:
+        entry = await (await bus.kv(bucket)).get(state_key(kind, name))
+    except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError, nats.js.errors.BucketNotFoundError):
+        return None
+    except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+        raise BusUnavailable(f"cannot read {kind} {name!r} from KV {bucket}: {exc!r}") from None
+    if not entry.value:
+        return None
+    try:
+        state = _entry.decode(entry.value)
+    except msgspec.DecodeError as exc:
+        raise UnreadableValue(f"applied state {state_key(kind, name)} in KV {bucket} is unreadable ({exc}): apply "
+                              "the folder again to rewrite it") from None
+    if state.key != f"{kind}/{name}":  # another resource's entry under this key is not this one's
+        raise UnreadableValue(f"applied state {state_key(kind, name)} in KV {bucket} holds {state.key}, not "
+                              f"{kind}/{name}: apply the folder again to rewrite it")
+    return state
 
 
 async def read_bindings(bus: Bus, names: list[str]) -> dict[str, str]:
