@@ -2,8 +2,8 @@
 a run's START before its end.
 
 An eval run STARTs when it is requested and ends (COMPLETE or FAIL) with its result; a gate decision and a
-release registration are instantaneous (COMPLETE); a rollout STARTs at its first step and ends on promotion
-or abort. The events are the same functions' as `lockgate lineage export`, so a run has one runId and one
+release registration are instantaneous (COMPLETE); a rollout attempt STARTs when it begins and ends on promotion
+or abort (a route change after that is instantaneous). The events are the same functions' as `lockgate lineage export`, so a run has one runId and one
 job name whether it was posted live or exported later.
 """
 

@@ -49,7 +49,8 @@ def lineage_export(store: Store, release: str | None = None, since: datetime | N
         f"WHERE 1 {cond} ORDER BY time DESC LIMIT 1 BY release LIMIT {{n:UInt32}}", params)
     roll_cond = cond.replace("release = {r:String}", "(stable_release = {r:String} OR canary_release = {r:String})")
     rollouts = store.rows(
-        "SELECT id, time, deployment, stable_release, canary_release, canary_weight, phase, step, reason "
+        "SELECT id, time, deployment, stable_release, canary_release, canary_weight, phase, step, reason, "
+        "started_at, began "
         f"FROM rollout_events WHERE 1 {roll_cond} ORDER BY time DESC LIMIT 1 BY id LIMIT {{n:UInt32}}", params)
     return {"evals": evals, "decisions": decisions, "run_inputs": run_inputs, "releases": releases,
             "artifacts": arts, "registered": registered, "rollouts": rollouts}

@@ -878,8 +878,24 @@ def shown(route: Route) -> dict[str, Any]:
     return out
 
 
-def to_state(route: Route) -> RolloutState:
-    """The event announcing a route change."""
+def attempt(route: Route, before: Route | None) -> tuple[float, bool]:
+    """The rollout attempt the change from `before` (None: no route yet) to `route` is part of (its `started_at`, 0
+    for none) and whether the change began it. An attempt ends when it is promoted or aborted: a later change keeps
+    the route's `started_at` (a rollback of the promoted release, a BLOCK forgetting it), but is no step of that
+    rollout, which already has its outcome."""
+    if not route.started_at:
+        return 0.0, False  # a first release: no rollout
+    if before is None or before.started_at != route.started_at:
+        # A route restored already promoted or aborted begins nothing it could end.
+        return (route.started_at, True) if route.phase not in ("promoted", "aborted") else (0.0, False)
+    if before.phase in ("promoted", "aborted"):
+        return 0.0, False
+    return route.started_at, False
+
+
+def to_state(route: Route, before: Route | None = None) -> RolloutState:
+    """The event announcing a route change (`before`: the route it changed, None if there was none)."""
+    started_at, began = attempt(route, before)
     return RolloutState(
         deployment=route.deployment,
         stable_release=route.stable.release,
@@ -889,4 +905,6 @@ def to_state(route: Route) -> RolloutState:
         step=route.step,
         reason=route.reason,
         decision_id=route.decision_id,
+        started_at=started_at,
+        began=began,
     )

@@ -1424,8 +1424,9 @@ class Rollouts:
         # Synchronous on purpose: the next request routed after this line sees the new weight.
         if route.paused and route.phase in ("promoted", "aborted"):
             route = msgspec.structs.replace(route, paused=False)  # a finished canary holds nothing
+        before = self.routes.get(route.deployment)  # the route this change is made from: which attempt it is part of
         self.routes[route.deployment] = route
-        state = domain.to_state(route)
+        state = domain.to_state(route, before)
         if actor:
             state = msgspec.structs.replace(state, actor=actor)
         self._outbox.append(_Pending(route, state, announce=announce, runs=runs or []))

@@ -106,7 +106,8 @@ async def test_openlineage_export_of_eval_runs_and_gate_decisions(
                                               observed=0.9, verdict="PASS")]))
     await bus.publish(bus.subjects.rollout("web"), RolloutState(deployment="web", stable_release="shop-v1",
                                                                canary_release="shop-v2", canary_weight=10.0,
-                                                               phase="progressing"))
+                                                               phase="progressing", started_at=1764579600.5,
+                                                               began=True))
     await sink_stored(svcs["sink"].handlers, eval_runs=2, gate_decisions=1, lineage_runs=1, releases=1,
                       rollout_events=1)
 

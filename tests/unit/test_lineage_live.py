@@ -30,7 +30,7 @@ def test_each_bus_event_maps_to_official_run_events() -> None:
         *run_events(ReleaseRegistered(release="v2", app="shop", artifacts={"prompt/answer": "sha256:p"}, time=T),
                     NAMES, NS),
         *run_events(RolloutState(deployment="web", stable_release="v1", canary_release="v2", canary_weight=10.0,
-                                 phase="progressing", step=1, time=T), NAMES, NS),
+                                 phase="idle", started_at=1764579600.25, began=True, time=T), NAMES, NS),
     ]
     assert [e["eventType"] for e in others] == ["COMPLETE", "COMPLETE", "START"]
     for event in (start, end, fail, *others):

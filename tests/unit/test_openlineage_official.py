@@ -1,6 +1,6 @@
 """Every kind of RunEvent lockgate emits (eval runs START, COMPLETE and FAIL; gate decisions; releases;
-rollouts START, RUNNING, COMPLETE and ABORT) fits the official OpenLineage model of the `openlineage-python`
-client, strictly; and the checker refuses events the spec forbids."""
+rollouts START, RUNNING, COMPLETE and ABORT, one run per attempt) fits the official OpenLineage model of the
+`openlineage-python` client, strictly; and the checker refuses events the spec forbids."""
 
 from __future__ import annotations
 
@@ -25,7 +25,9 @@ RELEASE = {"artifacts": {"prompt/answer": "sha256:p", "model_config/sim": "sha25
 
 def _events() -> list[dict[str, Any]]:
     failed = {**EVAL, "run_id": "run-8", "status": "failed", "error": "boom", "metrics": {}}
-    rollout = {"deployment": "web", "stable_release": "shop-v1", "canary_release": "shop-v2", "time": T}
+    rollout = {"deployment": "web", "stable_release": "shop-v1", "canary_release": "shop-v2", "time": T,
+               "started_at": 1764579600.25}
+    again = {**rollout, "started_at": 1764583200.5}  # a second attempt of the same canary release
     return [
         ol.eval_start_event(EVAL, ["sha256:d"], RELEASE, ARTS, NS),
         ol.eval_event(EVAL, ["sha256:d"], RELEASE, ARTS, NS),
@@ -33,14 +35,18 @@ def _events() -> list[dict[str, Any]]:
         ol.decision_event({"id": "dec-1", "release": "shop-v2", "decision": "PASS", "action": "decided",
                            "policy": "sha256:pol", "eval_run": "run-7", "time": T}, EVAL, ARTS, NS),
         ol.release_event({"release": "shop-v2", "app": "shop", "parent": "shop-v1", "time": T, **RELEASE}, ARTS, NS),
-        ol.rollout_event({**rollout, "canary_weight": 10.0, "phase": "progressing", "step": 1}, NS),
-        ol.rollout_event({**rollout, "canary_weight": 50.0, "phase": "progressing", "step": 3}, NS),
-        ol.rollout_event({**rollout, "canary_weight": 100.0, "phase": "promoted", "step": 4}, NS),
-        ol.rollout_event({**rollout, "canary_weight": 0.0, "phase": "aborted", "step": 2}, NS),
+        ol.rollout_event({**rollout, "id": "c1", "phase": "idle", "began": True}, NS),
+        ol.rollout_event({**rollout, "id": "c2", "canary_weight": 50.0, "phase": "progressing", "step": 3}, NS),
+        ol.rollout_event({**rollout, "id": "c3", "canary_weight": 0.0, "phase": "promoted", "step": 4}, NS),
+        # The promoted release rolled back: a change after the attempt ended, which the router ties to none.
+        ol.rollout_event({**rollout, "id": "c4", "stable_release": "shop-v1", "phase": "aborted", "step": 4,
+                          "started_at": 0.0}, NS),
+        ol.rollout_event({**again, "id": "c5", "phase": "idle", "began": True}, NS),
+        ol.rollout_event({**again, "id": "c6", "phase": "aborted"}, NS),
     ]
 
 
-@pytest.mark.parametrize("index", range(9))
+@pytest.mark.parametrize("index", range(11))
 def test_every_event_kind_fits_the_official_model(index: int) -> None:
     event = _events()[index]
     typed = check(event)
@@ -52,9 +58,15 @@ def test_start_and_end_of_one_run_share_the_run_id_and_job() -> None:
     start, done = _events()[:2]
     assert (start["eventType"], done["eventType"]) == ("START", "COMPLETE")
     assert start["run"]["runId"] == done["run"]["runId"] and start["job"] == done["job"]
-    rollout = _events()[5:9]
-    assert [e["eventType"] for e in rollout] == ["START", "RUNNING", "COMPLETE", "ABORT"]
-    assert len({e["run"]["runId"] for e in rollout}) == 1
+
+def test_each_rollout_attempt_is_one_run_and_nothing_follows_its_end() -> None:
+    # Before (probe p23 F9): one run per deployment and release, so both attempts and the rollback were one run
+    # (START, RUNNING, COMPLETE, ABORT, OTHER, ABORT).
+    rollout = _events()[5:11]
+    runs = [e["run"]["runId"] for e in rollout]
+    assert [e["eventType"] for e in rollout] == ["START", "RUNNING", "COMPLETE", "COMPLETE", "START", "ABORT"]
+    assert runs[0] == runs[1] == runs[2] and runs[4] == runs[5] and len(set(runs)) == 3
+    assert rollout[3]["job"] == rollout[0]["job"]  # the rollback is a run of the same job, complete at once
 
 
 @pytest.mark.parametrize(("time", "expected"), [

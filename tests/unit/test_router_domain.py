@@ -417,3 +417,30 @@ def test_another_spelling_of_a_spent_signature_is_the_same_statement() -> None:
                                     spent=domain.spend(Route(deployment="d", stable=Target(release="r1")), glass, 1001.0))
     with pytest.raises(domain.OverrideReplayed):
         domain.spend(route, msgspec.structs.replace(glass, signature=respelled), 1002.0)
+
+
+def test_each_change_names_the_rollout_attempt_it_is_part_of_and_none_after_the_attempt_ended() -> None:
+    # Before (probe p23 F9): RolloutState named no attempt, so OpenLineage keyed a rollout's run by deployment and
+    # release: two canaries of one release were one run, and a rollback after promotion ended the promoted run again.
+    first = msgspec.structs.replace(_canary(weight=0), started_at=1000.5)
+    steps = [domain.to_state(first, domain.default_route("d"))]
+    at10 = domain.on_decision(first, _decision("PASS", id_="p1"), STEPS, 60, now=1001)
+    assert at10 is not None
+    promoted = domain.promote(at10, "held")
+    back = domain.rollback(promoted, "gate BLOCK after promotion", decision_id="b1",
+                           decisions={"r1": _decision("PASS", release="r1")})
+    steps += [domain.to_state(at10, first), domain.to_state(promoted, at10), domain.to_state(back, promoted)]
+    assert [(s.phase, s.started_at, s.began) for s in steps] == [
+        ("idle", 1000.5, True), ("progressing", 1000.5, False), ("promoted", 1000.5, False), ("aborted", 0.0, False)]
+    again = msgspec.structs.replace(domain.start_canary(back, CanaryRequest(stable_release="r1", canary_release="r2"),
+                                                       stable=STABLE, canary=CANARY, first_step=STEPS[0]),
+                                    started_at=2000.25)
+    aborted = domain.abort(again, "gate BLOCK")
+    assert (domain.to_state(again, back).started_at, domain.to_state(again, back).began) == (2000.25, True)
+    assert (domain.to_state(aborted, again).started_at, domain.to_state(aborted, again).began) == (2000.25, False)
+    retried = progress.retry(aborted, "ann", now=3000.0)  # a retry is a new attempt of the same rollout
+    assert (domain.to_state(retried, aborted).started_at, domain.to_state(retried, aborted).began) == (3000.0, True)
+    # A first release is no rollout; a route restored already finished begins nothing.
+    released = domain.first_release(domain.default_route("d"), STABLE, _decision("PASS", release="r1"))
+    assert domain.to_state(released, None).started_at == 0.0
+    assert domain.attempt(promoted, None) == (0.0, False)

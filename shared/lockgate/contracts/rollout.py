@@ -24,6 +24,12 @@ class RolloutState(Event, frozen=True, kw_only=True, tag="lockgate.rollout.state
     reason: str = ""
     decision_id: str = ""
     actor: str = ""  # the API key identity of an operator's change; "" when the router acted on evidence
+    # The rollout attempt this change is part of, named as the admin API names it (the route's `started_at`, unix
+    # seconds): a start, a retry and a canary release replaced by PATCH each begin one, and its promotion or abort
+    # ends it. 0 for a change that is part of none: a first release, or any change after the attempt ended (the
+    # rollback of a promoted release). `began`: this change began it. OpenLineage makes each attempt one run.
+    started_at: float = 0.0
+    began: bool = False
 
 
 AnalysisPhase = Literal["Successful", "Failed", "Inconclusive", "Error"]

@@ -56,8 +56,9 @@ FACET_SCHEMAS: dict[str, dict[str, Any]] = {
                        "deployment": {"type": "string"}, "phase": {"type": "string"}, "reason": {"type": "string"},
                        "weights": {"type": "object", "additionalProperties": {"type": "number"}}}},
 }
-# A rollout's phases as OpenLineage run states (a canary is one run, from first step to promotion or abort).
-_ROLLOUT_STATE = {"progressing": "RUNNING", "promoted": "COMPLETE", "aborted": "ABORT"}
+# A rollout attempt's phases as OpenLineage run states (an attempt is one run, from its start to its promotion or
+# abort); waiting at 0% for a decision is part of the run too.
+_ROLLOUT_STATE = {"idle": "RUNNING", "progressing": "RUNNING", "promoted": "COMPLETE", "aborted": "ABORT"}
 
 
 def _facet(schema_url: str, **fields: Any) -> dict[str, Any]:
@@ -199,15 +200,20 @@ def release_event(row: Mapping[str, Any], artifacts: Mapping[str, Mapping[str, s
 
 
 def rollout_event(row: Mapping[str, Any], namespace: str) -> dict[str, Any]:
-    """A RunEvent of one rollout change: the releases taking traffic in, the deployment out. A canary's
-    changes share one runId: START at its first step, RUNNING for the next ones, then COMPLETE on promotion
-    or ABORT."""
+    """A RunEvent of one rollout change: the releases taking traffic in, the deployment out. The changes of one
+    rollout attempt (the router's `started_at` of it) share one runId: START at the change that began it, RUNNING
+    for the next ones, then COMPLETE on promotion or ABORT. A change that is part of no attempt (a first release,
+    a rollback after promotion: the router names none) is a run of its own, COMPLETE at once, so no run gets an
+    event after its end. Before (probe p23 F9), the run was per deployment and release: separate canaries of a
+    release were one run, and a promoted (COMPLETE) run later got the rollback's ABORT."""
     split = weights(row)
-    canary = row.get("canary_release") or ""
-    run_key = f"rollout:{row['deployment']}:{canary or row['stable_release']}"
-    state = _ROLLOUT_STATE.get(row.get("phase", ""), "OTHER")
-    if state == "RUNNING" and int(row.get("step") or 0) <= 1:
-        state = "START"  # a canary's first step is 1 and a blue-green's preview is 0: the rollout began
+    attempt = float(row.get("started_at") or 0.0)
+    if attempt:
+        run_key = f"rollout:{row['deployment']}:{attempt!r}"
+        state = "START" if row.get("began") else _ROLLOUT_STATE.get(row.get("phase", ""), "RUNNING")
+    else:
+        run_key = f"rollout-change:{row['deployment']}:{row['id']}"
+        state = "COMPLETE"
     return {
         "eventType": state, "eventTime": _time(row["time"]),
         "producer": PRODUCER, "schemaURL": SCHEMA_URL,
