@@ -32,7 +32,7 @@ WITHIN_TENANT = ("app", "release")
 # release is grouped with its app too, and another app's calls naming it are that app's row.
 WITHIN_APP = ("release",)
 
-__all__ = ["DIMENSIONS", "WITHIN_APP", "WITHIN_TENANT", "UnknownDimension", "cost_rollup", "groups"]
+__all__ = ["DIMENSIONS", "WITHIN_APP", "WITHIN_TENANT", "UnknownDimension", "budget_spend", "cost_rollup", "groups"]
 
 
 def groups(by: Sequence[str]) -> list[str]:
@@ -100,3 +100,31 @@ def cost_rollup(
         + " ORDER BY cost_usd DESC" + (f", {', '.join(dims)}" if dims else "")
     )
     return store.rows(sql, params)
+
+
+# The served events of a scope and time span: a request a router served is the only spend a budget counter counts
+# (an application's own events of calls it made elsewhere are in the ledger too), and the event holds the API key.
+_SERVED = ("SELECT tenant, app, id FROM inference_events WHERE served AND time >= {since:DateTime64(6, 'UTC')} "
+           "AND time < {until:DateTime64(6, 'UTC')}")
+
+
+def budget_spend(store: Store, since: datetime, until: datetime, tenant: str = "", app: str = "",
+                 key: str = "") -> dict[str, Any]:
+    """What the ledger booked for requests the routers served from `since` to `until` (excluded) of a tenant, app
+    and API key id (each empty for any): `usd`, `tokens` (input and output) and `calls`. A router seeds a new
+    budget counter with it (the period's spend before the counter existed)."""
+    scope, params = [], {"since": since, "until": until}
+    for column, value in (("tenant", tenant), ("app", app)):
+        if value:
+            scope.append(f"{column} = {{{column}:String}}")
+            params[column] = value
+    served = " AND ".join([_SERVED, *scope, *(["key_id = {key:String}"] if key else [])])
+    if key:
+        params["key"] = key
+    where = " AND ".join(["time >= {since:DateTime64(6, 'UTC')}", "time < {until:DateTime64(6, 'UTC')}", *scope,
+                          f"(tenant, app, event_id) IN ({served})"])
+    rows = store.rows("SELECT sum(cost_usd) AS usd, sum(input_tokens + output_tokens) AS tokens, count() AS calls "
+                      f"FROM cost_ledger WHERE {where}", params)
+    row = rows[0] if rows else {}
+    return {"usd": float(row.get("usd") or 0.0), "tokens": int(row.get("tokens") or 0),
+            "calls": int(row.get("calls") or 0)}

@@ -56,6 +56,7 @@ QUERIES: dict[str, tuple[str, str]] = {
     "release_artifacts": ("decisions", "release_artifacts"),
     "artifact_names": ("provenance", "artifact_names"),  # the lineage recorder's live OpenLineage events
     "served_events": ("served", "served_events"),  # a starting router's canary evidence
+    "budget_spend": ("cost", "budget_spend"),  # a router seeding a new budget counter with the period's spend
 }
 
 

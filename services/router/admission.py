@@ -32,7 +32,7 @@ from typing import Annotated, Any, NamedTuple
 import msgspec
 from aiohttp import web
 
-from lockgate import documents
+from lockgate import documents, queryclient
 from lockgate.batcher import Batcher
 from lockgate.config import Settings
 from lockgate.contracts import BudgetEvent
@@ -59,14 +59,20 @@ from lockgate.services.router.budgets import (
     EventThrottle,
     Periods,
     Pointed,
+    Scope,
     cost_of,
+    create_step,
     grant,
     input_estimate,
     lease_ask,
     most_output,
     period_id,
+    period_start,
     pointed_at,
     resolve,
+    scope,
+    seed_step,
+    spend_amount,
     still_needed,
     to_lower,
     worst_case,
@@ -143,6 +149,17 @@ _counter_dec = msgspec.json.Decoder(Counter)
 _level_dec = msgspec.json.Decoder(Level)
 _SHARED_WAIT_S = 0.2  # the most a shared-cache lookup may add to a request
 _SHARED_MAX = 900_000  # bytes: a shared entry fits NATS' default 1 MB message
+# After the cost ledger could not be read to seed a counter, its leases count on from the counter's creation and ask
+# the ledger again only this much later: a query service that is down is not waited for at every lease.
+SEED_RETRY_S = 10.0
+
+
+class LedgerSpend(msgspec.Struct, frozen=True):
+    """The query service's `budget_spend`: what the ledger booked for served requests of one scope and time span."""
+
+    usd: float = 0.0
+    tokens: int = 0
+    calls: int = 0
 
 
 class Call(NamedTuple):
@@ -217,6 +234,10 @@ class Admission:
         # applied, its answer lost). One that did not land stays charged until the period ends (stranded).
         self.unconfirmed: dict[str, Amount] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        # Counters this replica found seeded (or created before seeding): no ledger read for them again; and when
+        # to ask the ledger again for one it could not seed.
+        self._seeded: set[str] = set()
+        self._seed_after: dict[str, float] = {}
         self._throttle = EventThrottle(self.file.event_interval_s)
         # the shared counters (budgets and rate-limit buckets), changed by compare-and-set
         self.counters = CasStore(bus, bus.subjects.kv_budgets if bus is not None else "",
@@ -307,7 +328,7 @@ class Admission:
         if (too_large := _too_large(b, need, model, max_out, lower, asking)) is not None:
             return too_large
         try:
-            leased = await self._lease(b, counter, need)
+            leased = await self._lease(b, counter, need, scope(b, key.tenant, key.app, key.id))
         except KVUnreadable as exc:
             # The store answered with a value that is no counter: no outage, so fail_open does not apply
             # (an identity that can aim JetStream's answer at the key would otherwise lift the budget).
@@ -317,7 +338,8 @@ class Admission:
                                 "refusing the request whatever `fail_open` says (the store answered: a "
                                 "value that is no counter is not an outage). An operator resets the "
                                 f"counter by deleting it: nats kv del {bucket} {counter} (the period's "
-                                "count restarts from zero)", "service_unavailable", "budget_counter_unreadable")
+                                "count restarts from what the cost ledger booked before)", "service_unavailable",
+                           "budget_counter_unreadable")
         except KVUnavailable as exc:
             self._report("store_unavailable", b, counter, key, deployment, model, need, None, wall)
             if self.file.fail_open:
@@ -563,13 +585,16 @@ class Admission:
 
     # -- the shared counters -------------------------------------------------------------------------
 
-    async def _lease(self, b: Budget, counter: str, need: Amount) -> Amount | None:
+    async def _lease(self, b: Budget, counter: str, need: Amount, counts: Scope) -> Amount | None:
         """Lease enough for `need` into this replica's allowance and take it: None when taken, else the
-        store's counter when the budget cannot cover it (KVUnavailable when the store does not answer)."""
+        store's counter when the budget cannot cover it (KVUnavailable when the store does not answer).
+        `counts`: the traffic the counter counts, for seeding it (_seed)."""
         lock = self._locks.get(counter)
         if lock is None:
             lock = self._locks[counter] = asyncio.Lock()
         async with lock:  # one lease at a time per counter: the requests queued here share it
+            if counter not in self._seeded:
+                await self._seed(b, counter, counts)
             for _ in range(4):
                 allowance = self._allowance(counter)
                 if allowance.take(need, self.clock()):
@@ -595,15 +620,51 @@ class Admission:
         """Add a grant (or, with minimum None, exactly `ask`, which may be negative) to the counter by
         compare-and-set on its revision: (what was added or None, the counter after)."""
         def step(current: Counter | None) -> tuple[Counter | None, tuple[Amount | None, Amount]]:
-            current = Counter() if current is None else current
+            if current is None:  # gone since _seed saw it (deleted, expired): counting from now, to be seeded
+                self._seeded.discard(counter)
+                current = Counter(since=self.wall())
             got = ask if minimum is None else grant(current, limit, ask, minimum)
             if got is None:
                 return None, (None, current.leased)
-            after = Counter(leased=current.leased + got)
+            after = msgspec.structs.replace(current, leased=current.leased + got)  # keeps since and seeded
             return after, (got, after.leased)
 
-        return await self.counters.update(counter, lambda b: _counter_dec.decode(b or b"{}"), step,
-                                          f"budget counter {counter}", "the budget store")
+        return await self.counters.update(counter, self._decode_counter, step, f"budget counter {counter}",
+                                          "the budget store")
+
+    async def _seed(self, b: Budget, counter: str, counts: Scope) -> None:
+        """Create the counter if there is none (compare-and-set create: one replica's lands, counting from then), and
+        add to it once what the cost ledger booked for the traffic it counts (`counts`) from its period's start to its
+        creation: a budget added or renamed mid-period then holds the period's earlier spend. The ledger unreadable
+        (no query service, a slow one), the counter counts from its creation and says so (`seeded` None), and a later
+        lease asks the ledger again (after SEED_RETRY_S). Store failures raise as a lease's do."""
+        if self.clock() < self._seed_after.get(counter, -math.inf):
+            return
+        what = f"budget counter {counter}"
+        state: Counter = await self.counters.update(counter, self._decode_counter,
+                                                    partial(create_step, now=self.wall()), what, "the budget store")
+        if state.since is None or state.seeded is not None:  # seeded, or created before counters were
+            self._seeded.add(counter)
+            return
+        start = period_start(b.spec.period, state.since)
+        try:
+            got = await queryclient.ask(self.bus, "budget_spend", {
+                "since": start.isoformat(), "until": state.since.isoformat(), "tenant": counts.tenant,
+                "app": counts.app, "key": counts.key}, into=LedgerSpend, timeout_s=self.file.store_timeout_s)
+        except LockgateError as exc:
+            self._seed_after[counter] = self.clock() + SEED_RETRY_S
+            log.warning("%s counts from its creation (%s) only: the cost ledger's spend before it is not added yet "
+                        "(asked again in %g s): %s", what, state.since.isoformat(), SEED_RETRY_S, exc.message)
+            return
+        spent = b.need(spend_amount(got.usd, got.tokens))
+        await self.counters.update(counter, self._decode_counter,
+                                   partial(seed_step, since=state.since, spent=spent), what, "the budget store")
+        self._seeded.add(counter)
+        self._seed_after.pop(counter, None)
+
+    @staticmethod
+    def _decode_counter(raw: bytes | None) -> Counter:
+        return _counter_dec.decode(raw or b"{}")
 
     async def return_expired(self, force: bool = False) -> None:
         """Give allowances unused for `lease_s` (all of them with `force`) back to the store."""
@@ -617,6 +678,8 @@ class Admission:
                     # Past periods and idle keys: forget them (a late settlement makes a fresh one).
                     self.allowances.pop(counter, None)
                     self._locks.pop(counter, None)
+                    self._seeded.discard(counter)
+                    self._seed_after.pop(counter, None)
                 continue
             try:
                 await self._cas(counter, ZERO, ZERO - back, None)

@@ -330,13 +330,80 @@ def still_needed(held: Amount, spent: Amount, then: Amount) -> Amount:
     return Amount(max(0, spent.usd + then.usd - held.usd), max(0, spent.tokens + then.tokens - held.tokens))
 
 
-class Counter(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+class Counter(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
     """What a budget counter holds in the KV: the amount leased to replicas in one period. Unknown fields are
     refused: any identity that may publish on a stream's subject can have a JetStream acknowledgement
     (`{"stream":..,"seq":..}`) stored under a key, which read leniently would be a counter at zero (the budget
-    reset); refused, the counter is unreadable and the budget fails closed (as when the store is down)."""
+    reset); refused, the counter is unreadable and the budget fails closed (as when the store is down).
+
+    `since`: when the counter was created, i.e. from when replicas count on it. A counter is created at the first
+    lease of its period, which is not the period's start when the budget was added (or renamed) later, so what the
+    routers served before `since` is added once from the cost ledger: `seeded` is that amount, None until it is
+    (the ledger not read yet). Before, a budget added at 15:00 counted from 0 and granted a whole day again (probe
+    p23 F5). A counter without `since` was created before counters were seeded and is never seeded."""
 
     leased: Amount = ZERO
+    since: datetime | None = None
+    seeded: Amount | None = None
+
+    @property
+    def unseeded(self) -> bool:
+        """The ledger's spend before `since` is not in it yet."""
+        return self.since is not None and self.seeded is None
+
+
+def create_step(current: Counter | None, now: datetime) -> tuple[Counter | None, Counter]:
+    """A compare-and-set step: create the counter (counting from `now`, to be seeded) when there is none, else write
+    nothing; (what to write, the counter as it stands)."""
+    if current is None:
+        fresh = Counter(since=now)
+        return fresh, fresh
+    return None, current
+
+
+def seed_step(current: Counter | None, since: datetime, spent: Amount) -> tuple[Counter | None, bool]:
+    """A compare-and-set step: add `spent` (the ledger's spend of the counter's scope from its period's start to
+    `since`) once, to the counter created at `since` that no replica has seeded yet; (what to write, whether it was
+    added). The write lands only over the revision read, so two replicas seeding at once add it once."""
+    if current is None or not current.unseeded or current.since != since:
+        return None, False
+    return msgspec.structs.replace(current, leased=current.leased + spent, seeded=spent), True
+
+
+class Scope(NamedTuple):
+    """The traffic one counter counts: a tenant, app and key id, each empty for any."""
+
+    tenant: str
+    app: str
+    key: str
+
+
+def scope(b: Budget, tenant: str, app: str, key_id: str) -> Scope:
+    """What the counter a request of this tenant, app and key charges on `b` counts: the budget's selection narrowed
+    by its split (`per`)."""
+    s = b.spec
+    return Scope(s.tenant or (tenant if s.per in ("tenant", "app") else ""), s.app or (app if s.per == "app" else ""),
+                 s.key or (key_id if s.per == "key" else ""))
+
+
+def period_start(period: Period, now: datetime) -> datetime:
+    """The UTC start of the day or month `now` falls in."""
+    day = now.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    return day if period == "day" else day.replace(day=1)
+
+
+def spend_amount(usd: float, tokens: int) -> Amount:
+    """A ledger sum in counter units (nano-USD, rounded: a sum of floats is off in its last digits either way)."""
+    return Amount(round(max(usd, 0.0) * NANO), max(tokens, 0))
+
+
+def parse_counter_key(key: str) -> tuple[str, str, str] | None:
+    """A budget counter's KV key as (budget, split, period id); None for the other keys of the bucket (shared
+    rate-limit buckets and judge budgets start with `_`)."""
+    parts = key.split(".")
+    if key.startswith("_") or len(parts) not in (2, 3):
+        return None
+    return parts[0], parts[1] if len(parts) == 3 else "", parts[-1]
 
 
 def grant(counter: Counter, limit: Amount, ask: Amount, minimum: Amount) -> Amount | None:

@@ -60,7 +60,8 @@ def test_plan_apply_plan_is_idempotent_and_edits_show_as_changes(stack: dict[str
     # The folder's budget document is desired state only: `budget list` says which budgets the router enforces
     # (before: "no budgets declared", right after apply had recorded one).
     budgets = " ".join(run("budget", "list", env=stack).stdout.split())  # as one line, however the terminal wraps
-    assert "no budgets: no gateway file is set" in budgets and "GitOps `kind: budget`" in budgets, budgets
+    assert "no budget counters this period" in budgets and "sets no gateway file" in budgets, budgets
+    assert "GitOps `kind: budget`" in budgets, budgets
 
     # Applied: nothing to do, and every entry names the commit that applied it, clean.
     code, plan = _plan(stack, repo)

@@ -1007,7 +1007,8 @@ async def test_a_request_refused_a_lease_takes_what_a_settlement_gave_back_meanw
                                       budgets={"day-tokens": {"tenant": "acme", "tokens": 5000}})
     adm = router.admission
     a_leased, b_leasing, a_answered = asyncio.Event(), asyncio.Event(), asyncio.Event()
-    update, lookup, calls = adm.counters.update, adm.lookup, []
+    # The leases' compare-and-sets (not the counter's creation before A's, which seeds it: admission._seed).
+    update, lookup, calls = adm._cas, adm.lookup, []
 
     async def held_update(*args: Any, **kwargs: Any) -> Any:
         calls.append(args[0])
@@ -1023,7 +1024,7 @@ async def test_a_request_refused_a_lease_takes_what_a_settlement_gave_back_meanw
         await b_leasing.wait()  # A calls its upstream once B is leasing
         return await lookup(*args, **kwargs)
 
-    adm.counters.update, adm.lookup = held_update, held_lookup
+    adm._cas, adm.lookup = held_update, held_lookup
     c = client(router, keys.app_key)
     big = {"max_tokens": 3000, "extra_headers": {"x-lockgate-deployment": "shop-web"}}
     a = asyncio.create_task(c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], **big))

@@ -28,13 +28,19 @@ from lockgate.services.router.budgets import (
     Periods,
     Pointed,
     cost_of,
+    create_step,
     grant,
     input_estimate,
     lease_ask,
     most_output,
+    parse_counter_key,
     period_id,
+    period_start,
     pointed_at,
     resolve,
+    scope,
+    seed_step,
+    spend_amount,
     still_needed,
     to_lower,
     worst_case,
@@ -627,3 +633,51 @@ def test_rate_limit_headers_report_the_binding_bucket_of_each_kind_as_openai_wri
     assert RateLimiter([]).headers("acme", "shop", "k1", 0.0) == {}
     assert [duration(s) for s in (0, 0.0004, 0.25, 1.5, 59.9999, 90.25)] == ["0ms", "1ms", "250ms", "1.5s", "1m0s",
                                                                            "1m30.25s"]
+
+
+def test_a_counter_is_created_to_be_seeded_and_seeded_once() -> None:
+    now = datetime(2026, 12, 6, 15, tzinfo=UTC)
+    fresh, state = create_step(None, now)
+    assert fresh == state == Counter(since=now) and state.unseeded
+    assert create_step(Counter(leased=Amount(5, 0)), now) == (None, Counter(leased=Amount(5, 0)))  # exists: kept
+    spent = Amount(120, 7)
+    after, added = seed_step(Counter(leased=Amount(3, 1), since=now), now, spent)
+    assert added and after == Counter(leased=Amount(123, 8), since=now, seeded=spent) and not after.unseeded
+    # Seeded already (another replica's write landed first), created again since, gone, or made before seeding
+    # existed: nothing is added.
+    assert seed_step(after, now, spent) == (None, False)
+    assert seed_step(Counter(since=now.replace(hour=16)), now, spent) == (None, False)
+    assert seed_step(None, now, spent) == (None, False)
+    assert seed_step(Counter(leased=Amount(3, 1)), now, spent) == (None, False)
+
+
+def test_a_counter_without_seeding_fields_reads_as_before_and_its_fields_round_trip() -> None:
+    assert msgspec.json.decode(b'{"leased":[5,7]}', type=Counter) == Counter(leased=Amount(5, 7))
+    assert not Counter(leased=Amount(5, 7)).unseeded
+    c = Counter(leased=Amount(5, 7), since=datetime(2026, 12, 6, 15, tzinfo=UTC), seeded=Amount(2, 0))
+    assert msgspec.json.decode(msgspec.json.encode(c), type=Counter) == c
+
+
+@pytest.mark.parametrize(("spec", "expected"), [
+    ({}, ("", "", "")),
+    ({"tenant": "acme"}, ("acme", "", "")),
+    ({"tenant": "acme", "app": "shop"}, ("acme", "shop", "")),
+    ({"key": "k9"}, ("", "", "k9")),
+    ({"per": "tenant"}, ("t", "", "")),
+    ({"per": "app"}, ("t", "a", "")),
+    ({"tenant": "acme", "per": "key"}, ("acme", "", "k")),
+])
+def test_a_counters_scope_is_its_budgets_selection_narrowed_by_its_split(spec: dict[str, Any],
+                                                                          expected: tuple[str, str, str]) -> None:
+    (b,) = resolve({"b": BudgetSpec(usd=1, **spec)})
+    assert scope(b, "t", "a", "k") == expected
+
+
+def test_period_start_and_counter_keys() -> None:
+    now = datetime(2026, 12, 6, 15, 4, 5, 6, tzinfo=UTC)
+    assert period_start("day", now) == datetime(2026, 12, 6, tzinfo=UTC)
+    assert period_start("month", now) == datetime(2026, 12, 1, tzinfo=UTC)
+    assert parse_counter_key("shop-day.2026-12-06") == ("shop-day", "", "2026-12-06")
+    assert parse_counter_key("each-key.k=2E1.2026-12") == ("each-key", "k=2E1", "2026-12")
+    assert parse_counter_key("_rl.rpm.0.k1") is None and parse_counter_key("_judge.x.2026-12") is None
+    assert spend_amount(0.1200000001, 9) == Amount(120_000_000, 9) and spend_amount(-1e-12, 0) == ZERO
