@@ -158,8 +158,9 @@ class Rollouts:
         self.unreplayed: dict[str, str] = {}
         self.replayed = asyncio.Event()  # set once the served events from before the start are read back
         self._held: dict[str, float] = {}  # deployment -> when its due step may read its admission again
-        # deployment -> (from when a DRIFT moves its route, `progress.drift_moves`; the stream sequence of the last
-        # drift report on its subject `_hold_drifts` read since)
+        # deployment -> since when (wall clock) this replica has seen a DRIFT report able to move its route
+        # (`progress.drift_moves`, `_note_drift`), and the stream sequence of the last report `_hold_drifts` read since
+        self._drift_from: dict[str, float] = {}
         self._drifts_read: dict[str, tuple[float, int]] = {}
         # True while this replica serves stable only: cut off from the bus longer than router_cut_off_s, until it
         # is back and has reloaded its routes (run_cut_off; read by the proxy on every request). Why: its connection
@@ -469,6 +470,7 @@ class Rollouts:
             self.routes.pop(key, None)
         else:
             self.routes[key] = route
+        self._note_drift(key, route)
         self._revisions[key] = revision
         self.unreadable.pop(key, None)
         self._recovered.pop(key, None)
@@ -533,6 +535,7 @@ class Rollouts:
                 self.routes.pop(deployment, None)
             else:
                 self.routes[deployment] = found[0]
+            self._note_drift(deployment, found[0] if found else None)
             known = self._recovered[deployment] = (revision, found[1] if found else 0)
         route = self.routes.get(deployment)
         return (route, known[1]) if known[1] and route is not None else None
@@ -646,6 +649,16 @@ class Rollouts:
         elif self.routes.get(route.deployment) is route:  # else changed meanwhile: looked at again next time
             self._unadmit(route, admission)
 
+    def _note_drift(self, deployment: str, route: Route | None) -> None:
+        """Note when a DRIFT report began to be able to move `deployment`'s route, as this replica saw the route change
+        (`_hold_drifts` reads only reports stored since). A report stored before (while the canary had 0%, say, or a
+        `drift` metric judged drift) was not acted on when it came, and must not be later (probe p24 F1: a header
+        step's report aborted the canary the moment an approval gave it weight)."""
+        if route is None or progress.drift_moves(route) is None:
+            self._drift_from.pop(deployment, None)
+        elif deployment not in self._drift_from:
+            self._drift_from[deployment] = time.time()
+
     async def _hold_drifts(self) -> None:
         """The drift reports stored for every route a DRIFT moves now (`progress.drift_moves`: a live canary whose
         analysis does not judge drift, a blue-green release under post-promotion analysis) since this replica last
@@ -657,13 +670,13 @@ class Rollouts:
         it did from the route that one writes. One that takes it and cannot act (a partition that drops the server's
         side only, a frozen process) held it until redelivery, 30 s each and 8 at most, while connected, healthy
         replicas kept the drifting canary serving. The report is in the events stream before it is delivered, so
-        every replica acts on it within `stable_check_s` whatever the others do. Every report since the last read is
-        read, not the newest only: the monitor's reports of the deployment's whole traffic, and other tenants' and
-        applications' own, share its subject, and one of them follows a canary's report within seconds."""
+        every replica acts on it within `stable_check_s` whatever the others do: every report stored since the route
+        could be moved by one (`_note_drift`; a replica started since reads from its start), not the newest only:
+        the monitor's reports of the deployment's whole traffic, and other tenants' and applications' own, share its
+        subject, and one of them follows a canary's report within seconds."""
         stream = self.ctx.bus.subjects.streams["events"].name
-        moved = {r.deployment: since for r in list(self.routes.values())
-                 if (since := progress.drift_moves(r)) is not None}
-        # A rollout that ended, or started again (a retry, another canary release), is read from its start again.
+        moved = dict(self._drift_from)
+        # A route no report moves now, or moved again since (a retry, a canary given weight again), is read anew.
         self._drifts_read = {d: read for d, read in self._drifts_read.items() if moved.get(d) == read[0]}
         unread: list[str] = []
         for deployment, since in moved.items():
@@ -696,8 +709,7 @@ class Rollouts:
             except LockgateError as exc:  # one its message would have dead-lettered: never acted on
                 log.error("%s: drift report %d of %s cannot be acted on: %s", deployment, seq, stream, exc.message)
             self._drifts_read[deployment] = (since, seq)
-            route = self.routes.get(deployment)
-            if route is None or progress.drift_moves(route) != since:
+            if self._drift_from.get(deployment) != since:
                 return  # ended (by this report, say): nothing more to read for it
 
     async def _hold_stables(self) -> None:
@@ -1426,6 +1438,7 @@ class Rollouts:
             route = msgspec.structs.replace(route, paused=False)  # a finished canary holds nothing
         before = self.routes.get(route.deployment)  # the route this change is made from: which attempt it is part of
         self.routes[route.deployment] = route
+        self._note_drift(route.deployment, route)
         state = domain.to_state(route, before)
         if actor:
             state = msgspec.structs.replace(state, actor=actor)

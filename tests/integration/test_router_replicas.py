@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -273,3 +274,57 @@ async def test_a_drift_report_whose_message_a_replica_swallowed_aborts_the_canar
         route = r.rollouts.route("chat")
         assert (route.weight, route.stable.release) == (0.0, "r1"), route.reason
         assert f"drift report {drift.id}" in route.reason and "DRIFT in output_tokens (PSI 0.9" in route.reason
+
+
+async def test_a_drift_report_made_before_a_canary_could_be_moved_by_one_never_aborts_it_later(
+    replicas: tuple[Any, Any], bus: Bus, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The periodic read acts only on reports stored since a report could move the route. Probe p24 F1: a DRIFT of the
+    canary's traffic made while it had 0% (a header step's testers), which its message rightly moved nothing with,
+    aborted the canary within seconds of an approval giving it weight, on every replica."""
+    a, b = replicas
+    await canary_passed(bus, a, {"steps": [50, 100], "interval_s": 3600})
+    await a.rollouts.wait_for(lambda routes: "chat" in routes and routes["chat"].weight == 50.0, timeout=10)
+    await a.rollouts.operate("chat", "set-weight", "ops", weight=0.0)
+    for r in (a, b):
+        await r.rollouts.wait_for(lambda routes: "chat" in routes and routes["chat"].weight == 0.0, timeout=10)
+    taken: list[DriftReport] = []
+    handled = asyncio.Condition()
+
+    async def seen(report: DriftReport, real: Any) -> None:
+        await real(report)
+        async with handled:
+            taken.append(report)
+            handled.notify_all()
+
+    async def handled_n(n: int) -> None:
+        async with asyncio.timeout(10), handled:
+            await handled.wait_for(lambda: len(taken) >= n)
+
+    for r in (a, b):
+        monkeypatch.setattr(r.rollouts, "on_drift", functools.partial(seen, real=r.rollouts.on_drift))
+
+    def report() -> DriftReport:
+        now = datetime.now(UTC)
+        return DriftReport(served=True, deployment="chat", window_start=now - timedelta(seconds=30), window_end=now,
+                           reference_n=100, current_n=100, drifted=True, comparison="canary_vs_stable",
+                           release="r2", reference_release="r1", features=[
+                               FeatureDrift(feature="output_tokens", psi=0.9, ks_stat=0.6, ks_pvalue=1e-6,
+                                            reference_mean=12, current_mean=36, drifted=True)])
+
+    early = report()
+    await bus.publish(bus.subjects.drift("chat"), early)
+    await handled_n(1)  # its message handled at 0%: moved nothing
+    await a.rollouts.operate("chat", "set-weight", "ops", weight=50.0)
+    for r in (a, b):
+        await r.rollouts.wait_for(lambda routes: routes["chat"].weight == 50.0, timeout=10)
+        await r.rollouts._hold_drifts()  # the periodic read, now rather than within stable_check_s
+        assert r.rollouts.route("chat").phase == "progressing", r.rollouts.route("chat").reason
+    # A report made since is acted on by the same read, on a replica whose message was swallowed.
+    for r in (a, b):
+        monkeypatch.setattr(r.rollouts, "on_drift", functools.partial(seen, real=lambda _: asyncio.sleep(0)))
+    late = report()
+    await bus.publish(bus.subjects.drift("chat"), late)
+    await handled_n(2)  # its message swallowed
+    await b.rollouts._hold_drifts()
+    assert b.rollouts.route("chat").phase == "aborted" and f"drift report {late.id}" in b.rollouts.route("chat").reason
