@@ -35,7 +35,8 @@ def test_numbers_and_times_are_never_folded_in_a_narrow_terminal(width: int) -> 
 
     row = {"tenant": "default", "app": "shop", "release": "shop-v2-rc2 with a long description to fold",
            "requests": 2637, "input_tokens": 18458, "output_tokens": 29007, "cost_usd": 0.0527395,
-           "window_end": "2026-12-06T16:40:35.244683", "reference_mean": 0.125}
+           "window_end": "2026-12-06T16:40:35.244683", "reference_mean": 0.125,
+           "eval_run": "01a24c3a-432b-7e51-9c2f-5d2b1c0e9a77"}
     shown = Console(width=width, record=True, force_terminal=False)
     saved, render.console = render.console, shown
     try:
@@ -43,7 +44,8 @@ def test_numbers_and_times_are_never_folded_in_a_narrow_terminal(width: int) -> 
     finally:
         render.console = saved
     lines = shown.export_text().splitlines()
-    for whole in ("0.0527395", "2026-12-06T16:40:35.244683", "reference_mean", "18458", "cost_usd"):
+    for whole in ("0.0527395", "2026-12-06T16:40:35.244683", "reference_mean", "18458", "cost_usd",
+                  "01a24c3a-432b-7e51-9c2f-5d2b1c0e9a77"):  # a UUID too (probe p24 F3: folded at 36 > 32)
         assert any(whole in line for line in lines), (whole, lines)
     assert max(len(line) for line in lines) <= width
     assert any("shop-v2-rc2" in line for line in lines)

@@ -88,8 +88,9 @@ def table(rows: Sequence[dict[str, Any]], *, title: str | None = None, columns: 
     console.print(t)
 
 
-# A cell up to this long with no space in it (a number, a time, an id) is one token.
-_TOKEN = 32
+# A cell up to this long with no space in it (a number, a time, an id: a trace's 32 hex digits, a UUID's 36
+# characters) is one token.
+_TOKEN = 40
 
 
 def _whole(header: str, column: list[str]) -> int:
