@@ -71,7 +71,8 @@ class MetricSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     `score` is the mean of an online evaluation score (`scorer`, e.g. pii_free, refusal, length) of
     sampled live traffic: lower is better with the limits above, higher is better with `min`
     (canary >= min) or `max_decrease` (stable - canary <= max_decrease). Fewer than `min_scores`
-    scores per variant is WAITING: no step passes on a handful of scored answers.
+    scores per variant is WAITING: no step passes on a handful of scored answers; nor with fewer than
+    `AnalysisSpec.min_step_sample` (at most `min_scores`) of the canary's answers served since the step began.
 
     `drift` is the number of features the drift monitor's latest report covering the canary found drifted
     in a way that can harm (an improvement never counts), held to `max` (e.g. 0): while the canary has a stable
@@ -149,6 +150,7 @@ class AnalysisSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     window_s: Annotated[float, msgspec.Meta(gt=0)] | None = None
     # Canary requests served since the current step began that a look needs before it may pass: a step (or the
     # promotion after the last) is never passed on the evidence of the step before it at a lower weight alone.
+    # A `score` metric needs as many scores of canary answers served since then (at most its `min_scores`).
     # A failure needs no new evidence (a fault seen is a fault).
     min_step_sample: Annotated[int, msgspec.Meta(ge=1)] = 10
 
@@ -864,15 +866,17 @@ def _sorted(sample: VariantSample) -> VariantSample:
 
 
 def measure(spec: AnalysisSpec, canary: VariantSample, stable: VariantSample, look: int,
-            drift: DriftReport | None = None, *, baseline_final: bool = False, step_n: int | None = None) -> Measurement:
+            drift: DriftReport | None = None, *, baseline_final: bool = False, step_n: int | None = None,
+            step_at: float | None = None) -> Measurement:
     """Judge the canary against stable at look `look` (1 for the first look with enough data); `drift` is the
     latest drift report covering the canary (None: none yet), for `drift` metrics. `baseline_final`: `stable` can
     grow no more (after a blue-green promotion the old release gets no traffic), so once the canary has its
     sample a baseline short of `min_sample` is INCONCLUSIVE, not WAITING: no data never passes, and never waits
     for ever either; and so is a score metric's baseline short of `min_scores` once the canary has them.
     `step_n`: the canary's requests since the current step began (None: every one is, as after a promotion); a
-    look that would pass on fewer than `min_step_sample` of them WAITS for more. The metrics judged are
-    `spec.judged`: with error_rate, client_error_rate too."""
+    look that would pass on fewer than `min_step_sample` of them WAITS for more. `step_at`: when the current step
+    began (unix seconds; None: as for `step_n`), for the same rule on online scores (`_step_scores`). The metrics
+    judged are `spec.judged`: with error_rate, client_error_rate too."""
     metrics = spec.judged
     if canary.n < spec.min_sample or stable.n < spec.min_sample:
         final = baseline_final and canary.n >= spec.min_sample
@@ -894,6 +898,8 @@ def measure(spec: AnalysisSpec, canary: VariantSample, stable: VariantSample, lo
         results = [f if m.name == "client_error_rate" else r for r, f, m in zip(results, found, metrics, strict=True)]
         return msgspec.structs.replace(waiting, verdict="FAILED", metrics=results)
     results = _judged(spec, metrics, canary, stable, look, drift, baseline_final)
+    if step_at is not None:
+        results = [_step_scores(spec, m, r, canary, step_at) for m, r in zip(metrics, results, strict=True)]
     verdicts = {r.verdict for r in results if not r.dry_run}
     # A metric still waiting for its data (online scores) holds the step: never a pass, not yet a look.
     overall: Verdict = ("FAILED" if "FAILED" in verdicts else "WAITING" if "WAITING" in verdicts
@@ -905,6 +911,29 @@ def measure(spec: AnalysisSpec, canary: VariantSample, stable: VariantSample, lo
         return _held(m, f"waiting for {spec.min_step_sample} canary requests at this step (min_step_sample; "
                         f"{step_n} since it began): a step is not passed on the evidence of the step before it")
     return m
+
+
+def _step_scores(spec: AnalysisSpec, metric: MetricSpec, result: MetricResult, canary: VariantSample,
+                 step_at: float) -> MetricResult:
+    """A score metric's pass held (WAITING) until the canary has `min_step_sample` scores (at most the metric's
+    `min_scores`) of answers served since the step began (`step_at`), as a look waits for the step's requests:
+    `min_scores` counts the whole window, so with the evaluator down or behind (an LLM judge held to its calls per
+    minute, a backlog after a restart) a step, and the promotion, passed on the scores that passed the step before
+    it (probe p22 F3). A scorer error is no score; a failure needs none of the step. Scores without times are of
+    no known step."""
+    if metric.name != "score" or result.verdict != "SUCCESSFUL":
+        return result
+    need = min(spec.min_step_sample, metric.min_scores)
+    values = canary.scores.get(metric.scorer, ())
+    times = canary.score_times.get(metric.scorer, ())
+    have = sum(1 for t, v in zip(times, values, strict=True) if t >= step_at and v == v) \
+        if len(times) == len(values) else 0
+    if have >= need:
+        return result
+    return msgspec.structs.replace(
+        result, verdict="WAITING",
+        why=f"waiting for {need} scores of canary answers served at this step (min_step_sample; {have} since it "
+            "began; is the evaluator running, or behind?): a step is not passed on the scores of the step before it")
 
 
 def _requests(sample: VariantSample) -> str:

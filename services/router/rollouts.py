@@ -1270,9 +1270,11 @@ class Rollouts:
         if stable.n < spec.min_sample and since > route.started_at:
             stable = self.evidence.sample(route.deployment, route.stable.release, route.started_at)
         comparison, release, drift_since, whole = progress.drift_evidence(route, since)
+        began = progress.step_began(route)
         return analysis.measure(spec, canary, stable, look,
                                 self.evidence.drift(route.deployment, release, drift_since, comparison, whole),
-                                step_n=self.evidence.count(route.deployment, route.canary.release, progress.step_began(route)))
+                                step_n=self.evidence.count(route.deployment, route.canary.release, began),
+                                step_at=began)
 
     def _step(self, route: Route, now: float, rollbacks: Mapping[str, GateDecided | None]) -> None:
         """A due route: the clock's own changes first (timed pauses, blue-green promotion and scale-down,

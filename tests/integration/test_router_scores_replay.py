@@ -228,3 +228,32 @@ async def test_a_score_both_taken_live_and_read_back_counts_once(
         async with asyncio.timeout(30):
             await router.rollouts.replayed.wait()
     assert total() == before + after
+
+
+async def test_a_step_is_not_passed_on_the_scores_of_the_step_before_it_when_the_evaluator_stops(
+        stack: tuple[Stack, Signer], http: aiohttp.ClientSession, run_services: Callable[..., Any]) -> None:
+    # Probe p22 F3: the evaluator stopped during the 50% step; the 100% step, and the promotion, passed on the 50%
+    # step's scores (`min_scores` counts the whole window), not one score of the 100% step among them. Now the
+    # 100% step waits for scores of its own, and past its progress deadline pauses for an operator, as a step
+    # judged on drift does with the drift monitor down. The canary is healthy on `refusal` (neither arm refuses).
+    replicas, signer = stack
+    await run_services("query")
+    router = await replicas.start()
+    refusal = {"name": "score", "scorer": "refusal", "max_increase": 0.05, "min_scores": 20}
+    spec = {"metrics": [refusal], "min_sample": 50, "failure_limit": 0, "inconclusive_limit": 1,
+            "progress_deadline_s": 1.0}
+    await _start(http, router, "leaky", {"steps": [50, 100], "interval_s": 0.2, "analysis": spec})
+    await _pass(router, signer, "leaky")
+    async with Evaluator(replicas.context) as evaluator:
+        sent = await _traffic_until(http, router, lambda r: False, limit=80)  # under 50 events for one variant
+        await _scored(router, evaluator, sent)
+    scored = {release: len(_scores(router, release)) for release in ("r1", "leaky")}
+    assert min(scored.values()) >= 20, scored  # the score metric's min_scores, all of the 50% step
+    assert router.rollouts.route("chat").weight == 50
+    sent = await _traffic_until(http, router, lambda r: r.paused or r.phase != "progressing", limit=4000)
+    route = router.rollouts.route("chat")
+    assert route.paused and route.phase == "progressing", \
+        f"not paused after {sent} requests: {route.reason} ({route.analysis and route.analysis.last})"
+    assert route.weight == 100, route.reason  # the 50% step passed on its own scores
+    assert "waiting for 10 scores of canary answers served at this step (min_step_sample; 0 since it began" \
+        in route.reason, route.reason

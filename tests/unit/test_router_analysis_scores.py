@@ -1,6 +1,6 @@
 """Online `score` metrics in canary analysis (probe p22): a scorer's errors are evidence about the arm whose answers
-it could not score (F1), and scores are compared like with like in time as requests are (F2). Pure: events and
-their scores into Evidence, then measure."""
+it could not score (F1), scores are compared like with like in time as requests are (F2), and a step passes only
+with scores of its own (F3). Pure: events and their scores into Evidence, then measure."""
 
 from __future__ import annotations
 
@@ -20,9 +20,10 @@ JUDGE = AnalysisSpec(metrics=[MetricSpec(name="score", scorer="llm_judge", max_d
 
 
 def _served(steps: list[tuple[float, float]], score: Callable[[float, bool, random.Random], float], per_s: int = 24,
-            seed: int = 1, scorer: str = "llm_judge") -> Evidence:
+            seed: int = 1, scorer: str = "llm_judge", scored_until: float = math.inf) -> Evidence:
     """One app key's requests from T0 on, `per_s` a second, each answer scored by `scorer`; `steps`: (seconds from
-    T0 a step begins, canary weight); `score(t, canary, rng)`: the score of the answer at t (NaN: a scorer error)."""
+    T0 a step begins, canary weight); `score(t, canary, rng)`: the score of the answer at t (NaN: a scorer error);
+    answers from `scored_until` seconds on are never scored (the evaluator stopped)."""
     rng = random.Random(seed)
     ev = Evidence(price=lambda e: None)
     end = steps[-1][0] + 10
@@ -33,7 +34,8 @@ def _served(steps: list[tuple[float, float]], score: Callable[[float, bool, rand
         release = "r2" if canary else "r1"
         ev.add(InferenceEvent(id=f"e{i}", app="shop", deployment="d", release=release, key_id="k-app",
                               output_tokens=20, latency_ms=100.0, time=datetime.fromtimestamp(T0 + t, UTC)))
-        ev.add_scores("d", release, f"e{i}", T0 + t, {scorer: score(t, canary, rng)})
+        if t < scored_until:
+            ev.add_scores("d", release, f"e{i}", T0 + t, {scorer: score(t, canary, rng)})
     return ev
 
 
@@ -131,3 +133,36 @@ def test_at_100_percent_scores_are_never_compared_with_older_stable_ones() -> No
                          min_sample=30)
     m = analysis.measure(floor, ev.sample("d", "r2", T0 + 12), ev.sample("d", "r1", T0), look=1)
     assert _score(m).verdict == "FAILED" and _score(m).threshold == 0.95, analysis.describe(_score(m))
+
+
+def test_a_step_is_not_passed_on_the_scores_of_the_step_before_it() -> None:
+    # p22 F3: the evaluator stopped during the 50% step; the 100% step (from 10 s) and the promotion passed on the
+    # 50% step's scores, not one score of the 100% step among them.
+    steps = [(0, 0.5), (10, 1.0)]
+    ev = _served(steps, lambda t, canary, rng: 0.9, scored_until=8)
+    canary, stable = ev.sample("d", "r2", T0), ev.sample("d", "r1", T0)
+    step_n = ev.count("d", "r2", T0 + 10)
+    assert step_n >= JUDGE.min_step_sample  # requests of the step: enough, as before
+    assert analysis.measure(JUDGE, canary, stable, look=1, step_n=step_n).verdict == "SUCCESSFUL"  # what promoted
+    m = analysis.measure(JUDGE, canary, stable, look=1, step_n=step_n, step_at=T0 + 10)
+    r = _score(m)
+    assert m.verdict == "WAITING" and r.verdict == "WAITING", analysis.describe(r)
+    assert "waiting for 10 scores of canary answers served at this step (min_step_sample; 0 since it began" in r.why
+    # The evaluator back (or caught up): the step's own scores pass it.
+    ev = _served(steps, lambda t, canary, rng: 0.9)
+    m = analysis.measure(JUDGE, ev.sample("d", "r2", T0), ev.sample("d", "r1", T0), look=1, step_n=step_n,
+                         step_at=T0 + 10)
+    assert m.verdict == "SUCCESSFUL", analysis.describe(_score(m))
+    # A failure needs no scores of the step: a fault seen is a fault.
+    ev = _served(steps, lambda t, canary, rng: 0.5 if canary else 0.9, scored_until=8)
+    m = analysis.measure(JUDGE, ev.sample("d", "r2", T0), ev.sample("d", "r1", T0), look=1, step_n=step_n,
+                         step_at=T0 + 10)
+    assert m.verdict == "FAILED", analysis.describe(_score(m))
+
+
+def test_a_scorer_whose_errors_are_all_a_step_has_gives_it_no_scores() -> None:
+    # The evaluator runs but the judge is down from the step on: errors are no scores of the step.
+    ev = _served([(0, 0.5), (10, 0.8)], lambda t, canary, rng: math.nan if t >= 10 else 0.9)
+    canary = ev.sample("d", "r2", T0)
+    m = analysis.measure(JUDGE, canary, ev.sample("d", "r1", T0), look=1, step_at=T0 + 10)
+    assert m.verdict != "SUCCESSFUL", analysis.describe(_score(m))
