@@ -219,8 +219,9 @@ class VariantSample:
     # Requests its upstream refused with a 4xx taken for the client's fault (InferenceEvent.client_failed): in no
     # metric but `client_error_rate`, of which they are the share of all requests (n + refused).
     refused: int = 0
+    # Answers, and calls that timed out at their time to failure (`from_rows`)
     latency_ms: Sequence[float] = ()
-    ttft_ms: Sequence[float] = ()  # streamed requests only
+    ttft_ms: Sequence[float] = ()  # streamed answers only, and calls that timed out
     tokens: Sequence[float] = ()
     cost: Sequence[float] = ()  # priced requests only
     scores: Mapping[str, Sequence[float]] = field(default_factory=dict)  # online evaluation, by scorer
@@ -239,19 +240,33 @@ class VariantSample:
 
 
 # The columns of `VariantSample.rows`: unix seconds, failed (1.0), latency, ttft (0: not streamed), tokens, cost
-# (-1: unpriced), refused (1.0: `VariantSample.refused`, failed and unpriced too).
-ROWS = ("time", "failed", "latency_ms", "ttft_ms", "tokens", "cost", "refused")
+# (-1: unpriced), refused (1.0: `VariantSample.refused`, failed and unpriced too), timed out (1.0: failed because a
+# timeout gave up on the upstream, `evidence.TIMED_OUT`; latency is then the time to failure).
+ROWS = ("time", "failed", "latency_ms", "ttft_ms", "tokens", "cost", "refused", "timed_out")
 
 
 def from_rows(rows: np.ndarray) -> VariantSample:
-    """The sample of the requests `rows` (`ROWS` by request). Latency and tokens describe answers: a failed call's
-    timing is the error's, not the model's. Refused requests count in `refused` only."""
-    _, failed, latency, ttft, tokens, cost, refused = rows
+    """The sample of the requests `rows` (`ROWS` by request). Tokens describe answers. Latency and TTFT describe
+    answers and the calls that timed out, each at its time to failure (its TTFT too, when no first token came
+    before it; the event does not say whether it was streamed): the slower a canary's tail, the more of it times
+    out, and judged on its answers alone such a canary looked faster than stable and passed `latency_p95` (probe
+    p22 F5), as Flagger's and Argo's latency queries count failed requests. A call that failed fast for another
+    reason (a 5xx, a refused connection) says nothing of how fast the release answers: error_rate judges it.
+    Refused requests count in `refused` only."""
+    _, failed, latency, ttft, tokens, cost, refused, _ = rows
     kept = refused == 0
     ok = (failed == 0) & kept
     n = int(kept.sum())
-    return VariantSample(n=n, errors=n - int(ok.sum()), refused=rows.shape[1] - n, latency_ms=latency[ok],
-                         ttft_ms=ttft[ok & (ttft > 0)], tokens=tokens[ok], cost=cost[(cost >= 0) & kept], rows=rows)
+    timed = _timed(rows)
+    return VariantSample(n=n, errors=n - int(ok.sum()), refused=rows.shape[1] - n, latency_ms=latency[ok | timed],
+                         ttft_ms=np.where(ttft > 0, ttft, latency)[(ok & (ttft > 0)) | timed], tokens=tokens[ok],
+                         cost=cost[(cost >= 0) & kept], rows=rows)
+
+
+def _timed(rows: np.ndarray) -> np.ndarray:
+    """Which of `rows` (`ROWS`) failed by a timeout (and count in latency and TTFT: `from_rows`)."""
+    _, failed, _, _, _, _, refused, timed_out = rows
+    return (failed != 0) & (refused == 0) & (timed_out != 0)
 
 
 def z_of(alpha_one_sided: float) -> float:
@@ -650,14 +665,17 @@ def _baseline(group: Group, name: str) -> tuple[VariantSample, list[tuple[Varian
 
 
 def _value_rows(rows: np.ndarray, name: str) -> np.ndarray:
-    """The requests of `rows` that have a value of metric `name` (`from_rows`: answers; streamed; priced)."""
-    _, failed, _, ttft, _, cost, refused = rows
+    """The requests of `rows` that have a value of metric `name` (`from_rows`: answers, and for latency and TTFT
+    calls that timed out; streamed; priced)."""
+    _, failed, _, ttft, _, cost, refused, _ = rows
     if name == "client_error_rate":
         return rows
     if name == "error_rate":
         return rows[:, refused == 0]
     if name.startswith("ttft"):
-        return rows[:, (failed == 0) & (ttft > 0)]
+        return rows[:, ((failed == 0) & (ttft > 0)) | _timed(rows)]
+    if name.startswith("latency"):
+        return rows[:, (failed == 0) | _timed(rows)]
     return rows[:, (cost >= 0) & (refused == 0)] if name == "cost_per_request" else rows[:, failed == 0]
 
 

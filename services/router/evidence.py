@@ -17,13 +17,19 @@ import numpy as np
 
 from lockgate.contracts import DriftReport, InferenceEvent
 from lockgate.contracts.drift import Comparison
-from lockgate.contracts.inference import CLIENT_DISCONNECTED
+from lockgate.contracts.inference import CLIENT_DISCONNECTED, UPSTREAM_UNANSWERED
 from lockgate.services.router.analysis import ROWS, VariantSample, from_rows
 
 MAX_ROWS = 50_000  # per deployment and release: enough for p99 on any step, bounded memory
 _FIRST = 1024  # buffers start small and double up to MAX_ROWS
 _COLS = len(ROWS) + 1  # and the API key's index
 _REFUSED = ROWS.index("refused")
+# The error types of a call a timeout gave up on (the router's upstream.py and proxy.py): no first byte within
+# `first_byte_s` (a hop's own event, and the request's when no hop answered), no connection within `connect_s`, a
+# client gone after `router_unanswered_s` of the upstream's silence, a stream that stalled or outran `total_s`.
+# Analysis counts them in latency and TTFT at their time to failure (`analysis.from_rows`).
+TIMED_OUT = frozenset({"first_byte", "connect_timeout", "upstream_timeout", UPSTREAM_UNANSWERED,
+                       "stream_interrupted:ChunkTimeout", "stream_interrupted:TotalTimeout"})
 
 
 def refused_4xx(event: InferenceEvent) -> bool:
@@ -34,8 +40,8 @@ def refused_4xx(event: InferenceEvent) -> bool:
 
 class _Ring:
     """One release's rows: time, failed, latency, ttft (0 = not streamed), tokens, cost (-1 = unpriced), refused (1 =
-    its upstream refused it with a 4xx taken for the client's fault), and the index of the request's API key
-    (`Evidence._keys`)."""
+    its upstream refused it with a 4xx taken for the client's fault), timed out (1 = `TIMED_OUT`), and the index of
+    the request's API key (`Evidence._keys`)."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
@@ -128,7 +134,7 @@ class Evidence:
             self._keys.append(event.key_id)
         return (event.time.timestamp(), float(event.status != "ok"), event.latency_ms, event.ttft_ms,
                 float(event.input_tokens + event.output_tokens), -1.0 if cost is None else cost, float(refused),
-                float(index))
+                float(event.status != "ok" and event.error_type in TIMED_OUT), float(index))
 
     def add_scores(self, deployment: str, release: str, event_id: str, at: float,
                    scores: Mapping[str, float]) -> None:

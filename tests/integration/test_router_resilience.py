@@ -737,6 +737,39 @@ async def test_stables_answer_after_a_canarys_failed_call_is_timed_from_its_own_
         assert 0 < event.ttft_ms <= event.latency_ms
 
 
+async def test_a_canary_whose_slow_calls_time_out_is_aborted_on_latency_not_promoted_on_its_fast_answers(
+        gateway: Gateway, keys: Bootstrap, context: ServiceContext) -> None:
+    # Found by a probe (p22 F5): a third of the canary's calls hung past its endpoint's first-byte timeout and were
+    # answered by stable; analysis kept the answers only in latency, so the canary's p95 was its fast answers' (657
+    # against stable's 675 ms) and it passed `latency_p95 max_ratio 1.5` and was promoted. A call that timed out
+    # now counts at its time to failure (here 0.3 s, against answers of a few ms).
+    async with FakeLLM("stable") as stable, FakeLLM("canary", *(["hang", "ok", "ok"] * 100)) as canary:
+        router = await gateway({"default": {"url": stable.url}, "canary": {
+            "url": canary.url, "timeouts": {"first_byte_s": 0.3}, "retry": {"attempts": 1},
+            # never open: its timeouts are the evidence here, not diversions
+            "breaker": {"consecutive_failures": 1000, "failure_ratio": 1.0}}})
+        await register_model_release(context.bus, "r1", "m", "default", tenant="acme")
+        await register_model_release(context.bus, "r2", "m-canary", "canary", tenant="acme")
+        for release in ("r1", "r2"):
+            await store_pass(context.bus, release, context.settings)
+        analysis = {"metrics": [{"name": "latency_p95", "max_ratio": 1.5}], "min_sample": 20,
+                    "failure_limit": 0, "inconclusive_limit": 1000}
+        route = {"stable_release": "r1", "canary_release": "r2",
+                 "strategy": {"steps": [50, 100], "interval_s": 0.1, "analysis": analysis}}
+        async with openai.AsyncOpenAI(base_url=f"{router.url}/lockgate/v1", api_key=keys.admin_key) as admin:
+            await admin.put("/deployments/chat", body=route, cast_to=object)
+        await router.rollouts.wait_for(lambda r: r["chat"].weight == 50, timeout=10)
+        sent = 0
+        async with client(router, keys) as c:
+            while router.rollouts.route("chat").phase == "progressing" and sent < 300:
+                await asyncio.gather(*(c.chat.completions.create(model="m", messages=MESSAGES, user=f"u{sent + i}")
+                                       for i in range(20)))
+                sent += 20
+        done = router.rollouts.route("chat")
+        assert done.phase == "aborted", f"{done.phase} after {sent} requests: {done.reason}"
+        assert "latency_p95" in done.reason, done.reason
+
+
 # Retries
 
 
