@@ -75,14 +75,15 @@ def table(rows: Sequence[dict[str, Any]], *, title: str | None = None, columns: 
     # A Text is the command's own styling (a plan's `+ add`); every other value is data.
     cells = [[v if isinstance(v := r.get(c), Text) else shown(_cell(v)) for c in cols] for r in rows]
     whole = [_whole(c, [row[i].plain for row in cells]) for i, c in enumerate(cols)]
-    # Each column takes 3 characters of borders and padding; a text column is given at least 8 to fold into.
-    if sum(w or 8 for w in whole) + 3 * len(cols) + 1 > console.width:
+    words = [_word(c, [row[i].plain for row in cells]) for i, c in enumerate(cols)]
+    # Each column takes 3 characters of borders and padding; a text column at least its longest word (up to _TOKEN).
+    if sum(w or n for w, n in zip(whole, words, strict=True)) + 3 * len(cols) + 1 > console.width:
         _records(cols, cells, title)
         return
     t = Table(title=title, header_style="bold", show_lines=False)
-    for c, w in zip(cols, whole, strict=True):
+    for c, w, n in zip(cols, whole, words, strict=True):
         justify = "right" if isinstance(rows[0].get(c), int | float) else "left"
-        t.add_column(c, overflow="fold", justify=justify, **({"no_wrap": True, "min_width": w} if w else {}))
+        t.add_column(c, overflow="fold", justify=justify, min_width=w or n, no_wrap=bool(w))
     for row in cells:
         t.add_row(*row)
     console.print(t)
@@ -99,6 +100,12 @@ def _whole(header: str, column: list[str]) -> int:
     if not column or any(len(v) > _TOKEN or any(ch.isspace() for ch in v) for v in column):
         return 0
     return max(len(header), *(len(v) for v in column))
+
+
+def _word(header: str, column: list[str]) -> int:
+    """The width a text column needs to fold between words only: its longest word, at most _TOKEN (a longer one folds
+    anyway)."""
+    return min(_TOKEN, max(len(w) for v in [header, *column] for w in (v.split() or [""])))
 
 
 def _records(cols: list[str], cells: list[list[Text]], title: str | None) -> None:

@@ -99,9 +99,9 @@ async def _until_stopped(stop: asyncio.Event, runtime: Runtime) -> None:
         raise failed.result()
 
 
-def _print_endpoints(endpoints: dict[str, str], notes: dict[str, str]) -> None:
+def _print_endpoints(endpoints: dict[str, str], notes: dict[str, str] | None = None) -> None:
     for name, url in endpoints.items():
-        note = f"  ({notes[name]})" if name in notes else ""
+        note = f"  ({notes[name]})" if notes and name in notes else ""
         console.print(f"  [bold]{name:<11}[/bold] {shown_url(url)}{note}", highlight=False)
 
 
