@@ -321,8 +321,11 @@ async def test_a_drift_report_made_before_a_canary_could_be_moved_by_one_never_a
         await r.rollouts._hold_drifts()  # the periodic read, now rather than within stable_check_s
         assert r.rollouts.route("chat").phase == "progressing", r.rollouts.route("chat").reason
     # A report made since is acted on by the same read, on a replica whose message was swallowed.
+    async def swallow(_: DriftReport) -> None:
+        """Acked and acted on by nobody: a replica that took the message and could not act on it."""
+
     for r in (a, b):
-        monkeypatch.setattr(r.rollouts, "on_drift", functools.partial(seen, real=lambda _: asyncio.sleep(0)))
+        monkeypatch.setattr(r.rollouts, "on_drift", functools.partial(seen, real=swallow))
     late = report()
     await bus.publish(bus.subjects.drift("chat"), late)
     await handled_n(2)  # its message swallowed
