@@ -22,9 +22,10 @@ from lockgate.config import Settings
 from lockgate.contracts import GateDecided, InferenceEvent
 from lockgate.contracts.names import check_name
 from lockgate.decisionwatch import DecisionWithdrawn, verified, watch_decisions
+from lockgate.encoded import Encoded
 from lockgate.errors import BusUnavailable, InvalidEvent, InvalidName, NotFound, SignatureError
 from lockgate.ids import uuid7_time
-from lockgate.outbox import ANSWER_WITHIN_S, Encoded, encode_event, publish_events
+from lockgate.outbox import ANSWER_WITHIN_S, encode_event, publish_events
 from lockgate.server.apikeys import (
     ApiKey,
     AuthError,

@@ -31,9 +31,10 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 
 from lockgate import metrics
 from lockgate.bus import Bus
+from lockgate.encoded import Encoded
 from lockgate.errors import BusUnavailable, InvalidEvent
 from lockgate.limits import EventLimits
-from lockgate.outbox import ANSWER_WITHIN_S, Encoded, encode_event, publish_events
+from lockgate.outbox import ANSWER_WITHIN_S, encode_event, publish_events
 from lockgate.redact import scrub_secrets
 from lockgate.retry import RetryPolicy
 from lockgate.server.apikeys import ApiKey, KeyStore, bearer

@@ -14,7 +14,8 @@ from __future__ import annotations
 import msgspec
 
 from lockgate.contracts import InferenceEvent
-from lockgate.outbox import BATCH_BYTES, Encoded, encode_event
+from lockgate.encoded import Encoded
+from lockgate.outbox import BATCH_BYTES, encode_event
 from lockgate.redact import scrub_event
 
 TRUNCATED = "lockgate.truncated"  # "field:bytes,..." the fields cut and their sizes (UTF-8 bytes) before the cut

@@ -31,6 +31,7 @@ import nats.js.errors
 from lockgate.batcher import Batcher, Overflow
 from lockgate.codec import encode
 from lockgate.contracts import SCHEMA_VERSION, InferenceEvent
+from lockgate.encoded import Encoded
 from lockgate.errors import InvalidEvent, PublishFailed
 from lockgate.ids import batch_id
 from lockgate.limits import EventLimits
@@ -82,19 +83,6 @@ Via = Literal["sent", "served", "relay"]
 # An Outbox's publishes: retried until the bus is back, however long; the buffer's capacity bounds what an
 # outage costs (its overflow policy counts what it refuses), and close() bounds how long a stop waits.
 UNTIL_BACK = RetryPolicy(attempts=None, initial_s=0.05, max_s=2.0)
-
-
-class Encoded(msgspec.Struct, frozen=True, gc=False):
-    """One inference event ready to leave the process: scrubbed and encoded once.
-
-    Not tracked by the garbage collector (it holds only strings and bytes): a buffer of thousands of
-    them waiting to be published made the collector run every 700 emits otherwise."""
-
-    app: str
-    id: str
-    tenant: str  # with `id`, what makes the event one (and its batch's message id)
-    traceparent: str  # the event's request, continued by the message that carries it ("" if none)
-    data: bytes
 
 
 # The check at emit decodes with the sink's decoder's twin (msgspec checks `Meta` constraints, such as

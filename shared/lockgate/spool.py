@@ -38,8 +38,8 @@ from pathlib import Path
 
 import msgspec
 
+from lockgate.encoded import Encoded
 from lockgate.errors import LockgateError
-from lockgate.outbox import Encoded
 
 log = logging.getLogger("lockgate.spool")
 

@@ -21,9 +21,10 @@ from hypothesis import strategies as st
 
 from lockgate.codec import Codec
 from lockgate.contracts import InferenceEvent
+from lockgate.encoded import Encoded
 from lockgate.errors import PublishFailed
 from lockgate.ids import batch_id
-from lockgate.outbox import Encoded, Outbox, chunk_by_sender, chunked, encode_event, publish_events
+from lockgate.outbox import Outbox, chunk_by_sender, chunked, encode_event, publish_events
 from lockgate.retry import RetryPolicy
 from lockgate.subjects import Subjects
 

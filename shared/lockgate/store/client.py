@@ -309,16 +309,3 @@ def _data_error_code(exc: Exception) -> bool:
 def _first_line(exc: Exception) -> str:
     return str(exc).strip().splitlines()[0][:500] if str(exc).strip() else repr(exc)
 
-
-def open_store(url: str, database: str = "lockgate", *, migrate: bool = True, retention: str | None = None) -> Store:
-    """Open a database and bring its schema up to date; with `retention` (the setting), set each table's TTL."""
-    from lockgate.store.migrate import apply_migrations
-    from lockgate.store.retention import apply_retention, parse_retention
-
-    days = parse_retention(retention) if retention is not None else None  # a bad setting fails before any DDL
-    store = Store(url, database)
-    if migrate:
-        apply_migrations(store)
-    if days is not None:
-        apply_retention(store, days)
-    return store
