@@ -13,9 +13,9 @@ import click
 from lockgate.bus import Bus
 from lockgate.cli import running
 from lockgate.cli.access import with_bus
-from lockgate.cli.main import handle_errors
 from lockgate.cli.render import console
 from lockgate.cli.rollout import RouterUnavailable
+from lockgate.cli.root import handle_errors
 from lockgate.cli.stack import (
     PORT,
     _until_signalled,

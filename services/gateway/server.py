@@ -15,7 +15,7 @@ import msgspec
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from lockgate import artifacts, telemetry
+from lockgate import artifacts, propagation
 from lockgate.bus import Bus
 from lockgate.client import get_decision
 from lockgate.config import Settings
@@ -169,7 +169,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServicer):
             except InvalidEvent as exc:
                 rejections.append(ingest_pb2.Rejection(index=index, reason=exc.message))
         headers: dict[str, str] = {}
-        telemetry.inject(headers)  # this call's trace, if any, continues on the bus
+        propagation.inject(headers)  # this call's trace, if any, continues on the bus
         if events and self.bus.state != "connected":
             # At once: nats-py would hold the publishes in its reconnect buffer while each waited out its
             # acknowledgement, past the caller's deadline.

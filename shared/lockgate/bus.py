@@ -25,7 +25,7 @@ import nats.js.errors
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 
-from lockgate import metrics, telemetry
+from lockgate import metrics, propagation
 from lockgate.batcher import Batcher
 from lockgate.codec import Codec, encode
 from lockgate.contracts import DeadLetter, Event, InferenceEvent
@@ -820,7 +820,7 @@ class Bus:
         hdrs = {**(headers or {})}
         if msg_id:
             hdrs["Nats-Msg-Id"] = msg_id
-        telemetry.inject(hdrs)
+        propagation.inject(hdrs)
         try:
             return await self._unless_refused(subject, lambda: self.js.publish(subject, data, headers=hdrs, timeout=5))
         except nats.errors.MaxPayloadError:
@@ -1249,7 +1249,7 @@ def consume(
             headers=headers,
             deliveries=deliveries,
             stream_seq=meta.sequence.stream,
-            trace_context=telemetry.extract(headers),
+            trace_context=propagation.extract(headers),
             in_progress=msg.in_progress,
         )
         try:

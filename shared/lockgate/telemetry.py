@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Any
 
 from opentelemetry import trace
 from opentelemetry.context import Context
-from opentelemetry.propagators.textmap import DefaultGetter
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
@@ -33,19 +32,17 @@ from opentelemetry.sdk.trace.sampling import (
     TraceIdRatioBased,
 )
 from opentelemetry.trace import Span, SpanContext, SpanKind, StatusCode, TraceFlags, Tracer
-from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from lockgate import __version__
 from lockgate.codec import encode
 from lockgate.contracts import SpanBatch, SpanRecord
+from lockgate.propagation import extract
 from lockgate.redact import attribute_strings, scrub_span
 
 if TYPE_CHECKING:
     from lockgate.bus import Bus
 
 log = logging.getLogger("lockgate.telemetry")
-_propagator = TraceContextTextMapPropagator()
-_getter = DefaultGetter()
 
 _KIND = {
     SpanKind.INTERNAL: "Internal",
@@ -55,22 +52,6 @@ _KIND = {
     SpanKind.CONSUMER: "Consumer",
 }
 _STATUS = {StatusCode.UNSET: "Unset", StatusCode.OK: "Ok", StatusCode.ERROR: "Error"}
-
-
-def inject(headers: dict[str, str]) -> None:
-    """Add `traceparent` for the current span, if any."""
-    try:
-        _propagator.inject(headers)
-    except Exception:  # telemetry never fails a request
-        log.debug("traceparent inject failed", exc_info=True)
-
-
-def extract(headers: dict[str, str]) -> Any:
-    """An OTel context from `traceparent` headers (empty context if absent or malformed)."""
-    try:
-        return _propagator.extract(headers, getter=_getter)
-    except Exception:
-        return None
 
 
 def _ts(ns: int | None) -> datetime:

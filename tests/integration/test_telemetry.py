@@ -18,10 +18,11 @@ from lockgate.bus import Bus
 from lockgate.codec import Codec
 from lockgate.config import Settings
 from lockgate.contracts import InferenceEvent, SpanBatch
+from lockgate.propagation import extract
 from lockgate.server.apikeys import KeyStore, bootstrap
 from lockgate.server.service import ServiceContext
 from lockgate.subjects import Subjects
-from lockgate.telemetry import DeferredSpan, NatsSpanExporter, Telemetry, extract
+from lockgate.telemetry import DeferredSpan, NatsSpanExporter, Telemetry
 from lockgate_dev.sim import ModelSpec, SimConfig, SimServer
 from tests.helpers import eventually, metric_points
 

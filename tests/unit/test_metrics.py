@@ -13,7 +13,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from lockgate import metrics
 from lockgate.batcher import Batcher
-from lockgate.telemetry import Telemetry, extract
+from lockgate.propagation import extract
+from lockgate.telemetry import Telemetry
 from tests.helpers import metric_points
 
 

@@ -23,8 +23,8 @@ import nats.errors
 from lockgate import credentials
 from lockgate.cli.access import connect_once
 from lockgate.cli.audit import NotChained, may_record, record_change, record_undone
-from lockgate.cli.main import handle_errors
 from lockgate.cli.render import console, err_console, output, say_with
+from lockgate.cli.root import handle_errors
 from lockgate.config import Settings
 from lockgate.contracts.names import check_name
 from lockgate.errors import ConfigError

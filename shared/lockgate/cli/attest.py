@@ -10,8 +10,8 @@ import click
 from lockgate import documents
 from lockgate.cli.access import with_bus
 from lockgate.cli.gate import authentic_only_option, decided_at, verdict
-from lockgate.cli.main import handle_errors, json_option
 from lockgate.cli.render import err_console
+from lockgate.cli.root import handle_errors, json_option
 from lockgate.errors import ConfigError
 
 # Who may sign an attestation: those who may make what it describes (register releases, request evals). The

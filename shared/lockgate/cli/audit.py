@@ -19,8 +19,8 @@ from lockgate import auditchain, auditlog
 from lockgate.bus import Bus
 from lockgate.cli import access
 from lockgate.cli.access import chosen_role, with_bus
-from lockgate.cli.main import handle_errors, json_option
 from lockgate.cli.render import emit_json, err_console, table
+from lockgate.cli.root import handle_errors, json_option
 from lockgate.config import Settings
 from lockgate.contracts import AuditEntry, AuditRecord
 from lockgate.errors import AuditBroken, BusUnavailable, LockgateError

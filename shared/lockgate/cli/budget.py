@@ -17,8 +17,8 @@ import msgspec
 
 from lockgate.bus import Bus
 from lockgate.cli.access import with_bus
-from lockgate.cli.main import handle_errors, json_option
 from lockgate.cli.render import output
+from lockgate.cli.root import handle_errors, json_option
 from lockgate.errors import UnreadableValue
 from lockgate.services.router.admission import load_gateway_file
 from lockgate.services.router.budgets import NANO, Budget, Counter, parse_counter_key, period_id, resolve

@@ -17,8 +17,8 @@ from lockgate.bus import Bus
 from lockgate.cli.access import with_bus
 from lockgate.cli.audit import NotChained, may_record, read_head, record_change, record_undone
 from lockgate.cli.identity import chosen_identity
-from lockgate.cli.main import fail, handle_errors, json_option
 from lockgate.cli.render import console, emit_json, err_console, say_with, shown, table
+from lockgate.cli.root import fail, handle_errors, json_option
 from lockgate.client import get_decision
 from lockgate.codec import Codec
 from lockgate.config import Settings

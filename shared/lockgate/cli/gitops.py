@@ -15,8 +15,8 @@ import click
 from rich.text import Text
 
 from lockgate.cli.access import chosen_role, with_bus
-from lockgate.cli.main import handle_errors, json_option
 from lockgate.cli.render import console, emit_json, err_console, table
+from lockgate.cli.root import handle_errors, json_option
 
 if TYPE_CHECKING:
     from lockgate.identity import Identity

@@ -14,8 +14,8 @@ import time
 
 import click
 
-from lockgate.cli.main import handle_errors, json_option
 from lockgate.cli.render import console, emit_json
+from lockgate.cli.root import handle_errors, json_option
 from lockgate.errors import ConfigError
 from lockgate.identity import Identity, create_identity, identities_dir, load_identity, sign_override
 from lockgate.signing import public_pem, read_trust_file, trust_file_path

@@ -11,8 +11,8 @@ import datetime as dt
 import click
 
 from lockgate.cli.audit import may_record, record_change
-from lockgate.cli.main import handle_errors
 from lockgate.cli.render import console, output, say_with
+from lockgate.cli.root import handle_errors
 from lockgate.errors import ConfigError
 from lockgate.server.apikeys import ROLES, KeyStore
 

@@ -6,9 +6,9 @@ from typing import Any
 
 import click
 
-from lockgate.cli.main import handle_errors, json_option
 from lockgate.cli.provenance_time import parse_time
 from lockgate.cli.render import emit_json, err_console, output
+from lockgate.cli.root import handle_errors, json_option
 from lockgate.errors import LockgateError
 from lockgate.redact import shown_url
 

@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from lockgate.cli.access import chosen_role, with_bus
-from lockgate.cli.main import handle_errors, json_option
 from lockgate.cli.provenance_time import parse_time
 from lockgate.cli.render import console, emit_json, err_console, output
+from lockgate.cli.root import handle_errors, json_option
 from lockgate.errors import ConfigError
 
 if TYPE_CHECKING:

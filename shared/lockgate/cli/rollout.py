@@ -28,8 +28,8 @@ from rich.text import Text
 
 from lockgate import documents
 from lockgate.cli import access, running
-from lockgate.cli.main import handle_errors, json_option
 from lockgate.cli.render import console, emit_json, err_console, output, shown, table
+from lockgate.cli.root import handle_errors, json_option
 from lockgate.contracts.names import check_name
 from lockgate.credentials import NotAllowed
 from lockgate.errors import ConfigError, LockgateError, NotFound, SignatureError

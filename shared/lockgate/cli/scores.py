@@ -8,8 +8,8 @@ from typing import Any
 import click
 
 from lockgate.cli import access
-from lockgate.cli.main import handle_errors, json_option
 from lockgate.cli.render import output
+from lockgate.cli.root import handle_errors, json_option
 
 
 def register(cli: click.Group) -> None:

@@ -14,8 +14,8 @@ import click
 
 from lockgate import credentials
 from lockgate.cli import access, running
-from lockgate.cli.main import fail, handle_errors
 from lockgate.cli.render import console, err_console
+from lockgate.cli.root import fail, handle_errors
 from lockgate.config import Settings
 from lockgate.errors import ConfigError
 from lockgate.permissions import ROLES

@@ -17,8 +17,8 @@ from lockgate import queryclient
 from lockgate.bus import Bus, stream_full
 from lockgate.cli import running
 from lockgate.cli.access import with_bus
-from lockgate.cli.main import handle_errors, json_option
 from lockgate.cli.render import emit_json, table
+from lockgate.cli.root import handle_errors, json_option
 from lockgate.config import Settings
 from lockgate.errors import BusUnreachable, LockgateError
 from lockgate.redact import shown_url

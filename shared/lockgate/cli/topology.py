@@ -8,8 +8,8 @@ import click
 
 from lockgate.bus import Bus
 from lockgate.cli.access import with_bus
-from lockgate.cli.main import handle_errors, json_option
 from lockgate.cli.render import console, emit_json
+from lockgate.cli.root import handle_errors, json_option
 
 
 def register(cli: click.Group) -> None:

@@ -14,8 +14,8 @@ from rich.text import Text
 
 from lockgate.bus import Bus
 from lockgate.cli.access import with_bus
-from lockgate.cli.main import handle_errors, json_option
 from lockgate.cli.render import console, emit_json, output, shown
+from lockgate.cli.root import handle_errors, json_option
 from lockgate.contracts.artifacts import ARTIFACT_KINDS
 
 if TYPE_CHECKING:
