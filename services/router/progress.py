@@ -6,6 +6,7 @@ style of `domain`; `Rollouts` applies the result with compare-and-set so replica
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Iterable, Mapping
 
 import msgspec
@@ -103,6 +104,48 @@ def shadowing(route: Route) -> bool:
             and route.phase == "progressing")
 
 
+class Tripped(msgspec.Struct, frozen=True, kw_only=True):
+    """The canary's endpoint breaker seen open (`Rollouts.tripped`): since when (unix seconds), and how many of the
+    canary's requests it diverted to stable meanwhile, on every replica (their events say so)."""
+
+    since: float
+    diverted: int = 0
+
+
+# How the note a breaker's hold adds to a route's reason begins and goes on (`tripped_note`).
+_HELD = "; held at "
+_BREAKER_OPEN = ": canary's endpoint breaker open since "
+
+
+def tripped_note(route: Route, tripped: Tripped) -> str:
+    """What a route's reason says while an open breaker of its canary holds its step or promotion."""
+    since = dt.datetime.fromtimestamp(tripped.since, dt.UTC).strftime("%H:%M:%S")
+    what = "request" if tripped.diverted == 1 else "requests"
+    return f"{_HELD}{_where(route)}{_BREAKER_OPEN}{since}, diverted {tripped.diverted} {what} to stable"
+
+
+def breaker_held(route: Route) -> bool:
+    """True while the route's reason says an open breaker of its canary holds it (the change into it is announced,
+    the holds that follow are not)."""
+    return _BREAKER_OPEN in route.reason
+
+
+def _untripped(route: Route) -> Route:
+    """The route with its reason as it was before an open breaker held it (without `tripped_note`)."""
+    at = route.reason.find(_BREAKER_OPEN)
+    if at < 0:
+        return route
+    start = route.reason.rfind(_HELD, 0, at)
+    return msgspec.structs.replace(route, reason=route.reason[:start if start >= 0 else at])
+
+
+def _hold_tripped(route: Route, tripped: Tripped, **later: float) -> Route:
+    """The route held at its step by its canary's open breaker, its next step (`later`: the time field that brings
+    it) put off until then."""
+    base = _untripped(route)
+    return _bump(base, **later, reason=base.reason + tripped_note(base, tripped))
+
+
 def due_at(route: Route) -> float | None:
     """When the route next needs the timer: a paused route is only measured (or its timed pause ends),
     never stepped; a promoted blue-green route is verified and scaled down on time."""
@@ -151,10 +194,18 @@ def on_decision(route: Route, decision: GateDecided, steps: tuple[float, ...], i
     return new
 
 
-def on_time(route: Route, steps: tuple[float, ...], interval_s: float, now: float) -> Route | None:
+def on_time(route: Route, steps: tuple[float, ...], interval_s: float, now: float,
+            tripped: Tripped | None = None) -> Route | None:
     """Changes the clock alone makes: a timed pause step ends, a blue-green preview promotes itself (without a
-    pre-promotion analysis), its old release scales down, or a plain step falls due."""
+    pre-promotion analysis), its old release scales down, or a plain step falls due.
+
+    While the canary's endpoint breaker is open (`tripped`), no next step begins and no promotion happens: the
+    route waits one interval more and says why. Its requests are then answered by stable, and a promotion made
+    meanwhile left the promoted release without that fallback, answering 502 to every request until the breaker's
+    cooldown ended."""
     if program.pause_over(route, now) and route.strategy is not None:
+        if tripped is not None:  # the look on its own schedule (`next_step_at`) still judges an analysed canary
+            return _hold_tripped(route, tripped, resume_at=now + interval_s)
         return program.run(stepped(route, now), route.strategy.program(), interval_s, now,
                            f"timed pause at {_where(route)} over")
     if bluegreen.scale_down_due(route, now):
@@ -162,11 +213,15 @@ def on_time(route: Route, steps: tuple[float, ...], interval_s: float, now: floa
     if analysed(route) or route.paused:
         return None
     if bluegreen.auto_promotion_due(route, now):
+        if tripped is not None:
+            return _hold_tripped(route, tripped, promote_at=now + interval_s)
         return bluegreen.promote(route, "auto-promotion delay over", now, interval_s)
     s = route.strategy
     if route.phase != "progressing" or now < route.next_step_at or (s is not None and (
             s.blue_green is not None or s.shadow_only())):
         return None
+    if tripped is not None:
+        return _hold_tripped(route, tripped, next_step_at=now + interval_s)
     if program.programmed(route):
         assert s is not None
         return program.run(route, s.program(), interval_s, now)
@@ -246,14 +301,21 @@ def _where(route: Route) -> str:
 
 
 def on_measurement(route: Route, m: Measurement, steps: tuple[float, ...], interval_s: float,
-                   now: float, decisions: Mapping[str, GateDecided | None] = domain.NO_DECISIONS) -> Route | None:
+                   now: float, decisions: Mapping[str, GateDecided | None] = domain.NO_DECISIONS,
+                   tripped: Tripped | None = None) -> Route | None:
     """Apply one analysis measurement: abort (or, after a blue-green promotion, roll back) on failures past
     the limit, pause on too many inconclusive ones, advance (or promote after the last step) after
-    `count` successes in the step."""
+    `count` successes in the step.
+
+    While the canary's endpoint breaker is open (`tripped`), a passing look advances nothing: the step waits, its
+    reason saying why, and the first passing look once the breaker is no longer seen open advances it. A failing
+    one still aborts: the hold keeps no canary from its analysis."""
     spec = spec_of(route)
     if spec is None:
         return None
-    route = _unwaited(route)
+    route = _untripped(_unwaited(route))
+    verifying = route.phase == "promoted"
+    tripped = None if verifying else tripped  # a promoted release has no stable arm to be diverted to
     st = route.analysis or AnalysisStatus()
     # A look of a paused rollout never waits toward the deadline: an operator (or a pause step) holds it, not
     # missing evidence. Any look that does not wait ends the wait.
@@ -264,13 +326,14 @@ def on_measurement(route: Route, m: Measurement, steps: tuple[float, ...], inter
                                  waiting_since=(st.waiting_since or now) if waits else 0.0, wait_note="")
     nxt = now + interval_s
     culprit = m.failing()
-    verifying = route.phase == "promoted"
 
     def hold(st: AnalysisStatus) -> Route:
-        """The route held at its step; its reason says what the step waits for once it has waited an interval."""
+        """The route held at its step; its reason says what the step waits for once it has waited an interval, and
+        that the canary's breaker is open while it is."""
         note = _wait_note(route, m, now - st.waiting_since, interval_s) if waits else ""
+        open_note = tripped_note(route, tripped) if tripped is not None else ""
         return _bump(route, analysis=msgspec.structs.replace(st, wait_note=note), next_step_at=nxt,
-                     reason=route.reason + note)
+                     reason=route.reason + open_note + note)
     if m.verdict == "FAILED":
         st = msgspec.structs.replace(st, failures=st.failures + 1)
         if st.failures > spec.failure_limit:
@@ -298,9 +361,9 @@ def on_measurement(route: Route, m: Measurement, steps: tuple[float, ...], inter
         return hold(st)
     if m.verdict == "WAITING" or route.paused:
         return hold(st)
-    st = msgspec.structs.replace(st, successes=st.successes + 1)
-    if st.successes < spec.count:
-        return hold(st)
+    st = msgspec.structs.replace(st, successes=min(st.successes + 1, spec.count))
+    if st.successes < spec.count or (tripped is not None and not held(route)):
+        return hold(st)  # held by its breaker with the step's successes kept: the next passing look advances it
     st = msgspec.structs.replace(st, successes=0)
     if held(route):
         glass = route.override

@@ -212,6 +212,13 @@ class Breaker:
         self._probing = True
         return True
 
+    def refusing(self, now: float) -> bool:
+        """True while `allow` would let no call through: open within its cooldown, or half-open with its probe
+        out. Read only (`allow` moves an open breaker past its cooldown to half-open)."""
+        if self.state == "open":
+            return now - self.opened_at < self._spec.cooldown_s
+        return self.state == "half_open" and self._probing
+
     def record(self, now: float, ok: bool) -> None:
         """The outcome of a call that `allow` let through."""
         if self.state == "half_open":

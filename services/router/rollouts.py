@@ -42,11 +42,12 @@ from lockgate.errors import (
 from lockgate.pricebook import load_price_book
 from lockgate.retry import RetryPolicy
 from lockgate.server.service import ServiceContext
-from lockgate.services.router import analysis, bluegreen, domain, patch, progress, runs
+from lockgate.services.router import analysis, bluegreen, domain, patch, progress, resilience, runs
 from lockgate.services.router.domain import Route
 from lockgate.services.router.endpoints import Endpoints, UnknownEndpoint
 from lockgate.services.router.evidence import Evidence
 from lockgate.services.router.shadowstats import Budget, Ledger, ShadowSummary, spend_key
+from lockgate.services.router.upstream import Upstream
 from lockgate.signing import TRUST_CHECK_S, Keyring, Verifier, withdrawn
 from lockgate.subjects import token, untoken
 
@@ -82,6 +83,17 @@ class RouterNotReady(Retryable):
 
 class RouteContended(Retryable):
     """Other replicas kept changing the route first (the decision is redelivered later)."""
+
+
+class _Trip(msgspec.Struct, frozen=True, kw_only=True):
+    """A run of a canary's requests diverted to stable by an open breaker (`Rollouts._note_trip`): of the rollout
+    (canary release, start), from the first (unix seconds), until when the breaker that diverted the last may still
+    be open (its time plus its endpoint's cooldown), and how many."""
+
+    rollout: tuple[str, float]
+    since: float
+    until: float
+    diverted: int
 
 
 @dataclass
@@ -153,6 +165,12 @@ class Rollouts:
         # deployment -> its rollout (canary release, start) whose canary failed a call of its own, and the first such
         # call's time: the canary's diversions by an open breaker count as its failures from then on (`_diverted`)
         self._failing: dict[str, tuple[str, float, float]] = {}
+        # deployment -> the latest run of its canary's requests diverted to stable by an open breaker, as every
+        # replica's events report them (`_note_trip`, read by `tripped`).
+        self._trips: dict[str, _Trip] = {}
+        # This replica's upstream calls (the proxy's, set when the router is wired): its breakers hold a canary's
+        # step while they refuse its calls, before any request was diverted (`tripped`).
+        self.upstream: Upstream | None = None
         # deployment -> why the served events from before this replica started are not all read back yet
         # (`handlers.replay_served`): its looks judge part of its evidence, so they wait (`analysis.incomplete`).
         self.unreplayed: dict[str, str] = {}
@@ -1111,8 +1129,10 @@ class Rollouts:
 
     # live evidence
     def analysing(self) -> bool:
-        """True while any deployment's rollout is under analysis or mirrored (its events are worth keeping)."""
-        return any(progress.collecting(r) or progress.shadowing(r) for r in self.routes.values())
+        """True while any deployment's rollout is under analysis or mirrored (its events are worth keeping), or has
+        a step or promotion still to come (its canary's diversions by an open breaker hold them: `tripped`)."""
+        return any(progress.collecting(r) or progress.shadowing(r) or r.phase == "progressing"
+                   for r in self.routes.values())
 
     def observe(self, events: list[InferenceEvent]) -> None:
         """Keep the events of deployments whose canary is under analysis (either variant's release), and pair
@@ -1134,6 +1154,7 @@ class Rollouts:
                     self.shadows.start(deployment, route.canary.release)
                 self.shadows.add(deployment, e)
                 shadowed = True
+            self._note_trip(route, e)
             if not progress.collecting(route):
                 continue
             release = e.release
@@ -1196,6 +1217,54 @@ class Rollouts:
         attrs = e.attributes
         if attrs.get("lockgate.fallback_reason") == "breaker_open" and attrs.get("lockgate.fallback_from_release") == canary:
             self.evidence.divert(msgspec.structs.replace(e, status="error", error_type="breaker_open"), canary, first)
+
+    def _note_trip(self, route: Route, e: InferenceEvent) -> None:
+        """Note a request of a live canary that an open breaker diverted to stable (on any replica: each sees every
+        replica's events), for `tripped`. Diversions come in runs: one within the cooldown of the breaker that
+        diverted the one before is part of its run (that breaker may still have been open); one after it begins
+        another run. Read back at a start, they come out of time order: one older than the run held is of an
+        earlier run, and changes nothing."""
+        assert route.canary is not None
+        attrs = e.attributes
+        if (route.phase != "progressing" or attrs.get("lockgate.fallback_reason") != "breaker_open"
+                or attrs.get("lockgate.fallback_from_release") != route.canary.release):
+            return
+        at = e.time.timestamp()
+        if at < route.started_at:
+            return
+        endpoint = self.endpoints.by_id.get(attrs.get("lockgate.fallback_from", ""))
+        until = at + (endpoint.breaker if endpoint is not None else resilience.BreakerSpec()).cooldown_s
+        rollout = (route.canary.release, route.started_at)
+        held = self._trips.get(route.deployment)
+        if held is None or held.rollout != rollout or at > held.until:
+            self._trips[route.deployment] = _Trip(rollout=rollout, since=at, until=until, diverted=1)
+        elif until >= held.since:  # within this run, not of one before it
+            self._trips[route.deployment] = _Trip(rollout=rollout, since=min(held.since, at),
+                                                  until=max(held.until, until), diverted=held.diverted + 1)
+
+    def tripped(self, route: Route, now: float) -> progress.Tripped | None:
+        """Whether the canary's endpoint breaker is open now, as far as this replica can tell (None: not seen open):
+        on any replica whose events reported a diversion of the canary's requests to stable within that breaker's
+        cooldown, or on this one, whose breakers for the canary's model refuse calls to each endpoint the canary's
+        requests try before stable's (its endpoint, a group's members, their fallbacks). A breaker of another replica
+        that diverted nothing yet is not seen: that replica's events are all the others know of it."""
+        if route.canary is None or route.phase != "progressing":
+            return None
+        held = self._trips.get(route.deployment)
+        shared = held if held is not None and held.rollout == (route.canary.release, route.started_at) \
+            and held.until > now else None
+        since = shared.since if shared is not None else None
+        if self.upstream is not None:
+            group = self.endpoints.groups.get(route.canary.endpoint)
+            own = group.endpoints if group is not None else [route.canary.endpoint]
+            hops = [eid for _, eid in resilience.fallback_chain(own, self.endpoints.fallbacks)
+                    if eid in self.endpoints.by_id]
+            ago = self.upstream.refused_for(hops, route.canary.model) if hops else None
+            if ago is not None:
+                since = min(since, now - ago) if since is not None else now - ago
+        if since is None:
+            return None
+        return progress.Tripped(since=since, diverted=shared.diverted if shared is not None else 0)
 
     def observe_scores(self, scored: list[InferenceScored]) -> None:
         """Keep the online scores of answers of deployments under analysis, by the answer's release: answers a
@@ -1280,9 +1349,11 @@ class Rollouts:
         """A due route: the clock's own changes first (timed pauses, blue-green promotion and scale-down,
         plain steps), else analysed rollouts are measured (and abort, pause, advance or roll back)."""
         steps, interval = progress.steps_of(route, self.steps), progress.interval_of(route, self.interval_s)
-        new = progress.on_time(route, steps, interval, now)
+        tripped = self.tripped(route, now)
+        new = progress.on_time(route, steps, interval, now, tripped)
         if new is not None:
-            self._apply(new)
+            # A breaker's hold is announced as it begins; its renewals each interval go to KV only.
+            self._apply(new, announce=not (progress.breaker_held(new) and progress.breaker_held(route)))
             return
         if progress.analysed(route) and route.next_step_at <= now:
             spec = progress.spec_of(route)
@@ -1305,16 +1376,17 @@ class Rollouts:
             missing = self.unreplayed.get(route.deployment)
             if missing is not None:
                 m = analysis.incomplete(m, missing)
-            new = progress.on_measurement(route, m, steps, interval, now, rollbacks)
+            new = progress.on_measurement(route, m, steps, interval, now, rollbacks, tripped)
             # Recorded as the rollout counted it: a look that waited past its progress deadline is inconclusive.
             run = runs.record(route, new, new.analysis.last if new and new.analysis and new.analysis.last else m, spec)
             if new is not None:
                 # Bookkeeping of a look that moves no traffic goes to KV only, not to the rollout history (a step
                 # whose sample fills slowly says it waits there, `rollout get` and `watch`); a step that waits
                 # past its progress deadline is announced once, as its looks start to count as inconclusive.
-                moved = ((new.weight, new.phase, new.paused, new.stable, new.verifying, progress.overdue_now(new))
+                moved = ((new.weight, new.phase, new.paused, new.stable, new.verifying, progress.overdue_now(new),
+                          progress.breaker_held(new))
                          != (route.weight, route.phase, route.paused, route.stable, route.verifying,
-                             progress.overdue_now(route)))
+                             progress.overdue_now(route), progress.breaker_held(route)))
                 self._apply(new, announce=moved, runs=[self._sign(run)] if run else [])
 
     def _sign(self, run: AnalysisRun) -> AnalysisRun:

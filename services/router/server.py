@@ -59,6 +59,7 @@ class RouterService(Service):
         self.keys = KeyStore(ctx.settings.home)  # clients and operators authenticate with these
         self.proxy = Proxy(ctx.settings, self.rollouts, self.batcher, ctx.telemetry.server_spans(self.name),
                            self.keys, self.upstreams)
+        self.rollouts.upstream = self.proxy.upstream  # its breakers hold a failing canary's steps (Rollouts.tripped)
         self.admin = Admin(self.rollouts, self.keys)
         self.proxy.admission = self.admission = Admission(ctx.settings, ctx.bus, replica=ctx.bus.name)
         self.url = ""

@@ -14,7 +14,7 @@ import functools
 import random
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple, NoReturn
 from urllib.parse import quote
 
@@ -343,6 +343,19 @@ class Upstream:
         ranked = resilience.rank(group.endpoints, group.choose, prices, latencies, group.explore, self.draw())
         now = self.clock()
         return sorted(ranked, key=lambda m: (h := self._health.get(m)) is not None and h.throttled_until > now)
+
+    def refused_for(self, endpoint_ids: Iterable[str], model: str) -> float | None:
+        """For how many seconds the breakers of `model` on every one of `endpoint_ids` have been refusing calls (the
+        latest opening of them), or None when any would let one through now (or has never failed here)."""
+        now = self.clock()
+        ago: float | None = None
+        for eid in endpoint_ids:
+            h = self._health.get(eid)
+            breaker = h._breakers.get(model) if h is not None else None
+            if breaker is None or not breaker.refusing(now):
+                return None
+            ago = now - breaker.opened_at if ago is None else min(ago, now - breaker.opened_at)
+        return ago
 
     async def close(self) -> None:
         """Close the connection pools."""

@@ -11,7 +11,7 @@ from lockgate.contracts import DriftReport, FeatureDrift, GateDecided
 from lockgate.services.router import analysis, domain, drifts, progress
 from lockgate.services.router.analysis import AnalysisSpec, Measurement, MetricResult, MetricSpec
 from lockgate.services.router.domain import CanaryRequest, InvalidRollout, NotAdmitted, Route, Target
-from lockgate.services.router.strategy import BlueGreen, Strategy
+from lockgate.services.router.strategy import AnalysisStatus, BlueGreen, Strategy
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -103,6 +103,61 @@ def test_paused_canary_is_measured_but_never_advanced() -> None:
     assert failed is not None and failed.phase == "aborted" and not failed.paused
     plain = msgspec.structs.replace(paused, strategy=None)
     assert progress.due_at(plain) is None  # without analysis a paused canary needs no timer at all
+
+
+TRIPPED = progress.Tripped(since=101.5, diverted=7)  # 00:01:41 UTC
+HELD = "held at step 1 (25%): canary's endpoint breaker open since 00:01:41, diverted 7 requests to stable"
+
+
+def test_an_open_breaker_holds_a_passing_look_and_the_next_one_after_it_advances() -> None:
+    held = progress.on_measurement(_live(), _m("SUCCESSFUL"), STEPS, 1.0, now=102.0, tripped=TRIPPED)
+    assert held is not None and (held.weight, held.step, held.phase, held.next_step_at) == (25.0, 1, "progressing",
+                                                                                           103.0)
+    assert held.reason.endswith(HELD) and progress.breaker_held(held)
+    assert held.analysis is not None and held.analysis.successes == 1  # kept: the step's passing looks still count
+    again = progress.on_measurement(held, _m("SUCCESSFUL"), STEPS, 1.0, now=103.0, tripped=TRIPPED)
+    assert again is not None and again.reason == held.reason  # one note, however many looks it holds
+    closed = progress.on_measurement(again, _m("SUCCESSFUL"), STEPS, 1.0, now=104.0)
+    assert closed is not None and (closed.weight, closed.step) == (50.0, 2) and not progress.breaker_held(closed)
+    last = progress.on_measurement(_live(100.0, 3), _m("SUCCESSFUL"), STEPS, 1.0, now=102.0, tripped=TRIPPED)
+    assert last is not None and last.phase == "progressing" and last.stable.release == "r1"  # no promotion
+
+
+def test_an_open_breaker_never_keeps_a_failing_canary_from_its_abort() -> None:
+    failed = progress.on_measurement(_live(), _m("FAILED"), STEPS, 1.0, now=102.0, tripped=TRIPPED)
+    assert failed is not None and failed.phase == "aborted"
+
+
+def test_a_look_that_waits_under_an_open_breaker_says_both_and_the_next_look_takes_both_off() -> None:
+    route = _live(analysis=AnalysisStatus(waiting_since=90.0))
+    waiting = progress.on_measurement(route, _m("WAITING"), STEPS, 1.0, now=102.0, tripped=TRIPPED)
+    assert waiting is not None and waiting.analysis is not None and waiting.analysis.wait_note
+    assert waiting.reason.endswith(HELD + waiting.analysis.wait_note)
+    passed = progress.on_measurement(waiting, _m("SUCCESSFUL"), STEPS, 1.0, now=103.0)
+    assert passed is not None and passed.weight == 50.0 and "breaker" not in passed.reason
+    assert "waiting" not in passed.reason
+
+
+@pytest.mark.parametrize("kind", ["plain", "pause", "blue_green"])
+def test_an_open_breaker_holds_what_the_clock_alone_moves(kind: str) -> None:
+    if kind == "plain":  # a step falls due
+        route = _live(strategy=Strategy(steps=list(STEPS), interval_s=1.0))
+        field = "next_step_at"
+    elif kind == "pause":  # a timed pause step ends
+        route = _live(strategy=Strategy(steps=list(STEPS), interval_s=1.0), paused=True, step_pause=True,
+                      resume_at=101.0)
+        field = "resume_at"
+    else:  # a blue-green preview promotes itself
+        route = _live(weight=0.0, step=0, promote_at=101.0,
+                      strategy=Strategy(blue_green=BlueGreen(auto_promotion_s=1.0)))
+        field = "promote_at"
+    assert progress.on_time(route, STEPS, 1.0, now=102.0) is not None  # without it, the clock moves the route
+    held = progress.on_time(route, STEPS, 1.0, now=102.0, tripped=TRIPPED)
+    assert held is not None and (held.phase, held.weight, held.stable.release) == ("progressing", route.weight, "r1")
+    assert getattr(held, field) == 103.0 and progress.breaker_held(held)  # looked at again an interval later
+    assert progress.due_at(held) == 103.0
+    again = progress.on_time(msgspec.structs.replace(held, **{field: 102.5}), STEPS, 1.0, now=103.0, tripped=TRIPPED)
+    assert again is not None and again.reason.count("breaker open") == 1
 
 
 # The canary's window against stable's: the only kind of report that acts on a live canary.

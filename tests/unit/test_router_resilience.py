@@ -74,6 +74,17 @@ def test_breaker_abandoned_probe_frees_the_slot() -> None:
     assert b.state == "half_open" and b.allow(1.1)
 
 
+def test_a_breaker_refuses_while_open_within_its_cooldown_or_probing_and_reading_it_moves_nothing() -> None:
+    b = Breaker(BreakerSpec(consecutive_failures=1, cooldown_s=10))
+    assert not b.refusing(0.0)  # closed
+    b.record(0.0, ok=False)
+    assert b.refusing(9.9) and b.state == "open"
+    assert not b.refusing(10.0) and b.state == "open"  # its cooldown over: the next request probes
+    assert b.allow(10.0) and b.refusing(10.1)  # the probe out: every other request is refused
+    b.record(10.2, ok=True)
+    assert not b.refusing(10.3)
+
+
 def test_breaker_opens_on_failure_ratio_without_a_long_run() -> None:
     b = Breaker(BreakerSpec(consecutive_failures=100, failure_ratio=0.5, min_requests=10, window_s=30))
     for i in range(10):  # alternate: never two failures in a row, half of them failures
