@@ -170,15 +170,24 @@ async def test_a_deployment_nothing_serves_is_not_found_on_every_read_and_action
             assert answer["error"]["message"] == said, answer
         for args in (["get", name], ["watch", name, "--timeout", "30"], ["set-weight", name, "30"],
                      ["patch", name, "--weight", "30"], ["promote", name], ["approve", name],
-                     ["approve", name, "--step", "1", "--canary", "r2", "--started-at", "1"]):
+                     ["approve", name, "--step", "1", "--canary", "r2", "--started-at", "1"],
+                     # The stored reads: no rollout event or analysis record is stored of it, and the router says
+                     # why (before, an empty table, exit 0, as of a deployment with no change yet).
+                     ["history", name], ["history", name, "--json"], ["analysis", name]):
             result = await _cli(router, *args, key=keys.admin_key)
+            if "--json" in args:
+                assert (result.exit_code, json.loads(result.stdout)) == (3, {"error": said, "exit_code": 3}), args
+                continue
             assert (result.exit_code, _one_line(result)) == (3, f"error: {said}"), (args, result.output)
     assert router.rollouts.routes == {}  # and nothing was made by asking
 
-    # Once a release is rolled out to it, it is read.
+    # Once a release is rolled out to it, it is read (its history too, though no sink stored its first change here).
     assert (await _cli(router, "start", "nope", "--stable", "r1", key=keys.admin_key)).exit_code == 0
     got = await _cli(router, "get", "nope", "--json", key=keys.admin_key)
     assert got.exit_code == 0 and json.loads(got.output)["stable"]["release"] == "r1", got.output
+    for args in (["history", "nope", "--json"], ["analysis", "nope", "--json"]):
+        read = await _cli(router, *args, key=keys.admin_key)
+        assert (read.exit_code, json.loads(read.stdout)) == (0, []), (args, read.output)
 
 
 @pytest.mark.parametrize("passthrough", [True])

@@ -7,7 +7,8 @@ Actions go to the router's admin API with an API key (operator or admin role for
 role for `get` and `watch`); the router records the key's identity as the actor. A `--role` that may not change
 rollouts (viewer, approver) is refused before a change is sent, whatever role the API key has. `history` and
 `analysis` read the stored rollout events and signed analysis records through the query service,
-like every other query command; `analysis` checks each record's signature.
+like every other query command; `analysis` checks each record's signature. Where nothing is stored, they ask the
+router whether it serves the deployment, and exit 3 as `get` does if nothing does.
 """
 
 from __future__ import annotations
@@ -501,6 +502,20 @@ def register(cli: click.Group) -> None:
     def admin(ctx: click.Context) -> RouterAdmin:
         return RouterAdmin(ctx.obj["router_url"], _key(ctx.obj["settings"].home, ctx.obj["api_key"]))
 
+    def served(ctx: click.Context, deployment: str) -> None:
+        """NotFound (exit 3), in the router's words, when nothing serves `deployment`: a stored read (history,
+        analysis) that found nothing asks the router, as `get` does. Before, a name nobody rolled out to read as an
+        empty history, exit 0. The router away or refusing the key: a note on stderr, and the empty answer stands
+        (the store is read without the router)."""
+        at = _at(deployment)  # a bad name is its own one-line error, not a note
+        try:
+            admin(ctx).call("GET", at)
+        except NotFound:
+            raise
+        except LockgateError as exc:
+            err_console.print(f"nothing stored of {deployment}, and the router could not be asked whether it serves "
+                              f"it: {exc.message}", highlight=False, soft_wrap=True)
+
     def show(route: dict[str, Any], as_json: bool) -> None:
         if as_json:
             emit_json(route)
@@ -730,6 +745,8 @@ def register(cli: click.Group) -> None:
         what the rollout did, and whether the record's signature verifies (exit 4 if one does not)."""
         settings = ctx.obj["settings"]
         rows = access.query(settings, "analysis_runs", direct=ctx.obj["direct"], deployment=deployment, limit=limit)
+        if not rows:
+            served(ctx, deployment)
         runs = verified_runs(settings, rows)
         if as_json:
             emit_json(runs)
@@ -803,6 +820,8 @@ def register(cli: click.Group) -> None:
         """Every change of the deployment's route, newest first, with who or what made it and why."""
         rows = access.query(ctx.obj["settings"], "rollout_history", direct=ctx.obj["direct"],
                             deployment=deployment, limit=limit)
+        if not rows:
+            served(ctx, deployment)
         output(rows, as_json, title=f"rollout history of {deployment}",
                columns=None if as_json else ["time", "phase", "canary_weight", "stable_release",
                                              "canary_release", "actor", "reason"])
