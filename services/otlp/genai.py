@@ -181,7 +181,7 @@ def to_event(span: SpanFacts, *, tenant: str, app: str) -> InferenceEvent | None
             app=app,  # the API key's: another named in lockgate.app refused the request already
             deployment=_text(where.get(DEPLOYMENT)),
             release=_text(where.get(RELEASE)),
-            variant=_text(where.get(VARIANT)) or "stable",
+            variant=_text(where.get(VARIANT)),  # none unless the span says: no router chose an arm for it
             model=_text(first(attrs, MODEL)),
             response_model=_text(first(attrs, RESPONSE_MODEL)),
             provider=_text(first(attrs, PROVIDER)),

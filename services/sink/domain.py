@@ -30,6 +30,7 @@ from lockgate.contracts import (
     RolloutState,
     SpanBatch,
 )
+from lockgate.contracts.inference import APPLICATION
 from lockgate.ids import uuid7_prefix
 from lockgate.redact import RedactMode, redact, scrub_mapping, scrub_secrets
 from lockgate.store import tables
@@ -93,6 +94,24 @@ FACTS: tuple[Projection, ...] = (
 # message (visibility waits at most that long for a batch to fill).
 INSERT_MAX_ROWS = 20_000
 INSERT_MAX_AGE_S = 0.1
+
+
+_source = attrgetter("source")
+
+
+def names_lockgate(source: str) -> bool:
+    """Whether an event's `source` names lockgate as its maker: the envelope's default or a lockgate service."""
+    return source == "lockgate" or source.startswith("lockgate-")
+
+
+def as_stored(events: list[InferenceEvent], *, served: bool) -> list[InferenceEvent]:
+    """`events` as stored: one a router did not serve (not on the routers' subject, which only they may publish on)
+    that names lockgate as its maker is an application's all the same, stored as `APPLICATION`. Before, an SDK
+    event stored `lockgate` (the envelope's default, which SDKs before this one still write), and one naming
+    `lockgate-router` read as the router's. Only those events are copied; most batches are returned as they are."""
+    if served or not any(map(names_lockgate, set(map(_source, events)))):
+        return events
+    return [msgspec.structs.replace(e, source=APPLICATION) if names_lockgate(e.source) else e for e in events]
 
 
 def events_in(value: InferenceEvent | list[InferenceEvent]) -> int:

@@ -229,10 +229,11 @@ class SinkHandlers:
 
     async def on_inference(self, items: list[tuple[list[InferenceEvent] | InferenceEvent, Delivery]]) -> None:
         """Persist every message of one fetch in one insert; events stored already (by id) are skipped."""
-        messages = [(value if isinstance(value, list) else [value], delivery) for value, delivery in items]
-        msg_ids = list(chain.from_iterable(repeat(_token(d), len(batch)) for batch, d in messages))
         # From the subject alone: only the router may publish on its own, whatever an event says.
         is_served = self.ctx.bus.subjects.is_served
+        messages = [(domain.as_stored(value if isinstance(value, list) else [value], served=is_served(delivery.subject)),
+                     delivery) for value, delivery in items]
+        msg_ids = list(chain.from_iterable(repeat(_token(d), len(batch)) for batch, d in messages))
         served = list(chain.from_iterable(repeat(is_served(d.subject), len(batch)) for batch, d in messages))
         spans = [self._message_span(batch, d) for batch, d in messages if batch]
         try:

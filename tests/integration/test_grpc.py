@@ -157,7 +157,8 @@ async def test_send_rejects_invalid_events_and_publishes_the_rest_as_the_keys_ap
     first = shop[0]
     assert first.id == "01900000-0000-7000-8000-000000000001"
     assert first.time == at
-    assert (first.prompt, first.response, first.variant) == ("hi", None, "stable")
+    # an application's: no arm a router chose (before, "stable", as if the router had served it)
+    assert (first.prompt, first.response, first.variant, first.source) == ("hi", None, "", "application")
     assert (first.attributes, first.scores) == ({"k": "v"}, {"helpful": 0.5})
     assert {(e.tenant, e.app) for e in shop} == {("acme", "shop")}
 

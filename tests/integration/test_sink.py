@@ -250,6 +250,33 @@ async def test_an_event_the_sdk_builds_again_under_its_id_is_stored_and_billed_o
     assert store.scalar("SELECT count() FROM cost_ledger WHERE event_id = 'order-42-answer'") == 1
 
 
+async def test_an_applications_event_is_stored_as_its_own_never_as_one_the_router_served(
+    run_services, settings, bus: Bus, store: Store
+) -> None:
+    """An application's event names no arm a router chose, nor lockgate as its maker, whatever it says: before, an
+    SDK emit with neither stored source `lockgate` and variant `stable`, as if the router had served it, and one
+    naming `lockgate-router` was stored so. A router's event (on its own subject) keeps both."""
+    from lockgate.client import Client
+
+    svcs = await run_services("sink")
+    async with Client(settings.nats_url, prefix=settings.prefix, app="shop") as client:
+        client.emit(id="plain", deployment="web", model="m")
+        client.emit(id="own-words", deployment="web", model="m", variant="blue", source="shop-api")
+        client.emit(id="posing", deployment="web", model="m", variant="canary", source="lockgate-router")
+        await client.flush()
+    # An SDK of before this fix wrote the envelope's default, `lockgate`, and `stable` on every event.
+    older = InferenceEvent(id="older-sdk", app="shop", deployment="web", source="lockgate", variant="stable")
+    await bus.publish(bus.subjects.inference("shop"), [older])
+    router = InferenceEvent(id="served", app="shop", deployment="web", source="lockgate-router", variant="canary")
+    await bus.publish(bus.subjects.served("shop"), [router])
+    await svcs["sink"].handlers.events.wait_for(5)
+    rows = {r["id"]: (r["source"], r["variant"], r["served"])
+            for r in store.rows("SELECT id, source, variant, served FROM inference_events")}
+    assert rows == {"plain": ("application", "", False), "own-words": ("shop-api", "blue", False),
+                    "posing": ("application", "canary", False), "older-sdk": ("application", "stable", False),
+                    "served": ("lockgate-router", "canary", True)}, rows
+
+
 async def test_an_event_resent_under_another_message_id_later_is_stored_once(
     run_services, bus: Bus, store: Store
 ) -> None:

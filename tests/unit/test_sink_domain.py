@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from lockgate.codec import Codec
 from lockgate.contracts import InferenceEvent
 from lockgate.ids import uuid7_prefix
 from lockgate.server.service import fewer_collections
@@ -15,11 +16,13 @@ from lockgate.services.sink.domain import (
     ID_AHEAD_S,
     INFERENCE,
     StoredWindow,
+    as_stored,
     batch_token,
     events_in,
     id_ceiling,
     id_order,
     key_strings,
+    names_lockgate,
     new_rows,
     redaction,
     select,
@@ -62,6 +65,41 @@ def test_events_and_ledger_entries_are_facts_of_their_own() -> None:
         # A producer may build an event again under its id at another time: its row, and its ledger entry, are
         # looked up in a table of every stored key, whatever their time.
         assert by_table[name].within is None and by_table[name].keys_table == f"{name}_keys".replace("events", "event")
+
+
+# An SDK of before wrote the envelope's default source and the old default variant on every event it sent.
+_OLDER_SDK = (b'{"type":"lockgate.inference","id":"e1","source":"lockgate","time":"2026-01-02T03:04:05Z",'
+              b'"tenant":"default","app":"shop","variant":"stable"}')
+
+
+def test_an_application_event_names_no_arm_and_is_the_applications_unless_it_says() -> None:
+    event = InferenceEvent(app="shop")
+    assert (event.source, event.variant) == ("application", "")
+    old = Codec(InferenceEvent).decode(_OLDER_SDK)  # what it said is read as it said it
+    assert (old.source, old.variant) == ("lockgate", "stable")
+
+
+@pytest.mark.parametrize(("source", "claims"), [
+    ("lockgate", True), ("lockgate-router", True), ("lockgate-anything", True),
+    ("application", False), ("otlp", False), ("shop-api", False), ("lockgateway", False), ("", False),
+])
+def test_names_lockgate(source: str, claims: bool) -> None:
+    assert names_lockgate(source) is claims
+
+
+def test_an_event_not_served_is_never_stored_as_lockgates() -> None:
+    older = Codec(InferenceEvent).decode(_OLDER_SDK)
+    posing = InferenceEvent(id="e2", app="shop", source="lockgate-router", variant="canary")
+    own = InferenceEvent(id="e3", app="shop", source="shop-api", variant="blue")
+    stored = as_stored([older, posing, own], served=False)
+    # the source only: the variant is the application's word, and `served` (from the subject) says whose it is
+    assert [(e.id, e.source, e.variant) for e in stored] == [
+        ("e1", "application", "stable"), ("e2", "application", "canary"), ("e3", "shop-api", "blue")]
+    assert stored[2] is own
+    plain = [InferenceEvent(app="shop"), own]
+    assert as_stored(plain, served=False) is plain  # nothing to change: the batch itself
+    router = [InferenceEvent(app="shop", source="lockgate-router", variant="canary")]
+    assert as_stored(router, served=True) is router  # the router's own, on its own subject
 
 
 def test_select_and_token() -> None:

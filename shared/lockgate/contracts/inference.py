@@ -9,6 +9,7 @@ from typing import Annotated, Any
 
 import msgspec
 
+from lockgate.contracts.bounds import Who
 from lockgate.contracts.envelope import Event
 from lockgate.contracts.names import Name, OptName
 
@@ -43,6 +44,12 @@ REQUEST_DIGEST = "lockgate.request_digest"
 # Request fields that do not change what the model answers: how the answer is delivered (stream), who asks
 # (user, metadata, safety_identifier), what the provider keeps (store, prompt_cache_key), the operator's price tier
 # (never sent as the client's), and the model, which a release always sets. The messages are digested on their own.
+# Who made an inference event (its envelope's `source`), unless it names itself: an application (the SDK, gRPC, JSON
+# on its subject). The router names itself (`ROUTER`) and the OTLP receiver `otlp`; the envelope's own default,
+# `lockgate`, said lockgate made what an application sent. The sink stores an event it did not get on the routers'
+# subject that names lockgate (`lockgate`, `lockgate-...`) as `APPLICATION` (sink domain.as_stored).
+APPLICATION = "application"
+ROUTER = "lockgate-router"
 ANSWER_NEUTRAL = frozenset({"model", "messages", "stream", "stream_options", "user", "metadata", "store",
                             "service_tier", "prompt_cache_key", "safety_identifier"})
 
@@ -81,9 +88,14 @@ def request_digest(messages: bytes | msgspec.Raw, shaping: Mapping[str, bytes | 
 class InferenceEvent(Event, frozen=True, kw_only=True, tag="lockgate.inference", gc=False):
     """One call to a model. Field docs give the GenAI semantic-convention attribute."""
 
+    # An application's unless it says (`APPLICATION`): redefined here, the envelope's field keeps its place.
+    source: Who = APPLICATION
     app: Name
     deployment: OptName = ""
-    variant: str = "stable"
+    # The arm a router served it from (stable, canary, shadow); an application's event names one only if it says:
+    # only a router chooses an arm, and it names the one it chose. (Before, "stable" by default: an SDK event
+    # without one was stored as the stable release's traffic.)
+    variant: str = ""
     release: OptName = ""
     model: Annotated[str, msgspec.Meta(description="gen_ai.request.model")] = ""
     response_model: Annotated[str, msgspec.Meta(description="gen_ai.response.model")] = ""
