@@ -13,7 +13,7 @@ from lockgate.bus import Delivery
 from lockgate.contracts import EvalCompleted, GateDecided, GateReview, RuleResult
 from lockgate.errors import ConfigError, InvalidEvent, NotFound, SignatureError, UnreadableValue
 from lockgate.evalruns import check_result, requested_run
-from lockgate.identity import author_of, verify_review, withdrawn_approvals
+from lockgate.identity import OutOfScope, author_of, verify_review, withdrawn_approvals
 from lockgate.provenance import lifecycle
 from lockgate.server.service import ServiceContext
 from lockgate.services.gatekeeper import baseline as baselines
@@ -201,7 +201,9 @@ class GateHandlers:
         """Turn a pending NEEDS_REVIEW into a signed PASS/BLOCK (or refuse / override, see review.apply_review).
 
         The reviewer is the trusted person whose key signed the review; an unsigned, unknown, revoked,
-        wrong-role or altered review is refused (audit row) and dead-lettered with the reason.
+        wrong-role or altered review is refused (audit row) and dead-lettered with the reason, and so is one of a
+        release of a tenant the trust file does not let its signer review (the stored decision's tenant, never the
+        review's: before, probe p25, tenant A's approver approved and rejected tenant B's releases).
         """
         with self.tracer.start_as_current_span(
             "gatekeeper.review", context=delivery.trace_context, kind=SpanKind.CONSUMER,
@@ -217,7 +219,13 @@ class GateHandlers:
                 await self.records.finish(current, action=review_action(current), actor=current.reviewed_by, key=key)
                 return
             try:
-                reviewer = verify_review(self.ctx.settings, review)
+                reviewer = verify_review(self.ctx.settings, review,
+                                         tenant=current.tenant if current is not None else None)
+            except OutOfScope as exc:
+                # Genuinely theirs, so named; but it does not count, approve or reject alike.
+                await self._refuse(review, current, new_id, key, actor=exc.person,
+                                   reason=f"{review.action} by {exc.person} refused: {exc.message}")
+                raise
             except SignatureError as exc:
                 # Not believed: the claimed actor is recorded only as a claim, in the reason.
                 await self._refuse(review, current, new_id, key, actor="unverified",

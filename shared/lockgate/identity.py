@@ -28,6 +28,7 @@ from lockgate.ids import canonical_json
 from lockgate.signing import (
     REVIEWER_ROLES,
     Signer,
+    out_of_scope,
     public_pem,
     read_trust_file,
     signed_approvals,
@@ -44,6 +45,15 @@ OVERRIDE_MAX_AGE_S = 600.0
 
 class IdentityRefused(SignatureError):
     """A statement is not signed by a trusted, unrevoked person with the role it needs."""
+
+
+class OutOfScope(IdentityRefused):
+    """A statement genuinely signed by a trusted person with the role it needs, about a release of a tenant whose
+    releases the trust file does not let them review."""
+
+    def __init__(self, message: str, person: str) -> None:
+        super().__init__(message)
+        self.person = person  # their signature verified: the refusal names them, not "unverified"
 
 
 def identities_dir(settings: Settings) -> Path:
@@ -112,8 +122,9 @@ def _public(pem: str) -> Ed25519PublicKey:
 
 
 def verify_person(settings: Settings, key_id: str, signature: str, data: bytes, *, roles: Iterable[str],
-                  what: str, allow_revoked: bool = False) -> str:
-    """The name of the trusted person whose key signed `data`, or IdentityRefused saying why not.
+                  what: str, allow_revoked: bool = False, tenant: str | None = None) -> str:
+    """The name of the trusted person whose key signed `data`, or IdentityRefused saying why not; with `tenant`
+    (a review of that tenant's release), OutOfScope if the trust file scopes them to other tenants.
 
     The trust file is read on every call: statements by people are rare, and a revocation must apply at once.
     """
@@ -133,8 +144,10 @@ def verify_person(settings: Settings, key_id: str, signature: str, data: bytes, 
         raise IdentityRefused(f"{what} is signed by {name}'s revoked key {key_id} (a revoked key is never trusted "
                               f"again: {name} needs a new identity, `lockgate identity create`, trusted by an admin)")
     if roles and not set(roles) & set(person.roles):
-        # `gate trust --person` sets the roles it is given: the command keeps the person's own.
-        flags = " ".join(f"--role {r}" for r in (*person.roles, roles[0]))
+        # `gate trust --person` sets the roles and tenants it is given: the command keeps the person's own (an
+        # admin is never scoped, so a person made one loses their tenants).
+        tenants = person.tenants if roles[0] != "admin" else []
+        flags = " ".join([*(f"--role {r}" for r in (*person.roles, roles[0])), *(f"--tenant {t}" for t in tenants)])
         raise IdentityRefused(f"{what} is signed by {name}, who has role(s) {', '.join(person.roles) or 'none'}; "
                               f"it needs {' or '.join(roles)}: an admin trusts {name} as {roles[0]} too "
                               f"(`lockgate gate trust --person {name} {flags} PUBLIC_KEY`)")
@@ -143,6 +156,11 @@ def verify_person(settings: Settings, key_id: str, signature: str, data: bytes, 
     except (InvalidSignature, binascii.Error, ValueError):
         raise IdentityRefused(f"{what} does not match its signature by {name}'s key {key_id} "
                               "(altered after signing, or signed by someone else?)") from None
+    if tenant is not None and (why := out_of_scope(name, person, tenant)):
+        flags = " ".join([*(f"--role {r}" for r in person.roles), *(f"--tenant {t}" for t in (*person.tenants,
+                                                                                                 tenant))])
+        raise OutOfScope(f"{what} is about a release of tenant {tenant}, and {why}: if {name} should review it, an "
+                         f"admin adds the tenant (`lockgate gate trust --person {name} {flags} PUBLIC_KEY`)", name)
     return name
 
 
@@ -198,12 +216,13 @@ def sign_review(identity: Identity, review: GateReview) -> GateReview:
     return _signed(identity, review, "actor")  # type: ignore[no-any-return]
 
 
-def verify_review(settings: Settings, review: GateReview) -> str:
+def verify_review(settings: Settings, review: GateReview, *, tenant: str | None = None) -> str:
     """The approver's (or admin's) name that signed the review; IdentityRefused if none did, or if it
-    claims another actor than the signer."""
+    claims another actor than the signer; OutOfScope if the release reviewed is of `tenant` (the stored
+    decision's, never the review's own claim) and the trust file scopes the signer to other tenants."""
     what = f"{review.action} of {review.release} (review {review.id})"
     name = verify_person(settings, review.key_id, review.signature, statement_bytes(review), roles=REVIEWER_ROLES,
-                         what=what)
+                         what=what, tenant=tenant)
     if review.actor and review.actor != name:
         raise IdentityRefused(f"{what} claims actor {review.actor!r} but is signed by {name}")
     return name
@@ -215,7 +234,16 @@ def withdrawn_approvals(settings: Settings, decision: GateDecided | None) -> dic
     if decision is None or not decision.approvals:
         return {}
     trust = read_trust_file(trust_file_path(settings))
-    return withdrawn(trust.people, set(trust.revoked), signed_approvals(decision))
+    return withdrawn(trust.people, set(trust.revoked), signed_approvals(decision), tenant=decision.tenant)
+
+
+def scope_refusal(settings: Settings, identity: Identity, tenant: str) -> str:
+    """Why the trust file here does not let `identity` review a release of `tenant` ("" when it does, or does not
+    know them: the gatekeeper then refuses the review for that): what `gate approve|reject` says at once, where it
+    would otherwise wait for a decision that never comes."""
+    trust = read_trust_file(trust_file_path(settings))
+    name, person = next(((n, p) for n, p in trust.people.items() if p.key_id == identity.key_id), ("", None))
+    return "" if person is None else out_of_scope(name, person, tenant)
 
 
 # Break-glass overrides

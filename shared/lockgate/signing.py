@@ -183,12 +183,24 @@ def signed_approvals(decision: GateDecided) -> list[tuple[str, str]]:
     return list(zip(decision.approvals, keys, strict=True))
 
 
+def out_of_scope(name: str, person: Person, tenant: str) -> str:
+    """Why `name`'s review of a release of `tenant` does not count ("" when it does): the trust file scopes them to
+    other tenants' releases. A person listing no tenants reviews every tenant's (trust files from before tenants
+    could be listed mean that), and so does an admin, whom no list scopes."""
+    if not person.tenants or tenant in person.tenants or "admin" in person.roles:
+        return ""
+    plural = "s" if len(person.tenants) > 1 else ""
+    return f"{name} reviews releases of tenant{plural} {', '.join(person.tenants)} only, not of tenant {tenant}"
+
+
 def withdrawn(people: Mapping[str, Person], revoked: Collection[str],
-              approvals: Iterable[tuple[str, str]], roles: Collection[str] = REVIEWER_ROLES) -> dict[str, str]:
+              approvals: Iterable[tuple[str, str]], roles: Collection[str] = REVIEWER_ROLES,
+              tenant: str | None = None) -> dict[str, str]:
     """Of (name, key id) statements by people (approvals; an override, with `roles` admin), those that no longer
-    count by the trust roots `people` and `revoked`, with why: the person is gone, lost every role of `roles`, or
-    the key is revoked or no longer theirs. A key id of "" (a decision from before key ids were kept) is judged by
-    the person's current key."""
+    count by the trust roots `people` and `revoked`, with why: the person is gone, lost every role of `roles`, the
+    key is revoked or no longer theirs, or (approvals of a release of `tenant`) the person no longer reviews that
+    tenant's releases. A key id of "" (a decision from before key ids were kept) is judged by the person's current
+    key."""
     out: dict[str, str] = {}
     for name, kid in approvals:
         person = people.get(name)
@@ -200,6 +212,8 @@ def withdrawn(people: Mapping[str, Person], revoked: Collection[str],
             out[name] = f"{name}'s key {kid or person.key_id} is revoked"
         elif not set(roles) & set(person.roles):
             out[name] = f"{name} no longer has role {' or '.join(roles)}"
+        elif tenant is not None and (why := out_of_scope(name, person, tenant)):
+            out[name] = why
     return out
 
 
@@ -367,7 +381,7 @@ class Keyring:
         if decision.decision != "PASS" or not decision.approvals or self.people is None:
             return
         approvals = signed_approvals(decision)
-        gone = withdrawn(self.people, self.revoked, approvals)
+        gone = withdrawn(self.people, self.revoked, approvals, tenant=decision.tenant)
         if not gone:
             return
         keys = dict(approvals)
@@ -419,12 +433,16 @@ def _listed_key(path: Path, kid: str, pem: str) -> Ed25519PublicKey:
     return key
 
 
-class Person(msgspec.Struct, forbid_unknown_fields=True):
-    """A person the trust file knows: their public key (one at a time; re-trusting rotates it) and roles."""
+class Person(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """A person the trust file knows: their public key (one at a time; re-trusting rotates it), roles, and the
+    tenants whose releases they review (none: every tenant's; `out_of_scope`).
+
+    Empty fields are left out when written: a reader older than `tenants` refuses only a file scoping someone."""
 
     key_id: str
     key: str  # PEM public key
     roles: list[str] = []
+    tenants: list[str] = []
 
 
 class Retirement(msgspec.Struct, forbid_unknown_fields=True):
@@ -437,7 +455,8 @@ class Retirement(msgspec.Struct, forbid_unknown_fields=True):
 
 class TrustFile(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     """The trust roots on disk: key id -> PEM public key (several, for rotation), revoked key ids (leaked), retired
-    keys (rotated out), and the people whose signed reviews and break-glass overrides count (name -> key and roles).
+    keys (rotated out), and the people whose signed reviews and break-glass overrides count (name -> key, roles and
+    the tenants they review).
 
     Empty fields are left out when written: a reader older than `retired` refuses the file only once a key is
     retired, not after any change."""
@@ -509,10 +528,20 @@ def load_public_key(path: str | Path) -> Ed25519PublicKey:
     return key
 
 
-def trust_person(path: str | Path, name: str, public: Ed25519PublicKey, roles: Iterable[str]) -> str:
-    """Trust `name`'s key with `roles` in a trust file; returns the key id. A new key for a known name replaces
-    (rotates) the old one; a revoked key, or one already held by another person, is refused."""
+def trust_person(path: str | Path, name: str, public: Ed25519PublicKey, roles: Iterable[str],
+                 tenants: Iterable[str] = ()) -> str:
+    """Trust `name`'s key with `roles` in a trust file, reviewing the releases of `tenants` only (none: every
+    tenant's); returns the key id. A new key for a known name replaces (rotates) the old one, and the roles and
+    tenants given replace theirs; a revoked key, or one already held by another person, is refused."""
     p = Path(path)
+    roles, tenants = sorted(set(roles)), sorted(set(tenants))
+    if tenants and "admin" in roles:
+        # An admin reviews and overrides for every tenant: a list would read as a scope it does not have.
+        raise ConfigError(f"an admin is not scoped to tenants: trust {name} as approver with --tenant, or as admin "
+                          "without it")
+    if tenants and "approver" not in roles:
+        raise ConfigError(f"--tenant scopes the releases a person reviews, and {name} would not review: add "
+                          "--role approver")
     data = read_trust_file(p)
     kid = key_id(public)
     if kid in data.revoked:
@@ -522,7 +551,7 @@ def trust_person(path: str | Path, name: str, public: Ed25519PublicKey, roles: I
     holder = next((n for n, person in data.people.items() if person.key_id == kid and n != name), None)
     if holder is not None:
         raise ConfigError(f"key {kid} already belongs to {holder!r} in {p}; one key speaks for one person")
-    data.people[name] = Person(key_id=kid, key=public_pem(public).decode(), roles=sorted(set(roles)))
+    data.people[name] = Person(key_id=kid, key=public_pem(public).decode(), roles=roles, tenants=tenants)
     _write_trust_file(p, data)
     return kid
 

@@ -34,7 +34,14 @@ from lockgate.contracts import (
 )
 from lockgate.errors import NotFound
 from lockgate.evalruns import binding_of, record_request
-from lockgate.identity import Identity, create_identity, sign_review, statement_bytes
+from lockgate.identity import (
+    Identity,
+    create_identity,
+    identities_dir,
+    load_identity,
+    sign_review,
+    statement_bytes,
+)
 from lockgate.ids import uuid7
 from lockgate.server.apikeys import bootstrap
 from lockgate.server.health import HealthServer
@@ -136,11 +143,11 @@ async def prompt(bus: Bus, text: str) -> str:
 
 
 async def register_release(bus: Bus, release: str, system_prompt: str, *, author: Identity | None = None,
-                           **more: str) -> dict[str, str]:
-    """Register `release` as `lockgate release create` does (the gatekeeper passes no other), holding a
+                           tenant: str = "default", **more: str) -> dict[str, str]:
+    """Register `release` of `tenant` as `lockgate release create` does (the gatekeeper passes no other), holding a
     `prompt/system` with `system_prompt` (and `more` `kind/name` -> hash); returns its artifact map."""
     arts = {"prompt/system": await prompt(bus, system_prompt), **more}
-    await artifacts.register_release(bus, release, "shop", arts, author=author)
+    await artifacts.register_release(bus, release, "shop", arts, author=author, tenant=tenant)
     return arts
 
 
@@ -583,13 +590,13 @@ async def next_refusal(sub: Any) -> GateAudited:
 
 
 async def held_for_review(bus: Bus, settings: Settings, gates: Any, release: str, review: dict | None = None,
-                          author: Identity | None = None) -> GateDecided:
-    """Register `release` (signed by `author` if given), gate it under a policy whose prompt change needs
+                          author: Identity | None = None, tenant: str = "default") -> GateDecided:
+    """Register `release` of `tenant` (signed by `author` if given), gate it under a policy whose prompt change needs
     review (`review` adds to that section) against baseline v1 (PASSed), and return the NEEDS_REVIEW decision."""
     policy = await register_policy(bus, {**POLICY, "review": {**POLICY["review"], **(review or {})}})
     await register_release(bus, "v1", "old")
     await store_pass(bus, "v1", settings)
-    arts = await register_release(bus, release, f"new-{release}", author=author)
+    arts = await register_release(bus, release, f"new-{release}", author=author, tenant=tenant)
     await finish_eval(bus, completed(release, policy, em=0.9, em_ci=(0.88, 0.92), diff=0.0, diff_ci=(-0.01, 0.01),
                                      n=2000, artifacts=arts))
     held = await next_decision(gates)
@@ -720,6 +727,64 @@ async def test_an_approval_by_a_key_revoked_since_no_longer_counts(
     third = await request_review(bus, "v15", "approve", carol, "agreed too", timeout_s=20)
     assert (third.decision, third.approvals, third.approval_keys) == ("PASS", ["bob", "carol"],
                                                                       [bob.key_id, carol.key_id])
+
+
+async def test_a_reviewer_scoped_to_a_tenant_reviews_only_that_tenants_releases(
+    bus: Bus, store: Store, run_services: Callable[..., Any], gates: Any, audit: Any, settings: Settings
+) -> None:
+    # Probe p25: reviewers had no tenant. An approver trusted for tenant acme rejected tenant beta's release (a signed
+    # BLOCK), and could as well approve beta's NEEDS_REVIEW into a PASS that admits it to beta's deployments.
+    await run_services("sink", "query", "gatekeeper")
+    beta = await held_for_review(bus, settings, gates, "beta-r1", tenant="beta")
+    assert beta.tenant == "beta"
+    create_identity(settings, "ann")
+    trusted = await asyncio.to_thread(lockgate_cli, settings, "gate", "trust", "--person", "ann", "--role", "approver",
+                                      "--tenant", "acme", str(identities_dir(settings) / "ann.pub"))
+    assert trusted.exit_code == 0 and "trusted ann (approver; reviews tenant acme only) with key" in trusted.stdout, \
+        trusted.output
+    ann = load_identity(settings, "ann")
+    why = "ann reviews releases of tenant acme only, not of tenant beta"
+
+    # `gate approve|reject` says so at once, in one line, and sends nothing.
+    for action in ("approve", "reject"):
+        refused = await asyncio.to_thread(lockgate_cli, settings, "--as", "ann", "gate", action, "beta-r1", "--reason",
+                                          "looks fine", "--timeout", "5")
+        assert refused.exit_code == 1 and refused.stderr == (
+            f"error: cannot {action} beta-r1: it is a release of tenant beta, and {why} (an admin adds the tenant with "
+            "`lockgate gate trust --person ... --tenant beta`)\n"), refused.output
+    # Straight on the bus (a CLI reading another trust file, or none), naming the tenant it is scoped to: the
+    # gatekeeper goes by the tenant of the decision reviewed, refuses it (audit row naming ann) and dead-letters it.
+    dlq = await bus.nc.subscribe(bus.subjects.dlq("gatekeeper"))
+    for action in ("approve", "reject"):
+        await bus.publish(bus.subjects.gate_review("beta-r1"), sign_review(ann, GateReview(
+            release="beta-r1", action=action, actor="ann", reason="looks fine", decision_id=beta.id, tenant="acme")))
+        row = await next_refusal(audit)
+        letter = Codec(DeadLetter).decode((await dlq.next_msg(timeout=20)).data)
+        assert row.actor == "ann" and row.reason.startswith(f"{action} by ann refused: {action} of beta-r1 "), row.reason
+        assert f"is about a release of tenant beta, and {why}" in row.reason and why in letter.error, letter.error
+    await dlq.unsubscribe()
+    assert (await current_decision(bus, "beta-r1")) == beta  # still NEEDS_REVIEW, nothing re-signed
+
+    # Her own tenant's release she reviews.
+    await held_for_review(bus, settings, gates, "acme-r1", tenant="acme")
+    approved = await asyncio.to_thread(lockgate_cli, settings, "--as", "ann", "gate", "approve", "acme-r1", "--reason",
+                                       "prompt diff read", "--timeout", "20", "--json")
+    assert approved.exit_code == 0, approved.output
+    assert (json.loads(approved.stdout)["decision"], json.loads(approved.stdout)["reviewed_by"]) == ("PASS", "ann")
+
+    # A person listing no tenants reviews every tenant's, as every trust file before did.
+    bob = person(settings, "bob", "approver")
+    passed = await request_review(bus, "beta-r1", "approve", bob, "read it", timeout_s=20, settings=settings)
+    assert (passed.decision, passed.approvals, passed.tenant) == ("PASS", ["bob"], "beta")
+    assert (await asyncio.to_thread(lockgate_cli, settings, "gate", "verify", "beta-r1")).exit_code == 0
+    # Scoped to acme since, bob's approval no longer counts for beta's PASS: it admits nothing.
+    rescoped = await asyncio.to_thread(lockgate_cli, settings, "gate", "trust", "--person", "bob", "--role", "approver",
+                                       "--tenant", "acme", str(identities_dir(settings) / "bob.pub"))
+    assert rescoped.exit_code == 0, rescoped.output
+    verified = await asyncio.to_thread(lockgate_cli, settings, "gate", "verify", "beta-r1")
+    assert verified.exit_code == 4 and (f"the approval by bob (key {bob.key_id}) no longer counts: bob reviews "
+                                        "releases of tenant acme only, not of tenant beta") in verified.stderr, \
+        verified.output
 
 
 async def test_a_decision_is_recorded_under_its_releases_tenant_whoever_asked_for_the_eval(

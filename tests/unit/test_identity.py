@@ -17,10 +17,12 @@ from lockgate.errors import ConfigError, NotFound
 from lockgate.identity import (
     OVERRIDE_MAX_AGE_S,
     IdentityRefused,
+    OutOfScope,
     apply_refusal,
     author_of,
     create_identity,
     load_identity,
+    scope_refusal,
     sign_bundle,
     sign_override,
     sign_review,
@@ -87,6 +89,47 @@ def test_refused_reviews_say_why(settings: Settings) -> None:
     revoke_person(trust_file_path(settings), "ann")
     with pytest.raises(IdentityRefused, match="ann's revoked key"):
         verify_review(settings, sign_review(ann, review()))
+
+
+def test_a_review_counts_only_for_the_tenants_its_reviewer_is_scoped_to(settings: Settings) -> None:
+    # Probe p25: a reviewer had no tenant, so tenant acme's approver approved and rejected tenant beta's releases.
+    path = trust_file_path(settings)
+    ann = create_identity(settings, "ann")
+    trust_person(path, "ann", ann.signer.public, ["approver"], ["acme"])
+    bob, boss = person(settings, "bob", "approver"), person(settings, "boss", "admin")
+    assert verify_review(settings, sign_review(ann, review()), tenant="acme") == "ann"
+    for action in ("approve", "reject"):
+        signed = sign_review(ann, review(action=action))
+        with pytest.raises(OutOfScope) as refused:
+            verify_review(settings, signed, tenant="beta")
+        assert refused.value.person == "ann" and refused.value.message == (
+            f"{action} of v2 (review {signed.id}) is about a release of tenant beta, and ann reviews releases of "
+            "tenant acme only, not of tenant beta: if ann should review it, an admin adds the tenant (`lockgate gate "
+            "trust --person ann --role approver --tenant acme --tenant beta PUBLIC_KEY`)")
+    assert scope_refusal(settings, ann, "beta") == "ann reviews releases of tenant acme only, not of tenant beta"
+    assert scope_refusal(settings, ann, "acme") == ""
+    # No tenants listed: every tenant's, as before tenants could be listed; an admin is never scoped.
+    for ident in (bob, boss):
+        assert verify_review(settings, sign_review(ident, review()), tenant="beta") == ident.name  # type: ignore[attr-defined]
+    with pytest.raises(ConfigError, match="an admin is not scoped to tenants"):
+        trust_person(path, "boss", boss.signer.public, ["admin", "approver"], ["acme"])  # type: ignore[attr-defined]
+    with pytest.raises(ConfigError, match="add --role approver"):
+        trust_person(path, "bob", bob.signer.public, ["operator"], ["acme"])  # type: ignore[attr-defined]
+    # Re-trusting sets the tenants given: none widens ann to every tenant again.
+    trust_person(path, "ann", ann.signer.public, ["approver"])
+    assert verify_review(settings, sign_review(ann, review()), tenant="beta") == "ann"
+
+
+def test_a_trust_file_without_tenants_reads_as_before_and_unscoped_people_are_written_without_them(
+        settings: Settings) -> None:
+    path = trust_file_path(settings)
+    ann = create_identity(settings, "ann")
+    trust_person(path, "ann", ann.signer.public, ["approver"])
+    written = json.loads(path.read_text())
+    assert set(written["people"]["ann"]) == {"key_id", "key", "roles"}  # an older lockgate reads it still
+    trust_person(path, "ann", ann.signer.public, ["approver"], ["beta", "acme", "acme"])
+    assert json.loads(path.read_text())["people"]["ann"]["tenants"] == ["acme", "beta"]
+    assert read_trust_file(path).people["ann"].tenants == ["acme", "beta"]
 
 
 def test_an_apply_signer_is_checked_as_the_recorder_checks_it_and_a_refusal_says_what_to_do(settings: Settings) -> None:

@@ -340,6 +340,44 @@ def test_a_pass_by_approval_admits_nothing_once_an_approval_it_needed_is_withdra
     assert Keyring([gk.public]).verify(approved) == gk.key_id
 
 
+@pytest.mark.parametrize(("roles", "tenants", "tenant", "counts"), [
+    (["approver"], [], "beta", True),  # no tenants: every tenant's (trust files from before tenants were listed)
+    (["approver"], ["acme"], "acme", True),
+    (["approver"], ["acme", "gamma"], "gamma", True),
+    (["approver"], ["acme"], "beta", False),
+    (["approver"], ["acme"], "default", False),
+    (["approver", "admin"], ["acme"], "beta", True),  # an admin is never scoped (a hand-edited list changes nothing)
+])
+def test_a_reviewer_scoped_to_tenants_counts_for_those_tenants_only(roles: list[str], tenants: list[str], tenant: str,
+                                                                     counts: bool) -> None:
+    from lockgate.signing import Person, out_of_scope, withdrawn
+
+    ann = Person(key_id="k1", key="", roles=roles, tenants=tenants)
+    why = out_of_scope("ann", ann, tenant)
+    assert (why == "") is counts
+    assert withdrawn({"ann": ann}, set(), [("ann", "k1")], tenant=tenant) == ({} if counts else {"ann": why})
+    assert withdrawn({"ann": ann}, set(), [("ann", "k1")]) == {}  # no release's tenant to judge by: not judged
+
+
+def test_a_pass_approved_by_a_reviewer_of_another_tenant_admits_nothing(tmp_path: Path) -> None:
+    # Probe p25: scoping is judged where approvals are judged, so a PASS of tenant beta resting on the approval of
+    # an approver scoped to acme (made before the scope, or by a gatekeeper that did not check it) admits nothing.
+    from lockgate.signing import ApprovalWithdrawn
+
+    settings, gk, ann = Settings(home=str(tmp_path)), Signer.generate(), Signer.generate()
+    trust_key(trust_file_path(settings), gk.public)
+    trust_person(trust_file_path(settings), "ann", ann.public, ["approver"])
+    approved = {t: gk.sign(msgspec.structs.replace(decision(), tenant=t, reviewed_by="ann", approvals=["ann"],
+                                                   approval_keys=[ann.key_id])) for t in ("acme", "beta")}
+    for d in approved.values():
+        assert Keyring.from_settings(settings).verify(d) == gk.key_id
+    trust_person(trust_file_path(settings), "ann", ann.public, ["approver"], ["acme"])
+    assert Keyring.from_settings(settings).verify(approved["acme"]) == gk.key_id
+    with pytest.raises(ApprovalWithdrawn, match=f"the approval by ann \\(key {ann.key_id}\\) no longer counts: ann "
+                                                "reviews releases of tenant acme only, not of tenant beta"):
+        Keyring.from_settings(settings).verify_record(approved["beta"])
+
+
 def test_a_verified_record_says_whether_it_admits_and_withdrawn_approvals_fail_it(tmp_path: Path) -> None:
     """What `gate verify` and `attest verify` apply (probe p20 F1, F4, F12): `verify_record` is authentic as history
     with its approvals still counting; `not_admitting` is "" exactly for a PASS `verify` admits, else why not."""

@@ -26,7 +26,7 @@ from lockgate.contracts import GateDecided, GateReview
 from lockgate.contracts.names import check_name
 from lockgate.credentials import NotAllowed
 from lockgate.errors import ConfigError, LockgateError, NotFound, SignatureError
-from lockgate.identity import PERSON_ROLES, Identity, sign_review
+from lockgate.identity import PERSON_ROLES, Identity, scope_refusal, sign_review
 from lockgate.signing import (
     Keyring,
     TrustFile,
@@ -71,10 +71,15 @@ def rule_rows(decision: GateDecided) -> list[dict[str, Any]]:
 
 
 async def request_review(bus: Bus, release: str, action: str, identity: Identity, reason: str,
-                         timeout_s: float) -> GateDecided:
+                         timeout_s: float, settings: Settings | None = None) -> GateDecided:
     """Publish a GateReview signed by `identity` as `lockgate gate approve|reject` does, and wait for the
-    gate's new decision."""
+    gate's new decision. With `settings`, a review the trust file there scopes `identity` out of is refused
+    before anything is sent (the gatekeeper would refuse it: nothing would answer)."""
     current = await current_decision(bus, release)
+    why = scope_refusal(settings, identity, current.tenant) if settings is not None else ""
+    if why:
+        raise ReviewRefused(f"cannot {action} {release}: it is a release of tenant {current.tenant}, and {why} (an "
+                            f"admin adds the tenant with `lockgate gate trust --person ... --tenant {current.tenant}`)")
     if action == "approve" and current.decision != "NEEDS_REVIEW":
         raise ReviewRefused(f"cannot approve {release}: its latest decision is {current.decision}, not NEEDS_REVIEW "
                             f"(approvals never override a BLOCK; re-run the eval instead)")
@@ -278,7 +283,8 @@ def register(cli: click.Group) -> None:
                                     f"`lockgate --as NAME gate {action} ...`")
             identity = chosen_identity(ctx)
             new = with_bus(ctx.obj["settings"],
-                           lambda bus: request_review(bus, release, action, identity, reason, timeout_s),
+                           lambda bus: request_review(bus, release, action, identity, reason, timeout_s,
+                                                      ctx.obj["settings"]),
                            role="approver")
             if as_json:
                 emit_json(new)
@@ -332,20 +338,27 @@ def register(cli: click.Group) -> None:
                                    "decision-signing key.")
     @click.option("--role", "roles", multiple=True, type=click.Choice(PERSON_ROLES),
                   help="The person's role (repeatable): approver reviews, admin also overrides, operator authors.")
+    @click.option("--tenant", "tenants", multiple=True,
+                  help="An approver reviews only this tenant's releases (repeatable; none: every tenant's). An admin "
+                       "is never scoped.")
     @click.pass_context
     @handle_errors
-    def trust_cmd(ctx: click.Context, key: str, person: str | None, roles: tuple[str, ...]) -> None:
+    def trust_cmd(ctx: click.Context, key: str, person: str | None, roles: tuple[str, ...],
+                  tenants: tuple[str, ...]) -> None:
         """Trust KEY (a PEM public or private Ed25519 key) in the trust file; prints its key id. The change is
         recorded in the audit log, or undone: a role that may not record it is refused before the file is
-        touched, and a trust the running stack's audit log does not take is taken back."""
+        touched, and a trust the running stack's audit log does not take is taken back. A person's roles and
+        tenants are set to those given."""
         settings: Settings = ctx.obj["settings"]
         path = trust_file_path(settings)
         if person:
             check_name(person, "person")
+            for tenant in tenants:
+                check_name(tenant, "tenant")
             if not roles:
                 raise LockgateError("--person needs at least one --role (approver, admin or operator)")
-        elif roles:
-            raise LockgateError("--role applies to a person: add --person NAME")
+        elif roles or tenants:
+            raise LockgateError(f"{'--role' if roles else '--tenant'} applies to a person: add --person NAME")
         public = load_public_key(key)
         role = may_record(settings, "change the trust file (record the change in the audit log)")
         if role != "admin":
@@ -355,10 +368,13 @@ def register(cli: click.Group) -> None:
                              " use --role admin")
         before = read_trust_file(path) if path.is_file() else None
         if person:
-            kid = trust_person(path, person, public, roles)
+            kid = trust_person(path, person, public, roles, tenants)
+            scope = {"tenants": ",".join(sorted(set(tenants)))} if tenants else {}
             _recorded_or_undone(settings, path, before, kid=kid, person=person,
-                                details={"key_id": kid, "roles": ",".join(sorted(set(roles))), "trust_file": path})
-            click.echo(f"trusted {person} ({', '.join(sorted(set(roles)))}) with key {kid} in {path}")
+                                details={"key_id": kid, "roles": ",".join(sorted(set(roles))), **scope,
+                                         "trust_file": path})
+            reviews = f"; reviews tenant {', '.join(sorted(set(tenants)))} only" if tenants else ""
+            click.echo(f"trusted {person} ({', '.join(sorted(set(roles)))}{reviews}) with key {kid} in {path}")
             return
         kid = trust_key(path, public)
         _recorded_or_undone(settings, path, before, kid=kid, details={"trust_file": path})
