@@ -744,6 +744,11 @@ async def test_a_reviewer_scoped_to_a_tenant_reviews_only_that_tenants_releases(
         trusted.output
     ann = load_identity(settings, "ann")
     why = "ann reviews releases of tenant acme only, not of tenant beta"
+    # She can see her scope (`identity show`, as table and JSON).
+    shown = await asyncio.to_thread(lockgate_cli, settings, "--as", "ann", "identity", "show")
+    assert "as approver, reviewing tenant acme only" in shown.stdout, shown.output
+    shown = await asyncio.to_thread(lockgate_cli, settings, "--as", "ann", "identity", "show", "--json")
+    assert json.loads(shown.stdout)["tenants"] == ["acme"], shown.output
 
     # `gate approve|reject` says so at once, in one line, and sends nothing.
     for action in ("approve", "reject"):

@@ -106,14 +106,17 @@ def register(cli: click.Group) -> None:
         revoked = known and ident.key_id in trust.revoked
         if as_json:
             emit_json({"name": ident.name, "key_id": ident.key_id, "trust_file": str(path), "trusted": known and not
-                       revoked, "revoked": revoked, "roles": list(person.roles) if known and person else []})
+                       revoked, "revoked": revoked, "roles": list(person.roles) if known and person else [],
+                       # the tenants whose releases they review (empty: every tenant's)
+                       "tenants": list(person.tenants) if known and person else []})
             return
         if not known or person is None:
             status = f"not trusted in {path}"
         elif revoked:
             status = f"REVOKED in {path}"
         else:
-            status = f"trusted in {path} as {', '.join(person.roles)}"
+            scope = f", reviewing tenant {', '.join(person.tenants)} only" if person.tenants else ""
+            status = f"trusted in {path} as {', '.join(person.roles)}{scope}"
         click.echo(f"{ident.name} key {ident.key_id}: {status}")
 
     @cli.command("break-glass")

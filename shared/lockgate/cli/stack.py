@@ -150,7 +150,8 @@ def _print_people(settings: Settings) -> None:
 
     path = trust_file_path(settings)
     people = read_trust_file(path).people
-    who = ", ".join(f"{n} ({'/'.join(p.roles)})" for n, p in sorted(people.items())) or \
+    who = ", ".join(f"{n} ({'/'.join(p.roles)}{'; tenant ' + ','.join(p.tenants) if p.tenants else ''})"
+                    for n, p in sorted(people.items())) or \
         "none yet: `lockgate identity create NAME`, then `lockgate gate trust --person NAME --role approver ...`"
     console.print(f"  [bold]{'people':<11}[/bold] {who}  (sign reviews and break-glass; trust file {path})",
                   soft_wrap=True)
