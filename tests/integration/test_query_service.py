@@ -246,3 +246,58 @@ async def test_values_a_sender_chose_are_shown_as_data_never_as_markup_or_termin
         "LOCKGATE_DATABASE": settings.database, "LOCKGATE_CLICKHOUSE_URL": settings.clickhouse_url})
     assert missing.exit_code != 0 and "Traceback" not in missing.output, missing.output
     assert len(missing.stderr.splitlines()) == 1 and "[/x]" in missing.stderr, missing.stderr
+
+
+SCORE_COLUMNS = ("time", "tenant", "event_id", "app", "deployment", "variant", "release", "scorer", "value", "served")
+
+
+async def test_a_deployments_scores_are_its_tenants_served_answers_and_say_whose(
+        run_services: Callable[..., Any], store: Store, settings: Settings) -> None:
+    """Probe p25 F3: tenant acme's own events naming tenant default's deployment, release and canary were scored
+    (served = false) and `lockgate scores` merged them into the canary's row: their e-mail addresses read as the canary
+    leaking PII. A deployment's scores are its tenant's served answers; --tenant and --all show the others, marked."""
+    await run_services("query")
+    now = datetime.now(UTC) - timedelta(minutes=1)
+    store.insert_rows("releases", ("release", "app", "tenant", "time", "event_id"),
+                      [["shop-v1", "shop", "default", now, "r1"], ["shop-v2", "shop", "default", now, "r2"],
+                       ["acme-v1", "shop", "acme", now, "r3"]], token=None)
+    store.insert_rows("rollout_events", ("id", "time", "deployment", "stable_release", "canary_release", "phase"),
+                      [["ro-1", now, "shop-web", "shop-v1", "shop-v2", "progressing"]], token=None)
+
+    def scores(tenant: str, event: str, release: str, variant: str, value: float, served: bool,
+               deployment: str = "shop-web") -> list[Any]:
+        return [now, tenant, event, "shop", deployment, variant, release, "pii_free", value, served]
+
+    store.insert_rows("inference_scores", SCORE_COLUMNS, [
+        *(scores("default", f"e-{i}", "shop-v2", "canary", 1.0, True) for i in range(3)),
+        # acme's application's own events naming default's canary (and one of its answers' ids)
+        *(scores("acme", f"e-{i}", "shop-v2", "canary", 0.0, False) for i in range(5)),
+        # acme's key under passthrough: served under the name, as a release nobody rolled out there
+        *(scores("acme", f"p-{i}", "", "stable", 0.0, True) for i in range(2)),
+        scores("default", "own-1", "shop-v2", "canary", 0.5, False),  # default's application's own event
+        # a deployment no route change names: every tenant's served answers, each row saying whose
+        scores("default", "c-1", "r", "stable", 1.0, True, "chat"), scores("acme", "c-2", "r", "stable", 0.0, True, "chat"),
+    ], token=None)
+
+    async def cli(*args: str) -> str:
+        return await asyncio.to_thread(_cli, settings, "scores", *args)
+
+    async def read(*args: str) -> list[tuple[Any, ...]]:
+        rows = json.loads(await cli(*args, "--json"))
+        return [(r["tenant"], r["served"], r["release"], r["variant"], r["scored"], r["mean"]) for r in rows]
+
+    merged = json.loads(await cli("shop-web", "--json"))  # before: 9 canary answers, mean 0.39; 2 stable, 0.0
+    assert [(r["release"], r["variant"], r["scored"], r["mean"]) for r in merged] == [("shop-v2", "canary", 3, 1.0)]
+    assert await read("shop-web") == [("default", True, "shop-v2", "canary", 3, 1.0)]
+    assert await read("shop-web", "--tenant", "acme") == [("acme", True, "", "stable", 2, 0.0)]
+    assert await read("shop-web", "--all") == [("acme", True, "", "stable", 2, 0.0), ("acme", False, "shop-v2", "canary", 5, 0.0),
+                                         ("default", True, "shop-v2", "canary", 3, 1.0),
+                                         ("default", False, "shop-v2", "canary", 1, 0.5)]
+    assert await read("shop-web", "--all", "--tenant", "default") == [("default", True, "shop-v2", "canary", 3, 1.0),
+                                                                ("default", False, "shop-v2", "canary", 1, 0.5)]
+    assert await read("chat") == [("acme", True, "r", "stable", 1, 0.0), ("default", True, "r", "stable", 1, 1.0)]
+    # One answer's scores: another tenant's event may take its id.
+    one = json.loads(await cli("shop-web", "--event", "e-0", "--json"))
+    assert [(r["tenant"], r["served"], r["value"]) for r in one] == [("default", True, 1.0)]
+    table = await cli("shop-web")
+    assert "tenant" in table and "served" in table and "its tenant's answers a router served" in table

@@ -21,15 +21,24 @@ def register(cli: click.Group) -> None:
                   show_default=True, help="Minutes back.")
     @click.option("--scorer", help="Only this scorer (e.g. pii_free, llm_judge).")
     @click.option("--event", "event_id", help="One answer's scores (its inference event id).")
+    @click.option("--tenant", help="This tenant's answers (default: the tenant whose releases the deployment serves).")
+    @click.option("--all", "everyone", is_flag=True,
+                  help="Also answers no router served (applications' own events), of every tenant unless --tenant.")
     @json_option
     @click.pass_context
     @handle_errors
     def scores_cmd(ctx: click.Context, deployment: str, since_min: float, scorer: str | None, event_id: str | None,
-                   as_json: bool) -> None:
-        """Scores per release, variant and scorer (answers scored, scorer errors, mean), or one answer's."""
+                   tenant: str | None, everyone: bool, as_json: bool) -> None:
+        """Scores per tenant, release, variant and scorer (answers scored, scorer errors, mean), or one answer's: by
+        default of the answers a router served for the deployment's own tenant."""
         since = None if event_id else datetime.now(UTC) - timedelta(minutes=since_min)
-        args: dict[str, Any] = {"deployment": deployment, "since": since, "scorer": scorer, "event_id": event_id}
+        args: dict[str, Any] = {"deployment": deployment, "since": since, "scorer": scorer, "event_id": event_id,
+                                "tenant": tenant, "everyone": everyone}
         rows = access.query(ctx.obj["settings"], "online_scores", direct=ctx.obj["direct"], **args)
-        title = f"scores of answer {event_id}" if event_id else \
-            f"online scores of {deployment}, last {since_min:g} min (errors: no score, e.g. the judge was down)"
-        output(rows, as_json, title=title, empty="no scores: is online evaluation sampling this deployment?")
+        # An application of any tenant may send events naming this deployment: say whose answers are counted.
+        who = f"tenant {tenant}'s" if tenant else "every tenant's" if everyone else "its tenant's"
+        whose = f"{who} answers" + (", served or not" if everyone else " a router served")
+        title = f"scores of answer {event_id} ({whose})" if event_id else \
+            f"online scores of {deployment}, {whose}, last {since_min:g} min (errors: no score, e.g. the judge was down)"
+        output(rows, as_json, title=title, empty="no scores: is online evaluation sampling this deployment? (--all "
+                                                 "shows applications' own events too)")
