@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import msgspec
@@ -118,6 +119,26 @@ def _require_scope(key: ApiKey, deployment: str | None) -> None:
     router several share, not to be read or changed with this key."""
     if deployment is not None and not key.may_use(deployment):
         raise Forbidden(f"{key.label} may only use {key.scope}, not deployment {deployment!r}")
+
+
+def reads_router_wide(key: ApiKey, keys: Iterable[ApiKey]) -> bool:
+    """Whether `key`'s scope covers every tenant and deployment the router serves, so that it may read what counts
+    all their requests together (`/metrics`): an admin key's (every tenant's, no deployment scope), or a key scoped to
+    no deployment on a router whose every key, revoked ones too, is of its tenant (its counters run since the process
+    started, so a revoked key's requests are in them)."""
+    return not key.deployments and (key.tenants is None or all(k.tenant == key.tenant for k in keys))
+
+
+def require_router_wide(key: ApiKey, keys: Iterable[ApiKey]) -> None:
+    """Forbidden unless `key` reads router-wide (`reads_router_wide`)."""
+    if reads_router_wide(key, keys):
+        return
+    # Never names the other tenants: which tenants have keys is not this key's to learn either.
+    why = f"is scoped to {key.scope}" if key.deployments else \
+        f"is of tenant {key.tenant!r} and the router serves other tenants' keys too"
+    raise Forbidden(f"{key.label} may not read the router's metrics: they count the requests of every tenant and "
+                    f"deployment, and this key {why}; read them with an admin key (or, on a router whose keys are all of "
+                    "one tenant, with a key of it scoped to no deployment)")
 
 
 class Admin:

@@ -15,12 +15,12 @@ from aiohttp import web
 from lockgate import metrics
 from lockgate.config import Settings
 from lockgate.outbox import UNTIL_BACK, Outbox
-from lockgate.server.apikeys import KeyStore
+from lockgate.server.apikeys import Forbidden, KeyStore
 from lockgate.server.httplog import SERVER_LOG
 from lockgate.server.service import Progress, Service, ServiceContext, fewer_collections
 from lockgate.server.tls import listen_http
 from lockgate.services.router import clock
-from lockgate.services.router.admin import PREFIX, Admin, unrouted
+from lockgate.services.router.admin import KEY, PREFIX, Admin, require_router_wide, unrouted
 from lockgate.services.router.admission import Admission
 from lockgate.services.router.endpoints import Endpoints
 from lockgate.services.router.handlers import (
@@ -35,6 +35,7 @@ from lockgate.services.router.handlers import (
 from lockgate.services.router.looplag import LoopLag
 from lockgate.services.router.proxy import Proxy
 from lockgate.services.router.rollouts import Rollouts
+from lockgate.services.router.wire import error_response
 from lockgate.spool import Spool, claim
 
 log = logging.getLogger("lockgate.router")
@@ -200,7 +201,18 @@ class RouterService(Service):
         # a user id loads, which is the admin API's to say (README "Sticky bucketing"). So the metrics take the
         # admin API's own read check, a key of role viewer, approver, operator or admin: 401 without a key, 403
         # for an app key, in the same JSON shape.
-        return await self.admin.middleware(request, metrics.serve_prometheus)
+        return await self.admin.middleware(request, self._router_wide)
+
+    async def _router_wide(self, request: web.Request) -> web.StreamResponse:
+        # The counters are the whole router's, of every tenant's and deployment's requests, while the admin API
+        # shows a key only its own tenant's routes and its scope's: so they take a key whose reach is as wide (before,
+        # probe p25, another tenant's viewer key scoped to one deployment of its own read them all, and so saw that a
+        # tenant ran a canary and how its arms answered).
+        try:
+            require_router_wide(request[KEY], self.keys.keys())
+        except Forbidden as exc:
+            return error_response(403, exc.message, "permission_denied", code="metrics_not_in_scope")
+        return await metrics.serve_prometheus(request)
 
     async def _health(self, request: web.Request) -> web.Response:
         # Requests are still served while the bus is away (events wait in the bounded outbox), so a

@@ -289,6 +289,49 @@ async def test_router_metrics_need_a_key_that_reads_the_admin_api(context: Servi
         assert (await _scrape(http, router.url, keys.admin_key))[("lockgate_router_requests_total", "stable", "ok")] == 1
 
 
+async def test_router_metrics_take_a_key_that_reads_every_tenant_and_deployment(
+        context: ServiceContext, run_services: Any, metric_reader: InMemoryMetricReader) -> None:
+    """Probe p25 F1: the counters are the whole router's, of every tenant's and deployment's requests; another
+    tenant's viewer key, even one scoped to a deployment of its own, read them all (whether a tenant runs a canary,
+    how its arms answer). They take a key that reads every tenant and deployment: an admin key, or an unscoped key of
+    the only tenant the router has keys of."""
+    async with SimServer(SimConfig(models={"m": ModelSpec(default="hello")})) as sim, aiohttp.ClientSession() as http:
+        context.settings = context.settings.replace(stable_upstream=sim.url, canary_upstream=sim.url,
+                                                    deployment="chat", app="shop", passthrough=True)
+        router = (await run_services("router"))["router"]
+        keys = bootstrap(context.settings.home, app="shop")  # tenant default's
+        store = KeyStore(context.settings.home)
+        events = await context.bus.nc.subscribe(context.bus.subjects.served("shop"))
+        body = {"model": "m", "user": "u1", "messages": [{"role": "user", "content": "hi"}]}
+        async with http.post(f"{router.url}/v1/chat/completions", json=body,
+                             headers={"Authorization": f"Bearer {keys.app_key}"}) as resp:
+            assert resp.status == 200
+        await events.next_msg(timeout=10)  # counted where its event is queued, after the answer
+
+        # One tenant's router: its unscoped keys read them; one scoped to a deployment reads one deployment only.
+        viewer, _ = store.create("default", "prometheus", "viewer")
+        assert (await _scrape(http, router.url, viewer))[("lockgate_router_requests_total", "stable", "ok")] == 1
+        scoped_default, _ = store.create("default", "ops", "viewer", deployments=["chat"])
+
+        # Another tenant's keys (a revoked one too: its requests stay in the counters).
+        acme = {f"acme {role}": store.create("acme", "shop", role)[0] for role in ("viewer", "approver", "operator")}
+        acme["acme viewer scoped"] = store.create("acme", "shop", "viewer", deployments=["acme-web"])[0]
+        gone = store.create("acme", "shop", "app")[1]
+        store.revoke(gone.id)
+        for who, key in {**acme, "default viewer": viewer, "default viewer scoped": scoped_default}.items():
+            for method in ("GET", "HEAD"):
+                async with http.request(method, f"{router.url}/metrics",
+                                        headers={"Authorization": f"Bearer {key}"}) as resp:
+                    assert resp.status == 403, (who, method)
+                    assert resp.headers["Content-Type"].startswith("application/json")
+                    if method == "GET":
+                        error = (await resp.json())["error"]
+                        assert (error["type"], error["code"]) == ("permission_denied", "metrics_not_in_scope"), who
+                        assert "admin key" in error["message"] and "lockgate_router" not in error["message"]
+                        assert "acme" not in error["message"] or who.startswith("acme"), who  # names no other tenant
+        assert (await _scrape(http, router.url, keys.admin_key))[("lockgate_router_requests_total", "stable", "ok")] == 1
+
+
 async def test_metrics_are_exported_over_otlp_when_an_endpoint_is_set() -> None:
     """A stand-in Collector (plain aiohttp) receives the OTLP/HTTP export with lockgate's metrics."""
     from aiohttp import web

@@ -14,6 +14,7 @@ from click.testing import CliRunner
 from lockgate.cli.main import cli
 from lockgate.errors import ConfigError, NotFound
 from lockgate.server.apikeys import ApiKey, AuthError, Forbidden, KeyStore, in_scope, owns_release
+from lockgate.services.router.admin import reads_router_wide, require_router_wide
 
 # Nothing listens on port 1: the CLI's audit record of a key change says so at once instead of waiting.
 NO_STACK = {"LOCKGATE_NATS_URL": "nats://127.0.0.1:1"}
@@ -147,3 +148,24 @@ def test_keys_create_list_and_scope_through_the_cli(tmp_path: Path) -> None:
                              env=NO_STACK)
     assert bad.exit_code == 2 and "invalid deployment 'a b'" in bad.output, bad.output
     assert len(KeyStore(tmp_path).keys()) == 2
+
+
+def _key(tenant: str, role: str = "viewer", deployments: tuple[str, ...] = (), revoked: bool = False) -> ApiKey:
+    return ApiKey(id=f"{tenant}-{role}", hash="h", tenant=tenant, app="a", role=role,  # type: ignore[arg-type]
+                  deployments=deployments, revoked_at=1.0 if revoked else 0.0)
+
+
+@pytest.mark.parametrize(("key", "others", "wide"), [
+    (_key("acme", "admin"), [_key("default")], True),  # every tenant's, no deployment scope
+    (_key("default"), [_key("default", "app"), _key("default", "operator")], True),  # the only tenant's, unscoped
+    (_key("default", deployments=("chat",)), [], False),  # one deployment's
+    (_key("acme"), [_key("default", "app")], False),  # probe p25: another tenant's viewer read all of them
+    (_key("acme", deployments=("acme-web",)), [_key("default", "app")], False),
+    (_key("default", "operator"), [_key("acme", "app", revoked=True)], False),  # its requests are in the counters
+])
+def test_a_key_reads_router_wide_metrics_only_when_it_reads_every_tenant_and_deployment(
+        key: ApiKey, others: list[ApiKey], wide: bool) -> None:
+    assert reads_router_wide(key, [key, *others]) is wide
+    if not wide:
+        with pytest.raises(Forbidden, match="may not read the router's metrics"):
+            require_router_wide(key, [key, *others])
