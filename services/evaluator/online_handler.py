@@ -1,11 +1,14 @@
 """Bus edge of online evaluation: inference events in, `eval.scores.<deployment>` out.
 
 Per deployment, the plan (rates per variant, scorers, judge) comes from its deployment document as
-last applied (KV gitops, `deployment.<name>`), read again after CONFIG_TTL_S. The deterministic
+last applied (KV gitops, `deployment.<name>`), read again after CONFIG_TTL_S, for the events of the document's
+own tenant (its stable release's) and the answers its own route served (from a release: its tenant's keys' and
+admin keys'); another tenant's events naming the deployment get the global plan, as a deployment nobody
+configured, so they never spend its judge budget (Plans). The deterministic
 scores are published before the message is acked. The judge grades only answers a router served (the
 `served` subject, which only the router identity may publish to) and never a cache hit: its calls cost the
 operator money from a daily budget and feed canary analysis, so an application's own events (which may
-name any deployment and variant) must neither spend nor fill it. Its calls run per deployment in a few
+name any deployment and variant) must neither spend nor fill it. Its calls run per (tenant, deployment) in a few
 workers fed by the deployment's own bounded queue, within the judge's calls per minute and USD per day: a
 flood of one deployment's answers fills only that deployment's queue, the consumer never waits for a
 judge, and neither does any request. A judge that fails (down, 5xx, timeout, a reply without a score)
@@ -33,11 +36,12 @@ import msgspec
 import nats.errors
 import nats.js.errors
 
+from lockgate import artifacts
 from lockgate.bus import Delivery
 from lockgate.contracts import InferenceEvent, InferenceScored, StateEntry
 from lockgate.documents import convert
 from lockgate.endpoints import Access
-from lockgate.errors import BusUnavailable, ConfigError, LockgateError
+from lockgate.errors import BusUnavailable, ConfigError, LockgateError, NotFound
 from lockgate.gitops.state import state_key
 from lockgate.kvcas import KVUnavailable
 from lockgate.onlineeval import JudgeSpec, OnlineEvalSpec
@@ -58,43 +62,67 @@ _entry = msgspec.json.Decoder(StateEntry)
 
 
 class Plans:
-    """Deployment -> online.Plan, read from the applied state and kept CONFIG_TTL_S seconds (PLANS_MAX at most)."""
+    """Deployment -> online.Plan, read from the applied state and kept CONFIG_TTL_S seconds (PLANS_MAX at most).
+
+    A deployment's document is its tenant's: the tenant its stable release is registered under. Another tenant's
+    events naming it get the global plan, as a deployment nobody configured: under passthrough a router serves such a
+    tenant's requests for that name by the default route, release-less (probe p25 F2: they took 17 of the 20 judge
+    calls of the deployment's minute), and the document's judge, sampling and scorers are not that tenant's to spend
+    or to fill. A document whose tenant is not known (its stable release not registered) is every tenant's."""
 
     def __init__(self, ctx: ServiceContext) -> None:
         self.ctx = ctx
         self.default = online.plan(None, ctx.settings.online_eval_sample, ctx.settings.online_eval_scorers)
-        self._cache: OrderedDict[str, tuple[float, online.Plan]] = OrderedDict()  # least recently used first
+        # deployment -> (read at, its plan, the tenant whose document it is: "" when not known, every tenant's)
+        self._cache: OrderedDict[str, tuple[float, online.Plan, str]] = OrderedDict()  # least recently used first
 
-    async def _spec(self, deployment: str) -> OnlineEvalSpec | None:
+    async def _spec(self, deployment: str) -> tuple[OnlineEvalSpec | None, str]:
+        """The deployment's applied online_eval (None without one) and the stable release its document names."""
         bus = self.ctx.bus
         try:
             entry = await (await bus.kv(bus.subjects.kv_gitops)).get(state_key("deployment", deployment))
         except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError, nats.js.errors.BucketNotFoundError):
-            return None
+            return None, ""
         except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
             raise BusUnavailable(f"cannot read deployment {deployment!r} from KV {bus.subjects.kv_gitops}: "
                                  f"{exc!r}") from None
-        raw = _entry.decode(entry.value).spec.get("online_eval") if entry.value else None
-        return None if raw is None else convert(raw, OnlineEvalSpec, name=f"deployment {deployment} online_eval")
+        spec = _entry.decode(entry.value).spec if entry.value else {}
+        raw, stable = spec.get("online_eval"), spec.get("stable")
+        return (None if raw is None else convert(raw, OnlineEvalSpec, name=f"deployment {deployment} online_eval"),
+                stable if isinstance(stable, str) else "")
 
-    async def get(self, deployment: str) -> online.Plan:
-        """The deployment's plan; a document the evaluator cannot use falls back to the global plan, logged."""
+    async def _owner(self, release: str) -> str:
+        """The tenant `release` is registered under; "" when it is not (nor bound): then nobody's is known."""
+        try:
+            tenant = (await artifacts.release_of(self.ctx.bus, release)).get("tenant") if release else ""
+        except NotFound:  # TakenUnbound too
+            return ""
+        return tenant if isinstance(tenant, str) else ""
+
+    async def get(self, deployment: str, tenant: str | None = None) -> online.Plan:
+        """The plan for `tenant`'s events naming the deployment (None: answers its own route served): its document's,
+        unless the document is another tenant's (then the global plan); a document the evaluator cannot use falls
+        back to the global plan, logged."""
         now = time.monotonic()
         hit = self._cache.get(deployment)
         if hit is not None and now - hit[0] < CONFIG_TTL_S:
             self._cache.move_to_end(deployment)
-            return hit[1]
-        try:
-            plan = online.plan(await self._spec(deployment), self.default.default_rate,
-                               [s.name for s in self.default.scorers], where=f"deployment {deployment} online_eval")
-        except ConfigError as exc:
-            log.warning("%s; scoring it with the global online evaluation settings", exc.message)
-            plan = self.default
-        self._cache[deployment] = (now, plan)
-        self._cache.move_to_end(deployment)
-        while len(self._cache) > PLANS_MAX:
-            self._cache.popitem(last=False)
-        return plan
+        else:
+            owner = ""
+            try:
+                spec, stable = await self._spec(deployment)
+                owner = await self._owner(stable) if spec is not None else ""
+                plan = online.plan(spec, self.default.default_rate, [s.name for s in self.default.scorers],
+                                   where=f"deployment {deployment} online_eval")
+            except ConfigError as exc:
+                log.warning("%s; scoring it with the global online evaluation settings", exc.message)
+                plan = self.default
+            hit = self._cache[deployment] = (now, plan, owner)
+            self._cache.move_to_end(deployment)
+            while len(self._cache) > PLANS_MAX:
+                self._cache.popitem(last=False)
+        _, plan, owner = hit
+        return plan if tenant is None or owner in ("", tenant) else self.default
 
 
 @dataclass(frozen=True)
@@ -132,8 +160,10 @@ class OnlineEval:
         self.judged = Progress()  # judge outcomes published, scores and errors alike
         self.judge_errors = Progress()  # judge outcomes without a score (outage, unreadable reply, no endpoint)
         self.judge_skipped = Progress()  # answers not judged: the deployment's judge queue was full or today's budget spent
-        self._lanes: dict[str, _Lane] = {}  # only deployments whose applied document has a judge get one
-        self._judges: dict[str, _JudgeState] = {}
+        # By (tenant, deployment): one tenant's answers never take another's queue or calls per minute (and only the
+        # document's own tenant's get its judge at all: Plans.get).
+        self._lanes: dict[tuple[str, str], _Lane] = {}  # only deployments whose applied document has a judge get one
+        self._judges: dict[tuple[str, str], _JudgeState] = {}
         self._closed = False
         self._session: aiohttp.ClientSession | None = None
         self._prices: dict[str, ModelPrice] | None = None
@@ -146,7 +176,10 @@ class OnlineEval:
         n = 0
         served = bus.subjects.is_served(delivery.subject)  # a router's events: its scores are canary evidence
         for event in value if isinstance(value, list) else [value]:
-            plan = await self.plans.get(event.deployment or event.app)
+            # An answer a router served from a release was served by the deployment's own route, which serves only
+            # its tenant's keys and admin keys: the document's. Any other event is its tenant's (Plans.get).
+            whose = None if served and event.release else event.tenant
+            plan = await self.plans.get(event.deployment or event.app, whose)
             result = online.score(event, plan, served) if plan.active else None
             if result is None:
                 continue
@@ -163,12 +196,13 @@ class OnlineEval:
             await self.judge_skipped.bump()
             return
         deployment = event.deployment or event.app
-        lane = self._lanes.get(deployment)
+        lane = self._lanes.get((event.tenant, deployment))
         if lane is None:
             lane = _Lane(queue=asyncio.Queue(QUEUE), workers=[])
-            lane.workers = [asyncio.create_task(self._work(lane.queue), name=f"evaluator:judge-{deployment}-{i}")
+            lane.workers = [asyncio.create_task(self._work(lane.queue),
+                                                name=f"evaluator:judge-{event.tenant}-{deployment}-{i}")
                             for i in range(WORKERS)]
-            self._lanes[deployment] = lane
+            self._lanes[(event.tenant, deployment)] = lane
         try:
             lane.queue.put_nowait((event, spec, served))
         except asyncio.QueueFull:
@@ -187,9 +221,10 @@ class OnlineEval:
         if self._session is not None:
             await self._session.close()
 
-    def _state(self, deployment: str, spec: JudgeSpec) -> _JudgeState:
-        """The judge of a deployment, rebuilt when its spec changed (the day's spend is kept: it is the KV's)."""
-        state = self._judges.get(deployment)
+    def _state(self, tenant: str, deployment: str, spec: JudgeSpec) -> _JudgeState:
+        """The judge of a tenant's deployment, rebuilt when its spec changed (the day's spend is kept: it is the
+        KV's)."""
+        state = self._judges.get((tenant, deployment))
         if state is not None and state.spec == spec:
             return state
         access = targets.listed(self.ctx.settings, spec.endpoint, "judge endpoint")
@@ -204,7 +239,7 @@ class OnlineEval:
         # failed call is an error outcome, which analysis counts as missing, never as a pass.
         state = _JudgeState(spec=spec, access=access, price=price, bucket=TokenBucket(per_s, burst=max(1.0, per_s)),
                             policy=runner.CallPolicy(timeout_s=spec.timeout_s, max_retries=0))
-        self._judges[deployment] = state
+        self._judges[(tenant, deployment)] = state
         return state
 
     async def _work(self, queue: asyncio.Queue[tuple[InferenceEvent, JudgeSpec, bool]]) -> None:
@@ -221,7 +256,7 @@ class OnlineEval:
         """Ask the judge n times (each call within its rate and budget); publish a score or the error."""
         deployment = event.deployment or event.app
         try:
-            state = self._state(deployment, spec)
+            state = self._state(event.tenant, deployment, spec)
         except ConfigError as exc:
             await self._publish(online.judged(event, None, exc.message, served))
             return

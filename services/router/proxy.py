@@ -162,7 +162,11 @@ class Proxy:
         Another tenant's deployment is served as one nobody rolled out (passthrough or 404, so its existence is
         not told): its releases, upstream credentials and budgets are not this key's to spend, and what a key
         sends there would be served evidence in that tenant's canary analysis, free to sink or pass it (the
-        admin API reads and changes such a deployment the same way, admin.py)."""
+        admin API reads and changes such a deployment the same way, admin.py). Under passthrough its answer is
+        recorded as one for a name nobody configured is: under the name asked, the caller's tenant (`_record`,
+        from the key) and no release. So it is the caller's own: the rollouts' evidence (`rollouts._evidence_of`)
+        and the evaluator's plan and judge (online_handler.Plans) are of the deployment's own tenant, and keep
+        to it (probe p25 F2: counted as that deployment's, such answers aborted its good canary)."""
         if deployment in self.rollouts.unreadable:
             return None
         route = self.rollouts.routes.get(deployment)

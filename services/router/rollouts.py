@@ -1144,7 +1144,7 @@ class Rollouts:
                 continue
             deployment = e.deployment or e.app
             route = self.routes.get(deployment)
-            if route is None or route.canary is None:
+            if route is None or route.canary is None or not _evidence_of(route, e.tenant, e.release):
                 continue
             # Read back at a start (handlers.replay_served), events of an earlier rollout are none of this one's.
             if progress.shadowing(route) and e.time.timestamp() >= route.started_at:
@@ -1273,7 +1273,8 @@ class Rollouts:
             if not s.served:
                 continue
             route = self.routes.get(s.deployment or s.app)
-            if route is None or route.canary is None or not progress.collecting(route):
+            if (route is None or route.canary is None or not progress.collecting(route)
+                    or not _evidence_of(route, s.tenant, s.release)):
                 continue
             release = s.release or (route.canary.release if s.variant == "canary" else route.stable.release)
             if release in (route.canary.release, route.stable.release) or (
@@ -1784,6 +1785,18 @@ def _not_theirs(deployment: str, tenant: str) -> str:
     releases nor their tenant are named (the key cannot read that route either: it reads as one never configured)."""
     return (f"refused: {deployment!r} serves releases that are not tenant {tenant!r}'s; a key of tenant {tenant!r} "
             "changes only the rollouts of its own tenant's releases (an admin key may change any)")
+
+
+def _evidence_of(route: Route, tenant: str, release: str) -> bool:
+    """Whether an answer a router served to a key of `tenant`, from `release`, may be evidence about `route`: one of
+    the tenant whose releases the deployment serves, or one its own releases answered (only its tenant's keys and
+    admin keys are served them). Another tenant's key naming the deployment is answered as a name nobody configured,
+    by the default route under passthrough (release ""): its answers and their scores are that tenant's, and counted
+    here they sank or carried the canary, a release-less score as stable's (probe p25 F2). A route stored before
+    targets recorded their tenant takes every answer, as before (compare `_drift_route`)."""
+    owner = route.stable.tenant or (route.canary.tenant if route.canary else "")
+    mine = {t.release for t in (route.stable, route.canary, route.previous) if t is not None and t.release}
+    return not owner or tenant == owner or release in mine
 
 
 def _pricer(settings: Settings) -> Callable[[InferenceEvent], float | None]:

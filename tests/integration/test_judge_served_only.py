@@ -1,7 +1,8 @@
 """The online judge grades only answers a router served, on the real nats-server with a judge simulator (found by a
 red-team probe): an application's own events, and another tenant's events naming the deployment, are scored by the
 deterministic scorers (marked not served) but never judged, so they cannot spend the judge's daily budget and leave
-the served answers without an `llm_judge` score; a cache hit (an earlier answer replayed by the router) is neither
+the served answers without an `llm_judge` score; nor are another tenant's answers a router served under the
+deployment's name (the default route's, under passthrough: probe p25 F2b); a cache hit (an earlier answer replayed by the router) is neither
 judged nor scored; and a flood of one deployment's answers does not keep another deployment's from being judged."""
 
 from __future__ import annotations
@@ -52,7 +53,9 @@ def _judged(seen: list[InferenceScored]) -> dict[str, InferenceScored]:
 
 async def test_unserved_events_of_another_tenant_or_the_app_neither_call_the_judge_nor_spend_its_budget(
         context: ServiceContext, run_services: Any, tmp_path: Path, judge: SimServer) -> None:
-    context.settings = context.settings.replace(endpoints_file=_endpoints(tmp_path, judge=judge.url))
+    # The global plan scores every answer: another tenant's events naming `chat` get it (not `chat`'s, acme's).
+    context.settings = context.settings.replace(endpoints_file=_endpoints(tmp_path, judge=judge.url),
+                                                online_eval_sample=1.0)
     await _apply(context.bus, context.settings, _folder(tmp_path, DOC))  # a budget worth N calls a day
     evaluator = (await run_services("evaluator"))["evaluator"].online
     seen = await _outcomes(context)
@@ -83,6 +86,36 @@ async def test_unserved_events_of_another_tenant_or_the_app_neither_call_the_jud
     # The application's events were still scored by the deterministic scorers, marked not served.
     unserved = {e.id for e in [*other, *own]}
     assert {s.event_id for s in seen if not s.served and "length" in s.scores} == unserved
+
+
+async def test_another_tenants_served_answers_under_the_deployments_name_neither_call_its_judge_nor_spend_its_budget(
+        context: ServiceContext, run_services: Any, tmp_path: Path, judge: SimServer) -> None:
+    # Probe p25 F2b: under passthrough a router serves another tenant's key naming the deployment by the default
+    # route, under that name (release ""), as a name nobody configured. Before, the evaluator judged those answers
+    # on the deployment's own judge: 17 of its 20 calls of a minute, and its own answers went unjudged.
+    # The global plan scores every answer: gitshop's are scored, as those of a deployment nobody configured.
+    context.settings = context.settings.replace(endpoints_file=_endpoints(tmp_path, judge=judge.url),
+                                                online_eval_sample=1.0)
+    await _apply(context.bus, context.settings, _folder(tmp_path, DOC))  # acme's `chat`: a budget worth N calls a day
+    evaluator = (await run_services("evaluator"))["evaluator"].online
+    seen = await _outcomes(context)
+    bus = context.bus
+    theirs = [msgspec.structs.replace(_event(i, "canary"), tenant="gitshop", release="") for i in range(4 * N)]
+    await bus.publish(bus.subjects.served("shop", "gitshop"), theirs)
+    await evaluator.scored.wait_for(len(theirs), timeout_s=30)  # a judge job, had there been one, queued before
+    own = [_event(i, "canary") for i in range(N)]
+    await bus.publish(bus.subjects.served("shop", "acme"), own)
+    await eventually(lambda: len(_judged(seen)) >= N, [evaluator.judged, evaluator.judge_skipped], timeout_s=60,
+                     what=lambda: f"{N} judge outcomes (judged {evaluator.judged.count}, "
+                                  f"skipped {evaluator.judge_skipped.count})")
+
+    assert set(_judged(seen)) == {e.id for e in own}, "the judge graded another tenant's answers"
+    assert judge.requests == {"judge-m": N} and evaluator.judge_skipped.count == 0
+    kv = await bus.kv(bus.subjects.kv_budgets)
+    ledger = msgspec.json.decode((await kv.get(judgeledger.key("chat", datetime.now(UTC)))).value,
+                                 type=judgeledger.Ledger)
+    assert ledger.spent == N * PER_CALL  # acme's own answers' calls only
+    assert {s.event_id for s in seen if s.tenant == "gitshop" and s.served} == {e.id for e in theirs}
 
 
 async def test_a_cache_hit_the_router_served_is_neither_judged_nor_scored(

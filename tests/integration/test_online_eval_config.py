@@ -33,11 +33,13 @@ from tests.integration.test_rollout_analysis import _pass, _start, _traffic_unti
 pytestmark = pytest.mark.timeout(120)
 
 def _folder(tmp: Path, online_eval: str) -> Path:
-    """A folder with one deployment `chat` whose document declares `online_eval`."""
+    """A folder with one deployment `chat` of tenant acme (its stable release's, as `_event`'s) whose document declares
+    `online_eval`."""
     root = tmp / "repo"
     root.mkdir()
     (root / "model.yaml").write_text("kind: model_config\nname: sim\nspec: {model: m, endpoint: default}\n")
-    (root / "r1.yaml").write_text("kind: release\nname: r1\nrelease: r1\napp: shop\nartifacts: [model_config/sim]\n")
+    (root / "r1.yaml").write_text("kind: release\nname: r1\nrelease: r1\napp: shop\ntenant: acme\n"
+                                  "artifacts: [model_config/sim]\n")
     (root / "deployment.yaml").write_text("kind: deployment\nname: chat\napp: shop\nstable: r1\n" + online_eval)
     return root
 

@@ -223,9 +223,9 @@ async def test_the_evaluators_plans_are_bounded_least_recently_used_first(monkey
     plans = online_handler.Plans(SimpleNamespace(settings=Settings()))  # type: ignore[arg-type]
     reads: list[str] = []
 
-    async def spec(deployment: str) -> OnlineEvalSpec | None:  # the deployment's applied document, from KV
+    async def spec(deployment: str) -> tuple[OnlineEvalSpec | None, str]:  # its applied document, from KV
         reads.append(deployment)
-        return OnlineEvalSpec(sample={"stable": 1.0}) if deployment == "chat" else None
+        return (OnlineEvalSpec(sample={"stable": 1.0}), "") if deployment == "chat" else (None, "")
 
     monkeypatch.setattr(plans, "_spec", spec)
     chat = await plans.get("chat")
@@ -237,3 +237,24 @@ async def test_the_evaluators_plans_are_bounded_least_recently_used_first(monkey
     assert "made-up-0" not in plans._cache
     await plans.get("made-up-0")  # its plan went: read again
     assert reads.count("made-up-0") == 2
+
+
+@pytest.mark.parametrize("owner", ["acme", ""])
+async def test_a_deployments_document_is_its_own_tenants_plan(monkeypatch: pytest.MonkeyPatch, owner: str) -> None:
+    """Probe p25 F2b: another tenant's answers under a deployment's name (the default route's, under passthrough)
+    were judged on its document's judge, within its budget. The document is its stable release's tenant's: another
+    tenant's events get the global plan, as a deployment nobody configured; a tenant not known constrains nothing."""
+    plans = online_handler.Plans(SimpleNamespace(settings=Settings()))  # type: ignore[arg-type]
+
+    async def spec(deployment: str) -> tuple[OnlineEvalSpec | None, str]:
+        return OnlineEvalSpec(sample={"stable": 1.0}), "r1"
+
+    async def tenant_of(release: str) -> str:
+        assert release == "r1"
+        return owner
+
+    monkeypatch.setattr(plans, "_spec", spec)
+    monkeypatch.setattr(plans, "_owner", tenant_of)
+    document = await plans.get("chat")  # an answer the deployment's own route served
+    assert document is not plans.default and await plans.get("chat", "acme") is document
+    assert await plans.get("chat", "gitshop") is (plans.default if owner else document)
