@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from lockgate.contracts.inference import CLIENT_DISCONNECTED, REQUEST_DIGEST
@@ -83,8 +83,7 @@ def recorded_events(store: Store, app: str, release: str, tenant: str, since: da
     params: dict[str, Any] = {"tenant": tenant, "app": app, "release": release, "limit": max(0, limit)}
     if since is not None:
         where += " AND time >= {since:DateTime64(6, 'UTC')}"
-        # naive times are UTC; the parameter is sent as naive UTC
-        params["since"] = (since.astimezone(UTC) if since.tzinfo else since).replace(tzinfo=None)
+        params["since"] = since
     if before_us is not None:
         where += " AND (toUnixTimestamp64Micro(time), id) < ({before_us:Int64}, {before_id:String})"
         params |= {"before_us": before_us, "before_id": before_id}

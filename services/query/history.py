@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from lockgate.provenance.openlineage import weights
@@ -34,8 +34,6 @@ def served_at(rows: Iterable[dict[str, Any]], at: datetime | None) -> dict[str, 
 def serving_history(store: Store, deployment: str, at: datetime | None = None, limit: Limit = 50) -> dict[str, Any]:
     """{deployment, at, serving: the state in force at `at` (or now), history: the changes up to then,
     newest first}."""
-    if at is not None and at.tzinfo is not None:  # the column is UTC; parameters are sent as naive UTC
-        at = at.astimezone(UTC).replace(tzinfo=None)
     cond = "AND time <= {at:DateTime64(6, 'UTC')}" if at is not None else ""
     rows = store.rows(
         "SELECT id, time, stable_release, canary_release, canary_weight, phase, step, reason, decision_id "

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, Literal
 
 from lockgate.errors import AmbiguousReference, NotFound
@@ -128,8 +128,6 @@ def lineage(store: Store, ref: str, depth: int = 4, at: datetime | None = None) 
     graph as it was then (only edges recorded at or before it)."""
     node, kind = resolve(store, ref)
     depth = min(max(depth, 0), MAX_DEPTH)
-    if at is not None and at.tzinfo is not None:  # the column is UTC; parameters are sent as naive UTC
-        at = at.astimezone(UTC).replace(tzinfo=None)
     neighbours = _edges_touching(store, at)
     return {
         "node": node,

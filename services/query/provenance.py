@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from lockgate.services.query.registry import Limit
 from lockgate.store import Store
-
-
-def _naive(at: datetime | None) -> datetime | None:
-    return at.astimezone(UTC).replace(tzinfo=None) if at is not None and at.tzinfo is not None else at
 
 
 def lineage_export(store: Store, release: str | None = None, since: datetime | None = None,
@@ -21,7 +17,7 @@ def lineage_export(store: Store, release: str | None = None, since: datetime | N
     cond = " AND release = {r:String}" if release else ""
     cond += " AND time >= {since:DateTime64(6, 'UTC')}" if since else ""
     cond += " AND time <= {until:DateTime64(6, 'UTC')}" if until else ""
-    params = {"r": release or "", "since": _naive(since), "until": _naive(until), "n": max(1, min(int(limit), 10_000))}
+    params = {"r": release or "", "since": since, "until": until, "n": max(1, min(int(limit), 10_000))}
     evals = store.rows(
         "SELECT * FROM eval_runs "
         f"WHERE 1 {cond} ORDER BY time DESC LIMIT 1 BY run_id LIMIT {{n:UInt32}}", params)

@@ -95,7 +95,9 @@ def arguments(name: str, args: Any) -> dict[str, Any]:
         except msgspec.ValidationError as exc:
             raise ConfigError(f"query {name!r} argument {key!r}: {exc}") from None
         if isinstance(out[key], datetime):
-            t = out[key] if out[key].tzinfo else out[key].replace(tzinfo=UTC)
+            # Naive times are UTC. Every query sees an aware one, as the rows it reads are (Store): a naive
+            # one compared with them raised TypeError, and a query that echoes it answered it with no zone.
+            t = out[key] = out[key].astimezone(UTC) if out[key].tzinfo else out[key].replace(tzinfo=UTC)
             if not EARLIEST <= t <= LATEST:
                 raise ConfigError(f"query {name!r} argument {key!r}: {value} is outside the times lockgate stores "
                                   f"({EARLIEST:%Y-%m-%d} to {LATEST:%Y-%m-%d})")

@@ -21,6 +21,7 @@ from lockgate.queryclient import NoQueryService, ask, ask_pages, decode_reply
 from lockgate.server.service import ServiceContext
 from lockgate.services.evaluator import persist
 from lockgate.store import Store
+from tests.helpers import sink_stored
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -66,10 +67,50 @@ async def test_same_query_prints_identical_json_from_the_stack_and_directly(
         direct = await asyncio.to_thread(_cli, settings, "--clickhouse", settings.clickhouse_url, *args, "--json")
         assert through_stack == direct, args
     row = json.loads(await asyncio.to_thread(_cli, settings, "sql", TYPED_SQL, "--json"))[0]
-    assert row["t"] == "2024-05-06T07:08:09.123456" and row["d"] == "2024-05-06"
+    assert row["t"] == "2024-05-06T07:08:09.123456Z" and row["d"] == "2024-05-06"
     assert row["m"] == {"k": 1.5} and row["tup"] == [1, "é"] and row["n"] is None and row["s"] == "naïve ✓"
     decisions = json.loads(await asyncio.to_thread(_cli, settings, "decisions", "--json"))
     assert decisions[0]["rules"][0]["rule"] == "quality" and decisions[0]["reason"].endswith("see the rule")
+
+
+async def test_every_time_a_command_answers_in_json_says_it_is_utc_from_the_stack_and_directly(
+    run_services: Callable[..., Any], bus: Bus, store: Store, settings: Settings
+) -> None:
+    """`--json` wrote ClickHouse's UTC times with no offset ("2024-05-06T07:08:09.123456"), which a script in
+    another time zone reads as its own local time; a time a query echoes (`history --at`) too."""
+    from lockgate.contracts import RolloutState
+
+    svcs = await run_services("sink", "query")
+    decided = datetime(2024, 5, 6, 7, 8, 9, 123456, tzinfo=UTC)
+    columns = ("id", "time", "release", "action", "actor", "decision", "eval_run", "policy", "baseline", "rules",
+               "reason", "signature", "key_id", "tenant")
+    store.insert_rows("gate_decisions", columns, [_decision_row("shop-v2", decided)], token=None)
+    changed = datetime(2026, 12, 1, 9, 0, tzinfo=UTC)
+    await bus.publish(bus.subjects.rollout("checkout"),
+                      RolloutState(time=changed, deployment="checkout", stable_release="rel-1", phase="idle"))
+    await sink_stored(svcs["sink"].handlers, rollout_events=1)
+
+    def times(value: Any) -> list[str]:  # every string in the document that is an ISO 8601 time
+        if isinstance(value, dict):
+            return [t for v in value.values() for t in times(v)]
+        if isinstance(value, list):
+            return [t for v in value for t in times(v)]
+        return [value] if isinstance(value, str) and len(value) > 16 and value[10:11] == "T" else []
+
+    for direct in ((), ("--clickhouse", settings.clickhouse_url)):
+        sql = json.loads(await asyncio.to_thread(_cli, settings, *direct, "sql", TYPED_SQL, "--json"))
+        decisions = json.loads(await asyncio.to_thread(_cli, settings, *direct, "decisions", "--json"))
+        # --at with no offset is UTC, and the reply echoes it as UTC.
+        history = json.loads(await asyncio.to_thread(_cli, settings, *direct, "history", "checkout", "--at",
+                                                     "2026-12-01T09:30:00", "--json"))
+        assert datetime.fromisoformat(sql[0]["t"]) == datetime(2024, 5, 6, 7, 8, 9, 123456, tzinfo=UTC), direct
+        assert datetime.fromisoformat(decisions[0]["time"]) == decided, direct
+        assert datetime.fromisoformat(history["at"]) == changed + timedelta(minutes=30), direct
+        assert datetime.fromisoformat(history["serving"]["since"]) == changed, direct
+        found = times([sql, decisions, history])
+        assert len(found) >= 5 and all(t.endswith(("Z", "+00:00")) for t in found), (direct, found)
+    # A table says its times are UTC as well.
+    assert "2024-05-06T07:08:09.123456Z" in await asyncio.to_thread(_cli, settings, "sql", TYPED_SQL)
 
 
 async def test_errors_come_back_as_the_lockgate_error_they_were(run_services: Callable[..., Any], bus: Bus,

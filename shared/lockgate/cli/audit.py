@@ -232,7 +232,7 @@ def register(cli: click.Group) -> None:
         if as_json:
             emit_json(rows)
             return
-        table([{"seq": r["seq"], "time": str(r["time"])[:19].replace("T", " "), "producer": r["producer"],
+        table([{"seq": r["seq"], "time": str(r["time"])[:19].replace("T", " ") + "Z", "producer": r["producer"],
                 "kind": r["kind"], "actor": r["actor"], "target": r["target"], "action": r["action"],
                 "reason": r["reason"], "details": _short(r.get("details") or {})} for r in rows],
               title="audit log (--json for every field)", empty="no audit rows yet")

@@ -191,7 +191,7 @@ def patch_body(weight: float | None, canary_release: str | None, file: str | Non
 
 
 def _when(ts: float) -> str:
-    return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%H:%M:%S") if ts else "-"
+    return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%H:%M:%S UTC") if ts else "-"
 
 
 def summary(route: dict[str, Any]) -> list[dict[str, Any]]:
@@ -213,7 +213,7 @@ def summary(route: dict[str, Any]) -> list[dict[str, Any]]:
         ("step", f"{route.get('step', 0)} of {', '.join(_step_text(s) for s in strategy.get('steps') or []) or _kind(strategy)}"),
         ("strategy", described(strategy)),
         # The number itself: `rollout approve --started-at` takes it to name the attempt whose pause it approves.
-        ("started_at", f"{route['started_at']!r} ({_when(route['started_at'])} UTC)" if route.get("started_at") else "-"),
+        ("started_at", f"{route['started_at']!r} ({_when(route['started_at'])})" if route.get("started_at") else "-"),
         ("header route", _header(route.get("header_route"))),
         # The decision the canary's admission rests on, and the key that signed it (`admitted`, `admitted_by` in
         # --json): before (probe p23 F7), a row "admitted by" showed the decision's id, the JSON's field the key's.

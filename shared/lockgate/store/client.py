@@ -82,6 +82,12 @@ def _private(path: Path) -> None:
                               f"({exc.strerror}): chmod 700 it, or point LOCKGATE_CLICKHOUSE_URL elsewhere") from None
 
 
+# Every time read back is aware: clickhouse-connect's default ("naive_utc") drops the zone of a UTC column, and a
+# naive time went out in every JSON reply and `--json` as "2026-12-06T19:14:50.352549", which a script in another
+# zone reads as its own local time. "aware" costs nothing per row, and gives bare DateTime columns the server's zone.
+_TZ_MODE = "aware"
+
+
 def _raw_client(url: str, database: str | None, settings: dict[str, str] | None = None) -> Any:
     parsed = urlparse(url)
     if parsed.scheme == "chdb":
@@ -89,11 +95,14 @@ def _raw_client(url: str, database: str | None, settings: dict[str, str] | None 
         # on shared data.
         path = chdb_path(url)
         if path is None:
-            return clickhouse_connect.get_client(dsn="chdb://memory", database=database, settings=settings)
+            return clickhouse_connect.get_client(dsn="chdb://memory", database=database, settings=settings,
+                                                 tz_mode=_TZ_MODE)
         _private(path)
-        return clickhouse_connect.get_client(dsn=f"chdb://{path}", database=database, settings=settings)
+        return clickhouse_connect.get_client(dsn=f"chdb://{path}", database=database, settings=settings,
+                                             tz_mode=_TZ_MODE)
     if parsed.scheme in ("http", "https"):
-        return clickhouse_connect.get_client(dsn=url, database=database or "default", settings=settings)
+        return clickhouse_connect.get_client(dsn=url, database=database or "default", settings=settings,
+                                             tz_mode=_TZ_MODE)
     raise ConfigError(f"ClickHouse URL {url!r} must start with chdb://, http:// or https://")
 
 
