@@ -10,7 +10,8 @@ Two comparisons, each a DriftReport:
 
 Per feature the test is chosen by sample size and type (stats.drift_test) and PSI is reported alongside.
 A categorical feature is named `feature:category` after the category whose share moved most, its means
-being that category's share in either window, and `ks_stat`/`ks_pvalue` its chi-squared test. Texts are
+being that category's share in either window, and `ks_stat`/`ks_pvalue` (v1's names) its chi-squared test, which
+the query service gives as `chi2_stat`/`chi2_pvalue`. Texts are
 embedded once per batch (text.Embedder) and compared by text.mean_distance_test; only vectors are kept.
 """
 

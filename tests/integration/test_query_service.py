@@ -113,6 +113,47 @@ async def test_every_time_a_command_answers_in_json_says_it_is_utc_from_the_stac
     assert "2024-05-06T07:08:09.123456Z" in await asyncio.to_thread(_cli, settings, "sql", TYPED_SQL)
 
 
+async def test_drift_json_names_each_features_own_test_for_what_it_is(
+    run_services: Callable[..., Any], bus: Bus, settings: Settings
+) -> None:
+    """`lockgate drift --json` gave a categorical feature's chi-squared statistic under `ks_stat` (probe)."""
+    from lockgate.contracts import DriftReport, FeatureDrift
+
+    svcs = await run_services("sink", "query")
+    now = datetime(2026, 12, 6, 19, 0, tzinfo=UTC)
+    features = [
+        FeatureDrift(feature="latency_ms", psi=0.3, ks_stat=0.5, ks_pvalue=0.01, reference_mean=1.0, current_mean=2.0,
+                     drifted=True, test="ks", statistic=0.5, p_value=0.01, threshold=0.05, test_drifted=True),
+        FeatureDrift(feature="finish_reason:length", psi=2.1, ks_stat=93.0, ks_pvalue=1e-9, reference_mean=0.0,
+                     current_mean=0.9, drifted=True, test="z", statistic=9.6, p_value=1e-9, threshold=0.05,
+                     test_drifted=True),
+        FeatureDrift(feature="response_text", psi=0.0, ks_stat=0.2, ks_pvalue=0.04, reference_mean=0.9,
+                     current_mean=0.8, drifted=False, test="embedding_mean_distance", statistic=0.2, p_value=0.04,
+                     threshold=0.05, test_drifted=True),
+    ]
+    # A report from before the test selection: only the kind's own test.
+    old = [FeatureDrift(feature="status:error", psi=0.4, ks_stat=12.0, ks_pvalue=0.002, reference_mean=0.0,
+                        current_mean=0.2, drifted=True)]
+    for deployment, feats in (("web", features), ("old", old)):
+        await bus.publish(bus.subjects.drift(deployment), DriftReport(
+            deployment=deployment, window_start=now, window_end=now, reference_n=50, current_n=50, drifted=True,
+            features=feats))
+    await sink_stored(svcs["sink"].handlers, drift_reports=2)  # reports (messages), not rows
+
+    for direct in ((), ("--clickhouse", settings.clickhouse_url)):
+        shown = json.loads(await asyncio.to_thread(_cli, settings, *direct, "drift", "--deployment", "web", "--json"))
+        by = {f["feature"]: f for f in shown[0]["features"]}
+        assert (by["latency_ms"]["ks_stat"], by["latency_ms"]["ks_pvalue"]) == (0.5, 0.01), direct
+        cat = by["finish_reason:length"]
+        assert (cat["chi2_stat"], cat["chi2_pvalue"]) == (93.0, 1e-9) and "ks_stat" not in cat, direct
+        assert (cat["test"], cat["statistic"]) == ("z", 9.6)  # the chosen test, as before
+        text = by["response_text"]
+        assert "ks_stat" not in text and "chi2_stat" not in text and text["statistic"] == 0.2, direct
+        assert shown[0]["window_start"].endswith("Z")
+    table = await asyncio.to_thread(_cli, settings, "drift", "--deployment", "old")
+    assert "chi_squared p=0.002" in table and "ks p=" not in table
+
+
 async def test_errors_come_back_as_the_lockgate_error_they_were(run_services: Callable[..., Any], bus: Bus,
                                                                 store: Store) -> None:
     await run_services("query")

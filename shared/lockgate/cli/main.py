@@ -168,8 +168,11 @@ def drift(ctx: click.Context, deployment: str | None, tenant: str | None, limit:
 def _drift_test(f: dict) -> str:
     """`z p=0.003 (alpha 0.05)` or `wasserstein 0.4 (drift at >= 0.1)`: the test chosen for the feature, its
     figure and the bound its verdict compares it with (before, `z p=1 (<0.05)` read as "p=1, which is < 0.05")."""
-    if not f.get("test"):
-        return f"ks p={f.get('ks_pvalue'):.3g}" if f.get("ks_pvalue") is not None else "-"
+    if not f.get("test"):  # a report from before the test selection: the kind's own test (drift_reports names it)
+        for test, key in (("ks", "ks_pvalue"), ("chi_squared", "chi2_pvalue")):
+            if f.get(key) is not None:
+                return f"{test} p={f[key]:.3g}"
+        return "-"
     if f.get("p_value") is not None:
         return f"{f['test']} p={f['p_value']:.3g} (alpha {f.get('threshold'):g})"
     return f"{f['test']} {f.get('statistic'):.3g} (drift at >= {f.get('threshold'):g})"

@@ -32,7 +32,9 @@ class FeatureDrift(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True
     "embedding_mean_distance" for texts (a permutation p-value). `test_drifted` is that test's verdict;
     `drifted` is what the monitor alarms on: the test's verdict and a PSI at least the monitor's threshold
     (significant and material), never set for texts (a canary's new model rewords answers by design; a
-    gate policy can opt in). `ks_stat`/`ks_pvalue` keep their meaning from before the test selection.
+    gate policy can opt in). `ks_stat`/`ks_pvalue` keep their v1 name and meaning from before the test selection:
+    the kind's own test, KS for a number, chi-squared for a category, the mean distance for a text; the query
+    service's `drift_reports` (`lockgate drift --json`) gives them by that test's name (`chi2_stat`, ...).
     Fields appended since v1 are left out of the encoding at their defaults (omit_defaults), so a v1 report
     encodes byte for byte as before.
     """
