@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import shutil
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -510,3 +511,5 @@ async def test_a_rule_name_a_policy_author_chose_is_shown_as_data(
     explained = await asyncio.to_thread(CliRunner().invoke, cli, [
         "--nats", settings.nats_url, "--prefix", settings.prefix, "gate", "explain", "v-markup"])
     assert explained.exit_code == 0 and "acc[/]" in explained.output, explained.output
+    # Its time says it is UTC, as every time lockgate shows (probe p27 F2: it had no zone).
+    assert re.search(r"decision \S+ at \d{4}-\d\d-\d\d \d\d:\d\d:\d\dZ", explained.output), explained.output

@@ -258,7 +258,7 @@ def test_identity_show_says_the_trust_files_view_as_json(settings: Settings) -> 
     assert unknown.exit_code == 0, unknown.output
     ann = load_identity(settings, "ann")
     assert json.loads(unknown.stdout) == {"name": "ann", "key_id": ann.key_id, "trust_file": env["LOCKGATE_TRUST_FILE"],
-                                          "trusted": False, "revoked": False, "roles": []}
+                                          "trusted": False, "revoked": False, "roles": [], "tenants": []}
     trust_person(trust_file_path(settings), "ann", ann.signer.public, roles=("approver",))
     known = json.loads(CliRunner().invoke(cli, ["identity", "show", "--json"], env=env).stdout)
-    assert (known["trusted"], known["roles"]) == (True, ["approver"])
+    assert (known["trusted"], known["roles"], known["tenants"]) == (True, ["approver"], [])

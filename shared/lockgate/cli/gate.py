@@ -245,7 +245,7 @@ def register(cli: click.Group) -> None:
         if as_json:
             emit_json(d)
             return
-        console.print(f"[bold]{d.release}: {d.decision}[/bold]  decision {d.id} at {d.time:%Y-%m-%d %H:%M:%S}",
+        console.print(f"[bold]{d.release}: {d.decision}[/bold]  decision {d.id} at {decided_at(d)}",
                       highlight=False)
         try:  # as the router and the SDK read it: a PASS its consumers refuse must not read as one that admits
             _keyring(ctx.obj["settings"], ()).verify(d)
