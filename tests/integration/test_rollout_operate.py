@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import sys
 from typing import Any
 
@@ -83,6 +84,8 @@ async def test_watch_stops_with_its_own_exit_code_on_abort_and_after_its_timeout
     await _start(http, router, "same", {"steps": [50, 100], "interval_s": 3600})
     timed_out = await _cli(router, "watch", "chat", "--timeout", "0.5")
     assert timed_out.exit_code == 5 and "still idle after 0.5 s" in timed_out.output
+    # Its progress lines' time says it is UTC.
+    assert re.match(r"\d\d:\d\d:\d\dZ idle ", timed_out.output), timed_out.output
     # A paused rollout waits for a person, not for time: said so, with why (probe p22 F4: "still progressing").
     async with http.post(f"{router.url}/lockgate/v1/deployments/chat/pause") as resp:
         assert resp.status == 200

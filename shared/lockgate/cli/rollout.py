@@ -392,7 +392,7 @@ def watch_line(v: dict[str, Any]) -> str:
     phase = v["phase"] + (" (paused)" if v["paused"] else "")
     of = f"/{v['steps']}" if v["steps"] else ""
     canary = "-" if v["phase"] == "promoted" else v["canary"] or "-"  # as `rollout get` shows it (`summary`)
-    parts = [f"{dt.datetime.now(dt.UTC):%H:%M:%S} {phase} step {v['step']}{of} canary {canary} "
+    parts = [f"{dt.datetime.now(dt.UTC):%H:%M:%S}Z {phase} step {v['step']}{of} canary {canary} "
              f"{v['weight']:g}% (stable {v['stable'] or '-'})"]
     a = v["analysis"]
     if a and a["metrics"]:
