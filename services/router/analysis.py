@@ -190,6 +190,8 @@ class MetricResult(msgspec.Struct, frozen=True, kw_only=True):
     # Whose canary requests this result judged when they were judged per API key (`groups`), e.g.
     # `API key 3f9a0c12d4e5`; empty: all of them together.
     group: str = ""
+    # What else the values count, for a reason (`unanswered`: the canary's calls still in flight counted as failed).
+    note: str = ""
 
 
 class Measurement(msgspec.Struct, frozen=True, kw_only=True):
@@ -972,6 +974,22 @@ def _judged(spec: AnalysisSpec, metrics: list[MetricSpec], canary: VariantSample
     return [msgspec.structs.replace(r, dry_run=True) if m.dry_run else r for r, m in zip(results, metrics, strict=True)]
 
 
+# The metrics a call in flight past `router_unanswered_s` counts in (`evidence.Evidence.sample`): as a failure, and
+# at its silence in latency and TTFT, as a call a timeout gave up on.
+_UNANSWERED_IN = ("error_rate", "latency_", "ttft_")
+
+
+def unanswered(m: Measurement, n: int, bound_s: float) -> Measurement:
+    """The look with each metric that counted the canary's `n` calls in flight unanswered for longer than `bound_s`
+    saying so (`MetricResult.note`): an error rate or a latency shown is not all of finished calls."""
+    if not n:
+        return m
+    what = "call" if n == 1 else "calls"
+    note = f"{n} canary {what} unanswered for longer than {bound_s:g} s, still in flight, counted as failed"
+    results = [msgspec.structs.replace(r, note=note) if r.name.startswith(_UNANSWERED_IN) else r for r in m.metrics]
+    return msgspec.structs.replace(m, metrics=results)
+
+
 def incomplete(m: Measurement, why: str) -> Measurement:
     """A look taken while evidence it should judge is known missing (`why`; a restarted router that has not yet
     read back the served events from before its start): it judged a part of the evidence only. A FAILED look
@@ -992,7 +1010,7 @@ def describe(result: MetricResult) -> str:
     judged per API key names its group: `error_rate 0.2 > threshold 0.015 on API key 3f9a0c12d4e5 (...)`."""
     on = f" on {result.group}" if result.group else ""
     if result.canary is None:
-        return f"{result.name}{on}: {result.why}"
+        return f"{result.name}{on}: {result.why}" + (f"; {result.note}" if result.note else "")
     if result.name == "drift":
         op = ">" if result.verdict == "FAILED" else "<="
         return f"drift {result.canary:g} drifted features {op} max {result.threshold:g}: {result.why}"
@@ -1003,5 +1021,6 @@ def describe(result: MetricResult) -> str:
         ("<" if result.verdict != "SUCCESSFUL" else ">=")
     # "compared": the requests judged like with like (same caller, same time), which may be fewer than the look's
     # totals its record shows (probe p2 read 57 vs 339 in a reason beside 58 vs 489 in the record).
+    note = f"; {result.note}" if result.note else ""
     return (f"{result.name} {result.canary:.4g}{unit} {op} threshold {result.threshold:.4g}{unit}{on} "
-            f"({stable}{result.canary_n} canary vs {result.stable_n} stable {what} compared)")
+            f"({stable}{result.canary_n} canary vs {result.stable_n} stable {what} compared{note})")

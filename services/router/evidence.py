@@ -10,8 +10,9 @@ keeps the API key that sent its request (an index into the keys seen), so a wind
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import replace
+from typing import NamedTuple
 
 import numpy as np
 
@@ -36,6 +37,45 @@ def refused_4xx(event: InferenceEvent) -> bool:
     """The event's upstream refused its request with a 4xx taken for the client's fault (client_failed, but not a
     hang-up): left out of analysis but for client_error_rate."""
     return event.client_failed and event.error_type[:1] == "4"
+
+
+class Unanswered(NamedTuple):
+    """A call of a release in flight on this replica whose upstream has been silent for `router_unanswered_s` or
+    longer (`Rollouts.unanswered`): when it began (unix seconds), for how long it has been silent, and the API key
+    that sent its request."""
+
+    at: float
+    silent_s: float
+    key_id: str
+
+
+class InFlight:
+    """This replica's requests whose upstream calls are under way, per deployment: each one's call (the proxy's
+    `Underway`, which `Upstream.send` keeps up to date with the hop in flight and when it began) and the API key
+    that sent it. A request is added as it is sent and removed as it ends: two dict operations on the hot path, and
+    no object beyond the request's own. A look reads them (`Rollouts.unanswered`): a call that never answers has no
+    event until a timeout or its client's hang-up ends it, so evidence made of events alone lacks exactly the
+    calls of a release that hangs (probe p26)."""
+
+    def __init__(self) -> None:
+        self._calls: dict[str, dict[Hashable, str]] = {}  # deployment -> call -> its key id (few deployments)
+
+    def begin(self, deployment: str, call: Hashable, key_id: str) -> None:
+        """A request of `deployment` sends its calls, followed by `call`."""
+        calls = self._calls.get(deployment)
+        if calls is None:
+            calls = self._calls[deployment] = {}
+        calls[call] = key_id
+
+    def end(self, deployment: str, call: Hashable) -> None:
+        """The request of `call` ended (answered, failed or its client gone)."""
+        calls = self._calls.get(deployment)
+        if calls is not None:
+            calls.pop(call, None)
+
+    def calls(self, deployment: str) -> list[tuple[Hashable, str]]:
+        """The requests of `deployment` under way, each call with its key id (a copy)."""
+        return list(self._calls.get(deployment, {}).items())
 
 
 class _Ring:
@@ -128,13 +168,23 @@ class Evidence:
 
     def _row(self, event: InferenceEvent, refused: bool = False) -> tuple[float, ...]:
         cost = None if refused else self._price(event)
-        index = self._key_index.get(event.key_id)
-        if index is None:
-            index = self._key_index[event.key_id] = len(self._keys)
-            self._keys.append(event.key_id)
+        index = self._key(event.key_id)
         return (event.time.timestamp(), float(event.status != "ok"), event.latency_ms, event.ttft_ms,
                 float(event.input_tokens + event.output_tokens), -1.0 if cost is None else cost, float(refused),
                 float(event.status != "ok" and event.error_type in TIMED_OUT), float(index))
+
+    def _unanswered_row(self, call: Unanswered, since: float) -> tuple[float, ...]:
+        """A call in flight as the row of its event had its client hung up now (`upstream_unanswered`)."""
+        return (max(call.at, since), 1.0, call.silent_s * 1000.0, 0.0, 0.0, -1.0, 0.0, 1.0,
+                float(self._key(call.key_id)))
+
+    def _key(self, key_id: str) -> int:
+        """The index of `key_id` in the keys seen (interned on first sight)."""
+        index = self._key_index.get(key_id)
+        if index is None:
+            index = self._key_index[key_id] = len(self._keys)
+            self._keys.append(key_id)
+        return index
 
     def add_scores(self, deployment: str, release: str, event_id: str, at: float,
                    scores: Mapping[str, float]) -> None:
@@ -192,9 +242,12 @@ class Evidence:
         cols = ring.cols[:, :ring.n]
         return int(((cols[0] >= since) & (cols[_REFUSED] == 0)).sum())
 
-    def sample(self, deployment: str, release: str, since: float) -> VariantSample:
+    def sample(self, deployment: str, release: str, since: float,
+               unanswered: Sequence[Unanswered] = ()) -> VariantSample:
         """What `release` served for `deployment` from `since` (unix seconds) on, also split by the API key that sent
-        each request (copies: safe to hand to another thread while events keep arriving)."""
+        each request (copies: safe to hand to another thread while events keep arriving). `unanswered`: its calls in
+        flight past `router_unanswered_s`, each counted as a call a timeout gave up on now (failed, at its silence
+        in latency and TTFT) as its client's hang-up would be, at when it began (`since` if before)."""
         ring = self._rings.get((deployment, release))
         # Each score with its answer's time: analysis compares scores like with like in time (probe p22 F2).
         timed = {name: [(t, v) for t, v in ring_.values() if t >= since]
@@ -203,9 +256,11 @@ class Evidence:
         score_times = {name: [t for t, _ in tv] for name, tv in timed.items()}
         hung = self._hung_up.get((deployment, release))
         hung_up = int((hung.cols[0, :hung.n] >= since).sum()) if hung is not None else 0
-        if ring is None or not ring.n:
+        cols = ring.cols[:, :ring.n] if ring is not None else np.zeros((_COLS, 0))
+        if unanswered:
+            cols = np.concatenate([cols, np.array([self._unanswered_row(u, since) for u in unanswered]).T], axis=1)
+        if not cols.shape[1]:
             return VariantSample(scores=scores, score_times=score_times, hung_up=hung_up)
-        cols = ring.cols[:, :ring.n]
         key = cols[_COLS - 1]
         window = cols[0] >= since
 

@@ -430,7 +430,7 @@ def _what(result: MetricResult) -> str:
     if any, were not judged)."""
     if result.verdict == "WAITING" or result.why.startswith(_PAST):
         on = f" on {result.group}" if result.group else ""
-        return f"{result.name}{on}: {result.why}"
+        return f"{result.name}{on}: {result.why}" + (f"; {result.note}" if result.note else "")
     return describe(result)
 
 

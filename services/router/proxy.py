@@ -414,6 +414,10 @@ class Proxy:
         rec = _Record(status="ok", provider=hops[0].endpoint.provider)
         streamed: list[bytes] | None = None
         underway = Underway()  # the upstream call in flight, should the client leave before one answers
+        # Looks count a call unanswered past router_unanswered_s as its release's failure before it has an event
+        # (Rollouts.unanswered): one that never answers has none until a timeout ends it (probe p26).
+        inflight = self.rollouts.inflight
+        inflight.begin(deployment, underway, key.id)
         try:
             hit = None if shaped else await self.admission.lookup(ticket, op.path, deployment, target.release,
                                                                   hops[0].body, rec, out_headers, want_usage)
@@ -469,6 +473,7 @@ class Proxy:
                 rec.gone = underway.hop
             raise
         finally:
+            inflight.end(deployment, underway)
             rec.latency_ms = (time.perf_counter() - t0 - rec.lost_s) * 1000.0
             if rec.served is not None:  # a fallback served: the event says which variant answered
                 variant, target = rec.served

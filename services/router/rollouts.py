@@ -45,9 +45,9 @@ from lockgate.server.service import ServiceContext
 from lockgate.services.router import analysis, bluegreen, domain, patch, progress, resilience, runs
 from lockgate.services.router.domain import Route
 from lockgate.services.router.endpoints import Endpoints, UnknownEndpoint
-from lockgate.services.router.evidence import Evidence
+from lockgate.services.router.evidence import Evidence, InFlight, Unanswered
 from lockgate.services.router.shadowstats import Budget, Ledger, ShadowSummary, spend_key
-from lockgate.services.router.upstream import Upstream
+from lockgate.services.router.upstream import Underway, Upstream
 from lockgate.signing import TRUST_CHECK_S, Keyring, Verifier, withdrawn
 from lockgate.subjects import token, untoken
 
@@ -171,6 +171,10 @@ class Rollouts:
         # This replica's upstream calls (the proxy's, set when the router is wired): its breakers hold a canary's
         # step while they refuse its calls, before any request was diverted (`tripped`).
         self.upstream: Upstream | None = None
+        # This replica's requests with an upstream call under way (the proxy adds and removes them): a look counts
+        # those of the judged releases unanswered past `router_unanswered_s` as failures (`unanswered`).
+        self.inflight = InFlight()
+        self.unanswered_s = s.router_unanswered_s
         # deployment -> why the served events from before this replica started are not all read back yet
         # (`handlers.replay_served`): its looks judge part of its evidence, so they wait (`analysis.incomplete`).
         self.unreplayed: dict[str, str] = {}
@@ -1321,30 +1325,58 @@ class Rollouts:
 
     def measurement(self, route: Route, now: float) -> analysis.Measurement:
         """The canary against stable over the analysis window (else since the canary started), at the
-        rollout's next look."""
+        rollout's next look. Each arm's calls in flight on this replica past `router_unanswered_s` count in it as
+        failed now (`unanswered`)."""
         spec = progress.spec_of(route)
         assert route.canary is not None and spec is not None
         look = (route.analysis.look if route.analysis else 0) + 1
         if route.phase == "promoted" and route.previous is not None:
             # Post-promotion: the new release since its promotion against the old one's evidence before it.
             since = route.promoted_at if spec.window_s is None else max(route.promoted_at, now - spec.window_s)
-            canary = self.evidence.sample(route.deployment, route.stable.release, since)
+            hung = self.unanswered(route.deployment, route.stable.release, now)
+            canary = self.evidence.sample(route.deployment, route.stable.release, since, hung)
             stable = self.evidence.sample(route.deployment, route.previous.release, route.started_at)
             comparison, release, drift_since, whole = progress.drift_evidence(route, since)
-            return analysis.measure(spec, canary, stable, look,
-                                    self.evidence.drift(route.deployment, release, drift_since, comparison, whole),
-                                    baseline_final=True)
+            return analysis.unanswered(analysis.measure(
+                spec, canary, stable, look,
+                self.evidence.drift(route.deployment, release, drift_since, comparison, whole),
+                baseline_final=True), len(hung), self.unanswered_s)
         since = route.started_at if spec.window_s is None else max(route.started_at, now - spec.window_s)
-        canary = self.evidence.sample(route.deployment, route.canary.release, since)
-        stable = self.evidence.sample(route.deployment, route.stable.release, since)
+        hung = self.unanswered(route.deployment, route.canary.release, now)
+        # Stable's too: a release slow alike on both arms is no worse for it.
+        stable_hung = self.unanswered(route.deployment, route.stable.release, now)
+        canary = self.evidence.sample(route.deployment, route.canary.release, since, hung)
+        stable = self.evidence.sample(route.deployment, route.stable.release, since, stable_hung)
         if stable.n < spec.min_sample and since > route.started_at:
-            stable = self.evidence.sample(route.deployment, route.stable.release, route.started_at)
+            stable = self.evidence.sample(route.deployment, route.stable.release, route.started_at, stable_hung)
         comparison, release, drift_since, whole = progress.drift_evidence(route, since)
         began = progress.step_began(route)
-        return analysis.measure(spec, canary, stable, look,
-                                self.evidence.drift(route.deployment, release, drift_since, comparison, whole),
-                                step_n=self.evidence.count(route.deployment, route.canary.release, began),
-                                step_at=began)
+        return analysis.unanswered(analysis.measure(
+            spec, canary, stable, look,
+            self.evidence.drift(route.deployment, release, drift_since, comparison, whole),
+            step_n=self.evidence.count(route.deployment, route.canary.release, began),
+            step_at=began), len(hung), self.unanswered_s)
+
+    def unanswered(self, deployment: str, release: str, now: float) -> list[Unanswered]:
+        """`release`'s calls for `deployment` in flight on this replica whose upstream has been silent for longer
+        than `router_unanswered_s` (none before the proxy is wired): its client hanging up now would make each
+        the release's failure (`upstream_unanswered`), and one that never answers makes no event before a timeout
+        (the endpoint's `first_byte_s`) or that hang-up ends it. Without them a look judged a release that hangs on
+        its fast answers alone, and promoted it (probe p26). Silence is measured as for a hang-up: less the holds of
+        the router's loop that may have kept an answer unread. Other replicas' calls are not known here."""
+        if self.upstream is None:
+            return []
+        lag = self.upstream.lag
+        found = []
+        for call, key_id in self.inflight.calls(deployment):
+            assert isinstance(call, Underway)
+            hop = call.hop  # the call under way now; None between calls, or once answered
+            if hop is None or hop.tag[1].release != release:
+                continue
+            silent = lag.silent_s(call.since, call.heard.at)
+            if silent > self.unanswered_s:  # as a hang-up is judged (proxy `_Record.hung_up`)
+                found.append(Unanswered(at=now - silent, silent_s=silent, key_id=key_id))
+        return found
 
     def _step(self, route: Route, now: float, rollbacks: Mapping[str, GateDecided | None]) -> None:
         """A due route: the clock's own changes first (timed pauses, blue-green promotion and scale-down,

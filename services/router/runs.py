@@ -63,7 +63,7 @@ def outcome(before: Route, after: Route | None) -> str:
 def _why(result: MetricResult) -> str:
     """The result's why, naming whose requests it judged when they were judged per API key (in the text: the
     record's metrics are a v1 contract, so a field appended to them would change its payloads)."""
-    return "; ".join(w for w in (result.why, f"judged on {result.group}" if result.group else "") if w)
+    return "; ".join(w for w in (result.why, f"judged on {result.group}" if result.group else "", result.note) if w)
 
 
 def record(before: Route, after: Route | None, m: Measurement, spec: AnalysisSpec) -> AnalysisRun | None:
