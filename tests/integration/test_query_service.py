@@ -383,20 +383,3 @@ async def test_a_deployments_scores_are_its_tenants_served_answers_and_say_whose
     assert [(r["tenant"], r["served"], r["value"]) for r in one] == [("default", True, 1.0)]
     table = await cli("shop-web")
     assert "tenant" in table and "served" in table and "its tenant's answers a router served" in table
-
-
-async def test_a_stack_without_its_query_service_is_read_directly_and_says_the_record_may_lag(
-    bus: Bus, store: Store, settings: Settings
-) -> None:
-    # Probe p26 F2: with the stack's sink and query service down, query commands read its ClickHouse directly and
-    # showed what it held as current (a rollout before the one moving as the newest), with nothing said.
-    from lockgate.cli.main import cli
-
-    env = {"LOCKGATE_NATS_URL": settings.nats_url, "LOCKGATE_PREFIX": settings.prefix,
-           "LOCKGATE_DATABASE": settings.database, "LOCKGATE_CLICKHOUSE_URL": settings.clickhouse_url}
-    result = await asyncio.to_thread(CliRunner().invoke, cli, ["sql", "SELECT 41 + 1 AS answer", "--json"], env=env)
-    assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout) == [{"answer": 42}]
-    assert result.stderr.startswith(f"note: the stack at {settings.nats_url} runs, but no query service answers: "
-                                    "read straight from its ClickHouse, which lacks what the sink has not stored yet"
-                                    ), result.stderr

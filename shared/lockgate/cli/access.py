@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -14,7 +15,6 @@ import nats.js.errors
 
 from lockgate import credentials, natsclient, queryclient
 from lockgate.bus import Bus
-from lockgate.cli.render import err_console
 from lockgate.codec import to_json
 from lockgate.config import Settings
 from lockgate.credentials import NotAllowed
@@ -30,17 +30,8 @@ def query(settings: Settings, name: str, direct: bool = False, role: str = "view
     """Run a named query. chDB allows one process per data path, so while a stack runs the CLI asks
     its query service over NATS; with --clickhouse (or no stack running) it opens ClickHouse itself."""
     if not direct:
-        try:
+        with contextlib.suppress(_NoStack):
             return asyncio.run(_over_nats(settings, name, args, chosen_role(role)))
-        except _NoStack as exc:
-            if exc.running:
-                # A stack runs but its sink and query service do not (stopped, crashed): the database lacks what
-                # they have not stored yet, which waits in JetStream. Read as current, it showed a rollout before
-                # the one moving now as the newest (probe p26 F2).
-                err_console.print(f"note: the stack at {shown_url(settings.nats_url)} runs, but no query service "
-                                  "answers: read straight from its ClickHouse, which lacks what the sink has not "
-                                  "stored yet (start the sink and query service for the whole record)",
-                                  highlight=False, soft_wrap=True)
     return _direct(settings, name, args, direct)
 
 
@@ -178,12 +169,7 @@ async def _quiet(exc: Exception) -> None:
 
 
 class _NoStack(Exception):
-    """Nothing answers queries at the NATS URL: fall back to opening ClickHouse directly. `running`: NATS answered
-    (a stack runs, without its query service)."""
-
-    def __init__(self, running: bool = False) -> None:
-        super().__init__()
-        self.running = running
+    """Nothing answers queries at the NATS URL: fall back to opening ClickHouse directly."""
 
 
 class Refusals:
@@ -258,6 +244,6 @@ async def _over_nats(settings: Settings, name: str, args: dict[str, Any], role: 
         return await refusals.first(
             queryclient.request(nc, query_subject(Subjects(settings.prefix), role), name, args), refused)
     except queryclient.NoQueryService:
-        raise _NoStack(running=True) from None
+        raise _NoStack from None
     finally:
         await nc.close()
