@@ -49,6 +49,7 @@ from lockgate.services.router.upstream import (
     Cover,
     Failed,
     Hop,
+    Lane,
     Reply,
     Underway,
     Upstream,
@@ -372,8 +373,11 @@ class Proxy:
         # A failing canary falls back to stable for this request: stable's body goes along.
         starts = [(variant, target)] if variant == "stable" else [(variant, target), ("stable", route.stable)]
         try:
+            # A breaker counts one release's calls (of its tenant), or, with no release, one caller tenant's: another
+            # tenant's or release's failing calls never divert these, hold their canary nor are charged to it.
             hops = chain(self.endpoints, [(t.endpoint, _body_for(body, req, t, inject_usage, op), (v, t),
-                                           t.model) for v, t in starts], partial(_prepare, op),
+                                           Lane(t.model, t.tenant if t.release else key.tenant, t.release))
+                                          for v, t in starts], partial(_prepare, op),
                          partial(self.upstream.members, self.endpoints))
         except UnknownEndpoint as exc:  # a route persisted before the allow-list changed
             return error_response(502, exc.message, "upstream_not_configured")

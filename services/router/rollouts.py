@@ -47,7 +47,7 @@ from lockgate.services.router.domain import Route
 from lockgate.services.router.endpoints import Endpoints, UnknownEndpoint
 from lockgate.services.router.evidence import Evidence, InFlight, Unanswered
 from lockgate.services.router.shadowstats import Budget, Ledger, ShadowSummary, spend_key
-from lockgate.services.router.upstream import Underway, Upstream
+from lockgate.services.router.upstream import Lane, Underway, Upstream
 from lockgate.signing import TRUST_CHECK_S, Keyring, Verifier, withdrawn
 from lockgate.subjects import token, untoken
 
@@ -1198,7 +1198,8 @@ class Rollouts:
         self._wake.set()
 
     def _diverted(self, route: Route, e: InferenceEvent, release: str) -> None:
-        """A canary that fails its own calls trips its model's breaker on its endpoint; from then on its
+        """A canary that fails its own calls trips its breaker on its endpoint (its release's lane, upstream.Lane:
+        no other tenant's or release's calls open it, probe p27 F3b); from then on its
         requests are served by stable, skipped without a call, and would leave no canary evidence: the canary
         would wait for its minimum sample for ever instead of being aborted. So a request of its diverted by the
         open breaker counts as one more canary failure if the canary had failed a call of its own in this rollout
@@ -1249,9 +1250,11 @@ class Rollouts:
     def tripped(self, route: Route, now: float) -> progress.Tripped | None:
         """Whether the canary's endpoint breaker is open now, as far as this replica can tell (None: not seen open):
         on any replica whose events reported a diversion of the canary's requests to stable within that breaker's
-        cooldown, or on this one, whose breakers for the canary's model refuse calls to each endpoint the canary's
-        requests try before stable's (its endpoint, a group's members, their fallbacks). A breaker of another replica
-        that diverted nothing yet is not seen: that replica's events are all the others know of it."""
+        cooldown, or on this one, whose breakers of the canary's own calls (its release's lane, upstream.Lane) refuse
+        calls to each endpoint the canary's requests try before stable's (its endpoint, a group's members, their
+        fallbacks). A breaker of another replica that diverted nothing yet is not seen: that replica's events are all
+        the others know of it. Another tenant's or release's calls to the same model there have breakers of their
+        own: their failures hold no canary (probe p27 F3)."""
         if route.canary is None or route.phase != "progressing":
             return None
         held = self._trips.get(route.deployment)
@@ -1263,7 +1266,8 @@ class Rollouts:
             own = group.endpoints if group is not None else [route.canary.endpoint]
             hops = [eid for _, eid in resilience.fallback_chain(own, self.endpoints.fallbacks)
                     if eid in self.endpoints.by_id]
-            ago = self.upstream.refused_for(hops, route.canary.model) if hops else None
+            canary = route.canary
+            ago = self.upstream.refused_for(hops, Lane(canary.model, canary.tenant, canary.release)) if hops else None
             if ago is not None:
                 since = min(since, now - ago) if since is not None else now - ago
         if since is None:

@@ -107,18 +107,30 @@ class TotalTimeout(TimeoutError):
     """A stream was still sending when the request's total time (`total_s`) ran out."""
 
 
+class Lane(NamedTuple):
+    """Whose calls one breaker on an endpoint counts: those for one model of one release of one tenant. The model is
+    the release's (never a name the client picks, which would make a breaker per name; "" when the release passes
+    the client's model through). The release is "" for a route of no release (passthrough, the default route), whose
+    tenant is then the caller's. Keyed by the model alone, one breaker counted every tenant's and release's calls:
+    another tenant's calls that its upstream failed opened it, held a canary's rollout for as long as they went on
+    and had its requests, diverted to stable, charged as its failures (probe p27 F3, F3b)."""
+
+    model: str = ""
+    tenant: str = ""
+    release: str = ""
+
+
 class Hop(NamedTuple):
     """One place to send the request: the endpoint, the URL, body and headers as its provider takes
-    them (with lockgate's credential for it alone), the caller's tag (its target) and the model its
-    breaker on that endpoint is kept for: the release's (never a name the client picks, which would
-    make a breaker per name; "" when the release passes the client's model through)."""
+    them (with lockgate's credential for it alone), the caller's tag (its target) and the lane whose
+    breaker on that endpoint its calls are counted by."""
 
     endpoint: Endpoint
     url: URL
     body: bytes
     headers: dict[str, str]
     tag: Any
-    model: str = ""
+    lane: Lane = Lane()
 
 
 # How a request reaches one endpoint: (endpoint, body) -> (url, body, headers); raises Unsupported
@@ -261,10 +273,11 @@ class _Health:
     """One endpoint's breakers, retry budget and first-byte latency (an exponentially weighted mean,
     for groups that choose by latency), shared by every request this replica sends there.
 
-    A breaker per release model the endpoint serves (Hop.model): a model that fails (a canary's new
-    one, withdrawn or overloaded) is skipped alone, while the others on the same endpoint (stable's)
-    keep being served and remain a canary's fallback. An endpoint that is down trips each model's
-    breaker in turn; retries stay budgeted per endpoint, the load they add is the endpoint's."""
+    A breaker per lane (Hop.lane: a release's model, of its tenant): a model that fails (a canary's new one,
+    withdrawn or overloaded) is skipped alone, while the others on the same endpoint (stable's) keep being served
+    and remain a canary's fallback; the calls one tenant or release makes, which its inputs may have the upstream
+    fail, never open another's breaker. An endpoint that is down trips each lane's breaker in turn; retries stay
+    budgeted per endpoint, the load they add is the endpoint's."""
 
     __slots__ = ("_breakers", "_spec", "budget", "latency_s", "policy", "throttled_until")
 
@@ -274,15 +287,15 @@ class _Health:
         # every request, each paying its retries and waits: until then (on Upstream.clock), the group ranks it last.
         self.throttled_until = 0.0
         self._spec = endpoint.breaker
-        self._breakers: dict[str, resilience.Breaker] = {}
+        self._breakers: dict[Lane, resilience.Breaker] = {}
         self.budget = resilience.RetryBudget(endpoint.retry)
         self.policy = endpoint.retry.policy()
 
-    def breaker(self, model: str) -> resilience.Breaker:
-        """The breaker of calls for `model` (made on first use)."""
-        found = self._breakers.get(model)
+    def breaker(self, lane: Lane) -> resilience.Breaker:
+        """The breaker of the calls of `lane` (made on first use)."""
+        found = self._breakers.get(lane)
         if found is None:
-            found = self._breakers[model] = resilience.Breaker(self._spec)
+            found = self._breakers[lane] = resilience.Breaker(self._spec)
         return found
 
 
@@ -344,14 +357,14 @@ class Upstream:
         now = self.clock()
         return sorted(ranked, key=lambda m: (h := self._health.get(m)) is not None and h.throttled_until > now)
 
-    def refused_for(self, endpoint_ids: Iterable[str], model: str) -> float | None:
-        """For how many seconds the breakers of `model` on every one of `endpoint_ids` have been refusing calls (the
+    def refused_for(self, endpoint_ids: Iterable[str], lane: Lane) -> float | None:
+        """For how many seconds the breakers of `lane` on every one of `endpoint_ids` have been refusing calls (the
         latest opening of them), or None when any would let one through now (or has never failed here)."""
         now = self.clock()
         ago: float | None = None
         for eid in endpoint_ids:
             h = self._health.get(eid)
-            breaker = h._breakers.get(model) if h is not None else None
+            breaker = h._breakers.get(lane) if h is not None else None
             if breaker is None or not breaker.refusing(now):
                 return None
             ago = now - breaker.opened_at if ago is None else min(ago, now - breaker.opened_at)
@@ -379,7 +392,7 @@ class Upstream:
         attempts = 0
         for hop in hops:
             h = self.health(hop.endpoint)
-            breaker = h.breaker(hop.model)
+            breaker = h.breaker(hop.lane)
             if not breaker.allow(self.clock()):
                 failures.append(Failed(hop, "breaker_open"))
                 continue
@@ -510,7 +523,7 @@ class Upstream:
             reply.body = scrub(answered.body, answered.hop.endpoint)
             return reply
         if last is None:
-            skipped = ", ".join(dict.fromkeys(f"{f.hop.endpoint.id} for model {f.hop.model!r}" if f.hop.model
+            skipped = ", ".join(dict.fromkeys(f"{f.hop.endpoint.id} for model {f.hop.lane.model!r}" if f.hop.lane.model
                                               else f.hop.endpoint.id for f in failures))
             raise UpstreamUnavailable(f"endpoint {skipped} is failing and skipped (circuit breaker open); "
                                       "retry later", 502, "upstream_circuit_open", earlier, own)
@@ -533,9 +546,9 @@ class Upstream:
                                   f"(tried: {tried})", 504, "upstream_timeout", earlier, own)
 
 
-def chain(endpoints: Endpoints, starts: Sequence[tuple[str, bytes, Any, str]], prepare: Prepare,
+def chain(endpoints: Endpoints, starts: Sequence[tuple[str, bytes, Any, Lane]], prepare: Prepare,
           members: Callable[[str], list[str]] = lambda eid: [eid]) -> list[Hop]:
-    """The hops for a request: each start (endpoint id, body, tag, Hop.model), the chosen target first,
+    """The hops for a request: each start (endpoint id, body, tag, Hop.lane), the chosen target first,
     then its named fallbacks, then the next start's, each prepared for its endpoint's provider. A start
     naming a group becomes its members, best first (`members`). The first hop must be configured
     and able to serve the request (UnknownEndpoint, Unsupported); a later one that is not (a stale
@@ -543,17 +556,17 @@ def chain(endpoints: Endpoints, starts: Sequence[tuple[str, bytes, Any, str]], p
     on their own (`fallback_chain`'s limit): before, the cap counted the canary's and stable's together, so a canary
     whose endpoint had a chain of 3 fallbacks (or was a group of 4) filled it, and a failing canary answered 502
     while stable was healthy."""
-    expanded: list[tuple[str, bytes, Any, str]] = []
+    expanded: list[tuple[str, bytes, Any, Lane]] = []
     ids: list[tuple[int, str]] = []
-    for eid, body, tag, model in starts:
+    for eid, body, tag, lane in starts:
         first, own = len(expanded), members(eid)
-        expanded += [(m, body, tag, model) for m in own]
+        expanded += [(m, body, tag, lane) for m in own]
         ids += [(first + i, hop) for i, hop in resilience.fallback_chain(own, endpoints.fallbacks)]
     starts = expanded
     hops: list[Hop] = []
     for position, (index, eid) in enumerate(ids):
         if position == 0 or eid in endpoints.by_id:
-            _, body, tag, model = starts[index]
+            _, body, tag, lane = starts[index]
             endpoint = endpoints.get(eid)
             try:
                 url, prepared, headers = prepare(endpoint, body)
@@ -561,7 +574,7 @@ def chain(endpoints: Endpoints, starts: Sequence[tuple[str, bytes, Any, str]], p
                 if position == 0:
                     raise
                 continue
-            hops.append(Hop(endpoint, url, prepared, headers, tag, model))
+            hops.append(Hop(endpoint, url, prepared, headers, tag, lane))
     return hops
 
 

@@ -31,7 +31,14 @@ from lockgate.services.router.resilience import (
     retry_wait,
     retryable_status,
 )
-from lockgate.services.router.upstream import forward_headers, identified, returned_headers, scrub
+from lockgate.services.router.upstream import (
+    Lane,
+    Upstream,
+    forward_headers,
+    identified,
+    returned_headers,
+    scrub,
+)
 
 # Breaker
 
@@ -347,3 +354,20 @@ def test_rank_by_latency_measures_every_member_then_takes_the_fastest() -> None:
         "slow", "fast"]
     assert rank(["slow", "fast"], "latency", {}, {"slow": 0.9, "fast": 0.05}, explore=0.05, draw=0.5) == [
         "fast", "slow"]
+
+
+def test_a_breaker_counts_one_lanes_calls_only() -> None:
+    # Probe p27 F3: keyed by the model alone, another tenant's failing calls opened the breaker a canary's requests and
+    # its rollout's hold read. Each (model, tenant, release) lane has its own.
+    now = [100.0]
+    up = Upstream(clock=lambda: now[0])
+    ep = Endpoint(id="shared", url=URL("http://10.0.0.7:8000/v1/chat/completions"),
+                  breaker=BreakerSpec(consecutive_failures=2, cooldown_s=30))
+    acme, canary, other = Lane("turns", "acme", "a-rel"), Lane("turns", "default", "turns"), Lane("turns", "default", "x")
+    for _ in range(2):
+        up.health(ep).breaker(acme).record(now[0], False)
+    assert up.refused_for(["shared"], acme) == 0.0
+    assert up.refused_for(["shared"], canary) is None and up.refused_for(["shared"], other) is None
+    assert up.health(ep).breaker(canary).allow(now[0]) and up.health(ep).breaker(Lane("turns")).allow(now[0])
+    now[0] += 5
+    assert up.refused_for(["shared"], acme) == 5.0
