@@ -208,11 +208,17 @@ class RouterService(Service):
         # shows a key only its own tenant's routes and its scope's: so they take a key whose reach is as wide (before,
         # probe p25, another tenant's viewer key scoped to one deployment of its own read them all, and so saw that a
         # tenant ran a canary and how its arms answered).
+        key = request[KEY]
         try:
-            require_router_wide(request[KEY], self.keys.keys())
+            require_router_wide(key, self.keys.keys())
         except Forbidden as exc:
             return error_response(403, exc.message, "permission_denied", code="metrics_not_in_scope")
-        return await metrics.serve_prometheus(request)
+        # The provider is the process's: in an embedded stack the sink, evaluator, drift, cost, gatekeeper and
+        # lineage count every tenant's events on it, tenants the router's keys do not tell (an application NATS
+        # user's, a registered release's). So a key of one tenant reads the router's own request counters alone, an
+        # admin key (every tenant's) all of them. (Before, probe p27 F1, a one-tenant router's viewer read another
+        # tenant's event rate in `lockgate_events_received_total{service="sink"}`.)
+        return await metrics.serve_prometheus(request, None if key.tenants is None else metrics.routers_own)
 
     async def _health(self, request: web.Request) -> web.Response:
         # Requests are still served while the bus is away (events wait in the bounded outbox), so a

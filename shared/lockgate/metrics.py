@@ -14,7 +14,7 @@ Telemetry never fails a request: every recorder swallows its own errors.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
@@ -23,6 +23,8 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import Resource
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
 from lockgate import __version__
 
@@ -134,23 +136,57 @@ def _metrics_url(endpoint: str) -> str:
     return endpoint if endpoint.endswith("/v1/metrics") else f"{endpoint}/v1/metrics"
 
 
-def prometheus_text() -> tuple[bytes, str]:
-    """The installed provider's metrics in the Prometheus text format, and its content type."""
+# Keeps a sample of a metric family (the family's Prometheus name, the sample's labels) or leaves it out.
+Keep = Callable[[str, Mapping[str, str]], bool]
+
+
+def routers_own(family: str, labels: Mapping[str, str]) -> bool:
+    """Whether a sample counts the router's own requests: its request counters and durations, and the events it
+    published or dropped (one per request or call it made). Not the rest of the process's: in an embedded stack
+    (`lockgate up`) the sink, evaluator, drift, cost, gatekeeper and lineage count every tenant's events on the same
+    provider, and the router's own consumers every tenant's decisions and drift reports."""
+    return family.startswith("lockgate_router_") or (
+        family in ("lockgate_events_published", "lockgate_events_dropped") and labels.get("service") == "router")
+
+
+class _Kept(Collector):
+    """A registry's metrics with only the samples `keep` keeps, and the process's `target_info` (the resource: its
+    service name and version, no count)."""
+
+    def __init__(self, registry: CollectorRegistry, keep: Keep) -> None:
+        self._registry, self._keep = registry, keep
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self._registry.collect():
+            if family.type == "info":  # target_info, whose family the exporter names `target`
+                yield family
+                continue
+            samples = [s for s in family.samples if self._keep(family.name, s.labels)]
+            if samples:
+                kept = Metric(family.name, family.documentation, family.type, family.unit)
+                kept.samples = samples
+                yield kept
+
+
+def prometheus_text(keep: Keep | None = None) -> tuple[bytes, str]:
+    """The installed provider's metrics in the Prometheus text format (only the samples `keep` keeps, when given),
+    and its content type."""
     registry = _registry
     if registry is None:
         return b"", CONTENT_TYPE_LATEST
     try:
-        return generate_latest(registry), CONTENT_TYPE_LATEST
+        return generate_latest(registry if keep is None else _Kept(registry, keep)), CONTENT_TYPE_LATEST
     except Exception:
         log.warning("metrics collection failed", exc_info=True)
         return b"", CONTENT_TYPE_LATEST
 
 
-async def serve_prometheus(request: Any) -> Any:
-    """aiohttp handler for `GET /metrics`: the installed provider's metrics as Prometheus text."""
+async def serve_prometheus(request: Any, keep: Keep | None = None) -> Any:
+    """aiohttp handler for `GET /metrics`: the installed provider's metrics as Prometheus text (only the samples
+    `keep` keeps, when given)."""
     from aiohttp import web  # only processes that serve HTTP have it loaded already
 
-    body, content_type = prometheus_text()
+    body, content_type = prometheus_text(keep)
     return web.Response(body=body, headers={"Content-Type": content_type})
 
 

@@ -332,6 +332,53 @@ async def test_router_metrics_take_a_key_that_reads_every_tenant_and_deployment(
         assert (await _scrape(http, router.url, keys.admin_key))[("lockgate_router_requests_total", "stable", "ok")] == 1
 
 
+async def test_a_one_tenant_routers_key_reads_the_routers_own_counters_not_the_processs(
+        context: ServiceContext, run_services: Any, metric_reader: InMemoryMetricReader) -> None:
+    """Probe p27 F1: in an embedded stack the router serves the process's provider, on which the sink (and the
+    evaluator, drift, cost, gatekeeper, lineage) count every tenant's events. Tenant default's viewer, on a router
+    whose keys are all default's, read another tenant's event rate there: acme has no API key, only an application
+    NATS user. Now such a key reads the router's own request counters alone; an admin key reads them all."""
+    async with SimServer(SimConfig(models={"m": ModelSpec(default="hello")})) as sim, aiohttp.ClientSession() as http:
+        context.settings = context.settings.replace(stable_upstream=sim.url, canary_upstream=sim.url,
+                                                    deployment="chat", app="shop", passthrough=True)
+        svcs = await run_services("router", "sink")
+        router = svcs["router"]
+        keys = bootstrap(context.settings.home, app="shop")  # tenant default's
+        viewer, _ = KeyStore(context.settings.home).create("default", "prometheus", "viewer")
+        bus = context.bus
+        served = await bus.nc.subscribe(bus.subjects.served("shop"))
+        body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+        async with http.post(f"{router.url}/v1/chat/completions", json=body,
+                             headers={"Authorization": f"Bearer {keys.app_key}"}) as resp:
+            assert resp.status == 200
+        await served.next_msg(timeout=10)
+        await router.batcher.flush()
+        # acme's application sends 5 events on its own subject (as its NATS user does); the sink takes them in.
+        stored = svcs["sink"].handlers.events  # inference events the sink handled
+        before = stored.count
+        await bus.publish(bus.subjects.inference("shop", tenant="acme"),
+                          [InferenceEvent(tenant="acme", app="shop", deployment="acme-web", model="m")] * 5)
+        await stored.wait_for(before + 5, 30)
+
+        async def scrape(key: str) -> dict[tuple[str, str], float]:
+            async with http.get(f"{router.url}/metrics", headers={"Authorization": f"Bearer {key}"}) as resp:
+                assert resp.status == 200
+                text = await resp.text()
+            return {(sample.name, sample.labels.get("service", "")): sample.value
+                    for family in text_string_to_metric_families(text) for sample in family.samples
+                    if not sample.name.endswith("_created")}
+
+        everything = await scrape(keys.admin_key)
+        assert everything[("lockgate_events_received_total", "sink")] >= 5
+        own = await scrape(viewer)
+        assert not [name for name in own if name[1] not in ("", "router")], own
+        assert "lockgate_events_received_total" not in {name for name, _ in own}, own
+        # What the router counts of its own requests stays the viewer's to read.
+        assert own[("lockgate_router_requests_total", "")] == 1
+        assert own[("lockgate_events_published_total", "router")] == everything[("lockgate_events_published_total",
+                                                                                 "router")] >= 1
+
+
 async def test_metrics_are_exported_over_otlp_when_an_endpoint_is_set() -> None:
     """A stand-in Collector (plain aiohttp) receives the OTLP/HTTP export with lockgate's metrics."""
     from aiohttp import web

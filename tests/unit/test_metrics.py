@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from prometheus_client.parser import text_string_to_metric_families
 
 from lockgate import metrics
 from lockgate.batcher import Batcher
@@ -112,6 +113,30 @@ def test_prometheus_text_shows_the_installed_provider_only() -> None:
     finally:
         metrics.shutdown(provider)
     assert metrics.prometheus_text()[0] == b""
+
+
+def test_prometheus_text_kept_to_the_routers_own_series(metric_reader: InMemoryMetricReader) -> None:
+    # Probe p27 F1: an embedded stack's other services count every tenant's events on the same provider.
+    metrics.router_request("canary", "ok", 0.1)
+    metrics.events_out("router", 3)
+    metrics.events_dropped("router", 1)
+    metrics.events_in("sink", 50)
+    metrics.events_in("router", 2)  # every tenant's decisions and drift reports the router follows
+    metrics.events_out("cost", 4)
+    metrics.dead_letter("router")
+    def samples(keep: metrics.Keep | None) -> dict[tuple[str, str], float]:
+        text = metrics.prometheus_text(keep)[0].decode()
+        return {(s.name, s.labels.get("service") or s.labels.get("origin") or s.labels.get("variant", "")): s.value
+                for family in text_string_to_metric_families(text) for s in family.samples
+                if not s.name.endswith(("_created", "_bucket"))}
+
+    own = samples(metrics.routers_own)
+    assert own.pop(("target_info", "")) == 1
+    assert own == {("lockgate_router_requests_total", "canary"): 1, ("lockgate_events_published_total", "router"): 3,
+                   ("lockgate_events_dropped_total", "router"): 1, ("lockgate_router_request_duration_seconds_count",
+                                                                    "canary"): 1,
+                   ("lockgate_router_request_duration_seconds_sum", "canary"): 0.1}
+    assert samples(None)[("lockgate_events_received_total", "sink")] == 50
 
 
 def test_recording_never_raises(metric_reader: InMemoryMetricReader, monkeypatch: pytest.MonkeyPatch) -> None:
