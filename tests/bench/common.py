@@ -49,7 +49,9 @@ async def bench_env() -> AsyncIterator[BenchEnv]:
     """Start nats-server (temp JetStream dir) and pick a temp chDB path."""
     # chDB may still be finishing a background merge in this process when the directory is removed.
     with tempfile.TemporaryDirectory(prefix="lockgate-bench-", ignore_cleanup_errors=True) as home:
-        server = NatsServer(f"{home}/nats")
+        # Each stack's prefix reserves its streams' max_bytes (about 5 GiB) from JetStream's storage, by default 75% of
+        # the free disk: a dozen stacks of one run exhausted it (as in tests/conftest.py, the limit is only accounting).
+        server = NatsServer(f"{home}/nats", config="jetstream { max_file_store: 1TB }\n")
         await server.start()
         try:
             yield BenchEnv(nats_url=server.url, chdb_url=f"chdb://{home}/clickhouse", home=home)
