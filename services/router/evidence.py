@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import replace
-from typing import NamedTuple
+from typing import Generic, NamedTuple, TypeVar
 
 import numpy as np
 
@@ -49,7 +49,10 @@ class Unanswered(NamedTuple):
     key_id: str
 
 
-class InFlight:
+Call = TypeVar("Call", bound=Hashable)
+
+
+class InFlight(Generic[Call]):
     """This replica's requests whose upstream calls are under way, per deployment: each one's call (the proxy's
     `Underway`, which `Upstream.send` keeps up to date with the hop in flight and when it began) and the API key
     that sent it. A request is added as it is sent and removed as it ends: two dict operations on the hot path, and
@@ -58,22 +61,22 @@ class InFlight:
     calls of a release that hangs (probe p26)."""
 
     def __init__(self) -> None:
-        self._calls: dict[str, dict[Hashable, str]] = {}  # deployment -> call -> its key id (few deployments)
+        self._calls: dict[str, dict[Call, str]] = {}  # deployment -> call -> its key id (few deployments)
 
-    def begin(self, deployment: str, call: Hashable, key_id: str) -> None:
+    def begin(self, deployment: str, call: Call, key_id: str) -> None:
         """A request of `deployment` sends its calls, followed by `call`."""
         calls = self._calls.get(deployment)
         if calls is None:
             calls = self._calls[deployment] = {}
         calls[call] = key_id
 
-    def end(self, deployment: str, call: Hashable) -> None:
+    def end(self, deployment: str, call: Call) -> None:
         """The request of `call` ended (answered, failed or its client gone)."""
         calls = self._calls.get(deployment)
         if calls is not None:
             calls.pop(call, None)
 
-    def calls(self, deployment: str) -> list[tuple[Hashable, str]]:
+    def calls(self, deployment: str) -> list[tuple[Call, str]]:
         """The requests of `deployment` under way, each call with its key id (a copy)."""
         return list(self._calls.get(deployment, {}).items())
 

@@ -173,7 +173,7 @@ class Rollouts:
         self.upstream: Upstream | None = None
         # This replica's requests with an upstream call under way (the proxy adds and removes them): a look counts
         # those of the judged releases unanswered past `router_unanswered_s` as failures (`unanswered`).
-        self.inflight = InFlight()
+        self.inflight: InFlight[Underway] = InFlight()
         self.unanswered_s = s.router_unanswered_s
         # deployment -> why the served events from before this replica started are not all read back yet
         # (`handlers.replay_served`): its looks judge part of its evidence, so they wait (`analysis.incomplete`).
@@ -1373,7 +1373,6 @@ class Rollouts:
         lag = self.upstream.lag
         found = []
         for call, key_id in self.inflight.calls(deployment):
-            assert isinstance(call, Underway)
             hop = call.hop  # the call under way now; None between calls, or once answered
             if hop is None or hop.tag[1].release != release:
                 continue
@@ -1445,7 +1444,7 @@ class Rollouts:
         what its own window compares, arm by arm. The gate ignores such a report too (driftgate.py). A route
         stored before targets recorded their tenant takes every report, as before."""
         route = self.routes.get(report.deployment)
-        owner = route and (route.stable.tenant or (route.canary.tenant if route.canary else ""))
+        owner = _owner(route) if route is not None else ""
         if owner and report.tenant != owner:
             log.debug("%s: drift report %s is of tenant %r's events, not of %r whose releases it serves: not evidence",
                      report.deployment, report.id, report.tenant, owner)
@@ -1823,6 +1822,11 @@ def _not_theirs(deployment: str, tenant: str) -> str:
             "changes only the rollouts of its own tenant's releases (an admin key may change any)")
 
 
+def _owner(route: Route) -> str:
+    """The tenant whose releases the deployment serves ("" for a route stored before targets recorded it)."""
+    return route.stable.tenant or (route.canary.tenant if route.canary else "")
+
+
 def _evidence_of(route: Route, tenant: str, release: str) -> bool:
     """Whether an answer a router served to a key of `tenant`, from `release`, may be evidence about `route`: one of
     the tenant whose releases the deployment serves, or one its own releases answered (only its tenant's keys and
@@ -1830,7 +1834,7 @@ def _evidence_of(route: Route, tenant: str, release: str) -> bool:
     by the default route under passthrough (release ""): its answers and their scores are that tenant's, and counted
     here they sank or carried the canary, a release-less score as stable's (probe p25 F2). A route stored before
     targets recorded their tenant takes every answer, as before (compare `_drift_route`)."""
-    owner = route.stable.tenant or (route.canary.tenant if route.canary else "")
+    owner = _owner(route)
     mine = {t.release for t in (route.stable, route.canary, route.previous) if t is not None and t.release}
     return not owner or tenant == owner or release in mine
 

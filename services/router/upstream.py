@@ -291,6 +291,10 @@ class _Health:
         self.budget = resilience.RetryBudget(endpoint.retry)
         self.policy = endpoint.retry.policy()
 
+    def seen(self, lane: Lane) -> resilience.Breaker | None:
+        """The breaker of the calls of `lane`, if any was made here (read only: none is made)."""
+        return self._breakers.get(lane)
+
     def breaker(self, lane: Lane) -> resilience.Breaker:
         """The breaker of the calls of `lane` (made on first use)."""
         found = self._breakers.get(lane)
@@ -364,7 +368,7 @@ class Upstream:
         ago: float | None = None
         for eid in endpoint_ids:
             h = self._health.get(eid)
-            breaker = h._breakers.get(lane) if h is not None else None
+            breaker = h.seen(lane) if h is not None else None
             if breaker is None or not breaker.refusing(now):
                 return None
             ago = now - breaker.opened_at if ago is None else min(ago, now - breaker.opened_at)
