@@ -52,7 +52,9 @@ test-cluster: setup
 cluster: setup
 	.venv/bin/lockgate dev cluster
 
-bench: setup
+# The bench also times the candidate server stacks (the `bench` dependency group, left out of `setup`).
+bench: .venv/bin/uv
+	$(UV) sync --frozen -q --group bench
 	$(VENV_PY) -m tests.bench.run --out bench/results.json
 
 proto: setup

@@ -21,8 +21,9 @@ Stacks (server / event loop / upstream client):
 Figures per stack at concurrency 8: added p50/p99 over the simulator called directly, requests/s, and
 the server process's CPU per request (user + system from /proc, every thread, granian's Rust runtime
 included); requests/s at concurrency 32. Run alone: `python -m tests.bench.bench_stacks` (prints JSON).
-granian, httpx, uvicorn and httptools are not lockgate dependencies: `uv pip install granian httpx uvicorn
-httptools` to include them.
+granian, httpx, uvicorn and httptools are not lockgate dependencies: they are the `bench` dependency group, which
+`make bench` installs (`uv sync --group bench` before running this alone); a stack whose packages are missing is
+listed under "skipped".
 """
 
 from __future__ import annotations
