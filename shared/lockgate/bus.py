@@ -1212,8 +1212,9 @@ def consume(
         except Exception as exc:  # whatever the decoder trips on is bad input: park it, never leave it unacked
             await refuse(msg, headers, deliveries, "invalid event", repr(exc))
             return
-        metrics.events_in(origin, len(value) if isinstance(value, list) else 1)
-        events: Any = value  # the message's own events: a letter of the refused ones indexes them
+        # The message's own events, a lone one too (an object, not an array): a letter of the refused ones indexes them.
+        events: list[Any] = value if isinstance(value, list) else [value]
+        metrics.events_in(origin, len(events))
         over: list[tuple[int, str]] = []
         if limits is not None:
             sender = bus.subjects.sender(msg.subject)

@@ -103,7 +103,8 @@ class EventLimits:
         (tenant, app) of the subject it came on: `Subjects.sender`), an event of another tenant or app is
         refused: a per-application NATS user may publish on its own subject only, so the subject, not
         the event, says whose it is."""
-        events = list(value) if isinstance(value, Sequence) else [value]
+        lone = not isinstance(value, Sequence)  # one event sent as an object: its path is `$`, not `$[0]`
+        events = [value] if lone else list(value)
         if len(events) > self.max_events:
             return [], [(-1, f"{len(events)} events in one message; at most {self.max_events} are accepted")]
         now = now or datetime.now(UTC)
@@ -114,13 +115,14 @@ class EventLimits:
         kept: list[InferenceEvent] = []
         refused: list[tuple[int, str]] = []
         for i, event in enumerate(events):
+            at = "$" if lone else f"$[{i}]"
             if sender is not None and (event.tenant, event.app) != sender:
                 refused.append((i, f"tenant {event.tenant!r} and app {event.app!r} are not those of the subject "
-                                   f"it came on (tenant {sender[0]!r}, app {sender[1]!r}) - at `$[{i}]`"))
+                                   f"it came on (tenant {sender[0]!r}, app {sender[1]!r}) - at `{at}`"))
                 continue
             reason = self._time_error(event, now, earliest, latest)
             if reason:
-                refused.append((i, f"{reason} - at `$[{i}].time`"))
+                refused.append((i, f"{reason} - at `{at}.time`"))
             else:
                 kept.append(event)
         return kept, refused

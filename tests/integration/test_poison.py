@@ -50,6 +50,10 @@ async def test_a_flood_of_poison_harms_only_itself(run_services, bus: Bus, store
         ("garbage", b"\x00" * (1024 * 1024 - 4096)),  # just under NATS' max payload: the letter must still fit
         ("oversized array", b"[" + b",".join([b'{"type":"lockgate.inference","app":"shop"}'] * 5001) + b"]"),
         ("float overflow", b"[" + _wire(latency_ms=1e300) + b"]"),
+        # One event as an object, not an array (probe p31: the edge iterated it, crashed, and never settled it)
+        ("lone far-future", _wire(time=far)),
+        ("lone 1900", _wire(time=old)),
+        ("lone other app", _wire(app="other")),
     ]
     for i, (name, body) in enumerate(poison):
         good = _ok(20, f"b{i}")
@@ -75,6 +79,7 @@ async def test_a_flood_of_poison_harms_only_itself(run_services, bus: Bus, store
     assert "input_tokens" in errors and "latency_ms" in errors  # named by the contract's bounds
     assert "5001 events in one message; at most 5000" in errors
     assert "after now" in errors and "before now" in errors and "$[10].time" in errors and "$[11].time" in errors
+    assert "at `$.time`" in errors and "app 'other' are not those of the subject" in errors
     cut = [r for r in sink if f"cut to its first {MAX_LETTER_PAYLOAD}" in r["error"]]
     assert len(cut) == 1 and cut[0]["size"] <= MAX_LETTER_PAYLOAD
     # Only the garbage was cut (its whole copy is kept as an object: see below); nothing else was.
