@@ -77,7 +77,8 @@ def judge_step(upstream: Upstream, params: judge.JudgeParams) -> runner.Judge:
             verdict = judge.aggregate(replies, params.pass_mark)
         except judge.JudgeParseError as exc:
             # No readable score is a missing measurement, not a 0: a judge outage must not look like a regression.
-            detail = {"replies": list(replies), "error": exc.message}
+            # Every reply was unreadable: each one counts in the run's warning as one unreadable reply.
+            detail = {"replies": list(replies), "error": exc.message, "unparsed": len(replies)}
             return replace(result, details={**result.details, judge.NAME: detail})
         detail = {"scores": list(verdict.scores), "reasons": list(verdict.reasons), "stdev": verdict.stdev,
                   "unparsed": verdict.unparsed}

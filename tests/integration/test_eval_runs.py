@@ -244,7 +244,8 @@ async def test_slices_and_an_unreadable_judge_through_the_evaluator(
     assert done.comparisons["exact_match[tag=even]"].diff == 0.0
     # The judge never answered with a score: missing for every case, not a 0 that drags the metric down.
     assert done.metrics["llm_judge_missing"] == 1.0 and "llm_judge" not in done.metrics
-    assert any("missing, not scored 0" in w for w in done.warnings)
+    # 10 cases, one judge reply each, none readable: each counted (probe p29: "0 replies without a readable score").
+    assert "llm_judge: 10 replies without a readable score; 10 cases got none (missing, not scored 0)" in done.warnings
 
 
 async def test_recorded_task_scores_inference_events_without_calls(
