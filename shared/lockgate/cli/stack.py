@@ -263,10 +263,15 @@ def register(cli: click.Group) -> None:
                        "LOCKGATE_HEALTH_PORT, default off.")
     @click.option("--host", default="127.0.0.1", show_default=True,
                   help="Address the router and gRPC API bind; containers pass 0.0.0.0 explicitly.")
+    # Also taken after `serve` (they are `lockgate`'s own options): `lockgate serve drift --nats URL` is the form
+    # people write from a deployment's command line, and `lockgate --nats URL serve drift` works alike.
+    @click.option("--nats", "nats_url", help="NATS URL(s) of the stack, as `lockgate --nats`.")
+    @click.option("--clickhouse", "clickhouse_url", help="ClickHouse URL, as `lockgate --clickhouse`.")
     @click.pass_context
     @handle_errors
     def serve(ctx: click.Context, services: tuple[str, ...], router_port: int | None, grpc_port: int | None,
-              otlp_grpc_port: int | None, otlp_http_port: int | None, health_port: int | None, host: str) -> None:
+              otlp_grpc_port: int | None, otlp_http_port: int | None, health_port: int | None, host: str,
+              nats_url: str | None, clickhouse_url: str | None) -> None:
         """Run SERVICES (sink, query, router, gateway, ...) against an external NATS (distributed mode).
 
         Only the sink and the query service open ClickHouse; on chDB, whose data path one process
@@ -280,7 +285,8 @@ def register(cli: click.Group) -> None:
         for name in services:
             factory(name)  # an unknown name fails here with the list of services
 
-        settings: Settings = ctx.obj["settings"].replace(host=host, grpc_port=grpc_port,
+        settings: Settings = ctx.obj["settings"].replace(nats_url=nats_url, clickhouse_url=clickhouse_url)
+        settings = settings.replace(host=host, grpc_port=grpc_port,
                                                          router_port=router_port, otlp_grpc_port=otlp_grpc_port,
                                                          otlp_http_port=otlp_http_port, health_port=health_port)
         # ClickHouse not configured: the chDB under the home, as `up` and the CLI's queries have it (before,
