@@ -280,6 +280,7 @@ class Bus:
         self.denied: list[str] = []
         self._waiters: list[tuple[str, asyncio.Future[None]]] = []
         self.servers = [u.strip() for u in url.split(",") if u.strip()]  # a cluster: comma-separated URLs
+        self._unreached = 0  # servers the first connect could not reach (see `_on_error`)
         self.nc: nats.NATS | None = None
         self.js: Any = None
         # Consumers registered on the bus itself (tools, tests); services bring theirs via include().
@@ -386,7 +387,12 @@ class Bus:
             # retry wrong credentials forever (max_reconnect_attempts=-1).
             raise self._bad_credentials()
         if self.nc is None and not self.wait_for_server and isinstance(exc, OSError | TimeoutError):
-            # A stack that runs but whose bus restarts is told apart by the CLI, which knows the home (cli/status.py).
+            # Said once every URL of a cluster's failed: nats-py tries them in turn, one node down is no outage
+            # (probe p30: the CLI gave up at the first node it picked). A stack that runs but whose bus restarts is
+            # told apart by the CLI, which knows the home (cli/status.py).
+            self._unreached += 1
+            if self._unreached < len(self.servers):
+                return
             why = _unreachable(exc)
             raise BusUnreachable(f"no lockgate stack answers at {shown_url(self.url)} ({why}); start one with "
                                  "`lockgate up` (or pass --nats URL / LOCKGATE_NATS_URL)", reason=why)

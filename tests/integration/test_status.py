@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 
 import pytest
 from click.testing import CliRunner, Result
 
 from lockgate.bus import Bus
+from lockgate.cli.access import connect_once
 from lockgate.cli.status import read_status as status
 from lockgate.config import Settings
 from lockgate.contracts import InferenceEvent
@@ -52,10 +54,25 @@ async def test_status_says_full_only_of_a_full_stream(bus: Bus, settings: Settin
     assert "FULL dlq_originals" not in shown.output  # only what is full is explained
 
 
-def _status_cli(settings: Settings) -> Result:
+async def test_status_reaches_a_cluster_whose_first_node_is_down(bus: Bus, settings: Settings) -> None:
+    # Probe p30: with the URLs of a cluster of which one node was down, the CLI gave up after the first node
+    # nats-py picked and said no stack ran. A port nothing listens on stands for the node that is down.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        down = f"nats://127.0.0.1:{s.getsockname()[1]}"
+    for urls in (f"{down},{settings.nats_url}", f"{settings.nats_url},{down}"):
+        shown = await asyncio.to_thread(_status_cli, settings, urls)
+        assert shown.exit_code == 0 and "streams" in shown.output, shown.output
+        # The short connection of the CLI's named queries alike.
+        nc = await connect_once(settings.replace(nats_url=urls), "viewer", "the query was not answered")
+        assert nc is not None and nc.is_connected
+        await nc.close()
+
+
+def _status_cli(settings: Settings, nats_url: str = "") -> Result:
     from lockgate.cli.main import cli
 
-    env = {"LOCKGATE_NATS_URL": settings.nats_url, "LOCKGATE_PREFIX": settings.prefix,
+    env = {"LOCKGATE_NATS_URL": nats_url or settings.nats_url, "LOCKGATE_PREFIX": settings.prefix,
            "LOCKGATE_DATABASE": settings.database, "LOCKGATE_CLICKHOUSE_URL": settings.clickhouse_url,
            "LOCKGATE_HOME": settings.home}
     return CliRunner().invoke(cli, ["status"], env=env)

@@ -210,19 +210,21 @@ async def connect_once(settings: Settings, role: str, purpose: str, refusals: Re
     `purpose`, if a stack answers but refuses the role's credentials. `refusals` hears the subjects the
     server refuses it afterwards."""
     auth = credentials.for_identity(settings, role)
-    try:
-        # max_reconnect_attempts=1: with 0, nats-py retries a refused first connect for ever.
-        servers = [u.strip() for u in settings.nats_url.split(",") if u.strip()]  # a cluster: every node
-        return await natsclient.connect(servers, connect_timeout=1, max_reconnect_attempts=1,
-                                        reconnect_time_wait=0.1, allow_reconnect=False,
-                                        error_cb=_quiet if refusals is None else refusals.record, **auth.options())
-    except (TimeoutError, OSError, nats.errors.Error) as exc:
-        if "authorization violation" in str(exc).lower() or isinstance(exc, nats.errors.AuthorizationError):
-            where = credentials.directory(settings.home)
-            raise NotAllowed(f"NATS at {shown_url(settings.nats_url)} refused role {role!r}, so {purpose}: no valid "
-                             f"credentials in {where} (pass --home DIR or LOCKGATE_HOME as given to "
-                             f"`lockgate up`)") from None
-        return None
+    # A cluster's URLs are tried one by one: without reconnects nats-py gives up after the first server of its pool,
+    # and a CLI given three nodes said no stack ran while one of them was down (probe p30).
+    for server in [u.strip() for u in settings.nats_url.split(",") if u.strip()]:
+        try:
+            # max_reconnect_attempts=1: with 0, nats-py retries a refused first connect for ever.
+            return await natsclient.connect([server], connect_timeout=1, max_reconnect_attempts=1,
+                                            reconnect_time_wait=0.1, allow_reconnect=False,
+                                            error_cb=_quiet if refusals is None else refusals.record, **auth.options())
+        except (TimeoutError, OSError, nats.errors.Error) as exc:
+            if "authorization violation" in str(exc).lower() or isinstance(exc, nats.errors.AuthorizationError):
+                where = credentials.directory(settings.home)
+                raise NotAllowed(f"NATS at {shown_url(settings.nats_url)} refused role {role!r}, so {purpose}: no "
+                                 f"valid credentials in {where} (pass --home DIR or LOCKGATE_HOME as given to "
+                                 f"`lockgate up`)") from None
+    return None
 
 
 async def _over_nats(settings: Settings, name: str, args: dict[str, Any], role: str) -> Any:
