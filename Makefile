@@ -17,6 +17,7 @@ setup: .venv/bin/uv
 # `make run ARGS="--router-port 0"`: options for `dev up` (a port taken, another --home). The variable tells `dev up`
 # to give its advice in this form.
 run: export LOCKGATE_VIA_MAKE_RUN := 1
+run: export LOCKGATE_MAKE_ARGS := $(ARGS)
 run: setup
 	.venv/bin/lockgate dev up --demo $(ARGS)
 

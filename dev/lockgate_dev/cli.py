@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import re
 
 import aiohttp
 import click
@@ -25,7 +24,6 @@ from lockgate.cli.stack import (
     up_options,
 )
 from lockgate.config import Settings
-from lockgate.errors import ConfigError
 from lockgate.redact import shown_url
 from lockgate.server.apikeys import FILE, KeyStore, read_credential
 from lockgate_dev import sim as simulator
@@ -61,20 +59,20 @@ async def _dev_up(settings: Settings, sim_port: int, demo: bool) -> None:
         await server.stop()
 
 
-# Set by the Makefile's `run` target: options reach `dev up` there only as `make run ARGS="..."`.
+# Set by the Makefile's `run` target: options reach `dev up` there only as `make run ARGS="..."`, and those given.
 VIA_MAKE_RUN = "LOCKGATE_VIA_MAKE_RUN"
+MAKE_ARGS = "LOCKGATE_MAKE_ARGS"
 
 
 def _refuse_to_start(settings: Settings, sim_port: int) -> None:
-    """`refuse_to_start`, its advice in the form `make run` takes when run by it: before, a taken port said
-    "choose another with --router-port", an option `make run` could not pass."""
-    try:
+    """`refuse_to_start`, its advice in the form `make run` takes when run by it, with the ARGS already given: before,
+    a taken port said "choose another with --router-port", an option `make run` could not pass, and then advised
+    ARGS without those given (another --home)."""
+    if not os.environ.get(VIA_MAKE_RUN):
         refuse_to_start(settings, sim_port)
-    except ConfigError as exc:
-        flag = re.search(r"choose another with (--[a-z-]+-port)", exc.message)
-        if not (flag and os.environ.get(VIA_MAKE_RUN)):
-            raise
-        raise ConfigError(f'{exc.message} (with make: make run ARGS="{flag[1]} 0")') from None
+        return
+    given = os.environ.get(MAKE_ARGS, "").strip()
+    refuse_to_start(settings, sim_port, advice=lambda options: f' (with make: make run ARGS="{f"{given} {options}".strip()}")')
 
 
 def _demo_keys(home: str) -> tuple[str, str]:

@@ -19,6 +19,10 @@ class ConfigError(LockgateError):
     exit_code = 2
 
 
+class PortInUse(ConfigError):
+    """A port lockgate is told to listen on is another process's."""
+
+
 class InvalidEvent(LockgateError):
     """A message could not be decoded into a known contract (goes to the DLQ)."""
 

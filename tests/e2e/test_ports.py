@@ -58,6 +58,19 @@ def test_up_refuses_a_port_another_stack_listens_on(tmp_path: Path, taken: int, 
     assert not (tmp_path / "nats").exists()  # refused before anything started
 
 
+def test_up_names_every_taken_port_in_one_refusal(tmp_path: Path, taken: int) -> None:
+    # Before (probe p30), beside another stack each try named the next taken port: six tries to start.
+    with socket.socket() as second:
+        second.bind(("127.0.0.1", 0))
+        second.listen()
+        other = second.getsockname()[1]
+        out = lockgate("up", "--home", str(tmp_path), *_ports("--nats-port", taken, **{"--grpc-port": str(other)}))
+    assert (out.returncode, out.stderr) == (2, f"error: NATS port {taken}, gRPC port {other} are in use (another "
+                                               "lockgate stack?): choose others, or 0 for free ones: --nats-port 0 "
+                                               "--grpc-port 0\n"), out.stdout
+    assert not (tmp_path / "nats").exists()
+
+
 def test_dev_up_and_sim_refuse_the_simulators_port_by_its_option(tmp_path: Path, taken: int) -> None:
     out = lockgate("dev", "up", "--home", str(tmp_path), *_ports("--sim-port", taken))
     assert (out.returncode, out.stderr) == (2, f"error: simulator port {taken} is in use (another lockgate stack?): "
@@ -92,9 +105,10 @@ def test_make_run_passes_args_and_gives_its_advice_in_their_form(tmp_path: Path,
     out = subprocess.run(["make", "-s", "-C", str(root), "-o", "setup", "run", f"ARGS={args}"], capture_output=True,
                          text=True, env={**os.environ, "COLUMNS": "300"}, timeout=60)
     assert out.returncode == 2, out.stdout + out.stderr
+    # The advice keeps the ARGS given (probe p30: it dropped --home, and the next try met the first stack's home).
     assert out.stderr.startswith(f"error: router port {taken} is in use (another lockgate stack?): choose another "
-                                 'with --router-port, or 0 for a free one (with make: make run ARGS="--router-port 0")'
-                                 "\n"), out.stderr
+                                 f'with --router-port, or 0 for a free one (with make: make run ARGS="{args} '
+                                 '--router-port 0")\n'), out.stderr
     assert not (tmp_path / "nats").exists()
     # Without ARGS, `make run` is the command it always was.
     dry = subprocess.run(["make", "-s", "-n", "-C", str(root), "-o", "setup", "run"], capture_output=True, text=True,

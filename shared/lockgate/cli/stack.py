@@ -17,7 +17,7 @@ from lockgate.cli import access, running
 from lockgate.cli.render import console, err_console
 from lockgate.cli.root import fail, handle_errors
 from lockgate.config import Settings
-from lockgate.errors import ConfigError
+from lockgate.errors import ConfigError, PortInUse
 from lockgate.permissions import ROLES
 from lockgate.redact import shown_url
 
@@ -168,17 +168,19 @@ def embedded_settings(settings: Settings, home: str | None, nats_port: int, rout
                             otlp_http_port=otlp_http_port)
 
 
-def refuse_to_start(settings: Settings, sim_port: int | None = None) -> None:
+def refuse_to_start(settings: Settings, sim_port: int | None = None,
+                    advice: Callable[[str], str] = lambda options: "") -> None:
     """Before `up` (or `dev up`, with its simulator's port) opens anything: ConfigError if a stack already runs
     from its home, or if a port it is told to use is taken. Else a second stack from one home failed on chDB's lock
     in ClickHouse's words after starting nats-server on the first one's store, and a taken port was found only after
-    nats-server, chDB and the services before its listener had started (each listener's bind still says it too)."""
+    nats-server, chDB and the services before its listener had started (each listener's bind still says it too).
+    `advice` adds to a refusal the form the options that start it take (`dev up` under `make run`: in its ARGS)."""
     from lockgate.server.tls import check_free
 
     pid = running.owner(settings.home)
     if pid is not None:
         raise ConfigError(f"a stack is already running from {settings.home} (pid {pid}): stop it first, or give "
-                          "another --home")
+                          f"another --home{advice('--home DIR')}")
     nats = urlparse(settings.nats_url)
     ports = [(nats.hostname or settings.host, nats.port or 0, "NATS", "--nats-port"),
              (settings.host, settings.router_port, "router", "--router-port"),
@@ -187,8 +189,23 @@ def refuse_to_start(settings: Settings, sim_port: int | None = None) -> None:
              (settings.host, settings.otlp_http_port, "OTLP/HTTP", "--otlp-http-port")]
     if sim_port is not None:
         ports.append((settings.host, sim_port, "simulator", "--sim-port"))
+    # Every taken port in one refusal, with the one command that starts beside the other stack (named one at a
+    # time, each retry found the next: six tries beside a default stack, probe p30).
+    taken: list[tuple[str, int, str]] = []
     for host, port, what, flag in ports:
-        check_free(host, port, what=what, flag=flag)
+        try:
+            check_free(host, port, what=what, flag=flag)
+        except PortInUse:
+            taken.append((what, port, flag))
+    if taken:
+        options = " ".join(f"{flag} 0" for *_, flag in taken)
+        if len(taken) == 1:
+            (what, port, flag), = taken
+            raise PortInUse(f"{what} port {port} is in use (another lockgate stack?): choose another with {flag}, "
+                            f"or 0 for a free one{advice(options)}")
+        names = ", ".join(f"{what} port {port}" for what, port, _ in taken)
+        raise PortInUse(f"{names} are in use (another lockgate stack?): choose others, or 0 for free ones: "
+                        f"{options}{advice(options)}")
 
 
 _PORT_HELP = "0 picks a free port; the endpoints printed at start show the real one."
