@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import re
 import secrets
 import time
@@ -823,6 +824,8 @@ class _Record:
         self.earlier = exc.earlier
         if exc.own is not None and exc.own.abandoned:
             self.gone = exc.own.hop
+        if exc.retry_after_s is not None:  # whole seconds, at least one: an SDK retrying at once is refused again
+            headers = {**headers, "Retry-After": str(max(1, math.ceil(exc.retry_after_s)))}
         return self.fail(exc.http, exc.message, exc.type_, headers, exc.code)
 
     def took(self, reply: Reply, headers: dict[str, str]) -> tuple[Endpoint, domain.Target]:

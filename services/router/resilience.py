@@ -219,6 +219,13 @@ class Breaker:
             return now - self.opened_at < self._spec.cooldown_s
         return self.state == "half_open" and self._probing
 
+    def retry_in(self, now: float) -> float:
+        """Seconds until `allow` may let a call through again, for a refused client's Retry-After: the rest of an open
+        breaker's cooldown; a half-open one's probe is out and answers within its call's timeouts: a second."""
+        if self.state == "open":
+            return max(0.0, self._spec.cooldown_s - (now - self.opened_at))
+        return 1.0 if self.state == "half_open" and self._probing else 0.0
+
     def record(self, now: float, ok: bool) -> None:
         """The outcome of a call that `allow` let through."""
         if self.state == "half_open":

@@ -87,16 +87,17 @@ class UpstreamUnavailable(LockgateError):
     """No endpoint in the chain answered: the client gets `http` (502, or 504 on a timeout).
     `earlier`: the failed calls besides the chosen hop's own (evidence, like Reply.earlier); `own`: the chosen
     hop's last failure, which the request's own event describes (a skip while its breaker was open, or a call);
-    `code`: the error's code, when one says more than its type."""
+    `code`: the error's code, when one says more than its type; `retry_after_s`: when a retry may be served."""
 
     def __init__(self, message: str, http: int, type_: str, earlier: list[Failed] | None = None,
-                 own: Failed | None = None, code: str | None = None) -> None:
+                 own: Failed | None = None, code: str | None = None, retry_after_s: float | None = None) -> None:
         super().__init__(message)
         self.http = http
         self.type_ = type_
         self.earlier = earlier or []
         self.own = own
         self.code = code
+        self.retry_after_s = retry_after_s
 
 
 class ChunkTimeout(TimeoutError):
@@ -316,6 +317,7 @@ class Failed(NamedTuple):
     body: bytes = b""
     headers: dict[str, str] | None = None
     elapsed_s: float = 0.0
+    retry_in_s: float = 0.0  # a skip: when its breaker may let a call through again
 
     def reason(self) -> str:
         """For the event: why this hop was left (an HTTP status or the kind of failure)."""
@@ -397,8 +399,8 @@ class Upstream:
         for hop in hops:
             h = self.health(hop.endpoint)
             breaker = h.breaker(hop.lane)
-            if not breaker.allow(self.clock()):
-                failures.append(Failed(hop, "breaker_open"))
+            if not breaker.allow(now := self.clock()):
+                failures.append(Failed(hop, "breaker_open", retry_in_s=breaker.retry_in(now)))
                 continue
             if cover is not None and (gone := [f.hop for f in failures if f.abandoned]):
                 refused = await cover(hop, gone)
@@ -529,8 +531,10 @@ class Upstream:
         if last is None:
             skipped = ", ".join(dict.fromkeys(f"{f.hop.endpoint.id} for model {f.hop.lane.model!r}" if f.hop.lane.model
                                               else f.hop.endpoint.id for f in failures))
+            # Told when to come back (Retry-After): the soonest a breaker of the chain lets a call through.
             raise UpstreamUnavailable(f"endpoint {skipped} is failing and skipped (circuit breaker open); "
-                                      "retry later", 502, "upstream_circuit_open", earlier, own)
+                                      "retry later", 502, "upstream_circuit_open", earlier, own,
+                                      retry_after_s=min(f.retry_in_s for f in failures))
         ep = last.hop.endpoint
         if last.kind == "connect":
             raise UpstreamUnavailable(f"endpoint {ep.id} is unreachable (tried: {tried})", 502,

@@ -1070,6 +1070,8 @@ async def test_open_breaker_without_fallback_is_502_naming_the_endpoint(gateway:
         err = caught.value
         assert (err.status_code, err.type) == (502, "upstream_circuit_open")
         assert "endpoint default is failing" in err.message and main.calls == 1
+        # When to come back: the rest of the 30 s cooldown (probe p31: no Retry-After, and SDKs retried at once).
+        assert 28 <= int(err.response.headers["Retry-After"]) <= 30
 
 
 async def test_a_200_with_an_error_body_is_a_502_and_an_error_event_never_cached(

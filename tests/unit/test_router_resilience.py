@@ -92,6 +92,14 @@ def test_a_breaker_refuses_while_open_within_its_cooldown_or_probing_and_reading
     assert not b.refusing(10.3)
 
 
+def test_a_refused_client_is_told_when_the_breaker_lets_a_call_through() -> None:
+    b = Breaker(BreakerSpec(consecutive_failures=1, cooldown_s=10))
+    assert b.retry_in(0.0) == 0.0  # closed
+    b.record(2.0, ok=False)
+    assert b.retry_in(5.0) == 7.0  # the rest of its cooldown
+    assert b.allow(12.0) and b.retry_in(12.1) == 1.0  # its probe out: its answer decides within its timeouts
+
+
 def test_breaker_opens_on_failure_ratio_without_a_long_run() -> None:
     b = Breaker(BreakerSpec(consecutive_failures=100, failure_ratio=0.5, min_requests=10, window_s=30))
     for i in range(10):  # alternate: never two failures in a row, half of them failures
