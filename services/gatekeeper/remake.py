@@ -25,7 +25,12 @@ async def remake(own: OwnKey, records: Records, publish_key: Callable[[], Awaita
     nothing recorded, when the release's decision changed since), audited as `action` by the gatekeeper.
 
     It keeps the eval run, policy and artifacts it judged; no person's review or approval is carried over: what it
-    says now is the gatekeeper's, and a BLOCK naming a reviewer would read as that person's reject (a veto)."""
+    says now is the gatekeeper's, and a BLOCK naming a reviewer would read as that person's reject (a veto).
+
+    SignatureError, with nothing signed, when `current` is not a decision the trust roots verify: an entry written to
+    the gates bucket by other means (a service credential may) stays what it is, unverifiable and refused by every
+    reader, rather than become an authentic decision citing another release's eval (probe p28)."""
+    await own.verifier.verify(current, history=True)  # as history: what a key retired since signed is still ours
     decision = (await own.require()).sign(msgspec.structs.replace(
         current, id=decision_id, time=datetime.now(UTC), decision=out.decision, rules=list(out.rules),
         reason=out.reason, review_required=out.review_required, reviewed_by="", approvals=[], approval_keys=[],

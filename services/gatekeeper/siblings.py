@@ -11,7 +11,7 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from lockgate.contracts import GateDecided, RuleResult
-from lockgate.errors import InvalidEvent
+from lockgate.errors import InvalidEvent, SignatureError
 from lockgate.identity import withdrawn_approvals
 from lockgate.server.service import ServiceContext
 from lockgate.services.gatekeeper import domain
@@ -72,6 +72,11 @@ class Siblings:
             await remake(self.own, self.records, self.publish_key, current, stored.revision, out,
                          decision_id=domain.decision_id(vetoing.id, f"{self.records.salt}:{VETOED_SIBLING}:{release}"),
                          action=VETOED_SIBLING, trace_id=vetoing.trace_id)
+        except SignatureError as exc:
+            # Not ours: no reader admits it, and a veto remade over it would make it authentic (probe p28).
+            log.warning("release %s holds vetoed content in an entry no trusted key signed, left as it is: %s",
+                        release, exc.message)
+            return
         except DecisionRaced:
             # The other side of a race (the reject's pass over the names, or the name's own decision seeing the
             # veto) remade it first: nothing left to do. Anything else stored meanwhile is judged on redelivery.

@@ -28,7 +28,7 @@ from lockgate.cli.main import cli
 from lockgate.codec import Codec, encode
 from lockgate.config import Settings
 from lockgate.contracts import EvalCompleted, GateDecided, GateReview
-from lockgate.errors import ConfigError, NotFound
+from lockgate.errors import ConfigError, NotFound, SignatureError
 from lockgate.identity import sign_review
 from lockgate.server.apikeys import bootstrap
 from lockgate.server.runtime import Runtime
@@ -555,6 +555,26 @@ async def test_a_persons_reject_reaches_a_name_of_the_same_content_passed_before
     assert (await eval_run(settings, stack["sim"], "r2-clone", files["strict"])).exit_code == 5
     assert (await review(settings, "ann", "approve", "r2-clone", "tone checked again: fine")).exit_code == 0
     assert (await current_decision(bus, "r2-clone")).decision == "PASS"
+
+
+async def test_a_forged_entry_of_the_vetoed_content_is_never_signed_by_the_veto_reach_back(
+    bus: Bus, settings: Settings, stack: dict[str, Any], files: dict[str, str], trusted: Keyring
+) -> None:
+    # Probe p28: r2's genuine PASS copied into the gates bucket under another release (a service credential may write
+    # there; its signature then fails, and every reader refuses it). Carol's reject of r2 reached back over the
+    # content's names, found the copy and signed it with the gatekeeper's real key: an authentic NEEDS_REVIEW of a
+    # release the gatekeeper never judged, citing r2's eval run.
+    assert (await eval_run(settings, stack["sim"], "r2", files["strict"])).exit_code == 0
+    passed = await current_decision(bus, "r2")
+    gates = await bus.kv(bus.subjects.kv_gates)
+    forged = msgspec.structs.replace(passed, release="r2-forged")
+    await gates.put("r2-forged", encode(forged))
+    with pytest.raises(SignatureError):
+        trusted.verify(forged)
+
+    await _rejected_by_carol(settings, stack, files)
+    assert (await current_decision(bus, "r2")).decision == "BLOCK"
+    assert await current_decision(bus, "r2-forged") == forged  # left as it is: still no trusted key's
 
 
 async def test_a_persons_reject_reaching_the_serving_stable_rolls_it_back_whatever_its_canary_slot_holds(
