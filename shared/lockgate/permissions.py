@@ -10,7 +10,8 @@ live evidence canary analysis takes. Reading is granted per stream (JetStream ca
 permission), but a service creates, deletes, fetches from and acks only its own durable consumers
 (DURABLES), so one service cannot rebind, delete or drain another's; only the sink deletes a
 message from a stream (a dead-lettered, unreadable original). Buckets are read by message get, not
-through a consumer (see `_ephemeral` for why): an application and the CLI's roles create none.
+through a consumer (see `_ephemeral` for why): an application and the CLI's roles create none. No identity, admin
+included, deletes or purges the streams that record who did what (`kept`).
 """
 
 from __future__ import annotations
@@ -46,17 +47,20 @@ def app_of(user: str) -> tuple[str, str] | None:
 
 @dataclass
 class Grant:
-    """Subjects one identity may publish to and subscribe on; `responses` lets it answer requests."""
+    """Subjects one identity may publish to and subscribe on; `responses` lets it answer requests. `deny`: subjects
+    it may not publish to whatever `publish` allows (nats-server lets a deny win over an allow)."""
 
     publish: list[str] = field(default_factory=list)
     subscribe: list[str] = field(default_factory=list)
     responses: bool = False
+    deny: list[str] = field(default_factory=list)
 
     def add(self, other: Grant) -> Grant:
         """Merge another grant into this one (order kept, duplicates dropped)."""
         self.publish = list(dict.fromkeys(self.publish + other.publish))
         self.subscribe = list(dict.fromkeys(self.subscribe + other.subscribe))
         self.responses = self.responses or other.responses
+        self.deny = list(dict.fromkeys(self.deny + other.deny))
         return self
 
 
@@ -205,8 +209,30 @@ def _manage_topology(s: Subjects) -> Grant:
     return Grant(publish=[f"$JS.API.STREAM.{op}.{n}" for n in names for op in ("CREATE", "INFO")] + readers)
 
 
+def kept(s: Subjects) -> list[str]:
+    """The JetStream API requests no identity may make, admin included: deleting or purging the streams that record
+    who did what, and changing the provenance stream's configuration."""
+    # The provenance stream holds every alias's signed history and every artifact's lifecycle, kept for ever; the
+    # releases bucket, each release name's one binding (write-once); the audit bucket, the chain head `audit verify`
+    # checks the stored rows against. Their own settings refuse a message delete or purge (deny_delete, deny_purge),
+    # not the stream's deletion: admin, which may publish anything, deleted the provenance stream and every history
+    # with it, and the topology then made it anew, empty (probe p29 F8). Admin still updates the two buckets
+    # (`topology apply` makes a releases bucket of before write-once), but nothing updates the provenance stream:
+    # nats-server refuses only lifting deny_delete and deny_purge, and an update to one message with discard old
+    # dropped every record but the last. Its configuration has not changed since it was made; a change would have to
+    # be allowed here first.
+    api = "$JS.API.STREAM"
+    provenance = s.streams["provenance"].name
+    records = (provenance, f"KV_{s.kv_releases}", f"KV_{s.kv_audit}")
+    return [f"{api}.{op}.{name}" for name in records for op in ("DELETE", "PURGE")] + [f"{api}.UPDATE.{provenance}"]
+
+
 def grant(s: Subjects, identity: str) -> Grant:
     """The permissions of one identity under the prefix of `s`."""
+    return _grant(s, identity).add(Grant(deny=kept(s)))
+
+
+def _grant(s: Subjects, identity: str) -> Grant:
     st = {k: v.name for k, v in s.streams.items()}
     # Every service may report its failures and its spans, and see whether the streams events and dead letters go
     # to refuse publishes (full: its health says so, Bus.full_streams). A letter whose payload is cut keeps the

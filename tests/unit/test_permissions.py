@@ -26,7 +26,8 @@ def matches(pattern: str, subject: str) -> bool:
 
 
 def may_publish(identity: str, subject: str) -> bool:
-    return any(matches(p, subject) for p in grant(S, identity).publish)
+    g = grant(S, identity)  # a deny wins over an allow, as nats-server has it
+    return any(matches(p, subject) for p in g.publish) and not any(matches(p, subject) for p in g.deny)
 
 
 FACTS = {
@@ -41,6 +42,17 @@ FACTS = {
     S.eval_requested: {"operator", "admin"},
     "$JS.API.STREAM.DELETE.LG_EVENTS": {"admin"},
     "$JS.API.STREAM.PURGE.LG_EVENTS": {"admin"},
+    # the records of who did what, not even admin's (probe p29 F8: admin deleted the provenance stream, and every
+    # alias's history and artifact's lifecycle with it); admin still applies the buckets' configuration
+    "$JS.API.STREAM.DELETE.LG_PROVENANCE": set(),
+    "$JS.API.STREAM.PURGE.LG_PROVENANCE": set(),
+    "$JS.API.STREAM.UPDATE.LG_PROVENANCE": set(),
+    "$JS.API.STREAM.DELETE.KV_lg_releases": set(),
+    "$JS.API.STREAM.PURGE.KV_lg_releases": set(),
+    "$JS.API.STREAM.DELETE.KV_lg_audit": set(),
+    "$JS.API.STREAM.PURGE.KV_lg_audit": set(),
+    "$JS.API.STREAM.UPDATE.KV_lg_audit": {"admin"},
+    "$JS.API.STREAM.CREATE.LG_PROVENANCE": {"sink", "admin"},
     # the sink creates lockgate's streams and buckets where missing; changing one's configuration is admin's alone
     # (probe p1: the sink added a source to the gates bucket and wrote decisions through it)
     "$JS.API.STREAM.CREATE.KV_lg_gates": {"sink", "admin"},

@@ -61,7 +61,10 @@ def auth_config(subjects: Subjects, passwords: dict[str, str], *, apps: dict[str
     passwords = passwords | (apps or {})
     for identity in (*IDENTITIES, *(apps or {})):
         g = grant(subjects, identity)
-        perms: dict[str, object] = {"publish": {"allow": g.publish}, "subscribe": {"allow": g.subscribe}}
+        publish: dict[str, list[str]] = {"allow": g.publish}
+        if g.deny:
+            publish["deny"] = g.deny
+        perms: dict[str, object] = {"publish": publish, "subscribe": {"allow": g.subscribe}}
         if g.responses:
             perms["allow_responses"] = True
         users.append({"user": identity, "password": passwords[identity], "permissions": perms})
