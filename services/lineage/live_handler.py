@@ -116,7 +116,10 @@ class LiveLineage:
             hashes = list(event.artifacts.values())
         if hashes:
             try:
-                found = await ask(self.ctx.bus, "artifact_names", {"hashes": hashes}, into=dict[str, dict[str, str]])
+                # As the export names them: the first registration by the release's tenant, as of the event.
+                whose = {"tenant": event.tenant} if isinstance(event, ReleaseRegistered) else {"release": event.release}
+                found = await ask(self.ctx.bus, "artifact_names", {"hashes": hashes, **whose, "at": event.time},
+                                  into=dict[str, dict[str, str]])
                 names.artifacts.update(found)
             except LockgateError:
                 log.debug("artifact names unavailable; OpenLineage datasets are named by hash")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
 from typing import Any, Literal
@@ -105,13 +106,23 @@ def resolve(store: Store, ref: str) -> tuple[str, str]:
     return hashes[0], (kinds[0] if kinds else matches[0]["kind"])
 
 
+def _intervals(stored: str) -> dict[str, Any]:
+    """A row's `intervals` (JSON text: metric -> {estimate, low, high, confidence, method, n}); {} for a row
+    stored before migration 022, or text that is no such object."""
+    try:
+        found = json.loads(stored) if stored else {}
+    except ValueError:
+        return {}
+    return {k: v for k, v in found.items() if isinstance(v, dict)} if isinstance(found, dict) else {}
+
+
 def outcomes(store: Store, digest: str, at: datetime | None = None, limit: Limit = 200) -> list[dict[str, Any]]:
     """Every eval run that used an artifact version (as suite or dataset input, or through its release), with
-    its metrics and the gate's decision on it, newest first: data versions mapped to outcomes."""
+    its metrics, their intervals and the gate's decision on it, newest first: data versions mapped to outcomes."""
     cond = " AND e.time <= {at:DateTime64(6, 'UTC')}" if at is not None else ""
-    return store.rows(
-        "SELECT e.run_id AS run_id, e.release AS release, e.status AS status, e.metrics AS metrics, e.time AS time, "
-        " d.decision AS decision, d.id AS decision_id "
+    rows = store.rows(
+        "SELECT e.run_id AS run_id, e.release AS release, e.status AS status, e.metrics AS metrics, "
+        " e.intervals AS intervals, e.time AS time, d.decision AS decision, d.id AS decision_id "
         "FROM (SELECT * FROM eval_runs ORDER BY time DESC LIMIT 1 BY run_id) AS e "
         "LEFT JOIN (SELECT eval_run, argMax(decision, time) AS decision, argMax(id, time) AS id FROM gate_decisions "
         "           WHERE eval_run != '' GROUP BY eval_run) AS d ON d.eval_run = e.run_id "
@@ -121,6 +132,7 @@ def outcomes(store: Store, digest: str, at: datetime | None = None, limit: Limit
         f"{cond} ORDER BY e.time DESC LIMIT {{n:UInt32}}",
         {"h": digest, "at": at, "n": max(1, int(limit))},
     )
+    return [{**r, "intervals": _intervals(r["intervals"])} for r in rows]
 
 
 def lineage(store: Store, ref: str, depth: int = 4, at: datetime | None = None) -> dict[str, Any]:

@@ -36,6 +36,22 @@ def post_events(url: str, events: list[dict[str, Any]], timeout_s: float = 10.0)
             raise LineageSendFailed(f"cannot send OpenLineage events to {shown_url(url)}: {getattr(exc, 'reason', exc)}") from None
 
 
+def _bound(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, int | float) else "?"
+
+
+def metric_cells(metrics: dict[str, float], intervals: dict[str, Any]) -> str:
+    """An outcome's metrics with their intervals, `accuracy 0.82 [0.74, 0.88]; latency_ms_p95 120`: a bound the
+    sample could not estimate reads `?`, a metric stored without an interval (before migration 022) its value
+    alone."""
+    cells = []
+    for name, value in sorted(metrics.items()):
+        ci = intervals.get(name)
+        span = f" [{_bound(ci.get('low'))}, {_bound(ci.get('high'))}]" if isinstance(ci, dict) else ""
+        cells.append(f"{name} {value:.4g}{span}")
+    return "; ".join(cells)
+
+
 class _DefaultShow(click.Group):
     """`lockgate lineage REF ...` means `lockgate lineage show REF ...`; `lineage export` is the export."""
 
@@ -76,7 +92,7 @@ def register(cli: click.Group) -> None:
         output(view.get("downstream", []), False, title="downstream (what used it)", empty="no downstream")
         if view.get("outcomes"):
             rows = [{"time": o["time"], "release": o["release"], "run": o["run_id"], "status": o["status"],
-                     "metrics": ", ".join(f"{k}={v:.4g}" for k, v in sorted((o.get("metrics") or {}).items())),
+                     "metrics": metric_cells(o.get("metrics") or {}, o.get("intervals") or {}),
                      "decision": o.get("decision") or "-"} for o in view["outcomes"]]
             output(rows, False, title="eval outcomes that used it (data version -> outcome)")
 

@@ -9,7 +9,7 @@ the decision. lockgate's own facets (`lockgate_eval`, `lockgate_decision`) name 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -30,6 +30,9 @@ QUALITY = f"{FACETS}/1-0-3/DataQualityMetricsInputDatasetFacet.json#/$defs/DataQ
 OUTPUT_STATS = f"{FACETS}/1-0-2/OutputStatisticsOutputDatasetFacet.json#/$defs/OutputStatisticsOutputDatasetFacet"
 ERROR = f"{FACETS}/1-0-1/ErrorMessageRunFacet.json#/$defs/ErrorMessageRunFacet"
 PARENT = f"{FACETS}/1-2-0/ParentRunFacet.json#/$defs/ParentRunFacet"
+
+# Whose registrations name the inputs of an eval run or decision of a release nobody registered (an ad hoc run).
+DEFAULT_TENANT = "default"
 
 # lockgate's own facets, described by JSON Schemas (printed by `lockgate lineage export --facet-schemas`).
 FACET_SCHEMAS: dict[str, dict[str, Any]] = {
@@ -77,25 +80,65 @@ def run_uuid(run_id: str) -> str:
         return str(uuid.uuid5(uuid.NAMESPACE_URL, f"lockgate:run:{run_id}"))
 
 
-def _time(value: Any) -> str:
-    """An RFC 3339 eventTime in UTC (`...Z`), as the spec's `date-time` requires. Rows read from ClickHouse carry
+def _instant(value: Any) -> datetime | None:
+    """A row's time as an aware UTC datetime, or None when it is no time. Rows read from ClickHouse carry
     datetimes, rows the query service sends over NATS carry ISO strings: both are UTC when they name no offset."""
     if isinstance(value, str):
         try:
             value = datetime.fromisoformat(value)
         except ValueError:
-            return value  # not a time at all: shown as it is, so the consumer names what it refused
+            return None
     if isinstance(value, datetime):
-        t = value if value.tzinfo else value.replace(tzinfo=UTC)
-        return t.astimezone(UTC).isoformat().replace("+00:00", "Z")
-    return str(value)
+        return (value if value.tzinfo else value.replace(tzinfo=UTC)).astimezone(UTC)
+    return None
+
+
+def _time(value: Any) -> str:
+    """An RFC 3339 eventTime in UTC (`...Z`), as the spec's `date-time` requires."""
+    t = _instant(value)
+    if t is None:
+        return str(value)  # not a time at all: shown as it is, so the consumer names what it refused
+    return t.isoformat().replace("+00:00", "Z")
+
+
+class NamesAt(Mapping[str, Mapping[str, str]]):
+    """hash -> {kind, name} as one event saw it: each artifact's first registration by the event's tenant, if it
+    was made at or before the event's time. `registrations` is hash -> tenant -> {kind, name, time} of that
+    first registration (the query service's `first_registrations`). A registration made later, or by another
+    tenant, never renames what a past event used: before (probe p29 F1), any registration of the same bytes (the
+    one ClickHouse happened to return) named it, so exports disagreed and anyone could relabel a past input."""
+
+    def __init__(self, registrations: Mapping[str, Mapping[str, Mapping[str, Any]]], tenant: str,
+                 time: Any = None) -> None:
+        self._registrations = registrations
+        self._tenant = tenant
+        self._time = _instant(time) if time is not None else None
+
+    def __getitem__(self, digest: str) -> Mapping[str, str]:
+        first = self._registrations.get(digest, {}).get(self._tenant)
+        if first is None:
+            raise KeyError(digest)
+        made = _instant(first.get("time"))
+        if self._time is not None and (made is None or made > self._time):
+            raise KeyError(digest)
+        return {"kind": str(first.get("kind", "")), "name": str(first.get("name", ""))}
+
+    def __iter__(self) -> Iterator[str]:
+        return (digest for digest in self._registrations if digest in self)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
 
 
 def _artifact_dataset(namespace: str, digest: str, artifacts: Mapping[str, Mapping[str, str]],
                       key: str = "") -> dict[str, Any]:
-    known = artifacts.get(digest, {})
-    kind = known.get("kind") or (key.partition("/")[0] if "/" in key else "artifact")
-    name = known.get("name") or (key.partition("/")[2] if "/" in key else digest)
+    """An artifact version as a dataset: named by the `kind/name` key it was bound by when there is one (what the
+    release used), else by its registration as the event saw it (`NamesAt`), else `artifact/<hash>`."""
+    if "/" in key:
+        kind, _, name = key.partition("/")
+    else:
+        known = artifacts.get(digest) or {}
+        kind, name = known.get("kind") or "artifact", known.get("name") or digest
     return {"namespace": namespace, "name": f"{kind}/{name}",
             "facets": {"version": _facet(VERSION, datasetVersion=digest)}}
 
@@ -116,13 +159,19 @@ def _eval_result(namespace: str, row: Mapping[str, Any], as_input: bool) -> dict
 def eval_event(row: Mapping[str, Any], inputs: list[str], release: Mapping[str, Any] | None,
                artifacts: Mapping[str, Mapping[str, str]], namespace: str) -> dict[str, Any]:
     """The COMPLETE (or FAIL) RunEvent of one eval run: suite, dataset, prompt and model config in."""
-    seen: dict[str, dict[str, Any]] = {}
-    for digest in [row["suite"], *inputs]:
-        if digest and digest not in seen:
-            seen[digest] = _artifact_dataset(namespace, digest, artifacts)
+    # An input the release bound is named by the key it bound it by, whatever else the same bytes were registered
+    # as; the suite and dataset the run read are named by their registration (`artifacts`) unless the release
+    # bound them.
+    bound: dict[str, list[str]] = {}
     for key, digest in sorted((release or {}).get("artifacts", {}).items()):
-        if key.partition("/")[0] in ("prompt", "model_config", "dataset", "tool") and digest not in seen:
-            seen[digest] = _artifact_dataset(namespace, digest, artifacts, key)
+        bound.setdefault(digest, []).append(key)
+    used = [d for d, keys in bound.items()
+            if any(k.partition("/")[0] in ("prompt", "model_config", "dataset", "tool") for k in keys)]
+    seen: dict[str, dict[str, Any]] = {}
+    for digest in dict.fromkeys(d for d in [row["suite"], *inputs, *used] if d):
+        for key in bound.get(digest) or [""]:
+            ds = _artifact_dataset(namespace, digest, artifacts, key)
+            seen.setdefault(ds["name"], ds)
     failed = row.get("status") not in ("completed", "")
     run_facets: dict[str, Any] = {"lockgate_eval": _own(
         "lockgate_eval", runId=row["run_id"], release=row["release"], status=row.get("status", ""),
@@ -238,12 +287,20 @@ def weights(row: Mapping[str, Any]) -> dict[str, float]:
 
 
 def events(export: Mapping[str, Any], namespace: str) -> list[dict[str, Any]]:
-    """Every RunEvent of a `lineage_export` query answer, oldest first."""
-    arts = export.get("artifacts", {})
+    """Every RunEvent of a `lineage_export` query answer, oldest first. An artifact is named as the event saw it:
+    by the registration its release's tenant made first, at or before the event (`NamesAt`)."""
+    regs = export.get("registrations", {})
+    releases = export.get("releases", {})
+
+    def names(release: str, time: Any) -> NamesAt:
+        return NamesAt(regs, (releases.get(release) or {}).get("tenant") or DEFAULT_TENANT, time)
+
     evals = {e["run_id"]: e for e in export.get("evals", [])}
-    out = [eval_event(e, export.get("run_inputs", {}).get(e["run_id"], []),
-                      export.get("releases", {}).get(e["release"]), arts, namespace) for e in evals.values()]
-    out += [decision_event(d, evals.get(d.get("eval_run", "")), arts, namespace) for d in export.get("decisions", [])]
-    out += [release_event(r, arts, namespace) for r in export.get("registered", [])]
+    out = [eval_event(e, export.get("run_inputs", {}).get(e["run_id"], []), releases.get(e["release"]),
+                      names(e["release"], e["time"]), namespace) for e in evals.values()]
+    out += [decision_event(d, evals.get(d.get("eval_run", "")), names(d["release"], d["time"]), namespace)
+            for d in export.get("decisions", [])]
+    out += [release_event(r, NamesAt(regs, r.get("tenant") or DEFAULT_TENANT, r["time"]), namespace)
+            for r in export.get("registered", [])]
     out += [rollout_event(r, namespace) for r in export.get("rollouts", [])]
     return sorted(out, key=lambda ev: ev["eventTime"])

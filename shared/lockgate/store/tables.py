@@ -85,8 +85,8 @@ LINEAGE_EDGES = Table("lineage_edges", LineageEdges, exclude=(*_ROUTING, "id", "
 EVAL_RUNS = Table(
     "eval_runs", EvalCompleted,
     # `binding` is the gate's input (the release as the run started), which a decision row already reflects.
-    exclude=(*_ROUTING, "tenant", "intervals", "baseline_run", "comparisons", "warnings", "artifacts", "ratios",
-             "binding"),
+    # `intervals` are stored (JSON text, migration 022): `lineage DATASET` shows each outcome's (probe p29 F5).
+    exclude=(*_ROUTING, "tenant", "baseline_run", "comparisons", "warnings", "artifacts", "ratios", "binding"),
     rename={"id": "event_id"}, key=("run_id",),  # one row per run, whatever the redeliveries
 )
 
