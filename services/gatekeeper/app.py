@@ -1,5 +1,5 @@
-"""Gatekeeper wiring: durable consumers on `eval.completed`, `gate.review.>` and `audit.>` (the audit
-chainer), and the signing key."""
+"""Gatekeeper wiring: durable consumers on `eval.completed`, `gate.review.>`, `audit.>` (the audit
+chainer) and the artifact lifecycles (sunsets), and the signing key."""
 
 from __future__ import annotations
 
@@ -7,12 +7,14 @@ import logging
 
 from lockgate.bus import consume
 from lockgate.contracts import AuditEntry, DriftReport, EvalCompleted, GateReview
+from lockgate.contracts.provenance import ArtifactLifecycle
 from lockgate.errors import LockgateError
 from lockgate.server.service import Service, ServiceContext
 from lockgate.services.gatekeeper.chain import CHAIN_WAITS, Chainer
 from lockgate.services.gatekeeper.driftgate import DriftGate
 from lockgate.services.gatekeeper.gatesfile import load_gates_file
 from lockgate.services.gatekeeper.handlers import GateHandlers
+from lockgate.services.gatekeeper.sunsets import Sunsets
 from lockgate.signing import ensure_signer_trusted, gatekeeper_signer
 
 log = logging.getLogger("lockgate.gatekeeper")
@@ -46,6 +48,13 @@ class Gatekeeper(Service):
         consume(ctx.bus, self.consumers, subject=s.drift_all, stream="events",
                 durable=s.durable("gatekeeper", "drift"), wire_type=DriftReport, origin="gatekeeper",
                 handler=self.drift.on_drift, batch_size=1, ack_wait_s=ctx.settings.ack_wait_s)
+        # An artifact version's sunset BLOCKs the decisions binding it that admit, when it passes (sunsets.py): each
+        # lifecycle record appended arms the timer of its sunset.
+        self.sunsets = Sunsets(ctx, self.handlers.own, self.handlers.records, self.handlers.publish_key, self.spawn)
+        self.unsunset = ""  # why the sunsets known at start were not all armed or judged (start)
+        consume(ctx.bus, self.consumers, subject=s.lifecycle_any, stream="provenance",
+                durable=s.durable("gatekeeper", "lifecycles"), wire_type=ArtifactLifecycle, origin="gatekeeper",
+                handler=self.sunsets.on_lifecycle, ack_wait_s=ctx.settings.ack_wait_s)
         # The key that signs decisions also signs the audit chain; one entry in flight keeps it in order. An entry is
         # never dead-lettered for retries spent (CHAIN_WAITS): what it is refused for then is the chain's, not its
         # own (this replica's key not trusted, KV or the stream unavailable), and a lettered entry is a row lost for
@@ -78,12 +87,25 @@ class Gatekeeper(Service):
             self.unheld = (f"PASSes decided before the gates file {self.ctx.settings.gates_file} were not all judged "
                            f"against it ({exc.message}): restart the gatekeeper")
             log.error("%s", self.unheld)
+        try:
+            # Sunsets passed while no gatekeeper ran BLOCK now; those ahead are armed.
+            await self.sunsets.start()
+        except LockgateError as exc:
+            self.unsunset = (f"the sunsets of artifact versions were not all read ({exc.message}): a release using "
+                             "one past its sunset may still admit; restart the gatekeeper")
+            log.error("%s", self.unsunset)
+
+    async def stop(self) -> None:
+        """Cancel the sunsets' timers, then the background work."""
+        self.sunsets.close()
+        await super().stop()
 
     def problems(self) -> list[str]:
         """Not ready while its signing key is not trusted (it then decides and chains nothing), or while PASSes the
-        gates file may not allow were not judged against it."""
+        gates file may not allow were not judged against it, or releases using an artifact past its sunset may still
+        admit."""
         problem = self.handlers.own.problem()
-        return [p for p in (problem, self.unheld) if p]
+        return [p for p in (problem, self.unheld, self.unsunset, *self.sunsets.problems()) if p]
 
 
 def create(ctx: ServiceContext) -> Gatekeeper:

@@ -18,7 +18,7 @@ from lockgate.services.gatekeeper.rules import Evidence, evaluate_rule
 __all__ = ["OPS", "Evidence", "Limits", "Outcome", "Pin", "Policy", "Required", "ReviewTrigger", "Rule", "Used",
            "binding_rules", "binds_content", "called_rules", "content_digest", "decide", "decide_eval",
            "decision_id", "evaluate_rule", "judged_artifacts", "legacy_veto_key", "meets", "parse_policy",
-           "reached_by_veto", "release_rules", "required_rules", "served_content", "standing_veto",
+           "past_sunset", "reached_by_veto", "release_rules", "required_rules", "served_content", "standing_veto",
            "under_requirement", "under_veto", "veto_key", "with_rules"]
 
 RELEASE_REGISTERED = "release_registered"
@@ -439,6 +439,22 @@ def under_requirement(current: GateDecided, failed: Sequence[RuleResult]) -> Out
         return None
     return with_rules(Outcome(current.decision, tuple(current.rules), current.reason, current.review_required),
                       failed)
+
+
+def past_sunset(current: GateDecided, lifecycle: Sequence[RuleResult]) -> Outcome | None:
+    """What the release's current decision becomes once an artifact it binds is past its sunset (`lifecycle`: the
+    lifecycle rules of its artifacts now, provenance.lifecycle.gate_rules): a PASS or a NEEDS_REVIEW is a BLOCK
+    carrying them, their remediation (the successor) leading the reason; the lifecycle rules it was decided with
+    (a deprecation's warning) give way to these. None when it stays: nothing it binds is past sunset, or it admits
+    nothing and no approval can make it admit (a BLOCK).
+
+    An eval judged after the sunset is a BLOCK already; this is the same rule for one judged before it. Before, a
+    PASS decided before the sunset kept admitting: `gate verify` said PASS and the router rolled it out (probe p29
+    F4)."""
+    if current.decision not in ("PASS", "NEEDS_REVIEW") or not any(r.verdict == "FAIL" for r in lifecycle):
+        return None
+    kept = tuple(r for r in current.rules if not r.rule.startswith("lifecycle"))
+    return with_rules(Outcome(current.decision, kept, current.reason, current.review_required), lifecycle)
 
 
 def _remedy(what: str, pin: Pin) -> str:

@@ -26,8 +26,12 @@ VETOED_SIBLING = "vetoed"
 # The audit action of a PASS remade as a BLOCK at start, decided under a policy or suite the gates file does not allow
 # (GateHandlers.hold_to_gates_file).
 REQUIRED = "required"
+# The audit action of a PASS or NEEDS_REVIEW remade as a BLOCK when an artifact it binds reached its sunset
+# (sunsets.Sunsets).
+SUNSET = "sunset"
 # The hash-chained audit log's kind of each gate action (approvals and rejections are reviews).
-_KINDS = {"decided": "decision", VETOED_SIBLING: "decision", REQUIRED: "decision", "refused": "refusal",
+_KINDS = {"decided": "decision", VETOED_SIBLING: "decision", REQUIRED: "decision", SUNSET: "decision",
+          "refused": "refusal",
           "override": "override"}
 
 

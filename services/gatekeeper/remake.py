@@ -1,7 +1,8 @@
 """A release's current decision made again by the gatekeeper, when something that binds it changed since it was decided
 (adapter: signs, stores and audits). The veto reach-back remakes the names of a vetoed content under the veto
 (siblings.Siblings); the start of a gatekeeper remakes the PASSes the gates file does not allow as BLOCKs
-(GateHandlers.hold_to_gates_file)."""
+(GateHandlers.hold_to_gates_file); an artifact's sunset remakes the PASSes and NEEDS_REVIEWs binding it as BLOCKs
+(sunsets.Sunsets)."""
 
 from __future__ import annotations
 

@@ -111,7 +111,8 @@ DURABLES: dict[str, dict[str, tuple[str, ...]]] = {
                        "analysis_runs")},
     "lineage": {"events": ("release", "run", "eval", "gate", "rollout", "eval_start")},  # eval_start: live OpenLineage
     "evaluator": {"events": ("requests",), "inference": ("online",)},  # online: sampled live traffic scored
-    "gatekeeper": {"events": ("evals", "reviews", "drift"), "audit": ("audit",)},  # audit: the chainer
+    # audit: the chainer; lifecycles: an artifact's sunset BLOCKs what binds it when it passes
+    "gatekeeper": {"events": ("evals", "reviews", "drift"), "audit": ("audit",), "provenance": ("lifecycles",)},
     "router": {"events": ("gates", "drift")},
     "drift": {"inference": ("inference",), "events": ("rollout", "scores")},  # scores: online eval of live traffic
     "cost": {"inference": ("inference",)},

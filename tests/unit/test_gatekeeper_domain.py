@@ -156,6 +156,31 @@ def test_lifecycle_rules_block_past_sunset_and_only_warn_while_deprecated() -> N
     assert "tool/t is deprecated" in blocked.reason and len(blocked.rules) == 2
 
 
+@pytest.mark.parametrize("was", ["PASS", "NEEDS_REVIEW"])
+def test_a_decision_binding_an_artifact_past_its_sunset_is_remade_a_block_naming_the_successor(was: str) -> None:
+    # Probe p29 F4: a PASS decided before the sunset kept admitting after it.
+    from lockgate.contracts import GateDecided, RuleResult
+
+    def rule(verdict: str, hint: str, key: str = "model_config/m") -> RuleResult:
+        return RuleResult(rule=f"lifecycle {key}", metric="sunset", op="not past", threshold=0.0,
+                          observed=1.0 if verdict == "FAIL" else 0.0, verdict=verdict, hint=hint)
+
+    acc = RuleResult(rule="acc", metric="exact_match", op=">=", threshold=0.8, observed=1.0, verdict="PASS")
+    current = GateDecided(release="r1", decision=was, reason="all rules passed", review_required="",
+                          rules=[acc, rule("PASS", "model_config/m is deprecated (sunset 2026-12-06T22:30:00Z)")])
+    past = [rule("FAIL", "model_config/m was sunset on 2026-12-06T22:30:00Z; use its successor sha256:b")]
+    out = domain.past_sunset(current, past)
+    assert out is not None and out.decision == "BLOCK"
+    # The deprecation's warning gives way to the sunset's rule; the eval's rules stay.
+    assert [(r.rule, r.verdict) for r in out.rules] == [("acc", "PASS"), ("lifecycle model_config/m", "FAIL")]
+    assert out.reason == ("model_config/m was sunset on 2026-12-06T22:30:00Z; use its successor sha256:b; "
+                          "all rules passed")
+    # Nothing past its sunset (a deprecation only warns), or a BLOCK already: it stays as it is.
+    assert domain.past_sunset(current, [rule("PASS", "deprecated")]) is None
+    assert domain.past_sunset(current, []) is None
+    assert domain.past_sunset(GateDecided(release="r1", decision="BLOCK", rules=[]), past) is None
+
+
 def test_a_release_that_is_not_registered_is_blocked_whatever_its_eval_says() -> None:
     # Before: a PASS for a name nobody had registered covered whatever was registered under it later.
     from lockgate.services.gatekeeper.domain import Outcome, release_rules, with_rules

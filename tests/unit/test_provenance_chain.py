@@ -3,7 +3,7 @@ reader skips (messages no trusted person signed, copies, another history's) with
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 
 import msgspec
 import pytest
@@ -120,6 +120,16 @@ def test_sunset_refuses_and_deprecation_warns() -> None:
     refused = lifecycle.refusal(findings, "r1")
     assert refused is not None and "use its successor sha256:b" in refused.message
     assert lifecycle.refusal(findings[:1], "r1") is None
+
+
+def test_a_lifecycle_message_says_the_sunset_time_in_utc_not_the_date_alone() -> None:
+    # Probe p29 F4: "is deprecated (sunset 2026-12-06)" read as past for a sunset later that day.
+    later = datetime(2026, 12, 6, 23, 30, tzinfo=timezone(timedelta(hours=1)))
+    record = ArtifactLifecycle(hash="sha256:a", successor="sha256:b", sunset=later, seq=1)
+    (soon,) = lifecycle.assess({"prompt/p": "sha256:a"}, {"sha256:a": record}, datetime(2026, 12, 6, 12, tzinfo=UTC))
+    assert soon.message() == "prompt/p sha256:a is deprecated (sunset 2026-12-06T22:30:00Z); use its successor sha256:b"
+    (past,) = lifecycle.assess({"prompt/p": "sha256:a"}, {"sha256:a": record}, datetime(2026, 12, 7, tzinfo=UTC))
+    assert past.message() == "prompt/p sha256:a was sunset on 2026-12-06T22:30:00Z; use its successor sha256:b"
 
 
 def test_dsse_pre_authentication_encoding_matches_the_spec() -> None:

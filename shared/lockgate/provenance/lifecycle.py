@@ -37,11 +37,21 @@ class Finding:
     def message(self) -> str:
         """One line naming the artifact, its sunset and its successor (the remediation)."""
         r = self.record
-        when = r.sunset.date().isoformat() if r.sunset else "no sunset date"
+        when = utc_iso(r.sunset) if r.sunset else "no sunset date"
         state = f"was sunset on {when}" if self.sunset_passed else f"is deprecated (sunset {when})"
         fix = f"; use its successor {r.successor}" if r.successor else ""
         why = f" ({r.reason})" if r.reason else ""
         return f"{self.key} {self.hash[:19]} {state}{why}{fix}"
+
+
+def utc(when: datetime) -> datetime:
+    """`when` as an aware UTC time (a naive one is taken as UTC, as the CLI reads `--sunset`)."""
+    return when.astimezone(UTC) if when.tzinfo else when.replace(tzinfo=UTC)
+
+
+def utc_iso(when: datetime) -> str:
+    """`when` as ISO 8601 in UTC with a `Z`: the time, not the date alone (a sunset later the same day read as past)."""
+    return utc(when).isoformat().replace("+00:00", "Z")
 
 
 def assess(release_artifacts: Mapping[str, str], records: Mapping[str, ArtifactLifecycle],
@@ -51,7 +61,7 @@ def assess(release_artifacts: Mapping[str, str], records: Mapping[str, ArtifactL
     for key, digest in sorted(release_artifacts.items()):
         record = records.get(digest)
         if record is not None:
-            out.append(Finding(key, digest, bool(record.sunset and record.sunset <= now), record))
+            out.append(Finding(key, digest, bool(record.sunset and utc(record.sunset) <= now), record))
     return out
 
 

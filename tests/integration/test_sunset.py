@@ -1,0 +1,186 @@
+"""An artifact version's sunset on a real, authenticated embedded stack: once it passes, a release using it that the gate
+PASSed before is a signed BLOCK (rule `lifecycle kind/name`, naming the successor), `gate verify` says so, the router
+rolls a deployment serving it back and admits it nowhere new. A gatekeeper that was not running when the sunset passed
+does the same at its start.
+
+Found by probe p29 (F4): the sunset was judged only when a new eval was decided (and by `alias set`). A PASS decided
+before it kept admitting: `gate verify` exit 0, `rollout start NEWDEP --stable REL` admitted it, and the router kept
+serving it.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lockgate import artifacts
+from lockgate.cli.gate import current_decision
+from lockgate.codec import Codec
+from lockgate.config import Settings
+from lockgate.contracts import GateDecided
+from lockgate.server.apikeys import bootstrap
+from lockgate.server.runtime import Runtime
+from lockgate.services.gatekeeper import domain
+from lockgate.signing import Keyring
+from lockgate_dev.sim import ModelSpec, SimConfig, SimServer
+from tests.helpers import eventually, person, register_model_release, run_cli
+from tests.integration.test_required_gates import FIXTURES, answers, rollout
+
+pytestmark = pytest.mark.timeout(150)
+LENIENT = {"name": "lenient", "use_interval": False,
+           "rules": [{"name": "latency", "metric": "latency_p95_ms", "op": "<=", "threshold": 2000}]}
+_decided: Codec[GateDecided] = Codec(GateDecided)
+
+
+def policy_file(tmp_path: Path) -> str:
+    path = tmp_path / "lenient.yaml"
+    path.write_text(yaml.safe_dump(LENIENT))
+    return str(path)
+
+
+async def passed(runtime: Runtime, policy: str, *releases: str) -> None:
+    """Each release evaluated on the fixture suite and PASSed by the gatekeeper, as an operator runs it."""
+    for release in releases:
+        ran = await run_cli(runtime, "--role", "operator", "eval", "run", str(FIXTURES / "suites" / "qa.yaml"),
+                            "--candidate", release, "--policy", policy, "--timeout", "60")
+        assert ran.exit_code == 0, ran.output
+
+
+async def refused_everywhere(runtime: Runtime, release: str, block: GateDecided) -> None:
+    """`gate verify` says BLOCK (exit 5), and the router admits the release as no new deployment's release."""
+    verified = await run_cli(runtime, "gate", "verify", release)
+    assert verified.exit_code == 5 and f"({release}: BLOCK, decided " in verified.output, verified.output
+    router = runtime.services["router"]
+    refused = await run_cli(runtime, "rollout", "--router", router.url, "--api-key",
+                            bootstrap(runtime.settings.home).admin_key, "start", "web", "--stable", release)
+    assert refused.exit_code == 4 and "409" in refused.output and "BLOCK" in refused.output, refused.output
+    assert block.id in refused.output, refused.output
+
+
+def zulu(when: datetime) -> str:
+    """A UTC time as the lifecycle messages say it: ISO 8601 with a Z."""
+    return when.isoformat().replace("+00:00", "Z")
+
+
+def lifecycle_rule(block: GateDecided) -> list[tuple[str, str]]:
+    return [(r.rule, r.verdict) for r in block.rules if r.rule.startswith("lifecycle")]
+
+
+async def test_a_pass_decided_before_its_model_configs_sunset_is_a_block_once_the_sunset_passes(
+    settings: Settings, tmp_path: Path
+) -> None:
+    policy = policy_file(tmp_path)
+    async with SimServer(SimConfig(models={"good": ModelSpec(answers=answers(), latency_ms=2)})) as sim:
+        base = settings.replace(nats_url="nats://127.0.0.1:0", stable_upstream=sim.url, deployment="chat")
+        person(base, "ann", "operator")
+        runtime = Runtime(base, services=["sink", "query", "evaluator", "gatekeeper", "router"])
+        await runtime.start()
+        try:
+            bus, keyring = runtime.ctx.bus, Keyring.from_settings(runtime.settings)
+            await artifacts.register_file(bus, "dataset", FIXTURES / "suites" / "qa.jsonl")
+            successor = (await register_model_release(bus, "r-base", "good", temperature=0))["model_config/r-base-config"]
+            config = (await register_model_release(bus, "r-old", "good"))["model_config/r-old-config"]
+            await passed(runtime, policy, "r-base", "r-old")
+            before = await current_decision(bus, "r-old")
+            assert before.decision == "PASS"
+            # r-old serves deployment chat, promoted over r-base (its known-good release).
+            router = runtime.services["router"]
+            assert (await rollout(router, {"stable_release": "r-base"}))[0] == 200
+            assert (await rollout(router, {"stable_release": "r-base", "canary_release": "r-old"}))[0] == 200
+            status, promoted = await rollout(router, None, "/promote")
+            assert (status, promoted["stable"]["release"]) == (200, "r-old"), promoted
+
+            announced = await bus.nc.subscribe(bus.subjects.gate_decided("r-old"))
+            sunset = datetime.now(UTC) + timedelta(seconds=4)
+            deprecated = await run_cli(runtime, "--as", "ann", "artifact", "deprecate", config, "--successor",
+                                       successor, "--sunset", sunset.isoformat(), "--reason", "retired")
+            assert deprecated.exit_code == 0, deprecated.output
+
+            # The gatekeeper's timer for the sunset: the next decision announced for r-old is its BLOCK.
+            block = _decided.decode((await announced.next_msg(timeout=30)).data)
+            assert block.decision == "BLOCK" and keyring.verify(block) == block.key_id
+            assert block.time >= sunset  # made when the sunset passed, not when the record was read
+            assert await current_decision(bus, "r-old") == block
+            assert (block.eval_run, block.policy, block.reviewed_by) == (before.eval_run, before.policy, "")
+            assert lifecycle_rule(block) == [("lifecycle model_config/r-old-config", "FAIL")]
+            assert block.reason.startswith(
+                f"model_config/r-old-config {config[:19]} was sunset on {zulu(sunset)} (retired); use its "
+                f"successor {successor}; "), block.reason
+            assert block.id == domain.decision_id(
+                before.id, f"{runtime.services['gatekeeper'].handlers.records.salt}:sunset:r-old")
+
+            await refused_everywhere(runtime, "r-old", block)
+            # The deployment serving it goes back to its known-good release, as for any BLOCK of a serving release.
+            await router.rollouts.wait_for(lambda routes: routes["chat"].stable.release == "r-base", timeout=20)
+            assert router.rollouts.route("chat").decision_id == block.id
+            # The release of the successor keeps its PASS; the remade BLOCK is audited as `sunset`.
+            assert (await current_decision(bus, "r-base")).decision == "PASS"
+            sink = runtime.services["sink"].handlers
+            await eventually(lambda: runtime.ctx.store.scalar(
+                "SELECT count() FROM gate_decisions WHERE id = {id:String} AND action = 'sunset'",
+                {"id": block.id}) == 1, [sink.progress("gate_decisions")], what="the remade BLOCK audited")
+        finally:
+            await runtime.stop()
+
+
+async def test_a_gatekeeper_started_after_a_sunset_passed_blocks_the_pass_at_its_start(
+    settings: Settings, tmp_path: Path
+) -> None:
+    policy = policy_file(tmp_path)
+    async with SimServer(SimConfig(models={"good": ModelSpec(answers=answers(), latency_ms=2)})) as sim:
+        base = settings.replace(nats_url="nats://127.0.0.1:0", stable_upstream=sim.url, deployment="chat")
+        person(base, "ann", "operator")
+        first = Runtime(base, services=["sink", "query", "evaluator", "gatekeeper"])
+        await first.start()
+        try:
+            bus = first.ctx.bus
+            await artifacts.register_file(bus, "dataset", FIXTURES / "suites" / "qa.jsonl")
+            successor = (await register_model_release(bus, "r-next", "good", temperature=0))["model_config/r-next-config"]
+            config = (await register_model_release(bus, "r-old", "good"))["model_config/r-old-config"]
+            await passed(first, policy, "r-old")
+            before = await current_decision(bus, "r-old")
+            assert before.decision == "PASS"
+        finally:
+            await first.stop()
+
+        # No gatekeeper runs when the sunset is recorded and passes.
+        down = Runtime(base, services=["sink"])
+        await down.start()
+        try:
+            sunset = datetime.now(UTC) - timedelta(minutes=1)
+            deprecated = await run_cli(down, "--as", "ann", "artifact", "deprecate", config, "--successor", successor,
+                                       "--sunset", sunset.isoformat(), "--reason", "retired")
+            assert deprecated.exit_code == 0, deprecated.output
+            # The gatekeeper that read the record stopped before its sunset: its timer went with it, and its
+            # consumer of the lifecycle records holds nothing more (the admin acks the record in its place).
+            bus, s = down.ctx.bus, down.ctx.bus.subjects
+            pull = await bus.js.pull_subscribe_bind(durable=s.durable("gatekeeper", "lifecycles"),
+                                                    stream=s.streams["provenance"].name)
+            (msg,) = await pull.fetch(1, timeout=5)
+            assert msg.subject == s.lifecycle(config)
+            await msg.ack_sync()
+        finally:
+            await down.stop()
+
+        after = Runtime(base, services=["sink", "query", "gatekeeper", "router"])
+        await after.start()
+        try:
+            bus, keyring = after.ctx.bus, Keyring.from_settings(after.settings)
+            block = await current_decision(bus, "r-old")  # judged before the start returned
+            assert block.decision == "BLOCK" and keyring.verify(block) == block.key_id
+            assert lifecycle_rule(block) == [("lifecycle model_config/r-old-config", "FAIL")]
+            assert block.reason.startswith(
+                f"model_config/r-old-config {config[:19]} was sunset on {zulu(sunset)} (retired); use its "
+                f"successor {successor}; "), block.reason
+            gatekeeper = after.services["gatekeeper"]
+            assert block.id == domain.decision_id(before.id, f"{gatekeeper.handlers.records.salt}:sunset:r-old")
+            assert gatekeeper.problems() == []
+            await refused_everywhere(after, "r-old", block)
+            # A second start (or a replica's) finds the BLOCK and remakes nothing.
+            assert await gatekeeper.sunsets.start() == 0
+            assert await current_decision(bus, "r-old") == block
+        finally:
+            await after.stop()
