@@ -233,6 +233,9 @@ class Execution:
         # Whether `model` and `endpoint` were called ("call") or only name the run ("recorded": it scored
         # served events): the gate checks a called model against the release's model config.
         outcome.environment["task"] = suite.task.type
+        if loaded.target is not None and loaded.target.member:
+            # A release naming a group is asked at the member the router serves it from: the run says which.
+            outcome.environment["endpoint_member"] = loaded.target.member
         outcome.environment["prompt"] = loaded.prompt
         # The result names the release's whole binding (the content its decision covers, which the gate requires
         # it to name); what of it the run did not read is said, so nobody takes it for judged.

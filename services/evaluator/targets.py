@@ -7,6 +7,9 @@ not list. A listed endpoint whose credential is missing is a ConfigError naming 
 An endpoint of either provider is called in its own API (runner.complete): an `anthropic` one through the
 router's translation, so what the gate judges is what the router serves.
 A release that carries a model config is evaluated as it ships (`evaluated`), whatever the run names.
+A release whose model config names a group of endpoints is evaluated at the member the router serves it from
+(lockgate.endpoints.first_choice: by price the cheapest); the run's environment names the group as
+`endpoint` (what ships, which the gate checks) and the member as `endpoint_member`.
 """
 
 from __future__ import annotations

@@ -36,13 +36,14 @@ replica measured, members not yet measured first so that each gets measured; `ex
 requests go to another member so the figures stay current), and the other members are its
 fallbacks, in that order.
 
+The file is read, and its groups checked, by lockgate.endpoints, the reading the evaluator's allow-list
+shares: a group is allowed when each of its members is, so a release naming one is gated as it is served.
+
 Without a file, two endpoints come from settings: `default` (stable_upstream) and `canary`
 (canary_upstream), with no credential: the development setup with the simulator.
 """
 
 from __future__ import annotations
-
-from typing import Annotated, Literal
 
 import msgspec
 from yarl import URL
@@ -50,7 +51,7 @@ from yarl import URL
 from lockgate import endpoints as allowlist
 from lockgate.config import Settings
 from lockgate.contracts.names import Name
-from lockgate.endpoints import EndpointId, UnknownEndpoint
+from lockgate.endpoints import EndpointId, GroupSpec, UnknownEndpoint
 from lockgate.errors import ConfigError
 from lockgate.pricebook import ModelPrice
 from lockgate.services.router.resilience import BreakerSpec, RetrySpec, Timeouts
@@ -59,27 +60,18 @@ __all__ = ["Endpoint", "EndpointSpec", "Endpoints", "GroupSpec", "UnknownEndpoin
 
 
 class EndpointSpec(allowlist.EndpointSpec, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """One endpoint as configured: the shared fields (url, credential, provider) and the router's own."""
+    """One endpoint as configured: the shared fields (url, credential, provider, price) and the router's own."""
 
     timeouts: Timeouts = Timeouts()
     retry: RetrySpec = RetrySpec()
     breaker: BreakerSpec = BreakerSpec()
     fallback: EndpointId | None = None  # the endpoint tried when this one fails (an id, never a URL)
-    price: ModelPrice | None = None  # what this endpoint charges, for groups that choose by price
 
 
-class GroupSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """Endpoints serving the same model: each request goes to the best by `choose`; the rest are its fallbacks."""
-
-    endpoints: Annotated[list[EndpointId], msgspec.Meta(min_length=2)]
-    choose: Literal["price", "latency"] = "price"
-    explore: Annotated[float, msgspec.Meta(ge=0, le=0.5)] = 0.05  # by latency: share sent to the runner-up
-
-
-class _File(msgspec.Struct, forbid_unknown_fields=True):
+class _File(allowlist.EndpointsFile, forbid_unknown_fields=True):
+    # The shared reading (endpoints and groups, the groups checked there) with the router's fields and section.
     endpoints: dict[EndpointId, EndpointSpec]
     models: dict[str, Name] = {}  # model name -> deployment
-    groups: dict[EndpointId, GroupSpec] = {}
 
 
 class Endpoint(msgspec.Struct, frozen=True, kw_only=True):
@@ -111,14 +103,11 @@ class Endpoints:
     """The allow-list, loaded once at start."""
 
     def __init__(self, settings: Settings) -> None:
-        specs: dict[str, EndpointSpec]
-        self.models: dict[str, str] = {}  # model name -> deployment (the file's `models:`)
-        self.groups: dict[str, GroupSpec] = {}
-        if settings.endpoints_file:
-            file = allowlist.read_file(settings, _File)
-            specs, self.models, self.groups = file.endpoints, file.models, file.groups
-        else:
-            specs = {k: EndpointSpec(url=v.url) for k, v in allowlist.dev_endpoints(settings).items()}
+        file = allowlist.read(settings, _File)
+        specs: dict[str, EndpointSpec] = {k: v if isinstance(v, EndpointSpec) else EndpointSpec(url=v.url)
+                                          for k, v in file.endpoints.items()}
+        self.models: dict[str, str] = file.models if isinstance(file, _File) else {}  # model name -> deployment
+        self.groups: dict[str, GroupSpec] = file.groups
         secrets = allowlist.read_secrets(settings)
         self.by_id: dict[str, Endpoint] = {}
         for eid, spec in specs.items():
@@ -132,18 +121,13 @@ class Endpoints:
                                        timeouts=spec.timeouts, retry=spec.retry, breaker=spec.breaker,
                                        fallback=spec.fallback, price=spec.price)
         self.fallbacks = {eid: e.fallback for eid, e in self.by_id.items()}
-        for gid, group in self.groups.items():
-            if gid in specs:
-                raise ConfigError(f"group {gid!r} has the id of an endpoint: a release could not tell which it names")
-            unknown = [m for m in group.endpoints if m not in specs]
-            if unknown:
-                raise ConfigError(f"group {gid!r} names endpoints that are not configured: {', '.join(unknown)} "
-                                  f"(allowed: {', '.join(sorted(specs))})")
 
     def get(self, endpoint_id: str) -> Endpoint:
-        """The endpoint with this id (a group's first member), or UnknownEndpoint naming the allowed ones."""
+        """The endpoint with this id (a group's first choice, the member the evaluator evaluates), or
+        UnknownEndpoint naming the allowed ones."""
         group = self.groups.get(endpoint_id)
-        found = self.by_id.get(group.endpoints[0] if group is not None else endpoint_id)
+        found = self.by_id.get(allowlist.first_choice(group, {k: e.price for k, e in self.by_id.items()})
+                               if group is not None else endpoint_id)
         if found is None:
             raise UnknownEndpoint(f"endpoint {endpoint_id!r} is not configured (allowed: "
                                   f"{', '.join(sorted([*self.by_id, *self.groups])) or 'none'})")

@@ -14,6 +14,7 @@ from typing import Annotated, Literal
 
 import msgspec
 
+from lockgate.endpoints import by_price
 from lockgate.retry import RetryPolicy
 
 Pos = Annotated[float, msgspec.Meta(gt=0)]
@@ -261,8 +262,8 @@ def rank(members: Sequence[str], choose: str, prices: Mapping[str, float | None]
     not measured yet first (so each gets measured), then the fastest measured first byte. Ties keep
     the configured order. By latency, when `draw` < `explore` the runner-up goes first, so its figure
     stays current (prices are declared, not measured: nothing to explore)."""
-    if choose == "price":
-        return sorted(members, key=lambda m: (prices.get(m) is None, prices.get(m) or 0.0))
+    if choose == "price":  # the evaluator's allow-list ranks so too: the member it evaluates is the one served
+        return by_price(members, prices)
     order = sorted(members, key=lambda m: (latencies.get(m) is not None, latencies.get(m) or 0.0))
     if draw < explore and len(order) > 1:
         order[0], order[1] = order[1], order[0]

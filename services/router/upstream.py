@@ -22,6 +22,7 @@ import aiohttp
 import msgspec
 from yarl import URL
 
+from lockgate.endpoints import blended
 from lockgate.errors import LockgateError
 from lockgate.redact import MARK, MIN_SECRET, scrub_bytes, scrub_json, scrub_secrets
 from lockgate.services.router import h1, resilience
@@ -357,7 +358,7 @@ class Upstream:
         group = endpoints.groups.get(endpoint_id)
         if group is None:
             return [endpoint_id]
-        prices = {m: _blended(endpoints.by_id[m]) for m in group.endpoints}
+        prices = {m: blended(endpoints.by_id[m].price) for m in group.endpoints}
         latencies = {m: h.latency_s if (h := self._health.get(m)) is not None else None for m in group.endpoints}
         ranked = resilience.rank(group.endpoints, group.choose, prices, latencies, group.explore, self.draw())
         now = self.clock()
@@ -595,11 +596,6 @@ def _charset(headers: Mapping[str, str]) -> str:
                 if key.strip().lower() == "charset":
                     return val.strip().strip('"')
     return ""
-
-
-def _blended(endpoint: Endpoint) -> float | None:
-    """An endpoint's price per million input plus output tokens (None when it declares none)."""
-    return None if endpoint.price is None else endpoint.price.input_per_mtok + endpoint.price.output_per_mtok
 
 
 _MARK = MARK.encode()

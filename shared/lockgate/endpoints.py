@@ -1,7 +1,9 @@
 """The operator's endpoint allow-list and the credential lockgate holds for each endpoint.
 
-One loader for every service that calls a provider: the router (which adds its own resilience, groups and
-model map on top, services/router/endpoints.py) and the evaluator (its online judge and offline eval runs).
+One loader for every service that calls a provider: the router (which adds its own resilience fields and model
+map on top, services/router/endpoints.py) and the evaluator (its online judge and offline eval runs). Both read
+the endpoints and the groups of one file through this module, so what a release may name is the same for the
+router that serves it and the evaluator that gates it.
 An endpoint is named by id; its provider key is looked up by name in the environment, then in the secrets
 file (settings.secrets_file, a YAML mapping NAME: secret), and sent only to that endpoint: as `x-api-key`
 to an Anthropic endpoint, else as `Authorization: Bearer`. A named credential that is found nowhere is a
@@ -12,6 +14,15 @@ in a repr, a message, a log line or an event.
     endpoints:
       openai-prod: {url: https://api.openai.com/v1, credential: OPENAI_API_KEY}
       judge: {url: https://judge.example/v1, credential: JUDGE_KEY}
+      openai-backup: {url: https://backup.example/v1, credential: BACKUP_KEY, price: {input_per_mtok: 0.1, output_per_mtok: 0.4}}
+    groups:             # endpoints serving the same model: a release may name one instead of an endpoint
+      gpt-4o-any: {endpoints: [openai-prod, openai-backup], choose: price}
+
+A group is allowed when each of its members is (a group whose members are not all listed, or whose id is an
+endpoint's, is a ConfigError of the file). A release naming a group is served by the member the router ranks
+first (`first_choice`): by price, the cheapest (declared prices, so every replica picks the same one); by
+latency, the one measured fastest, and before any measurement the first listed. The evaluator evaluates that
+same member, with its URL and credential, so the gate judges what the router will serve.
 
 Without a file, two endpoints come from settings: `default` (stable_upstream) and `canary`
 (canary_upstream), with no credential: the development setup with the simulator.
@@ -20,6 +31,7 @@ Without a file, two endpoints come from settings: `default` (stable_upstream) an
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -27,6 +39,7 @@ import msgspec
 from lockgate.config import Settings
 from lockgate.documents import load_yaml
 from lockgate.errors import ConfigError, LockgateError
+from lockgate.pricebook import ModelPrice
 
 EndpointId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
 Url = Annotated[str, msgspec.Meta(pattern="^https?://")]
@@ -47,18 +60,62 @@ class EndpointSpec(msgspec.Struct, frozen=True, kw_only=True):
     # `OpenAI-Project`). The operator's to choose, never a client's: lockgate does not forward a client's.
     organization: str = ""
     project: str = ""
+    price: ModelPrice | None = None  # what this endpoint charges, for groups that choose by price
 
 
-class _File(msgspec.Struct):
-    # The shared view: the router's sections (models, groups) and fields are its own to check.
+class GroupSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Endpoints serving the same model: each request goes to the best by `choose`; the rest are its fallbacks."""
+
+    endpoints: Annotated[list[EndpointId], msgspec.Meta(min_length=2)]
+    choose: Literal["price", "latency"] = "price"
+    explore: Annotated[float, msgspec.Meta(ge=0, le=0.5)] = 0.05  # by latency: share sent to the runner-up
+
+
+class EndpointsFile(msgspec.Struct):
+    """The shared view of the endpoints file: the router's own section (models) and fields are its to check
+    (its reading extends this one)."""
+
     endpoints: dict[EndpointId, EndpointSpec]
+    groups: dict[EndpointId, GroupSpec] = {}
+
+
+def blended(price: ModelPrice | None) -> float | None:
+    """A price per million input plus output tokens (None when the endpoint declares none)."""
+    return None if price is None else price.input_per_mtok + price.output_per_mtok
+
+
+def by_price(members: Sequence[str], prices: Mapping[str, float | None]) -> list[str]:
+    """A group's members cheapest first, unpriced last; ties keep the configured order."""
+    return sorted(members, key=lambda m: (prices.get(m) is None, prices.get(m) or 0.0))
+
+
+def first_choice(group: GroupSpec, prices: Mapping[str, ModelPrice | None]) -> str:
+    """The member the router sends a group's request to when nothing is measured or throttled yet (`prices`: each
+    member's declared price): by price the cheapest (declared, so every replica's choice for every request), by
+    latency the first listed."""
+    if group.choose == "price":
+        return by_price(group.endpoints, {m: blended(prices.get(m)) for m in group.endpoints})[0]
+    return group.endpoints[0]
+
+
+def check_groups(specs: dict[str, Any], groups: dict[str, GroupSpec]) -> None:
+    """ConfigError when a group has an endpoint's id or names an endpoint that is not configured: a group is
+    allowed only as far as each of its members is."""
+    for gid, group in groups.items():
+        if gid in specs:
+            raise ConfigError(f"group {gid!r} has the id of an endpoint: a release could not tell which it names")
+        unknown = [m for m in group.endpoints if m not in specs]
+        if unknown:
+            raise ConfigError(f"group {gid!r} names endpoints that are not configured: {', '.join(unknown)} "
+                              f"(allowed: {', '.join(sorted(specs))})")
 
 
 class Access(msgspec.Struct, frozen=True, kw_only=True):
     """One allow-listed endpoint resolved: its base URL and the headers that carry its credential."""
 
-    id: str
+    id: str  # the id named (a group's, when one was named)
     base: str  # the configured base URL without a trailing slash: each operation appends its path
+    member: str = ""  # when `id` is a group's: the member endpoint whose URL and credential these are
     provider: str = "openai"
     authorization: str | None = None  # "Bearer <key>"; never logged, never in events
     headers: dict[str, str] = {}  # the credential as this provider expects it; never logged
@@ -107,19 +164,43 @@ def resolve(endpoint_id: str, spec: EndpointSpec, secrets: dict[str, str]) -> Ac
                   headers={**auth_headers(spec.provider, secret), **scope})
 
 
+def read(settings: Settings, file_type: type[EndpointsFile] = EndpointsFile) -> EndpointsFile:
+    """The endpoints file as `file_type` (this view or the router's), its groups checked (ConfigError); without a
+    file, the development endpoints and no group."""
+    if not settings.endpoints_file:
+        return EndpointsFile(endpoints=dev_endpoints(settings))
+    file = read_file(settings, file_type)
+    check_groups(file.endpoints, file.groups)
+    return file
+
+
 class AllowList:
-    """The allow-list as read now: endpoint ids and, on demand, each one's URL and credential."""
+    """The allow-list as read now: endpoint and group ids and, on demand, each one's URL and credential."""
 
     def __init__(self, settings: Settings) -> None:
-        self.specs: dict[str, EndpointSpec] = (read_file(settings, _File).endpoints if settings.endpoints_file
-                                               else dev_endpoints(settings))
+        file = read(settings)
+        self.specs: dict[str, EndpointSpec] = file.endpoints
+        self.groups: dict[str, GroupSpec] = file.groups
         self._settings = settings
 
+    def spec(self, endpoint_id: str) -> tuple[str, EndpointSpec] | None:
+        """The endpoint an id stands for, with its id: itself, or a group's first choice (None: not listed)."""
+        group = self.groups.get(endpoint_id)
+        eid = first_choice(group, {k: s.price for k, s in self.specs.items()}) if group is not None else endpoint_id
+        spec = self.specs.get(eid)
+        return None if spec is None else (eid, spec)
+
     def access(self, endpoint_id: str, what: str = "endpoint") -> Access:
-        """The endpoint's URL and credential: UnknownEndpoint naming the allowed ids (and the endpoint as
-        `what`), or ConfigError when its credential is missing. Only this endpoint's credential is looked up."""
-        spec = self.specs.get(endpoint_id)
-        if spec is None:
+        """The endpoint's URL and credential (a group's: its first choice's, `member` naming it): UnknownEndpoint
+        naming the allowed ids (and the endpoint as `what`), or ConfigError when its credential is missing. Only
+        this endpoint's credential is looked up."""
+        found = self.spec(endpoint_id)
+        if found is None:
             raise UnknownEndpoint(f"{what} {endpoint_id!r} is not in the endpoint allow-list "
-                                  f"({', '.join(sorted(self.specs)) or 'none'})")
-        return resolve(endpoint_id, spec, read_secrets(self._settings))
+                                  f"({', '.join(sorted([*self.specs, *self.groups])) or 'none'})")
+        eid, spec = found
+        access = resolve(eid, spec, read_secrets(self._settings))
+        if eid == endpoint_id:
+            return access
+        return Access(id=endpoint_id, base=access.base, provider=access.provider, member=eid,
+                      authorization=access.authorization, headers=access.headers)

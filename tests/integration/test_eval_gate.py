@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import openai
 import pytest
 from aiohttp import web
 from click.testing import CliRunner, Result
@@ -24,6 +25,7 @@ from lockgate.config import Settings
 from lockgate.contracts import DeadLetter, EvalCompleted, EvalRequested, GateDecided, LineageRun
 from lockgate.evalruns import binding_of
 from lockgate.ids import uuid7
+from lockgate.server.apikeys import bootstrap
 from lockgate.services.query.decisions import decisions, latest_decision
 from lockgate.services.query.evals import eval_cases, eval_runs
 from lockgate.signing import (
@@ -37,7 +39,15 @@ from lockgate.signing import (
 from lockgate.store import Store
 from lockgate.subjects import token
 from lockgate_dev.sim import ModelSpec, SimConfig, SimServer
-from tests.helpers import admin_headers, eventually, register_model_release, sink_stored, store_pass
+from tests.helpers import (
+    admin_headers,
+    eventually,
+    register_model_release,
+    served_events,
+    sink_stored,
+    store_pass,
+)
+from tests.integration.test_rollout_operate import _cli
 
 pytestmark = pytest.mark.timeout(90)
 FIXTURES = Path(__file__).parent.parent / "fixtures"
@@ -209,6 +219,54 @@ async def test_a_release_served_by_an_anthropic_endpoint_is_evaluated_through_th
     assert (done.status, done.n_errors, done.metrics["exact_match"]) == ("completed", 0, 1.0), done.error
     assert done.metrics["n"] == 20 and done.environment["endpoint"] == "claude"
     assert (decision.release, decision.decision, decision.eval_run) == ("v-claude", "PASS", req.run_id)
+
+
+async def test_a_release_naming_a_price_group_is_evaluated_at_the_member_served_rolled_out_and_served_by_it(
+    bus: Bus, context: Any, run_services: Callable[..., Any], subscribe: Callable[[str], Any],
+    tmp_path: Path
+) -> None:
+    # Before (probe p31 F3): the evaluator's allow-list read only `endpoints:`, so `eval run` of a release whose
+    # model config names a group failed ("endpoint 'grp' is not in the endpoint allow-list"), the gate BLOCKed it
+    # and `rollout start` refused it: cost-aware routing served only the ungoverned passthrough.
+    ensure_signer_trusted(context.settings)
+    await register_qa(bus)
+    keys = bootstrap(context.settings.home, tenant="acme", app="shop")
+    evals = await subscribe(bus.subjects.eval_completed)
+    served = await subscribe(bus.subjects.served("shop", "acme"))
+    async with SimServer(good_and_bad()) as dear, SimServer(good_and_bad()) as cheap:
+        # `dear` is listed first: only the prices make `cheap` the member that serves (and is evaluated).
+        (tmp_path / "endpoints.yaml").write_text(
+            f"endpoints:\n"
+            f"  dear: {{url: '{dear.url}', price: {{input_per_mtok: 5, output_per_mtok: 15}}}}\n"
+            f"  cheap: {{url: '{cheap.url}', price: {{input_per_mtok: 0.1, output_per_mtok: 0.4}}}}\n"
+            "groups:\n  grp: {endpoints: [dear, cheap], choose: price}\n")
+        context.settings = context.settings.replace(endpoints_file=str(tmp_path / "endpoints.yaml"),
+                                                    deployment="chat", app="shop")
+        router = (await run_services("sink", "query", "evaluator", "gatekeeper", "router"))["router"]
+        await register_model_release(bus, "g1", "good", "grp", tenant="acme", temperature=0)
+
+        result = await eval_run(context.settings, "g1")  # the CLI, evaluated as it ships
+        assert result.exit_code == 0, result.output
+        done = Codec(EvalCompleted).decode((await evals.next_msg(timeout=5)).data)
+        assert (done.status, done.n_errors, done.metrics["exact_match"]) == ("completed", 0, 1.0), done.error
+        # The run names what ships (the group, which the gate checks) and the member it asked.
+        assert (done.environment["endpoint"], done.environment["endpoint_member"]) == ("grp", "cheap")
+        assert (cheap.requests, dear.requests) == ({"good": 20}, {})
+        d = await current_decision(bus, "g1")
+        assert (d.decision, d.eval_run) == ("PASS", done.run_id), d.reason
+
+        started = await _cli(router, "start", "chat", "--stable", "g1", "--json", key=keys.admin_key)
+        assert started.exit_code == 0, started.output
+        shown = json.loads(started.output)
+        assert (shown["stable"]["release"], shown["stable"]["endpoint"], shown["phase"]) == ("g1", "grp", "promoted")
+        async with openai.AsyncOpenAI(base_url=f"{router.url}/v1", api_key=keys.app_key, max_retries=0,
+                                      timeout=10) as client:
+            answer = await client.chat.completions.create(
+                model="good", messages=[{"role": "user", "content": "What is the capital of France?"}])
+        assert answer.choices[0].message.content
+        assert (cheap.requests, dear.requests) == ({"good": 21}, {})
+    [event] = await served_events(served, 1)
+    assert (event.release, event.status, event.attributes["lockgate.endpoint"]) == ("g1", "ok", "cheap")
 
 
 async def test_malformed_request_goes_to_dlq_and_a_failed_eval_is_blocked(

@@ -121,3 +121,50 @@ def test_a_gated_run_scores_only_its_own_releases_recorded_events() -> None:
     with pytest.raises(ConfigError) as exc:
         targets.recorded("weak", "shop", "strong")
     assert "recorded for release 'strong'" in exc.value.message and "release 'weak'" in exc.value.message
+
+
+GROUPS = """\
+endpoints:
+  dear: {url: 'http://dear.test/v1', credential: JUDGE_KEY, price: {input_per_mtok: 5, output_per_mtok: 15}}
+  cheap: {url: 'http://cheap.test/v1', credential: ANT_KEY, price: {input_per_mtok: 0.1, output_per_mtok: 0.4}}
+  free: {url: 'http://free.test/v1'}
+groups:
+  by-price: {endpoints: [dear, free, cheap], choose: price}
+  by-latency: {endpoints: [dear, cheap], choose: latency}
+models: {gpt-x: chat}
+"""
+
+
+def test_a_group_is_allowed_as_its_first_choice_the_member_the_router_serves_it_from(tmp_path: Path) -> None:
+    # Before (probe p31 F3): the allow-list knew no groups, so a release naming one was refused its eval.
+    allowed = AllowList(_settings(tmp_path, GROUPS))
+    price = allowed.access("by-price")  # the cheapest priced member; unpriced `free` ranks last
+    assert (price.id, price.member, price.base, price.headers) == (
+        "by-price", "cheap", "http://cheap.test/v1", {"Authorization": "Bearer sk-ant-x"})
+    assert "sk-" not in repr(price)
+    latency = allowed.access("by-latency")  # nothing measured yet: the first listed
+    assert (latency.member, latency.base) == ("dear", "http://dear.test/v1")
+    assert allowed.access("cheap").member == ""  # an endpoint named itself
+    with pytest.raises(UnknownEndpoint, match=r"\(by-latency, by-price, cheap, dear, free\)"):
+        allowed.access("nope")
+
+
+@pytest.mark.parametrize(("groups", "error"), [
+    ("  g: {endpoints: [dear, gone]}\n", "group 'g' names endpoints that are not configured: gone"),
+    ("  free: {endpoints: [dear, cheap]}\n", "group 'free' has the id of an endpoint"),
+])
+def test_a_group_is_allowed_only_when_each_of_its_members_is(tmp_path: Path, groups: str, error: str) -> None:
+    text = GROUPS.split("groups:")[0] + "groups:\n" + groups
+    with pytest.raises(ConfigError, match=error):
+        AllowList(_settings(tmp_path, text))
+
+
+def test_the_evaluator_evaluates_a_release_naming_a_group_at_the_member_the_router_serves_it_from(
+        tmp_path: Path) -> None:
+    s = _settings(tmp_path, GROUPS)
+    ships = Shipped(release="g1", config="sha256:" + "c" * 64, model="m", endpoint="by-price")
+    for endpoint in ("", "by-price", "http://cheap.test/v1"):
+        access, model, _ = targets.evaluated(s, ships, endpoint, "")
+        assert (access.id, access.member, access.base, model) == ("by-price", "cheap", "http://cheap.test/v1", "m")
+    with pytest.raises(ConfigError, match="asks for endpoint 'dear'"):  # a member is not what ships
+        targets.evaluated(s, ships, "dear", "")

@@ -7,8 +7,10 @@ from pathlib import Path
 import pytest
 
 from lockgate.config import Settings
+from lockgate.endpoints import AllowList
 from lockgate.errors import ConfigError
 from lockgate.services.router.endpoints import Endpoints
+from lockgate.services.router.upstream import Upstream
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -52,3 +54,13 @@ def test_groups_name_configured_endpoints_only(tmp_path: Path) -> None:
                         "groups:\n  a: {endpoints: [a, b]}\n")
     with pytest.raises(ConfigError, match="length"):  # one member is no choice
         _load(tmp_path, "endpoints:\n  a: {url: 'http://a.test/v1'}\ngroups:\n  g: {endpoints: [a]}\n")
+
+
+def test_the_router_and_the_evaluators_allow_list_agree_on_a_groups_member(tmp_path: Path) -> None:
+    text = ("endpoints:\n  dear: {url: 'http://d.test/v1', price: {input_per_mtok: 5, output_per_mtok: 15}}\n"
+            "  cheap: {url: 'http://c.test/v1', price: {input_per_mtok: 0.1, output_per_mtok: 0.4}}\n"
+            "groups:\n  g: {endpoints: [dear, cheap]}\n")
+    eps = _load(tmp_path, text)
+    allowed = AllowList(Settings(home=str(tmp_path), endpoints_file=str(tmp_path / "endpoints.yaml")))
+    assert eps.get("g").id == "cheap" == allowed.access("g").member
+    assert Upstream(draw=lambda: 1.0).members(eps, "g") == ["cheap", "dear"]  # every request's order

@@ -75,7 +75,7 @@ async def _check_binding(bus: Bus, settings: Settings, candidate: str, endpoint:
 
 def _listed_url(settings: Settings, endpoint_id: str) -> str | None:
     """The endpoint's URL in the allow-list as this CLI's settings read it (LOCKGATE_ENDPOINTS_FILE, else
-    LOCKGATE_STABLE_UPSTREAM / LOCKGATE_CANARY_UPSTREAM); None when they do not list it (then only its id is
-    taken)."""
-    spec = AllowList(settings).specs.get(endpoint_id)
-    return spec.url.rstrip("/") if spec is not None else None
+    LOCKGATE_STABLE_UPSTREAM / LOCKGATE_CANARY_UPSTREAM), a group's that of the member the evaluator calls; None
+    when they do not list it (then only its id is taken)."""
+    found = AllowList(settings).spec(endpoint_id)
+    return found[1].url.rstrip("/") if found is not None else None
