@@ -65,8 +65,8 @@ def run_events(event: LiveEvent, names: Names, namespace: str) -> list[dict[str,
 
 class RunTracker:
     """Which runs were STARTed and which ended, for the last `capacity` runs: an end whose START was never
-    sent (the lineage recorder was down when the run began) gets one first, and a START that arrives after
-    its run's end (consumers are independent) is not sent."""
+    sent (the lineage recorder was down when the run began) gets one first, a START that arrives after
+    its run's end (consumers are independent) is not sent, and nothing is sent for a run after its end."""
 
     def __init__(self, capacity: int = 10_000) -> None:
         self.capacity = capacity
@@ -78,6 +78,10 @@ class RunTracker:
         while len(self._state) > self.capacity:
             self._state.popitem(last=False)
 
+    def knows(self, run_id: str) -> bool:
+        """Whether this run's START or end was sent (or passed over) lately."""
+        return run_id in self._state
+
     def order(self, events: list[dict[str, Any]], start_of: Mapping[str, dict[str, Any]]) -> list[dict[str, Any]]:
         """The events to send: `start_of[runId]` is the START to send before an end that had none."""
         out = []
@@ -88,6 +92,10 @@ class RunTracker:
                 if seen is None:
                     self._mark(run_id, "started")
                     out.append(ev)
+                continue
+            if seen == "ended":
+                # Its end went out already: the same end again (a release announced twice, two consumers naming one
+                # release, probe p29 F7) would be a second COMPLETE of one run, anything else an event after its end.
                 continue
             if kind in ("COMPLETE", "FAIL", "ABORT"):
                 if seen is None and run_id in start_of:

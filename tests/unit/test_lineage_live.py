@@ -49,3 +49,15 @@ def test_an_end_without_its_start_gets_one_first_and_a_late_start_is_not_sent() 
     assert tracker.order([b_end], {"b": b_start}) == [b_end]
     tracker.order([{"run": {"runId": "c"}, "eventType": "START"}], {})
     assert len(tracker._state) == 2  # bounded: the oldest run is forgotten
+
+
+def test_nothing_of_a_run_is_sent_after_its_end() -> None:
+    # Probe p29 F7: a release announced twice was posted as two COMPLETEs of one run.
+    tracker = RunTracker()
+    start, running = {"run": {"runId": "a"}, "eventType": "START"}, {"run": {"runId": "a"}, "eventType": "RUNNING"}
+    end, release = {"run": {"runId": "a"}, "eventType": "COMPLETE"}, {"run": {"runId": "r"}, "eventType": "COMPLETE"}
+    assert not tracker.knows("a")
+    assert tracker.order([start, running, end], {}) == [start, running, end]
+    assert tracker.order([end, running, {**end, "eventType": "FAIL"}], {"a": start}) == []
+    assert tracker.order([release], {}) == [release] and tracker.order([release], {}) == []
+    assert tracker.knows("a") and tracker.knows("r")
