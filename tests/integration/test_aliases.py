@@ -226,3 +226,38 @@ async def test_an_alias_moved_to_a_release_the_gate_does_not_admit_is_said(bus: 
         doc = json.loads(moved.stdout)
         assert doc["changed"] is True and doc["admitted"] is False and said in doc["not_admitted"]
         assert said in moved.stderr and "an application reading shop/production now gets content" in moved.stderr
+
+
+async def test_apply_says_what_alias_set_says_of_a_move(bus: Bus, settings: Settings, tmp_path: Any,
+                                                        run_services: Any) -> None:
+    # Probe p29 F6: apply moved `production` to a release with no gate decision, and to one using a deprecated
+    # artifact, saying only "applied: 1 change" (`alias set` warned of both).
+    import shutil
+    from pathlib import Path
+
+    repo = Path(shutil.copytree(Path(__file__).parents[1] / "fixtures" / "gitops", tmp_path / "repo"))
+    (repo / "aliases").mkdir()
+    (repo / "aliases" / "production.yaml").write_text(
+        "kind: alias\nname: production\napp: gitshop\nrelease: gitshop-base\n")
+    person(settings, "ann", "operator")
+    await run_services("lineage")  # the applied state's writer
+
+    ungated = "gitshop-v1 has no gate decision; an application reading gitshop/production now gets content the gate " \
+              "does not admit"
+    applied = await cli(settings, "--as", "ann", "apply", str(repo), "--json")
+    assert applied.exit_code == 0, applied.output
+    assert json.loads(applied.stdout)["warnings"] == [ungated]
+    assert f"warning: {ungated}" in " ".join(applied.stderr.split())
+
+    # Gated now, but its prompt deprecated; moved away by hand, then back by apply: the deprecation alone is said.
+    await store_pass(bus, "gitshop-v1", settings)
+    prompt = (await artifacts.release_of(bus, "gitshop-v1"))["artifacts"]["prompt/gitshop-system"]
+    later = (datetime.now(UTC) + timedelta(days=30)).isoformat()
+    assert (await cli(settings, "--as", "ann", "artifact", "deprecate", prompt, "--sunset", later)).exit_code == 0
+    await _release(bus, "gitshop-v9", "other", app="gitshop")
+    assert (await cli(settings, "--as", "ann", "alias", "set", "gitshop", "production", "gitshop-v9")).exit_code == 0
+    back = await cli(settings, "--as", "ann", "apply", str(repo))
+    assert back.exit_code == 0 and "applied: 1 change" in back.stdout, back.output
+    said = " ".join(back.stderr.split())
+    assert f"warning: prompt/gitshop-system {prompt[:19]} is deprecated" in said, said
+    assert "does not admit" not in said

@@ -205,22 +205,35 @@ def register(cli: click.Group) -> None:
         it an operator or admin), or by the only one under the home if the trust file does (else unsigned, said on
         stderr). Never moves traffic: start a canary through the router once the gate allows the release.
         """
+        from lockgate.cli.provenance import move_warnings, warn
         from lockgate.gitops.state import apply
+        from lockgate.signing import Keyring
 
+        settings = ctx.obj["settings"]
         desired, prov, hidden = _load(directory)
         where = str(Path(directory).resolve())
         author = _signer(ctx, where)  # signs the apply and the releases it binds, as `release create --as` does
+        warnings: list[str] = []
 
         async def work(bus: Any) -> tuple[Any, Any]:
-            plan = await _plan(bus, desired, prune, ctx.obj["settings"])
+            async def moved(app: str, name: str, release: str, findings: list[Any], skipped: list[Any]) -> None:
+                # What `alias set` says of the same move (probe p29 F6: apply moved an alias to a release the gate
+                # does not admit with only "applied: 1 change").
+                said, _ = await move_warnings(bus, Keyring.from_settings(settings), app, name, release, findings,
+                                              skipped)
+                warnings.extend(said)
+
+            plan = await _plan(bus, desired, prune, settings)
             if plan.errors:
                 return plan, None
-            return plan, await apply(bus, plan, desired, prov, directory=where, author=author,
-                                     settings=ctx.obj["settings"], audit_as=chosen_role("operator"))
+            return plan, await apply(bus, plan, desired, prov, directory=where, author=author, settings=settings,
+                                     audit_as=chosen_role("operator"), moved=moved)
 
-        plan, event = with_bus(ctx.obj["settings"], work, role="operator")
+        plan, event = with_bus(settings, work, role="operator")
+        for warning in warnings:
+            warn(warning)
         if as_json:
-            emit_json(_result(plan, prov, hidden, applied=event is not None))
+            emit_json(_result(plan, prov, hidden, applied=event is not None, warnings=warnings))
         else:
             _print(plan, prov, f"apply {directory}", hidden)
         if plan.errors:

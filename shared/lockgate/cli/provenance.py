@@ -19,6 +19,7 @@ from lockgate.errors import ConfigError
 
 if TYPE_CHECKING:
     from lockgate.bus import Bus
+    from lockgate.signing import Keyring
 
 
 def _row(r: Any, signer: str = "") -> dict[str, Any]:
@@ -31,14 +32,44 @@ def _skipped_row(s: Any) -> dict[str, Any]:
     return {"stream_seq": s.stream_seq, "subject": s.subject, "kind": s.kind, "detail": s.detail}
 
 
-def warn_skipped(skipped: list[Any], where: str, listing: str = "") -> None:
-    """One warning line on stderr for the messages a read skipped (none: nothing)."""
+def warn(message: str) -> None:
+    """One warning line on stderr."""
+    err_console.print(f"[yellow]warning:[/yellow] {message}", highlight=False, soft_wrap=True)
+
+
+def skipped_warning(skipped: list[Any], where: str, listing: str = "") -> str:
+    """The warning for the messages a read skipped ("" for none)."""
     from lockgate.provenance.chain import summary
 
-    if skipped:
-        hint = f"; `{listing}` lists them" if listing else ""
-        err_console.print(f"[yellow]warning:[/yellow] {where}: {summary(skipped)} (no part of it: they change "
-                          f"nothing{hint})", highlight=False, soft_wrap=True)
+    if not skipped:
+        return ""
+    hint = f"; `{listing}` lists them" if listing else ""
+    return f"{where}: {summary(skipped)} (no part of it: they change nothing{hint})"
+
+
+def warn_skipped(skipped: list[Any], where: str, listing: str = "") -> None:
+    """One warning line on stderr for the messages a read skipped (none: nothing)."""
+    if text := skipped_warning(skipped, where, listing):
+        warn(text)
+
+
+async def move_warnings(bus: Bus, ring: Keyring, app: str, name: str, release: str, findings: list[Any],
+                        skipped: list[Any]) -> tuple[list[str], str]:
+    """What moving APP's alias NAME to RELEASE warns of, for `alias set` and `apply` alike (probe p29 F6: apply moved
+    it without a word): the messages skipped reading its history and its release's artifact lifecycles, each
+    deprecated artifact (`aliases.set_alias`'s findings), and a release the gate does not admit. Also returns why the
+    gate does not admit it ("" when it does)."""
+    from lockgate.cli.gate import not_admitted
+
+    gate = await not_admitted(bus, ring, release)
+    warnings = [skipped_warning(skipped, f"the history of {app}/{name} and its release's artifact lifecycles",
+                                f"lockgate history {app}/{name} --json"), *(f.message() for f in findings)]
+    if gate:
+        # Said, not refused: an alias also names what a release under review or a rollback target holds. But an
+        # application that fetches its prompt by this alias now serves content the router would not (probe p23
+        # F10: `production` moved to a release a person had just rejected, without a word).
+        warnings.append(f"{gate}; an application reading {app}/{name} now gets content the gate does not admit")
+    return [w for w in warnings if w], gate
 
 
 def split_alias(ref: str) -> tuple[str, str]:
@@ -93,7 +124,6 @@ def register(cli: click.Group) -> None:
     @handle_errors
     def alias_set(ctx: click.Context, app: str, name: str, release: str, reason: str, as_json: bool) -> None:
         """Point APP's alias NAME at RELEASE (signed with your identity, audited, appended to its history)."""
-        from lockgate.cli.gate import not_admitted
         from lockgate.cli.identity import chosen_identity
         from lockgate.provenance import aliases
         from lockgate.signing import Keyring
@@ -104,23 +134,16 @@ def register(cli: click.Group) -> None:
         ring = Keyring.from_settings(settings)
 
         async def work(bus: Bus) -> tuple[Any, ...]:
-            return (*await aliases.set_alias(bus, settings, identity, app, name, release, reason=reason,
-                                             audit_as=role), await not_admitted(bus, ring, release))
+            record, findings, skipped = await aliases.set_alias(bus, settings, identity, app, name, release,
+                                                                reason=reason, audit_as=role)
+            return record, *await move_warnings(bus, ring, app, name, release, findings, skipped)
 
-        record, findings, skipped, gate = with_bus(settings, work, role="operator")
-        warn_skipped(skipped, f"the history of {app}/{name} and its release's artifact lifecycles",
-                     f"lockgate history {app}/{name} --json")
-        for f in findings:
-            err_console.print(f"[yellow]warning:[/yellow] {f.message()}", highlight=False, soft_wrap=True)
-        if gate:
-            # Said, not refused: an alias also names what a release under review or a rollback target holds. But an
-            # application that fetches its prompt by this alias now serves content the router would not (probe p23
-            # F10: `production` moved to a release a person had just rejected, without a word).
-            err_console.print(f"[yellow]warning:[/yellow] {gate}; an application reading {app}/{name} now gets "
-                              "content the gate does not admit", highlight=False, soft_wrap=True)
+        record, warnings, gate = with_bus(settings, work, role="operator")
+        for warning in warnings:
+            warn(warning)
         if as_json:
             emit_json({"changed": record is not None, "record": record, "admitted": not gate,
-                       **({"not_admitted": gate} if gate else {})})
+                       **({"not_admitted": gate} if gate else {}), "warnings": warnings})
         elif record is None:
             console.print(f"{app}/{name} already points to {release}", highlight=False)
         else:

@@ -16,6 +16,7 @@ immutable, lineage and audit keep naming them).
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
@@ -34,10 +35,12 @@ from lockgate.gitops.plan import Plan, Serving, normalized
 from lockgate.gitops.resolve import ARTIFACT_KIND, Resource
 from lockgate.identity import Identity, bundle_content, sign_apply
 from lockgate.ids import content_hash
-from lockgate.provenance import aliases
+from lockgate.provenance import aliases, chain, lifecycle
 from lockgate.subjects import token
 
 _entry = msgspec.json.Decoder(StateEntry)
+# Told of each alias an apply moved: app, alias, release, the deprecated artifacts found and the messages skipped.
+AliasMoved = Callable[[str, str, str, list[lifecycle.Finding], list[chain.Skipped]], Awaitable[None]]
 _replies = msgspec.json.Decoder(ApplyReply)
 
 
@@ -225,7 +228,7 @@ def _labels(res: Resource, prov: Provenance) -> dict[str, str]:
 
 async def apply(bus: Bus, plan: Plan, desired: list[Resource], prov: Provenance, *, directory: str,
                 author: Identity | None = None, settings: Settings | None = None,
-                audit_as: str = "operator", timeout_s: float = 30.0) -> ApplyRecorded:
+                audit_as: str = "operator", timeout_s: float = 30.0, moved: AliasMoved | None = None) -> ApplyRecorded:
     """Have the lineage recorder check the apply's signer, carry out the plan's changes in dependency order, then have
     the recorder record them.
 
@@ -233,7 +236,7 @@ async def apply(bus: Bus, plan: Plan, desired: list[Resource], prov: Provenance,
     announces the apply. What was carried out before a step failed is recorded all the same, so the next
     plan starts from it. An alias is moved with a record signed by `author` and checked against
     `settings`' trust file, so a folder with aliases needs both; apply refuses before changing anything if
-    they are missing."""
+    they are missing. `moved` is called after each alias move with what `aliases.set_alias` warns of."""
     if any(s.kind == "alias" and s.action != "remove" for s in plan.changes) and (author is None or settings is None):
         raise GitopsError("the folder moves aliases, and every alias change is signed: apply with a personal "
                           "identity (`--as NAME`, `lockgate identity create NAME`)")
@@ -259,7 +262,7 @@ async def apply(bus: Bus, plan: Plan, desired: list[Resource], prov: Provenance,
                                           release=step.previous_release, source=step.source))
                 continue
             res = by_key[f"{step.kind}/{step.name}"]
-            await _carry_out(bus, res, prov, author=author, settings=settings, audit_as=audit_as)
+            await _carry_out(bus, res, prov, author=author, settings=settings, audit_as=audit_as, moved=moved)
             entries.append(StateEntry(kind=res.kind, name=res.name, digest=res.digest, release=res.release,
                                       source=res.source, spec=res.spec, commit=prov.commit, author=prov.author,
                                       dirty=prov.dirty, applied_by=who))
@@ -278,7 +281,7 @@ async def apply(bus: Bus, plan: Plan, desired: list[Resource], prov: Provenance,
 
 
 async def _carry_out(bus: Bus, res: Resource, prov: Provenance, *, author: Identity | None,
-                     settings: Settings | None, audit_as: str) -> None:
+                     settings: Settings | None, audit_as: str, moved: AliasMoved | None = None) -> None:
     """Register what one resource needs (deployments and budgets are desired state only: nothing)."""
     if res.kind == "release":
         b = res.bundle
@@ -287,9 +290,12 @@ async def _carry_out(bus: Bus, res: Resource, prov: Provenance, *, author: Ident
                                          tenant=b["tenant"], author=author)
     elif res.kind == "alias":
         assert author is not None and settings is not None
-        await aliases.set_alias(bus, settings, author, res.spec["app"], res.spec["alias"], res.release,
-                                reason=res.description or f"applied from {res.source}",
-                                origin=f"gitops {prov.commit}".strip(), audit_as=audit_as)
+        _, findings, skipped = await aliases.set_alias(
+            bus, settings, author, res.spec["app"], res.spec["alias"], res.release,
+            reason=res.description or f"applied from {res.source}", origin=f"gitops {prov.commit}".strip(),
+            audit_as=audit_as)
+        if moved is not None:  # its deprecated artifacts, as `alias set` says them (probe p29 F6: dropped here)
+            await moved(res.spec["app"], res.spec["alias"], res.release, findings, skipped)
     elif res.kind in ARTIFACT_KIND:
         await artifacts.register(bus, ARTIFACT_KIND[res.kind], res.name, res.content,  # type: ignore[arg-type]
                                  media_type=res.media_type, labels=_labels(res, prov), signer=author)
