@@ -116,7 +116,8 @@ async def test_a_finished_rollout_has_nothing_to_patch_and_get_shows_no_canary_o
         router: Any, http: aiohttp.ClientSession, signer: Signer, keys: Bootstrap) -> None:
     await _start(http, router, "same", {"steps": [100], "interval_s": 3600})
     await _pass(router, signer, "same")
-    assert (await _cli(router, "promote", "chat", key=keys.admin_key)).exit_code == 0
+    # `--full`, as issue 8 and `kubectl argo rollouts` write it (probe p28: "No such option"), is promote's only way.
+    assert (await _cli(router, "promote", "--full", "chat", key=keys.admin_key)).exit_code == 0
     promoted = router.rollouts.route("chat")
     assert (promoted.phase, promoted.stable.release, promoted.canary and promoted.canary.release) == (
         "promoted", "same", "same")

@@ -626,6 +626,11 @@ def register(cli: click.Group) -> None:
         run.__doc__ = doc
         if reason:
             run = click.option("--reason", default="", help="Why (recorded with your identity).")(run)
+        if name == "promote":
+            # `kubectl argo rollouts promote --full`'s form, which issue 8 names: accepted, and what promote always
+            # does (there is no one-step promote: `approve` ends a pause step, `set-weight` moves the weight).
+            run = click.option("--full", is_flag=True,
+                               help="Straight to 100%, skipping the steps left (what promote always does).")(run)
         rollout.command(name)(run)
 
     action("pause", "Hold the canary at its weight: no step advances until `resume` (a failing analysis "
@@ -633,7 +638,8 @@ def register(cli: click.Group) -> None:
     action("resume", "Continue a paused canary; the next step or analysis look is one interval away.")
     action("abort", "Send all traffic back to stable now (the canary goes to 0%; a blue-green promotion "
                     "within its scale-down window swaps the old release back).")
-    action("promote", "Make the canary stable now: only a canary a verified decision allows.")
+    action("promote", "Make the canary stable now, skipping its steps left (`--full` says so): only a canary a "
+                      "verified decision allows.")
     action("retry", "Restart an aborted rollout from step 0 with the same spec and canary release (refused unless "
                     "aborted; the canary's verified decision starts it again, a release BLOCKed since is refused).")
 
