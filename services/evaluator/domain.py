@@ -239,6 +239,10 @@ class CaseResult:
     details: Mapping[str, Any] = field(default_factory=dict)  # judge replies, cache hits
 
 
+# A case's `details` key marking it answered from the eval cache (runner.py).
+CACHED = "cached"
+
+
 def _bucket(key: str, value: Any, edges: tuple[float, ...]) -> str | None:
     x = value if isinstance(value, int | float) and not isinstance(value, bool) else len(str(value))
     if not math.isfinite(x):
@@ -474,6 +478,9 @@ def aggregate(suite: Suite, results: Sequence[CaseResult], costs: Sequence[float
         metrics[JUDGE_AGREEMENT] = sum(agreement) / len(agreement)
     errors = sum(1 for r in results if r.error)
     metrics["error_rate"] = errors / n
+    # Answered from the eval cache: answer, scores and latency are the call's that filled it (an earlier run's).
+    if cached := sum(1 for r in results if not r.error and r.details.get(CACHED)):
+        metrics["n_cached"] = float(cached)
     latencies = [r.latency_ms for r in results if not r.error]
     if latencies:
         metrics["latency_p50_ms"] = percentile(latencies, 50)
@@ -488,10 +495,10 @@ JUDGE_AGREEMENT = "llm_judge_agreement"
 
 
 def is_count(metric: str) -> bool:
-    """Counts and shares (`n`, `n_cases`, `<scorer>_failures`, `<scorer>_missing`) are facts about this run,
-    not estimates: they have no interval."""
+    """Counts and shares (`n`, `n_cases`, `n_cached`, `<scorer>_failures`, `<scorer>_missing`) are facts about this
+    run, not estimates: they have no interval."""
     metric = metric.split("[", 1)[0]  # a slice's count is a count too: n_cases[lang=de]
-    return metric in ("n", "n_cases") or metric.endswith(("_failures", "_missing"))
+    return metric in ("n", "n_cases", "n_cached") or metric.endswith(("_failures", "_missing"))
 
 
 def failure_counts(suite: Suite, results: Sequence[CaseResult]) -> dict[str, float]:

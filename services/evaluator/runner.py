@@ -288,7 +288,7 @@ async def run_cases(
                                               done.text, done.logprobs),
             latency_ms=done.latency_ms,
             input_tokens=done.input_tokens, output_tokens=done.output_tokens,
-            details={"cached": True} if done.cached else {},
+            details={domain.CACHED: True} if done.cached else {},
         )
         if judge is not None:
             result = await judge(result)
