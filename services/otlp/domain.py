@@ -8,7 +8,6 @@ the whole request, and every stored span carries the key's tenant and app in `lo
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -17,8 +16,7 @@ from typing import Any
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 
-from lockgate.codec import encode
-from lockgate.contracts import InferenceEvent, SpanBatch, SpanRecord
+from lockgate.contracts import InferenceEvent, SpanRecord
 from lockgate.errors import InvalidEvent
 from lockgate.redact import attribute_strings, scrub_mapping, scrub_span
 from lockgate.server.apikeys import Forbidden, event_out_of_scope
@@ -27,9 +25,6 @@ from lockgate.services.otlp import genai
 # Span.SpanKind and Status.StatusCode numbers, as the Collector's exporter names them
 KINDS = {0: "Unspecified", 1: "Internal", 2: "Server", 3: "Client", 4: "Producer", 5: "Consumer"}
 STATUSES = {0: "Unset", 1: "Ok", 2: "Error"}
-# One SpanBatch per bus message, under NATS' default 1 MB max_payload with room for the envelope.
-BATCH_BYTES = 900_000
-BATCH_SPANS = 2000
 
 
 def value(v: AnyValue) -> Any:
@@ -192,37 +187,3 @@ def decode(request: ExportTraceServiceRequest, *, tenant: str, app: str,
                                         f"{', '.join(deployments)}: name the deployment (lockgate.deployment)")
                     out.events.append(event)
     return out
-
-
-def batch_id(tenant: str, app: str, spans: Sequence[SpanRecord]) -> str:
-    """A SpanBatch id that is a function of its sender (tenant and app) and spans: a request re-sent after a lost
-    answer is published under the same Nats-Msg-Id, and stored once; another tenant's or app's spans under the same
-    ids are not mistaken for it (JetStream and the store would drop them as its duplicate)."""
-    h = hashlib.sha256(tenant.encode() + b"\x00" + app.encode() + b"\x00")
-    for s in spans:
-        h.update(bytes.fromhex(s.trace_id + s.span_id))
-    return "otlp-" + h.hexdigest()[:40]
-
-
-def span_batches(spans: Sequence[SpanRecord], tenant: str, app: str, *, max_bytes: int = BATCH_BYTES,
-                 max_spans: int = BATCH_SPANS) -> tuple[list[tuple[str, bytes]], list[SpanRecord]]:
-    """(message id, encoded SpanBatch) per bus message, and the spans too large to fit in one alone."""
-    chunks: list[list[SpanRecord]] = [[]]
-    size = 0
-    too_large: list[SpanRecord] = []
-    for span in spans:
-        n = len(encode(span)) + 1
-        if n > max_bytes:
-            too_large.append(span)
-            continue
-        if chunks[-1] and (len(chunks[-1]) >= max_spans or size + n > max_bytes):
-            chunks.append([])
-            size = 0
-        chunks[-1].append(span)
-        size += n
-    out = []
-    for chunk in chunks:
-        if chunk:
-            batch = SpanBatch(id=batch_id(tenant, app, chunk), source="otlp", tenant=tenant, spans=chunk)
-            out.append((batch.id, encode(batch)))
-    return out, too_large

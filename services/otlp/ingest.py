@@ -40,6 +40,7 @@ from lockgate.retry import RetryPolicy
 from lockgate.server.apikeys import ApiKey, KeyStore, bearer
 from lockgate.server.service import Progress
 from lockgate.services.otlp import domain, wire
+from lockgate.spanbatches import BATCH_BYTES, Message, span_batches
 
 log = logging.getLogger("lockgate.otlp")
 
@@ -157,10 +158,10 @@ class Receiver:
         window = (now - timedelta(seconds=self.limits.past_s), now + timedelta(seconds=self.limits.future_s))
         decoded = domain.decode(request, tenant=key.tenant, app=key.app, window=window, deployments=key.deployments)
         received = len(decoded.spans) + decoded.rejected
-        batches, too_large = domain.span_batches(decoded.spans, key.tenant, key.app)
+        batches, too_large = span_batches(decoded.spans, source="otlp", tenant=key.tenant, app=key.app)
         for span in too_large:
             decoded.rejected += 1
-            decoded.problem(f"span {span.span_id} refused: larger than {domain.BATCH_BYTES} bytes encoded")
+            decoded.problem(f"span {span.span_id} refused: larger than {BATCH_BYTES} bytes encoded")
         events: list[Encoded] = []
         for event in decoded.events:
             try:
@@ -185,7 +186,7 @@ class Receiver:
             self._pool.shutdown(wait=False)
             self._pool = None
 
-    async def _publish(self, batches: list[tuple[str, bytes]], events: list[Encoded]) -> None:
+    async def _publish(self, batches: list[Message], events: list[Encoded]) -> None:
         # At once while the connection is down: nats-py would hold the publishes in its reconnect buffer and each
         # would wait out its acknowledgement, and the exporter's deadline passed first (probe p4).
         if self.bus.state != "connected":
@@ -197,7 +198,7 @@ class Receiver:
             await RETRY.call(lambda: self.bus.publish(subject, data, msg_id=msg_id), retry_on=BusUnavailable,
                              what=f"publish of OTLP spans to {subject}")
 
-        publishes = [spans(msg_id, data) for msg_id, data in batches]
+        publishes = [spans(msg.id, msg.data) for msg in batches]
         if events:
             publishes.append(publish_events(self.bus.js, self.bus.subjects, events, retry=RETRY))
         try:

@@ -248,6 +248,8 @@ class RouterService(Service):
                                   "events_failed": self.batcher.failed,
                                   "events_spooled": spool.pending if (spool := self.batcher.spool) else 0,
                                   "events_not_spooled": spool.refused if spool else 0,
+                                  # The process's own spans lost on their way to the bus (lockgate.spans.dropped).
+                                  "spans_dropped": self.ctx.telemetry.spans_dropped,
                                   # How long the event loop was held (every embedded service's work counts), in all
                                   # and at worst at once, since the start: a request waits at least that long.
                                   "loop_held_s": round(lag.held_s(), 3),

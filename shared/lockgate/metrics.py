@@ -46,6 +46,11 @@ class _Instruments:
         self.events_dropped = meter.create_counter(
             "lockgate.events.dropped", unit="{event}",
             description="events a service lost, by reason (buffer overflow, failed flush nobody awaited)")
+        self.spans_dropped = meter.create_counter(
+            "lockgate.spans.dropped", unit="{span}",
+            description="spans of lockgate's own tracing lost on their way to the bus, by reason (too_large: over a "
+                        "bus message alone; unacknowledged, though maybe stored; unpublished; unconvertible; "
+                        "stopped)")
         self.dead_letters = meter.create_counter(
             "lockgate.dead_letters", unit="{message}", description="messages sent to the DLQ, by origin")
         self.dead_letters_failed = meter.create_counter(
@@ -219,6 +224,11 @@ def events_out_counter(service: str) -> Callable[[int], None]:
 def events_dropped(service: str, n: int = 1, reason: str = "overflow") -> None:
     """Count events a service lost, and why."""
     _add("events_dropped", n, {"service": service, "reason": reason})
+
+
+def spans_dropped(n: int, reason: str) -> None:
+    """Count spans of the process's own tracing lost before the bus took them, and why."""
+    _add("spans_dropped", n, {"reason": reason})
 
 
 def drop_counter(service: str) -> Callable[[int, str], None]:

@@ -11,6 +11,7 @@ import asyncio
 import contextvars
 import logging
 import random
+import threading
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -33,16 +34,19 @@ from opentelemetry.sdk.trace.sampling import (
 )
 from opentelemetry.trace import Span, SpanContext, SpanKind, StatusCode, TraceFlags, Tracer
 
-from lockgate import __version__
-from lockgate.codec import encode
-from lockgate.contracts import SpanBatch, SpanRecord
+from lockgate import __version__, metrics
+from lockgate.contracts import SpanRecord
 from lockgate.propagation import extract
 from lockgate.redact import attribute_strings, scrub_span
+from lockgate.spanbatches import ROOM, Message, span_batches
 
 if TYPE_CHECKING:
     from lockgate.bus import Bus
 
 log = logging.getLogger("lockgate.telemetry")
+
+SOURCE = "lockgate"  # the SpanBatch source of lockgate's own spans (an application's arrive from `otlp`)
+DEFAULT_MAX_PAYLOAD = 1 << 20  # NATS' default, until a connection says otherwise
 
 _KIND = {
     SpanKind.INTERNAL: "Internal",
@@ -94,11 +98,13 @@ def to_record(span: ReadableSpan) -> SpanRecord:
 
 
 class NatsSpanExporter(SpanExporter):
-    """Publishes each batch the BatchSpanProcessor hands over as one SpanBatch on `<prefix>.telemetry.spans`.
+    """Publishes each batch the BatchSpanProcessor hands over on `<prefix>.telemetry.spans`, as many SpanBatch
+    messages as it takes to keep each under the connection's max_payload (`lockgate.spanbatches`).
 
     The processor calls `export` from its own worker thread while the bus lives on the event loop:
-    the batch is converted and encoded in the worker, handed to the loop, and waited for at most
-    `timeout_s`. A batch that cannot be published is dropped (and logged), never raised.
+    the batch is converted and encoded in the worker, handed to the loop, and its messages waited for at most
+    `timeout_s`. A span that cannot be published is dropped, counted (`dropped`, `lockgate.spans.dropped`)
+    and logged, never raised.
     """
 
     def __init__(self, bus: Bus, loop: asyncio.AbstractEventLoop, *, timeout_s: float = 5.0) -> None:
@@ -107,12 +113,17 @@ class NatsSpanExporter(SpanExporter):
         self._timeout_s = timeout_s
         self._stopped = False
         self._pending: set[asyncio.Future[Any]] = set()
+        # Counted from the processor's thread and from the loop's.
+        self._counts = threading.Lock()
         self.exported = 0
+        self.dropped = 0
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        """Publish `spans` as one SpanBatch; SUCCESS once JetStream acknowledged it."""
+        """Publish `spans` in messages that fit the bus; SUCCESS once JetStream acknowledged every one."""
         if self._stopped or self._loop.is_closed() or not self._loop.is_running():
+            self._drop(len(spans), "stopped")
             return SpanExportResult.FAILURE
+        unsent = len(spans)  # spans not counted yet and not handed to the loop (whose `_publish` counts them)
         try:
             records = []
             for span in spans:
@@ -120,36 +131,89 @@ class NatsSpanExporter(SpanExporter):
                     records.append(to_record(span))
                 except Exception:
                     log.debug("span conversion failed", exc_info=True)
+            if len(records) < len(spans):
+                self._drop(len(spans) - len(records), "unconvertible")
+            unsent = len(records)
             if not records:
                 return SpanExportResult.SUCCESS
-            batch = SpanBatch(spans=records)
-            publish = self._bus.publish(self._bus.subjects.spans, encode(batch), msg_id=batch.id)
+            # A batch is up to max_export_batch_size spans (2,000 of ~820 bytes each, a router's): after any
+            # backlog it was one message over max_payload, refused whole (probe p31). Cut by encoded bytes instead.
+            limit = self._max_bytes()
+            messages, too_large = span_batches(records, source=SOURCE, max_bytes=limit)
+            if too_large:
+                # Dropped, not cut: a span with its attributes or events cut short would read as what was recorded.
+                unsent -= len(too_large)
+                self._drop(len(too_large), "too_large")
+                log.warning("span export: %d spans dropped, each over %s bytes encoded, more than one bus message "
+                            "holds: %s", len(too_large), f"{limit:,}",
+                            ", ".join(f"{s.name!r} ({s.service}, span {s.span_id})" for s in too_large[:5]))
+            if not messages:
+                return SpanExportResult.FAILURE
+            publish = self._publish(messages)
             if _running_loop() is self._loop:
                 # Called on the loop's own thread (a force_flush from async code): waiting here
                 # would block the loop that must do the publishing. Hand it over and move on.
                 task = self._loop.create_task(publish)
+                unsent = 0
                 self._pending.add(task)
-                task.add_done_callback(lambda t: self._done(t, len(records)))
+                task.add_done_callback(self._pending.discard)
                 return SpanExportResult.SUCCESS
             future = asyncio.run_coroutine_threadsafe(publish, self._loop)
+            unsent = 0
             try:
-                future.result(self._timeout_s)
+                # `_publish` gives up after timeout_s and counts what it lost; longer means the loop itself is held.
+                published = future.result(2 * self._timeout_s)
             except BaseException:
                 future.cancel()
                 raise
-            self.exported += len(records)
-            return SpanExportResult.SUCCESS
+            return SpanExportResult.SUCCESS if published and not too_large else SpanExportResult.FAILURE
         except Exception as exc:
-            log.warning("span export failed; %d spans dropped: %r", len(spans), exc)
+            if unsent:
+                self._drop(unsent, "unpublished")
+                log.warning("span export failed; %d spans dropped: %r", unsent, exc)
+            else:  # handed over: the event loop, held past twice the timeout, counts them when it runs `_publish`
+                log.warning("span export: no answer from the event loop within %g s: %r", 2 * self._timeout_s, exc)
             return SpanExportResult.FAILURE
 
-    def _done(self, task: asyncio.Future[Any], n: int) -> None:
-        self._pending.discard(task)
-        if task.cancelled() or task.exception() is not None:
-            why = "cancelled" if task.cancelled() else repr(task.exception())
-            log.warning("span export failed; %d spans dropped: %s", n, why)
-        else:
-            self.exported += n
+    def _max_bytes(self) -> int:
+        """The bytes of spans one message may carry: the connection's max_payload, less room for the rest."""
+        nc = self._bus.nc
+        return max(1, (getattr(nc, "max_payload", 0) or DEFAULT_MAX_PAYLOAD) - ROOM)
+
+    async def _publish(self, messages: list[Message]) -> bool:
+        """Publish every message at once, waiting at most timeout_s for all; count each message's spans as
+        exported or dropped. True if JetStream acknowledged them all."""
+        subject = self._bus.subjects.spans
+        tasks = [asyncio.ensure_future(self._bus.publish(subject, m.data, msg_id=m.id)) for m in messages]
+        try:
+            await asyncio.wait(tasks, timeout=self._timeout_s)
+        finally:
+            lost, why = 0, ""
+            for task, message in zip(tasks, messages, strict=True):
+                if task.done() and not task.cancelled() and task.exception() is None:
+                    self._count(exported=message.spans)
+                    continue
+                lost += message.spans
+                if not why:
+                    why = (repr(task.exception()) if task.done() and not task.cancelled() else
+                           f"no acknowledgement within {self._timeout_s:g} s")
+                task.cancel()
+            if lost:
+                # Counted as lost, though a message sent before its acknowledgement was given up on may still be
+                # stored (nats-py holds what it could not write yet, and sends it once the server reads again).
+                self._drop(lost, "unacknowledged")
+                log.warning("span export failed; %d of %d spans dropped (not acknowledged: those already sent may "
+                            "still be stored): %s", lost, sum(m.spans for m in messages), why)
+        return not lost
+
+    def _count(self, *, exported: int = 0, dropped: int = 0) -> None:
+        with self._counts:
+            self.exported += exported
+            self.dropped += dropped
+
+    def _drop(self, n: int, reason: str) -> None:
+        self._count(dropped=n)
+        metrics.spans_dropped(n, reason)
 
     def shutdown(self) -> None:
         """Refuse further batches (the processor exported what it had before calling this)."""
@@ -337,6 +401,7 @@ class Telemetry:
                  max_queue: int = 20_000, max_batch: int = 2000, schedule_delay_ms: float = 250) -> None:
         self.sample_ratio = sample_ratio
         self.slow_ms = slow_ms
+        self._exporter = exporter
         # Spans reach otel_traces within about `schedule_delay_ms` (a quarter second, like the
         # loop this replaced), not the SDK's default five seconds; a full queue drops the oldest.
         self._processor = (
@@ -365,6 +430,11 @@ class Telemetry:
     def server_spans(self, service: str) -> ServerSpans:
         """Request spans for a server of `service` (see ServerSpans)."""
         return ServerSpans(self.tracer(service), self.slow_ms, self.sample_ratio)
+
+    @property
+    def spans_dropped(self) -> int:
+        """Spans the exporter lost since the start (its `dropped`; 0 without one that counts)."""
+        return getattr(self._exporter, "dropped", 0)
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
         """Export every ended span now and wait for it; blocks, so from async code use `asyncio.to_thread`."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 import aiohttp
@@ -160,6 +161,73 @@ async def test_shutdown_flushes_spans_into_otel_traces(context: ServiceContext, 
     # Written as an application's spans are (test_otlp): arrays as JSON, booleans as the Collector writes them.
     # Before (probe p23 F1), Python's repr: `('stop', 'length')` and `True`, which no JSONExtract reads.
     assert {(r["cached"], r["reasons"]) for r in rows} == {("true", '["stop","length"]')}
+
+
+async def test_a_batch_over_max_payload_is_published_in_messages_that_fit_and_every_span_stored_once(
+        context: ServiceContext, run_services: Any) -> None:
+    """Probe p31 F2: the processor hands the exporter up to 2,000 spans at once (after any backlog: a bus stall of a
+    few seconds, or traced load), a router span encodes to ~820 bytes, and the whole batch went as one message over
+    NATS' max_payload (1 MB): PayloadTooLarge, "2000 spans dropped", the spans around an outage lost. Now the batch
+    is cut by encoded bytes into messages that fit the connection's max_payload."""
+    svcs = await run_services("sink")
+    bus = context.bus
+    messages = await bus.nc.subscribe(bus.subjects.spans)
+    exporter = NatsSpanExporter(bus, asyncio.get_running_loop())
+    telemetry = Telemetry(exporter=exporter, schedule_delay_ms=600_000)
+    tracer = telemetry.tracer("router")
+    # About a router span's size: its attributes (release, deployment, model, tokens, finish reasons...) in one.
+    spans = [tracer.start_span(f"chat {i}", attributes={"lockgate.detail": "x" * 560}) for i in range(2000)]
+    for span in spans:
+        span.end()
+    assert await asyncio.to_thread(telemetry.force_flush) is True
+
+    # One export of all 2,000 (the processor's max_export_batch_size) would be a message over max_payload.
+    received: list[tuple[bytes, SpanBatch]] = []
+    while sum(len(batch.spans) for _, batch in received) < 2000:
+        data = (await messages.next_msg(timeout=10)).data
+        received.append((data, _spans.decode(data)))
+    assert sum(len(data) for data, _ in received) > bus.nc.max_payload
+    assert len(received) >= 2 and all(len(data) < bus.nc.max_payload for data, _ in received)
+    assert (exporter.exported, exporter.dropped, telemetry.spans_dropped) == (2000, 0, 0)
+
+    def stored() -> bool:
+        return context.store.scalar("SELECT count() FROM otel_traces WHERE ServiceName = 'lockgate-router'") >= 2000
+
+    await eventually(stored, [svcs["sink"].handlers.spans], what="2,000 spans in otel_traces")
+    rows = context.store.rows("SELECT count() AS n, uniqExact(SpanId) AS ids FROM otel_traces")
+    assert (rows[0]["n"], rows[0]["ids"]) == (2000, 2000)
+    assert {r["SpanId"] for r in context.store.rows("SELECT SpanId FROM otel_traces")} == {
+        format(s.get_span_context().span_id, "016x") for s in spans}
+    await telemetry.shutdown()
+
+
+async def test_a_span_larger_than_a_message_alone_is_dropped_counted_and_logged(
+        context: ServiceContext, run_services: Any, metric_reader: InMemoryMetricReader,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Such a span is dropped (not cut: cut, it would read as what was recorded), counted in
+    `lockgate.spans.dropped` and the router's /healthz `spans_dropped`, and logged; its batch's others are published."""
+    async with SimServer(SimConfig(models={"m": ModelSpec(default="hello")})) as sim, aiohttp.ClientSession() as http:
+        context.settings = context.settings.replace(stable_upstream=sim.url, canary_upstream=sim.url,
+                                                    deployment="chat", app="shop", passthrough=True)
+        exporter = NatsSpanExporter(context.bus, asyncio.get_running_loop())
+        context.telemetry = Telemetry(exporter=exporter, schedule_delay_ms=600_000)
+        router = (await run_services("router"))["router"]
+        messages = await context.bus.nc.subscribe(context.bus.subjects.spans)
+        tracer = context.telemetry.tracer("test")
+        tracer.start_span("before").end()
+        tracer.start_span("huge", attributes={"stack": "y" * (context.bus.nc.max_payload + 1)}).end()
+        tracer.start_span("after").end()
+        with caplog.at_level(logging.WARNING, logger="lockgate.telemetry"):
+            assert await asyncio.to_thread(context.telemetry.force_flush) is True
+        batch = _spans.decode((await messages.next_msg(timeout=10)).data)
+        assert [s.name for s in batch.spans] == ["before", "after"]
+        assert (exporter.exported, exporter.dropped) == (2, 1)
+        assert metric_points(metric_reader, "lockgate.spans.dropped") == {(("reason", "too_large"),): 1}
+        warned = [r.getMessage() for r in caplog.records if r.name == "lockgate.telemetry"]
+        assert len(warned) == 1 and "1 spans dropped" in warned[0] and "'huge' (lockgate-test" in warned[0]
+        async with http.get(f"{router.url}/healthz") as resp:
+            assert (await resp.json())["spans_dropped"] == 1
+        await context.telemetry.shutdown()
 
 
 async def test_export_to_a_closed_bus_fails_without_raising(settings: Settings) -> None:

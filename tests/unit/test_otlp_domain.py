@@ -16,6 +16,7 @@ from lockgate.errors import InvalidEvent
 from lockgate.redact import attribute_string
 from lockgate.server.apikeys import Forbidden
 from lockgate.services.otlp import domain, wire
+from lockgate.spanbatches import span_batches
 
 TRACE, SPAN, PARENT = "5b8efff798038103d269b633813fc60c", "eee19b7ec3c1b174", "eee19b7ec3c1b173"
 NOW = time.time_ns()
@@ -189,14 +190,15 @@ def test_any_value_kinds() -> None:
 def test_span_batches_fit_a_bus_message_and_keep_their_id() -> None:
     spans = domain.decode(request(*[span(spanId=f"{i + 1:016x}") for i in range(50)]), tenant="acme",
                           app="a").spans
-    batches, too_large = domain.span_batches(spans, "acme", "shop", max_bytes=3000, max_spans=20)
+    batches, too_large = span_batches(spans, source="otlp", tenant="acme", app="shop", max_bytes=3000, max_spans=20)
     assert too_large == [] and len(batches) > 2
-    decoded = [Codec(SpanBatch).decode(data) for _, data in batches]
+    decoded = [Codec(SpanBatch).decode(m.data) for m in batches]
     assert sum(len(b.spans) for b in decoded) == 50
-    assert all(len(data) < 3000 + 500 and b.id == msg_id for (msg_id, data), b in zip(batches, decoded, strict=True))
-    again, _ = domain.span_batches(spans, "acme", "shop", max_bytes=3000, max_spans=20)
-    assert [m for m, _ in again] == [m for m, _ in batches]  # a re-sent request: the same message ids
-    _, too_large = domain.span_batches(spans[:1], "acme", "shop", max_bytes=100)
+    assert all(len(m.data) < 3000 + 500 and b.id == m.id and m.id.startswith("otlp-")
+               for m, b in zip(batches, decoded, strict=True))
+    again, _ = span_batches(spans, source="otlp", tenant="acme", app="shop", max_bytes=3000, max_spans=20)
+    assert [m.id for m in again] == [m.id for m in batches]  # a re-sent request: the same message ids
+    _, too_large = span_batches(spans[:1], source="otlp", tenant="acme", app="shop", max_bytes=100)
     assert too_large == spans[:1]
 
 
