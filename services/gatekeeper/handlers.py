@@ -18,22 +18,20 @@ from lockgate.provenance import lifecycle
 from lockgate.server.service import ServiceContext
 from lockgate.services.gatekeeper import baseline as baselines
 from lockgate.services.gatekeeper import domain
+from lockgate.services.gatekeeper.domain import Outcome
 from lockgate.services.gatekeeper.driftgate import known_good, read_route
 from lockgate.services.gatekeeper.evaluated import evaluated_rules
 from lockgate.services.gatekeeper.gatesfile import Gates
 from lockgate.services.gatekeeper.ownkey import OwnKey
-from lockgate.services.gatekeeper.records import REQUIRED, DecisionRaced, Records, decided
+from lockgate.services.gatekeeper.records import REQUIRED, Records, decided
 from lockgate.services.gatekeeper.registrations import Registrations
-from lockgate.services.gatekeeper.remake import remake
+from lockgate.services.gatekeeper.remake import judged_again
 from lockgate.services.gatekeeper.review import ReviewRules, apply_review, review_action
 from lockgate.services.gatekeeper.siblings import Siblings
 from lockgate.signing import Signer, Verifier, publish_key
 
 __all__ = ["GateHandlers"]
 log = logging.getLogger("lockgate.gatekeeper")
-# How often a PASS judged at start is read again when another decision of its release is stored meanwhile: one that
-# a gatekeeper reading the same file stored meets it or admits nothing, so the next read ends it.
-_HOLD_TRIES = 3
 
 
 class GateHandlers:
@@ -81,33 +79,16 @@ class GateHandlers:
 
     async def _hold(self, release: str) -> bool:
         """Remake `release`'s current decision as a BLOCK if the gates file does not allow what it was decided
-        under (and it admits); whether it was remade. Judged again on what is stored when another decision of it
-        lands meanwhile (evals and reviews are judged under the file already, so that one ends it)."""
-        for _ in range(_HOLD_TRIES):
-            stored = await self.records.read(release)
-            current = stored.decision
-            if current is None or current.decision != "PASS":
-                return False
+        under (and it admits); whether it was remade."""
+
+        async def judge(current: GateDecided) -> Outcome | None:
+            if current.decision != "PASS":
+                return None
             failed = await self._required(release, await self._bundle(release), current.policy,
                                           current.artifacts.get("eval_suite", ""), standing=current.id)
-            out = domain.under_requirement(current, failed)
-            if out is None:
-                return False
-            try:
-                # One id per PASS remade, so a second start (or a replica starting beside this one) remakes the same.
-                await remake(self.own, self.records, self.publish_key, current, stored.revision, out,
-                             decision_id=domain.decision_id(current.id, f"{self.records.salt}:{REQUIRED}:{release}"),
-                             action=REQUIRED, trace_id="")
-            except DecisionRaced:
-                continue
-            except SignatureError as exc:  # not ours: no reader admits it as it is (remake signs none)
-                log.warning("release %s: its PASS is not one a trusted key signed, left as it is: %s", release,
-                            exc.message)
-                return False
-            log.warning("release %s no longer admits: %s", release, out.reason)
-            return True
-        raise DecisionRaced(f"the PASS of {release!r} was not judged against the gates file: its decision changed "
-                            f"{_HOLD_TRIES} times while it was")
+            return domain.under_requirement(current, failed)
+
+        return await judged_again(self.own, self.records, self.publish_key, release, judge, action=REQUIRED)
 
     async def publish_key(self) -> None:
         """Put our public key in the KV keyring before any decision it signs can be seen."""

@@ -6,17 +6,23 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
 import msgspec
 
 from lockgate.contracts import GateDecided
-from lockgate.services.gatekeeper.domain import Outcome
+from lockgate.errors import SignatureError
+from lockgate.services.gatekeeper.domain import Outcome, decision_id
 from lockgate.services.gatekeeper.ownkey import OwnKey
-from lockgate.services.gatekeeper.records import Records, Stored
+from lockgate.services.gatekeeper.records import DecisionRaced, Records, Stored
 
-__all__ = ["remake"]
+__all__ = ["judged_again", "remake"]
+log = logging.getLogger("lockgate.gatekeeper")
+# How often a release's decision is read again when another decision of it is stored while it is judged: evals and
+# reviews landing meanwhile are judged under the new rule already, so the next read ends it.
+_TRIES = 3
 
 
 async def remake(own: OwnKey, records: Records, publish_key: Callable[[], Awaitable[None]], current: GateDecided,
@@ -40,3 +46,31 @@ async def remake(own: OwnKey, records: Records, publish_key: Callable[[], Awaita
     await records.settle(decision, over=over, action=action, actor="gatekeeper",
                          key=f"gate-{action}-{decision.id}")
     return decision
+
+
+async def judged_again(own: OwnKey, records: Records, publish_key: Callable[[], Awaitable[None]], release: str,
+                       judge: Callable[[GateDecided], Awaitable[Outcome | None]], *, action: str) -> bool:
+    """Remake `release`'s current decision as `judge` says it is now (None: it stands), audited as `action`; whether it
+    was remade. Read and judged again when another decision of it is stored meanwhile (DecisionRaced after _TRIES).
+    One id per decision remade and action, so a second start or a replica remakes the same. A current decision no
+    trusted key signed is left as it is (see `remake`)."""
+    for _ in range(_TRIES):
+        stored = await records.read(release)
+        current = stored.decision
+        out = None if current is None else await judge(current)
+        if current is None or out is None:
+            return False
+        try:
+            await remake(own, records, publish_key, current, stored.revision, out,
+                         decision_id=decision_id(current.id, f"{records.salt}:{action}:{release}"), action=action,
+                         trace_id="")
+        except DecisionRaced:
+            continue
+        except SignatureError as exc:  # not ours: no reader admits it as it is
+            log.warning("release %s: its decision is not one a trusted key signed, left as it is: %s", release,
+                        exc.message)
+            return False
+        log.warning("release %s no longer admits: %s", release, out.reason)
+        return True
+    raise DecisionRaced(f"the decision of {release!r} was not judged again ({action}): it changed {_TRIES} times "
+                        "while it was")

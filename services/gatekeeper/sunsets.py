@@ -21,21 +21,20 @@ from datetime import UTC, datetime
 from typing import Any
 
 from lockgate.bus import Delivery
+from lockgate.contracts import GateDecided
 from lockgate.contracts.provenance import ArtifactLifecycle
-from lockgate.errors import ConfigError, InvalidEvent, LockgateError, SignatureError
+from lockgate.errors import ConfigError, InvalidEvent, LockgateError
 from lockgate.provenance import chain, ledger, lifecycle
 from lockgate.server.service import ServiceContext
 from lockgate.services.gatekeeper import domain
+from lockgate.services.gatekeeper.domain import Outcome
 from lockgate.services.gatekeeper.ownkey import OwnKey
-from lockgate.services.gatekeeper.records import SUNSET, DecisionRaced, Records, decided
-from lockgate.services.gatekeeper.remake import remake
+from lockgate.services.gatekeeper.records import SUNSET, Records, decided
+from lockgate.services.gatekeeper.remake import judged_again
 from lockgate.subjects import untoken
 
 __all__ = ["Sunsets"]
 log = logging.getLogger("lockgate.gatekeeper")
-# How often a release's decision is read again when another decision of it is stored while it is judged: evals and
-# reviews after the sunset are judged under the lifecycle rule already, so the next read ends it.
-_TRIES = 3
 # When a sunset whose releases were not all remade (the bus or the key failed) is tried again.
 _RETRY_S = 10.0
 
@@ -171,30 +170,12 @@ class Sunsets:
 
     async def _remake(self, release: str, digest: str) -> int:
         """Remake `release`'s current decision as a BLOCK under the lifecycle rules of its artifacts now, if it
-        binds `digest` and admits or may (1: remade). Judged again on what is stored when another decision of it
-        lands meanwhile."""
-        for _ in range(_TRIES):
-            stored = await self.records.read(release)
-            current = stored.decision
-            if current is None or digest not in domain.judged_artifacts(current.artifacts).values():
-                return 0
-            rules = await lifecycle.gate_rules(self.ctx.bus, self.ctx.settings,
-                                               domain.judged_artifacts(current.artifacts))
-            out = domain.past_sunset(current, rules)
-            if out is None:
-                return 0
-            try:
-                # One id per decision remade, so a second start (or a replica's timer) remakes the same.
-                await remake(self.own, self.records, self.publish_key, current, stored.revision, out,
-                             decision_id=domain.decision_id(current.id, f"{self.records.salt}:{SUNSET}:{release}"),
-                             action=SUNSET, trace_id="")
-            except DecisionRaced:
-                continue
-            except SignatureError as exc:  # not ours: no reader admits it as it is (remake signs none)
-                log.warning("release %s: its decision is not one a trusted key signed, left as it is: %s", release,
-                            exc.message)
-                return 0
-            log.warning("release %s no longer admits: %s", release, out.reason)
-            return 1
-        raise DecisionRaced(f"the decision of {release!r} was not judged against the sunset of {digest}: it changed "
-                            f"{_TRIES} times while it was")
+        binds `digest` and admits or may (1: remade)."""
+
+        async def judge(current: GateDecided) -> Outcome | None:
+            if digest not in domain.judged_artifacts(current.artifacts).values():
+                return None
+            return domain.past_sunset(current, await lifecycle.gate_rules(
+                self.ctx.bus, self.ctx.settings, domain.judged_artifacts(current.artifacts)))
+
+        return int(await judged_again(self.own, self.records, self.publish_key, release, judge, action=SUNSET))
