@@ -11,6 +11,7 @@ from opentelemetry.trace import SpanKind
 from lockgate import artifacts
 from lockgate.bus import Delivery
 from lockgate.contracts import EvalCompleted, GateDecided, GateReview, RuleResult
+from lockgate.contracts.gates import review_key
 from lockgate.errors import ConfigError, InvalidEvent, NotFound, SignatureError, UnreadableValue
 from lockgate.evalruns import check_result, requested_run
 from lockgate.identity import OutOfScope, author_of, verify_review, withdrawn_approvals
@@ -195,7 +196,7 @@ class GateHandlers:
             attributes={"lockgate.release": review.release, "lockgate.review": review.action},
         ):
             new_id = domain.decision_id(review.id, self.signer.id_salt)
-            key = f"gate-review-{review.id}"
+            key = review_key(review.id)  # the reviewer's CLI follows its review by it (a refusal too)
             stored = await self.records.read(review.release)
             if stored.unreadable:  # refused below as a release with no decision: nothing to review
                 log.warning("review %s: %s", review.id, stored.unreadable)

@@ -12,6 +12,7 @@ import nats.js.errors
 from lockgate import auditlog
 from lockgate.codec import Codec, encode
 from lockgate.contracts import GateAudited, GateDecided
+from lockgate.contracts.gates import audit_msg_id
 from lockgate.errors import BusUnavailable, InvalidEvent, LockgateError, Retryable, UnreadableValue
 from lockgate.ids import derived_id
 from lockgate.queryclient import ask
@@ -93,7 +94,7 @@ class Records:
             baseline=decision.baseline, rules=list(decision.rules),
             reason=reason, signature=decision.signature,
             key_id=decision.key_id, tenant=decision.tenant, source="gatekeeper", trace_id=decision.trace_id)
-        await self.ctx.bus.publish(self.ctx.bus.subjects.gate_audit, row, msg_id=f"audit-{key}")
+        await self.ctx.bus.publish(self.ctx.bus.subjects.gate_audit, row, msg_id=audit_msg_id(key))
         await auditlog.record(
             self.ctx.bus, "gatekeeper", kind=_KINDS.get(action, "review"), actor=actor, target=decision.release,
             action=action, reason=row.reason, tenant=decision.tenant, entry_id=derived_id("audit-entry", self.salt, key),

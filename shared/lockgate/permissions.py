@@ -373,7 +373,9 @@ def _grant(s: Subjects, identity: str) -> Grant:
             # credential alone publish there, readers skip (lockgate.provenance.chain).
             g.add(Grant(publish=[s.alias_any, s.lifecycle_any]))
         if identity == "approver":
-            g.add(Grant(publish=[s.gate_review_all], subscribe=[s.gate_decided_all]))
+            # A review's outcome: its new decision, or the gatekeeper's refusal, which only its audit row says
+            # (`gate approve` follows both; any viewer reads those rows with `lockgate decisions` anyway).
+            g.add(Grant(publish=[s.gate_review_all], subscribe=[s.gate_decided_all, s.gate_audit]))
     else:
         raise KeyError(identity)
     return g

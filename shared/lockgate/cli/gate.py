@@ -10,6 +10,7 @@ from typing import Any
 
 import click
 import msgspec
+from nats.aio.msg import Msg
 from rich.text import Text
 
 from lockgate import documents
@@ -22,7 +23,8 @@ from lockgate.cli.root import fail, handle_errors, json_option
 from lockgate.client import get_decision
 from lockgate.codec import Codec
 from lockgate.config import Settings
-from lockgate.contracts import GateDecided, GateReview
+from lockgate.contracts import GateAudited, GateDecided, GateReview
+from lockgate.contracts.gates import audit_msg_id, review_key
 from lockgate.contracts.names import check_name
 from lockgate.credentials import NotAllowed
 from lockgate.errors import ConfigError, LockgateError, NotFound, SignatureError
@@ -43,10 +45,17 @@ from lockgate.signing import (
 )
 
 _decided: Codec[GateDecided] = Codec(GateDecided)
+_audited: Codec[GateAudited] = Codec(GateAudited)
 
 
 class ReviewRefused(LockgateError):
-    """An approval or rejection that the gate would not accept (nothing pending, or no answer)."""
+    """An approval or rejection the gate does not accept: the gatekeeper refused it, or the CLI saw it would."""
+
+    exit_code = 4  # README "Exit codes": refused, as a router's refusal of a rollout action
+
+
+class ReviewUnanswered(LockgateError):
+    """Neither a new decision nor a refusal answered a review in time."""
 
 
 
@@ -73,7 +82,7 @@ def rule_rows(decision: GateDecided) -> list[dict[str, Any]]:
 async def request_review(bus: Bus, release: str, action: str, identity: Identity, reason: str,
                          timeout_s: float, settings: Settings | None = None) -> GateDecided:
     """Publish a GateReview signed by `identity` as `lockgate gate approve|reject` does, and wait for the
-    gate's new decision. With `settings`, a review the trust file there scopes `identity` out of is refused
+    gate's new decision; ReviewRefused, with the gatekeeper's reason, when it refuses the review. With `settings`, a review the trust file there scopes `identity` out of is refused
     before anything is sent (the gatekeeper would refuse it: nothing would answer)."""
     current = await current_decision(bus, release)
     why = scope_refusal(settings, identity, current.tenant) if settings is not None else ""
@@ -85,21 +94,47 @@ async def request_review(bus: Bus, release: str, action: str, identity: Identity
                             f"(approvals never override a BLOCK; re-run the eval instead)")
     if action == "approve" and identity.name in current.approvals:
         raise ReviewRefused(f"{identity.name} already approved {release}; its policy needs other approvers too")
-    sub = await bus.nc.subscribe(bus.subjects.gate_decided(release))
+    review = sign_review(identity, GateReview(release=release, action=action, actor=identity.name,
+                                              reason=reason, decision_id=current.id, tenant=current.tenant))
+    # The gatekeeper answers a review with a new decision, or refuses it with an audit row only: both are followed,
+    # subscribed before it is sent. Before (probe p28 F3), only decisions were, so a refusal given within a second
+    # read as a 30 s timeout blaming the gatekeeper.
+    answers: asyncio.Queue[Msg] = asyncio.Queue()
+
+    async def put(msg: Msg) -> None:
+        answers.put_nowait(msg)
+
+    subs = [await bus.nc.subscribe(subject, cb=put)
+            for subject in (bus.subjects.gate_decided(release), bus.subjects.gate_audit)]
     try:
-        review = sign_review(identity, GateReview(release=release, action=action, actor=identity.name,
-                                                  reason=reason, decision_id=current.id, tenant=current.tenant))
         await bus.publish(bus.subjects.gate_review(release), review)
         async with asyncio.timeout(timeout_s):
             while True:
-                new = _decided.decode((await sub.next_msg(timeout=timeout_s)).data)
-                if new.reviewed_by == identity.name and new.id != current.id:
-                    return new
+                msg = await answers.get()
+                if msg.subject != bus.subjects.gate_audit:
+                    new = _decided.decode(msg.data)
+                    if new.reviewed_by == identity.name and new.id != current.id:
+                        return new
+                    continue
+                # Its audit row is published under an id derived from the review's (the refused decision's own
+                # id is salted): every other row, another review's or an eval's, is someone else's.
+                if (msg.headers or {}).get("Nats-Msg-Id") != audit_msg_id(review_key(review.id)):
+                    continue
+                row = _audited.decode(msg.data)
+                if row.action == "refused":
+                    raise ReviewRefused(f"refused by the gatekeeper: {row.reason}")
     except TimeoutError:
-        raise ReviewRefused(f"no new decision for {release} within {timeout_s:.0f}s; is the gatekeeper running? "
-                            f"See `lockgate decisions --release {release}` for a refusal") from None
+        if bus.refused(bus.subjects.gate_audit, "subscribe to") is not None:
+            # NATS users written before the approver role could read audit rows: a refusal is recorded, not seen here.
+            raise ReviewUnanswered(f"no new decision for {release} within {timeout_s:.0f}s, and NATS does not let "
+                                   f"{bus.auth.user or 'this connection'!r} see the gatekeeper's refusals "
+                                   f"({bus.subjects.gate_audit}): see `lockgate decisions --release {release}` for one"
+                                   ) from None
+        raise ReviewUnanswered(f"no answer to the {action} of {release} within {timeout_s:.0f}s (neither a new "
+                               "decision nor a refusal): is the gatekeeper running? (`lockgate status`)") from None
     finally:
-        await sub.unsubscribe()
+        for sub in subs:
+            await sub.unsubscribe()
 
 
 def _keyring(settings: Settings, keys: tuple[str, ...]) -> Keyring:

@@ -89,6 +89,18 @@ class GateReview(Event, frozen=True, kw_only=True, tag="lockgate.gate.review"):
         check_bounds(self)
 
 
+def review_key(review_id: str) -> str:
+    """The Nats-Msg-Id of the decision the gatekeeper announces for the GateReview `review_id` (and, under
+    `audit_msg_id`, of its audit row, a refusal's included). The decision's own id is salted (no one predicts it),
+    so this is what the reviewer's CLI follows its review by."""
+    return f"gate-review-{review_id}"
+
+
+def audit_msg_id(key: str) -> str:
+    """The Nats-Msg-Id of the GateAudited row of the decision (or refusal) announced under `key`."""
+    return f"audit-{key}"
+
+
 class GateAudited(Event, frozen=True, kw_only=True, tag="lockgate.gate.audited"):
     """One row of the append-only audit log: a decision, approval, rejection, override or refusal.
 
