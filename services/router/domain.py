@@ -122,6 +122,11 @@ class Route(msgspec.Struct, frozen=True, kw_only=True):
     # it and overrode it, so it does not roll the stable back (the check at start, every few seconds, a redelivery);
     # any decision made since does. Before (probe p18 F2), the promote answered 200 and the next check undid it.
     glass_over: str = ""
+    # The statement of the admin's break-glass promote the stable serves by: kept (and shown by `lockgate status` and
+    # `rollout get`) until a decision admits the stable or another release takes its place (`_bump`). Before (probe
+    # p28), a promote kept it nowhere in the route: a never-gated release served all traffic while status said "no
+    # break-glass overrides".
+    glass_stable: Override | None = None
     # This rollout's id, drawn when it starts: its sticky buckets are keyed with the router's secret over it
     # (`sticky_salt`), so a client cannot compute which arm a user id lands on, and cannot aim one kind of request at
     # the canary and another at stable. Not a secret itself: whoever reads the route (the CLI's NATS roles) lacks the
@@ -402,7 +407,22 @@ _FINISHED: dict[str, object] = {"header_route": None, "step_pause": False, "resu
 
 
 def _bump(route: Route, **changes: object) -> Route:
-    return msgspec.structs.replace(route, version=route.version + 1, **changes)
+    new = msgspec.structs.replace(route, version=route.version + 1, **changes)
+    if new.glass_stable is not None and new.glass_stable.release != new.stable.release:
+        # The release a break-glass promote put in serves no more (rolled back, undone, replaced): nothing to show.
+        new = msgspec.structs.replace(new, glass_stable=None)
+    return new
+
+
+def glass_admitted(route: Route, decision: GateDecided) -> Route | None:
+    """`route` without the break-glass statement its stable serves by, once `decision` (verified) admits the stable:
+    the gate speaks for it now. None when the route has none, or the decision does not admit its stable."""
+    glass = route.glass_stable
+    if glass is None or decision.release != route.stable.release or not allows(decision, decision.release):
+        return None
+    return _bump(route, glass_stable=None,
+                 reason=f"{route.reason}; break-glass promote of {glass.release} by {glass.actor} ended: gate "
+                        f"decision {decision.id} admits it")
 
 
 def same_app(route: Route, *targets: Target) -> None:
@@ -600,7 +620,7 @@ def _on_decision(route: Route, decision: GateDecided, steps: tuple[float, ...], 
     why = f": {decision.reason}" if decision.reason else ""
     if route.phase == "promoted":
         if decision.decision == "PASS" or route.stable.release != decision.release:
-            return None
+            return glass_admitted(route, decision)
         return rollback(route, f"gate {decision.decision} after promotion{why}", decision_id=decision.id,
                         decisions=decisions)
     if route.phase == "aborted":
@@ -717,7 +737,7 @@ def on_reject_known_good(route: Route, decision: GateDecided,
     makes it a target again."""
     if route.stable.release == decision.release:
         if allows(decision, decision.release) or decision.id == route.glass_over:
-            return None
+            return glass_admitted(route, decision)
         return rollback(route, _why(route, decision), decision_id=decision.id, decisions=decisions)
     if decision.decision != "BLOCK" or not _known(route, decision.release):
         return None
@@ -747,9 +767,10 @@ def hold_stable(route: Route, decision: GateDecided | None,
     retired since keeps serving (README: rotating the gatekeeper's key). With nowhere to go it keeps serving too,
     its reason said once when the decision arrived, not rewritten on every check."""
     stable = route.stable.release
-    if not stable or decision is None or decision.release != stable or allows(decision, stable) \
-            or decision.id == route.glass_over:
+    if not stable or decision is None or decision.release != stable:
         return None
+    if allows(decision, stable) or decision.id == route.glass_over:
+        return glass_admitted(route, decision)  # a break-glass promote's statement ends once the gate admits it
     if last_good(route, stable, decisions)[0] is None:
         return None
     return rollback(route, _why(route, decision), decision_id=decision.id, decisions=decisions)
@@ -810,10 +831,10 @@ def manual_promote(route: Route, override: Override | None, now: float = 0.0, ov
     if override.release != route.canary.release:  # the canary changed after the admin signed for another one
         raise NotAdmitted(f"refused: the break-glass override is for {override.release!r}, but the canary of "
                           f"{route.deployment!r} is now {route.canary.release!r}")
-    # The promotion ends the rollout, so the statement is not kept in the route (the reason, the rollout event
-    # and the audit log record it); nor is an override the rollout was started with.
+    # The promotion ends the rollout, so the statement is no canary's override any more (nor is an override the
+    # rollout was started with); it is kept as what the stable serves by (`glass_stable`), until the gate admits it.
     return msgspec.structs.replace(promote(route, f"BREAK-GLASS by {override.actor}: {override.reason}"),
-                                   spent=spend(route, override, now), glass_over=over)
+                                   spent=spend(route, override, now), glass_over=over, glass_stable=override)
 
 
 def rests_on_admission(route: Route) -> bool:

@@ -747,7 +747,7 @@ class Rollouts:
                 continue
             try:
                 decision = await self._stored_decision(release)
-                if decision is None or domain.allows(decision, release):
+                if decision is None or (domain.allows(decision, release) and route.glass_stable is None):
                     continue
                 rollbacks = await self._known_good_now(route)
             except BusUnavailable as exc:

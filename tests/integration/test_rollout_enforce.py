@@ -5,6 +5,7 @@ traffic, whatever sequence of operator actions leads there."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import threading
@@ -332,6 +333,38 @@ async def test_a_break_glass_promotion_keeps_serving_until_a_decision_made_since
     route = router.rollouts.route("chat")
     assert (route.stable.release, route.phase, route.decision_id) == ("r1", "aborted", blocked.id), route.reason
     assert set(await _releases(http, router, 40)) == {"r1"}
+
+
+async def test_a_break_glass_promotion_is_shown_in_status_until_a_decision_admits_the_release(
+        router: Any, http: aiohttp.ClientSession, signer: Signer, keys: Any) -> None:
+    # Probe p28 (note): after boss's break-glass promote of `bad` (never gated) it served all traffic, while `lockgate
+    # status` said "no break-glass overrides" and `rollout get` "override -": only the route's reason said it.
+    await _glass_canary(router, http)
+    promote = {"break_glass": break_glass(router.ctx.settings, "chat", "bad", "promote", "incident 7")}
+    async with http.post(f"{router.url}{DEPLOYMENT}/promote", json=promote) as resp:
+        assert resp.status == 200, await resp.text()
+    s = router.ctx.settings
+    where = ["--home", s.home, "--nats", s.nats_url, "--prefix", s.prefix]
+
+    async def lockgate(*args: str) -> Any:
+        result = await asyncio.to_thread(CliRunner().invoke, cli, [*where, *args])
+        assert result.exit_code == 0, result.output
+        return result
+
+    status = json.loads((await lockgate("status", "--json")).stdout)
+    assert [(o["deployment"], o["release"], o["action"], o["by"], o["reason"]) for o in status["overrides"]] == [
+        ("chat", "bad", "promote", "boss", "incident 7")], status["overrides"]
+    got = await lockgate("rollout", "--router", router.url, "--api-key", keys.admin_key, "get", "chat")
+    assert "stable bad serves by BREAK-GLASS promote of boss: incident 7" in " ".join(got.stdout.split()), got.stdout
+
+    # A PASS of `bad` admits it: the gate speaks for it now, and the statement is no longer shown.
+    await gate_decided(router.ctx.bus, signer.sign(GateDecided(release="bad", rules=[], decision="PASS",
+                                                               artifacts=await judged(router.ctx.bus, "bad"))))
+    await router.rollouts.wait_for(lambda r: r["chat"].glass_stable is None, timeout=10)
+    await router.rollouts.flush()  # written to KV, where `status` reads the routes
+    assert json.loads((await lockgate("status", "--json")).stdout)["overrides"] == []
+    got = await lockgate("rollout", "--router", router.url, "--api-key", keys.admin_key, "get", "chat")
+    assert "BREAK-GLASS promote" not in got.stdout and router.rollouts.route("chat").stable.release == "bad"
 
 
 async def _admitted_by_a_new_key(router: Any) -> tuple[Signer, GateDecided]:

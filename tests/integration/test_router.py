@@ -713,17 +713,21 @@ async def test_break_glass_is_admin_only_signed_recorded_and_shown_until_cleared
     assert await read_overrides(bus) == []
 
     # The signed promote makes r2 stable; it ends the rollout, so nothing is left in the route to cover a later one
-    # (the reason, the rollout event and the audit log record it).
+    # (the reason, the rollout event and the audit log record it). The statement r2 serves by is kept, and shown
+    # until a decision admits r2 (before, probe p28, status then said "no break-glass overrides").
     status, route = await _post(http, router, "promote", break_glass=glass)
     assert status == 200 and route["phase"] == "promoted" and route["stable"]["release"] == "r2"
     assert route["override"] is None and "BREAK-GLASS by boss: hotfix for incident 42" in route["reason"]
+    assert (route["glass_stable"]["release"], route["glass_stable"]["actor"]) == ("r2", "boss")
     states = []
     while not states or states[-1].phase != "promoted":
         states.append(_states.decode((await sub.next_msg(timeout=10)).data))
     await sub.unsubscribe()  # states left unread would hold the bus's drain at teardown (30 s)
     assert "BREAK-GLASS by boss" in states[-1].reason and "hotfix for incident 42" in states[-1].reason
     await router.rollouts.flush()
-    assert await read_overrides(bus) == []
+    [shown] = await read_overrides(bus)
+    assert (shown["deployment"], shown["release"], shown["action"], shown["by"], shown["reason"]) == (
+        "chat", "r2", "promote", "boss", "hotfix for incident 42")
 
 
 # Endpoints come from operator configuration; releases are immutable and served as they say.

@@ -258,6 +258,26 @@ def test_break_glass_promotes_and_a_canary_override_stays_until_cleared() -> Non
     assert (cleared.weight, cleared.override) == (0.0, None)
 
 
+def test_a_break_glass_promote_is_kept_on_the_route_until_the_gate_admits_the_release_or_it_serves_no_more() -> None:
+    # Probe p28 (note): the promote kept its statement nowhere in the route, so `lockgate status` said "no break-glass
+    # overrides" while a never-gated release served all traffic.
+    glass = domain.Override(release="r2", action="promote", actor="carol", reason="incident", at=1.0)
+    r = domain.manual_promote(msgspec.structs.replace(_canary(), good=[STABLE]), glass)
+    assert (r.stable.release, r.override, r.glass_stable) == ("r2", None, glass)
+    # A decision that does not admit r2, or one about another release, leaves it; a PASS of r2 ends it, once.
+    assert domain.on_decision(r, _decision("PASS", "r1", "p1"), STEPS, 5.0, now=1.0) is None
+    assert domain.hold_stable(r, None) is None
+    admitted = domain.on_decision(r, _decision("PASS", "r2", "p2"), STEPS, 5.0, now=1.0)
+    assert admitted.glass_stable is None and admitted.stable.release == "r2"
+    assert "break-glass promote of r2 by carol ended: gate decision p2 admits it" in admitted.reason
+    assert domain.on_decision(admitted, _decision("PASS", "r2", "p3"), STEPS, 5.0, now=2.0) is None
+    # The router's periodic check of the stable ends it alike (a decision whose message it missed).
+    assert domain.hold_stable(r, _decision("PASS", "r2", "p2")).glass_stable is None
+    # Rolled back (a BLOCK made since): r2 serves no more, and nothing is shown for it.
+    back = domain.on_decision(r, _decision("BLOCK", "r2", "b1"), STEPS, 5.0, now=1.0, decisions=_ok(r))
+    assert (back.stable.release, back.glass_stable) == ("r1", None)
+
+
 def test_decisions_for_other_releases_redeliveries_and_terminal_states_are_ignored() -> None:
     r = _canary()
     assert domain.on_decision(r, _decision("BLOCK", release="other"), STEPS, 5.0, now=0.0) is None

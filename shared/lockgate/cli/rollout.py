@@ -219,7 +219,7 @@ def summary(route: dict[str, Any]) -> list[dict[str, Any]]:
         # --json): before (probe p23 F7), a row "admitted by" showed the decision's id, the JSON's field the key's.
         ("admitted by decision", f"{route['admitted']} (signed by key {route.get('admitted_by') or '?'})"
          if route.get("admitted") else "-"),
-        ("override", (route.get("override") or {}).get("reason", "-")),
+        ("override", _override(route)),
         ("analysis", f"look {status.get('look', 0)}, failures {status.get('failures', 0)}, "
                      f"inconclusive {status.get('inconclusives', 0)}, at {_when(status.get('at', 0))}"
          if strategy.get("analysis") else "none (steps advance on time)"),
@@ -241,6 +241,17 @@ def summary(route: dict[str, Any]) -> list[dict[str, Any]]:
             ("instant rollback until", _when(route.get("scale_down_at", 0))),
         )]
     return rows
+
+
+def _override(route: dict[str, Any]) -> str:
+    """The break-glass override in effect: a canary's reason, or the promote's statement the stable serves by."""
+    if route.get("override"):
+        return str(route["override"].get("reason", "-"))
+    glass = route.get("glass_stable")
+    if not glass:
+        return "-"
+    return (f"stable {glass.get('release')} serves by BREAK-GLASS promote of {glass.get('actor')}: {glass.get('reason')} "
+            "(until a gate decision admits it or it is rolled back)")
 
 
 def _header(h: dict[str, Any] | None) -> str:

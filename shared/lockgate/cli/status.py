@@ -77,19 +77,22 @@ def streams_title(streams: list[dict[str, Any]]) -> str:
 
 
 async def read_overrides(bus: Bus) -> list[dict[str, Any]]:
-    """Break-glass overrides in effect, from the routes KV: shown until an admin clears them."""
+    """Break-glass overrides in effect, from the routes KV: a canary's until an admin clears it, a promoted stable's
+    (`glass_stable`) until a gate decision admits it or another release serves in its place."""
     out = []
     for key, value in (await bus.kv_entries(bus.subjects.kv_routes)).items():
         try:
             route = json.loads(value or b"{}")
         except ValueError:
             continue  # not a route
-        o = route.get("override") if isinstance(route, dict) else None
-        if o:
-            out.append({"deployment": route.get("deployment", key), "release": o.get("release"),
-                        "action": o.get("action"), "by": o.get("actor"), "key_id": o.get("key_id", ""),
-                        "since": dt.datetime.fromtimestamp(o.get("at", 0), dt.UTC).strftime("%Y-%m-%d %H:%M:%SZ"),
-                        "reason": o.get("reason")})
+        if not isinstance(route, dict):
+            continue
+        for o in (route.get("override"), route.get("glass_stable")):
+            if o:
+                out.append({"deployment": route.get("deployment", key), "release": o.get("release"),
+                            "action": o.get("action"), "by": o.get("actor"), "key_id": o.get("key_id", ""),
+                            "since": dt.datetime.fromtimestamp(o.get("at", 0), dt.UTC).strftime("%Y-%m-%d %H:%M:%SZ"),
+                            "reason": o.get("reason")})
     return out
 
 
@@ -124,6 +127,7 @@ def register(cli: click.Group) -> None:
         table(report["streams"], title=streams_title(report["streams"]))
         table(report["consumers"], title="consumers (pending = not yet delivered; unacked = in flight)")
         table(report["dead_letters"], title="dead letters by origin", empty="no dead letters")
-        table(report["overrides"], title="BREAK-GLASS overrides in effect (an admin clears them: "
-                                         "DELETE /lockgate/v1/deployments/DEPLOYMENT/break-glass)",
+        table(report["overrides"], title="BREAK-GLASS overrides in effect (a canary's until an admin clears it: "
+                                         "DELETE /lockgate/v1/deployments/DEPLOYMENT/break-glass; a promote's until "
+                                         "a gate decision admits the release or it is rolled back)",
               empty="no break-glass overrides")
