@@ -72,7 +72,12 @@ def _refuse_to_start(settings: Settings, sim_port: int) -> None:
         refuse_to_start(settings, sim_port)
         return
     given = os.environ.get(MAKE_ARGS, "").strip()
-    refuse_to_start(settings, sim_port, advice=lambda options: f' (with make: make run ARGS="{f"{given} {options}".strip()}")')
+
+    def advice(options: str) -> str:
+        args = f"{given} {options}".strip()
+        return f' (with make: make run ARGS="{args}")'
+
+    refuse_to_start(settings, sim_port, advice=advice)
 
 
 def _demo_keys(home: str) -> tuple[str, str]:

@@ -239,8 +239,9 @@ class CaseResult:
     details: Mapping[str, Any] = field(default_factory=dict)  # judge replies, cache hits
 
 
-# A case's `details` key marking it answered from the eval cache (runner.py).
+# A case's `details` key marking it answered from the eval cache (runner.py), and the run metric counting them.
 CACHED = "cached"
+N_CACHED = "n_cached"
 
 
 def _bucket(key: str, value: Any, edges: tuple[float, ...]) -> str | None:
@@ -480,7 +481,7 @@ def aggregate(suite: Suite, results: Sequence[CaseResult], costs: Sequence[float
     metrics["error_rate"] = errors / n
     # Answered from the eval cache: answer, scores and latency are the call's that filled it (an earlier run's).
     if cached := sum(1 for r in results if not r.error and r.details.get(CACHED)):
-        metrics["n_cached"] = float(cached)
+        metrics[N_CACHED] = float(cached)
     latencies = [r.latency_ms for r in results if not r.error]
     if latencies:
         metrics["latency_p50_ms"] = percentile(latencies, 50)
@@ -498,7 +499,7 @@ def is_count(metric: str) -> bool:
     """Counts and shares (`n`, `n_cases`, `n_cached`, `<scorer>_failures`, `<scorer>_missing`) are facts about this
     run, not estimates: they have no interval."""
     metric = metric.split("[", 1)[0]  # a slice's count is a count too: n_cases[lang=de]
-    return metric in ("n", "n_cases", "n_cached") or metric.endswith(("_failures", "_missing"))
+    return metric in ("n", "n_cases", N_CACHED) or metric.endswith(("_failures", "_missing"))
 
 
 def failure_counts(suite: Suite, results: Sequence[CaseResult]) -> dict[str, float]:

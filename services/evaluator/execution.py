@@ -294,7 +294,7 @@ class Execution:
             warnings.append(f"llm_judge: {unparsed} replies without a readable score; {failed} cases got none "
                             "(missing, not scored 0)")
         metrics = domain.aggregate(suite, results, costs)
-        if cached := round(metrics.get("n_cached", 0)):
+        if cached := round(metrics.get(domain.N_CACHED, 0)):
             # Said, since a latency of such a row was measured when it was first called, maybe days ago, and a
             # relative latency rule sees a case shared with a baseline that filled the cache as unchanged (probe p29).
             warnings.append(f"eval cache: {cached} of {len(results)} rows were answered from the cache: their answers, "
@@ -355,7 +355,7 @@ class Execution:
         warnings = list(outcome.warnings)
         # How many rows the cache answered says how the stored run was served, not what it found: a rerun (the cache
         # off) has none, and is not to disagree for that.
-        stored.metrics.pop("n_cached", None)
+        stored.metrics.pop(domain.N_CACHED, None)
         if loaded is not None and not n_stored:
             warnings.append(f"run {req.rerun_of} has no stored cases of suite {req.suite}: nothing to compare")
         done = EvalReran(

@@ -25,6 +25,9 @@ from lockgate.services.lineage import live
 
 log = logging.getLogger("lockgate.lineage")
 BACKLOG_S = 3600.0
+# The emitter sends one event at a time and waits on this lookup (one per eval request, a rare event): bounded, a
+# slow query service holds live lineage up for seconds, not the default 30 s each.
+ENDED_TIMEOUT_S = 2.0
 
 
 class LiveLineage:
@@ -93,7 +96,8 @@ class LiveLineage:
         if self.tracker.knows(ol.run_uuid(run_id)):
             return False  # the tracker keeps its START first, or drops it after its end
         try:
-            return await ask(self.ctx.bus, "eval_run_event_id", {"run_id": run_id}, into=str | None) is not None
+            return await ask(self.ctx.bus, "eval_run_event_id", {"run_id": run_id}, into=str | None,
+                             timeout_s=ENDED_TIMEOUT_S) is not None
         except LockgateError:
             # Unknown: a START left out now comes with the run's end, one sent for an ended run never ends.
             return True

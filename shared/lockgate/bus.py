@@ -302,6 +302,11 @@ class Bus:
         self._scrubbed_size = 0
         self._scrub_pool: ThreadPoolExecutor | None = None
 
+    @property
+    def max_payload(self) -> int:
+        """The largest message the server accepts, as it said when this connection was made (NATS' default before)."""
+        return self.nc.max_payload if self.nc is not None else 1 << 20
+
     async def connect(self) -> None:
         """Connect, then create streams, KV buckets and the object store (idempotent)."""
         nc = NatsClient()
@@ -567,7 +572,7 @@ class Bus:
         out = [{"stream": spec.name, "bytes": state.bytes, "max_bytes": spec.max_bytes}
                for spec, state in zip(specs, states, strict=True)
                if state is not None and stream_full(state.bytes, spec.max_bytes,
-                                                    self.nc.max_payload if self.nc else 1 << 20)]
+                                                    self.max_payload)]
         if originals is not None and originals["full"]:
             out.append({k: originals[k] for k in ("stream", "bytes", "max_bytes", "bucket")})
         return out
@@ -594,7 +599,7 @@ class Bus:
             return None
         max_bytes = info.config.max_bytes or 0
         full = info.config.discard == DiscardPolicy.NEW and stream_full(
-            info.state.bytes, max_bytes, self.nc.max_payload if self.nc else 1 << 20)
+            info.state.bytes, max_bytes, self.max_payload)
         return {"bucket": bucket, "stream": stream, "messages": info.state.messages, "bytes": info.state.bytes,
                 "max_bytes": max_bytes, "full": full}
 

@@ -20,7 +20,12 @@ class ConfigError(LockgateError):
 
 
 class PortInUse(ConfigError):
-    """A port lockgate is told to listen on is another process's."""
+    """A port lockgate is told to listen on is another process's: `what` listens there, chosen with `flag`."""
+
+    def __init__(self, what: str, port: int, flag: str) -> None:
+        super().__init__(f"{what} port {port} is in use (another lockgate stack?): choose another with {flag}, or 0 "
+                         "for a free one")
+        self.what, self.port, self.flag = what, port, flag
 
 
 class InvalidEvent(LockgateError):

@@ -46,7 +46,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("lockgate.telemetry")
 
 SOURCE = "lockgate"  # the SpanBatch source of lockgate's own spans (an application's arrive from `otlp`)
-DEFAULT_MAX_PAYLOAD = 1 << 20  # NATS' default, until a connection says otherwise
 
 _KIND = {
     SpanKind.INTERNAL: "Internal",
@@ -177,8 +176,7 @@ class NatsSpanExporter(SpanExporter):
 
     def _max_bytes(self) -> int:
         """The bytes of spans one message may carry: the connection's max_payload, less room for the rest."""
-        nc = self._bus.nc
-        return max(1, (getattr(nc, "max_payload", 0) or DEFAULT_MAX_PAYLOAD) - ROOM)
+        return max(1, self._bus.max_payload - ROOM)
 
     async def _publish(self, messages: list[Message]) -> bool:
         """Publish every message at once, waiting at most timeout_s for all; count each message's spans as
@@ -433,8 +431,8 @@ class Telemetry:
 
     @property
     def spans_dropped(self) -> int:
-        """Spans the exporter lost since the start (its `dropped`; 0 without one that counts)."""
-        return getattr(self._exporter, "dropped", 0)
+        """Spans lockgate's bus exporter lost since the start (0 with another exporter, which counts none)."""
+        return self._exporter.dropped if isinstance(self._exporter, NatsSpanExporter) else 0
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
         """Export every ended span now and wait for it; blocks, so from async code use `asyncio.to_thread`."""

@@ -82,8 +82,9 @@ def rule_rows(decision: GateDecided) -> list[dict[str, Any]]:
 async def request_review(bus: Bus, release: str, action: str, identity: Identity, reason: str,
                          timeout_s: float, settings: Settings | None = None) -> GateDecided:
     """Publish a GateReview signed by `identity` as `lockgate gate approve|reject` does, and wait for the
-    gate's new decision; ReviewRefused, with the gatekeeper's reason, when it refuses the review. With `settings`, a review the trust file there scopes `identity` out of is refused
-    before anything is sent (the gatekeeper would refuse it: nothing would answer)."""
+    gate's new decision; ReviewRefused, with the gatekeeper's reason, when it refuses the review. With `settings`, a
+    review the trust file there scopes `identity` out of is refused before anything is sent (the gatekeeper would
+    refuse it: nothing would answer)."""
     current = await current_decision(bus, release)
     why = scope_refusal(settings, identity, current.tenant) if settings is not None else ""
     if why:
@@ -100,11 +101,7 @@ async def request_review(bus: Bus, release: str, action: str, identity: Identity
     # subscribed before it is sent. Before (probe p28 F3), only decisions were, so a refusal given within a second
     # read as a 30 s timeout blaming the gatekeeper.
     answers: asyncio.Queue[Msg] = asyncio.Queue()
-
-    async def put(msg: Msg) -> None:
-        answers.put_nowait(msg)
-
-    subs = [await bus.nc.subscribe(subject, cb=put)
+    subs = [await bus.nc.subscribe(subject, cb=answers.put)
             for subject in (bus.subjects.gate_decided(release), bus.subjects.gate_audit)]
     try:
         await bus.publish(bus.subjects.gate_review(release), review)

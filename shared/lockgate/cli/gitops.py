@@ -17,6 +17,7 @@ from rich.text import Text
 from lockgate.cli.access import chosen_role, with_bus
 from lockgate.cli.render import console, emit_json, err_console, table
 from lockgate.cli.root import handle_errors, json_option
+from lockgate.errors import LockgateError
 
 if TYPE_CHECKING:
     from lockgate.identity import Identity
@@ -215,12 +216,17 @@ def register(cli: click.Group) -> None:
         author = _signer(ctx, where)  # signs the apply and the releases it binds, as `release create --as` does
         warnings: list[str] = []
 
+        keyring = Keyring.from_settings(settings)
+
         async def work(bus: Any) -> tuple[Any, Any]:
             async def moved(app: str, name: str, release: str, findings: list[Any], skipped: list[Any]) -> None:
-                # What `alias set` says of the same move (probe p29 F6: apply moved an alias to a release the gate
-                # does not admit with only "applied: 1 change").
-                said, _ = await move_warnings(bus, Keyring.from_settings(settings), app, name, release, findings,
-                                              skipped)
+                # What `alias set` says of the same move. The alias has moved: a lookup that fails is one more
+                # warning, never the apply's failure (the move would go unrecorded).
+                try:
+                    said, _ = await move_warnings(bus, keyring, app, name, release, findings, skipped)
+                except LockgateError as exc:
+                    said = [f"{app}/{name} now points to {release}, whose gate decision could not be checked: "
+                            f"{exc.message}"]
                 warnings.extend(said)
 
             plan = await _plan(bus, desired, prune, settings)

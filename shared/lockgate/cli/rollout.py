@@ -244,14 +244,12 @@ def summary(route: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _override(route: dict[str, Any]) -> str:
-    """The break-glass override in effect: a canary's reason, or the promote's statement the stable serves by."""
-    if route.get("override"):
-        return str(route["override"].get("reason", "-"))
-    glass = route.get("glass_stable")
-    if not glass:
-        return "-"
-    return (f"stable {glass.get('release')} serves by BREAK-GLASS promote of {glass.get('actor')}: {glass.get('reason')} "
-            "(until a gate decision admits it or it is rolled back)")
+    """The break-glass overrides in effect: a canary's reason, and the promote's statement the stable serves by."""
+    said = [str(route["override"].get("reason", "-"))] if route.get("override") else []
+    if glass := route.get("glass_stable"):
+        said.append(f"stable {glass.get('release')} serves by BREAK-GLASS promote of {glass.get('actor')}: "
+                    f"{glass.get('reason')} (until a gate decision admits it or it is rolled back)")
+    return "; ".join(said) or "-"
 
 
 def _header(h: dict[str, Any] | None) -> str:

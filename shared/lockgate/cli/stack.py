@@ -191,21 +191,19 @@ def refuse_to_start(settings: Settings, sim_port: int | None = None,
         ports.append((settings.host, sim_port, "simulator", "--sim-port"))
     # Every taken port in one refusal, with the one command that starts beside the other stack (named one at a
     # time, each retry found the next: six tries beside a default stack, probe p30).
-    taken: list[tuple[str, int, str]] = []
+    taken: list[PortInUse] = []
     for host, port, what, flag in ports:
         try:
             check_free(host, port, what=what, flag=flag)
-        except PortInUse:
-            taken.append((what, port, flag))
+        except PortInUse as exc:
+            taken.append(exc)
     if taken:
-        options = " ".join(f"{flag} 0" for *_, flag in taken)
+        options = " ".join(f"{t.flag} 0" for t in taken)
         if len(taken) == 1:
-            (what, port, flag), = taken
-            raise PortInUse(f"{what} port {port} is in use (another lockgate stack?): choose another with {flag}, "
-                            f"or 0 for a free one{advice(options)}")
-        names = ", ".join(f"{what} port {port}" for what, port, _ in taken)
-        raise PortInUse(f"{names} are in use (another lockgate stack?): choose others, or 0 for free ones: "
-                        f"{options}{advice(options)}")
+            taken[0].message += advice(options)
+            raise taken[0]
+        raise ConfigError(f"{', '.join(f'{t.what} port {t.port}' for t in taken)} are in use (another lockgate "
+                          f"stack?): choose others, or 0 for free ones: {options}{advice(options)}")
 
 
 _PORT_HELP = "0 picks a free port; the endpoints printed at start show the real one."
@@ -302,10 +300,9 @@ def register(cli: click.Group) -> None:
         for name in services:
             factory(name)  # an unknown name fails here with the list of services
 
-        settings: Settings = ctx.obj["settings"].replace(nats_url=nats_url, clickhouse_url=clickhouse_url)
-        settings = settings.replace(host=host, grpc_port=grpc_port,
-                                                         router_port=router_port, otlp_grpc_port=otlp_grpc_port,
-                                                         otlp_http_port=otlp_http_port, health_port=health_port)
+        settings: Settings = ctx.obj["settings"].replace(
+            nats_url=nats_url, clickhouse_url=clickhouse_url, host=host, grpc_port=grpc_port, router_port=router_port,
+            otlp_grpc_port=otlp_grpc_port, otlp_http_port=otlp_http_port, health_port=health_port)
         # ClickHouse not configured: the chDB under the home, as `up` and the CLI's queries have it (before,
         # `--home H serve query` opened ./.lockgate/clickhouse, and `lockgate sql` answered 0 rows from it).
         settings = settings.replace(clickhouse_url=access.store_url(settings))

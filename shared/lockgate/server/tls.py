@@ -129,8 +129,7 @@ def _probe(host: str, port: int) -> OSError | None:
 
 def _refused(what: str, host: str, port: int, flag: str, exc: OSError | None) -> ConfigError:
     if exc is not None and exc.errno == errno.EADDRINUSE:
-        return PortInUse(f"{what} port {port} is in use (another lockgate stack?): choose another with {flag}, "
-                         "or 0 for a free one")
+        return PortInUse(what, port, flag)
     reason = (exc.strerror or str(exc)) if exc is not None else "the port is in use or the host is not this machine's"
     return ConfigError(f"{what} cannot listen on {host}:{port}: {reason} (its port is chosen with {flag})")
 
