@@ -45,6 +45,8 @@ Without a file, two endpoints come from settings: `default` (stable_upstream) an
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import msgspec
 from yarl import URL
 
@@ -72,6 +74,7 @@ class _File(allowlist.EndpointsFile, forbid_unknown_fields=True):
     # The shared reading (endpoints and groups, the groups checked there) with the router's fields and section.
     endpoints: dict[EndpointId, EndpointSpec]
     models: dict[str, Name] = {}  # model name -> deployment
+    spec_type: ClassVar[type[allowlist.EndpointSpec]] = EndpointSpec
 
 
 class Endpoint(msgspec.Struct, frozen=True, kw_only=True):
@@ -104,10 +107,10 @@ class Endpoints:
 
     def __init__(self, settings: Settings) -> None:
         file = allowlist.read(settings, _File)
-        specs: dict[str, EndpointSpec] = {k: v if isinstance(v, EndpointSpec) else EndpointSpec(url=v.url)
-                                          for k, v in file.endpoints.items()}
-        self.models: dict[str, str] = file.models if isinstance(file, _File) else {}  # model name -> deployment
+        specs: dict[str, EndpointSpec] = file.endpoints
+        self.models: dict[str, str] = file.models  # model name -> deployment
         self.groups: dict[str, GroupSpec] = file.groups
+        self._member_of = allowlist.member_of(specs, self.groups)
         secrets = allowlist.read_secrets(settings)
         self.by_id: dict[str, Endpoint] = {}
         for eid, spec in specs.items():
@@ -125,10 +128,8 @@ class Endpoints:
     def get(self, endpoint_id: str) -> Endpoint:
         """The endpoint with this id (a group's first choice, the member the evaluator evaluates), or
         UnknownEndpoint naming the allowed ones."""
-        group = self.groups.get(endpoint_id)
-        found = self.by_id.get(allowlist.first_choice(group, {k: e.price for k, e in self.by_id.items()})
-                               if group is not None else endpoint_id)
-        if found is None:
+        eid = self._member_of.get(endpoint_id)
+        if eid is None:
             raise UnknownEndpoint(f"endpoint {endpoint_id!r} is not configured (allowed: "
                                   f"{', '.join(sorted([*self.by_id, *self.groups])) or 'none'})")
-        return found
+        return self.by_id[eid]

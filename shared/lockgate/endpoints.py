@@ -14,7 +14,10 @@ in a repr, a message, a log line or an event.
     endpoints:
       openai-prod: {url: https://api.openai.com/v1, credential: OPENAI_API_KEY}
       judge: {url: https://judge.example/v1, credential: JUDGE_KEY}
-      openai-backup: {url: https://backup.example/v1, credential: BACKUP_KEY, price: {input_per_mtok: 0.1, output_per_mtok: 0.4}}
+      openai-backup:
+        url: https://backup.example/v1
+        credential: BACKUP_KEY
+        price: {input_per_mtok: 0.1, output_per_mtok: 0.4}
     groups:             # endpoints serving the same model: a release may name one instead of an endpoint
       gpt-4o-any: {endpoints: [openai-prod, openai-backup], choose: price}
 
@@ -32,7 +35,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal, NamedTuple, TypeVar
 
 import msgspec
 
@@ -77,6 +80,12 @@ class EndpointsFile(msgspec.Struct):
 
     endpoints: dict[EndpointId, EndpointSpec]
     groups: dict[EndpointId, GroupSpec] = {}
+    # What `endpoints` holds: a reading that extends this one names its own, so that the development endpoints
+    # (no file) are of the same type as a file's.
+    spec_type: ClassVar[type[EndpointSpec]] = EndpointSpec
+
+
+F = TypeVar("F", bound=EndpointsFile)
 
 
 def blended(price: ModelPrice | None) -> float | None:
@@ -96,6 +105,13 @@ def first_choice(group: GroupSpec, prices: Mapping[str, ModelPrice | None]) -> s
     if group.choose == "price":
         return by_price(group.endpoints, {m: blended(prices.get(m)) for m in group.endpoints})[0]
     return group.endpoints[0]
+
+
+def member_of(specs: Mapping[str, EndpointSpec], groups: Mapping[str, GroupSpec]) -> dict[str, str]:
+    """Each allowed id and the endpoint it stands for: an endpoint itself, a group its first choice. Prices are
+    declared, so a reader computes this once, not per request."""
+    prices = {eid: spec.price for eid, spec in specs.items()}
+    return {**{e: e for e in specs}, **{g: first_choice(group, prices) for g, group in groups.items()}}
 
 
 def check_groups(specs: dict[str, Any], groups: dict[str, GroupSpec]) -> None:
@@ -131,14 +147,16 @@ def auth_headers(provider: str, secret: str) -> dict[str, str]:
     return {"x-api-key": secret} if provider == "anthropic" else {"Authorization": f"Bearer {secret}"}
 
 
-def read_file(settings: Settings, file_type: type[Any]) -> Any:
+def read_file(settings: Settings, file_type: type[F]) -> F:
     """The endpoints file decoded as `file_type` (a ConfigError naming the file when unreadable or invalid)."""
     return load_yaml(settings.endpoints_file, file_type, name="endpoints file")
 
 
-def dev_endpoints(settings: Settings) -> dict[str, EndpointSpec]:
-    """The two endpoints of a setup without an endpoints file: `default` and `canary`, no credential."""
-    return {"default": EndpointSpec(url=settings.stable_upstream), "canary": EndpointSpec(url=settings.canary_upstream)}
+def dev_endpoints(settings: Settings, spec_type: type[EndpointSpec] = EndpointSpec
+                  ) -> dict[str, EndpointSpec]:
+    """The two endpoints of a setup without an endpoints file, as `spec_type`: `default` and `canary`, no
+    credential."""
+    return {"default": spec_type(url=settings.stable_upstream), "canary": spec_type(url=settings.canary_upstream)}
 
 
 def read_secrets(settings: Settings) -> dict[str, str]:
@@ -164,31 +182,37 @@ def resolve(endpoint_id: str, spec: EndpointSpec, secrets: dict[str, str]) -> Ac
                   headers={**auth_headers(spec.provider, secret), **scope})
 
 
-def read(settings: Settings, file_type: type[EndpointsFile] = EndpointsFile) -> EndpointsFile:
+def read(settings: Settings, file_type: type[F]) -> F:
     """The endpoints file as `file_type` (this view or the router's), its groups checked (ConfigError); without a
-    file, the development endpoints and no group."""
+    file, the development endpoints (as `file_type.spec_type`) and no group."""
     if not settings.endpoints_file:
-        return EndpointsFile(endpoints=dev_endpoints(settings))
+        return file_type(endpoints=dev_endpoints(settings, file_type.spec_type))
     file = read_file(settings, file_type)
     check_groups(file.endpoints, file.groups)
     return file
+
+
+class Member(NamedTuple):
+    """The endpoint an allowed id stands for: `id` itself, or a group's first choice."""
+
+    id: str
+    spec: EndpointSpec
 
 
 class AllowList:
     """The allow-list as read now: endpoint and group ids and, on demand, each one's URL and credential."""
 
     def __init__(self, settings: Settings) -> None:
-        file = read(settings)
+        file = read(settings, EndpointsFile)
         self.specs: dict[str, EndpointSpec] = file.endpoints
         self.groups: dict[str, GroupSpec] = file.groups
+        self._member_of = member_of(self.specs, self.groups)
         self._settings = settings
 
-    def spec(self, endpoint_id: str) -> tuple[str, EndpointSpec] | None:
+    def spec(self, endpoint_id: str) -> Member | None:
         """The endpoint an id stands for, with its id: itself, or a group's first choice (None: not listed)."""
-        group = self.groups.get(endpoint_id)
-        eid = first_choice(group, {k: s.price for k, s in self.specs.items()}) if group is not None else endpoint_id
-        spec = self.specs.get(eid)
-        return None if spec is None else (eid, spec)
+        eid = self._member_of.get(endpoint_id)
+        return None if eid is None else Member(eid, self.specs[eid])
 
     def access(self, endpoint_id: str, what: str = "endpoint") -> Access:
         """The endpoint's URL and credential (a group's: its first choice's, `member` naming it): UnknownEndpoint
@@ -202,5 +226,4 @@ class AllowList:
         access = resolve(eid, spec, read_secrets(self._settings))
         if eid == endpoint_id:
             return access
-        return Access(id=endpoint_id, base=access.base, provider=access.provider, member=eid,
-                      authorization=access.authorization, headers=access.headers)
+        return msgspec.structs.replace(access, id=endpoint_id, member=eid)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from lockgate.config import Settings
@@ -147,6 +148,17 @@ def test_a_group_is_allowed_as_its_first_choice_the_member_the_router_serves_it_
     assert allowed.access("cheap").member == ""  # an endpoint named itself
     with pytest.raises(UnknownEndpoint, match=r"\(by-latency, by-price, cheap, dear, free\)"):
         allowed.access("nope")
+
+
+def test_an_id_stands_for_a_named_member_and_a_groups_access_is_its_members_but_for_the_ids(
+        tmp_path: Path) -> None:
+    allowed = AllowList(_settings(tmp_path, GROUPS))
+    found = allowed.spec("by-price")
+    assert found is not None and (found.id, found.spec.url) == ("cheap", "http://cheap.test/v1")
+    assert allowed.spec("cheap") == ("cheap", allowed.specs["cheap"]) and allowed.spec("nope") is None
+    # Every field of the member's Access is kept, whatever fields Access gains: only the ids differ.
+    assert allowed.access("by-price") == msgspec.structs.replace(allowed.access("cheap"), id="by-price",
+                                                                 member="cheap")
 
 
 @pytest.mark.parametrize(("groups", "error"), [

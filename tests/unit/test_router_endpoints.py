@@ -6,13 +6,22 @@ from pathlib import Path
 
 import pytest
 
+from lockgate import endpoints as allowlist
 from lockgate.config import Settings
 from lockgate.endpoints import AllowList
 from lockgate.errors import ConfigError
-from lockgate.services.router.endpoints import Endpoints
+from lockgate.services.router import endpoints as router_endpoints
+from lockgate.services.router.endpoints import Endpoints, EndpointSpec
 from lockgate.services.router.upstream import Upstream
 
 pytestmark = pytest.mark.timeout(30)
+PRICED = """\
+endpoints:
+  dear: {url: 'http://d.test/v1', price: {input_per_mtok: 5, output_per_mtok: 15}}
+  cheap: {url: 'http://c.test/v1', price: {input_per_mtok: 0.1, output_per_mtok: 0.4}}
+groups:
+  g: {endpoints: [dear, cheap]}
+"""
 
 
 def _load(tmp_path: Path, text: str) -> Endpoints:
@@ -57,10 +66,28 @@ def test_groups_name_configured_endpoints_only(tmp_path: Path) -> None:
 
 
 def test_the_router_and_the_evaluators_allow_list_agree_on_a_groups_member(tmp_path: Path) -> None:
-    text = ("endpoints:\n  dear: {url: 'http://d.test/v1', price: {input_per_mtok: 5, output_per_mtok: 15}}\n"
-            "  cheap: {url: 'http://c.test/v1', price: {input_per_mtok: 0.1, output_per_mtok: 0.4}}\n"
-            "groups:\n  g: {endpoints: [dear, cheap]}\n")
-    eps = _load(tmp_path, text)
+    eps = _load(tmp_path, PRICED)
     allowed = AllowList(Settings(home=str(tmp_path), endpoints_file=str(tmp_path / "endpoints.yaml")))
     assert eps.get("g").id == "cheap" == allowed.access("g").member
     assert Upstream(draw=lambda: 1.0).members(eps, "g") == ["cheap", "dear"]  # every request's order
+
+
+def test_without_a_file_the_router_reads_its_own_types(tmp_path: Path) -> None:
+    s = Settings(home=str(tmp_path), stable_upstream="http://127.0.0.1:9001/v1")
+    file = allowlist.read(s, router_endpoints._File)  # the router's reading, its fields at their defaults
+    assert type(file) is router_endpoints._File and file.models == {} and file.groups == {}
+    assert {k: type(v) for k, v in file.endpoints.items()} == {"default": EndpointSpec, "canary": EndpointSpec}
+    eps = Endpoints(s)
+    assert (str(eps.get("default").url), eps.get("canary").fallback, eps.models) == (
+        "http://127.0.0.1:9001/v1/chat/completions", None, {})
+
+
+def test_a_groups_first_choice_is_ranked_once_at_start_not_per_request(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    eps = _load(tmp_path, PRICED)
+
+    def ranked(*_: object) -> str:
+        raise AssertionError("a request ranked the group again")
+
+    monkeypatch.setattr(allowlist, "first_choice", ranked)  # prices are declared: nothing to rank per request
+    assert eps.get("g").id == "cheap" and eps.get("dear").id == "dear"

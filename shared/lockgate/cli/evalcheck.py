@@ -78,4 +78,4 @@ def _listed_url(settings: Settings, endpoint_id: str) -> str | None:
     LOCKGATE_STABLE_UPSTREAM / LOCKGATE_CANARY_UPSTREAM), a group's that of the member the evaluator calls; None
     when they do not list it (then only its id is taken)."""
     found = AllowList(settings).spec(endpoint_id)
-    return found[1].url.rstrip("/") if found is not None else None
+    return found.spec.url.rstrip("/") if found is not None else None
