@@ -80,7 +80,7 @@ class Service:
         self.consumers = Consumers()  # registered by app.py with consume(); started by the bus
         self.tracer = ctx.telemetry.tracer(self.name)
         self.log = logging.getLogger(f"lockgate.{self.name}")
-        self._tasks: list[asyncio.Task[Any]] = []
+        self._tasks: set[asyncio.Task[Any]] = set()  # running: each leaves when done (a timer's work is many)
 
     @property
     def endpoints(self) -> dict[str, str]:
@@ -96,7 +96,8 @@ class Service:
         """Run background work that is cancelled on stop."""
         task = asyncio.create_task(coro, name=f"{self.name}:{name}")
         task.add_done_callback(_ended)
-        self._tasks.append(task)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
         return task
 
     async def start(self) -> None:
@@ -104,9 +105,10 @@ class Service:
 
     async def stop(self) -> None:
         """Cancel background tasks; subclasses flush buffers first, then call super()."""
-        for task in self._tasks:
+        tasks = list(self._tasks)  # each one ending leaves the set
+        for task in tasks:
             task.cancel()
-        for task in self._tasks:
+        for task in tasks:
             # A task can swallow its cancel: on Python 3.11 asyncio.wait_for (nats-py's request uses it) returns a
             # result that arrived with the cancel and drops the cancel, and the task's loop goes on. Awaited once,
             # the stop then waited for good (a restarted router in tests, `up` when a later listener failed): it is
