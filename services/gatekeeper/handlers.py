@@ -12,7 +12,7 @@ from lockgate import artifacts
 from lockgate.bus import Delivery
 from lockgate.contracts import EvalCompleted, GateDecided, GateReview, RuleResult
 from lockgate.contracts.gates import review_key
-from lockgate.errors import ConfigError, InvalidEvent, NotFound, SignatureError, UnreadableValue
+from lockgate.errors import ConfigError, NotFound, SignatureError, UnreadableValue
 from lockgate.evalruns import check_result, requested_run
 from lockgate.identity import OutOfScope, author_of, verify_review, withdrawn_approvals
 from lockgate.provenance import lifecycle
@@ -24,7 +24,7 @@ from lockgate.services.gatekeeper.driftgate import known_good, read_route
 from lockgate.services.gatekeeper.evaluated import evaluated_rules
 from lockgate.services.gatekeeper.gatesfile import Gates
 from lockgate.services.gatekeeper.ownkey import OwnKey
-from lockgate.services.gatekeeper.records import REQUIRED, Records, decided
+from lockgate.services.gatekeeper.records import REQUIRED, Records
 from lockgate.services.gatekeeper.registrations import Registrations
 from lockgate.services.gatekeeper.remake import judged_again
 from lockgate.services.gatekeeper.review import ReviewRules, apply_review, review_action
@@ -69,11 +69,7 @@ class GateHandlers:
         if self.gates is None:
             return 0
         remade = 0
-        for raw in (await self.ctx.bus.kv_entries(self.ctx.bus.subjects.kv_gates)).values():
-            try:
-                listed = decided.decode(raw)
-            except InvalidEvent:
-                continue  # no decision: it admits nothing (the router refuses what does not verify)
+        for listed in await self.records.current_decisions():
             if listed.decision == "PASS" and await self._hold(listed.release):
                 remade += 1
         return remade

@@ -156,6 +156,17 @@ class Records:
             raise UnreadableValue(stored.unreadable)
         return stored.decision
 
+    async def current_decisions(self) -> list[GateDecided]:
+        """Every release's current decision, as KV gates holds them; an entry that is no decision is left out: it
+        admits nothing (the router refuses what does not verify)."""
+        out = []
+        for raw in (await self.ctx.bus.kv_entries(self.ctx.bus.subjects.kv_gates)).values():
+            try:
+                out.append(decided.decode(raw))
+            except InvalidEvent:
+                continue
+        return out
+
     async def read(self, release: str) -> Stored:
         """The release's latest decision from KV with its revision; what the key holds if it is no decision of
         the release is `unreadable`, never "never gated"."""
