@@ -88,15 +88,15 @@ class Gatekeeper(Service):
                            f"against it ({exc.message}): restart the gatekeeper")
             log.error("%s", self.unheld)
         try:
-            # Sunsets passed while no gatekeeper ran BLOCK now; those ahead are armed.
             await self.sunsets.start()
-        except LockgateError as exc:
+        except LockgateError as exc:  # the lifecycles were not listed: no sunset is known to arm a timer for
             self.unsunset = (f"the sunsets of artifact versions were not all read ({exc.message}): a release using "
                              "one past its sunset may still admit; restart the gatekeeper")
             log.error("%s", self.unsunset)
 
     async def stop(self) -> None:
-        """Cancel the sunsets' timers, then the background work."""
+        """Cancel the sunsets' timers first, so that no pass ending meanwhile arms one past the stop; then the
+        background work."""
         self.sunsets.close()
         await super().stop()
 

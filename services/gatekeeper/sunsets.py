@@ -3,20 +3,21 @@
 successor (adapter: a timer per known sunset, remake.remake signs and stores).
 
 An eval judged after the sunset is a BLOCK already (the lifecycle rule); this holds a decision made before it to the
-same rule. Before, a PASS decided before the sunset kept admitting: `gate verify` said PASS, the router took it as a
-new deployment's first release and kept serving it (probe p29 F4).
+same rule (README, "Deprecation and sunset").
 
 The timers are armed from the lifecycle records: when the gatekeeper reads one (its durable consumer of the
 provenance stream's lifecycle subjects) and, at its start, for every artifact version with a sunset (one already past
-is judged before the start returns). Replicas share that consumer, so a record read by one arms that one's timer; each
-replica's start arms them all. The decision remade carries an id derived from the one it replaces, so replicas and a
-second start remake the same decision (compare-and-set: one stores it, the others find a BLOCK)."""
+is judged before the start returns). A timer that rings reads the sunset again and acts on what it says then, so a
+timer armed from an older read (or by a failed pass) never stands in for the sunset in force. Replicas share that
+consumer, so a record read by one arms that one's timer; each replica's start arms them all. The decision remade
+carries an id derived from the one it replaces, so replicas and a second start remake the same decision
+(compare-and-set: one stores it, the others find a BLOCK)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -29,7 +30,7 @@ from lockgate.server.service import ServiceContext
 from lockgate.services.gatekeeper import domain
 from lockgate.services.gatekeeper.domain import Outcome
 from lockgate.services.gatekeeper.ownkey import OwnKey
-from lockgate.services.gatekeeper.records import SUNSET, Records, decided
+from lockgate.services.gatekeeper.records import SUNSET, Records
 from lockgate.services.gatekeeper.remake import judged_again
 from lockgate.subjects import untoken
 
@@ -49,52 +50,48 @@ class Sunsets:
         self.records = records
         self.publish_key = publish_key
         self.spawn = spawn  # the service's background work, cancelled on its stop
-        self._timers: dict[str, tuple[datetime, asyncio.TimerHandle]] = {}  # artifact hash -> its sunset's timer
+        # artifact hash -> its timer and when it rings (the loop's clock); the earliest asked for is kept (_arm)
+        self._timers: dict[str, tuple[float, asyncio.TimerHandle]] = {}
+        self._closed = False  # the service stops: a pass failing meanwhile arms nothing its stop would not cancel
         self.unheld: dict[str, str] = {}  # artifact hash -> why the releases binding it were not all remade
 
     def problems(self) -> list[str]:
-        """A sunset passed whose releases may still admit (readiness says so until a retry remakes them)."""
-        return [f"releases using {digest} (past its sunset) may still admit: {why}; retried every {_RETRY_S:g} s"
+        """A sunset not held (readiness says so until a retry holds it): its releases may admit past it."""
+        return [f"releases using {digest} may still admit past its sunset: {why}; retried every {_RETRY_S:g} s"
                 for digest, why in sorted(self.unheld.items())]
 
-    async def start(self) -> int:
+    async def start(self) -> None:
         """Arm a timer for every artifact version with a sunset ahead, and remake now the decisions binding one whose
-        sunset is past (passed while no gatekeeper ran); how many were remade."""
-        remade = 0
-        for subject in await ledger.subjects(self.ctx.bus, self.ctx.bus.subjects.lifecycle_any):
+        sunset is past (passed while no gatekeeper ran). One whose history or releases cannot be read is retried
+        by its own timer; only failing to list the lifecycles raises."""
+        subjects = await ledger.subjects(self.ctx.bus, self.ctx.bus.subjects.lifecycle_any)
+        try:
+            listed: list[GateDecided] | None = await self.records.current_decisions()  # once, for every sunset past
+        except LockgateError:
+            listed = None  # each sunset past reads them itself, retried if that fails
+        for subject in subjects:
             digest = self._digest(subject)
-            if digest is None:
-                continue  # no artifact's history (chain.read skips what is on it)
-            try:
-                when = await self._sunset(digest)
-            except chain.ChainBroken as exc:
-                log.warning("lifecycle of %s: %s", digest, exc.message)  # every eval using it is a BLOCK
-                continue
-            if when is not None and when <= datetime.now(UTC):
-                remade += await self._pass(digest, when)
-            elif when is not None:
-                self._arm(digest, when)
-        return remade
+            if digest is not None:  # else no artifact's history (chain.read skips what is on it)
+                await self._due(digest, listed)
 
     def close(self) -> None:
-        """Cancel the timers (the service stops; its spawned work is cancelled by the service)."""
+        """Cancel the timers and arm no more (the service stops; its spawned work is cancelled by the service)."""
+        self._closed = True
         for _, timer in self._timers.values():
             timer.cancel()
         self._timers.clear()
 
     async def on_lifecycle(self, record: ArtifactLifecycle, delivery: Delivery) -> None:
-        """A lifecycle record appended: (re)arm the timer of its artifact version's sunset, as its verified history
-        says now (its last record; one nobody trusted signed is no part of it, and a later one may move or drop the
-        sunset). The subject names the version, never the record's own `hash`."""
+        """A lifecycle record appended: arm the timer of its artifact version's sunset, as its verified history says
+        now (its last record; one nobody trusted signed is no part of it, and a later one may move or drop the
+        sunset: the timer reads it again when it rings). The subject names the version, never the record's `hash`."""
         digest = self._digest(delivery.subject)
         if digest is None:
             raise InvalidEvent(f"lifecycle record {record.id} is on {delivery.subject}, no artifact version's "
                                "lifecycle subject")
         when = await self._sunset(digest)
-        if when is None:
-            self._disarm(digest)
-        else:
-            self._arm(digest, when)  # one past already fires at once
+        if when is not None:
+            self._arm(digest, max(0.0, (when - datetime.now(UTC)).total_seconds()))  # one past rings at once
 
     def _digest(self, subject: str) -> str | None:
         """The artifact version whose lifecycle `subject` holds (None: not a lifecycle subject)."""
@@ -107,75 +104,71 @@ class Sunsets:
             return None
 
     async def _sunset(self, digest: str) -> datetime | None:
-        """The sunset of the record in force for `digest` (its last verified one), None without one."""
-        found = await lifecycle.history(self.ctx.bus, self.ctx.settings, digest)
+        """The sunset of the record in force for `digest` (its last verified one), None without one. A history that
+        does not verify is past now: the releases using it are judged at once, and its lifecycle rule fails closed
+        (lifecycle.gate_rules), as an eval using it is."""
+        try:
+            found = await lifecycle.history(self.ctx.bus, self.ctx.settings, digest)
+        except chain.ChainBroken as exc:
+            log.warning("lifecycle of %s: %s; the releases using it are blocked", digest, exc.message)
+            return datetime.now(UTC)
         ledger.reported(found.skipped)
         last = found.records[-1] if found.records else None
         return None if last is None or last.sunset is None else lifecycle.utc(last.sunset)
 
-    def _disarm(self, digest: str) -> None:
-        armed = self._timers.pop(digest, None)
-        if armed is not None:
-            armed[1].cancel()
-
-    def _arm(self, digest: str, when: datetime, delay_s: float | None = None) -> None:
-        """The timer of `digest`'s sunset `when` (replacing one armed before), due then or in `delay_s`."""
-        self._disarm(digest)
-        due = max(0.0, (when - datetime.now(UTC)).total_seconds()) if delay_s is None else delay_s
-        timer = asyncio.get_running_loop().call_later(
-            due, lambda: self.spawn(self._due(digest, when), f"sunset:{digest[:19]}"))
-        self._timers[digest] = (when, timer)
-
-    async def _due(self, digest: str, when: datetime) -> None:
-        """The timer of `digest`'s sunset `when` rang: remake what binds it, or try again later if that failed."""
-        armed = self._timers.get(digest)
-        if armed is None or armed[0] != when:
-            return  # re-armed for another sunset meanwhile
-        self._timers.pop(digest)
-        if datetime.now(UTC) < when:
-            # The loop's clock is monotonic, the sunset wall-clock time: early after a clock step, armed again.
-            self._arm(digest, when)
+    def _arm(self, digest: str, delay_s: float) -> None:
+        """Have `digest`'s timer ring in `delay_s` at the latest: one armed to ring sooner stays (it reads the
+        sunset again and arms for it), so what was read last never gives way to an older read."""
+        if self._closed:
             return
-        await self._pass(digest, when)
+        loop = asyncio.get_running_loop()
+        at = loop.time() + delay_s
+        armed = self._timers.get(digest)
+        if armed is not None:
+            if armed[0] <= at:
+                return
+            armed[1].cancel()
+        self._timers[digest] = (at, loop.call_later(delay_s, self._ring, digest))
 
-    async def _pass(self, digest: str, when: datetime) -> int:
-        """Remake as a BLOCK the current decision of every release binding `digest`, past its sunset `when`, that
-        admits or may (a PASS, a NEEDS_REVIEW); how many. A failure is said (log, readiness) and retried by a
-        timer."""
+    def _ring(self, digest: str) -> None:
+        self._timers.pop(digest, None)  # a timer replaced is cancelled: the one that rings is the one armed
+        self.spawn(self._due(digest), f"sunset:{digest[:19]}")
+
+    async def _due(self, digest: str, listed: Sequence[GateDecided] | None = None) -> None:
+        """Read `digest`'s sunset and act on it: armed while ahead, and once past the current decision of every
+        release binding it that admits or may (a PASS, a NEEDS_REVIEW) is remade as a BLOCK (`listed`: the
+        current decisions, read here if None). A failure is said (log, readiness) and retried by a timer."""
         try:
-            remade = 0
-            for release in await self._binding(digest):
-                remade += await self._remake(release, digest)
+            when = await self._sunset(digest)
+            # The loop's clock is monotonic, the sunset wall-clock time: a timer may ring early after a clock step.
+            if when is not None and when > datetime.now(UTC):
+                self._arm(digest, (when - datetime.now(UTC)).total_seconds())
+            elif when is not None:
+                for release in self._binding(digest, await self.records.current_decisions() if listed is None
+                                             else listed):
+                    await self._remake(release, digest)
         except LockgateError as exc:
             self.unheld[digest] = exc.message
-            log.error("releases using %s, past its sunset %s, were not all blocked: %s; retried in %g s",
-                      digest, lifecycle.utc_iso(when), exc.message, _RETRY_S)
-            self._arm(digest, when, _RETRY_S)
-            return 0
+            log.error("releases using %s may still admit past its sunset: %s; retried in %g s", digest, exc.message,
+                      _RETRY_S)
+            self._arm(digest, _RETRY_S)
+            return
         self.unheld.pop(digest, None)
-        return remade
 
-    async def _binding(self, digest: str) -> list[str]:
-        """The releases whose current decision binds artifact version `digest` and admits or may."""
-        out = []
-        for raw in (await self.ctx.bus.kv_entries(self.ctx.bus.subjects.kv_gates)).values():
-            try:
-                listed = decided.decode(raw)
-            except InvalidEvent:
-                continue  # no decision: it admits nothing (the router refuses what does not verify)
-            if listed.decision in ("PASS", "NEEDS_REVIEW") and \
-                    digest in domain.judged_artifacts(listed.artifacts).values():
-                out.append(listed.release)
-        return sorted(set(out))
+    @staticmethod
+    def _binding(digest: str, listed: Sequence[GateDecided]) -> list[str]:
+        """The releases whose current decision (among `listed`) binds artifact version `digest` and admits or may."""
+        return sorted({d.release for d in listed if d.decision in ("PASS", "NEEDS_REVIEW")
+                       and digest in domain.judged_artifacts(d.artifacts).values()})
 
-    async def _remake(self, release: str, digest: str) -> int:
+    async def _remake(self, release: str, digest: str) -> None:
         """Remake `release`'s current decision as a BLOCK under the lifecycle rules of its artifacts now, if it
-        binds `digest` and admits or may (1: remade)."""
+        binds `digest` and admits or may."""
 
         async def judge(current: GateDecided) -> Outcome | None:
-            if digest not in domain.judged_artifacts(current.artifacts).values():
+            judged = domain.judged_artifacts(current.artifacts)
+            if digest not in judged.values():
                 return None
-            return domain.past_sunset(current, await lifecycle.gate_rules(
-                self.ctx.bus, self.ctx.settings, domain.judged_artifacts(current.artifacts)))
+            return domain.past_sunset(current, await lifecycle.gate_rules(self.ctx.bus, self.ctx.settings, judged))
 
-        return int(await judged_again(self.own, self.records, self.publish_key, release, judge, action=SUNSET))
+        await judged_again(self.own, self.records, self.publish_key, release, judge, action=SUNSET)

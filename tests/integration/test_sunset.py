@@ -17,16 +17,22 @@ import pytest
 import yaml
 
 from lockgate import artifacts
+from lockgate.bus import Bus, Delivery
 from lockgate.cli.gate import current_decision
 from lockgate.codec import Codec
 from lockgate.config import Settings
 from lockgate.contracts import GateDecided
+from lockgate.contracts.provenance import ArtifactLifecycle
+from lockgate.errors import BusUnavailable
+from lockgate.provenance import chain, lifecycle
 from lockgate.server.apikeys import bootstrap
 from lockgate.server.runtime import Runtime
-from lockgate.services.gatekeeper import domain
+from lockgate.server.service import ServiceContext
+from lockgate.services.gatekeeper import domain, sunsets
+from lockgate.services.gatekeeper.app import Gatekeeper
 from lockgate.signing import Keyring
 from lockgate_dev.sim import ModelSpec, SimConfig, SimServer
-from tests.helpers import eventually, person, register_model_release, run_cli
+from tests.helpers import eventually, person, register_model_release, run_cli, store_decision
 from tests.integration.test_required_gates import FIXTURES, answers, rollout
 
 pytestmark = pytest.mark.timeout(150)
@@ -180,7 +186,97 @@ async def test_a_gatekeeper_started_after_a_sunset_passed_blocks_the_pass_at_its
             assert gatekeeper.problems() == []
             await refused_everywhere(after, "r-old", block)
             # A second start (or a replica's) finds the BLOCK and remakes nothing.
-            assert await gatekeeper.sunsets.start() == 0
+            await gatekeeper.sunsets.start()
             assert await current_decision(bus, "r-old") == block
         finally:
             await after.stop()
+
+
+class _Stand:
+    """A gatekeeper that is not started (no consumers), whose Sunsets a test drives on the real bus: releases PASSed
+    by its key over artifacts that `deprecate` gives a sunset."""
+
+    def __init__(self, context: ServiceContext, settings: Settings) -> None:
+        self.gatekeeper = Gatekeeper(context)
+        self.bus, self.settings = context.bus, settings
+        self.ann = person(settings, "ann", "operator")
+
+    async def passed(self, release: str) -> str:
+        """A release PASSed over a model config of its own: that config's hash."""
+        config = (await artifacts.register(self.bus, "model_config", f"{release}-config", {"release": release})).hash
+        await store_decision(self.bus, self.gatekeeper.signer.sign(GateDecided(
+            release=release, decision="PASS", rules=[], eval_run=f"run-{release}",
+            artifacts={f"model_config/{release}-config": config})))
+        return config
+
+    async def sunset(self, digest: str, when: datetime) -> tuple[ArtifactLifecycle, Delivery]:
+        record, _ = await lifecycle.deprecate(self.bus, self.settings, self.ann, digest, sunset=when, reason="retired")
+        return record, Delivery(subject=self.bus.subjects.lifecycle(digest), msg_id=record.id, headers={},
+                                deliveries=1, stream_seq=0)
+
+
+async def test_a_sunset_moved_while_a_pass_fails_is_still_held_when_it_passes(
+    context: ServiceContext, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The failed pass armed its retry over the timer of the moved sunset, with the sunset it had read; the retry
+    # found nothing past that sunset any more and armed nothing: the release kept its PASS past the new sunset.
+    monkeypatch.setattr(sunsets, "_RETRY_S", 0.2)
+    stand = _Stand(context, settings)
+    bus, gatekeeper = stand.bus, stand.gatekeeper
+    config = await stand.passed("r-old")
+    announced = await bus.nc.subscribe(bus.subjects.gate_decided("r-old"))
+    moved: list[datetime] = []
+    entries = bus.kv_entries
+
+    async def failing_once(bucket: str) -> dict[str, bytes]:
+        if bucket == bus.subjects.kv_gates and not moved:
+            # While the pass for the first sunset reads the releases, a record moves the sunset a little ahead.
+            moved.append(datetime.now(UTC) + timedelta(seconds=2))
+            await gatekeeper.sunsets.on_lifecycle(*await stand.sunset(config, moved[0]))
+            raise BusUnavailable("the gates bucket is unavailable")
+        return await entries(bucket)
+
+    monkeypatch.setattr(bus, "kv_entries", failing_once)
+    try:
+        await gatekeeper.sunsets.on_lifecycle(*await stand.sunset(config, datetime.now(UTC) - timedelta(minutes=1)))
+        block = _decided.decode((await announced.next_msg(timeout=20)).data)
+        assert block.decision == "BLOCK" and block.time >= moved[0]
+        assert lifecycle_rule(block) == [("lifecycle model_config/r-old-config", "FAIL")]
+        assert gatekeeper.sunsets.unheld == {}
+    finally:
+        await gatekeeper.stop()
+
+
+async def test_a_history_unreadable_at_start_leaves_the_other_sunsets_held_and_is_retried(
+    context: ServiceContext, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The first history that failed to read ended the start: every sunset after it went unheld until a restart.
+    monkeypatch.setattr(sunsets, "_RETRY_S", 0.2)
+    stand = _Stand(context, settings)
+    bus, gatekeeper = stand.bus, stand.gatekeeper
+    configs = {release: await stand.passed(release) for release in ("r-one", "r-two")}
+    for config in configs.values():
+        await stand.sunset(config, datetime.now(UTC) - timedelta(minutes=1))
+    announced = {r: await bus.nc.subscribe(bus.subjects.gate_decided(r)) for r in configs}
+    failed: list[str] = []
+    history = lifecycle.history
+
+    async def failing_once(bus: Bus, settings: Settings, digest: str) -> chain.History[ArtifactLifecycle]:
+        if not failed:
+            failed.append(digest)
+            raise BusUnavailable(f"the lifecycle of {digest} is unavailable")
+        return await history(bus, settings, digest)
+
+    monkeypatch.setattr(lifecycle, "history", failing_once)
+    try:
+        await gatekeeper.sunsets.start()
+        (other,) = [r for r, config in configs.items() if config not in failed]
+        assert (await current_decision(bus, other)).decision == "BLOCK"  # judged before the start returned
+        assert list(gatekeeper.sunsets.unheld) == failed
+        # The one unread is retried by its timer.
+        (unread,) = [r for r, config in configs.items() if config in failed]
+        block = _decided.decode((await announced[unread].next_msg(timeout=20)).data)
+        assert block.decision == "BLOCK" and await current_decision(bus, unread) == block
+        assert gatekeeper.sunsets.unheld == {} and gatekeeper.problems() == []
+    finally:
+        await gatekeeper.stop()
