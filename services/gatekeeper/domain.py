@@ -448,9 +448,8 @@ def past_sunset(current: GateDecided, lifecycle: Sequence[RuleResult]) -> Outcom
     (a deprecation's warning) give way to these. None when it stays: nothing it binds is past sunset, or it admits
     nothing and no approval can make it admit (a BLOCK).
 
-    An eval judged after the sunset is a BLOCK already; this is the same rule for one judged before it. Before, a
-    PASS decided before the sunset kept admitting: `gate verify` said PASS and the router rolled it out (probe p29
-    F4)."""
+    An eval judged after the sunset is a BLOCK already; this is the same rule for one judged before it (README,
+    "Deprecation and sunset")."""
     if current.decision not in ("PASS", "NEEDS_REVIEW") or not any(r.verdict == "FAIL" for r in lifecycle):
         return None
     kept = tuple(r for r in current.rules if not r.rule.startswith("lifecycle"))
