@@ -384,12 +384,20 @@ class Execution:
         judged."""
         n_errors = sum(1 for r in outcome.results if r.error)
         arts = evaluated_artifacts(req, binding)
+        env = outcome.environment
+        if env:
+            # The environment is an artifact like the suite and dataset the run read: content-addressed (the same
+            # environment is the same hash, registered once), its hash on the run and among the run's lineage
+            # inputs, so `lineage sha256:<env>` finds every run that shared it. Before (probe p29 F9), it was only
+            # this map: no hash, and nothing could find the runs of one environment.
+            env = {**env, environment.HASH_KEY: await self._register_environment(env, req.tenant)}
+            inputs = [*inputs, env[environment.HASH_KEY]]
         done = EvalCompleted(
             run_id=req.run_id, release=req.release, suite=req.suite, baseline=req.baseline, policy=req.policy,
             status=outcome.status, n_cases=len(outcome.results), n_errors=n_errors, metrics=outcome.metrics,
             error=outcome.error, intervals=outcome.intervals, baseline_run=outcome.baseline_run,
             comparisons=outcome.comparisons, warnings=outcome.warnings, artifacts=arts,
-            ratios=outcome.ratios, environment=outcome.environment, binding=binding,
+            ratios=outcome.ratios, environment=env, binding=binding,
             tenant=req.tenant, source="evaluator", **({"id": event_id} if event_id else {}),
         )
         await self.publish(done, inputs)
@@ -397,8 +405,16 @@ class Execution:
             log.warning("eval %s for %s failed: %s", req.run_id, req.release, outcome.error)
         return done
 
+    async def _register_environment(self, env: Mapping[str, str], tenant: str) -> str:
+        """Register a run's environment as an `environment` artifact of the run's tenant; returns its hash."""
+        content = environment.content(env)
+        registered = await artifacts.register(self.ctx.bus, "environment",
+                                              environment.artifact_name(environment.digest(content)), content,
+                                              tenant=tenant, once=True)
+        return registered.hash
+
     async def publish(self, done: EvalCompleted, inputs: list[str]) -> None:
-        """EvalCompleted, then the lineage run linking the suite and dataset to the result."""
+        """EvalCompleted, then the lineage run linking the suite, dataset and environment to the result."""
         s = self.ctx.bus.subjects
         await self.ctx.bus.publish(s.eval_completed, done, msg_id=f"eval-completed-{done.run_id}")
         if inputs:

@@ -17,6 +17,7 @@ from lockgate import artifacts
 from lockgate.batcher import Batcher
 from lockgate.contracts import EvalCompleted, EvalRequested, GateDecided, ReleaseRegistered
 from lockgate.errors import LockgateError
+from lockgate.provenance import environment
 from lockgate.provenance import openlineage as ol
 from lockgate.provenance.transport import HttpTransport
 from lockgate.queryclient import ask
@@ -129,6 +130,11 @@ class LiveLineage:
                 except LockgateError:
                     arts = {}
             names.release_artifacts = arts
+            if isinstance(event, EvalCompleted) and (env := event.environment.get(environment.HASH_KEY)):
+                # The run's environment artifact, an input as in the export. It was registered just before the
+                # result, so it is named as the evaluator registered it until the store has that registration.
+                names.inputs.append(env)
+                names.artifacts[env] = {"kind": "environment", "name": environment.artifact_name(env)}
             hashes = [*names.inputs, *arts.values()]
         elif isinstance(event, GateDecided):
             hashes = [event.policy] if event.policy else []

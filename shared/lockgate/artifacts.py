@@ -78,22 +78,28 @@ async def register(
     tenant: str = "default",
     labels: dict[str, str] | None = None,
     signer: Identity | None = None,
+    once: bool = False,
 ) -> ArtifactRegistered:
     """Store the canonical bytes under their sha256 and publish `artifact.registered` (signed by `signer`,
-    a personal identity, when given: `signature` and `key_id` then say who vouched for this version)."""
+    a personal identity, when given: `signature` and `key_id` then say who vouched for this version).
+
+    `once`: for content registered each time it is used (an eval run's environment), the event's id derives from
+    the tenant, kind, name and hash, so every registration after the first is the same event, stored once."""
     if not is_name(name):
         raise ConfigError(f"invalid artifact name {name!r}: {NAME_RULE}")
     data = canonical_bytes(content, media_type)
     digest = content_hash(data)
     await _store_once(bus, digest, data)
     stored_type = "application/json" if media_type == "application/yaml" else media_type
+    fixed = {"id": derived_id("artifact", tenant, kind, name, digest)} if once else {}
     event = ArtifactRegistered(
         kind=kind, name=name, hash=digest, size=len(data), media_type=stored_type,
-        tenant=tenant, labels=labels or {},
+        tenant=tenant, labels=labels or {}, **fixed,
     )
     if signer is not None:
         event = msgspec.structs.replace(event, key_id=signer.key_id, signature=signer.sign(signed_bytes(event)))
-    await bus.publish(bus.subjects.artifact_registered, event, msg_id=f"artifact-{digest}-{kind}-{name}")
+    msg_id = f"artifact-{event.id}" if once else f"artifact-{digest}-{kind}-{name}"
+    await bus.publish(bus.subjects.artifact_registered, event, msg_id=msg_id)
     return event
 
 

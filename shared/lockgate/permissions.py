@@ -314,6 +314,10 @@ def _grant(s: Subjects, identity: str) -> Grant:
         # included, so it asks none of them again (the query service reads only what is stored).
         g.add(_read_stream(s.streams["facts"].name))
         g.add(Grant(publish=[s.eval_reran]))  # reruns of stored runs, which no gate acts on
+        # Each run's environment, registered as an `environment` artifact (object store + `artifact.registered`).
+        # nats-server cannot tell kinds apart on the one subject, so this identity could register any kind; it is
+        # the one that publishes the eval results the gate decides on, trusted with more than that already.
+        g.add(_write_objects(s.object_store)).add(Grant(publish=[s.artifact_registered]))
         g.add(Grant(publish=[s.eval_scores_all]))  # online scores of sampled live traffic
         g.add(_read_kv(s.kv_gitops))  # each deployment's online_eval, as last applied
         # Its judges' shared budgets (compare-and-set), under `_judge.` keys only: never a gateway budget's.

@@ -136,8 +136,9 @@ async def test_good_candidate_passes_and_regressed_one_is_blocked(
     assert {"score", "token_f1", "latency_p50_ms", "latency_p95_ms", "error_rate", "n"} <= set(done.metrics)
     run = Codec(LineageRun).decode((await lineage.next_msg(timeout=5)).data)
     dataset = json.loads((FIXTURES / "suites" / "qa.yaml").read_text().split("dataset: ")[1].split("\n")[0])
+    # The run's environment is an input too: the `environment` artifact the evaluator registered (probe p29 F9).
     assert (run.kind, run.run_id, run.release, run.inputs, run.outputs) == (
-        "eval", good.run_id, "v-good", [suite, dataset], [good.run_id])
+        "eval", good.run_id, "v-good", [suite, dataset, done.environment["hash"]], [good.run_id])
 
     await sink_stored(sink, eval_runs=2, gate_decisions=2)
     await eventually(lambda: len(eval_cases(store, bad.run_id)) >= 20, [sink.progress("eval_cases")],

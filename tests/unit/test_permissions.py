@@ -81,7 +81,9 @@ FACTS = {
     # the whole originals of cut dead letters: every service that dead-letters keeps them, in their bucket only
     "$O.lg_dlq_originals.C.nuid": {*SERVICES, "admin"},
     "$O.lg_dlq_originals.M.bmFtZQ==": {*SERVICES, "admin"},
-    "$O.lg_artifacts.C.nuid": {"operator", "admin"},
+    # artifacts: the operator registers them, and the evaluator each run's environment (probe p29 F9)
+    "$O.lg_artifacts.C.nuid": {"operator", "evaluator", "admin"},
+    S.artifact_registered: {"operator", "evaluator", "admin"},
 }
 
 

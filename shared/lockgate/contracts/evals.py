@@ -98,6 +98,8 @@ class EvalCompleted(Event, frozen=True, kw_only=True, tag="lockgate.eval.complet
     ratios: dict[str, MetricInterval] = {}
     # What the run ran on, to reproduce it: Python, lockgate and package versions (hash), OS, CPU/GPU,
     # seeds, and the model, endpoint and sampling parameters it called (lockgate.provenance.environment).
+    # `hash`: the content hash of the rest, under which the evaluator registered it as an `environment` artifact
+    # (absent from a result made before it did).
     environment: dict[str, str] = {}
     # The release's binding when the run started (`artifacts` above are its artifacts when it was registered).
     # None: an evaluator that did not say, whose result the gate blocks.
