@@ -16,7 +16,7 @@ from lockgate import artifacts
 from lockgate.bus import Bus
 from lockgate.config import Settings
 from lockgate.contracts import EvalCompleted
-from tests.helpers import sink_stored
+from tests.helpers import served, sink_stored
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -35,13 +35,9 @@ async def receiver() -> AsyncIterator[dict[str, Any]]:
 
     app = web.Application()
     app.router.add_post("/api/v1/lineage", lineage)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    state["url"] = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/api/v1/lineage"  # type: ignore[union-attr]
-    yield state
-    await runner.cleanup()
+    async with served(app) as url:
+        state["url"] = f"{url}/api/v1/lineage"
+        yield state
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ from aiohttp import web
 
 from lockgate.provenance.transport import HttpTransport
 from lockgate.retry import RetryPolicy
+from tests.helpers import served
 
 pytestmark = pytest.mark.timeout(30)
 FAST = RetryPolicy(attempts=3, initial_s=0.001, max_s=0.01)
@@ -36,14 +37,9 @@ async def receiver() -> AsyncIterator[dict[str, Any]]:
 
     app = web.Application()
     app.router.add_post("/api/v1/lineage", lineage)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    state["url"] = f"http://127.0.0.1:{port}/api/v1/lineage"
-    yield state
-    await runner.cleanup()
+    async with served(app) as url:
+        state["url"] = f"{url}/api/v1/lineage"
+        yield state
 
 
 async def test_events_arrive_in_order_and_a_5xx_is_retried(receiver: dict[str, Any]) -> None:
