@@ -52,9 +52,11 @@ class Gatekeeper(Service):
         # lifecycle record appended arms the timer of its sunset.
         self.sunsets = Sunsets(ctx, self.handlers.own, self.handlers.records, self.handlers.publish_key, self.spawn)
         self.unsunset = ""  # why the sunsets known at start were not all armed or judged (start)
+        # A message there that is no lifecycle record stays in the stream by design (deny_delete) and every reader
+        # skips it (chain.read): skipped here too, not lettered (its letter's original is not the sink's to read).
         consume(ctx.bus, self.consumers, subject=s.lifecycle_any, stream="provenance",
                 durable=s.durable("gatekeeper", "lifecycles"), wire_type=ArtifactLifecycle, origin="gatekeeper",
-                handler=self.sunsets.on_lifecycle, ack_wait_s=ctx.settings.ack_wait_s)
+                handler=self.sunsets.on_lifecycle, ack_wait_s=ctx.settings.ack_wait_s, records_refusals=False)
         # The key that signs decisions also signs the audit chain; one entry in flight keeps it in order. An entry is
         # never dead-lettered for retries spent (CHAIN_WAITS): what it is refused for then is the chain's, not its
         # own (this replica's key not trusted, KV or the stream unavailable), and a lettered entry is a row lost for
