@@ -36,6 +36,7 @@ from lockgate.gitops.resolve import ARTIFACT_KIND, Resource
 from lockgate.identity import Identity, bundle_content, sign_apply
 from lockgate.ids import content_hash
 from lockgate.provenance import aliases, chain, lifecycle
+from lockgate.retry import RetryPolicy
 from lockgate.subjects import token
 
 _entry = msgspec.json.Decoder(StateEntry)
@@ -301,11 +302,18 @@ async def _carry_out(bus: Bus, res: Resource, prov: Provenance, *, author: Ident
                                  media_type=res.media_type, labels=_labels(res, prov), signer=author)
 
 
+# No responders is asked again for a moment before it is believed: a recorder restarting has none for an instant, and
+# in a cluster a subscription reaches the other servers after its own has confirmed it. No one received the request,
+# so asking again records nothing twice.
+_RECORDER_WAIT = RetryPolicy(attempts=5, initial_s=0.1, max_s=1.0)
+
+
 async def _record(bus: Bus, request: ApplyRequest, identity: str, timeout_s: float) -> ApplyRecorded:
     """Ask the lineage recorder to record the applied state (request/reply as `identity`)."""
     subject = bus.subjects.gitops_apply(identity)
     try:
-        msg = await bus.request(subject, to_json(request), timeout_s=timeout_s)
+        msg = await _RECORDER_WAIT.call(lambda: bus.request(subject, to_json(request), timeout_s=timeout_s),
+                                        retry_on=nats.errors.NoRespondersError, what="asking the lineage recorder")
     except nats.errors.NoRespondersError:
         done = "what was registered stays" if request.changes else "nothing was registered"
         raise GitopsError("no lineage recorder answers applies (start the stack, or `lockgate serve lineage`): "
