@@ -1,9 +1,12 @@
 """Gatekeeper wiring: durable consumers on `eval.completed`, `gate.review.>`, `audit.>` (the audit
-chainer) and the artifact lifecycles (sunsets), and the signing key."""
+chainer) and the artifact lifecycles (sunsets), every replica's subscription to the lifecycles, and the signing key."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+
+from nats.aio.subscription import Subscription
 
 from lockgate.bus import consume
 from lockgate.contracts import AuditEntry, DriftReport, EvalCompleted, GateReview
@@ -49,9 +52,11 @@ class Gatekeeper(Service):
                 durable=s.durable("gatekeeper", "drift"), wire_type=DriftReport, origin="gatekeeper",
                 handler=self.drift.on_drift, batch_size=1, ack_wait_s=ctx.settings.ack_wait_s)
         # An artifact version's sunset BLOCKs the decisions binding it that admit, when it passes (sunsets.py): each
-        # lifecycle record appended arms the timer of its sunset.
+        # lifecycle record appended arms the timer of its sunset, on every replica (`start`'s subscription); this
+        # consumer reads those appended while no replica was connected.
         self.sunsets = Sunsets(ctx, self.handlers.own, self.handlers.records, self.handlers.publish_key, self.spawn)
         self.unsunset = ""  # why the sunsets known at start were not all armed or judged (start)
+        self._lifecycles: Subscription | None = None
         # A message there that is no lifecycle record stays in the stream by design (deny_delete) and every reader
         # skips it (chain.read): skipped here too, not lettered (its letter's original is not the sink's to read).
         consume(ctx.bus, self.consumers, subject=s.lifecycle_any, stream="provenance",
@@ -89,6 +94,11 @@ class Gatekeeper(Service):
             self.unheld = (f"PASSes decided before the gates file {self.ctx.settings.gates_file} were not all judged "
                            f"against it ({exc.message}): restart the gatekeeper")
             log.error("%s", self.unheld)
+        # Every replica hears every lifecycle record appended from now on (no queue group): a record read by the
+        # shared consumer alone armed one replica's timer, and the sunset went unheld if that one stopped (probe p32).
+        # Taken before the listing below, so no record falls between the two.
+        self._lifecycles = await self.ctx.bus.nc.subscribe(self.ctx.bus.subjects.lifecycle_any,
+                                                           cb=self.sunsets.on_heard)
         try:
             await self.sunsets.start()
         except LockgateError as exc:  # the lifecycles were not listed: no sunset is known to arm a timer for
@@ -97,8 +107,11 @@ class Gatekeeper(Service):
             log.error("%s", self.unsunset)
 
     async def stop(self) -> None:
-        """Cancel the sunsets' timers first, so that no pass ending meanwhile arms one past the stop; then the
-        background work."""
+        """Hear no more lifecycle records and cancel the sunsets' timers first, so that no pass ending meanwhile
+        arms one past the stop; then the background work."""
+        if self._lifecycles is not None:
+            with contextlib.suppress(Exception):  # the connection may already be closing
+                await self._lifecycles.unsubscribe()
         self.sunsets.close()
         await super().stop()
 

@@ -5,13 +5,14 @@ successor (adapter: a timer per known sunset, remake.remake signs and stores).
 An eval judged after the sunset is a BLOCK already (the lifecycle rule); this holds a decision made before it to the
 same rule (README, "Deprecation and sunset").
 
-The timers are armed from the lifecycle records: when the gatekeeper reads one (its durable consumer of the
-provenance stream's lifecycle subjects) and, at its start, for every artifact version with a sunset (one already past
-is judged before the start returns). A timer that rings reads the sunset again and acts on what it says then, so a
-timer armed from an older read (or by a failed pass) never stands in for the sunset in force. Replicas share that
-consumer, so a record read by one arms that one's timer; each replica's start arms them all. The decision remade
-carries an id derived from the one it replaces, so replicas and a second start remake the same decision
-(compare-and-set: one stores it, the others find a BLOCK)."""
+The timers are armed from the lifecycle records: at its start, for every artifact version with a sunset (one already
+past is judged before the start returns), then for each record appended while it runs. Every replica hears each one
+appended (`on_heard`: a core subscription, no queue group), so a replica that stops takes no sunset with it that the
+others do not hold; the replicas' shared durable consumer (`on_lifecycle`) still reads those appended while none was
+connected. A timer that rings reads the sunset again and acts on what it says then, so a timer armed from an older
+read (or by a failed pass) never stands in for the sunset in force. The decision remade carries an id derived from the
+one it replaces, so replicas and a second start remake the same decision (compare-and-set: one stores it, the others
+find a BLOCK)."""
 
 from __future__ import annotations
 
@@ -21,12 +22,15 @@ from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+from nats.aio.msg import Msg
+
 from lockgate.bus import Delivery
+from lockgate.codec import Codec
 from lockgate.contracts import GateDecided
 from lockgate.contracts.provenance import ArtifactLifecycle
 from lockgate.errors import ConfigError, InvalidEvent, LockgateError
 from lockgate.provenance import chain, ledger, lifecycle
-from lockgate.server.service import ServiceContext
+from lockgate.server.service import Progress, ServiceContext
 from lockgate.services.gatekeeper import domain
 from lockgate.services.gatekeeper.domain import Outcome
 from lockgate.services.gatekeeper.ownkey import OwnKey
@@ -38,6 +42,7 @@ __all__ = ["Sunsets"]
 log = logging.getLogger("lockgate.gatekeeper")
 # When a sunset whose releases were not all remade (the bus or the key failed) is tried again.
 _RETRY_S = 10.0
+_lifecycles: Codec[ArtifactLifecycle] = Codec(ArtifactLifecycle)
 
 
 class Sunsets:
@@ -54,6 +59,8 @@ class Sunsets:
         self._timers: dict[str, tuple[float, asyncio.TimerHandle]] = {}
         self._closed = False  # the service stops: a pass failing meanwhile arms nothing its stop would not cancel
         self.unheld: dict[str, str] = {}  # artifact hash -> why the releases binding it were not all remade
+        # Lifecycle records handled, read from the replicas' shared consumer and heard by this one: tests await them.
+        self.read, self.heard = Progress(), Progress()
 
     def problems(self) -> list[str]:
         """A sunset not held (readiness says so until a retry holds it): its releases may admit past it."""
@@ -89,9 +96,47 @@ class Sunsets:
         if digest is None:
             raise InvalidEvent(f"lifecycle record {record.id} is on {delivery.subject}, no artifact version's "
                                "lifecycle subject")
+        try:
+            await self._read(digest)
+        finally:
+            await self.read.bump()
+
+    async def on_heard(self, msg: Msg) -> None:
+        """A message on a lifecycle subject, as every replica hears it: arm its artifact version's timer as
+        `on_lifecycle` does. What is no lifecycle record is skipped (every reader skips it, chain.read); a read that
+        fails is tried again by the timer, which says so (readiness) if it fails too."""
+        digest = self._digest(msg.subject)
+        if digest is None:
+            return
+        try:
+            said = _lifecycles.decode(msg.data).sunset
+        except InvalidEvent:
+            return
+        try:
+            try:
+                read = await self._read(digest)
+            except LockgateError as exc:
+                log.warning("lifecycle of %s not read: %s; read again in %g s", digest, exc.message, _RETRY_S)
+                self._arm(digest, _RETRY_S)
+                read = None
+            if said is not None and (read is None or lifecycle.utc(said) < read):
+                # The stream may store a record after its subscribers hear it (a cluster commits it first): a sunset
+                # it says sooner than the one read is read again by then (and ignored if no trusted person signed it).
+                self._arm(digest, min(_RETRY_S, max(0.0, (lifecycle.utc(said) - datetime.now(UTC)).total_seconds())))
+        finally:
+            await self.heard.bump()
+
+    async def _read(self, digest: str) -> datetime | None:
+        """Arm `digest`'s timer for the sunset its verified history says now (one past rings at once); that sunset."""
         when = await self._sunset(digest)
         if when is not None:
-            self._arm(digest, max(0.0, (when - datetime.now(UTC)).total_seconds()))  # one past rings at once
+            self._arm(digest, max(0.0, (when - datetime.now(UTC)).total_seconds()))
+        return when
+
+    def armed(self, digest: str) -> float | None:
+        """When `digest`'s timer rings (the loop's clock), None if none is armed."""
+        armed = self._timers.get(digest)
+        return None if armed is None else armed[0]
 
     def _digest(self, subject: str) -> str | None:
         """The artifact version whose lifecycle `subject` holds (None: not a lifecycle subject)."""

@@ -330,6 +330,8 @@ def _grant(s: Subjects, identity: str) -> Grant:
         g.add(_read_kv(s.kv_releases))  # a release's signed author, so self-approval can be refused
         g.add(_read_kv(s.kv_routes))  # which release a deployment canaries, for its drift policy
         g.add(_read_stream(s.streams["provenance"].name))  # artifact lifecycles: a sunset artifact blocks
+        # and every replica hears each lifecycle record appended, to arm its sunset's timer (sunsets.on_heard)
+        g.add(Grant(subscribe=[s.lifecycle_any]))
         g.add(Grant(publish=[s.gate_decided_all, s.gate_audit, s.query]))
         # It chains the audit log: reads every identity's entries, keeps the head, publishes the signed rows.
         g.add(_write_kv(s.kv_audit))

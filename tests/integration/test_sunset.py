@@ -192,6 +192,60 @@ async def test_a_gatekeeper_started_after_a_sunset_passed_blocks_the_pass_at_its
             await after.stop()
 
 
+async def test_every_gatekeeper_replica_holds_a_sunset_recorded_while_it_runs(settings: Settings) -> None:
+    # Probe p32 (F2): the replicas shared one consumer of the lifecycle records, so a record armed the sunset's timer
+    # of the replica that read it only. That one stopped before the sunset, and the release kept its PASS past it
+    # (until a replica started again).
+    base = settings.replace(nats_url="nats://127.0.0.1:0")
+    person(base, "ann", "operator")
+    stack = Runtime(base, services=["sink", "query"])
+    await stack.start()
+    running: list[Runtime] = []
+    try:
+        for _ in range(2):  # two replicas, each a process of its own as deployed: its own connection, as gatekeeper
+            running.append(Runtime(stack.settings, services=["gatekeeper"], embedded_nats=False))
+            await running[-1].start()
+        replicas = {r: r.services["gatekeeper"].sunsets for r in running}
+        bus, keyring = stack.ctx.bus, Keyring.from_settings(stack.settings)
+        config = (await artifacts.register(bus, "model_config", "r-old-config", {"release": "r-old"})).hash
+        successor = (await artifacts.register(bus, "model_config", "r-new-config", {"release": "r-new"})).hash
+        await store_decision(bus, running[0].services["gatekeeper"].signer.sign(GateDecided(
+            release="r-old", decision="PASS", rules=[], eval_run="run-r-old",
+            artifacts={"model_config/r-old-config": config})))
+        announced = await bus.nc.subscribe(bus.subjects.gate_decided("r-old"))
+
+        # What is no lifecycle record on its subject is skipped by every replica, which then hears the next one.
+        await bus.js.publish(bus.subjects.lifecycle(config), b'{"junk": true}')
+        sunset = datetime.now(UTC) + timedelta(seconds=8)
+        deprecated = await run_cli(stack, "--as", "ann", "artifact", "deprecate", config, "--successor", successor,
+                                   "--sunset", sunset.isoformat(), "--reason", "retired")
+        assert deprecated.exit_code == 0, deprecated.output
+        # One replica reads the record from their shared consumer; every replica arms the sunset's timer.
+        counters = [c for s in replicas.values() for c in (s.read, s.heard)]
+        await eventually(lambda: any(s.read.count for s in replicas.values()), counters, what="the record read")
+        await eventually(lambda: all(s.armed(config) is not None for s in replicas.values()), counters, timeout_s=4,
+                         what=lambda: "the sunset armed on every replica (armed: "
+                                      f"{[s.armed(config) is not None for s in replicas.values()]})")
+        assert [s.heard.count for s in replicas.values()] == [1, 1]  # the record, not the junk
+        # The replica that read it stops before the sunset: the other remakes the PASS as a BLOCK when it passes.
+        reader = next(r for r, s in replicas.items() if s.read.count)
+        running.remove(reader)
+        await reader.stop()
+        assert datetime.now(UTC) < sunset, "the replica stopped after the sunset: give the test a later one"
+        block = _decided.decode((await announced.next_msg(timeout=30)).data)
+        assert block.decision == "BLOCK" and keyring.verify(block) == block.key_id
+        assert block.time >= sunset
+        assert sorted(lifecycle_rule(block)) == [("lifecycle model_config/r-old-config", "FAIL"),
+                                                 ("lifecycle records skipped", "PASS")]  # the junk, named
+        assert block.reason.startswith(f"model_config/r-old-config {config[:19]} was sunset on {zulu(sunset)} "
+                                       f"(retired); use its successor {successor}; "), block.reason
+        assert await current_decision(bus, "r-old") == block
+    finally:
+        for replica in running:
+            await replica.stop()
+        await stack.stop()
+
+
 class _Stand:
     """A gatekeeper that is not started (no consumers), whose Sunsets a test drives on the real bus: releases PASSed
     by its key over artifacts that `deprecate` gives a sunset."""
