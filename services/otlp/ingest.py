@@ -40,7 +40,7 @@ from lockgate.retry import RetryPolicy
 from lockgate.server.apikeys import ApiKey, KeyStore, bearer
 from lockgate.server.service import Progress
 from lockgate.services.otlp import domain, wire
-from lockgate.spanbatches import BATCH_BYTES, Message, span_batches
+from lockgate.spanbatches import Message, span_batches, span_bytes
 
 log = logging.getLogger("lockgate.otlp")
 
@@ -158,10 +158,14 @@ class Receiver:
         window = (now - timedelta(seconds=self.limits.past_s), now + timedelta(seconds=self.limits.future_s))
         decoded = domain.decode(request, tenant=key.tenant, app=key.app, window=window, deployments=key.deployments)
         received = len(decoded.spans) + decoded.rejected
-        batches, too_large = span_batches(decoded.spans, source="otlp", tenant=key.tenant, app=key.app)
+        # Cut to the NATS server's max_payload, as lockgate's own span exporter cuts (a fixed size was refused whole by
+        # a server configured below it).
+        limit = span_bytes(self.bus.max_payload)
+        batches, too_large = span_batches(decoded.spans, source="otlp", tenant=key.tenant, app=key.app,
+                                          max_bytes=limit)
         for span in too_large:
             decoded.rejected += 1
-            decoded.problem(f"span {span.span_id} refused: larger than {BATCH_BYTES} bytes encoded")
+            decoded.problem(f"span {span.span_id} refused: larger than {limit} bytes encoded")
         events: list[Encoded] = []
         for event in decoded.events:
             try:

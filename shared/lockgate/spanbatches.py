@@ -21,6 +21,12 @@ BATCH_SPANS = 2000
 ROOM = 4096
 
 
+def span_bytes(max_payload: int) -> int:
+    """The bytes of spans one message may carry on a connection whose server takes `max_payload`: as many as an
+    outbox batch of events (BATCH_BYTES), or fewer on a server configured below it."""
+    return max(1, min(BATCH_BYTES, max_payload - ROOM))
+
+
 class Message(NamedTuple):
     """One bus message of spans: its Nats-Msg-Id, its bytes (an encoded SpanBatch), and how many spans it carries."""
 

@@ -38,7 +38,7 @@ from lockgate import __version__, metrics
 from lockgate.contracts import SpanRecord
 from lockgate.propagation import extract
 from lockgate.redact import attribute_strings, scrub_span
-from lockgate.spanbatches import ROOM, Message, span_batches
+from lockgate.spanbatches import Message, span_batches, span_bytes
 
 if TYPE_CHECKING:
     from lockgate.bus import Bus
@@ -137,7 +137,7 @@ class NatsSpanExporter(SpanExporter):
                 return SpanExportResult.SUCCESS
             # A batch is up to max_export_batch_size spans (2,000 of ~820 bytes each, a router's): after any
             # backlog it was one message over max_payload, refused whole (probe p31). Cut by encoded bytes instead.
-            limit = self._max_bytes()
+            limit = span_bytes(self._bus.max_payload)
             messages, too_large = span_batches(records, source=SOURCE, max_bytes=limit)
             if too_large:
                 # Dropped, not cut: a span with its attributes or events cut short would read as what was recorded.
@@ -173,10 +173,6 @@ class NatsSpanExporter(SpanExporter):
             else:  # handed over: the event loop, held past twice the timeout, counts them when it runs `_publish`
                 log.warning("span export: no answer from the event loop within %g s: %r", 2 * self._timeout_s, exc)
             return SpanExportResult.FAILURE
-
-    def _max_bytes(self) -> int:
-        """The bytes of spans one message may carry: the connection's max_payload, less room for the rest."""
-        return max(1, self._bus.max_payload - ROOM)
 
     async def _publish(self, messages: list[Message]) -> bool:
         """Publish every message at once, waiting at most timeout_s for all; count each message's spans as
