@@ -9,6 +9,7 @@ nats-py's, refusing what nats-py lets through.
 - A connection asked to be TLS (a `tls://` URL, or a CA or client certificate given) is TLS or nothing. nats-py
   upgrades only when the server's INFO says `tls_required`, so anyone answering on the path with an INFO that does
   not (a plain server, a man in the middle) was sent the user's password in clear (probe p10).
+- `flush()` confirms every command sent before it: nats-py's PING overtook the SUBs and publishes still queued.
 - A connection attempt never outlives the task's cancellation. On Python 3.11, `asyncio.wait_for` (nats-py's connect
   timeout) answers a cancellation that comes just after the attempt failed with the attempt's own error, and nats-py's
   retry loop takes that for one more refused attempt: the cancellation was lost and the loop retried for ever
@@ -42,7 +43,7 @@ class TlsNotOffered(nats.errors.Error):
 
 
 class NatsClient(nats.aio.client.Client):
-    """nats-py's client with the two refusals above."""
+    """nats-py's client with the refusals and the ordered flush above."""
 
     _tls_demanded = False
 
@@ -73,6 +74,16 @@ class NatsClient(nats.aio.client.Client):
         if headers is not None and wire_size(payload, headers) > self.max_payload:
             raise nats.errors.MaxPayloadError
         await super().publish(subject, payload, reply, headers)
+
+    async def _send_ping(self, future: asyncio.Future[Any] | None = None) -> None:
+        # nats-py writes a PING straight to the socket, ahead of the commands its flusher task has not written yet (a
+        # SUB just made): `flush()` returned on a PONG that confirmed none of them, and a request another connection
+        # sent right after found no responders (CI: an apply right after the lineage recorder's start). The queued
+        # commands go first, so a PONG says the server has read everything this connection sent before.
+        if self.is_connected and self._pending:
+            self._transport.writelines(self._pending)
+            self._pending, self._pending_data_size = [], 0
+        await super()._send_ping(future)
 
 
 def _raise_if_cancelled() -> None:
