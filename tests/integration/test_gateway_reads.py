@@ -15,7 +15,7 @@ from typing import Any
 import nats
 import pytest
 
-from lockgate import artifacts, credentials
+from lockgate import artifacts, credentials, natsclient
 from lockgate.client import Client, StaleDecision
 from lockgate.codec import Codec, encode
 from lockgate.config import Settings
@@ -63,7 +63,7 @@ def _client(runtime: Runtime, tenant: str | None) -> Client:
 
 async def _connect(runtime: Runtime, tenant: str | None) -> nats.NATS:
     user = _user(runtime, tenant)
-    return await nats.connect(runtime.settings.nats_url, user=user["user"], password=user["password"],
+    return await natsclient.connect(runtime.settings.nats_url, user=user["user"], password=user["password"],
                               allow_reconnect=False, inbox_prefix=f"_INBOX.{user['user']}")
 
 
@@ -232,7 +232,7 @@ async def _as_gateway(runtime: Runtime, errors: list[str], seen: asyncio.Event) 
         errors.append(str(exc).lower())
         seen.set()
 
-    return await nats.connect(runtime.settings.nats_url, user=auth.user, password=auth.password,
+    return await natsclient.connect(runtime.settings.nats_url, user=auth.user, password=auth.password,
                               allow_reconnect=False, inbox_prefix=f"_INBOX.{auth.user}", error_cb=on_error)
 
 
