@@ -1,5 +1,6 @@
 """Gatekeeper wiring: durable consumers on `eval.completed`, `gate.review.>`, `audit.>` (the audit
-chainer) and the artifact lifecycles (sunsets), every replica's subscription to the lifecycles, and the signing key."""
+chainer) and the artifact lifecycles (sunsets), every replica's subscription to the lifecycles (listed again after a
+reconnect), and the signing key."""
 
 from __future__ import annotations
 
@@ -55,7 +56,7 @@ class Gatekeeper(Service):
         # lifecycle record appended arms the timer of its sunset, on every replica (`start`'s subscription); this
         # consumer reads those appended while no replica was connected.
         self.sunsets = Sunsets(ctx, self.handlers.own, self.handlers.records, self.handlers.publish_key, self.spawn)
-        self.unsunset = ""  # why the sunsets known at start were not all armed or judged (start)
+        self.unsunset = ""  # why the last listing of the sunsets (start, reconnects) did not arm or judge them all
         self._lifecycles: Subscription | None = None
         # A message there that is no lifecycle record stays in the stream by design (deny_delete) and every reader
         # skips it (chain.read): skipped here too, not lettered (its letter's original is not the sink's to read).
@@ -99,12 +100,31 @@ class Gatekeeper(Service):
         # Taken before the listing below, so no record falls between the two.
         self._lifecycles = await self.ctx.bus.nc.subscribe(self.ctx.bus.subjects.lifecycle_any,
                                                            cb=self.sunsets.on_heard)
+        reconnects = self.ctx.bus.reconnects  # before the listing: a reconnect during it is listed again after it
+        await self._list_sunsets()
+        self.spawn(self._list_sunsets_after_reconnects(reconnects), "sunsets-relist")
+
+    async def _list_sunsets(self) -> None:
+        """Arm or judge the sunset of every lifecycle (`Sunsets.start`); a listing that fails is said on readiness
+        until one succeeds."""
         try:
             await self.sunsets.start()
         except LockgateError as exc:  # the lifecycles were not listed: no sunset is known to arm a timer for
             self.unsunset = (f"the sunsets of artifact versions were not all read ({exc.message}): a release using "
-                             "one past its sunset may still admit; restart the gatekeeper")
+                             "one past its sunset may still admit; they are listed again when the bus reconnects, "
+                             "or restart the gatekeeper")
             log.error("%s", self.unsunset)
+            return
+        self.unsunset = ""
+
+    async def _list_sunsets_after_reconnects(self, seen: int) -> None:
+        # The subscription above does not replay: a record appended while this replica's connection was down went
+        # to the shared consumer, so to another replica's timer only, which stopping took the sunset with it. Each
+        # time the connection comes back, the lifecycles are listed again as at start (idempotent: `_arm` keeps the
+        # earliest timer, a remade decision's id is derived from the one it replaces).
+        while True:
+            seen = await self.ctx.bus.reconnected(after=seen)
+            await self._list_sunsets()
 
     async def stop(self) -> None:
         """Hear no more lifecycle records and cancel the sunsets' timers first, so that no pass ending meanwhile

@@ -9,10 +9,11 @@ The timers are armed from the lifecycle records: at its start, for every artifac
 past is judged before the start returns), then for each record appended while it runs. Every replica hears each one
 appended (`on_heard`: a core subscription, no queue group), so a replica that stops takes no sunset with it that the
 others do not hold; the replicas' shared durable consumer (`on_lifecycle`) still reads those appended while none was
-connected. A timer that rings reads the sunset again and acts on what it says then, so a timer armed from an older
-read (or by a failed pass) never stands in for the sunset in force. The decision remade carries an id derived from the
-one it replaces, so replicas and a second start remake the same decision (compare-and-set: one stores it, the others
-find a BLOCK)."""
+connected. A core subscription does not replay, so a replica lists every lifecycle again, as at its start, each time its
+connection comes back (a record appended while it was down went to another replica only). A timer that rings reads the
+sunset again and acts on what it says then, so a timer armed from an older read (or by a failed pass) never stands in
+for the sunset in force. The decision remade carries an id derived from the one it replaces, so replicas and a second
+start remake the same decision (compare-and-set: one stores it, the others find a BLOCK)."""
 
 from __future__ import annotations
 
@@ -59,8 +60,9 @@ class Sunsets:
         self._timers: dict[str, tuple[float, asyncio.TimerHandle]] = {}
         self._closed = False  # the service stops: a pass failing meanwhile arms nothing its stop would not cancel
         self.unheld: dict[str, str] = {}  # artifact hash -> why the releases binding it were not all remade
-        # Lifecycle records handled, read from the replicas' shared consumer and heard by this one: tests await them.
-        self.read, self.heard = Progress(), Progress()
+        # Lifecycle records handled, read from the replicas' shared consumer and heard by this one, and listings of
+        # every lifecycle (`start`) done: tests await them.
+        self.read, self.heard, self.listed = Progress(), Progress(), Progress()
 
     def problems(self) -> list[str]:
         """A sunset not held (readiness says so until a retry holds it): its releases may admit past it."""
@@ -70,16 +72,20 @@ class Sunsets:
     async def start(self) -> None:
         """Arm a timer for every artifact version with a sunset ahead, and remake now the decisions binding one whose
         sunset is past (passed while no gatekeeper ran). One whose history or releases cannot be read is retried
-        by its own timer; only failing to list the lifecycles raises."""
-        subjects = await ledger.subjects(self.ctx.bus, self.ctx.bus.subjects.lifecycle_any)
+        by its own timer; only failing to list the lifecycles raises. Called again after a reconnect, it arms and
+        remakes nothing twice (`_arm` keeps the earliest timer; a remade decision's id is derived)."""
         try:
-            listed: list[GateDecided] | None = await self.records.current_decisions()  # once, for every sunset past
-        except LockgateError:
-            listed = None  # each sunset past reads them itself, retried if that fails
-        for subject in subjects:
-            digest = self._digest(subject)
-            if digest is not None:  # else no artifact's history (chain.read skips what is on it)
-                await self._due(digest, listed)
+            subjects = await ledger.subjects(self.ctx.bus, self.ctx.bus.subjects.lifecycle_any)
+            try:
+                listed: list[GateDecided] | None = await self.records.current_decisions()  # once, for every past one
+            except LockgateError:
+                listed = None  # each sunset past reads them itself, retried if that fails
+            for subject in subjects:
+                digest = self._digest(subject)
+                if digest is not None:  # else no artifact's history (chain.read skips what is on it)
+                    await self._due(digest, listed)
+        finally:
+            await self.listed.bump()
 
     def close(self) -> None:
         """Cancel the timers and arm no more (the service stops; its spawned work is cancelled by the service)."""

@@ -24,7 +24,7 @@ from lockgate.config import Settings
 from lockgate.contracts import GateDecided
 from lockgate.contracts.provenance import ArtifactLifecycle
 from lockgate.errors import BusUnavailable
-from lockgate.provenance import chain, lifecycle
+from lockgate.provenance import chain, ledger, lifecycle
 from lockgate.server.apikeys import bootstrap
 from lockgate.server.runtime import Runtime
 from lockgate.server.service import ServiceContext
@@ -32,7 +32,7 @@ from lockgate.services.gatekeeper import domain, sunsets
 from lockgate.services.gatekeeper.app import Gatekeeper
 from lockgate.signing import Keyring
 from lockgate_dev.sim import ModelSpec, SimConfig, SimServer
-from tests.helpers import eventually, person, register_model_release, run_cli, store_decision
+from tests.helpers import Relay, eventually, person, register_model_release, run_cli, store_decision
 from tests.integration.test_required_gates import FIXTURES, answers, rollout
 
 pytestmark = pytest.mark.timeout(150)
@@ -243,6 +243,109 @@ async def test_every_gatekeeper_replica_holds_a_sunset_recorded_while_it_runs(se
     finally:
         for replica in running:
             await replica.stop()
+        await stack.stop()
+
+
+async def test_a_gatekeeper_replica_cut_off_while_a_sunset_is_recorded_holds_it_once_it_reconnects(
+        settings: Settings) -> None:
+    # Each replica hears the lifecycle records appended on a core subscription, which does not replay: one recorded
+    # while replica A's connection was down went to replica B alone (their shared consumer). B stopped before the
+    # sunset, and the release kept its PASS past it (until a replica started again).
+    base = settings.replace(nats_url="nats://127.0.0.1:0")
+    person(base, "ann", "operator")
+    stack = Runtime(base, services=["sink", "query"])
+    await stack.start()
+    relay = Relay(int(stack.settings.nats_url.rpartition(":")[2]))
+    running: list[Runtime] = []
+    try:
+        # Two replicas, each a process of its own as deployed; A's connection goes through the relay.
+        through = stack.settings.replace(nats_url=f"nats://127.0.0.1:{await relay.start()}")
+        for replica_settings in (through, stack.settings):
+            running.append(Runtime(replica_settings, services=["gatekeeper"], embedded_nats=False))
+            await running[-1].start()
+        a, b = running
+        cut_off, other = a.services["gatekeeper"].sunsets, b.services["gatekeeper"].sunsets
+        bus, keyring = stack.ctx.bus, Keyring.from_settings(stack.settings)
+        config = (await artifacts.register(bus, "model_config", "r-old-config", {"release": "r-old"})).hash
+        successor = (await artifacts.register(bus, "model_config", "r-new-config", {"release": "r-new"})).hash
+        await store_decision(bus, b.services["gatekeeper"].signer.sign(GateDecided(
+            release="r-old", decision="PASS", rules=[], eval_run="run-r-old",
+            artifacts={"model_config/r-old-config": config})))
+        announced = await bus.nc.subscribe(bus.subjects.gate_decided("r-old"))
+
+        relay.cut()  # A alone loses the server, which stays up for everyone else
+        await a.services["gatekeeper"].ctx.bus.wait_state("reconnecting", timeout_s=10)
+        listings = cut_off.listed.count
+        sunset = datetime.now(UTC) + timedelta(seconds=15)
+        deprecated = await run_cli(stack, "--as", "ann", "artifact", "deprecate", config, "--successor", successor,
+                                   "--sunset", sunset.isoformat(), "--reason", "retired")
+        assert deprecated.exit_code == 0, deprecated.output
+        await eventually(lambda: other.read.count == 1 and other.armed(config) is not None, [other.read],
+                         what="the record read and armed by B, from the shared consumer")
+        assert (cut_off.read.count, cut_off.heard.count, cut_off.armed(config)) == (0, 0, None)  # missed live
+
+        relay.heal()  # nats-py waits about 2 s between reconnect attempts
+        await eventually(lambda: cut_off.listed.count > listings, [cut_off.listed],
+                         what="A's lifecycles listed again after its reconnect")
+        assert cut_off.armed(config) is not None
+        assert not a.services["gatekeeper"].problems()
+        # B stops before the sunset: A remakes the PASS as a BLOCK when it passes.
+        running.remove(b)
+        await b.stop()
+        assert datetime.now(UTC) < sunset, "B stopped after the sunset: give the test a later one"
+        block = _decided.decode((await announced.next_msg(timeout=30)).data)
+        assert block.decision == "BLOCK" and keyring.verify(block) == block.key_id
+        assert block.time >= sunset
+        assert lifecycle_rule(block) == [("lifecycle model_config/r-old-config", "FAIL")]
+        assert await current_decision(bus, "r-old") == block
+    finally:
+        for replica in running:
+            await replica.stop()
+        await relay.close()
+        await stack.stop()
+
+
+async def test_a_failed_listing_after_a_reconnect_is_said_on_readiness_until_one_succeeds(
+        settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The listing after a reconnect is the start's: one that fails leaves sunsets unknown, so readiness says so, and
+    # the next one that succeeds clears it.
+    base = settings.replace(nats_url="nats://127.0.0.1:0")
+    stack = Runtime(base, services=["sink", "query"])
+    await stack.start()
+    relay = Relay(int(stack.settings.nats_url.rpartition(":")[2]))
+    replica: Runtime | None = None
+    try:
+        through = stack.settings.replace(nats_url=f"nats://127.0.0.1:{await relay.start()}")
+        replica = Runtime(through, services=["gatekeeper"], embedded_nats=False)
+        await replica.start()
+        gatekeeper = replica.services["gatekeeper"]
+        failed: list[str] = []
+        listed = ledger.subjects
+
+        async def failing_once(bus: Bus, pattern: str) -> dict[str, int]:
+            if pattern == bus.subjects.lifecycle_any and not failed:
+                failed.append(pattern)
+                raise BusUnavailable("the provenance stream is unavailable")
+            return await listed(bus, pattern)
+
+        monkeypatch.setattr(ledger, "subjects", failing_once)
+
+        async def reconnected() -> None:
+            listings = gatekeeper.sunsets.listed.count
+            relay.cut()
+            await gatekeeper.ctx.bus.wait_state("reconnecting", timeout_s=10)
+            relay.heal()  # nats-py waits about 2 s between reconnect attempts
+            await eventually(lambda: gatekeeper.sunsets.listed.count > listings, [gatekeeper.sunsets.listed],
+                             what="the lifecycles listed again after the reconnect")
+
+        await reconnected()
+        assert failed and [p for p in gatekeeper.problems() if "were not all read" in p], gatekeeper.problems()
+        await reconnected()
+        assert gatekeeper.problems() == []
+    finally:
+        if replica is not None:
+            await replica.stop()
+        await relay.close()
         await stack.stop()
 
 
