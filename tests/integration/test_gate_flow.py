@@ -12,12 +12,13 @@ from typing import Any
 import aiohttp
 import grpc
 import msgspec
+import nats.js.errors
 import pytest
 from click.testing import CliRunner
 
 from lockgate import artifacts
 from lockgate.bus import Bus
-from lockgate.cli.gate import ReviewRefused, current_decision, request_review
+from lockgate.cli.gate import ReviewRefused, current_decision, not_admitted, request_review
 from lockgate.cli.main import cli
 from lockgate.codec import Codec
 from lockgate.config import Settings
@@ -42,7 +43,7 @@ from lockgate.identity import (
     sign_review,
     statement_bytes,
 )
-from lockgate.ids import uuid7
+from lockgate.ids import canonical_json, uuid7
 from lockgate.server.apikeys import bootstrap
 from lockgate.server.health import HealthServer
 from lockgate.server.registry import ServiceSet
@@ -366,6 +367,53 @@ async def test_tampered_decision_fails_verify_and_router_dead_letters_it(
                                                              settings.prefix, "gate", "explain", "v6", "--json"])
     assert json.loads(explained.output)["decision"] == "BLOCK"
     assert (await current_decision(bus, "v6")) == genuine
+
+
+async def test_gate_verify_admits_no_pass_whose_release_name_was_bound_again_to_other_content(
+    bus: Bus, settings: Settings, trusted: Keyring
+) -> None:
+    # Found by probe p32 (F1): the releases bucket honours a message's own Nats-TTL, so an identity that may write a
+    # binding made one expire and bound the name again to other content. The router compares the content a PASS
+    # judged with the binding and refused it (409), while `gate verify` checked only the signature and exited 0.
+    judged_ = await artifacts.register(bus, "model_config", "p32-config", {"model": "m"})
+    other = await artifacts.register(bus, "model_config", "p32-config", {"model": "never-judged"})
+    kv = await bus.kv(bus.subjects.kv_releases)
+
+    def binding(digest: str) -> bytes:
+        return canonical_json(artifacts.release_bundle("v-p32", "shop", {"model_config/p32-config": digest}))
+
+    await kv.create(token("v-p32"), binding(judged_.hash), msg_ttl=1)
+    await store_pass(bus, "v-p32", settings)
+    pass_ = await current_decision(bus, "v-p32")
+    ring = Keyring.from_settings(settings)
+    # Untouched, the PASS admits the content it judged.
+    kept = await asyncio.to_thread(lockgate_cli, settings, "gate", "verify", "v-p32")
+    assert kept.exit_code == 0 and kept.stdout.startswith(f"ok: decision {pass_.id} (v-p32: PASS"), kept.output
+    assert await not_admitted(bus, ring, "v-p32") == ""
+
+    # The server's TTL timer announces nothing: read the binding until it is gone (bounded by the timeout).
+    async def expired() -> None:
+        while True:
+            try:
+                await kv.get(token("v-p32"))
+            except nats.js.errors.KeyNotFoundError:
+                return
+            await asyncio.sleep(0.1)
+
+    await asyncio.wait_for(expired(), timeout=10)
+    await kv.create(token("v-p32"), binding(other.hash))
+    why = (f"the decision judged other content than the release holds (model_config/p32-config judged "
+           f"{judged_.hash}, release holds {other.hash})")
+    refused, as_json, authentic = [await asyncio.to_thread(lockgate_cli, settings, "gate", "verify", "v-p32", *args)
+                                   for args in ((), ("--json",), ("--authentic-only",))]
+    assert refused.exit_code == 5 and refused.stdout == "", refused.output
+    assert refused.stderr.startswith(f"error: decision {pass_.id} (v-p32: PASS") and \
+        f"authentic, but {why}" in refused.stderr and len(refused.stderr.splitlines()) == 1, refused.stderr
+    doc = json.loads(as_json.stdout)
+    assert as_json.exit_code == 5 and (doc["admits"], doc["not_admitted"]) == (False, why), as_json.output
+    assert authentic.exit_code == 0 and authentic.stdout.endswith(f"(authentic, but {why})\n"), authentic.output
+    # What `alias set` and `apply` warn with reads it alike.
+    assert await not_admitted(bus, ring, "v-p32") == f"v-p32's gate decision {pass_.id} is a PASS: {why}"
 
 
 async def test_a_pass_resting_on_an_approval_admits_nothing_once_the_approvers_key_is_revoked(

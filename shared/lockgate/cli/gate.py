@@ -13,7 +13,7 @@ import msgspec
 from nats.aio.msg import Msg
 from rich.text import Text
 
-from lockgate import documents
+from lockgate import artifacts, documents
 from lockgate.bus import Bus
 from lockgate.cli.access import with_bus
 from lockgate.cli.audit import NotChained, may_record, read_head, record_change, record_undone
@@ -29,6 +29,7 @@ from lockgate.contracts.names import check_name
 from lockgate.credentials import NotAllowed
 from lockgate.errors import ConfigError, LockgateError, NotFound, SignatureError
 from lockgate.identity import PERSON_ROLES, Identity, scope_refusal, sign_review
+from lockgate.provenance.attest import other_content
 from lockgate.signing import (
     Keyring,
     TrustFile,
@@ -141,10 +142,11 @@ def _keyring(settings: Settings, keys: tuple[str, ...]) -> Keyring:
 
 
 def _verify(settings: Settings, release: str | None, path: str | None,
-            keys: tuple[str, ...]) -> tuple[GateDecided, Keyring]:
-    """The decision (from a file or the stack) and the keyring it verified against (Keyring.verify_record): a key
-    retired since it signed still verifies what it decided before (it admits nothing, which the caller says). A
-    PASS whose approvals no longer all count fails: it was decided, but nothing may act on it."""
+            keys: tuple[str, ...]) -> tuple[GateDecided, Keyring, str]:
+    """The decision (from a file or the stack), the keyring it verified against (Keyring.verify_record) and why it
+    admits nothing now ("" when it admits): a key retired since it signed still verifies what it decided before (it
+    admits nothing, which the caller says). A PASS whose approvals no longer all count fails: it was decided, but
+    nothing may act on it. Only against the stack is the release's binding there to compare (`not_admitting_now`)."""
     ring = _keyring(settings, keys)
 
     def check(dec: GateDecided) -> None:
@@ -157,19 +159,36 @@ def _verify(settings: Settings, release: str | None, path: str | None,
         except msgspec.DecodeError as exc:
             raise SignatureError(f"{path} is not a gate decision: {exc}") from None
         check(d)
-        return d, ring
+        return d, ring, ring.not_admitting(d)
 
-    async def work(bus: Bus) -> tuple[GateDecided, Keyring]:
+    async def work(bus: Bus) -> tuple[GateDecided, Keyring, str]:
         dec = await current_decision(bus, release or "")
         check(dec)
-        return dec, ring
+        return dec, ring, await not_admitting_now(bus, ring, dec)
 
     return with_bus(settings, work)
 
 
+async def not_admitting_now(bus: Bus, ring: Keyring, decision: GateDecided) -> str:
+    """Why a verified `decision` admits nothing now ("" when it admits): `Keyring.not_admitting`, or for one that
+    would admit, how the content it judged differs from what its release name is bound to now (`other_content`).
+
+    A PASS speaks for the content it judged, not for whatever its name came to hold: a binding written with its own
+    `Nats-TTL` expires and the name binds again (probe p32 F1), and the router then refuses the PASS while `gate
+    verify` said it admits. A name bound to nothing (not registered yet) has nothing to compare, as before."""
+    why = ring.not_admitting(decision)
+    if why:
+        return why
+    try:
+        bound = (await artifacts.release_of(bus, decision.release)).get("artifacts")
+    except NotFound:  # TakenUnbound too: a value that binds nothing
+        return ""
+    return other_content(decision, bound)
+
+
 async def not_admitted(bus: Bus, ring: Keyring, release: str) -> str:
     """Why the gate admits `release` nothing now, as `gate verify` judges it ("" when its current decision is a PASS
-    that admits it): no decision, one that does not verify, or one that admits nothing (`Keyring.not_admitting`)."""
+    that admits it): no decision, one that does not verify, or one that admits nothing (`not_admitting_now`)."""
     decision = await get_decision(await bus.kv(bus.subjects.kv_gates), release)
     if decision is None:
         return f"{release} has no gate decision"
@@ -177,7 +196,7 @@ async def not_admitted(bus: Bus, ring: Keyring, release: str) -> str:
         ring.verify_record(decision)
     except SignatureError as exc:  # an approval withdrawn too
         return f"{release}'s gate decision {decision.id} is refused: {exc.message}"
-    why = ring.not_admitting(decision)
+    why = await not_admitting_now(bus, ring, decision)
     return f"{release}'s gate decision {decision.id} is a {decision.decision}: {why}" if why else ""
 
 
@@ -340,13 +359,13 @@ def register(cli: click.Group) -> None:
                authentic_only: bool, as_json: bool) -> None:
         """Check that a decision admits its release now: offline (--file, against the trust file; --key adds a key)
         or against the running stack. Exit 0 for an authentic PASS that admits; 5 for an authentic decision that
-        admits nothing (a BLOCK, a NEEDS_REVIEW, a PASS signed by a key retired since: 0 with --authentic-only); 4 if
-        it is not authentic, or is a PASS whose approvals no longer all count (a revoked approver)."""
+        admits nothing (a BLOCK, a NEEDS_REVIEW, a PASS signed by a key retired since, and against the stack a PASS
+        that judged other content than RELEASE is bound to now: 0 with --authentic-only); 4 if it is not authentic,
+        or is a PASS whose approvals no longer all count (a revoked approver)."""
         settings: Settings = ctx.obj["settings"]
         if bool(release) == bool(path):
             raise LockgateError("give exactly one of RELEASE or --file")
-        d, ring = _verify(settings, release, path, keys)
-        why = ring.not_admitting(d)
+        d, ring, why = _verify(settings, release, path, keys)
         retired = ring.retired.get(d.key_id)
         doc: dict[str, Any] = {"id": d.id, "release": d.release, "decision": d.decision, "key_id": d.key_id,
                                "time": d.time, "admits": not why}
