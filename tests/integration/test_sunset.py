@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -30,7 +31,7 @@ from lockgate.server.runtime import Runtime
 from lockgate.server.service import ServiceContext
 from lockgate.services.gatekeeper import domain, sunsets
 from lockgate.services.gatekeeper.app import Gatekeeper
-from lockgate.signing import Keyring
+from lockgate.signing import Keyring, Signer
 from lockgate_dev.sim import ModelSpec, SimConfig, SimServer
 from tests.helpers import Relay, eventually, person, register_model_release, run_cli, store_decision
 from tests.integration.test_required_gates import FIXTURES, answers, rollout
@@ -192,6 +193,27 @@ async def test_a_gatekeeper_started_after_a_sunset_passed_blocks_the_pass_at_its
             await after.stop()
 
 
+async def _r_old_passed(bus: Bus, signer: Signer) -> tuple[str, str, Any]:
+    """r-old's config and its successor registered, a PASS of r-old judging that config stored (signed by `signer`),
+    and a subscription to r-old's decisions announced from now on."""
+    config = (await artifacts.register(bus, "model_config", "r-old-config", {"release": "r-old"})).hash
+    successor = (await artifacts.register(bus, "model_config", "r-new-config", {"release": "r-new"})).hash
+    await store_decision(bus, signer.sign(GateDecided(release="r-old", decision="PASS", rules=[], eval_run="run-r-old",
+                                                      artifacts={"model_config/r-old-config": config})))
+    return config, successor, await bus.nc.subscribe(bus.subjects.gate_decided("r-old"))
+
+
+async def _blocked_once_stopped(replica: Runtime, sunset: datetime, announced: Any, keyring: Keyring) -> GateDecided:
+    """Stop `replica` before `sunset`; the BLOCK another replica then announces at the sunset, signed by a trusted
+    key."""
+    await replica.stop()
+    assert datetime.now(UTC) < sunset, "the replica stopped after the sunset: give the test a later one"
+    block = _decided.decode((await announced.next_msg(timeout=30)).data)
+    assert block.decision == "BLOCK" and keyring.verify(block) == block.key_id
+    assert block.time >= sunset
+    return block
+
+
 async def test_every_gatekeeper_replica_holds_a_sunset_recorded_while_it_runs(settings: Settings) -> None:
     # Probe p32 (F2): the replicas shared one consumer of the lifecycle records, so a record armed the sunset's timer
     # of the replica that read it only. That one stopped before the sunset, and the release kept its PASS past it
@@ -207,12 +229,7 @@ async def test_every_gatekeeper_replica_holds_a_sunset_recorded_while_it_runs(se
             await running[-1].start()
         replicas = {r: r.services["gatekeeper"].sunsets for r in running}
         bus, keyring = stack.ctx.bus, Keyring.from_settings(stack.settings)
-        config = (await artifacts.register(bus, "model_config", "r-old-config", {"release": "r-old"})).hash
-        successor = (await artifacts.register(bus, "model_config", "r-new-config", {"release": "r-new"})).hash
-        await store_decision(bus, running[0].services["gatekeeper"].signer.sign(GateDecided(
-            release="r-old", decision="PASS", rules=[], eval_run="run-r-old",
-            artifacts={"model_config/r-old-config": config})))
-        announced = await bus.nc.subscribe(bus.subjects.gate_decided("r-old"))
+        config, successor, announced = await _r_old_passed(bus, running[0].services["gatekeeper"].signer)
 
         # What is no lifecycle record on its subject is skipped by every replica, which then hears the next one.
         await bus.js.publish(bus.subjects.lifecycle(config), b'{"junk": true}')
@@ -230,11 +247,7 @@ async def test_every_gatekeeper_replica_holds_a_sunset_recorded_while_it_runs(se
         # The replica that read it stops before the sunset: the other remakes the PASS as a BLOCK when it passes.
         reader = next(r for r, s in replicas.items() if s.read.count)
         running.remove(reader)
-        await reader.stop()
-        assert datetime.now(UTC) < sunset, "the replica stopped after the sunset: give the test a later one"
-        block = _decided.decode((await announced.next_msg(timeout=30)).data)
-        assert block.decision == "BLOCK" and keyring.verify(block) == block.key_id
-        assert block.time >= sunset
+        block = await _blocked_once_stopped(reader, sunset, announced, keyring)
         assert sorted(lifecycle_rule(block)) == [("lifecycle model_config/r-old-config", "FAIL"),
                                                  ("lifecycle records skipped", "PASS")]  # the junk, named
         assert block.reason.startswith(f"model_config/r-old-config {config[:19]} was sunset on {zulu(sunset)} "
@@ -266,12 +279,7 @@ async def test_a_gatekeeper_replica_cut_off_while_a_sunset_is_recorded_holds_it_
         a, b = running
         cut_off, other = a.services["gatekeeper"].sunsets, b.services["gatekeeper"].sunsets
         bus, keyring = stack.ctx.bus, Keyring.from_settings(stack.settings)
-        config = (await artifacts.register(bus, "model_config", "r-old-config", {"release": "r-old"})).hash
-        successor = (await artifacts.register(bus, "model_config", "r-new-config", {"release": "r-new"})).hash
-        await store_decision(bus, b.services["gatekeeper"].signer.sign(GateDecided(
-            release="r-old", decision="PASS", rules=[], eval_run="run-r-old",
-            artifacts={"model_config/r-old-config": config})))
-        announced = await bus.nc.subscribe(bus.subjects.gate_decided("r-old"))
+        config, successor, announced = await _r_old_passed(bus, b.services["gatekeeper"].signer)
 
         relay.cut()  # A alone loses the server, which stays up for everyone else
         await a.services["gatekeeper"].ctx.bus.wait_state("reconnecting", timeout_s=10)
@@ -291,11 +299,7 @@ async def test_a_gatekeeper_replica_cut_off_while_a_sunset_is_recorded_holds_it_
         assert not a.services["gatekeeper"].problems()
         # B stops before the sunset: A remakes the PASS as a BLOCK when it passes.
         running.remove(b)
-        await b.stop()
-        assert datetime.now(UTC) < sunset, "B stopped after the sunset: give the test a later one"
-        block = _decided.decode((await announced.next_msg(timeout=30)).data)
-        assert block.decision == "BLOCK" and keyring.verify(block) == block.key_id
-        assert block.time >= sunset
+        block = await _blocked_once_stopped(b, sunset, announced, keyring)
         assert lifecycle_rule(block) == [("lifecycle model_config/r-old-config", "FAIL")]
         assert await current_decision(bus, "r-old") == block
     finally:
