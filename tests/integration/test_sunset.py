@@ -193,13 +193,20 @@ async def test_a_gatekeeper_started_after_a_sunset_passed_blocks_the_pass_at_its
             await after.stop()
 
 
+async def _passed(bus: Bus, signer: Signer, release: str) -> str:
+    """A release PASSed (signed by `signer`) over a model config of its own: that config's hash."""
+    config = (await artifacts.register(bus, "model_config", f"{release}-config", {"release": release})).hash
+    await store_decision(bus, signer.sign(GateDecided(release=release, decision="PASS", rules=[],
+                                                      eval_run=f"run-{release}",
+                                                      artifacts={f"model_config/{release}-config": config})))
+    return config
+
+
 async def _r_old_passed(bus: Bus, signer: Signer) -> tuple[str, str, Any]:
-    """r-old's config and its successor registered, a PASS of r-old judging that config stored (signed by `signer`),
-    and a subscription to r-old's decisions announced from now on."""
-    config = (await artifacts.register(bus, "model_config", "r-old-config", {"release": "r-old"})).hash
+    """r-old PASSed over its config (`_passed`), the config's successor registered, and a subscription to r-old's
+    decisions announced from now on."""
+    config = await _passed(bus, signer, "r-old")
     successor = (await artifacts.register(bus, "model_config", "r-new-config", {"release": "r-new"})).hash
-    await store_decision(bus, signer.sign(GateDecided(release="r-old", decision="PASS", rules=[], eval_run="run-r-old",
-                                                      artifacts={"model_config/r-old-config": config})))
     return config, successor, await bus.nc.subscribe(bus.subjects.gate_decided("r-old"))
 
 
@@ -363,12 +370,8 @@ class _Stand:
         self.ann = person(settings, "ann", "operator")
 
     async def passed(self, release: str) -> str:
-        """A release PASSed over a model config of its own: that config's hash."""
-        config = (await artifacts.register(self.bus, "model_config", f"{release}-config", {"release": release})).hash
-        await store_decision(self.bus, self.gatekeeper.signer.sign(GateDecided(
-            release=release, decision="PASS", rules=[], eval_run=f"run-{release}",
-            artifacts={f"model_config/{release}-config": config})))
-        return config
+        """A release PASSed by its key over a model config of its own: that config's hash."""
+        return await _passed(self.bus, self.gatekeeper.signer, release)
 
     async def sunset(self, digest: str, when: datetime) -> tuple[ArtifactLifecycle, Delivery]:
         record, _ = await lifecycle.deprecate(self.bus, self.settings, self.ann, digest, sunset=when, reason="retired")
