@@ -150,8 +150,9 @@ async def test_sunset_artifacts_refuse_an_alias_and_deprecated_ones_warn(bus: Bu
     assert unknown.exit_code == 3
 
 
-async def test_aliases_declared_in_the_gitops_folder_are_planned_and_applied_signed(
-        bus: Bus, settings: Settings, tmp_path: Any, run_services: Any) -> None:
+def _aliased_repo(settings: Settings, tmp_path: Any) -> Any:
+    """The gitops fixture folder with `gitshop/production` declared on release gitshop-base, and ann, an operator
+    identity, to sign its moves."""
     import shutil
     from pathlib import Path
 
@@ -160,6 +161,12 @@ async def test_aliases_declared_in_the_gitops_folder_are_planned_and_applied_sig
     (repo / "aliases" / "production.yaml").write_text(
         "kind: alias\nname: production\napp: gitshop\nrelease: gitshop-base\n")
     person(settings, "ann", "operator")
+    return repo
+
+
+async def test_aliases_declared_in_the_gitops_folder_are_planned_and_applied_signed(
+        bus: Bus, settings: Settings, tmp_path: Any, run_services: Any) -> None:
+    repo = _aliased_repo(settings, tmp_path)
 
     await run_services("lineage")  # the applied state's writer
     planned = await cli(settings, "plan", str(repo), "--json")
@@ -232,14 +239,7 @@ async def test_apply_says_what_alias_set_says_of_a_move(bus: Bus, settings: Sett
                                                         run_services: Any) -> None:
     # Probe p29 F6: apply moved `production` to a release with no gate decision, and to one using a deprecated
     # artifact, saying only "applied: 1 change" (`alias set` warned of both).
-    import shutil
-    from pathlib import Path
-
-    repo = Path(shutil.copytree(Path(__file__).parents[1] / "fixtures" / "gitops", tmp_path / "repo"))
-    (repo / "aliases").mkdir()
-    (repo / "aliases" / "production.yaml").write_text(
-        "kind: alias\nname: production\napp: gitshop\nrelease: gitshop-base\n")
-    person(settings, "ann", "operator")
+    repo = _aliased_repo(settings, tmp_path)
     await run_services("lineage")  # the applied state's writer
 
     ungated = "gitshop-v1 has no gate decision; an application reading gitshop/production now gets content the gate " \
