@@ -379,13 +379,17 @@ class _Stand:
                                 deliveries=1, stream_seq=0)
 
 
+@pytest.fixture
+def stand(context: ServiceContext, settings: Settings, monkeypatch: pytest.MonkeyPatch) -> _Stand:
+    monkeypatch.setattr(sunsets, "_RETRY_S", 0.2)  # a pass that failed is tried again within the test
+    return _Stand(context, settings)
+
+
 async def test_a_sunset_moved_while_a_pass_fails_is_still_held_when_it_passes(
-    context: ServiceContext, settings: Settings, monkeypatch: pytest.MonkeyPatch
+    stand: _Stand, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The failed pass armed its retry over the timer of the moved sunset, with the sunset it had read; the retry
     # found nothing past that sunset any more and armed nothing: the release kept its PASS past the new sunset.
-    monkeypatch.setattr(sunsets, "_RETRY_S", 0.2)
-    stand = _Stand(context, settings)
     bus, gatekeeper = stand.bus, stand.gatekeeper
     config = await stand.passed("r-old")
     announced = await bus.nc.subscribe(bus.subjects.gate_decided("r-old"))
@@ -412,11 +416,9 @@ async def test_a_sunset_moved_while_a_pass_fails_is_still_held_when_it_passes(
 
 
 async def test_a_history_unreadable_at_start_leaves_the_other_sunsets_held_and_is_retried(
-    context: ServiceContext, settings: Settings, monkeypatch: pytest.MonkeyPatch
+    stand: _Stand, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The first history that failed to read ended the start: every sunset after it went unheld until a restart.
-    monkeypatch.setattr(sunsets, "_RETRY_S", 0.2)
-    stand = _Stand(context, settings)
     bus, gatekeeper = stand.bus, stand.gatekeeper
     configs = {release: await stand.passed(release) for release in ("r-one", "r-two")}
     for config in configs.values():
