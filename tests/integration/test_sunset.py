@@ -10,6 +10,8 @@ serving it.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -76,13 +78,21 @@ def lifecycle_rule(block: GateDecided) -> list[tuple[str, str]]:
     return [(r.rule, r.verdict) for r in block.rules if r.rule.startswith("lifecycle")]
 
 
-async def test_a_pass_decided_before_its_model_configs_sunset_is_a_block_once_the_sunset_passes(
-    settings: Settings, tmp_path: Path
-) -> None:
+@contextlib.asynccontextmanager
+async def _answered_well(settings: Settings, tmp_path: Path) -> AsyncIterator[tuple[Settings, str]]:
+    """Settings for a stack of its own whose stable upstream, a simulator, answers the qa suite well, with ann an
+    operator identity; and a policy file its evals pass."""
     policy = policy_file(tmp_path)
     async with SimServer(SimConfig(models={"good": ModelSpec(answers=answers(), latency_ms=2)})) as sim:
         base = settings.replace(nats_url="nats://127.0.0.1:0", stable_upstream=sim.url, deployment="chat")
         person(base, "ann", "operator")
+        yield base, policy
+
+
+async def test_a_pass_decided_before_its_model_configs_sunset_is_a_block_once_the_sunset_passes(
+    settings: Settings, tmp_path: Path
+) -> None:
+    async with _answered_well(settings, tmp_path) as (base, policy):
         runtime = Runtime(base, services=["sink", "query", "evaluator", "gatekeeper", "router"])
         await runtime.start()
         try:
@@ -136,10 +146,7 @@ async def test_a_pass_decided_before_its_model_configs_sunset_is_a_block_once_th
 async def test_a_gatekeeper_started_after_a_sunset_passed_blocks_the_pass_at_its_start(
     settings: Settings, tmp_path: Path
 ) -> None:
-    policy = policy_file(tmp_path)
-    async with SimServer(SimConfig(models={"good": ModelSpec(answers=answers(), latency_ms=2)})) as sim:
-        base = settings.replace(nats_url="nats://127.0.0.1:0", stable_upstream=sim.url, deployment="chat")
-        person(base, "ann", "operator")
+    async with _answered_well(settings, tmp_path) as (base, policy):
         first = Runtime(base, services=["sink", "query", "evaluator", "gatekeeper"])
         await first.start()
         try:
