@@ -33,7 +33,7 @@ from lockgate.contracts import (
     MetricInterval,
     ReleaseBinding,
 )
-from lockgate.errors import NotFound
+from lockgate.errors import NotFound, Retryable
 from lockgate.evalruns import binding_of, record_request
 from lockgate.identity import (
     Identity,
@@ -410,6 +410,56 @@ async def test_gate_verify_admits_no_pass_whose_release_name_was_bound_again_to_
     assert authentic.exit_code == 0 and authentic.stdout.endswith(f"(authentic, but {why})\n"), authentic.output
     # What `alias set` and `apply` warn with reads it alike.
     assert await not_admitted(bus, ring, "v-p32") == f"v-p32's gate decision {pass_.id} is a PASS: {why}"
+
+
+async def test_gate_verify_admits_no_pass_whose_release_name_is_bound_to_nothing_now(
+    bus: Bus, settings: Settings, router: Any
+) -> None:
+    # The case next to the one above: the binding's own Nats-TTL runs out and nothing binds the name again. The
+    # router serves no release without a binding (a PASS for it admits nothing: `_about_bound_content`), while
+    # `gate verify` found nothing to compare, exited 0 and said the PASS admits.
+    config = await artifacts.register(bus, "model_config", "unbound-config", {"model": "m"})
+    kv = await bus.kv(bus.subjects.kv_releases)
+    binding = artifacts.release_bundle("v-unbound", "shop", {"model_config/unbound-config": config.hash})
+    await kv.create(token("v-unbound"), canonical_json(binding), msg_ttl=1)
+    await store_pass(bus, "v-unbound", settings)
+    pass_ = await current_decision(bus, "v-unbound")
+
+    async def expired() -> None:
+        # nats-server announces no expiry: the binding is read again until it is gone.
+        try:
+            await artifacts.release_of(bus, "v-unbound")
+        except NotFound:
+            return
+        raise Retryable("v-unbound is still bound")
+
+    await RetryPolicy(attempts=50, initial_s=0.2, max_s=0.2, jitter=False).call(
+        expired, retry_on=Retryable, what="waiting for v-unbound's binding to expire")
+    why = "its release name is bound to nothing now: release 'v-unbound' is not registered (`lockgate release " \
+          "create`, or `apply`)"
+    refused, as_json, authentic = [await asyncio.to_thread(lockgate_cli, settings, "gate", "verify", "v-unbound",
+                                                           *args) for args in ((), ("--json",), ("--authentic-only",))]
+    assert refused.exit_code == 5 and refused.stdout == "", refused.output
+    assert refused.stderr.startswith(f"error: decision {pass_.id} (v-unbound: PASS") and \
+        f"authentic, but {why}" in refused.stderr and len(refused.stderr.splitlines()) == 1, refused.stderr
+    doc = json.loads(as_json.stdout)
+    assert as_json.exit_code == 5 and (doc["admits"], doc["not_admitted"]) == (False, why), as_json.output
+    assert authentic.exit_code == 0 and authentic.stdout.endswith(f"(authentic, but {why})\n"), authentic.output
+    # What `alias set` and `apply` warn with reads it alike.
+    assert await not_admitted(bus, Keyring.from_settings(settings), "v-unbound") == \
+        f"v-unbound's gate decision {pass_.id} is a PASS: {why}"
+    # What the CLI now says the router does: it rolls the release out nowhere.
+    async with aiohttp.ClientSession(headers=admin_headers(router.ctx.settings.home)) as http:
+        async with http.put(f"{router.url}/lockgate/v1/deployments/fresh",
+                            json={"stable_release": "v-unbound"}) as resp:
+            answer = await resp.json()
+    assert resp.status == 400 and answer["error"]["message"] == "release 'v-unbound' is not registered (`lockgate " \
+        "release create`, or `apply`)", answer
+    assert "fresh" not in router.rollouts.routes
+    # Bound again to the content it judged, the PASS admits it again: it is the binding that was missing.
+    await artifacts.register_release(bus, "v-unbound", "shop", {"model_config/unbound-config": config.hash})
+    again = await asyncio.to_thread(lockgate_cli, settings, "gate", "verify", "v-unbound")
+    assert again.exit_code == 0 and again.stdout.startswith(f"ok: decision {pass_.id} (v-unbound: PASS"), again.output
 
 
 async def test_a_pass_resting_on_an_approval_admits_nothing_once_the_approvers_key_is_revoked(

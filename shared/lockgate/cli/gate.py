@@ -175,14 +175,16 @@ async def not_admitting_now(bus: Bus, ring: Keyring, decision: GateDecided) -> s
 
     A PASS speaks for the content it judged, not for whatever its name came to hold: a binding written with its own
     `Nats-TTL` expires and the name binds again (probe p32 F1), and the router then refuses the PASS while `gate
-    verify` said it admits. A name bound to nothing (not registered yet) has nothing to compare, as before."""
+    verify` said it admits. A name bound to nothing now (that binding expired and nothing bound it again, or a value
+    that binds nothing) admits nothing either: the router serves no release without a binding (before, this said
+    the PASS admits)."""
     why = ring.not_admitting(decision)
     if why:
         return why
     try:
         bound = (await artifacts.release_of(bus, decision.release)).get("artifacts")
-    except NotFound:  # TakenUnbound too: a value that binds nothing
-        return ""
+    except NotFound as exc:  # TakenUnbound too: a value that binds nothing
+        return f"its release name is bound to nothing now: {exc.message}"
     return other_content(decision, bound)
 
 
@@ -360,8 +362,9 @@ def register(cli: click.Group) -> None:
         """Check that a decision admits its release now: offline (--file, against the trust file; --key adds a key)
         or against the running stack. Exit 0 for an authentic PASS that admits; 5 for an authentic decision that
         admits nothing (a BLOCK, a NEEDS_REVIEW, a PASS signed by a key retired since, and against the stack a PASS
-        that judged other content than RELEASE is bound to now: 0 with --authentic-only); 4 if it is not authentic,
-        or is a PASS whose approvals no longer all count (a revoked approver)."""
+        that judged other content than RELEASE is bound to now, or whose RELEASE is bound to nothing now: 0 with
+        --authentic-only); 4 if it is not authentic, or is a PASS whose approvals no longer all count (a revoked
+        approver)."""
         settings: Settings = ctx.obj["settings"]
         if bool(release) == bool(path):
             raise LockgateError("give exactly one of RELEASE or --file")
