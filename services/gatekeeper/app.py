@@ -1,6 +1,6 @@
 """Gatekeeper wiring: durable consumers on `eval.completed`, `gate.review.>`, `audit.>` (the audit
 chainer) and the artifact lifecycles (sunsets), every replica's subscription to the lifecycles (listed again after a
-reconnect), and the signing key."""
+reconnect, and until a listing succeeds), and the signing key."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from lockgate.bus import consume
 from lockgate.contracts import AuditEntry, DriftReport, EvalCompleted, GateReview
 from lockgate.contracts.provenance import ArtifactLifecycle
 from lockgate.errors import LockgateError
+from lockgate.retry import RetryPolicy
 from lockgate.server.service import Service, ServiceContext
 from lockgate.services.gatekeeper.chain import CHAIN_WAITS, Chainer
 from lockgate.services.gatekeeper.driftgate import DriftGate
@@ -22,6 +23,10 @@ from lockgate.services.gatekeeper.sunsets import Sunsets
 from lockgate.signing import ensure_signer_trusted, gatekeeper_signer
 
 log = logging.getLogger("lockgate.gatekeeper")
+# A listing of the sunsets that failed is tried again until one succeeds: soon after a blip, then every half minute
+# at most while the provenance stream stays away (only listing its lifecycle subjects fails a listing: a sunset whose
+# history or releases cannot be read is retried by its own timer, `Sunsets._due`).
+_RELIST = RetryPolicy(attempts=None, initial_s=1.0, max_s=30.0)
 
 
 class Gatekeeper(Service):
@@ -101,30 +106,38 @@ class Gatekeeper(Service):
         self._lifecycles = await self.ctx.bus.nc.subscribe(self.ctx.bus.subjects.lifecycle_any,
                                                            cb=self.sunsets.on_heard)
         reconnects = self.ctx.bus.reconnects  # before the listing: a reconnect during it is listed again after it
-        await self._list_sunsets()
-        self.spawn(self._list_sunsets_after_reconnects(reconnects), "sunsets-relist")
+        try:
+            await self._list_sunsets()  # a sunset already past is judged before the start returns
+            listed = True
+        except LockgateError:
+            listed = False  # retried in the background: the start does not wait for the bus to come back
+        self.spawn(self._keep_sunsets_listed(reconnects, listed), "sunsets-relist")
 
     async def _list_sunsets(self) -> None:
         """Arm or judge the sunset of every lifecycle (`Sunsets.start`); a listing that fails is said on readiness
-        until one succeeds."""
+        until one succeeds, and raised."""
         try:
             await self.sunsets.start()
         except LockgateError as exc:  # the lifecycles were not listed: no sunset is known to arm a timer for
             self.unsunset = (f"the sunsets of artifact versions were not all read ({exc.message}): a release using "
-                             "one past its sunset may still admit; they are listed again when the bus reconnects, "
-                             "or restart the gatekeeper")
+                             "one past its sunset may still admit; they are listed again until a listing succeeds "
+                             f"(retried at most {_RELIST.max_s:g} s apart) and after each reconnect")
             log.error("%s", self.unsunset)
-            return
+            raise
         self.unsunset = ""
 
-    async def _list_sunsets_after_reconnects(self, seen: int) -> None:
-        # The subscription above does not replay: a record appended while this replica's connection was down went
-        # to the shared consumer, so to another replica's timer only, which stopping took the sunset with it. Each
-        # time the connection comes back, the lifecycles are listed again as at start (idempotent: `_arm` keeps the
-        # earliest timer, a remade decision's id is derived from the one it replaces).
+    async def _keep_sunsets_listed(self, seen: int, listed: bool) -> None:
+        # A listing that failed is tried again (_RELIST) until one succeeds, the bus connected or not: before, it
+        # waited for the next reconnect or restart, and a bus that stayed connected left the sunsets unknown.
+        # The subscription above does not replay either: a record appended while this replica's connection was down
+        # went to the shared consumer, so to another replica's timer only, which stopping took the sunset with it.
+        # Each time the connection comes back, the lifecycles are listed again as at start (idempotent: `_arm` keeps
+        # the earliest timer, a remade decision's id is derived from the one it replaces).
         while True:
+            if not listed:
+                await _RELIST.call(self._list_sunsets, retry_on=LockgateError, what="listing the sunsets")
             seen = await self.ctx.bus.reconnected(after=seen)
-            await self._list_sunsets()
+            listed = False
 
     async def stop(self) -> None:
         """Hear no more lifecycle records and cancel the sunsets' timers first, so that no pass ending meanwhile

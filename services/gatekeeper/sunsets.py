@@ -10,10 +10,11 @@ past is judged before the start returns), then for each record appended while it
 appended (`on_heard`: a core subscription, no queue group), so a replica that stops takes no sunset with it that the
 others do not hold; the replicas' shared durable consumer (`on_lifecycle`) still reads those appended while none was
 connected. A core subscription does not replay, so a replica lists every lifecycle again, as at its start, each time its
-connection comes back (a record appended while it was down went to another replica only). A timer that rings reads the
-sunset again and acts on what it says then, so a timer armed from an older read (or by a failed pass) never stands in
-for the sunset in force. The decision remade carries an id derived from the one it replaces, so replicas and a second
-start remake the same decision (compare-and-set: one stores it, the others find a BLOCK)."""
+connection comes back (a record appended while it was down went to another replica only), and a listing that fails until
+one succeeds (the service's `_keep_sunsets_listed`). A timer that rings reads the sunset again and acts on what it says
+then, so a timer armed from an older read (or by a failed pass) never stands in for the sunset in force. The decision
+remade carries an id derived from the one it replaces, so replicas and a second start remake the same decision
+(compare-and-set: one stores it, the others find a BLOCK)."""
 
 from __future__ import annotations
 

@@ -323,10 +323,11 @@ async def test_a_gatekeeper_replica_cut_off_while_a_sunset_is_recorded_holds_it_
         await stack.stop()
 
 
-async def test_a_failed_listing_after_a_reconnect_is_said_on_readiness_until_one_succeeds(
+async def test_a_failed_listing_is_said_on_readiness_and_retried_until_one_succeeds(
         settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
-    # The listing after a reconnect is the start's: one that fails leaves sunsets unknown, so readiness says so, and
-    # the next one that succeeds clears it.
+    # A listing of the lifecycles (at start, after a reconnect) that fails leaves sunsets unknown, so readiness says
+    # so, and it is tried again until one succeeds, which clears it. Before, it was tried again only at the next
+    # reconnect or restart: a bus that stayed connected left the sunsets unknown for good.
     base = settings.replace(nats_url="nats://127.0.0.1:0")
     stack = Runtime(base, services=["sink", "query"])
     await stack.start()
@@ -334,32 +335,47 @@ async def test_a_failed_listing_after_a_reconnect_is_said_on_readiness_until_one
     replica: Runtime | None = None
     try:
         through = stack.settings.replace(nats_url=f"nats://127.0.0.1:{await relay.start()}")
-        replica = Runtime(through, services=["gatekeeper"], embedded_nats=False)
-        await replica.start()
-        gatekeeper = replica.services["gatekeeper"]
+        failing: list[str] = ["at start"]  # while not empty, every listing of the lifecycles fails
         failed: list[str] = []
         listed = ledger.subjects
 
-        async def failing_once(bus: Bus, pattern: str) -> dict[str, int]:
-            if pattern == bus.subjects.lifecycle_any and not failed:
-                failed.append(pattern)
+        async def failing_while_said(bus: Bus, pattern: str) -> dict[str, int]:
+            if pattern == bus.subjects.lifecycle_any and failing:
+                failed.append(failing[0])
                 raise BusUnavailable("the provenance stream is unavailable")
             return await listed(bus, pattern)
 
-        monkeypatch.setattr(ledger, "subjects", failing_once)
+        monkeypatch.setattr(ledger, "subjects", failing_while_said)
+        replica = Runtime(through, services=["gatekeeper"], embedded_nats=False)
+        await replica.start()  # not held up by the failing listing
+        gatekeeper = replica.services["gatekeeper"]
+        bus = gatekeeper.ctx.bus
 
-        async def reconnected() -> None:
-            listings = gatekeeper.sunsets.listed.count
-            relay.cut()
-            await gatekeeper.ctx.bus.wait_state("reconnecting", timeout_s=10)
-            relay.heal()  # nats-py waits about 2 s between reconnect attempts
-            await eventually(lambda: gatekeeper.sunsets.listed.count > listings, [gatekeeper.sunsets.listed],
-                             what="the lifecycles listed again after the reconnect")
+        def unsunset() -> list[str]:
+            return [p for p in gatekeeper.problems() if "were not all read" in p]
 
-        await reconnected()
-        assert failed and [p for p in gatekeeper.problems() if "were not all read" in p], gatekeeper.problems()
-        await reconnected()
-        assert gatekeeper.problems() == []
+        async def listed_again_without_a_reconnect() -> None:
+            # Said until the stream answers again; then the next try lists them, on the same connection.
+            assert unsunset(), gatekeeper.problems()
+            reconnects = bus.reconnects
+            failing.clear()
+            await eventually(lambda: not unsunset(), [gatekeeper.sunsets.listed],
+                             what=lambda: f"the lifecycles listed again ({gatekeeper.problems()})")
+            assert gatekeeper.problems() == [] and bus.reconnects == reconnects
+
+        assert "at start" in failed
+        await listed_again_without_a_reconnect()
+
+        # After a reconnect they are listed again; that listing failing is retried alike.
+        failing.append("after a reconnect")
+        listings = gatekeeper.sunsets.listed.count
+        relay.cut()
+        await bus.wait_state("reconnecting", timeout_s=10)
+        relay.heal()  # nats-py waits about 2 s between reconnect attempts
+        await eventually(lambda: gatekeeper.sunsets.listed.count > listings, [gatekeeper.sunsets.listed],
+                         what="the lifecycles listed again after the reconnect")
+        assert "after a reconnect" in failed
+        await listed_again_without_a_reconnect()
     finally:
         if replica is not None:
             await replica.stop()
