@@ -87,6 +87,9 @@ _STREAM_EXISTS_OTHERWISE = 10058
 # The admin command that brings existing streams and buckets to lockgate's configuration (`Bus.ensure_topology`
 # with `update`): a service's identity may only create what is missing.
 TOPOLOGY_APPLY = "lockgate --role admin topology apply"
+# How a kept stream (`Subjects.kept_streams`: the records of who did what) that differs from lockgate's configuration
+# is named: no lockgate identity may change it, admin included (permissions.kept), so every declaration leaves it.
+KEPT_BY_OPERATOR = "kept: only the server's operator changes it, with nats-server's own tools"
 # How many messages waiting for their letter a bus remembers (`letters_waiting`): each is warned about once.
 _UNSENT_MAX = 10_000
 # A dead letter's payload from this size up is scrubbed off the event loop (`Bus._scrubbed_payload`): scrubbing 900 KB
@@ -482,21 +485,35 @@ class Bus:
         (log and health name them, and TOPOLOGY_APPLY). Only the admin identity may change an existing stream's
         configuration: whoever may do that can add a source that copies a subject it may publish into a bucket
         (a superseded PASS over a BLOCK in the gates bucket), lift the releases bucket's write-once rule, or age
-        out decisions. A create is all a service needs, and nats-server refuses one that differs (10058)."""
+        out decisions. A create is all a service needs, and nats-server refuses one that differs (10058).
+
+        A kept stream (`Subjects.kept_streams`) is never changed, whatever `update`: no identity may (admin's update
+        of one goes unanswered, permissions.kept). One that differs is left, logged and named in `topology_differs`
+        with KEPT_BY_OPERATOR, and not returned."""
         update = self.update_topology if update is None else update
+        kept = set(self.subjects.kept_streams)
         differs: list[str] = []
+        left: list[str] = []  # kept streams that differ
         for cfg, spec in topology(self.subjects, self.replicas):
-            fields = await self._declare_stream(cfg, update)
+            fields = await self._declare_stream(cfg, update and cfg.name not in kept)
             if fields is not None:
-                differs.append(f"{cfg.name} ({', '.join(fields) or 'settings nats-py does not show'})")
+                shown = f"{cfg.name} ({', '.join(fields) or 'settings nats-py does not show'})"
+                (left if cfg.name in kept else differs).append(shown)
             if spec is not None:
                 await self._ensure_readers(spec)
-        self.topology_differs = [] if update else differs
+        self.topology_differs = [f"{d}: {KEPT_BY_OPERATOR}" for d in left] + ([] if update else differs)
         if differs and not update:
             log.error("%s: %d of lockgate's streams and buckets differ from its configuration and are left as they "
                       "are (this identity may only create them): %s. After an upgrade, apply lockgate's with `%s`; "
                       "otherwise someone changed them: check each (`nats stream info NAME`) before applying",
                       self.name, len(differs), "; ".join(differs), TOPOLOGY_APPLY)
+        if left:
+            log.error("%s: %d of the streams that record who did what differ from lockgate's configuration and are "
+                      "left as they are: %s. No lockgate identity may change them, admin included (nor delete or "
+                      "purge them): only the server's operator does, with nats-server's own tools (README, "
+                      "\"Changing a kept stream\"). Check each first (`nats stream info NAME`): unless an upgrade "
+                      "or a home made before explains it, someone with the server's store or configuration changed it",
+                      self.name, len(left), "; ".join(left))
         return differs
 
     async def _declare_stream(self, cfg: StreamConfig, update: bool) -> list[str] | None:

@@ -11,7 +11,7 @@ permission), but a service creates, deletes, fetches from and acks only its own 
 (DURABLES), so one service cannot rebind, delete or drain another's; only the sink deletes a
 message from a stream (a dead-lettered, unreadable original). Buckets are read by message get, not
 through a consumer (see `_ephemeral` for why): an application and the CLI's roles create none. No identity, admin
-included, deletes or purges the streams that record who did what (`kept`).
+included, deletes, purges or reconfigures the streams that record who did what (`kept`).
 """
 
 from __future__ import annotations
@@ -197,7 +197,7 @@ def _manage_topology(s: Subjects) -> Grant:
     # subject it may publish into a bucket (the sink wrote a superseded PASS over a BLOCK in the gates bucket and a
     # route serving a BLOCKed release), lift the releases bucket's write-once rule or age decisions out. A create
     # of an existing stream with another configuration is refused (10058): changing one is admin's alone
-    # (`lockgate --role admin topology apply`).
+    # (`lockgate --role admin topology apply`), and a kept one's (`kept`) no identity's.
     names = [spec.name for spec in s.streams.values()]
     names += [f"KV_{b}" for b in (s.kv_gates, s.kv_routes, s.kv_keys, s.kv_drift, s.kv_eval_runs, s.kv_releases,
                                   s.kv_eval_cache, s.kv_audit, s.kv_gitops, s.kv_budgets,
@@ -212,20 +212,18 @@ def _manage_topology(s: Subjects) -> Grant:
 
 def kept(s: Subjects) -> list[str]:
     """The JetStream API requests no identity may make, admin included: deleting or purging the streams that record
-    who did what, and changing the provenance stream's configuration."""
+    who did what (`Subjects.kept_streams`), or changing their configuration."""
     # The provenance stream holds every alias's signed history and every artifact's lifecycle, kept for ever; the
     # releases bucket, each release name's one binding (write-once); the audit bucket, the chain head `audit verify`
     # checks the stored rows against. Their own settings refuse a message delete or purge (deny_delete, deny_purge),
     # not the stream's deletion: admin, which may publish anything, deleted the provenance stream and every history
-    # with it, and the topology then made it anew, empty (probe p29 F8). Admin still updates the two buckets
-    # (`topology apply` makes a releases bucket of before write-once), but nothing updates the provenance stream:
-    # nats-server refuses only lifting deny_delete and deny_purge, and an update to one message with discard old
-    # dropped every record but the last. Its configuration has not changed since it was made; a change would have to
-    # be allowed here first.
+    # with it, and the topology then made it anew, empty (probe p29 F8). Nor an update: nats-server refuses only
+    # lifting deny_delete and deny_purge, and an update to one message with discard old dropped every provenance
+    # record but the last; a bucket's `max_age` of a second emptied it as its deletion would (probe p32), and an
+    # update lifted the releases bucket's write-once rule, after which a binding could be overwritten. Their
+    # configuration is the server operator's alone, with nats-server's own tools (`Bus.ensure_topology` leaves them).
     api = "$JS.API.STREAM"
-    provenance = s.streams["provenance"].name
-    records = (provenance, f"KV_{s.kv_releases}", f"KV_{s.kv_audit}")
-    return [f"{api}.{op}.{name}" for name in records for op in ("DELETE", "PURGE")] + [f"{api}.UPDATE.{provenance}"]
+    return [f"{api}.{op}.{name}" for name in s.kept_streams for op in ("DELETE", "PURGE", "UPDATE")]
 
 
 def grant(s: Subjects, identity: str) -> Grant:

@@ -531,6 +531,12 @@ class Subjects:
         return f"{self.prefix}_audit"
 
     @property
+    def kept_streams(self) -> tuple[str, ...]:
+        """The streams that record who did what, which no identity deletes, purges or reconfigures (permissions.kept,
+        Bus.ensure_topology): the provenance stream, the releases bucket's and the audit chain head's."""
+        return (self.streams["provenance"].name, f"KV_{self.kv_releases}", f"KV_{self.kv_audit}")
+
+    @property
     def kv_budgets(self) -> str:
         """Budget counters (`budget[.split].period` -> amount leased to router replicas), written with compare-and-set."""
         return f"{self.prefix}_budgets"

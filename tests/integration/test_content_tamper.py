@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from lockgate import artifacts
-from lockgate.bus import Bus
+from lockgate.bus import KEPT_BY_OPERATOR, Bus, topology
 from lockgate.codec import Codec
 from lockgate.contracts import EvalCompleted, EvalRequested, GateDecided
 from lockgate.errors import ArtifactCorrupt
@@ -212,16 +212,25 @@ async def test_bytes_the_operator_puts_under_a_hash_are_refused_and_registering_
         await operator.close()
 
 
-async def test_a_releases_bucket_made_before_is_made_write_once(bus: Bus) -> None:
-    # A deployment whose bucket was created as a plain KV (history 1, any put accepted) before this fix.
+async def test_a_releases_bucket_made_before_is_left_named_and_made_write_once_by_the_servers_operator(
+        bus: Bus) -> None:
+    # A deployment whose bucket was created as a plain KV (history 1, any put accepted) before the write-once rule.
     name = bus.subjects.kv_releases
+    stream = f"KV_{name}"
     await bus.js.delete_key_value(name)
     old = await bus.js.create_key_value(bucket=name, history=1)
     await old.create(token("r0"), b"{}")
     await old.put(token("r0"), b'{"release": "r0"}')  # accepted then
-    await bus.ensure_topology()
+    # No lockgate identity may change its configuration (permissions.kept), admin included: the topology leaves it
+    # and names it (before, probe p32, admin's update could as well lift the rule or age every binding out).
+    assert await bus.ensure_topology(update=True) == []
+    assert bus.topology_differs == [
+        f"{stream} (allow_rollup_hdrs, deny_purge, discard_new_per_subject): {KEPT_BY_OPERATOR}"]
+    # The server's operator applies lockgate's configuration with nats-server's own tools (`nats stream edit`),
+    # as this open server lets anyone.
+    await bus.js.update_stream(next(cfg for cfg, _ in topology(bus.subjects, 1) if cfg.name == stream))
     kv = await bus.kv(name)
     with pytest.raises(nats.errors.Error):
         await kv.put(token("r0"), b"{}")
     assert (await kv.get(token("r0"))).value == b'{"release": "r0"}'
-    assert await bus.ensure_topology() == []  # and again: nothing left to change
+    assert await bus.ensure_topology() == [] and bus.topology_differs == []  # nothing left to change

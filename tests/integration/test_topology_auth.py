@@ -9,6 +9,7 @@ signed PASS over the BLOCK that replaced it, and a route serving a BLOCKed relea
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import pytest
 from click.testing import CliRunner
 from nats.js.api import StreamConfig, StreamSource, SubjectTransform
 
-from lockgate.bus import TOPOLOGY_APPLY, Bus, config_differences, topology
+from lockgate.bus import KEPT_BY_OPERATOR, TOPOLOGY_APPLY, Bus, config_differences, topology
 from lockgate.cli.main import cli
 from lockgate.config import Settings
 from lockgate.server.natsserver import NatsServer
@@ -111,6 +112,68 @@ async def test_the_sink_creates_the_topology_names_what_differs_and_admin_applie
             assert applied.exit_code == 0, applied.output
             assert f"{gates} (max_age, sources)" in applied.output
             assert await _differences(admin, gates) == []
+        finally:
+            await admin.close()
+    finally:
+        server.stop()
+
+
+async def test_topology_apply_leaves_a_kept_bucket_that_differs_names_it_and_applies_the_rest(
+        tmp_path: Path, unique: str, caplog: pytest.LogCaptureFixture) -> None:
+    from lockgate import credentials
+    from lockgate.server.natsserver import auth_config
+    from lockgate.subjects import Subjects, token
+
+    subjects = Subjects(unique)
+    releases, gates = f"KV_{subjects.kv_releases}", f"KV_{subjects.kv_gates}"
+    # A home made before the releases bucket was write-once, and a gates bucket someone aged: made on the store
+    # before the server ran with lockgate's users.
+    server = NatsServer(tmp_path / "nats")
+    await server.start()
+    try:
+        old = Bus(server.url, subjects, name="test-old")
+        await old.connect()
+        try:
+            await old.js.delete_key_value(subjects.kv_releases)
+            plain = await old.js.create_key_value(bucket=subjects.kv_releases, history=1)
+            await plain.create(token("r0"), b'{"release": "r0"}')
+            await old.js.update_stream((await old.js.stream_info(gates)).config.evolve(max_age=3600))
+        finally:
+            await old.close()
+    finally:
+        server.stop()
+    server = NatsServer(tmp_path / "nats", config=auth_config(subjects, credentials.ensure(tmp_path)))
+    await server.start()
+    settings = Settings(prefix=unique, home=str(tmp_path), nats_url=server.url)
+    left = f"{releases} (allow_rollup_hdrs, deny_purge, discard_new_per_subject): {KEPT_BY_OPERATOR}"
+    try:
+        # A service names it, as any stream that differs, but as the server operator's to change.
+        sink = Bus(settings.nats_url, subjects, name="test-sink", update_topology=False,
+                   auth=credentials.for_identity(settings, "sink"))
+        with caplog.at_level(logging.ERROR, logger="lockgate.bus"):
+            await sink.connect()
+        try:
+            assert sink.topology_differs == [left, f"{gates} (max_age)"] and sink.denied == []
+            assert "nats-server's own tools" in caplog.text and releases in caplog.text
+        finally:
+            await sink.close()
+        # Admin applies the rest and leaves the kept bucket, asking nothing nats-server refuses it (the update of
+        # it would go unanswered): named, exit 5 (not allowed), its result on stdout.
+        args = ["--home", settings.home, "--nats", settings.nats_url, "--prefix", settings.prefix,
+                "topology", "apply"]
+        applied = await asyncio.to_thread(CliRunner().invoke, cli, [*args, "--json"])
+        assert applied.exit_code == 5, applied.output
+        assert json.loads(applied.stdout) == {"changed": [f"{gates} (max_age)"], "left": [left]}
+        assert "kept stream(s) differ" in applied.stderr
+        again = await asyncio.to_thread(CliRunner().invoke, cli, args)
+        assert again.exit_code == 5, again.output
+        assert f"left {left}" in again.stdout and "0 changed" in again.stdout
+        admin = await _bus(settings, "admin")  # declares as the embedded process does: with update
+        try:
+            assert admin.denied == [] and admin.topology_differs == [left]
+            assert await _differences(admin, gates) == []
+            assert await _differences(admin, releases) == ["allow_rollup_hdrs", "deny_purge", "discard_new_per_subject"]
+            assert (await (await admin.kv(subjects.kv_releases)).get(token("r0"))).value == b'{"release": "r0"}'
         finally:
             await admin.close()
     finally:

@@ -43,7 +43,8 @@ FACTS = {
     "$JS.API.STREAM.DELETE.LG_EVENTS": {"admin"},
     "$JS.API.STREAM.PURGE.LG_EVENTS": {"admin"},
     # the records of who did what, not even admin's (probe p29 F8: admin deleted the provenance stream, and every
-    # alias's history and artifact's lifecycle with it); admin still applies the buckets' configuration
+    # alias's history and artifact's lifecycle with it), nor their configuration (probe p32: admin's max_age of a
+    # second emptied the two buckets)
     "$JS.API.STREAM.DELETE.LG_PROVENANCE": set(),
     "$JS.API.STREAM.PURGE.LG_PROVENANCE": set(),
     "$JS.API.STREAM.UPDATE.LG_PROVENANCE": set(),
@@ -51,14 +52,14 @@ FACTS = {
     "$JS.API.STREAM.PURGE.KV_lg_releases": set(),
     "$JS.API.STREAM.DELETE.KV_lg_audit": set(),
     "$JS.API.STREAM.PURGE.KV_lg_audit": set(),
-    "$JS.API.STREAM.UPDATE.KV_lg_audit": {"admin"},
+    "$JS.API.STREAM.UPDATE.KV_lg_audit": set(),
     "$JS.API.STREAM.CREATE.LG_PROVENANCE": {"sink", "admin"},
     # the sink creates lockgate's streams and buckets where missing; changing one's configuration is admin's alone
     # (probe p1: the sink added a source to the gates bucket and wrote decisions through it)
     "$JS.API.STREAM.CREATE.KV_lg_gates": {"sink", "admin"},
     "$JS.API.STREAM.UPDATE.KV_lg_gates": {"admin"},
     "$JS.API.STREAM.UPDATE.KV_lg_routes": {"admin"},
-    "$JS.API.STREAM.UPDATE.KV_lg_releases": {"admin"},
+    "$JS.API.STREAM.UPDATE.KV_lg_releases": set(),  # a kept one: no identity's (above)
     "$JS.API.STREAM.UPDATE.LG_EVENTS": {"admin"},
     "$JS.API.STREAM.UPDATE.OBJ_lg_artifacts": {"admin"},
     # a dead-lettered original is deleted by the sink alone; a durable is created, fetched and acked by its owner

@@ -67,7 +67,8 @@ class HealthServer:
         full = {s["stream"]: s for _, streams in checked for s in streams}
         # A stream or bucket whose configuration differs from lockgate's (an upgrade's new limits not applied yet, or
         # someone's change): said here and in the log at start, but the process stays ready, since a restart changes
-        # nothing; `lockgate --role admin topology apply` does.
+        # nothing; `lockgate --role admin topology apply` does, or for a kept stream (bus.py KEPT_BY_OPERATOR in its
+        # entry) the server's operator alone.
         differs = list(dict.fromkeys(d for bus in buses for d in bus.topology_differs))
         return web.json_response({"status": "ready" if ready else "not ready", "bus": states,
                                   "streams_full": list(full.values()),
