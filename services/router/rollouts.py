@@ -41,7 +41,7 @@ from lockgate.errors import (
 )
 from lockgate.pricebook import load_price_book
 from lockgate.retry import RetryPolicy
-from lockgate.server.service import ServiceContext
+from lockgate.server.service import Progress, ServiceContext
 from lockgate.services.router import analysis, bluegreen, domain, patch, progress, resilience, runs
 from lockgate.services.router.domain import Route
 from lockgate.services.router.endpoints import Endpoints, UnknownEndpoint
@@ -132,6 +132,7 @@ class Rollouts:
         self._kv: Any = None
         self._watcher: Any = None
         self._rewatched = asyncio.Event()  # set when `_watcher` is replaced (`_rewatch`) or closed
+        self.caught_up = Progress()  # times the routes were watched anew and read again after a loss (`_caught_up`)
         self._revisions: dict[str, int] = {}  # KV revision each in-memory route is based on
         self._watched = 0  # the last KV revision (of any route) the watch has applied or passed over
         self._watch_moved = asyncio.Event()
@@ -392,6 +393,7 @@ class Rollouts:
             await self._reload_all()
 
         await policy.call(once, retry_on=LockgateError, what="reload routes after a cut-off")
+        await self.caught_up.bump()
 
     async def _reload_all(self) -> None:
         """Read every route again from KV, but those with changes of this replica not persisted yet (their

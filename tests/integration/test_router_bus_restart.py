@@ -35,6 +35,7 @@ async def test_a_change_made_just_after_a_bus_restart_reaches_the_other_replica_
     b = await stack.replica("router-b")
     await _rollout(stack, a)  # r2 at 50% against r1
     await b.rollouts.wait_for(lambda r: "chat" in r and r["chat"].weight == 50.0, timeout=10)
+    caught_up = b.rollouts.caught_up.count
 
     server.kill()  # a crash; back at once on its port and store, well within router_cut_off_s
     await server.start()
@@ -44,5 +45,9 @@ async def test_a_change_made_just_after_a_bus_restart_reaches_the_other_replica_
         async with http.post(f"{a.url}/lockgate/v1/deployments/chat/abort") as resp:
             assert resp.status == 200, await resp.text()
     assert not b.rollouts.cut_off
-    await b.rollouts.wait_for(lambda r: r["chat"].phase == "aborted", timeout=5)  # nats-py's own: 10 to 20 s
+    # Back on the bus, router-b watches its routes anew and reads them again: retried while the restarted server's
+    # JetStream is not ready yet, which on a loaded machine takes seconds. Once it has, the abort is applied (read
+    # then, or heard on the new watch) at once; nats-py's own remaking of the old watch takes 10 to 20 s.
+    await b.rollouts.caught_up.wait_for(caught_up + 1, timeout_s=30)
+    await b.rollouts.wait_for(lambda r: r["chat"].phase == "aborted", timeout=5)
     assert b.rollouts.route("chat").weight == 0.0
