@@ -370,6 +370,22 @@ async def test_tampered_decision_fails_verify_and_router_dead_letters_it(
     assert (await current_decision(bus, "v6")) == genuine
 
 
+async def _verified_admitting_nothing(bus: Bus, settings: Settings, pass_: GateDecided, why: str) -> None:
+    """`gate verify` of `pass_`'s release exits 5 saying `why` (in one line, and as JSON), 0 with --authentic-only;
+    and what `alias set` and `apply` warn with reads it alike."""
+    release = pass_.release
+    refused, as_json, authentic = [await asyncio.to_thread(lockgate_cli, settings, "gate", "verify", release, *args)
+                                   for args in ((), ("--json",), ("--authentic-only",))]
+    assert refused.exit_code == 5 and refused.stdout == "", refused.output
+    assert refused.stderr.startswith(f"error: decision {pass_.id} ({release}: PASS") and \
+        f"authentic, but {why}" in refused.stderr and len(refused.stderr.splitlines()) == 1, refused.stderr
+    doc = json.loads(as_json.stdout)
+    assert as_json.exit_code == 5 and (doc["admits"], doc["not_admitted"]) == (False, why), as_json.output
+    assert authentic.exit_code == 0 and authentic.stdout.endswith(f"(authentic, but {why})\n"), authentic.output
+    assert await not_admitted(bus, Keyring.from_settings(settings), release) == \
+        f"{release}'s gate decision {pass_.id} is a PASS: {why}"
+
+
 async def test_gate_verify_admits_no_pass_whose_release_name_was_bound_again_to_other_content(
     bus: Bus, settings: Settings, trusted: Keyring
 ) -> None:
@@ -400,16 +416,7 @@ async def test_gate_verify_admits_no_pass_whose_release_name_was_bound_again_to_
                       what="rebinding v-p32")
     why = (f"the decision judged other content than the release holds (model_config/p32-config judged "
            f"{judged_.hash}, release holds {other.hash})")
-    refused, as_json, authentic = [await asyncio.to_thread(lockgate_cli, settings, "gate", "verify", "v-p32", *args)
-                                   for args in ((), ("--json",), ("--authentic-only",))]
-    assert refused.exit_code == 5 and refused.stdout == "", refused.output
-    assert refused.stderr.startswith(f"error: decision {pass_.id} (v-p32: PASS") and \
-        f"authentic, but {why}" in refused.stderr and len(refused.stderr.splitlines()) == 1, refused.stderr
-    doc = json.loads(as_json.stdout)
-    assert as_json.exit_code == 5 and (doc["admits"], doc["not_admitted"]) == (False, why), as_json.output
-    assert authentic.exit_code == 0 and authentic.stdout.endswith(f"(authentic, but {why})\n"), authentic.output
-    # What `alias set` and `apply` warn with reads it alike.
-    assert await not_admitted(bus, ring, "v-p32") == f"v-p32's gate decision {pass_.id} is a PASS: {why}"
+    await _verified_admitting_nothing(bus, settings, pass_, why)
 
 
 async def test_gate_verify_admits_no_pass_whose_release_name_is_bound_to_nothing_now(
@@ -437,17 +444,7 @@ async def test_gate_verify_admits_no_pass_whose_release_name_is_bound_to_nothing
         expired, retry_on=Retryable, what="waiting for v-unbound's binding to expire")
     why = "its release name is bound to nothing now: release 'v-unbound' is not registered (`lockgate release " \
           "create`, or `apply`)"
-    refused, as_json, authentic = [await asyncio.to_thread(lockgate_cli, settings, "gate", "verify", "v-unbound",
-                                                           *args) for args in ((), ("--json",), ("--authentic-only",))]
-    assert refused.exit_code == 5 and refused.stdout == "", refused.output
-    assert refused.stderr.startswith(f"error: decision {pass_.id} (v-unbound: PASS") and \
-        f"authentic, but {why}" in refused.stderr and len(refused.stderr.splitlines()) == 1, refused.stderr
-    doc = json.loads(as_json.stdout)
-    assert as_json.exit_code == 5 and (doc["admits"], doc["not_admitted"]) == (False, why), as_json.output
-    assert authentic.exit_code == 0 and authentic.stdout.endswith(f"(authentic, but {why})\n"), authentic.output
-    # What `alias set` and `apply` warn with reads it alike.
-    assert await not_admitted(bus, Keyring.from_settings(settings), "v-unbound") == \
-        f"v-unbound's gate decision {pass_.id} is a PASS: {why}"
+    await _verified_admitting_nothing(bus, settings, pass_, why)
     # What the CLI now says the router does: it rolls the release out nowhere.
     async with aiohttp.ClientSession(headers=admin_headers(router.ctx.settings.home)) as http:
         async with http.put(f"{router.url}/lockgate/v1/deployments/fresh",
