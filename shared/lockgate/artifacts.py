@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+from collections.abc import Mapping
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -258,7 +260,11 @@ async def bind_release(bus: Bus, bundle: dict[str, Any]) -> Binding:
         except nats.errors.Error as exc:
             raise BusUnavailable(f"cannot bind release {release!r}: {exc!r}") from None
     except nats.js.errors.KeyWrongLastSequenceError:
-        bound = (await kv.get(token(release))).value or b""  # already bound: to the same content?
+        try:  # already bound: to the same content?
+            bound = canonical_json((await binding(bus, release))[0])
+        except TakenUnbound as taken:  # by a value that binds nothing, for every reader: no registration of it
+            raise ReleaseConflict(f"{taken.message}; its key is taken all the same: register the release under a "
+                                  "new name") from None
     except nats.errors.Error as exc:
         raise BusUnavailable(f"cannot bind release {release!r}: {exc!r}") from None
     first = json.loads(bound) if bound else {}
@@ -272,18 +278,36 @@ async def bind_release(bus: Bus, bundle: dict[str, Any]) -> Binding:
 
 async def release_of(bus: Bus, release: str) -> dict[str, Any]:
     """The bundle a release name is bound to (NotFound if it was never registered)."""
+    bundle, _ = await binding(bus, release)
+    return bundle
+
+
+async def binding(bus: Bus, release: str) -> tuple[dict[str, Any], datetime | None]:
+    """(the bundle `release` is bound to, when the bucket stored it): NotFound if it was never registered,
+    TakenUnbound if its key holds a value that binds nothing (`bound_bundle`), BusUnavailable if unread.
+
+    Read by message get (a KV get's request, which returns the message's headers and stream time as well), so
+    the headers a writer sent are seen: the bucket is write-once (one message per key, bus.WRITE_ONCE), and the
+    message a key holds is the one that bound the name, stamped by the bus when it stored it."""
+    bucket = bus.subjects.kv_releases
+    unregistered = f"release {release!r} is not registered (`lockgate release create`, or `apply`)"
     try:
-        kv = await bus.kv(bus.subjects.kv_releases)
-        entry = await kv.get(token(release))
-    except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
-        raise NotFound(f"release {release!r} is not registered (`lockgate release create`, or `apply`)") from None
-    except (nats.errors.Error, TimeoutError) as exc:
+        msg = await bus.js.get_msg(f"KV_{bucket}", subject=f"$KV.{bucket}.{token(release)}")
+    except nats.js.errors.NotFoundError:
+        raise NotFound(unregistered) from None
+    except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
         # Retryable: the gatekeeper must not mistake an unreachable bucket for an unregistered release.
         raise BusUnavailable(f"cannot read release {release!r}: {exc!r}") from None
-    bundle, why = bound_bundle(release, entry.value)
+    if (msg.headers or {}).get("KV-Operation") in ("DEL", "PURGE"):
+        raise NotFound(unregistered)
+    bundle, why = bound_bundle(release, msg.data, msg.headers)
     if bundle is None:
         raise TakenUnbound(f"release {release!r} is not registered ({why})")
-    return bundle
+    return bundle, msg.time
+
+
+# The header with which a message asks JetStream to remove it after that long (nats-server 2.11, ADR-43).
+EXPIRES = "Nats-TTL"
 
 
 class TakenUnbound(NotFound):
@@ -291,12 +315,21 @@ class TakenUnbound(NotFound):
     reader, and never to be registered either (the bucket is write-once)."""
 
 
-def bound_bundle(release: str, value: bytes | None) -> tuple[dict[str, Any] | None, str]:
-    """(the bundle a releases-bucket value binds `release` to, "") or (None, why it binds nothing), for every
-    reader of the bucket alike. The operator identity may create any key of the bucket (it is how `release
-    create` binds), so the checks `bind_release` makes are made again here: a value that is no bundle, or a
-    bundle of a differently spelled name sharing the key, or a line's version name bound to other content than
-    its 12 hex derive from (probe p14: bound by a raw KV create, then gated and served under that name)."""
+def bound_bundle(release: str, value: bytes | None,
+                 headers: Mapping[str, str] | None = None) -> tuple[dict[str, Any] | None, str]:
+    """(the bundle a releases-bucket message (`value`, its `headers`) binds `release` to, "") or (None, why it binds
+    nothing), for every reader of the bucket alike. The operator identity may create any key of the bucket (it is
+    how `release create` binds), so the checks `bind_release` makes are made again here: a value that is no
+    bundle, or a bundle of a differently spelled name sharing the key, or a line's version name bound to other
+    content than its 12 hex derive from (probe p14: bound by a raw KV create, then gated and served under that
+    name); and a message written to expire."""
+    if (headers or {}).get(EXPIRES):
+        # A name binds for good, and `release create` never sends a TTL. But the bucket honours a message's own
+        # (nats-py makes every bucket with allow_msg_ttl, which nats-server will not turn off), and once it ran out
+        # the name bound again: to other content (probe p32 F1), or to the same content under another app or tenant,
+        # where a PASS decided under the first app's lax policy, or before a person's reject in the other tenant,
+        # admitted it (probe p33 F1, F2). Such a binding binds nothing from the start, so nothing is decided on it.
+        return None, "its binding was written to expire (Nats-TTL): a release name is bound for good"
     try:
         bundle = json.loads(value or b"")
     except ValueError:  # not JSON (`release create` writes only bundles, but the bucket takes any bytes)

@@ -468,10 +468,11 @@ async def test_a_line_version_name_bound_to_other_content_by_a_raw_kv_create_bin
     shown = await cli(settings, "--as", "ann", "attest", "release", name)
     assert shown.exit_code != 0 and "binds a release line's version name to other content" in _joined(shown.output), \
         shown.output
-    # The name's own content is refused as any bound name's other content is: the squat is dead, not honoured.
+    # The name's own content is refused: the key binds nothing, and is taken all the same (write-once).
     created = await cli(settings, "release", "create", name, "--app", "shop", "--artifact",
                         f"prompt/p14-prompt={prompt.hash}")
-    assert created.exit_code == 1 and "is already registered with other content" in created.output, created.output
+    assert created.exit_code == 1 and "its key is taken all the same: register the release under a new name" in \
+        _joined(created.output), created.output
 
 
 async def test_a_deployment_whose_live_route_serves_another_app_or_stable_is_drift_through_the_cli(
