@@ -108,7 +108,8 @@ async def register(
 async def _store_once(bus: Bus, digest: str, data: bytes) -> None:
     """Put `data` under its hash unless the store already holds it: an object under the same hash is the same
     content, so a second put would only churn chunks. Put again when the stored object's own digest says other
-    bytes (altered in the store), which repairs it; `load` refuses such bytes either way."""
+    bytes (altered in the store), which repairs it; `load` refuses such bytes either way. Never purges
+    (`Bus.put_object`): the altered object's chunks stay, which nobody reads."""
     store = await bus.objects()
     try:
         info = await store.get_info(digest)
@@ -118,7 +119,7 @@ async def _store_once(bus: Bus, digest: str, data: bytes) -> None:
         raise BusUnavailable(f"cannot look up artifact {digest}: {exc!r}") from None
     if info is not None and info.digest == object_digest(data):
         return
-    await store.put(digest, data)
+    await bus.put_object(bus.subjects.object_store, digest, data)
 
 
 async def register_file(bus: Bus, kind: ArtifactKind, path: str | Path, *, name: str | None = None,

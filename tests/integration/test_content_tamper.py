@@ -47,7 +47,7 @@ _completed: Codec[EvalCompleted] = Codec(EvalCompleted)
 
 async def _tamper(bus: Bus, digest: str, content: Any) -> None:
     """Other bytes under `digest`, put straight into the object store as any identity that may write it can."""
-    await (await bus.objects()).put(digest, canonical_json(content))
+    await bus.put_object(bus.subjects.object_store, digest, canonical_json(content))
 
 
 @pytest.fixture
@@ -207,6 +207,36 @@ async def test_bytes_the_operator_puts_under_a_hash_are_refused_and_registering_
                                                   "bytes under its hash"):
             await artifacts.load_structured(admin, strict.hash)
         await artifacts.register(operator, "policy", "strict", STRICT)
+        assert await artifacts.load_structured(admin, strict.hash) == STRICT
+    finally:
+        await operator.close()
+
+
+async def test_no_identity_may_purge_the_artifact_store_and_registering_needs_no_purge(secured) -> None:  # noqa: F811
+    # Before (probe p33 F4): the operator's purge of the artifact store without a filter was answered `purged: 22`,
+    # every tenant's artifacts gone; evals then failed and the router refused new releases. Its writers had the
+    # purge for nats-py's put, which purges the chunks an object's earlier version had.
+    _, settings, admin = secured
+    operator = await _bus(settings, "operator")
+    try:
+        strict = await artifacts.register(operator, "policy", "strict", STRICT)
+        stream = f"OBJ_{operator.subjects.object_store}"
+        for bus in (operator, admin):
+            js = bus.nc.jetstream(timeout=1)  # a refused request is answered by no one: fail fast
+            with pytest.raises((TimeoutError, nats.errors.TimeoutError)):
+                await js.purge_stream(stream)
+            assert bus.refused(f"$JS.API.STREAM.PURGE.{stream}") is not None, bus.name
+        assert await artifacts.load_structured(admin, strict.hash) == STRICT
+        await artifacts.require(operator, strict.hash)
+        # Registering still works with the operator's credential, the same content again included, and repairing
+        # altered bytes: none of it asks for a purge.
+        operator.denied.clear()
+        await artifacts.register(operator, "policy", "strict", STRICT)
+        lenient = await artifacts.register(operator, "policy", "lenient", LENIENT)
+        await _tamper(operator, lenient.hash, STRICT)
+        await artifacts.register(operator, "policy", "lenient", LENIENT)
+        assert operator.denied == []
+        assert await artifacts.load_structured(admin, lenient.hash) == LENIENT
         assert await artifacts.load_structured(admin, strict.hash) == STRICT
     finally:
         await operator.close()
