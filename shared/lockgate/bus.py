@@ -222,6 +222,13 @@ WRITE_ONCE = {"max_msgs_per_subject": 1, "discard": DiscardPolicy.NEW, "discard_
               "allow_rollup_hdrs": False, "deny_delete": True, "deny_purge": True}
 
 
+# The artifact store: every release, pinned policy and eval case set is read from it by hash, so no write may take the
+# others' away. A purge is refused, and so is a rollup header, which nats-server honours on any subject of the stream
+# its sender may publish to: `Nats-Rollup: all` on a chunk subject emptied the store as a purge does (probe p33 F4).
+# lockgate's puts send neither (Bus.put_object); nats-py's put sends both, so it cannot write this store.
+UNPURGED = {"allow_rollup_hdrs": False, "deny_purge": True}
+
+
 def topology(subjects: Subjects, replicas: int) -> list[tuple[StreamConfig, StreamSpec | None]]:
     """Every stream and bucket lockgate declares, as its configuration (with the StreamSpec of a stream)."""
     out: list[tuple[StreamConfig, StreamSpec | None]] = [
@@ -241,7 +248,7 @@ def topology(subjects: Subjects, replicas: int) -> list[tuple[StreamConfig, Stre
     # The router's secret: its first value kept for good, as a release's binding is (a replica's create that loses
     # the race is refused), so no writer can swap the key that every rollout's split and user hash depend on.
     kv.append(_kv_config(subjects.kv_router_secret, replicas, history=1).evolve(**WRITE_ONCE))
-    objects = [_object_config(subjects.object_store, replicas),
+    objects = [_object_config(subjects.object_store, replicas).evolve(**UNPURGED),
                # The whole originals of cut dead letters, for as long as the letters' own stream keeps letters (the
                # `dead_letters` table keeps them as long by default); a full bucket refuses new objects.
                _object_config(subjects.object_dead_letters, replicas, ttl=subjects.streams["dlq"].max_age_s,
@@ -678,7 +685,9 @@ class Bus:
         chunks and metadata (its readers and ours read it), without its purges: that put purges the chunks of an
         earlier object of the name, and its own if it fails midway, and nats-server cannot tell such a subject purge
         from the whole bucket's (one API subject), which no identity may send to the artifact store
-        (permissions.kept). Such chunks stay, read by no one: an object's metadata names its own chunks only."""
+        (permissions.kept). Such chunks stay, read by no one: an object's metadata names its own chunks only. Nor a
+        rollup header, which that store refuses (`UNPURGED`): each put adds a metadata message, and a name's last
+        one is its object (nats-py's `get_info` and `object_bytes` read that one)."""
         nuid = NUID().next().decode()
         chunk_subject = f"$O.{bucket}.C.{nuid}"
         size = OBJ_DEFAULT_CHUNK_SIZE
@@ -689,8 +698,7 @@ class Bus:
                           mtime=datetime.now(UTC).isoformat(), digest=object_digest(data),
                           options=ObjectMetaOptions(max_chunk_size=size))
         meta_subject = f"$O.{bucket}.M.{base64.urlsafe_b64encode(name.encode()).decode()}"
-        # The rollup replaces the name's earlier metadata only (a subject rollup), as nats-py's does.
-        await self.js.publish(meta_subject, json.dumps(info.as_dict()).encode(), headers={"Nats-Rollup": "sub"})
+        await self.js.publish(meta_subject, json.dumps(info.as_dict()).encode())
 
     async def keep_original(self, name: str, data: bytes) -> str:
         """Store a dead letter's whole original (scrubbed) under `name` (`original_name`), unless the bucket holds

@@ -226,6 +226,10 @@ async def test_no_identity_may_purge_the_artifact_store_and_registering_needs_no
             with pytest.raises((TimeoutError, nats.errors.TimeoutError)):
                 await js.purge_stream(stream)
             assert bus.refused(f"$JS.API.STREAM.PURGE.{stream}") is not None, bus.name
+        # Nor by a rollup header, which nats-server honours on any subject its sender may publish to: `all` on a
+        # chunk subject emptied the store as well (probe p33 F4). The store refuses rollups (bus.UNPURGED).
+        with pytest.raises(nats.js.errors.APIError, match="rollup not permitted"):
+            await operator.js.publish(f"$O.{operator.subjects.object_store}.C.x", b"", headers={"Nats-Rollup": "all"})
         assert await artifacts.load_structured(admin, strict.hash) == STRICT
         await artifacts.require(operator, strict.hash)
         # Registering still works with the operator's credential, the same content again included, and repairing
@@ -237,6 +241,29 @@ async def test_no_identity_may_purge_the_artifact_store_and_registering_needs_no
         await artifacts.register(operator, "policy", "lenient", LENIENT)
         assert operator.denied == []
         assert await artifacts.load_structured(admin, lenient.hash) == LENIENT
+        assert await artifacts.load_structured(admin, strict.hash) == STRICT
+    finally:
+        await operator.close()
+
+
+async def test_an_artifact_store_made_before_takes_lockgates_puts_and_topology_apply_makes_it_unpurged(
+        secured) -> None:  # noqa: F811
+    # A home whose store nats-py made (purges and rollups allowed): lockgate's puts work there as they are, and
+    # admin's `topology apply` (an update) then refuses them.
+    _, settings, admin = secured
+    stream = f"OBJ_{admin.subjects.object_store}"
+    await admin.js.delete_stream(stream)
+    await admin.js.create_object_store(admin.subjects.object_store)
+    operator = await _bus(settings, "operator")
+    try:
+        strict = await artifacts.register(operator, "policy", "strict", STRICT)
+        await artifacts.register(operator, "policy", "strict", STRICT)
+        assert operator.denied == []
+        assert await admin.ensure_topology(update=True) == [f"{stream} (allow_rollup_hdrs, deny_purge)"]
+        config = (await admin.js.stream_info(stream)).config
+        assert config.deny_purge and not config.allow_rollup_hdrs
+        with pytest.raises(nats.js.errors.APIError, match="rollup not permitted"):
+            await operator.js.publish(f"$O.{operator.subjects.object_store}.C.x", b"", headers={"Nats-Rollup": "all"})
         assert await artifacts.load_structured(admin, strict.hash) == STRICT
     finally:
         await operator.close()

@@ -72,7 +72,7 @@ async def test_a_reader_cannot_have_a_bucket_delivered_to_a_subscriber(
     s = admin.subjects
     stream, filter_subject = _bucket_stream(s, bucket)
     if bucket == "object_store":
-        await (await admin.objects()).put("stored", b"stored value")
+        await admin.put_object(s.object_store, "stored", b"stored value")
     else:
         await (await admin.kv(getattr(s, bucket))).put("stored", b"stored value")
     subject_of, queue_of = VICTIMS[victim]

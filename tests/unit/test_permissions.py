@@ -84,6 +84,10 @@ FACTS = {
     "$O.lg_dlq_originals.M.bmFtZQ==": {*SERVICES, "admin"},
     # artifacts: the operator registers them, and the evaluator each run's environment (probe p29 F9)
     "$O.lg_artifacts.C.nuid": {"operator", "evaluator", "admin"},
+    # nor any identity's purge of them (probe p33 F4: the operator's, without a filter, emptied the store); the
+    # dead-letter originals' writers keep theirs (nats-py's put replaces an altered original)
+    "$JS.API.STREAM.PURGE.OBJ_lg_artifacts": set(),
+    "$JS.API.STREAM.PURGE.OBJ_lg_dlq_originals": {*SERVICES, "admin"},
     S.artifact_registered: {"operator", "evaluator", "admin"},
 }
 
