@@ -388,6 +388,7 @@ async def test_long_prompts_on_both_arms_never_abort_a_good_canary(
              and any(f.feature == "input_tokens" and f.drifted for f in r.features)]
     assert moved, "the deployment's report shows the prompts' drift (what aborted the canary before)"
     assert any(r.comparison == "canary_vs_stable" and r.release == "echo" for r in seen)
+    await reports.unsubscribe()  # the reports published since are not read: do not leave them to the drain
 
 
 @pytest.fixture

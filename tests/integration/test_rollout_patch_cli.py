@@ -13,7 +13,7 @@ import pytest
 from lockgate.server.apikeys import KeyStore
 from lockgate.signing import Signer
 from tests.integration import test_rollout_analysis as analysis_tests
-from tests.integration.test_rollout_operate import _cli, _next_state, _patchable
+from tests.integration.test_rollout_operate import _cli, _next_state, _patchable, _unsubscribe
 
 router, http, keys, signer = analysis_tests.router, analysis_tests.http, analysis_tests.keys, analysis_tests.signer
 
@@ -68,3 +68,4 @@ async def test_patch_changes_only_what_it_names_and_a_bad_patch_says_what_is_wro
     refused = await _cli(router, "patch", "chat", "--weight", "0", key=viewer)
     assert refused.exit_code == 4 and "router refused (403)" in _one_line(refused)
     assert router.rollouts.route("chat").weight == 40.0  # none of them changed anything
+    await _unsubscribe(sub)  # the second patch's announcement is not read

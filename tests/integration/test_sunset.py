@@ -469,3 +469,5 @@ async def test_a_history_unreadable_at_start_leaves_the_other_sunsets_held_and_i
         assert gatekeeper.sunsets.unheld == {} and gatekeeper.problems() == []
     finally:
         await gatekeeper.stop()
+        for sub in announced.values():  # the other release's BLOCK is not read: do not leave it to the drain
+            await sub.unsubscribe()
