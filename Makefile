@@ -19,7 +19,7 @@ export UV_COMPILE_BYTECODE := 1
 
 setup: .venv/bin/uv
 	$(UV) sync --frozen -q
-	$(VENV_PY) -m compileall -q shared services dev >/dev/null
+	$(VENV_PY) -m compileall -q shared services dev
 
 # `make run ARGS="--router-port 0"`: options for `dev up` (a port taken, another --home). The variable tells `dev up`
 # to give its advice in this form.
