@@ -222,10 +222,11 @@ WRITE_ONCE = {"max_msgs_per_subject": 1, "discard": DiscardPolicy.NEW, "discard_
               "allow_rollup_hdrs": False, "deny_delete": True, "deny_purge": True}
 
 
-# The artifact store: every release, pinned policy and eval case set is read from it by hash, so no write may take the
-# others' away. A purge is refused, and so is a rollup header, which nats-server honours on any subject of the stream
-# its sender may publish to: `Nats-Rollup: all` on a chunk subject emptied the store as a purge does (probe p33 F4).
-# lockgate's puts send neither (Bus.put_object); nats-py's put sends both, so it cannot write this store.
+# The object stores: every release, pinned policy and eval case set is read from the artifact store by hash, and a
+# cut dead letter's whole original from the other, so no writer may take the others' objects away. A purge is
+# refused, and so is a rollup header, which nats-server honours on any subject of the stream its sender may publish
+# to: `Nats-Rollup: all` on a chunk subject emptied the store as a purge does (probe p33 F4). lockgate's puts send
+# neither (Bus.put_object); nats-py's put sends both, so it cannot write these stores.
 UNPURGED = {"allow_rollup_hdrs": False, "deny_purge": True}
 
 
@@ -252,7 +253,7 @@ def topology(subjects: Subjects, replicas: int) -> list[tuple[StreamConfig, Stre
                # The whole originals of cut dead letters, for as long as the letters' own stream keeps letters (the
                # `dead_letters` table keeps them as long by default); a full bucket refuses new objects.
                _object_config(subjects.object_dead_letters, replicas, ttl=subjects.streams["dlq"].max_age_s,
-                              max_bytes=DLQ_ORIGINALS_MAX_BYTES)]
+                              max_bytes=DLQ_ORIGINALS_MAX_BYTES).evolve(**UNPURGED)]
     return out + [(cfg, None) for cfg in kv + objects]
 
 
@@ -714,8 +715,9 @@ class Bus:
                 info = None
             if info is not None and info.digest == object_digest(data):
                 return ""
-            # A put replaces an object whose bytes differ (altered in the bucket): it repairs it.
-            await store.put(name, data)
+            # A put over an object whose bytes differ (altered in the bucket) repairs it; the altered chunks stay
+            # until they age out with the bucket's max_age (`put_object` never purges).
+            await self.put_object(bucket, name, data)
         except nats.js.errors.BucketNotFoundError:
             return f"bucket {bucket} does not exist"
         except nats.js.errors.APIError as exc:

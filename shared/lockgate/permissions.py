@@ -191,14 +191,6 @@ def _write_objects(bucket: str) -> Grant:
     return _read_stream(f"OBJ_{bucket}").add(Grant(publish=[f"$O.{bucket}.>"]))
 
 
-def _replace_objects(bucket: str) -> Grant:
-    # And nats-py's put, which replaces an object's earlier chunks with a subject purge (and purges its own if it
-    # fails). nats-server cannot tell that purge from the whole bucket's (one API subject, the filter is in the
-    # body): whoever holds this may empty the bucket in one request. Only for the dead-letter originals, kept a
-    # while anyway (`Bus.keep_original` repairs an altered one); never the artifact store's (`kept`).
-    return _write_objects(bucket).add(Grant(publish=[f"$JS.API.STREAM.PURGE.OBJ_{bucket}"]))
-
-
 def _manage_topology(s: Subjects) -> Grant:
     # Create lockgate's own streams and buckets where missing (Bus.ensure_topology), nothing else. Never UPDATE:
     # nats-server takes any configuration in an update, so an identity holding it could add a source copying a
@@ -220,7 +212,7 @@ def _manage_topology(s: Subjects) -> Grant:
 
 def kept(s: Subjects) -> list[str]:
     """The JetStream API requests no identity may make, admin included: deleting or purging the streams that record
-    who did what (`Subjects.kept_streams`), or changing their configuration; and purging the artifact store."""
+    who did what (`Subjects.kept_streams`), or changing their configuration; and purging the object stores."""
     # The provenance stream holds every alias's signed history and every artifact's lifecycle, kept for ever; the
     # releases bucket, each release name's one binding (write-once); the audit bucket, the chain head `audit verify`
     # checks the stored rows against. Their own settings refuse a message delete or purge (deny_delete, deny_purge),
@@ -232,11 +224,11 @@ def kept(s: Subjects) -> list[str]:
     # configuration is the server operator's alone, with nats-server's own tools (`Bus.ensure_topology` leaves them).
     api = "$JS.API.STREAM"
     kept = [f"{api}.{op}.{name}" for name in s.kept_streams for op in ("DELETE", "PURGE", "UPDATE")]
-    # And the artifact store's purge, not its deletion or configuration (admin's `topology apply`): every release,
-    # pinned policy and eval case set is read from it by hash, and one purge without a filter emptied it for every
-    # tenant (probe p33 F4). Its writers never purge (`Bus.put_object`); nats-server cannot tell a filtered purge
-    # from a whole one.
-    return kept + [f"{api}.PURGE.OBJ_{s.object_store}"]
+    # And the object stores' purges, not their deletion or configuration (admin's `topology apply`): every release,
+    # pinned policy and eval case set is read from the artifact store by hash, and one purge without a filter emptied
+    # it for every tenant (probe p33 F4). Their writers never purge (`Bus.put_object`); nats-server cannot tell a
+    # filtered purge from a whole one.
+    return kept + [f"{api}.PURGE.OBJ_{bucket}" for bucket in (s.object_store, s.object_dead_letters)]
 
 
 def grant(s: Subjects, identity: str) -> Grant:
@@ -249,10 +241,10 @@ def _grant(s: Subjects, identity: str) -> Grant:
     # Every service may report its failures and its spans, and see whether the streams events and dead letters go
     # to refuse publishes (full: its health says so, Bus.full_streams). A letter whose payload is cut keeps the
     # whole original in the dead-letter originals bucket (Bus.dead_letter), which each service may therefore
-    # write to, with `_write_objects`' caveat (and `_replace_objects`'): a reader checks the bytes against the sha256 their name ends with.
+    # write to, with `_write_objects`' caveat: a reader checks the bytes against the sha256 their name ends with.
     service = Grant(publish=[s.dlq_all, s.spans] + [f"$JS.API.STREAM.INFO.{spec.name}"
                                                       for spec in s.streams.values() if spec.retention == "interest"]
-                    ).add(_read_kv(s.kv_keys)).add(_replace_objects(s.object_dead_letters))
+                    ).add(_read_kv(s.kv_keys)).add(_write_objects(s.object_dead_letters))
     scoped = app_of(identity)
     if scoped is not None:
         # One tenant's application: its own events only, through the gateway's relay (Subjects.ingest: never

@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from lockgate import artifacts
-from lockgate.bus import KEPT_BY_OPERATOR, Bus, topology
+from lockgate.bus import KEPT_BY_OPERATOR, Bus, original_name, topology
 from lockgate.codec import Codec
 from lockgate.contracts import EvalCompleted, EvalRequested, GateDecided
 from lockgate.errors import ArtifactCorrupt
@@ -244,6 +244,31 @@ async def test_no_identity_may_purge_the_artifact_store_and_registering_needs_no
         assert await artifacts.load_structured(admin, strict.hash) == STRICT
     finally:
         await operator.close()
+
+
+async def test_no_service_may_purge_the_dead_letter_originals_and_keeping_one_needs_no_purge(secured) -> None:  # noqa: F811
+    # Alike for the cut dead letters' whole originals, which every service writes: before, each service identity held
+    # the purge (for nats-py's put) and the rollup, either of which emptied every service's originals.
+    _, settings, admin = secured
+    sink = await _bus(settings, "sink")
+    try:
+        body = b"\xff" * 1000
+        name = original_name(body)
+        assert await sink.keep_original(name, body) == ""
+        stream = f"OBJ_{sink.subjects.object_dead_letters}"
+        with pytest.raises((TimeoutError, nats.errors.TimeoutError)):
+            await sink.nc.jetstream(timeout=1).purge_stream(stream)
+        assert sink.refused(f"$JS.API.STREAM.PURGE.{stream}") is not None
+        with pytest.raises(nats.js.errors.APIError, match="rollup not permitted"):
+            await sink.js.publish(f"$O.{sink.subjects.object_dead_letters}.C.x", b"", headers={"Nats-Rollup": "all"})
+        # Kept again (another delivery), and repaired once altered: no purge asked for, the bytes read whole.
+        sink.denied.clear()
+        assert await sink.keep_original(name, body) == ""
+        await sink.put_object(sink.subjects.object_dead_letters, name, b"altered")
+        assert await sink.keep_original(name, body) == "" and sink.denied == []
+        assert await admin.original(name) == body
+    finally:
+        await sink.close()
 
 
 async def test_an_artifact_store_made_before_takes_lockgates_puts_and_topology_apply_makes_it_unpurged(

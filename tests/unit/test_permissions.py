@@ -87,7 +87,7 @@ FACTS = {
     # nor any identity's purge of them (probe p33 F4: the operator's, without a filter, emptied the store); the
     # dead-letter originals' writers keep theirs (nats-py's put replaces an altered original)
     "$JS.API.STREAM.PURGE.OBJ_lg_artifacts": set(),
-    "$JS.API.STREAM.PURGE.OBJ_lg_dlq_originals": {*SERVICES, "admin"},
+    "$JS.API.STREAM.PURGE.OBJ_lg_dlq_originals": set(),
     S.artifact_registered: {"operator", "evaluator", "admin"},
 }
 
