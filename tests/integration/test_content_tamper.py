@@ -212,6 +212,20 @@ async def test_bytes_the_operator_puts_under_a_hash_are_refused_and_registering_
         await operator.close()
 
 
+async def _unpurgeable(bucket: str, writer: Bus, *others: Bus) -> None:
+    """Object bucket `bucket` can be emptied by none of these identities: its purge is refused them, and the
+    `writer`'s rollup header (which nats-server honours on any subject its sender may publish to: `all` on a chunk
+    subject emptied the store as a purge does, probe p33 F4) is refused by the store (bus.UNPURGED)."""
+    stream = f"OBJ_{bucket}"
+    for bus in (writer, *others):
+        js = bus.nc.jetstream(timeout=1)  # a refused request is answered by no one: fail fast
+        with pytest.raises((TimeoutError, nats.errors.TimeoutError)):
+            await js.purge_stream(stream)
+        assert bus.refused(f"$JS.API.STREAM.PURGE.{stream}") is not None, bus.name
+    with pytest.raises(nats.js.errors.APIError, match="rollup not permitted"):
+        await writer.js.publish(f"$O.{bucket}.C.x", b"", headers={"Nats-Rollup": "all"})
+
+
 async def test_no_identity_may_purge_the_artifact_store_and_registering_needs_no_purge(secured) -> None:  # noqa: F811
     # Before (probe p33 F4): the operator's purge of the artifact store without a filter was answered `purged: 22`,
     # every tenant's artifacts gone; evals then failed and the router refused new releases. Its writers had the
@@ -220,16 +234,7 @@ async def test_no_identity_may_purge_the_artifact_store_and_registering_needs_no
     operator = await _bus(settings, "operator")
     try:
         strict = await artifacts.register(operator, "policy", "strict", STRICT)
-        stream = f"OBJ_{operator.subjects.object_store}"
-        for bus in (operator, admin):
-            js = bus.nc.jetstream(timeout=1)  # a refused request is answered by no one: fail fast
-            with pytest.raises((TimeoutError, nats.errors.TimeoutError)):
-                await js.purge_stream(stream)
-            assert bus.refused(f"$JS.API.STREAM.PURGE.{stream}") is not None, bus.name
-        # Nor by a rollup header, which nats-server honours on any subject its sender may publish to: `all` on a
-        # chunk subject emptied the store as well (probe p33 F4). The store refuses rollups (bus.UNPURGED).
-        with pytest.raises(nats.js.errors.APIError, match="rollup not permitted"):
-            await operator.js.publish(f"$O.{operator.subjects.object_store}.C.x", b"", headers={"Nats-Rollup": "all"})
+        await _unpurgeable(operator.subjects.object_store, operator, admin)
         assert await artifacts.load_structured(admin, strict.hash) == STRICT
         await artifacts.require(operator, strict.hash)
         # Registering still works with the operator's credential, the same content again included, and repairing
@@ -255,12 +260,7 @@ async def test_no_service_may_purge_the_dead_letter_originals_and_keeping_one_ne
         body = b"\xff" * 1000
         name = original_name(body)
         assert await sink.keep_original(name, body) == ""
-        stream = f"OBJ_{sink.subjects.object_dead_letters}"
-        with pytest.raises((TimeoutError, nats.errors.TimeoutError)):
-            await sink.nc.jetstream(timeout=1).purge_stream(stream)
-        assert sink.refused(f"$JS.API.STREAM.PURGE.{stream}") is not None
-        with pytest.raises(nats.js.errors.APIError, match="rollup not permitted"):
-            await sink.js.publish(f"$O.{sink.subjects.object_dead_letters}.C.x", b"", headers={"Nats-Rollup": "all"})
+        await _unpurgeable(sink.subjects.object_dead_letters, sink)
         # Kept again (another delivery), and repaired once altered: no purge asked for, the bytes read whole.
         sink.denied.clear()
         assert await sink.keep_original(name, body) == ""
