@@ -53,7 +53,9 @@ def hashing_vectors(texts: Sequence[str], dim: int = HASHING_DIM) -> np.ndarray:
     h = np.asarray(hashes, dtype=np.uint64)
     signs = np.where((h >> np.uint64(31)) & np.uint64(1), 1.0, -1.0)
     cells = np.asarray(owners, dtype=np.int64) * dim + (h % np.uint64(dim)).astype(np.int64)
-    out = np.bincount(cells, weights=signs, minlength=len(texts) * dim).reshape(len(texts), dim)
+    # As floats whatever the texts: with no token among them, bincount's weights are empty and it counts in int64,
+    # into which the division below cannot write (probe p34: one "👍 ?!" prompt crashed the monitor's batch).
+    out = np.bincount(cells, weights=signs, minlength=len(texts) * dim).astype(np.float64).reshape(len(texts), dim)
     norms = np.linalg.norm(out, axis=1, keepdims=True)
     return np.divide(out, norms, out=np.zeros_like(out), where=norms > 0)
 

@@ -99,6 +99,19 @@ def test_hashing_vectors_are_unit_length_stable_and_use_bigrams() -> None:
     assert not np.array_equal(v[0], v[3])  # same words, other bigrams
 
 
+def test_texts_without_a_word_embed_as_zero_and_the_monitor_takes_them() -> None:
+    # Probe p34: a prompt of "👍 ?!" alone (no word token in the whole call) made the embedding raise, and the drift
+    # monitor dead-lettered the message with every other event it held.
+    v = text.hashing_vectors(["👍 ?!", "…"])
+    assert v.shape == (2, text.HASHING_DIM) and v.dtype == np.float64 and not v.any()
+    m = DriftMonitor(reference_size=100, window_size=100, psi_threshold=0.2, embedder=text.HASHING)
+    m.text_stride = 1
+    chats = [msgspec.structs.replace(e, prompt="👍 ?!", response="…") for e in _chats(100, BILLING)]
+    assert m.observe_events(chats) == []  # the reference filled
+    [report] = m.observe_events(_chats(100, BILLING, start=100))
+    assert {f.feature for f in report.features} >= {"prompt_text", "response_text"}
+
+
 def test_same_topic_texts_do_not_drift_and_another_topic_does() -> None:
     ref = text.hashing_vectors(_texts(BILLING, 200, 1))
     same = text.mean_distance_test(ref, text.hashing_vectors(_texts(BILLING, 200, 2)))
