@@ -459,11 +459,33 @@ def scrub_event(event: InferenceEvent) -> InferenceEvent:
     scores = event.scores
     if scores and any(len(k) >= MIN_SECRET and scrub_secrets(k) != k for k in scores):
         changed["scores"] = {scrub_secrets(k): v for k, v in scores.items()}
-    # The id is the event's identity (stored once per id): masked, two events would become one. One that reads as a
-    # credential is refused instead (probe p13: an app's own event kept a key whole in its id).
-    if error := id_error(event.id, "$.id"):
+    if error := _refused(event, "$"):
         raise InvalidEvent(error)
     return msgspec.structs.replace(event, **changed) if changed else event
+
+
+def _refused(event: InferenceEvent, at: str) -> str:
+    """Why `event` (at path `at`: `$`, `$[3]`) is refused for a credential in its id or its names, "" if it is not."""
+    # The id is the event's identity (stored once per id): masked, two events would become one. One that reads as a
+    # credential is refused instead (probe p13: an app's own event kept a key whole in its id). So are a deployment
+    # and a release, names that key rows, windows and routes, which no scrub may change (probe p35: an OTLP span's
+    # `lockgate.release` of `sk-proj-...` and a gRPC event's deployment `AKIA...` were stored whole, and `lockgate
+    # cost` printed them).
+    if error := id_error(event.id, f"{at}.id"):
+        return error
+    for field, value in (("deployment", event.deployment), ("release", event.release)):
+        if value and _name_holds_credential(value):
+            return (f"invalid inference event: its {field} holds what reads as a credential (a {field} names a "
+                    f"deployment or release, never a key) - at `{at}.{field}`")
+    return ""
+
+
+@functools.lru_cache(maxsize=4096)
+def _name_holds_credential(name: str) -> bool:
+    """Whether a lockgate name reads as a credential of a known shape (a provider's prefix, a JWT): as for an id, a
+    bare 40-character mix is a name (`AcmeCorporationInternationalHoldings2024`), never taken for an AWS secret key.
+    Names repeat across events: the answer is remembered."""
+    return len(name) >= MIN_SECRET and _scrub(name, bare=False) != name
 
 
 def id_error(event_id: str, at: str) -> str:
@@ -492,7 +514,7 @@ def scrub_events(value: InferenceEvent | list[InferenceEvent]
             events.append(scrub_event(event))
         except InvalidEvent:
             events.append(event)
-            refused.append((i, id_error(event.id, f"$[{i}].id")))
+            refused.append((i, _refused(event, f"$[{i}]")))
     return events, refused
 
 
@@ -512,7 +534,7 @@ def _names_kept(values: Mapping[str, str], scrubbed: Mapping[str, str]) -> dict[
     out = dict(scrubbed)
     for key in SPAN_NAMES:
         name = values.get(key)
-        if name is not None and name != out.get(key) and is_name(name):
+        if name is not None and name != out.get(key) and is_name(name) and not _name_holds_credential(name):
             out[key] = name
     return out
 

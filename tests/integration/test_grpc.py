@@ -203,6 +203,22 @@ async def test_send_keeps_random_40_character_ids_and_refuses_alone_one_that_is_
     assert [e.id for e in stored[bus.subjects.inference("shop", "acme")]] == ids[:2]
 
 
+async def test_send_refuses_alone_an_event_whose_deployment_or_release_is_a_key(
+        bus: Bus, channel: grpc.aio.Channel) -> None:
+    # Probe p35: `release=lg-<43 chars>` and `deployment=AKIA...` were accepted and stored whole in inference_events
+    # and cost_ledger, and `lockgate cost --by ...,release` printed them. A name of 40 mixed characters is a name.
+    stub = ingest_pb2_grpc.IngestStub(channel)
+    events = [ingest_pb2.InferenceEvent(app="shop", release="lg-" + "x1Y" * 15),
+              ingest_pb2.InferenceEvent(app="shop", deployment="AKIAIOSFODNN7EXAMPLE"),
+              ingest_pb2.InferenceEvent(app="shop", deployment="AcmeCorporationInternationalHoldings2024")]
+    reply = await stub.Send(ingest_pb2.InferenceBatch(events=events), timeout=10)
+    assert (reply.accepted, reply.rejected) == (1, 2)
+    assert [(r.index, r.reason.rpartition(" - at ")[2]) for r in reply.rejections] == \
+        [(0, "`$.release`"), (1, "`$.deployment`")], reply.rejections
+    stored = await stored_events(bus)
+    assert [e.deployment for e in stored[bus.subjects.inference("shop", "acme")]] == [events[2].deployment]
+
+
 async def test_a_timestamp_out_of_range_is_refused_alone(bus: Bus, channel: grpc.aio.Channel) -> None:
     # protobuf's ToDatetime raised ValueError: the whole call failed UNKNOWN ("Unexpected <class ...>").
     stub = ingest_pb2_grpc.IngestStub(channel)

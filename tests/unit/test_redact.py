@@ -298,6 +298,18 @@ def test_an_id_holding_a_credential_of_a_known_shape_is_refused(event_id: str) -
         scrub_event(InferenceEvent(app="a", id=event_id))
 
 
+@pytest.mark.parametrize("field", ["deployment", "release"])
+def test_an_event_whose_deployment_or_release_holds_a_credential_is_refused_alone(field: str) -> None:
+    # Probe p35: names key rows, windows and routes, so no scrub may change them; one holding a key was stored whole.
+    key = "sk-proj-" + "Ab3" * 16
+    with pytest.raises(InvalidEvent, match=rf"its {field} holds what reads as a credential .* at `\$\.{field}`"):
+        scrub_event(InferenceEvent(app="a", **{field: key}))
+    events, refused = scrub_events([InferenceEvent(app="a", **{field: "AcmeCorporationInternationalHoldings2024"}),
+                                    InferenceEvent(app="a", **{field: key})])
+    assert [i for i, _ in refused] == [1] and refused[0][1].endswith(f"at `$[1].{field}`")
+    assert getattr(events[0], field) == "AcmeCorporationInternationalHoldings2024"  # a 40-character name is kept
+
+
 def _span(**values: dict[str, str]) -> SpanRecord:
     return SpanRecord(timestamp=datetime(2026, 1, 1, tzinfo=UTC), trace_id="a" * 32, span_id="b" * 16,
                       parent_span_id="", trace_state="", name="chat", kind="Server", service="svc",
@@ -314,7 +326,9 @@ def test_a_spans_lockgate_names_are_kept_whatever_they_look_like_and_its_free_te
                             attributes={"lockgate.tenant": tenant, "lockgate.release": release,
                                         "lockgate.deployment": "chat", "lockgate.variant": key, "prompt": key}))
     assert span.resource == {"lockgate.tenant": tenant, "lockgate.app": "web", "note": MARK}
-    assert span.attributes == {"lockgate.tenant": tenant, "lockgate.release": release, "lockgate.deployment": "chat",
+    # But a name that holds a credential of a known shape is masked as any text (probe p35: a release of an
+    # `AKIA...` access key id, or `sk-proj-...`, was stored whole in `otel_traces`).
+    assert span.attributes == {"lockgate.tenant": tenant, "lockgate.release": MARK, "lockgate.deployment": "chat",
                                "lockgate.variant": MARK, "prompt": MARK}
     # A value off the name grammar is no name: free text, scrubbed.
     off = scrub_span(_span(attributes={"lockgate.release": f"v2 {key}"}))
