@@ -298,11 +298,11 @@ def _scrub_percent(text: str, bare: bool = True) -> str:
     return "".join([*out, MARK, *spelled[tail:]])
 
 
-def scrub_bytes(data: bytes) -> bytes:
-    """`scrub_secrets` over raw bytes of any encoding (bytes that are not UTF-8 pass through as they are)."""
-    text = data.decode("utf-8", "surrogateescape")
-    scrubbed = scrub_secrets(text)
-    return data if scrubbed == text else scrubbed.encode("utf-8", "surrogateescape")
+def scrub_bytes(data: bytes, text: Callable[[str], str] = scrub_secrets) -> bytes:
+    """`scrub_secrets` (or `text`) over raw bytes of any encoding (bytes that are not UTF-8 pass through as they are)."""
+    decoded = data.decode("utf-8", "surrogateescape")
+    scrubbed = text(decoded)
+    return data if scrubbed == decoded else scrubbed.encode("utf-8", "surrogateescape")
 
 
 def scrub_value(value: Any, text: Callable[[str], str] = scrub_secrets) -> Any:
@@ -312,6 +312,8 @@ def scrub_value(value: Any, text: Callable[[str], str] = scrub_secrets) -> Any:
     is, not JSON's escapes of it."""
     if isinstance(value, str):
         return text(value)
+    if isinstance(value, bytes):  # an OTLP bytes value, base64 once encoded: scrubbed as the text it holds
+        return scrub_bytes(value, text)
     if isinstance(value, list | tuple):
         return [scrub_value(v, text) for v in value]
     if isinstance(value, dict):
@@ -331,7 +333,9 @@ def attribute_string(v: Any) -> str:
     if v is None:
         return ""
     if isinstance(v, bytes):
-        return base64.b64encode(v).decode()
+        # Scrubbed first: base64 hides the text from every later scrub (probe p35: a bytes attribute holding an
+        # `sk-proj-...` key was stored whole, as its base64).
+        return base64.b64encode(scrub_bytes(v)).decode()
     if isinstance(v, int | float):
         return repr(v)
     # Each string scrubbed before encoding (bytes become base64, as msgspec writes them): the scrub of the stored

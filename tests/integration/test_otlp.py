@@ -4,6 +4,7 @@ with an API key, against a real nats-server, the sink and the cost service on ch
 from __future__ import annotations
 
 import asyncio
+import base64
 import gzip
 import json
 import time
@@ -431,6 +432,26 @@ async def test_secrets_in_structured_span_values_and_common_span_text_never_reac
     prompt = json.loads(event["prompt"])
     assert prompt[1]["parts"][0]["arguments"] == {"user": "bob", "token": "[REDACTED]"}
     assert event["error_type"] == "failed: Authorization: [REDACTED]"
+
+
+async def test_a_secret_in_a_bytes_value_never_reaches_otel_traces(stack: Any, store: Store, keys: Bootstrap) -> None:
+    # Probe p35: a `bytes_value` attribute holding a key, or an array of bytes holding `Bearer <JWT>`, was stored as its
+    # base64, which lockgate wrote after the scrub had looked at the value: no later scrub reads base64.
+    key, jwt = "sk-proj-OTLPBYTESCANARY0000000", "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJieXRlcyJ9.OTLPJWTBYTESCANARY00"
+    request = trace_service_pb2.ExportTraceServiceRequest()
+    span = request.resource_spans.add().scope_spans.add().spans.add(
+        name="blobs", trace_id=b"\x03" * 16, span_id=b"\x03" * 8, start_time_unix_nano=time.time_ns(),
+        end_time_unix_nano=time.time_ns() + 1000)
+    span.attributes.add(key="blob").value.bytes_value = f"key {key}".encode()
+    span.attributes.add(key="blobs").value.array_value.values.add().bytes_value = f"Bearer {jwt}".encode()
+    span.attributes.add(key="raw").value.bytes_value = b"\x01\x02"
+    async with grpc.aio.insecure_channel(stack.endpoints["otlp-grpc"]) as channel:
+        await trace_service_pb2_grpc.TraceServiceStub(channel).Export(request, metadata=(("x-api-key", keys.app_key),))
+    await stack["sink"].handlers.spans.wait_for(1)
+    attrs = store.rows("SELECT SpanAttributes FROM otel_traces WHERE SpanName = 'blobs'")[0]["SpanAttributes"]
+    assert base64.b64decode(attrs["blob"]) == b"key [REDACTED]"
+    assert [base64.b64decode(b) for b in json.loads(attrs["blobs"])] == [b"Bearer [REDACTED]"]
+    assert base64.b64decode(attrs["raw"]) == b"\x01\x02"  # bytes that hold no text are kept as they are
 
 
 @pytest.mark.parametrize("other", [("globex", "shop"), ("acme", "web")])
