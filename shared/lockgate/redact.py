@@ -477,18 +477,23 @@ def _refused(event: InferenceEvent, at: str) -> str:
     # cost` printed them).
     if error := id_error(event.id, f"{at}.id"):
         return error
-    for field, value in (("deployment", event.deployment), ("release", event.release)):
-        if value and _name_holds_credential(value):
-            return (f"invalid inference event: its {field} holds what reads as a credential (a {field} names a "
-                    f"deployment or release, never a key) - at `{at}.{field}`")
+    if field := _credential_name(event.deployment, event.release):
+        return (f"invalid inference event: its {field} holds what reads as a credential (a {field} names a "
+                f"deployment or release, never a key) - at `{at}.{field}`")
     return ""
 
 
 @functools.lru_cache(maxsize=4096)
+def _credential_name(deployment: str, release: str) -> str:
+    """Which of an event's names reads as a credential ("" if none): every event is asked on every decode, and its
+    names repeat, so the answer for a pair is remembered."""
+    return next((field for field, name in (("deployment", deployment), ("release", release))
+                 if _name_holds_credential(name)), "")
+
+
 def _name_holds_credential(name: str) -> bool:
     """Whether a lockgate name reads as a credential of a known shape (a provider's prefix, a JWT): as for an id, a
-    bare 40-character mix is a name (`AcmeCorporationInternationalHoldings2024`), never taken for an AWS secret key.
-    Names repeat across events: the answer is remembered."""
+    bare 40-character mix is a name (`AcmeCorporationInternationalHoldings2024`), never taken for an AWS secret key."""
     return len(name) >= MIN_SECRET and _scrub(name, bare=False) != name
 
 
