@@ -11,6 +11,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from lockgate.errors import Retryable
+from lockgate.retry import RetryPolicy
 from lockgate.server.natsserver import NatsServer
 from lockgate.store import Store
 from tests.helpers import admin_headers
@@ -45,6 +47,10 @@ async def test_a_change_made_just_after_a_bus_restart_reaches_the_other_replica_
         async with http.post(f"{a.url}/lockgate/v1/deployments/chat/abort") as resp:
             assert resp.status == 200, await resp.text()
     assert not b.rollouts.cut_off
+    # router-a answers once the abort is in its outbox; it persists it to KV as soon as the restarted server's
+    # JetStream takes it (retried while it does not): what router-b is to hear begins there.
+    await RetryPolicy(attempts=60, initial_s=0.1, max_s=0.5).call(a.rollouts.flush, retry_on=Retryable,
+                                                                  what="router-a persisting the abort")
     # Back on the bus, router-b watches its routes anew and reads them again: retried while the restarted server's
     # JetStream is not ready yet, which on a loaded machine takes seconds. Once it has, the abort is applied (read
     # then, or heard on the new watch) at once; nats-py's own remaking of the old watch takes 10 to 20 s.
