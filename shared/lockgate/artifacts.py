@@ -317,7 +317,7 @@ class TakenUnbound(NotFound):
 
 
 def bound_bundle(release: str, value: bytes | None,
-                 headers: Mapping[str, str] | None = None) -> tuple[dict[str, Any] | None, str]:
+                 headers: Mapping[str, str] | None) -> tuple[dict[str, Any] | None, str]:
     """(the bundle a releases-bucket message (`value`, its `headers`) binds `release` to, "") or (None, why it binds
     nothing), for every reader of the bucket alike. The operator identity may create any key of the bucket (it is
     how `release create` binds), so the checks `bind_release` makes are made again here: a value that is no
