@@ -1631,15 +1631,22 @@ class Rollouts:
         await self._reload(deployment)
 
     async def _reload(self, deployment: str) -> None:
-        """Take KV's route for a deployment (none if it has no key)."""
+        """Take KV's route for a deployment (none if it has no key), unless the watch applied a later write while
+        it was read: the read answered first can be resumed after the watch entry that followed it (CI, once, under
+        load: a replica reading its routes after a bus restart put back the 50% canary another replica had just
+        aborted, and served it until the next write)."""
+        before = self._revisions.get(deployment, 0)
         try:
             entry = await self._kv.get(token(deployment))
         except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
-            self._set(deployment, None, 0)
+            if self._revisions.get(deployment, 0) == before:
+                self._set(deployment, None, 0)
             return
         except nats.errors.Error as exc:
             # The next watch entry or compare-and-set attempt repairs the stale route.
             raise BusUnavailable(f"cannot reload route {deployment!r} from KV: {exc!r}") from None
+        if before != self._revisions.get(deployment, 0) > entry.revision:
+            return
         try:
             route = _route_decoder.decode(entry.value)
         except msgspec.DecodeError as exc:

@@ -3,6 +3,7 @@ tests/integration/test_rollout_operate.py."""
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -184,3 +185,40 @@ def test_answers_from_the_response_cache_are_no_evidence(tmp_path: Path) -> None
     rollouts.observe([InferenceEvent(app="d", deployment="d", release="r2", variant="canary",
                                      attributes={"cache": "miss"})])
     assert rollouts.evidence.sample("d", "r2", route.started_at).n == 1
+
+
+class _Entry(msgspec.Struct):
+    key: str
+    value: bytes
+    revision: int
+    operation: str | None = None
+
+
+class _SlowKV:
+    """A routes bucket whose read is answered (with what it held) only once the test lets it resume."""
+
+    def __init__(self, entry: _Entry) -> None:
+        self.entry, self.asked, self.answer = entry, asyncio.Event(), asyncio.Event()
+
+    async def get(self, key: str) -> _Entry:
+        self.asked.set()
+        await self.answer.wait()
+        return self.entry
+
+
+async def test_a_route_read_answered_before_a_watched_write_does_not_undo_it(tmp_path: Path) -> None:
+    """Found in CI under load: a replica reading its routes again after a bus restart took the 50% canary KV
+    answered, resumed after its watch had applied another replica's abort written just after: the abort was undone
+    on that replica until the next write. A read never puts back a route older than one the watch applied."""
+    ctx = ServiceContext(bus=None, telemetry=Telemetry(), settings=Settings(home=str(tmp_path)))  # type: ignore[arg-type]
+    rollouts = Rollouts(ctx, Endpoints(ctx.settings))
+    live = _live(weight=50.0)
+    rollouts.routes["d"], rollouts._revisions["d"] = live, 7
+    rollouts._kv = kv = _SlowKV(_Entry(key="d", value=msgspec.json.encode(live), revision=7))
+    reading = asyncio.create_task(rollouts._reload("d"))
+    await kv.asked.wait()
+    aborted = msgspec.structs.replace(live, phase="aborted", weight=0.0)
+    rollouts._on_entry(_Entry(key="d", value=msgspec.json.encode(aborted), revision=8, operation="PUT"))
+    kv.answer.set()
+    await reading
+    assert (rollouts.route("d").phase, rollouts._revisions["d"]) == ("aborted", 8)
