@@ -125,9 +125,11 @@ async def test_a_release_bound_straight_in_the_bucket_shows_its_lineage_once_gat
     # The gatekeeper decides from the binding (here as it announces a decision): the recorder meets the release.
     decision = GateDecided(release="ghost-r1", decision="PASS", eval_run="eval-ghost", rules=[])
     await runtime.ctx.bus.publish(runtime.ctx.bus.subjects.gate_decided(decision.release), decision)
+    # Its uses edges and the decision's edge are facts of their own, stored in any order.
     await eventually(
-        lambda: store.scalar("SELECT count() FROM lineage_edges WHERE src = 'ghost-r1' AND relation = 'uses'") == 2,
-        [sink.progress("lineage_edges")], what="ghost-r1's uses edges stored")
+        lambda: store.rows("SELECT countIf(relation = 'uses') AS uses, countIf(relation = 'decided') AS decided "
+                           "FROM lineage_edges WHERE src = 'ghost-r1'") == [{"uses": 2, "decided": 1}],
+        [sink.progress("lineage_edges")], what="ghost-r1's uses edges and its decision's edge stored")
 
     view = await run_cli_json(runtime, "lineage", "ghost-r1")
     assert view["kind"] == "release" and _uses(view) == set(arts.values())
