@@ -14,8 +14,9 @@ measurement is Successful, Failed or Inconclusive, and the rollout counts them a
   A metric SUCCEEDS on its point estimate once the sample is large enough; between the two it is
   INCONCLUSIVE.
 - One caller cannot dilute the others' evidence: the canary's requests are judged all together and per API key
-  (`groups`), each key with `min_sample` requests alone and the keys under it pooled, so successful requests one
-  key aims at the canary no longer outweigh the failures others see, nor hide those of callers under `min_sample`.
+  (`groups`), each key with `min_sample` values of the metric alone and the keys under it pooled, so successful
+  requests one key aims at the canary no longer outweigh the failures others see, nor hide those of callers under
+  `min_sample`. A key with no value of a metric (never streamed, judged on TTFT) counts in all requests only.
 - Like is compared with like: each group against the same callers' stable requests, stable re-weighted to the
   group's mix of callers (`_weights`; a key alone: its own), so a caller whose requests differ from the others'
   (long prompts) is not held to a baseline made of other callers' requests, nor are the others' limits set by
@@ -775,13 +776,19 @@ class Group:
     in_time: bool = True
 
 
-def groups(canary: VariantSample, stable: VariantSample, min_sample: int) -> list[Group]:
-    """The canary's requests as they are judged: all of them together (named ""), then each API key with at least
-    `min_sample` requests alone (most requests first), then the keys under it pooled (if the pool has `min_sample`),
-    each against the same callers' stable requests (`_weights`). Judged only all together, one key's successful
-    requests aimed at the canary would dilute every other caller's failures; judged only per key, the same key's
-    `min_sample` good requests would leave the failures of callers under `min_sample` unjudged. With one key, or
-    none with `min_sample` alone: all together, as before.
+def groups(canary: VariantSample, stable: VariantSample, min_sample: int, name: str) -> list[Group]:
+    """The canary's requests as metric `name` judges them: all of them together (named ""), then each API key with
+    at least `min_sample` values of the metric (`_count`: requests for rates, streamed answers for TTFT, answers
+    for latency and tokens, priced requests for cost) alone (most values first), then the keys under it that have
+    values pooled (if the pool has `min_sample`), each against the same callers' stable requests (`_weights`).
+    Judged only all together, one key's successful requests aimed at the canary would dilute every other caller's
+    failures; judged only per key, the same key's `min_sample` good requests would leave the failures of callers
+    under `min_sample` unjudged. With one key with values, or none with `min_sample` alone: all together, as before.
+
+    A key without values of the metric is in no group of its own: sized on its requests, a key whose calls are
+    never streamed was judged alone on TTFT, INCONCLUSIVE (no data), and so every look was, and a healthy canary
+    paused (probe p36 F2); so was one whose calls all fail fast on both arms, on latency and tokens. All requests
+    together with no value of the metric stays INCONCLUSIVE: no data never passes.
 
     Against every caller's stable requests, a caller whose requests differ from the others' (long prompts: a
     summariser) was held to a baseline of the others' requests, and a healthy canary aborted (or a caller's limit
@@ -792,14 +799,16 @@ def groups(canary: VariantSample, stable: VariantSample, min_sample: int) -> lis
     c_keys = {k: s for k, s in canary.by_key.items() if s.n or s.refused}
     s_keys = {k: s for k, s in stable.by_key.items() if s.n or s.refused}
     everything = Group("", canary, stable, c_keys, s_keys)
-    alone = sorted(((k, s) for k, s in c_keys.items() if s.n >= min_sample), key=lambda ks: (-ks[1].n, ks[0]))
-    if len(c_keys) < 2 or not alone:
+    count = partial(_count, name=name)
+    valued = {k: (s, n) for k, s in c_keys.items() if (n := count(s))}
+    alone = sorted(((k, s, n) for k, (s, n) in valued.items() if n >= min_sample), key=lambda ksn: (-ksn[2], ksn[0]))
+    if len(valued) < 2 or not alone:
         return [everything]
     found = [everything] + [Group(f"API key {k}" if k else "requests naming no API key", s, stable, {k: s}, s_keys)
-                            for k, s in alone]
-    rest = {k: s for k, s in c_keys.items() if s.n < min_sample}
+                            for k, s, _ in alone]
+    rest = {k: s for k, (s, n) in valued.items() if n < min_sample}
     pooled = _pool(list(rest.values()))
-    if pooled.n >= min_sample:  # two keys at least: each is under min_sample
+    if count(pooled) >= min_sample:  # two keys at least: each is under min_sample
         found.append(Group(f"{len(rest)} other API keys, pooled", pooled, stable, rest, s_keys))
     return found
 
@@ -828,9 +837,11 @@ def _deciding(results: list[MetricResult]) -> MetricResult:
     return min(results, key=lambda r: (_RANK[r.verdict], not r.group, -margin(r)))
 
 
-def _judge_groups(spec: MetricSpec, canary: VariantSample, stable: VariantSample, judged: list[Group], z: float,
-                  drift: DriftReport | None, baseline_final: bool) -> MetricResult:
-    """A metric judged once per group of requests (scores and drift, not per request key: on the whole canary)."""
+def _judge_groups(spec: MetricSpec, canary: VariantSample, stable: VariantSample,
+                  judged: Callable[[str], list[Group]], z: float, drift: DriftReport | None,
+                  baseline_final: bool) -> MetricResult:
+    """A metric judged once per group of requests, `judged(name)` (scores and drift, not per request key: on the
+    whole canary)."""
     if spec.name in ("score", "drift"):
         return _judge(spec, canary, stable, z, drift, baseline_final)
     def against(spec: MetricSpec, canary: VariantSample,
@@ -845,7 +856,7 @@ def _judge_groups(spec: MetricSpec, canary: VariantSample, stable: VariantSample
 
     relative = spec.max_increase is not None or spec.max_ratio is not None
     found = []
-    for g in judged:
+    for g in judged(spec.name):
         compared, weights, left_out = _baseline(g, spec.name)
         if not left_out or not relative:
             result = against(spec, g.canary, weights)  # every canary value was compared, or none needs stable
@@ -967,8 +978,10 @@ def _judged(spec: AnalysisSpec, metrics: list[MetricSpec], canary: VariantSample
     """Each of `metrics` judged (`only`: those of that name; the others' results are placeholders, WAITING)."""
     z = z_of(sequential.look_alpha(spec.alpha, look, len(metrics)))
     canary, stable = _sorted(canary), _sorted(stable)
-    judged = [replace(g, canary=g.canary if g.canary is canary else _sorted(g.canary), stable=stable,
-                      in_time=not baseline_final) for g in groups(canary, stable, spec.min_sample)]
+
+    def judged(name: str) -> list[Group]:  # each metric's own groups: a key is sized on its values of it
+        return [replace(g, canary=g.canary if g.canary is canary else _sorted(g.canary), stable=stable,
+                        in_time=not baseline_final) for g in groups(canary, stable, spec.min_sample, name)]
     results = [_judge_groups(m, canary, stable, judged, z, drift, baseline_final) if not only or m.name == only
                else MetricResult(name=m.label, verdict="WAITING") for m in metrics]
     return [msgspec.structs.replace(r, dry_run=True) if m.dry_run else r for r, m in zip(results, metrics, strict=True)]

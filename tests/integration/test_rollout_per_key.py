@@ -231,3 +231,79 @@ async def test_a_caller_whose_prompts_grow_longer_as_the_canary_takes_more_does_
     assert route.analysis is not None and route.analysis.last is not None
     assert (route.analysis.last.verdict, route.analysis.last.canary_n, route.analysis.last.stable_n) == \
         ("SUCCESSFUL", 135, 100)
+
+
+# A key without values of the metric judged. Found by a probe (p36 F2): judged on `ttft_p95` (streamed calls only
+# have a time to first token), a tenant's batch app (another app's unscoped key, never streaming) had a group of its
+# own with no TTFT at all (`ttft_p95 on API key 5bddb6ae35a2: no data: never a pass`), every look was INCONCLUSIVE
+# and a healthy canary paused at its weight, never promoted.
+TTFT = {"metrics": [{"name": "ttft_p95", "max_ratio": 3.0}], "min_sample": 30, "failure_limit": 0,
+        "inconclusive_limit": 0}
+
+
+@pytest.fixture
+async def ttft_router(context: ServiceContext, run_services: Any, signer: Signer) -> AsyncIterator[Any]:
+    """Stable and the canary `same` both sending their first token after 20 ms; `late` after 200 ms."""
+    stable_sim = SimServer(SimConfig(models={"m": ModelSpec(default="stable says hi", ttft_ms=20)}, seed=3))
+    canary_sim = SimServer(SimConfig(models={"same": ModelSpec(default="same canary", ttft_ms=20),
+                                             "late": ModelSpec(default="late canary", ttft_ms=200)}, seed=3))
+    async with stable_sim as stable, canary_sim as canary:
+        yield await serving(context, run_services, signer, stable.url, canary.url, ("same", "late"))
+
+
+async def _calls(router: Any, key: str, users: list[str], stream: bool) -> None:
+    """One chat request per user with `key` (its app need not be `shop`: it names deployment `chat`), streamed or
+    not, all at once."""
+    headers = {"Authorization": f"Bearer {key}", "x-lockgate-deployment": "chat"}
+    async with aiohttp.ClientSession(headers=headers) as session:
+        async def one(user: str) -> None:
+            body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": stream}
+            async with session.post(f"{router.url}/v1/chat/completions", json=body,
+                                    headers={"x-lockgate-user": user}) as resp:
+                await resp.read()
+                assert resp.status == 200
+
+        await asyncio.gather(*(one(u) for u in users))
+
+
+async def _streaming_and_batch_callers(router: Any, http: aiohttp.ClientSession, signer: Signer,
+                                       release: str) -> str:
+    """A canary of `release` at 50% judged on ttft_p95, with shop's streaming key and a batch app's key that never
+    streams, each with 40 canary requests (min_sample alone, counted in requests). Stable's first 20 before them
+    (no look: stable has fewer than min_sample), shop's last 10 streamed after them (the look then compares every
+    canary TTFT with stable's of its time). Returns the batch key's id."""
+    store = KeyStore(router.ctx.settings.home)
+    shop, _ = store.create("default", "shop", description="a chat app: streams")
+    batch, batch_key = store.create("default", "batch", description="another app of the tenant: never streams")
+    await _start(http, router, release, {"steps": [50, 100], "interval_s": 0.1, "analysis": TTFT})
+    await _pass(router, signer, release)
+    shop_stable = _users(router, "s", False, 20)
+    await _calls(router, shop, shop_stable[:10], stream=True)
+    await _calls(router, batch, _users(router, "b", False, 10), stream=False)
+    await _calls(router, shop, _users(router, "s", True, 40), stream=True)
+    await _calls(router, batch, _users(router, "b", True, 40), stream=False)
+    await _calls(router, shop, shop_stable[10:], stream=True)
+    await router.rollouts.wait_for(lambda r: r["chat"].phase != "progressing" or r["chat"].weight > 50
+                                   or r["chat"].paused, timeout=30)
+    return batch_key.id
+
+
+async def test_a_caller_that_never_streams_does_not_pause_a_healthy_canary_judged_on_ttft(
+        ttft_router: Any, http: aiohttp.ClientSession, signer: Signer, keys: Bootstrap) -> None:
+    await _streaming_and_batch_callers(ttft_router, http, signer, "same")
+    route = ttft_router.rollouts.route("chat")
+    assert (route.phase, route.weight, route.paused) == ("progressing", 100.0, False), route.reason
+    assert route.analysis is not None and route.analysis.last is not None
+    last = route.analysis.last
+    assert (last.verdict, last.canary_n) == ("SUCCESSFUL", 80)  # the batch app's requests are in the look
+    (ttft,) = last.metrics
+    # Judged on the streamed calls, all together: only shop's key has TTFT values.
+    assert (ttft.verdict, ttft.group, ttft.canary_n) == ("SUCCESSFUL", "", 80)
+
+
+async def test_a_canary_late_to_its_first_token_is_still_aborted_beside_a_caller_that_never_streams(
+        ttft_router: Any, http: aiohttp.ClientSession, signer: Signer, keys: Bootstrap) -> None:
+    await _streaming_and_batch_callers(ttft_router, http, signer, "late")
+    route = ttft_router.rollouts.route("chat")
+    assert route.phase == "aborted", f"not aborted: {route.phase} at {route.weight:g}%: {route.reason}"
+    assert route.reason.startswith("aborted late: analysis failed at step 1 (50%): ttft_p95 "), route.reason

@@ -423,7 +423,7 @@ def test_each_caller_is_judged_against_its_own_stable_requests(seed: int) -> Non
     unsplit = replace(stable, by_key={})
     assert analysis.measure(_MIX, canary, unsplit, look=1).verdict == "FAILED"
     # The all-together group's baseline is stable weighted to the canary's mix: about 0.7 A + 0.3 B per request.
-    weighted = analysis._weights(analysis.groups(canary, stable, 20)[0], "cost_per_request")
+    weighted = analysis._weights(analysis.groups(canary, stable, 20, "cost_per_request")[0], "cost_per_request")
     assert weighted is not None and sum(s.n * w for s, w in weighted) == pytest.approx(1.0)
     assert sum(w * sum(s.cost) for s, w in weighted) == pytest.approx(0.7 * 1e-5 + 0.3 * 5e-4, rel=0.05)
 
@@ -453,7 +453,7 @@ def test_a_callers_requests_without_stable_ones_of_its_own_are_held_to_all_of_st
     a, b = _caller(rng, 100, 20.0, 1e-5, 200.0), _caller(rng, 100, 20.0, 1e-5, 200.0)
     canary = _mixed({"k-a": a, "k-b": b})
     stable = _mixed({"k-a": _caller(rng, 100, 20.0, 1e-5, 200.0), "k-c": _caller(rng, 100, 20.0, 1e-5, 200.0)})
-    (everything, alone_a, alone_b) = analysis.groups(canary, stable, 20)
+    (everything, alone_a, alone_b) = analysis.groups(canary, stable, 20, "cost_per_request")
     assert (everything.label, alone_a.label, alone_b.label) == ("", "API key k-a", "API key k-b")
     assert analysis._weights(alone_b, "cost_per_request") == [(stable, 1.0)]  # all of stable, as it is
     assert analysis._weights(alone_a, "cost_per_request") == [(stable.by_key["k-a"], 1.0)]  # its own
@@ -462,6 +462,71 @@ def test_a_callers_requests_without_stable_ones_of_its_own_are_held_to_all_of_st
     assert weighted == {id(stable.by_key["k-a"]): pytest.approx(0.5 / 100 + 0.5 / 200),
                         id(stable.by_key["k-c"]): pytest.approx(0.5 / 200)}
     assert analysis.measure(_MIX, canary, stable, look=1).verdict == "SUCCESSFUL"
+
+
+# A key without values of a metric is judged on it in all requests only. Found by a probe (p36 F2): judged on
+# `ttft_p95`, a tenant's batch app (an unscoped key, never streaming) had a group of its own with no TTFT at all,
+# `ttft_p95 on API key ...: no data: never a pass`, so every look was INCONCLUSIVE and a healthy canary paused.
+_TTFT = AnalysisSpec(metrics=[MetricSpec(name="ttft_p95", max_ratio=3.0)], min_sample=30)
+
+
+def _calls(n: int, ttft: float | None, failed: bool = False) -> VariantSample:
+    """n calls of one key: answered in 100 ms, streamed with a first token at `ttft` ms (None: not streamed), or
+    all `failed` fast (no latency, TTFT or tokens: the error rate judges them)."""
+    if failed:
+        return VariantSample(n=n, errors=n)
+    return VariantSample(n=n, latency_ms=[100.0] * n, ttft_ms=[ttft] * n if ttft is not None else [],
+                         tokens=[20.0] * n)
+
+
+def _keys(parts: dict[str, VariantSample]) -> VariantSample:
+    ps = list(parts.values())
+    return VariantSample(n=sum(p.n for p in ps), errors=sum(p.errors for p in ps),
+                         latency_ms=[v for p in ps for v in p.latency_ms], ttft_ms=[v for p in ps for v in p.ttft_ms],
+                         tokens=[v for p in ps for v in p.tokens], by_key=parts)
+
+
+def test_a_key_without_values_of_a_metric_has_no_group_of_its_own_on_it() -> None:
+    stable = _keys({"shop": _calls(300, 50.0), "batch": _calls(300, None)})
+    canary = _keys({"shop": _calls(200, 50.0), "batch": _calls(200, None)})
+    m = analysis.measure(_TTFT, canary, stable, look=1)
+    assert m.verdict == "SUCCESSFUL", [analysis.describe(r) for r in m.metrics]
+    # Each metric sizes a key on its own values: batch is judged alone on latency, not on TTFT.
+    assert [g.label for g in analysis.groups(canary, stable, 30, "ttft_p95")] == [""]
+    assert [g.label for g in analysis.groups(canary, stable, 30, "latency_p95")] == ["", "API key batch",
+                                                                                    "API key shop"]
+    # All requests together without a streamed one: no data, never a pass.
+    batch_only = _keys({"batch": _calls(200, None), "other": _calls(200, None)})
+    m = analysis.measure(_TTFT, batch_only, stable, look=1)
+    assert m.verdict == "INCONCLUSIVE" and (m.metrics[0].group, m.metrics[0].why) == ("", "no data: never a pass")
+
+
+def test_a_key_with_values_of_a_metric_that_regresses_still_fails_beside_a_key_without_them() -> None:
+    # The rule's intent stands: a small streaming caller whose first tokens come 10x later on the canary fails the
+    # look on its own key, while all requests together (its 40 among 1,000 streamed) hide it under the p95.
+    stable = _keys({"shop": _calls(900, 50.0), "small": _calls(100, 50.0), "batch": _calls(300, None)})
+    canary = _keys({"shop": _calls(960, 50.0), "small": _calls(40, 500.0), "batch": _calls(200, None)})
+    assert analysis.measure(_TTFT, replace(canary, by_key={}), stable, look=1).verdict == "SUCCESSFUL"
+    m = analysis.measure(_TTFT, canary, stable, look=1)
+    failed = m.failing()
+    assert m.verdict == "FAILED" and failed is not None
+    assert (failed.group, failed.canary, failed.threshold) == ("API key small", 500.0, 150.0)
+
+
+def test_a_key_whose_calls_all_fail_fast_on_both_arms_is_judged_on_its_error_rate_only() -> None:
+    # Latency and tokens count answers (and timeouts): a key whose every call fails fast on both arms alike (a
+    # revoked upstream credential of its own, a body both refuse) has none, and its error rate is stable's.
+    spec = AnalysisSpec(metrics=[MetricSpec(name="error_rate", max_increase=0.05),
+                                 MetricSpec(name="latency_p95", max_ratio=3.0),
+                                 MetricSpec(name="tokens_per_request", max_ratio=1.5)], min_sample=30)
+    stable = _keys({"shop": _calls(300, None), "broken": _calls(100, None, failed=True)})
+    canary = _keys({"shop": _calls(300, None), "broken": _calls(100, None, failed=True)})
+    m = analysis.measure(spec, canary, stable, look=1)
+    assert m.verdict == "SUCCESSFUL", [analysis.describe(r) for r in m.metrics]
+    # A canary failing the other key's calls (which stable answers) still fails on its error rate.
+    worse = _keys({"shop": replace(_calls(300, None), errors=60), "broken": _calls(100, None, failed=True)})
+    failed = analysis.measure(spec, worse, stable, look=1).failing()
+    assert failed is not None and (failed.verdict, failed.name, failed.group) == ("FAILED", "error_rate", "API key shop")
 
 
 def test_weighted_quantile_and_rate_agree_with_the_unweighted_ones_on_equal_weights() -> None:
