@@ -20,7 +20,7 @@ from lockgate.errors import LockgateError, SignatureError
 from lockgate.ids import batch_id
 from lockgate.retry import RetryPolicy
 from lockgate.services.router import progress
-from lockgate.services.router.rollouts import Rollouts
+from lockgate.services.router.rollouts import EVIDENCE_ATTRIBUTES, Rollouts
 
 log = logging.getLogger("lockgate.router")
 
@@ -28,7 +28,8 @@ _inference = msgspec.json.Decoder(list[InferenceEvent] | InferenceEvent)
 _scored = msgspec.json.Decoder(InferenceScored)
 _drift = msgspec.json.Decoder(DriftReport)
 _SEEN_MAX = 4096
-# Stored served events asked for at once: a page of rows without prompts fits one NATS message.
+# Stored served events asked for at once; a page too large for one NATS message is asked again at half the size
+# (queryclient.pages), as 500 answers with 2 kB tool calls made it for ever (probe p36 F1).
 _STORED_PAGE = 500
 
 
@@ -195,6 +196,7 @@ async def replay_served(rollouts: Rollouts, seen: Seen, retry: RetryPolicy | Non
     if since is None:
         rollouts.replay_done()
         return 0
+    deployments = progress.served_replayed(rollouts.routes.values())
     # Each deployment's online scores from its own rollout's start (`progress.served_replay` of its route alone), for
     # the rollouts whose evidence is kept (a shadow comparison reads no scores).
     scores = {rollouts.ctx.bus.subjects.eval_scores(r.deployment): start for r in list(rollouts.routes.values())
@@ -226,7 +228,7 @@ async def replay_served(rollouts: Rollouts, seen: Seen, retry: RetryPolicy | Non
             log.warning("served events replay from the stream failed (tried again; looks wait): %s", exc)
             raise
         try:
-            batches += await _replay_stored(rollouts, seen, taken, stored, since)
+            batches += await _replay_stored(rollouts, seen, taken, stored, since, deployments)
         except LockgateError as exc:
             rollouts.replay_stalled(_PENDING.format(f"query service: {exc.message}"))
             log.warning("served events replay from the record failed (tried again; looks wait): %s", exc)
@@ -269,15 +271,18 @@ async def replay_scores(rollouts: Rollouts, reads: dict[str, float]) -> int:
 
 
 async def _replay_stored(rollouts: Rollouts, seen: Seen, taken: dict[str, bool], stored: set[str],
-                         since: float) -> int:
-    """The served events the sink stored since `since`, page by page, each batch (message id) taken once with
-    `taken` and `seen` and each event once with `stored` (a batch may straddle pages, and a try that failed may
-    have taken a part of it); a query that fails raises its LockgateError (the caller tries again)."""
-    args: dict[str, object] = {"since": datetime.fromtimestamp(since, UTC).isoformat()}
-    batches = 0
-    while True:
-        rows = await queryclient.ask(rollouts.ctx.bus, "served_events", {**args, "limit": _STORED_PAGE},
-                                     into=list[dict[str, Any]])
+                         since: float, deployments: list[str]) -> int:
+    """The served events of `deployments` the sink stored since `since`, page by page, each batch (message id) taken
+    once with `taken` and `seen` and each event once with `stored` (a batch may straddle pages, and a try that failed
+    may have taken a part of it); a query that fails raises its LockgateError (the caller tries again). An event too
+    large for one NATS message even alone is skipped, and said so: read again on every try, it held the replay, and
+    every rollout it covers, for ever."""
+    args = {"since": datetime.fromtimestamp(since, UTC).isoformat(), "deployments": deployments,
+            "attributes": list(EVIDENCE_ATTRIBUTES)}
+    batches = read = skipped = 0
+    async for rows in queryclient.pages(rollouts.ctx.bus, "served_events", args, after=_after_served,
+                                        page=_STORED_PAGE, alone={"key_only": True}):
+        read += len(rows)
         events = []
         for row in rows:
             msg_id = row.pop("msg_id", "")
@@ -286,12 +291,22 @@ async def _replay_stored(rollouts: Rollouts, seen: Seen, taken: dict[str, bool],
                 first = taken[msg_id] = not msg_id or seen.first(msg_id)
                 batches += first
             if first and row.get("id") not in stored:
+                if row.get("key_only"):
+                    skipped += 1
+                    stored.add(row["id"])
+                    log.warning("served events replay skipped stored event %s: too large for one NATS message even "
+                                "alone", row["id"])
+                    continue
                 try:
                     events.append(msgspec.convert(row, InferenceEvent, strict=False))
                     stored.add(row["id"])
                 except msgspec.ValidationError as exc:
                     log.warning("served events replay skipped stored event %s: %s", row.get("id"), exc)
         rollouts.observe(events)
-        if len(rows) < _STORED_PAGE:
-            return batches
-        args |= {"after_time": rows[-1]["time"], "after_id": rows[-1]["id"]}
+    log.info("served events replay read %d stored events of %s (%d skipped)", read, ", ".join(deployments), skipped)
+    return batches
+
+
+def _after_served(row: dict[str, Any]) -> dict[str, Any]:
+    """The arguments of the `served_events` page after `row`."""
+    return {"after_time": row["time"], "after_id": row["id"]}

@@ -98,6 +98,11 @@ def served_replay(routes: Iterable[Route], now: float) -> float | None:
     return min(starts) if starts else None
 
 
+def served_replayed(routes: Iterable[Route]) -> list[str]:
+    """The deployments whose served events `served_replay` reads back: no other's are read (probe p36 F1)."""
+    return sorted(r.deployment for r in routes if collecting(r) or shadowing(r))
+
+
 def shadowing(route: Route) -> bool:
     """True while the rollout mirrors traffic to its candidate: a shadow strategy, admitted and live."""
     return (route.strategy is not None and route.strategy.shadow is not None and route.canary is not None

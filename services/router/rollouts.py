@@ -53,6 +53,12 @@ from lockgate.subjects import token, untoken
 
 log = logging.getLogger("lockgate.router")
 
+# The attributes of a served event `observe` reads (`InferenceEvent.cached`, `_diverted`, `_note_trip`): the only ones
+# a starting router reads back from the record (handlers.replay_served), as the others (an answer's tool calls, up to
+# 64 kB) made its pages too large for one NATS message (probe p36 F1). A key read there must be named here.
+EVIDENCE_ATTRIBUTES = ("cache", "lockgate.fallback_from", "lockgate.fallback_from_release",
+                       "lockgate.fallback_reason")
+
 _route_decoder = msgspec.json.Decoder(Route)
 _gate_codec: Codec[GateDecided] = Codec(GateDecided)
 _drift_decoder = msgspec.json.Decoder(DriftReport)

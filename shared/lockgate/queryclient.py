@@ -7,7 +7,7 @@ answered by `{"rows": ...}` or `{"error": message, "kind": LockgateError subclas
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -97,20 +97,38 @@ async def ask(bus: Bus, name: str, args: Mapping[str, Any] | None = None, *, int
 async def ask_pages(bus: Bus, name: str, args: Mapping[str, Any], *,
                     after: Callable[[dict[str, Any]], dict[str, Any]], page: int = 500,
                     timeout_s: float = TIMEOUT_S) -> list[dict[str, Any]]:
-    """Every row of a query paged by key: `after(last row)` gives the arguments that start the next
-    page. A page too large for one NATS message is asked again at half the size."""
-    rows: list[dict[str, Any]] = []
+    """Every row of a query paged by key (`pages`), all at once."""
+    return [row async for got in pages(bus, name, args, after=after, page=page, timeout_s=timeout_s) for row in got]
+
+
+async def pages(bus: Bus, name: str, args: Mapping[str, Any], *, after: Callable[[dict[str, Any]], dict[str, Any]],
+                page: int = 500, alone: Mapping[str, Any] | None = None,
+                timeout_s: float = TIMEOUT_S) -> AsyncIterator[list[dict[str, Any]]]:
+    """Every row of a query paged by key, a page at a time: `after(last row)` gives the arguments that start the next
+    page. A page too large for one NATS message is asked again at half the size. A row too large alone raises
+    ReplyTooLarge, or with `alone` (the arguments that ask for the query's light form of a row, its key at least) is
+    asked again in that form and comes as a page of its own: never skipped unseen, nor read again for ever."""
+    first = page
     cursor: dict[str, Any] = {}
     while True:
         try:
             got = await ask(bus, name, {**args, **cursor, "limit": page}, into=list[dict[str, Any]],
                             timeout_s=timeout_s)
         except ReplyTooLarge:
-            if page == 1:
+            if page > 1:
+                page //= 2
+                continue
+            if alone is None:
                 raise
-            page = max(1, page // 2)
-            continue
-        rows.extend(got)
+            got = await ask(bus, name, {**args, **cursor, **alone, "limit": 1}, into=list[dict[str, Any]],
+                            timeout_s=timeout_s)
+            page = first  # the rows after it are most likely of the usual size: in pages as large again
+            if got:
+                yield got
+                cursor = after(got[-1])
+                continue
+            return
+        yield got
         if len(got) < page:
-            return rows
+            return
         cursor = after(got[-1])
