@@ -32,7 +32,9 @@ def served_events(store: Store, since: datetime, deployments: list[str], attribu
     judges, and another tenant's traffic neither fills its pages nor is read by it."""
     where = ("served AND time >= {since:DateTime64(6, 'UTC')} AND (deployment IN {deployments:Array(String)} "
              "OR (deployment = '' AND app IN {deployments:Array(String)}))")
-    params: dict[str, Any] = {"since": since, "deployments": deployments, "attributes": attributes, "limit": limit}
+    params: dict[str, Any] = {"since": since, "deployments": deployments, "limit": limit}
+    if not key_only:
+        params["attributes"] = attributes
     if after_time is not None:
         where += " AND (time, id) > ({after_time:DateTime64(6, 'UTC')}, {after_id:String})"
         params |= {"after_time": after_time, "after_id": after_id}
