@@ -194,3 +194,6 @@ async def test_the_served_events_query_answers_the_deployments_and_attributes_as
     key = await ask(bus, "served_events", {"since": "2025-12-31T00:00:00Z", "deployments": ["other"],
                                            "attributes": [], "key_only": True})
     assert [sorted(r) for r in key] == [["id", "key_only", "msg_id", "time"]]
+    # A router of the version before asks with neither (a rolling upgrade): every served row, whole, as it read them.
+    every = await ask(bus, "served_events", {"since": "2025-12-31T00:00:00Z"})
+    assert [(r["id"], r["attributes"]) for r in every] == [("a", attrs), ("b", attrs), ("c", attrs)]
