@@ -7,7 +7,7 @@ from aiohttp import web
 
 from lockgate.limits import EventLimits
 from lockgate.server.apikeys import KeyStore
-from lockgate.server.httplog import SERVER_LOG
+from lockgate.server.httpguard import HttpLimits, app_runner
 from lockgate.server.service import Service, ServiceContext
 from lockgate.server.tls import grpc_credentials, listen_http, ssl_context
 from lockgate.services.otlp.ingest import Receiver
@@ -37,8 +37,7 @@ class OtlpService(Service):
         s = self.ctx.settings
         tls = ssl_context(s)  # a bad certificate fails the start, before anything binds
         self._grpc, port = await serve_grpc(self.receiver, s.host, s.otlp_grpc_port, grpc_credentials(s))
-        self._http = web.AppRunner(self.http.app(), access_log=None, handle_signals=False,
-                                   shutdown_timeout=2.0, logger=SERVER_LOG)
+        self._http = app_runner(self.http.app(), HttpLimits.from_settings(s), shutdown_timeout=2.0)
         await self._http.setup()
         await listen_http(self._http, s.host, s.otlp_http_port, what="OTLP/HTTP", flag="--otlp-http-port",
                           ssl_context=tls)

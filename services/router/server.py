@@ -16,7 +16,7 @@ from lockgate import metrics
 from lockgate.config import Settings
 from lockgate.outbox import UNTIL_BACK, Outbox
 from lockgate.server.apikeys import Forbidden, KeyStore
-from lockgate.server.httplog import SERVER_LOG
+from lockgate.server.httpguard import HttpLimits, app_runner
 from lockgate.server.service import Progress, Service, ServiceContext, fewer_collections
 from lockgate.server.tls import listen_http
 from lockgate.services.router import clock
@@ -139,8 +139,9 @@ class RouterService(Service):
         self.spawn(self._watch_clock(), "clock-skew")
         # handler_cancellation: a client that closes its connection cancels its request's handler, and
         # with it the upstream call (proxy.forward records client_disconnected).
-        self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False, shutdown_timeout=2.0,
-                                     handler_cancellation=True, logger=SERVER_LOG)
+        # Bounded as every HTTP server of lockgate (httpguard): request heads, bodies and connections.
+        self._runner = app_runner(self.app(), HttpLimits.from_settings(self.ctx.settings), shutdown_timeout=2.0,
+                                  handler_cancellation=True)
         await self._runner.setup()
         s = self.ctx.settings
         await listen_http(self._runner, s.host, s.router_port, what="router", flag="--router-port",

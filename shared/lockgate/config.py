@@ -41,6 +41,20 @@ class Settings(msgspec.Struct, kw_only=True):
     otlp_grpc_port: int = 4317
     otlp_http_port: int = 4318
     sim_port: int = 9000
+    # What one client may hold of the HTTP servers (the router and its admin API, OTLP/HTTP, /livez and /readyz;
+    # lockgate.server.httpguard and .body). A connection whose next request head is not whole this many seconds after
+    # it opened or after its previous answer is closed (the idle keep-alive deadline too: above a load balancer's 60 s)
+    http_head_s: Annotated[float, msgspec.Meta(gt=0)] = 75.0
+    # a request body must be whole within http_body_max_s, and after its first http_body_grace_s arrive at
+    # http_body_min_rate bytes a second on average; else 408
+    http_body_grace_s: Annotated[float, msgspec.Meta(ge=0)] = 10.0
+    http_body_min_rate: Annotated[float, msgspec.Meta(gt=0)] = 16 * 1024.0
+    http_body_max_s: Annotated[float, msgspec.Meta(gt=0)] = 300.0
+    # bytes of request bodies the process reads at once (every server's); past them a request is answered 503, retry
+    http_body_bytes: Annotated[int, msgspec.Meta(ge=1)] = 256 * 1024 * 1024
+    # client connections the process keeps open at once (every HTTP server's); one past it is closed at once.
+    # 0: half the process's descriptor limit (ulimit -n), the rest left to upstreams, the bus and files
+    http_max_connections: Annotated[int, msgspec.Meta(ge=0)] = 0
     # router
     stable_upstream: str = "http://127.0.0.1:9000/v1"
     canary_upstream: str = "http://127.0.0.1:9000/v1"

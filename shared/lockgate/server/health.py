@@ -20,7 +20,8 @@ from collections.abc import Callable, Sequence
 from aiohttp import web
 
 from lockgate.bus import Bus
-from lockgate.server.httplog import SERVER_LOG
+from lockgate.config import Settings
+from lockgate.server.httpguard import HttpLimits, app_runner
 from lockgate.server.tls import listen_http
 
 
@@ -29,8 +30,9 @@ class HealthServer:
     `problems()`."""
 
     def __init__(self, buses: Callable[[], list[Bus]], host: str, port: int,
-                 problems: Callable[[], Sequence[str]] = list) -> None:
+                 problems: Callable[[], Sequence[str]] = list, limits: HttpLimits | None = None) -> None:
         self._buses = buses
+        self._limits = limits or HttpLimits.from_settings(Settings())
         self._problems = problems
         self._host, self._port = host, port
         self._runner: web.AppRunner | None = None
@@ -39,8 +41,7 @@ class HealthServer:
         app = web.Application()
         app.router.add_get("/livez", self._live)
         app.router.add_get("/readyz", self._ready)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0,
-                                     logger=SERVER_LOG)
+        self._runner = app_runner(app, self._limits, shutdown_timeout=1.0)
         await self._runner.setup()
         await listen_http(self._runner, self._host, self._port, what="health", flag="--health-port")
         port = self._runner.addresses[0][1]

@@ -16,6 +16,7 @@ from lockgate.bus import Bus
 from lockgate.config import Settings
 from lockgate.errors import BusClosed, LockgateError
 from lockgate.server.health import HealthServer
+from lockgate.server.httpguard import HttpLimits
 from lockgate.server.natsserver import NatsServer, auth_config
 from lockgate.server.registry import ServiceSet, available
 from lockgate.server.service import ServiceContext
@@ -114,7 +115,8 @@ class Runtime:
         await self.services.start()
         if s.health_port:
             services = self.services
-            self._health = HealthServer(lambda: self.buses, s.host, s.health_port, problems=services.problems)
+            self._health = HealthServer(lambda: self.buses, s.host, s.health_port, problems=services.problems,
+                                        limits=HttpLimits.from_settings(s))
             self.health_url = await self._health.start()
 
     def _nats_config(self) -> str:
