@@ -92,11 +92,16 @@ async def bind_grpc(server: grpc.aio.Server, host: str, port: int, credentials: 
 
 async def listen_http(runner: web.AppRunner, host: str, port: int, *, what: str, flag: str,
                       ssl_context: ssl.SSLContext | None = None, backlog: int = 128) -> None:
-    """Serve an aiohttp runner made by `httpguard.app_runner` on host:port, on sockets that keep its connections
-    within the process's cap (httpguard.Listener); ConfigError naming `what` and `flag` if the port cannot be had."""
+    """Serve an aiohttp runner on host:port; ConfigError naming `what` and `flag` if the port cannot be had. A runner
+    made by `httpguard.app_runner` (every lockgate server's) listens on sockets that keep its connections within the
+    process's cap (httpguard.Listener); another (the dev simulator's, an upstream) as aiohttp does."""
     _check_port(port, what, flag)
+    limits = runner.app.get(LIMITS)
     try:
-        for sock in listeners(host, port, runner.app[LIMITS].connection_cap()):
+        if limits is None:
+            await web.TCPSite(runner, host, port, ssl_context=ssl_context, backlog=backlog).start()
+            return
+        for sock in listeners(host, port, limits.connection_cap()):
             await web.SockSite(runner, sock, ssl_context=ssl_context, backlog=backlog).start()
     except OSError as exc:
         raise _refused(what, host, port, flag, exc) from None
