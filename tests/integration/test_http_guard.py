@@ -6,6 +6,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import resource
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -194,3 +197,42 @@ async def test_a_body_stalled_before_its_end_is_answered_408_and_its_bytes_relea
     assert "the request body did not arrive within 2 s" in error["message"]
     # Its bytes given back: the same request is read whole now (and refused for what it asks, not for room).
     assert await _post_whole(address, keys.app_key, other) not in (408, 503)
+
+
+async def test_accepts_failing_for_want_of_descriptors_are_shed_and_logged_once(caplog: pytest.LogCaptureFixture) -> None:
+    # Before (probe p37 F4), each accept that failed for want of descriptors was logged by asyncio with its traceback
+    # (121,855 of them, 62 MB of log), and the connection stayed in the backlog. Now it is closed at once, with a
+    # descriptor kept spare for that, and the failures are one log line per interval.
+    health = HealthServer(lambda: [], "127.0.0.1", 0)
+    address = _address(await health.start())
+    loop = asyncio.get_running_loop()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    clients = [socket.socket() for _ in range(20)]  # their descriptors taken first: they need one each too
+    fillers: list[int] = []
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 50, hard))
+        with contextlib.suppress(OSError):  # every descriptor left taken
+            while True:
+                fillers.append(os.open(os.devnull, os.O_RDONLY))
+        for client in clients:
+            client.setblocking(False)
+            await loop.sock_connect(client, address)
+        for client in clients:  # each closed unanswered, not left waiting
+            client.send(b"GET /livez HTTP/1.1\r\nHost: lockgate\r\n\r\n")
+            with contextlib.suppress(ConnectionResetError):
+                assert await asyncio.wait_for(loop.sock_recv(client, 100), SLACK_S) == b""
+    finally:
+        for fd in fillers:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        for client in clients:
+            client.close()
+    shed = [r for r in caplog.records if "could not be accepted" in r.getMessage()]
+    assert len(shed) == 1, [r.getMessage() for r in caplog.records]
+    assert not [r for r in caplog.records if "out of system resource" in r.getMessage()]
+    reader, writer = await asyncio.open_connection(*address)  # descriptors back: served again
+    try:
+        assert await _request(reader, writer, "/livez") == b"HTTP/1.1 200 OK"
+    finally:
+        writer.close()
+        await health.stop()
