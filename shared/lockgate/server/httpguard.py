@@ -91,7 +91,7 @@ class Throttled:
         now = time.monotonic()
         if now < self._next:
             return
-        log.warning(message + " (%d times since the last such line)", *args, self._since)
+        log.warning(message + " (%d since the last such line)", *args, self._since)
         self._next, self._since = now + self.every_s, 0
 
 
