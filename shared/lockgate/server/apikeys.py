@@ -353,11 +353,7 @@ def _key_of(text: str) -> str:
 
 def _write_key(creds: Path, path: Path, plain: str) -> None:
     creds.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(f"{plain}\n")
-    os.replace(tmp, path)  # atomic: a reader sees the old file or the new one, never a half-written key
+    filelock.replace(path, f"{plain}\n".encode())  # a reader sees the old file or the new one, never half a key
 
 
 def read_credential(path: str | Path) -> str:
