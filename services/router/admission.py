@@ -40,6 +40,7 @@ from lockgate.contracts.inference import (
     CHARGED_INPUT_TOKENS,
     CHARGED_OUTPUT_TOKENS,
     CLIENT_DISCONNECTED,
+    ROUTER_BUSY,
     UPSTREAM_UNANSWERED,
     USAGE_UNKNOWN,
 )
@@ -107,7 +108,7 @@ log = logging.getLogger("lockgate.router.admission")
 # charged on their own (settle's `abandoned`); nothing else was generated. Every other failure may have
 # followed a 200 and generated tokens the provider bills.
 NOTHING_GENERATED = frozenset({"upstream_unreachable", "upstream_circuit_open", "upstream_not_configured",
-                               "upstream_timeout"})
+                               "upstream_timeout", ROUTER_BUSY})
 
 BudgetName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")]
 Positive = Annotated[float, msgspec.Meta(gt=0)]
