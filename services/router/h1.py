@@ -142,16 +142,19 @@ def _unread(writer: asyncio.StreamWriter) -> bool:
 
 class Slots:
     """One endpoint's slots: at most `limit` calls in flight at once, of which at most `share` of one tenant's. A call
-    that finds none free waits in line, for a bounded time; a slot let go goes to the first waiting call whose tenant
-    is below its share, so a tenant at its share never holds up another's calls."""
+    that finds none free waits in its tenant's line, for a bounded time; a slot let go goes to the call waiting longest
+    of the tenants below their share, so a tenant at its share never holds up another's calls. The lines are per
+    tenant, so handing a slot over looks at the tenants waiting, not at every call: a tenant flooding an endpoint
+    makes a long line of its own only."""
 
-    __slots__ = ("_by", "_used", "_waiting", "limit", "share")
+    __slots__ = ("_by", "_lines", "_seq", "_used", "limit", "share")
 
     def __init__(self, limit: int, share: int) -> None:
         self.limit, self.share = limit, share
         self._used = 0
         self._by: dict[str, int] = {}  # tenant -> its slots in use
-        self._waiting: deque[tuple[str, asyncio.Future[None]]] = deque()
+        self._lines: dict[str, deque[tuple[int, asyncio.Future[None]]]] = {}  # tenant -> its calls waiting, in order
+        self._seq = 0  # the order calls began waiting in, across the lines
 
     def _free_for(self, tenant: str) -> bool:
         return self._used < self.limit and self._by.get(tenant, 0) < self.share
@@ -167,46 +170,60 @@ class Slots:
             self._take(tenant)
             return Slot(self, tenant)
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        entry = (tenant, waiter)
-        self._waiting.append(entry)
+        self._seq += 1
+        entry = (self._seq, waiter)
+        line = self._lines.setdefault(tenant, deque())
+        line.append(entry)
         try:
             async with asyncio.timeout(wait_s):
                 await waiter
         except BaseException as exc:
             if waiter.done() and not waiter.cancelled():
                 self.free(tenant)  # handed over just as the wait ended: give it to the next in line
-            elif entry in self._waiting:  # else `free` has dropped it, cancelled
-                self._waiting.remove(entry)
+            else:
+                self._leave(tenant, entry)
             if isinstance(exc, TimeoutError):
                 raise NoSlot(self._used, self.limit, self._by.get(tenant, 0), self.share) from None
             raise
         return Slot(self, tenant)
 
+    def _leave(self, tenant: str, entry: tuple[int, asyncio.Future[None]]) -> None:
+        """A waiting call gave up: out of its line (mostly its head: calls of one tenant wait alike and give up in
+        the order they came)."""
+        line = self._lines.get(tenant)
+        if line is None:
+            return
+        if line and line[0] is entry:
+            line.popleft()
+        elif entry in line:
+            line.remove(entry)
+        if not line:
+            del self._lines[tenant]
+
     def free(self, tenant: str) -> None:
-        """A call of `tenant` let go of its slot: hand slots to the waiting calls that may take one, in turn."""
+        """A call of `tenant` let go of its slot: hand slots over, each to the call waiting longest of the tenants
+        below their share."""
         self._used -= 1
         left = self._by[tenant] - 1
         if left:
             self._by[tenant] = left
         else:
             del self._by[tenant]
-        if not self._waiting:
-            return
-        still: deque[tuple[str, asyncio.Future[None]]] = deque()
-        while self._waiting:
-            entry = self._waiting.popleft()
-            who, waiter = entry
-            if waiter.done():  # cancelled: its task removes nothing more
+        while self._lines and self._used < self.limit:
+            first: str | None = None
+            for who, line in self._lines.items():
+                if self._by.get(who, 0) < self.share and (first is None or line[0][0] < self._lines[first][0][0]):
+                    first = who
+            if first is None:
+                return
+            line = self._lines[first]
+            _, waiter = line.popleft()
+            if not line:
+                del self._lines[first]
+            if waiter.done():  # cancelled (its client left, or its wait ran out), its task not yet run: skipped
                 continue
-            if self._free_for(who):
-                self._take(who)
-                waiter.set_result(None)
-            else:
-                still.append(entry)
-            if self._used >= self.limit:
-                break
-        still.extend(self._waiting)
-        self._waiting = still
+            self._take(first)
+            waiter.set_result(None)
 
 
 class Slot:
@@ -267,17 +284,14 @@ class H1Pool:
         Stream as it comes (an SSE stream's lines), and the Stream must be released. `heard`: noted as bytes of
         the answer come in, until the Stream is released. `slot`: the call's (`slot`), which the Stream lets go;
         without one, a slot of the URL's origin is waited for as long as a connection (NoSlot after that)."""
-        origin, start = self._head(url)
-        lines = [start]
-        for name, value in headers.items():
-            if "\n" in value or "\r" in value or "\n" in name or "\r" in name:  # no header smuggling
-                raise ValueError(f"header {name!r} has a line break")
-            lines.append(f"{name}: {value}\r\n".encode())
-        lines.append(b"Content-Length: %d\r\n\r\n" % len(body))
-        lines.append(body)
-        request = b"".join(lines)
-        if slot is None:
-            slot = await self.slot(origin, "", connect_timeout_s)
+        try:
+            origin, request = self._request(url, body, headers)
+            if slot is None:
+                slot = await self.slot(origin, "", connect_timeout_s)
+        except BaseException:
+            if slot is not None:  # the caller's: the call fails before it started, and lets go of it
+                slot.free()
+            raise
         try:
             conn = self._reuse(origin)
             if conn is not None:
@@ -300,6 +314,18 @@ class H1Pool:
             for conn in conns:
                 conn.close()
         self._idle.clear()
+
+    def _request(self, url: URL, body: bytes, headers: Mapping[str, str]) -> tuple[tuple[str, str, int], bytes]:
+        """The origin to call and the request's bytes."""
+        origin, start = self._head(url)
+        lines = [start]
+        for name, value in headers.items():
+            if "\n" in value or "\r" in value or "\n" in name or "\r" in name:  # no header smuggling
+                raise ValueError(f"header {name!r} has a line break")
+            lines.append(f"{name}: {value}\r\n".encode())
+        lines.append(b"Content-Length: %d\r\n\r\n" % len(body))
+        lines.append(body)
+        return origin, b"".join(lines)
 
     def _head(self, url: URL) -> tuple[tuple[str, str, int], bytes]:
         # The request line and Host per URL: the same few upstream URLs on every call.

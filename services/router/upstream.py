@@ -415,7 +415,7 @@ class Upstream:
             tries = 0
             while True:
                 tries += 1
-                slot = await self._slot(hops, failures, hop, breaker, deadline)
+                slot = await self._slot(failures, hop, breaker, deadline)
                 attempts += 1
                 verdict: bool | None = None
                 since = underway.since = self.lag.mark()
@@ -457,8 +457,7 @@ class Upstream:
                 break
         return self._give_up(hops, failures, attempts)
 
-    async def _slot(self, hops: Sequence[Hop], failures: list[Failed], hop: Hop, breaker: resilience.Breaker,
-                    deadline: float) -> h1.Slot:
+    async def _slot(self, failures: list[Failed], hop: Hop, breaker: resilience.Breaker, deadline: float) -> h1.Slot:
         """A slot of the pool for a call of `hop`, before the call's timing starts (its wait is no silence of the
         upstream's), waited for as long as a connection (`connect_s`) at most; else the request ends in a 503 of the
         router's (`_busy`). Not a fallback: the answer of another endpoint or arm would be charged to this hop's as
@@ -469,7 +468,7 @@ class Upstream:
             return await self.pool.slot(ep.id, hop.lane.tenant or "", wait_s)
         except h1.NoSlot as exc:
             breaker.abandon()  # no call: a half-open probe slot goes back
-            self._busy(hops, failures, hop, exc, wait_s)
+            self._busy(failures, hop, exc, wait_s)
         except BaseException:
             breaker.abandon()
             raise
@@ -537,7 +536,7 @@ class Upstream:
                                   504, "upstream_timeout", earlier, own, code="fallback_not_covered")
 
     @staticmethod
-    def _busy(hops: Sequence[Hop], failures: list[Failed], hop: Hop, exc: h1.NoSlot, waited_s: float) -> NoReturn:
+    def _busy(failures: list[Failed], hop: Hop, exc: h1.NoSlot, waited_s: float) -> NoReturn:
         """The 503 of a request whose call found no slot of the router's for its endpoint in time: the router's own
         capacity (`ROUTER_BUSY`, no evidence of the release). The calls made before it are evidence, each its own
         event (`earlier`), the chosen hop's too: the request's own event is the router's refusal."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from yarl import URL
 
 from lockgate.services.router.h1 import H1Pool, NoSlot, Slots
 
@@ -57,3 +58,25 @@ def test_a_pools_slots_are_per_endpoint_and_its_share_at_least_one() -> None:
     pool = H1Pool(limit=3, share=0.1)
     assert pool.slots("a") is pool.slots("a") and pool.slots("a") is not pool.slots("b")
     assert (pool.slots("a").limit, pool.slots("a").share) == (3, 1)
+
+
+async def test_a_call_that_fails_before_it_starts_lets_go_of_its_slot() -> None:
+    pool = H1Pool(limit=1)
+    slot = await pool.slot("a", "acme", 0)
+    with pytest.raises(ValueError, match="line break"):  # refused as it is written: no connection, no call
+        await pool.open(URL("http://127.0.0.1:1/v1/chat/completions"), b"{}", {"x-a": "1\r\nHost: evil"}, 1.0,
+                        slot=slot)
+    (await pool.slot("a", "bravo", 0)).free()  # the one slot is free again
+
+
+async def test_a_waiter_cancelled_before_its_task_ran_is_passed_over() -> None:
+    slots = Slots(limit=1, share=1)
+    held = await slots.take("acme", 0)
+    gone = asyncio.ensure_future(slots.take("bravo", None))
+    after = asyncio.ensure_future(slots.take("carol", None))
+    await asyncio.sleep(0)  # one loop turn: each task runs to its wait in line
+    gone.cancel()  # cancelled first, its task not run yet as the slot frees: carol's call has it
+    held.free()
+    (await after).free()
+    assert gone.cancelled()
+    (await slots.take("dave", 0)).free()
