@@ -643,6 +643,23 @@ async def test_embeddings_are_cached_on_a_deployment_that_opted_in(settings: Set
     assert [a.headers.get("x-lockgate-cache") for a in chat] == [None, None] and sim.requests[MODEL] == 3
 
 
+async def test_a_responses_turn_of_a_conversation_is_never_answered_from_the_cache(
+        settings: Settings, store: Store, stack: Stack, sim: SimServer, tmp_path: Path) -> None:
+    # Before (probe p38 F2): the second identical turn of a `conversation` was a hit, with the first answer's
+    # response id and usage: the upstream never saw the turn, so the conversation lacked it from then on.
+    router, keys, sub = await _caching(settings, store, stack, sim, tmp_path, "faq", 60)
+    await sub.unsubscribe()
+    c = client(router, keys.app_key)
+    turns = [await c.responses.with_raw_response.create(model=MODEL, input="and then?", temperature=0,
+                                                        conversation="conv_1", max_output_tokens=MAX_TOKENS)
+             for _ in range(2)]
+    assert [t.headers.get("x-lockgate-cache") for t in turns] == [None, None] and sim.requests[MODEL] == 2
+    # Without one, the same turn is cached as ever.
+    plain = [await c.responses.with_raw_response.create(model=MODEL, input="and then?", temperature=0,
+                                                        max_output_tokens=MAX_TOKENS) for _ in range(2)]
+    assert [t.headers.get("x-lockgate-cache") for t in plain] == ["miss", "hit"] and sim.requests[MODEL] == 3
+
+
 class _HoldingUpstream(ChatUpstream):
     """An upstream that takes bodies up to 8 MiB and holds a large one until `release` is set: a large request is
     still being forwarded while the test sends others."""

@@ -443,6 +443,19 @@ def test_the_temperature_rule_is_for_operations_that_sample(operation: str, cach
         assert (request_key("t", "a", "d", "r", operation, body, ZERO_T) is not None) is cached
 
 
+@pytest.mark.parametrize(("extra", "cached"), [
+    ({"conversation": "conv_1"}, False), ({"conversation": {"id": "conv_1"}}, False), ({"conversation": None}, True),
+    ({"background": True}, False), ({"background": False}, True),
+    ({"prompt": {"id": "pmpt_1"}}, False), ({"prompt": {"id": "pmpt_1", "version": "2"}}, True),
+    ({"previous_response_id": "resp_1"}, True),  # a stored response does not change: the same answer
+])
+def test_a_request_naming_state_the_provider_changes_is_not_cached(extra: dict, cached: bool) -> None:
+    """Before (probe p38 F2): the same `conversation` request was answered from the cache, so the user's turn was
+    never added to the conversation and the answer was to its history as it was at the first request."""
+    body = {"model": "m", "input": "and then?", "temperature": 0, **extra}
+    assert (request_key("t", "a", "d", "r", "/responses", body, ZERO_T) is not None) is cached
+
+
 def test_one_body_sent_to_two_operations_has_two_keys() -> None:
     """Before: the key had no operation, so an embeddings answer came back for the same body sent to
     /v1/responses (any key of the tenant could thereby plant answers of another operation)."""
