@@ -8,7 +8,6 @@ retried); a bus that does not acknowledge is UNAVAILABLE / 503 with a retry dela
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
 import math
@@ -20,19 +19,15 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import DESCRIPTOR,
 
 from lockgate.errors import BusUnavailable, InvalidEvent, LockgateError, UnreadableBody
 from lockgate.server.apikeys import AuthError, Forbidden
-from lockgate.server.body import closing, read_body
+from lockgate.server.body import closing
 from lockgate.server.tls import bind_grpc, grpc_server
 from lockgate.services.otlp import wire
+from lockgate.services.otlp.bodies import BodyPace, BodySlots
 from lockgate.services.otlp.ingest import Receiver
 
 log = logging.getLogger("lockgate.otlp")
 
 MAX_REQUEST_BYTES = 16 * 1024 * 1024  # the Collector's default limit for one OTLP request
-# Bodies being received at once, and how long one may take: a client trickling a 16 MB body a byte at a time
-# held its memory for as long as it liked, and 40 such connections took 600 MB (a probe). At most this many
-# bodies (8 x 16 MiB) are held; past it a client is told to retry, and a body not in within the time is dropped.
-MAX_BODIES = 8
-BODY_READ_S = 30.0
 SERVICE = DESCRIPTOR.services_by_name["TraceService"].full_name  # opentelemetry.proto.collector.trace.v1.TraceService
 EXPORT = "Export"
 
@@ -78,10 +73,10 @@ class HttpApp:
     """OTLP/HTTP on `POST /v1/traces`, binary protobuf or JSON, gzip or not; the answer in the
     request's encoding. The key in `Authorization: Bearer ...` or `x-api-key`."""
 
-    def __init__(self, receiver: Receiver, max_bodies: int = MAX_BODIES, body_read_s: float = BODY_READ_S) -> None:
+    def __init__(self, receiver: Receiver, slots: BodySlots | None = None, pace: BodyPace | None = None) -> None:
         self.receiver = receiver
-        self._bodies = asyncio.Semaphore(max_bodies)
-        self.body_read_s = body_read_s
+        self.slots = slots or BodySlots()  # the bodies being received, a share of them each tenant's
+        self.pace = pace or BodyPace()  # how slowly a body may arrive
 
     def app(self) -> web.Application:
         """The aiohttp application."""
@@ -104,17 +99,14 @@ class HttpApp:
                                wire.JSON)
         headers = {k.lower(): v for k, v in request.headers.items()}
         try:
+            # The key first: a request without one is answered before its body is read, and holds no slot.
             key = self.receiver.authenticate(headers)
-            if self._bodies.locked():  # answered before the body is read: the connection closes with it
-                return closing(self._error(503, wire.UNAVAILABLE, "too many OTLP exports being received; retry "
-                                           "shortly", content_type, retry_after_s=self.receiver.retry_after_s))
-            async with self._bodies:
-                try:
-                    async with asyncio.timeout(self.body_read_s):
-                        body = await read_body(request)
-                except TimeoutError:
-                    return closing(self._error(408, wire.INVALID_ARGUMENT, f"the request body did not arrive within "
-                                               f"{self.body_read_s:g} s", content_type))
+            busy = self.slots.refusal(key.tenant)
+            if busy is not None:  # answered before the body is read: the connection closes with it
+                return closing(self._error(503, wire.UNAVAILABLE, busy, content_type,
+                                           retry_after_s=self.receiver.retry_after_s))
+            with self.slots.holding(key.tenant):
+                body = await self.pace.read(request)
                 parse = wire.request_from_json if content_type == wire.JSON else wire.request_from_protobuf
                 # Parsed by the receiver, off the event loop (OTLP/JSON's parser takes seconds for 16 MiB).
                 reply = await self.receiver.export(key, functools.partial(parse, body))

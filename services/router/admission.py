@@ -40,6 +40,7 @@ from lockgate.contracts.inference import (
     CHARGED_INPUT_TOKENS,
     CHARGED_OUTPUT_TOKENS,
     CLIENT_DISCONNECTED,
+    ROUTER_BUSY,
     UPSTREAM_UNANSWERED,
     USAGE_UNKNOWN,
 )
@@ -65,6 +66,7 @@ from lockgate.services.router.budgets import (
     grant,
     input_estimate,
     lease_ask,
+    lease_chunk,
     most_output,
     period_id,
     period_start,
@@ -107,7 +109,7 @@ log = logging.getLogger("lockgate.router.admission")
 # charged on their own (settle's `abandoned`); nothing else was generated. Every other failure may have
 # followed a 200 and generated tokens the provider bills.
 NOTHING_GENERATED = frozenset({"upstream_unreachable", "upstream_circuit_open", "upstream_not_configured",
-                               "upstream_timeout"})
+                               "upstream_timeout", ROUTER_BUSY})
 
 BudgetName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")]
 Positive = Annotated[float, msgspec.Meta(gt=0)]
@@ -595,13 +597,15 @@ class Admission:
         async with lock:  # one lease at a time per counter: the requests queued here share it
             if counter not in self._seeded:
                 await self._seed(b, counter, counts)
+            chunk = lease_chunk(b.need(b.limit), self.file.lease_fraction)
             for _ in range(4):
                 allowance = self._allowance(counter)
-                if allowance.take(need, self.clock()):
+                # An expired allowance that covers the request is renewed, not leased again (probe p38 F1).
+                if allowance.renew(need, self.clock(), self.file.lease_s):
                     return None
                 lacking = allowance.lacking(need)
-                got, leased = await self._cas(counter, b.limit, lease_ask(b.need(b.limit), lacking,
-                                                                          self.file.lease_fraction), lacking)
+                got, leased = await self._cas(counter, b.limit, lease_ask(chunk, allowance.available, lacking),
+                                              lacking)
                 if got is None:
                     # While the store answered, requests here may have settled and given their unused reservations
                     # back: the allowance may now cover the request (the loop takes it), or lack less than the
@@ -611,8 +615,7 @@ class Admission:
                     if grant(Counter(leased=leased), b.limit, lacking, lacking) is not None:
                         continue
                     return leased
-                allowance = self._allowance(counter)
-                allowance.add(got, self.clock(), self.file.lease_s)
+                self._allowance(counter).add(got, self.clock(), self.file.lease_s, chunk)
             return None if self._allowance(counter).take(need, self.clock()) else leased
 
     async def _cas(self, counter: str, limit: Amount, ask: Amount, minimum: Amount | None) -> tuple[Amount | None,
@@ -667,7 +670,8 @@ class Admission:
         return _counter_dec.decode(raw or b"{}")
 
     async def return_expired(self, force: bool = False) -> None:
-        """Give allowances unused for `lease_s` (all of them with `force`) back to the store."""
+        """Give allowances unused for `lease_s` (all of them with `force`), and what a live one holds above its lease
+        chunk, back to the store."""
         now = math.inf if force else self.clock()
         if self.limiter:
             await self._return_shares(now)
@@ -703,7 +707,7 @@ class Admission:
         return {c for c, lock in self._locks.items() if lock.locked()}
 
     async def run(self) -> None:
-        """Background: return expired allowances every half lease."""
+        """Background: return expired allowances, and live ones' excess over a chunk, every half lease."""
         self.events.start()
         while True:
             await asyncio.sleep(self.file.lease_s / 2)

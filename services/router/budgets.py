@@ -6,8 +6,10 @@ amount *leased* to replicas. A replica leases a chunk (a share of the limit, at 
 needs) with one compare-and-set on the counter's revision, and then reserves requests from that local
 allowance without touching the KV. A grant never takes the counter past the limit, so every replica's
 reservations together fit in the budget; settling gives the unused part of a reservation back to the
-local allowance, and an allowance unused for `lease_s` goes back to the KV, so idle replicas do not sit
-on budget. Money is counted in integer nano-USD so the counters add up exactly.
+local allowance. A replica holds at most one chunk unreserved: a lease tops the allowance up to a chunk, an
+allowance past `lease_s` that still covers a request is renewed rather than leased again, what a live one
+holds above a chunk goes back to the KV at the next sweep, and one unused for `lease_s` goes back whole, so
+neither busy nor idle replicas sit on budget. Money is counted in integer nano-USD so the counters add up exactly.
 """
 
 from __future__ import annotations
@@ -417,21 +419,28 @@ def grant(counter: Counter, limit: Amount, ask: Amount, minimum: Amount) -> Amou
     return Amount(max(0, min(ask.usd, left.usd)), max(0, min(ask.tokens, left.tokens)))
 
 
-def lease_ask(limit: Amount, lacking: Amount, fraction: float) -> Amount:
-    """How much to lease: a `fraction` of the limit (so the hot path rarely leases), at least what is lacking."""
-    return Amount(max(lacking.usd, math.ceil(limit.usd * fraction)),
-                  max(lacking.tokens, math.ceil(limit.tokens * fraction)))
+def lease_chunk(limit: Amount, fraction: float) -> Amount:
+    """One lease's worth: a `fraction` of the limit (so the hot path rarely leases), and the most a replica holds
+    unreserved (Allowance.keep)."""
+    return Amount(math.ceil(limit.usd * fraction), math.ceil(limit.tokens * fraction))
+
+
+def lease_ask(chunk: Amount, available: Amount, lacking: Amount) -> Amount:
+    """How much to lease: what tops the allowance (`available`) up to one `chunk`, at least what is lacking. Never a
+    chunk on top of what is held: a replica's unreserved allowance stays within a chunk (probe p38 F1)."""
+    return Amount(max(lacking.usd, chunk.usd - available.usd), max(lacking.tokens, chunk.tokens - available.tokens))
 
 
 class Allowance:
     """What one replica holds of one counter: leased, not yet reserved. Negative after a request
     used more than it reserved (the next lease charges the deficit to the store first)."""
 
-    __slots__ = ("available", "expires")
+    __slots__ = ("available", "expires", "keep")
 
     def __init__(self) -> None:
         self.available = ZERO
         self.expires = 0.0  # monotonic seconds: after this the unused remainder goes back to the store
+        self.keep = ZERO  # the most it holds while live (one lease chunk): the sweep returns what is above it
 
     def take(self, need: Amount, now: float) -> bool:
         """Reserve `need` from the allowance, if it is live and covers it."""
@@ -440,24 +449,42 @@ class Allowance:
             return True
         return False
 
+    def renew(self, need: Amount, now: float, lease_s: float) -> bool:
+        """Reserve `need` if the allowance covers it, expired or not, and keep it live for another `lease_s`. Past its
+        expiry an allowance the sweep has not returned yet is still this replica's: a request it covers needs no
+        lease. (Before, probe p38 F1, such a request leased a whole chunk more at every expiry, and a sweep never
+        found it expired under steady traffic: one replica held the whole budget, the others were refused.)"""
+        if not self.available.covers(need):
+            return False
+        self.available = self.available - need
+        self.expires = max(self.expires, now + lease_s)
+        return True
+
     def lacking(self, need: Amount) -> Amount:
         """What a lease must add so `need` can be taken (an expired allowance revives with the lease)."""
         return Amount(max(0, need.usd - self.available.usd), max(0, need.tokens - self.available.tokens))
 
-    def add(self, amount: Amount, now: float, lease_s: float) -> None:
-        """A lease arrived: add it and keep the allowance live for another `lease_s`."""
+    def add(self, amount: Amount, now: float, lease_s: float, keep: Amount) -> None:
+        """A lease arrived: add it and keep the allowance live for another `lease_s`, holding at most `keep` (one
+        lease chunk) from the next sweep on."""
         self.available = self.available + amount
         self.expires = now + lease_s
+        self.keep = keep
 
     def credit(self, amount: Amount) -> None:
         """Settlement: the unused part of a reservation back (negative when the call cost more)."""
         self.available = self.available + amount
 
     def surrender(self, now: float) -> Amount:
-        """Once expired, the remainder (or deficit) to return to the store; the allowance keeps nothing."""
-        if now < self.expires or self.available == ZERO:
-            return ZERO
-        out, self.available = self.available, ZERO
+        """What to return to the store: once expired, the remainder (or deficit), keeping nothing; while live, what it
+        holds above `keep` (settlements give back reservations larger than their cost, and a burst of requests leases
+        several chunks at once: renewed in use, that would otherwise stay here). A live deficit waits for the next
+        lease, which charges it."""
+        if now < self.expires:
+            out = Amount(max(0, self.available.usd - self.keep.usd), max(0, self.available.tokens - self.keep.tokens))
+        else:
+            out = self.available
+        self.available = self.available - out
         return out
 
 

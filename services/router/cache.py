@@ -10,7 +10,7 @@ this app's users asked), a promoted release never serves its predecessor's, and 
 (an embeddings request, then the same body to `/v1/responses`) never gets the other operation's answer. A
 request to an operation that samples (all but embeddings) with a temperature above 0 (absent means the provider's
 default of 1) is not cached unless the deployment asks for it (`any_temperature`). A body over MAX_KEYED_BYTES is
-not cached at all.
+not cached at all, nor one naming state the provider keeps that changes (`_names_changing_state`).
 
 Streams are cached too: the entry is the stream as the client received it (its SSE bytes, the
 hidden usage chunk left out), replayed as one `text/event-stream` body on a hit. A streamed request
@@ -44,6 +44,17 @@ MAX_KEYED_BYTES = 1024 * 1024
 _canonical = msgspec.json.Encoder(order="sorted")
 
 
+def _names_changing_state(body: dict[str, Any]) -> bool:
+    """Whether the answer depends on state the provider keeps that changes between two such requests: a Responses
+    `conversation` (each turn adds to it), a stored `prompt` template without its version (its latest one is used),
+    a `background` response (answered by an id to poll, each request a new one). A hit would skip the call: the
+    user's turn never added to the conversation, an old answer to its history as it was (probe p38 F2: the same
+    `conversation` request was answered from the cache, with the first answer's response id and usage)."""
+    prompt = body.get("prompt")
+    return (body.get("conversation") is not None or body.get("background") is True
+            or (isinstance(prompt, dict) and prompt.get("version") is None))
+
+
 class CacheSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """One deployment's cache settings."""
 
@@ -63,6 +74,8 @@ def request_key(tenant: str, app: str, deployment: str, release: str, operation:
                 body: dict[str, Any], spec: CacheSpec) -> str | None:
     """The cache key of a request body (a decoded JSON object) an API key of `tenant`'s `app` sent to `operation`
     (its path, e.g. "/embeddings"), or None when it must not be cached."""
+    if _names_changing_state(body):
+        return None
     temperature = body.get("temperature", 1.0)
     sampled = operation not in _UNSAMPLED and not (isinstance(temperature, int | float) and temperature <= 0)
     if sampled and not spec.any_temperature:

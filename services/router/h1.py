@@ -12,7 +12,11 @@ not redirect, and following one could carry lockgate's credential elsewhere: the
 idle connections reused per origin (http and https) for at most `keepalive_s`, and never after the
 peer closed them. A call cancelled part way, or a stream let go before its end (a timeout, a client
 that left), closes its connection: the upstream sees it and stops.
-The caller's timeouts stay the caller's: only the connect bound is applied here.
+Calls in flight are bounded per endpoint (`Slots`), and within an endpoint per tenant, with a bounded wait for a slot
+(`NoSlot` after it). Before, one pool of 1000 slots served every tenant and endpoint and its wait had no bound: one
+tenant's 1000 calls to its own slow upstream held them all, and every other tenant's requests waited for a slot until
+their first-byte timeout, recorded as their healthy upstream's silence (probe p37 F1).
+The caller's timeouts stay the caller's: only the connect bound and the slot's wait are applied here.
 A call may note when bytes of its answer last reached the router (`Heard`), for a caller that times the upstream's
 silence.
 """
@@ -26,7 +30,8 @@ import ssl
 import sys
 import termios
 import time
-from collections.abc import Callable, Mapping
+from collections import deque
+from collections.abc import Callable, Hashable, Mapping
 from typing import NoReturn
 
 from yarl import URL
@@ -48,6 +53,15 @@ class ConnectTimedOut(ConnectFailed):
 
 class Stalled(TimeoutError):
     """A stream's next bytes did not come within its stall bound, or its time ran out (`Stream.stall_after`)."""
+
+
+class NoSlot(Exception):
+    """No slot of the endpoint came free for the call within its wait: the router's own capacity, no call was made.
+    `in_use`, `limit`: the endpoint's slots; `mine`, `share`: the calling tenant's of them, and the most it may hold."""
+
+    def __init__(self, in_use: int, limit: int, mine: int, share: int) -> None:
+        super().__init__(f"{in_use} of {limit} connections in use, {mine} of them the tenant's (at most {share})")
+        self.in_use, self.limit, self.mine, self.share = in_use, limit, mine, share
 
 
 class BrokenReply(Exception):
@@ -126,12 +140,118 @@ def _unread(writer: asyncio.StreamWriter) -> bool:
     return int.from_bytes(count, sys.byteorder) > 0
 
 
-class H1Pool:
-    """Keep-alive connections per origin; at most `limit` connections open at once (others wait)."""
+class Slots:
+    """One endpoint's slots: at most `limit` calls in flight at once, of which at most `share` of one tenant's. A call
+    that finds none free waits in its tenant's line, for a bounded time; a slot let go goes to the call waiting longest
+    of the tenants below their share, so a tenant at its share never holds up another's calls. The lines are per
+    tenant, so handing a slot over looks at the tenants waiting, not at every call: a tenant flooding an endpoint
+    makes a long line of its own only."""
 
-    def __init__(self, limit: int = 1000, keepalive_s: float = 60.0, max_idle_per_origin: int = 256) -> None:
+    __slots__ = ("_by", "_lines", "_seq", "_used", "limit", "share")
+
+    def __init__(self, limit: int, share: int) -> None:
+        self.limit, self.share = limit, share
+        self._used = 0
+        self._by: dict[str, int] = {}  # tenant -> its slots in use
+        self._lines: dict[str, deque[tuple[int, asyncio.Future[None]]]] = {}  # tenant -> its calls waiting, in order
+        self._seq = 0  # the order calls began waiting in, across the lines
+
+    def _free_for(self, tenant: str) -> bool:
+        return self._used < self.limit and self._by.get(tenant, 0) < self.share
+
+    def _take(self, tenant: str) -> None:
+        self._used += 1
+        self._by[tenant] = self._by.get(tenant, 0) + 1
+
+    async def take(self, tenant: str, wait_s: float | None) -> Slot:
+        """A slot for a call of `tenant`, waited for at most `wait_s` seconds (None: no bound); NoSlot after that.
+        A slot free now is free for nobody waiting (`free` hands each one over as it frees), so it is taken at once."""
+        if self._free_for(tenant):
+            self._take(tenant)
+            return Slot(self, tenant)
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._seq += 1
+        entry = (self._seq, waiter)
+        line = self._lines.setdefault(tenant, deque())
+        line.append(entry)
+        try:
+            async with asyncio.timeout(wait_s):
+                await waiter
+        except BaseException as exc:
+            if waiter.done() and not waiter.cancelled():
+                self.free(tenant)  # handed over just as the wait ended: give it to the next in line
+            else:
+                self._leave(tenant, entry)
+            if isinstance(exc, TimeoutError):
+                raise NoSlot(self._used, self.limit, self._by.get(tenant, 0), self.share) from None
+            raise
+        return Slot(self, tenant)
+
+    def _leave(self, tenant: str, entry: tuple[int, asyncio.Future[None]]) -> None:
+        """A waiting call gave up: out of its line (mostly its head: calls of one tenant wait alike and give up in
+        the order they came)."""
+        line = self._lines.get(tenant)
+        if line is None:
+            return
+        if line and line[0] is entry:
+            line.popleft()
+        elif entry in line:
+            line.remove(entry)
+        if not line:
+            del self._lines[tenant]
+
+    def free(self, tenant: str) -> None:
+        """A call of `tenant` let go of its slot: hand slots over, each to the call waiting longest of the tenants
+        below their share."""
+        self._used -= 1
+        left = self._by[tenant] - 1
+        if left:
+            self._by[tenant] = left
+        else:
+            del self._by[tenant]
+        while self._lines and self._used < self.limit:
+            first: str | None = None
+            for who, line in self._lines.items():
+                if self._by.get(who, 0) < self.share and (first is None or line[0][0] < self._lines[first][0][0]):
+                    first = who
+            if first is None:
+                return
+            line = self._lines[first]
+            _, waiter = line.popleft()
+            if not line:
+                del self._lines[first]
+            if waiter.done():  # cancelled (its client left, or its wait ran out), its task not yet run: skipped
+                continue
+            self._take(first)
+            waiter.set_result(None)
+
+
+class Slot:
+    """One call's slot on an endpoint (`Slots.take`), let go once by `free()`."""
+
+    __slots__ = ("_slots", "_tenant")
+
+    def __init__(self, slots: Slots, tenant: str) -> None:
+        self._slots: Slots | None = slots
+        self._tenant = tenant
+
+    def free(self) -> None:
+        slots, self._slots = self._slots, None
+        if slots is not None:
+            slots.free(self._tenant)
+
+
+class H1Pool:
+    """Keep-alive connections per origin. Calls in flight are bounded per endpoint (a key the caller names, `slot`):
+    at most `limit` on one endpoint, of which at most the fraction `share` of one tenant's, so neither a slow endpoint
+    nor a busy tenant takes the connections of the others."""
+
+    def __init__(self, limit: int = 1000, keepalive_s: float = 60.0, max_idle_per_origin: int = 256,
+                 share: float = 1.0) -> None:
         self._idle: dict[tuple[str, str, int], list[_Conn]] = {}
-        self._slots = asyncio.Semaphore(limit)
+        self._limit = limit
+        self._share = max(1, math.floor(limit * share))  # a tenant may always have one call in flight
+        self._slots: dict[Hashable, Slots] = {}
         self._keepalive_s = keepalive_s
         self._max_idle = max_idle_per_origin
         self._ssl: ssl.SSLContext | None = None
@@ -147,35 +267,45 @@ class H1Pool:
             stream.release()
         return Answer(stream.status, stream.headers, body)
 
+    def slots(self, endpoint: Hashable) -> Slots:
+        """The slots of `endpoint` (made on first use)."""
+        found = self._slots.get(endpoint)
+        if found is None:
+            found = self._slots[endpoint] = Slots(self._limit, self._share)
+        return found
+
+    async def slot(self, endpoint: Hashable, tenant: str, wait_s: float | None) -> Slot:
+        """A slot for a call of `tenant` to `endpoint`, waited for at most `wait_s` seconds; NoSlot after that."""
+        return await self.slots(endpoint).take(tenant, wait_s)
+
     async def open(self, url: URL, body: bytes, headers: Mapping[str, str], connect_timeout_s: float | None,
-                   heard: Heard | None = None) -> Stream:
+                   heard: Heard | None = None, slot: Slot | None = None) -> Stream:
         """POST `body` to `url` and return once the answer's head arrived: its body is read from the
         Stream as it comes (an SSE stream's lines), and the Stream must be released. `heard`: noted as bytes of
-        the answer come in, until the Stream is released."""
-        origin, start = self._head(url)
-        lines = [start]
-        for name, value in headers.items():
-            if "\n" in value or "\r" in value or "\n" in name or "\r" in name:  # no header smuggling
-                raise ValueError(f"header {name!r} has a line break")
-            lines.append(f"{name}: {value}\r\n".encode())
-        lines.append(b"Content-Length: %d\r\n\r\n" % len(body))
-        lines.append(body)
-        request = b"".join(lines)
-        await self._slots.acquire()
+        the answer come in, until the Stream is released. `slot`: the call's (`slot`), which the Stream lets go;
+        without one, a slot of the URL's origin is waited for as long as a connection (NoSlot after that)."""
+        try:
+            origin, request = self._request(url, body, headers)
+            if slot is None:
+                slot = await self.slot(origin, "", connect_timeout_s)
+        except BaseException:
+            if slot is not None:  # the caller's: the call fails before it started, and lets go of it
+                slot.free()
+            raise
         try:
             conn = self._reuse(origin)
             if conn is not None:
                 try:
-                    return await self._start(origin, conn, request, heard)
+                    return await self._start(origin, conn, request, heard, slot)
                 except _Stale:
                     pass  # the peer closed it while idle and read nothing: a new connection is safe
             conn = await self._connect(origin, connect_timeout_s)
             try:
-                return await self._start(origin, conn, request, heard)
+                return await self._start(origin, conn, request, heard, slot)
             except _Stale:
                 raise BrokenReply("the upstream closed the connection without answering") from None
         except BaseException:
-            self._slots.release()
+            slot.free()
             raise
 
     def close(self) -> None:
@@ -184,6 +314,18 @@ class H1Pool:
             for conn in conns:
                 conn.close()
         self._idle.clear()
+
+    def _request(self, url: URL, body: bytes, headers: Mapping[str, str]) -> tuple[tuple[str, str, int], bytes]:
+        """The origin to call and the request's bytes."""
+        origin, start = self._head(url)
+        lines = [start]
+        for name, value in headers.items():
+            if "\n" in value or "\r" in value or "\n" in name or "\r" in name:  # no header smuggling
+                raise ValueError(f"header {name!r} has a line break")
+            lines.append(f"{name}: {value}\r\n".encode())
+        lines.append(b"Content-Length: %d\r\n\r\n" % len(body))
+        lines.append(body)
+        return origin, b"".join(lines)
 
     def _head(self, url: URL) -> tuple[tuple[str, str, int], bytes]:
         # The request line and Host per URL: the same few upstream URLs on every call.
@@ -232,7 +374,8 @@ class H1Pool:
             raise ConnectFailed(str(exc)) from None
         return _Conn(reader, asyncio.StreamWriter(transport, protocol, reader, loop))
 
-    async def _start(self, origin: tuple[str, str, int], conn: _Conn, request: bytes, heard: Heard | None) -> Stream:
+    async def _start(self, origin: tuple[str, str, int], conn: _Conn, request: bytes, heard: Heard | None,
+                     slot: Slot) -> Stream:
         """Send the request and read the answer's head (1xx interim answers skipped)."""
         reader = conn.reader
         reader.heard = heard
@@ -262,11 +405,11 @@ class H1Pool:
             raise
         if status in (204, 304):
             length, chunked = 0, False
-        return Stream(self, origin, conn, status, headers, length, chunked, close)
+        return Stream(self, origin, conn, status, headers, length, chunked, close, slot)
 
-    def _done(self, origin: tuple[str, str, int], conn: _Conn, reusable: bool) -> None:
+    def _done(self, origin: tuple[str, str, int], conn: _Conn, reusable: bool, slot: Slot) -> None:
         """A Stream let go of its connection: back to the idle list if its answer was read whole."""
-        self._slots.release()
+        slot.free()
         if not reusable:
             conn.close()
             return
@@ -285,11 +428,12 @@ class Stream:
     (the upstream sees the close and stops generating)."""
 
     __slots__ = ("_buf", "_chunk_left", "_chunked", "_close", "_conn", "_deadline", "_eof", "_left", "_origin",
-                 "_loop", "_pool", "_since", "_stall", "_timer", "headers", "status")
+                 "_loop", "_pool", "_since", "_slot", "_stall", "_timer", "headers", "status")
 
     def __init__(self, pool: H1Pool, origin: tuple[str, str, int], conn: _Conn, status: int,
-                 headers: dict[str, str], length: int | None, chunked: bool, close: bool) -> None:
+                 headers: dict[str, str], length: int | None, chunked: bool, close: bool, slot: Slot) -> None:
         self._pool: H1Pool | None = pool
+        self._slot = slot
         self._origin = origin
         self._conn = conn
         self.status = status
@@ -368,7 +512,7 @@ class Stream:
             self._timer.cancel()
             self._timer = None
         if pool is not None:
-            pool._done(self._origin, self._conn, self._eof and not self._close)
+            pool._done(self._origin, self._conn, self._eof and not self._close, self._slot)
 
     async def _piece(self) -> bytes:
         """The next bytes of the body as they arrive (BrokenReply if the connection fails first)."""

@@ -42,7 +42,7 @@ from lockgate.services.router.admission import OPEN, OPEN_ADMISSION, Admission, 
 from lockgate.services.router.cache import MAX_KEYED_BYTES
 from lockgate.services.router.endpoints import Endpoint, Endpoints, UnknownEndpoint
 from lockgate.services.router.fit import TEXT_BYTES, encode_served
-from lockgate.services.router.h1 import BrokenReply
+from lockgate.services.router.h1 import BrokenReply, H1Pool
 from lockgate.services.router.providers import Unsupported, UpstreamStreamError, provider
 from lockgate.services.router.rollouts import Rollouts
 from lockgate.services.router.shadow import Shadow
@@ -110,7 +110,8 @@ class Proxy:
         self.rollouts = rollouts
         self.batcher = batcher
         self.spans = spans
-        self.upstream = Upstream()  # its session is opened by the router's start
+        # Its session is opened by the router's start; its pool's slots are per endpoint and tenant (h1.Slots).
+        self.upstream = Upstream(pool=H1Pool(settings.router_endpoint_slots, share=settings.router_tenant_slot_share))
         self.admission: Admission = OPEN_ADMISSION  # budgets, rate limits, cache: set by the service
         self.shadow = Shadow(rollouts, endpoints, batcher, lambda: self.upstream.session,
                              gateway=lambda: self.admission.file)

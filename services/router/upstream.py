@@ -22,6 +22,7 @@ import aiohttp
 import msgspec
 from yarl import URL
 
+from lockgate.contracts.inference import ROUTER_BUSY
 from lockgate.endpoints import blended
 from lockgate.errors import LockgateError
 from lockgate.redact import MARK, MIN_SECRET, scrub_bytes, scrub_json, scrub_secrets
@@ -335,9 +336,11 @@ class Upstream:
     """Sends requests along a fallback chain; one per router, holding the connection pool."""
 
     def __init__(self, session: aiohttp.ClientSession | None = None,
-                 clock: Callable[[], float] = time.monotonic, draw: Callable[[], float] = random.random) -> None:
+                 clock: Callable[[], float] = time.monotonic, draw: Callable[[], float] = random.random,
+                 pool: h1.H1Pool | None = None) -> None:
         self.session = session  # the shadow's copies and `/v1/models` go through aiohttp
-        self.pool = h1.H1Pool()  # the requests themselves, streamed or not: a lighter keep-alive client (h1.py)
+        # The requests themselves, streamed or not: a lighter keep-alive client (h1.py), its slots per endpoint.
+        self.pool = pool if pool is not None else h1.H1Pool()
         self.draw = draw  # for a group's exploration share
         # Breakers and budgets read this clock (swappable so tests move time past a cooldown);
         # the request's own deadlines are the event loop's timers.
@@ -412,6 +415,7 @@ class Upstream:
             tries = 0
             while True:
                 tries += 1
+                slot = await self._slot(failures, hop, breaker, deadline)
                 attempts += 1
                 verdict: bool | None = None
                 since = underway.since = self.lag.mark()
@@ -419,7 +423,7 @@ class Upstream:
                 heard = underway.heard = h1.Heard(self.lag.held_s)
                 underway.hop = hop
                 try:
-                    reply, failed = await self._try(hop, headers, stream, deadline, breaker, heard)
+                    reply, failed = await self._try(hop, headers, stream, deadline, breaker, heard, slot)
                     underway.hop = None  # answered or failed: no longer in flight (a failure is in `failures`)
                     verdict = failed is None or (failed.kind == "http" and not resilience.breaker_failure(failed.status))
                 finally:
@@ -453,8 +457,24 @@ class Upstream:
                 break
         return self._give_up(hops, failures, attempts)
 
+    async def _slot(self, failures: list[Failed], hop: Hop, breaker: resilience.Breaker, deadline: float) -> h1.Slot:
+        """A slot of the pool for a call of `hop`, before the call's timing starts (its wait is no silence of the
+        upstream's), waited for as long as a connection (`connect_s`) at most; else the request ends in a 503 of the
+        router's (`_busy`). Not a fallback: the answer of another endpoint or arm would be charged to this hop's as
+        its failure, and the capacity it lacked is the router's, not the release's."""
+        ep = hop.endpoint
+        wait_s = max(0.0, min(ep.timeouts.connect_s, deadline - asyncio.get_running_loop().time()))
+        try:
+            return await self.pool.slot(ep.id, hop.lane.tenant or "", wait_s)
+        except h1.NoSlot as exc:
+            breaker.abandon()  # no call: a half-open probe slot goes back
+            self._busy(failures, hop, exc, wait_s)
+        except BaseException:
+            breaker.abandon()
+            raise
+
     async def _try(self, hop: Hop, headers: dict[str, str], stream: bool, deadline: float,
-                   breaker: resilience.Breaker, heard: h1.Heard) -> tuple[Reply | None, Failed | None]:
+                   breaker: resilience.Breaker, heard: h1.Heard, slot: h1.Slot) -> tuple[Reply | None, Failed | None]:
         """One call: a Reply when the hop answered with a 200 or a client error, else how it failed.
         A 200 stream is answered once its first line came, so a retry or fallback is possible until
         then and never after; the connect bound is the pool's, the others are the loop's timers."""
@@ -465,7 +485,7 @@ class Upstream:
         opened: h1.Stream | None = None
         try:
             async with asyncio.timeout_at(min(loop.time() + ep.timeouts.first_byte_s, deadline)):
-                opened = await self.pool.open(hop.url, hop.body, headers, ep.timeouts.connect_s, heard)
+                opened = await self.pool.open(hop.url, hop.body, headers, ep.timeouts.connect_s, heard, slot)
                 streaming = stream and opened.status == 200
                 if streaming:
                     first = await opened.readline()
@@ -514,6 +534,24 @@ class Upstream:
                                   "timeout, or a broken reply) and is charged as if it generated its whole answer; "
                                   f"its fallback {hop.endpoint.id} was not called: {why}",
                                   504, "upstream_timeout", earlier, own, code="fallback_not_covered")
+
+    @staticmethod
+    def _busy(failures: list[Failed], hop: Hop, exc: h1.NoSlot, waited_s: float) -> NoReturn:
+        """The 503 of a request whose call found no slot of the router's for its endpoint in time: the router's own
+        capacity (`ROUTER_BUSY`, no evidence of the release). The calls made before it are evidence, each its own
+        event (`earlier`), the chosen hop's too: the request's own event is the router's refusal."""
+        earlier = [f for f in failures if f.kind != "breaker_open"]
+        ep = hop.endpoint
+        if exc.mine >= exc.share < exc.limit:
+            # The tenant's own share is what it lacks (the others' requests may have the rest).
+            which = (f"all in use for your tenant ({exc.mine}, the share of one tenant; {exc.in_use} of {exc.limit} "
+                     "in all)")
+        else:
+            which = f"all in use ({exc.in_use} of {exc.limit}, {exc.mine} of them for your tenant)"
+        raise UpstreamUnavailable(f"the router's connections to endpoint {ep.id} are {which}, and none came free "
+                                  f"within {waited_s:g} s; retry later", 503, ROUTER_BUSY, earlier, None,
+                                  code="upstream_connections_full",
+                                  retry_after_s=1.0)
 
     def _give_up(self, hops: Sequence[Hop], failures: list[Failed], attempts: int) -> Reply:
         """Every hop failed: the last upstream answer if there was one, else a 502/504 naming endpoints."""

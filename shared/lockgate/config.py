@@ -90,6 +90,15 @@ class Settings(msgspec.Struct, kw_only=True):
     # endpoints' first_byte_s (60 s) and between_chunks_s (30 s), which would otherwise never fire; an endpoint timeout
     # below it ends such a call first, as that timeout's own failure.
     router_unanswered_s: Annotated[float, msgspec.Meta(ge=0)] = 10.0
+    # The router's upstream calls in flight, per endpoint: at most router_endpoint_slots on one endpoint at once, and of
+    # those at most the fraction router_tenant_slot_share for one tenant's requests (at least one), so neither a slow
+    # endpoint nor one busy tenant takes the connections of the others. A call that finds no slot waits for one for its
+    # endpoint's connect_s at most, then the request is answered 503 `router_busy` (Retry-After), which is the router's
+    # capacity and no evidence of the release. 1000 per endpoint is what the one pool for all of them held before; half
+    # of it for one tenant leaves the other half to the rest (a router of one tenant may set the share to 1). Before,
+    # one pool of 1000 served every tenant and endpoint, with no bound on the wait (probe p37 F1).
+    router_endpoint_slots: Annotated[int, msgspec.Meta(ge=1)] = 1000
+    router_tenant_slot_share: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.5
     app: str = "default"
     rollout_steps: tuple[float, ...] = (10.0, 25.0, 50.0, 100.0)
     rollout_step_interval_s: float = 5.0

@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from lockgate.config import Settings
 from lockgate.contracts import ApplyRequest, GateDecided, GateReview
 from lockgate.contracts.names import check_name
-from lockgate.errors import ConfigError, NotFound, SignatureError
+from lockgate.errors import ConfigError, InvalidName, NotFound, SignatureError
 from lockgate.ids import canonical_json
 from lockgate.signing import (
     REVIEWER_ROLES,
@@ -61,6 +61,16 @@ def identities_dir(settings: Settings) -> Path:
     return Path(settings.home) / "identities"
 
 
+def check_identity_name(settings: Settings, name: str) -> str:
+    """`name` if it may name an identity: the name grammar without "/", since it names the identity's files in
+    identities_dir (before, probe p37, `identity create 'a/../../pwned'` wrote the private key to {home}/pwned.key)."""
+    check_name(name, "identity")
+    if "/" in name:
+        raise InvalidName(f"invalid identity {name!r}: an identity's name has no / (it names its key files in "
+                          f"{identities_dir(settings)})")
+    return name
+
+
 @dataclass(frozen=True)
 class Identity:
     """A person's name (as the trust file will know it) and private key."""
@@ -85,7 +95,7 @@ Passphrase = Callable[[], bytes | None]
 def create_identity(settings: Settings, name: str, passphrase: Passphrase | None = None) -> Identity:
     """Make NAME's key pair under the home (private 0600, encrypted with `passphrase()` when it gives one);
     ConfigError if NAME already has one."""
-    check_name(name, "identity")
+    check_identity_name(settings, name)
     folder = identities_dir(settings)
     path = folder / f"{name}.key"
     if path.exists():
@@ -108,7 +118,7 @@ def load_identity(settings: Settings, name: str | None, passphrase: Passphrase |
                 f"with `lockgate gate trust --person NAME --role approver {folder}/NAME.pub`"
             raise NotFound(f"no personal identity chosen; {which}")
         name = found[0]
-    path = folder / f"{name}.key"
+    path = folder / f"{check_identity_name(settings, name)}.key"
     if not path.exists():
         raise NotFound(f"identity {name!r} has no key at {path} (`lockgate identity create {name}`)")
     return Identity(name, Signer.load_or_create(path, passphrase))

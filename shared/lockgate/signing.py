@@ -19,6 +19,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from lockgate import filelock
 from lockgate.config import Settings
 from lockgate.contracts import GateDecided
 from lockgate.errors import BusUnavailable, ConfigError, SignatureError
@@ -473,12 +474,8 @@ def trust_file_path(settings: Settings) -> Path:
 
 
 def _write_trust_file(path: Path, data: TrustFile) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(msgspec.json.format(msgspec.json.encode(data)) + b"\n")
-    os.replace(tmp, path)  # readers never see a half-written trust file
+    """Replace the trust file with `data`; the caller holds `filelock.locked(path)` since it read what it changed."""
+    filelock.replace(path, msgspec.json.format(msgspec.json.encode(data)) + b"\n")
 
 
 def read_trust_file(path: Path) -> TrustFile:
@@ -494,19 +491,21 @@ def read_trust_file(path: Path) -> TrustFile:
 def trust_key(path: str | Path, public: Ed25519PublicKey) -> str:
     """Add a public key to a trust file (created 0600 if missing); returns its id. Revoked ids stay refused."""
     p = Path(path)
-    data = read_trust_file(p)
-    kid = key_id(public)
-    if kid in data.revoked:
-        raise ConfigError(f"key {kid} is revoked in {p}; remove it from `revoked` first if that was a mistake")
-    if kid in data.retired:
-        # Trusted again it would sign new decisions and audit rows past its retirement; a gatekeeper holding it
-        # (`lockgate up` trusts the home's key) needs a key of its own.
-        raise ConfigError(f"key {kid} was retired in {p}: it signs nothing new; give the gatekeeper a new key "
-                          "(LOCKGATE_SIGNING_KEY, or move {home}/keys/gatekeeper.pem aside and `lockgate up` makes one)")
-    if data.keys.get(kid) != public_pem(public).decode():
-        data.keys[kid] = public_pem(public).decode()
-        _write_trust_file(p, data)
-    return kid
+    with filelock.locked(p):
+        data = read_trust_file(p)
+        kid = key_id(public)
+        if kid in data.revoked:
+            raise ConfigError(f"key {kid} is revoked in {p}; remove it from `revoked` first if that was a mistake")
+        if kid in data.retired:
+            # Trusted again it would sign new decisions and audit rows past its retirement; a gatekeeper holding it
+            # (`lockgate up` trusts the home's key) needs a key of its own.
+            raise ConfigError(f"key {kid} was retired in {p}: it signs nothing new; give the gatekeeper a new key "
+                              "(LOCKGATE_SIGNING_KEY, or move {home}/keys/gatekeeper.pem aside and `lockgate up` "
+                              "makes one)")
+        if data.keys.get(kid) != public_pem(public).decode():
+            data.keys[kid] = public_pem(public).decode()
+            _write_trust_file(p, data)
+        return kid
 
 
 def load_public_key(path: str | Path) -> Ed25519PublicKey:
@@ -542,18 +541,19 @@ def trust_person(path: str | Path, name: str, public: Ed25519PublicKey, roles: I
     if tenants and "approver" not in roles:
         raise ConfigError(f"--tenant scopes the releases a person reviews, and {name} would not review: add "
                           "--role approver")
-    data = read_trust_file(p)
-    kid = key_id(public)
-    if kid in data.revoked:
-        raise ConfigError(f"key {kid} is revoked in {p}; {name} needs a new identity (`lockgate identity create`)")
-    if kid in data.keys or kid in data.retired:
-        raise ConfigError(f"key {kid} is a decision-signing key in {p}; a person needs a key of their own")
-    holder = next((n for n, person in data.people.items() if person.key_id == kid and n != name), None)
-    if holder is not None:
-        raise ConfigError(f"key {kid} already belongs to {holder!r} in {p}; one key speaks for one person")
-    data.people[name] = Person(key_id=kid, key=public_pem(public).decode(), roles=roles, tenants=tenants)
-    _write_trust_file(p, data)
-    return kid
+    with filelock.locked(p):
+        data = read_trust_file(p)
+        kid = key_id(public)
+        if kid in data.revoked:
+            raise ConfigError(f"key {kid} is revoked in {p}; {name} needs a new identity (`lockgate identity create`)")
+        if kid in data.keys or kid in data.retired:
+            raise ConfigError(f"key {kid} is a decision-signing key in {p}; a person needs a key of their own")
+        holder = next((n for n, person in data.people.items() if person.key_id == kid and n != name), None)
+        if holder is not None:
+            raise ConfigError(f"key {kid} already belongs to {holder!r} in {p}; one key speaks for one person")
+        data.people[name] = Person(key_id=kid, key=public_pem(public).decode(), roles=roles, tenants=tenants)
+        _write_trust_file(p, data)
+        return kid
 
 
 def undo_grant(path: str | Path, before: TrustFile | None, *, kid: str = "", person: str = "") -> None:
@@ -561,46 +561,49 @@ def undo_grant(path: str | Path, before: TrustFile | None, *, kid: str = "", per
     entry is put back as the trust file `before` held it (None: there was no file), so whatever else changed since
     stays (a revocation made meanwhile above all); a file the grant created is removed if it holds nothing else."""
     p = Path(path)
-    data = read_trust_file(p)
-    entries: dict[str, Any] = data.people if person else data.keys
-    key = person or kid
-    had = ((before.people if person else before.keys).get(key)) if before is not None else None
-    if entries.get(key) == had:
-        return
-    if had is None:
-        entries.pop(key, None)
-    else:
-        entries[key] = had
-    if before is None and data == TrustFile():
-        p.unlink(missing_ok=True)
-        return
-    _write_trust_file(p, data)
+    with filelock.locked(p):
+        data = read_trust_file(p)
+        entries: dict[str, Any] = data.people if person else data.keys
+        key = person or kid
+        had = ((before.people if person else before.keys).get(key)) if before is not None else None
+        if entries.get(key) == had:
+            return
+        if had is None:
+            entries.pop(key, None)
+        else:
+            entries[key] = had
+        if before is None and data == TrustFile():
+            p.unlink(missing_ok=True)
+            return
+        _write_trust_file(p, data)
 
 
 def revoke_person(path: str | Path, name: str) -> str:
     """Revoke a person's key (kept listed, so what they signed still names them); returns the key id."""
     p = Path(path)
-    data = read_trust_file(p)
-    person = data.people.get(name)
-    if person is None:
-        known = ", ".join(sorted(data.people)) or "none"
-        raise ConfigError(f"{name!r} is not a person in {p} (people: {known})")
-    if person.key_id not in data.revoked:
-        data.revoked.append(person.key_id)
-        _write_trust_file(p, data)
-    return person.key_id
+    with filelock.locked(p):
+        data = read_trust_file(p)
+        person = data.people.get(name)
+        if person is None:
+            known = ", ".join(sorted(data.people)) or "none"
+            raise ConfigError(f"{name!r} is not a person in {p} (people: {known})")
+        if person.key_id not in data.revoked:
+            data.revoked.append(person.key_id)
+            _write_trust_file(p, data)
+        return person.key_id
 
 
 def revoke_key(path: str | Path, kid: str) -> None:
     """Revoke a key id in a trust file (it leaked): everything it signed is refused from the next verification on,
     the audit rows it signed included. A retired key found leaked later is revoked alike."""
     p = Path(path)
-    data = read_trust_file(p)
-    data.keys.pop(kid, None)
-    data.retired.pop(kid, None)
-    if kid not in data.revoked:
-        data.revoked.append(kid)
-    _write_trust_file(p, data)
+    with filelock.locked(p):
+        data = read_trust_file(p)
+        data.keys.pop(kid, None)
+        data.retired.pop(kid, None)
+        if kid not in data.revoked:
+            data.revoked.append(kid)
+        _write_trust_file(p, data)
 
 
 def retire_key(path: str | Path, kid: str, *, until_seq: int, at: datetime | None = None) -> Retirement:
@@ -608,25 +611,26 @@ def retire_key(path: str | Path, kid: str, *, until_seq: int, at: datetime | Non
     rows up to `until_seq`) still verifies as history, but it admits and signs nothing new. Retiring it again
     only raises `until_seq` (rows chained while it was being retired). Returns the retirement recorded."""
     p = Path(path)
-    data = read_trust_file(p)
-    if kid in data.retired:
-        was = data.retired[kid]
-        if until_seq > was.until_seq:
-            data.retired[kid] = was = msgspec.structs.replace(was, until_seq=until_seq)
-            _write_trust_file(p, data)
-        return was
-    if kid in data.revoked:
-        raise ConfigError(f"key {kid} is revoked in {p} (leaked): what it signed is refused for good, not retired")
-    if kid not in data.keys:
-        known = ", ".join(sorted(data.keys)) or "none"
-        raise ConfigError(f"key {kid} is not a trusted decision key in {p} (trusted: {known})")
-    if len(data.keys) == 1:
-        raise ConfigError(f"key {kid} is the only decision key trusted in {p}: trust its successor first "
-                          "(`lockgate gate trust new.pem`) and give the gatekeepers that key")
-    retirement = Retirement(key=data.keys.pop(kid), at=_utc(at or datetime.now(UTC)), until_seq=until_seq)
-    data.retired[kid] = retirement
-    _write_trust_file(p, data)
-    return retirement
+    with filelock.locked(p):
+        data = read_trust_file(p)
+        if kid in data.retired:
+            was = data.retired[kid]
+            if until_seq > was.until_seq:
+                data.retired[kid] = was = msgspec.structs.replace(was, until_seq=until_seq)
+                _write_trust_file(p, data)
+            return was
+        if kid in data.revoked:
+            raise ConfigError(f"key {kid} is revoked in {p} (leaked): what it signed is refused for good, not retired")
+        if kid not in data.keys:
+            known = ", ".join(sorted(data.keys)) or "none"
+            raise ConfigError(f"key {kid} is not a trusted decision key in {p} (trusted: {known})")
+        if len(data.keys) == 1:
+            raise ConfigError(f"key {kid} is the only decision key trusted in {p}: trust its successor first "
+                              "(`lockgate gate trust new.pem`) and give the gatekeepers that key")
+        retirement = Retirement(key=data.keys.pop(kid), at=_utc(at or datetime.now(UTC)), until_seq=until_seq)
+        data.retired[kid] = retirement
+        _write_trust_file(p, data)
+        return retirement
 
 
 def ensure_signer_trusted(settings: Settings) -> Signer:

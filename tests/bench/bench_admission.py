@@ -54,7 +54,7 @@ async def main() -> dict[str, float]:
                           "rate_limits": [{"tenant": "acme", "rpm": 10**9, "tpm": 10**12}]})
     for counter in ("day", "keys.k1"):  # warm allowances: the hot path never leases here
         a = Allowance()
-        a.add(Amount(10**18, 10**18), now=time.monotonic(), lease_s=3600)
+        a.add(Amount(10**18, 10**18), now=time.monotonic(), lease_s=3600, keep=Amount(10**18, 10**18))
         budgets.allowances[f"{counter}.{period_id('day', budgets.wall())}"] = a
     out["admit_settle_2_budgets_rate_limit_us"] = await _per_call_us(budgets, body, False)
     cached = _admission({"cache": {"deployments": {"faq": {"ttl_s": 60}}}})

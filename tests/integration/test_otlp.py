@@ -36,6 +36,7 @@ from lockgate.codec import Codec
 from lockgate.config import Settings
 from lockgate.contracts import SpanBatch
 from lockgate.server.apikeys import Bootstrap, KeyStore, bootstrap
+from lockgate.services.otlp.bodies import BodyPace, BodySlots
 from lockgate.services.query.traces import trace
 from lockgate.store import Store
 from tests.helpers import eventually
@@ -749,8 +750,8 @@ async def test_bodies_being_received_are_bounded_in_number_and_time(
     # long as they liked (the decode slot is taken once the body is in). Now at most MAX_BODIES bodies are being
     # received (past them: 503, retry), and one that does not arrive within its time is dropped (408).
     otlp = (await run_services("otlp"))["otlp"]
-    otlp.http._bodies = asyncio.Semaphore(1)
-    otlp.http.body_read_s = 0.5
+    otlp.http.slots = BodySlots(1, 1)
+    otlp.http.pace = BodyPace(total_s=0.5)
     url = otlp.endpoints["otlp-http"]
     host, port = url.split("//", 1)[1].split(":")
     reader, writer = await asyncio.open_connection(host, int(port))

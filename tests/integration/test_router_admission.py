@@ -223,6 +223,48 @@ async def test_1000_concurrent_requests_on_two_replicas_overshoot_at_most_one_re
     assert (await counter(a.ctx.bus, f"small.{_today()}")).usd == spent(usages)
 
 
+async def test_steady_traffic_on_one_replica_holds_one_chunk_and_leaves_the_budget_to_the_others(
+        settings: Settings, store: Store, stack: Stack, sim: SimServer, tmp_path: Path) -> None:
+    # Found by a probe (p38 F1). Under steady traffic an expired allowance that covered every request was topped up
+    # by a whole chunk (lease_fraction of the limit) at each expiry, and the sweep never found it expired: one
+    # replica's counter reached the limit while little was spent, and every other replica got 429 budget_exceeded.
+    r = reservation()
+    limit, fraction, lease_s = 60 * r.usd, 0.05, 60.0  # a chunk is 3 reservations
+    chunk = math.ceil(limit * fraction)
+    s = settings.replace(stable_upstream=sim.url, passthrough=True, deployment="chat",
+                         gateway_file=gateway(tmp_path, budgets={"hoard": {"tenant": "acme", "usd": limit / NANO}},
+                                              lease_fraction=fraction, lease_s=lease_s,
+                                              cache={"deployments": {"chat": {"ttl_s": 10**6}}}))
+    keys = bootstrap(s.home, tenant="acme", app="shop")
+    a = await stack.add(s, store, "router-a")
+    b = await stack.add(s, store, "router-b")
+    now = [0.0]  # replica A's clock: the test moves it half a lease at a time, as its sweep runs (Admission.run)
+    a.admission.clock = lambda: now[0]
+    ca, key = client(a, keys.app_key), f"hoard.{_today()}"
+    # A burst first: 20 requests at once lease several chunks, which settle back into A's allowance.
+    usages = [u.usage for u in await asyncio.gather(*(ask(ca, f"burst {i}") for i in range(20)))]
+    usages.append((await ask(ca, temperature=0)).usage)  # the answer the cache hits below replay
+    held = []
+    for _ in range(2 * 24):  # 24 lease periods of steady traffic on A: one call and three cache hits a step
+        now[0] += lease_s / 2
+        usages.append((await ask(ca)).usage)
+        for _ in range(3):
+            hit = await ca.chat.completions.with_raw_response.create(
+                model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=MAX_TOKENS, temperature=0)
+            assert hit.headers["x-lockgate-cache"] == "hit"
+        await a.admission.return_expired()  # the sweep of this half lease
+        held.append((await counter(a.ctx.bus, key)).usd - spent(usages))  # what A holds unreserved
+    before = await read_budgets(a.ctx.bus, a.admission.budgets, datetime.now(UTC))
+    answer = await ask(client(b, keys.app_key))  # before: 429 "more than the 0.000000 USD left"
+    assert answer.choices[0].message.content == ANSWER
+    # The counter stayed at the spend plus at most one chunk held by A, whatever the burst leased.
+    assert max(held) <= chunk, (held, chunk)
+    assert before[0]["usd_used"] <= round((spent(usages) + chunk) / NANO, 6) < limit / NANO
+    for router in (a, b):
+        await router.admission.return_expired(force=True)
+    assert (await counter(a.ctx.bus, key)).usd == spent([*usages, answer.usage])
+
+
 async def test_a_budget_whose_limit_changed_from_usd_to_tokens_still_admits(
         settings: Settings, store: Store, stack: Stack, sim: SimServer, tmp_path: Path) -> None:
     # Before: the counter kept the day's USD spend while the edited budget no longer limited USD (its
@@ -641,6 +683,23 @@ async def test_embeddings_are_cached_on_a_deployment_that_opted_in(settings: Set
         model=MODEL, messages=[{"role": "user", "content": "what is the refund policy?"}], max_tokens=MAX_TOKENS)
         for _ in range(2)]
     assert [a.headers.get("x-lockgate-cache") for a in chat] == [None, None] and sim.requests[MODEL] == 3
+
+
+async def test_a_responses_turn_of_a_conversation_is_never_answered_from_the_cache(
+        settings: Settings, store: Store, stack: Stack, sim: SimServer, tmp_path: Path) -> None:
+    # Before (probe p38 F2): the second identical turn of a `conversation` was a hit, with the first answer's
+    # response id and usage: the upstream never saw the turn, so the conversation lacked it from then on.
+    router, keys, sub = await _caching(settings, store, stack, sim, tmp_path, "faq", 60)
+    await sub.unsubscribe()
+    c = client(router, keys.app_key)
+    turns = [await c.responses.with_raw_response.create(model=MODEL, input="and then?", temperature=0,
+                                                        conversation="conv_1", max_output_tokens=MAX_TOKENS)
+             for _ in range(2)]
+    assert [t.headers.get("x-lockgate-cache") for t in turns] == [None, None] and sim.requests[MODEL] == 2
+    # Without one, the same turn is cached as ever.
+    plain = [await c.responses.with_raw_response.create(model=MODEL, input="and then?", temperature=0,
+                                                        max_output_tokens=MAX_TOKENS) for _ in range(2)]
+    assert [t.headers.get("x-lockgate-cache") for t in plain] == ["miss", "hit"] and sim.requests[MODEL] == 3
 
 
 class _HoldingUpstream(ChatUpstream):

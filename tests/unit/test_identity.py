@@ -262,3 +262,20 @@ def test_identity_show_says_the_trust_files_view_as_json(settings: Settings) -> 
     trust_person(trust_file_path(settings), "ann", ann.signer.public, roles=("approver",))
     known = json.loads(CliRunner().invoke(cli, ["identity", "show", "--json"], env=env).stdout)
     assert (known["trusted"], known["roles"], known["tenants"]) == (True, ["approver"], [])
+
+
+def test_an_identity_name_with_a_slash_is_refused_in_one_line_and_no_key_is_written_or_read(settings: Settings) -> None:
+    # Before (probe p37): `identity create 'a/../../pwned'` wrote the private key outside identities/, to
+    # {home}/pwned.key, and `--as` such a name signed with whatever key file it led to.
+    elsewhere = Path(settings.home) / "pwned.key"
+    Signer.load_or_create(elsewhere)
+    env, folder = {"LOCKGATE_HOME": settings.home}, Path(settings.home) / "identities"
+    for args in (["identity", "create", "a/../../pwned"], ["--as", "a/../../pwned", "identity", "show"],
+                 ["identity", "create", "team/alice"]):
+        refused = CliRunner().invoke(cli, args, env=env)
+        name = args[2] if args[0] == "identity" else args[1]
+        assert (refused.exit_code, refused.output) == (2, f"error: invalid identity {name!r}: an identity's name has "
+                                                          f"no / (it names its key files in {folder})\n"), refused.output
+    assert sorted(p.name for p in Path(settings.home).rglob("*")) == ["pwned.key"]
+    made = CliRunner().invoke(cli, ["identity", "create", "alice.b@x"], env=env)  # the rest of the grammar still is
+    assert made.exit_code == 0 and (Path(settings.home) / "identities" / "alice.b@x.key").is_file(), made.output

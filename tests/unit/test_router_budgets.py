@@ -32,6 +32,7 @@ from lockgate.services.router.budgets import (
     grant,
     input_estimate,
     lease_ask,
+    lease_chunk,
     most_output,
     parse_counter_key,
     period_id,
@@ -270,7 +271,7 @@ def test_an_over_budget_refusal_never_says_a_request_needs_more_than_is_left_whe
     adm = Admission(Settings(gateway_file=str(tmp_path / "gateway.yaml")), None)
     (b,) = adm.budgets
     adm.allowances["c"] = Allowance()
-    adm.allowances["c"].add(Amount(0, 1000), now=0.0, lease_s=5.0)
+    adm.allowances["c"].add(Amount(0, 1000), now=0.0, lease_s=5.0, keep=Amount(0, 1000))
     # 4,000 leased, 1,000 of it held here unreserved: 2,000 left, so a request of 3,000 does not fit now.
     refused = adm._over_budget(b, "c", Amount(0, 3000), Amount(0, 4000), "m", 2900, NOW)
     assert refused.code == "budget_exceeded" and int(refused.headers["Retry-After"]) > 0
@@ -291,27 +292,44 @@ def test_grant_never_takes_the_counter_past_the_limit() -> None:
     assert grant(Counter(leased=Amount(90, 0)), limit, Amount(30, 0), Amount(10, 0)) == Amount(10, 0)
 
 
-def test_lease_asks_a_share_of_the_limit_or_what_is_lacking() -> None:
-    assert lease_ask(Amount(1000, 0), Amount(3, 0), 0.05) == Amount(50, 0)
-    assert lease_ask(Amount(1000, 0), Amount(70, 0), 0.05) == Amount(70, 0)
+def test_lease_tops_the_allowance_up_to_one_chunk_or_asks_what_is_lacking() -> None:
+    chunk = lease_chunk(Amount(1000, 0), 0.05)
+    assert chunk == Amount(50, 0)
+    assert lease_ask(chunk, ZERO, Amount(3, 0)) == Amount(50, 0)
+    assert lease_ask(chunk, ZERO, Amount(70, 0)) == Amount(70, 0)
+    # 40 held, the request needs 45: 10 more makes a chunk (before, probe p38 F1: 50 more, 90 held).
+    assert lease_ask(chunk, Amount(40, 0), Amount(5, 0)) == Amount(10, 0)
+    assert lease_ask(chunk, Amount(-4, 0), Amount(14, 0)) == Amount(54, 0)  # a deficit is paid, then a chunk
 
 
 def test_allowance_takes_settles_and_returns() -> None:
     a = Allowance()
     assert not a.take(Amount(1, 0), now=0.0)  # nothing leased yet
     assert a.lacking(Amount(10, 0)) == Amount(10, 0)
-    a.add(Amount(50, 0), now=0.0, lease_s=5.0)
+    a.add(Amount(50, 0), now=0.0, lease_s=5.0, keep=Amount(50, 0))
     assert a.take(Amount(20, 0), now=1.0) and a.available == Amount(30, 0)
     a.credit(Amount(20, 0) - Amount(5, 0))  # the call used 5 of its 20
     assert a.available == Amount(45, 0)
-    assert a.surrender(now=4.0) == ZERO  # still live
-    assert not a.take(Amount(1, 0), now=5.0)  # expired: a fresh lease first
+    assert a.surrender(now=4.0) == ZERO  # still live, within its chunk
+    assert not a.take(Amount(1, 0), now=5.0)  # expired: the hot path leaves it to the lease path
     assert a.surrender(now=5.0) == Amount(45, 0) and a.available == ZERO
+
+
+def test_an_expired_allowance_that_covers_a_request_is_renewed_and_a_live_one_keeps_one_chunk() -> None:
+    a = Allowance()
+    a.add(Amount(50, 0), now=0.0, lease_s=5.0, keep=Amount(50, 0))
+    assert not a.renew(Amount(60, 0), now=6.0, lease_s=5.0)  # more than it holds: a lease
+    assert a.renew(Amount(10, 0), now=6.0, lease_s=5.0) and a.available == Amount(40, 0)
+    assert a.expires == 11.0 and a.surrender(now=10.0) == ZERO  # live again, nothing leased
+    a.credit(Amount(35, 0))  # settlements gave back more than one chunk's worth
+    assert a.surrender(now=10.0) == Amount(25, 0) and a.available == Amount(50, 0)
+    a.credit(Amount(-60, 0))
+    assert a.surrender(now=10.0) == ZERO  # a live deficit waits for the next lease to charge it
 
 
 def test_a_call_over_its_reservation_leaves_a_deficit_the_next_lease_pays() -> None:
     a = Allowance()
-    a.add(Amount(10, 0), now=0.0, lease_s=5.0)
+    a.add(Amount(10, 0), now=0.0, lease_s=5.0, keep=Amount(10, 0))
     assert a.take(Amount(10, 0), now=0.0)
     a.credit(Amount(10, 0) - Amount(14, 0))  # it cost 14
     assert a.available == Amount(-4, 0)
@@ -441,6 +459,19 @@ def test_the_temperature_rule_is_for_operations_that_sample(operation: str, cach
     were never cached; an embedding is the same for the same input."""
     for body in ({"model": "m", "input": "refunds?"}, {"model": "m", "input": "refunds?", "temperature": 0.7}):
         assert (request_key("t", "a", "d", "r", operation, body, ZERO_T) is not None) is cached
+
+
+@pytest.mark.parametrize(("extra", "cached"), [
+    ({"conversation": "conv_1"}, False), ({"conversation": {"id": "conv_1"}}, False), ({"conversation": None}, True),
+    ({"background": True}, False), ({"background": False}, True),
+    ({"prompt": {"id": "pmpt_1"}}, False), ({"prompt": {"id": "pmpt_1", "version": "2"}}, True),
+    ({"previous_response_id": "resp_1"}, True),  # a stored response does not change: the same answer
+])
+def test_a_request_naming_state_the_provider_changes_is_not_cached(extra: dict, cached: bool) -> None:
+    """Before (probe p38 F2): the same `conversation` request was answered from the cache, so the user's turn was
+    never added to the conversation and the answer was to its history as it was at the first request."""
+    body = {"model": "m", "input": "and then?", "temperature": 0, **extra}
+    assert (request_key("t", "a", "d", "r", "/responses", body, ZERO_T) is not None) is cached
 
 
 def test_one_body_sent_to_two_operations_has_two_keys() -> None:

@@ -32,6 +32,11 @@ CHARGED_OUTPUT_TOKENS = "lockgate.charged_output_tokens"
 # of its variant. The router measures that silence itself, so a client can neither fake it nor aim it at an arm.
 CLIENT_DISCONNECTED = "client_disconnected"
 UPSTREAM_UNANSWERED = "upstream_unanswered"
+# A request the router answered 503 because its own connections to the endpoint were all in use, or its tenant's share
+# of them (services/router/h1.py Slots): the router's capacity, no call was made, so no evidence of the release (as a
+# client's failure is: `client_failed`). Before, the wait for a connection slot ran on until the first-byte timeout
+# and was recorded as the upstream's silence, charged to a healthy release (probe p37 F1).
+ROUTER_BUSY = "router_busy"
 # A router event of a request its deployment's header route sent to the candidate (value "header"): a tester's
 # request (an admin key, or one the route names), not one the weight chose, so a judge of the weighted split can
 # tell it apart; a blue-green preview's only served traffic.
@@ -146,11 +151,12 @@ class InferenceEvent(Event, frozen=True, kw_only=True, tag="lockgate.inference",
         as its status; but for `_RELEASES_DOING`: the endpoint refused its credential, timed out or throttles). No
         evidence of what the release does: counted, any client could pick users that hash to a canary and fail it at
         will, so analysis, shadow comparisons and drift leave such events out (as Flagger's success rate counts only
-        5xx against a release)."""
+        5xx against a release). A request the router had no upstream connection for (`router_busy`) is left out
+        alike: no call was made, the capacity it lacked is the router's."""
         if self.status == "ok":
             return False
         e = self.error_type
-        return e == CLIENT_DISCONNECTED or (len(e) == 3 and e[0] == "4" and e.isdigit() and e not in _RELEASES_DOING)
+        return e in (CLIENT_DISCONNECTED, ROUTER_BUSY) or (len(e) == 3 and e[0] == "4" and e.isdigit() and e not in _RELEASES_DOING)
 
 
 def _count(value: str | None) -> int | None:

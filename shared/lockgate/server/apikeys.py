@@ -6,7 +6,7 @@ which is what keys made before the field existed decode to.
 The plaintext `lg-...` key is shown once (returned by `create`); `{home}/apikeys.json` (0600) keeps
 only its sha256, so a copy of the file does not let anyone call the router or the gRPC gateway.
 Services re-read the file when it changes, so a key created or revoked by the CLI takes effect on
-the next request without a restart.
+the next request without a restart. Commands change it one at a time (lockgate.filelock), so two at once both count.
 """
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ import hmac
 import os
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import msgspec
 
-from lockgate import documents
+from lockgate import documents, filelock
 from lockgate.contracts.names import NAME_RULE, is_name
 from lockgate.errors import ConfigError, LockgateError, NotFound
 from lockgate.ticks import Idle, ticking
@@ -165,14 +165,17 @@ class KeyStore:
         return found
 
     # writing
-    def _write(self, keys: list[ApiKey]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(f".tmp{os.getpid()}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(_encoder.encode(_File(keys=keys)))
-        os.replace(tmp, self.path)  # atomic: readers see the old file or the new one
-        self._stamp = None
+    @contextlib.contextmanager
+    def _changing(self) -> Iterator[list[ApiKey]]:
+        """The keys as the file holds them now, to change in place: written back when the block ends without an
+        error. The file's lock is held from the read to the write (filelock), so a change another command makes
+        meanwhile is read here, not overwritten: a revocation is never lost to a `keys create` running with it."""
+        with filelock.locked(self.path):
+            self._stamp = None  # read under the lock, whatever was read before it
+            keys = self.keys()
+            yield keys
+            filelock.replace(self.path, _encoder.encode(_File(keys=keys)))
+            self._stamp = None
 
     def create(self, tenant: str, app: str, role: str = "app", description: str = "",
                deployments: Iterable[str] = ()) -> tuple[str, ApiKey]:
@@ -188,30 +191,33 @@ class KeyStore:
         plain = PREFIX + secrets.token_urlsafe(32)
         rec = ApiKey(id=secrets.token_hex(6), hash=_digest(plain), tenant=tenant, app=app, role=role,  # type: ignore[arg-type]
                      created_at=time.time(), description=description, deployments=scope)
-        self._write([*self.keys(), rec])
+        with self._changing() as keys:
+            keys.append(rec)
         return plain, rec
 
     def rescope(self, key_id: str, deployments: Iterable[str]) -> tuple[ApiKey, ApiKey]:
         """Set the deployments a live key may use (empty: every one); (before, after). Services read the
         file again on their next request, so the key keeps working, within its new scope."""
-        keys = self.keys()
-        for i, k in enumerate(keys):
-            if k.id == key_id:
-                if k.revoked_at:
-                    raise ConfigError(f"API key {key_id!r} is revoked: create a new key instead")
-                keys[i] = msgspec.structs.replace(k, deployments=deployment_scope(k.role, deployments))
-                self._write(keys)
-                return k, keys[i]
-        raise NotFound(f"no API key with id {key_id!r} in {self.path}")
+        with self._changing() as keys:
+            i = self._index(keys, key_id)
+            if keys[i].revoked_at:
+                raise ConfigError(f"API key {key_id!r} is revoked: create a new key instead")
+            before = keys[i]
+            keys[i] = msgspec.structs.replace(before, deployments=deployment_scope(before.role, deployments))
+            return before, keys[i]
 
     def revoke(self, key_id: str) -> ApiKey:
         """Revoke a key by id (it stays listed, marked revoked)."""
-        keys = self.keys()
+        with self._changing() as keys:
+            i = self._index(keys, key_id)
+            keys[i] = msgspec.structs.replace(keys[i], revoked_at=keys[i].revoked_at or time.time())
+            return keys[i]
+
+    def _index(self, keys: list[ApiKey], key_id: str) -> int:
+        """Where the key of id `key_id` is in `keys` (NotFound if none is)."""
         for i, k in enumerate(keys):
             if k.id == key_id:
-                keys[i] = msgspec.structs.replace(k, revoked_at=k.revoked_at or time.time())
-                self._write(keys)
-                return keys[i]
+                return i
         raise NotFound(f"no API key with id {key_id!r} in {self.path}")
 
 
@@ -347,11 +353,7 @@ def _key_of(text: str) -> str:
 
 def _write_key(creds: Path, path: Path, plain: str) -> None:
     creds.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(f"{plain}\n")
-    os.replace(tmp, path)  # atomic: a reader sees the old file or the new one, never a half-written key
+    filelock.replace(path, f"{plain}\n".encode())  # a reader sees the old file or the new one, never half a key
 
 
 def read_credential(path: str | Path) -> str:
