@@ -10,6 +10,7 @@ from lockgate.server.apikeys import KeyStore
 from lockgate.server.httpguard import HttpLimits, app_runner
 from lockgate.server.service import Service, ServiceContext
 from lockgate.server.tls import grpc_credentials, listen_http, ssl_context
+from lockgate.services.otlp.bodies import otlp_limits
 from lockgate.services.otlp.ingest import Receiver
 from lockgate.services.otlp.transports import HttpApp, serve_grpc
 
@@ -22,7 +23,7 @@ class OtlpService(Service):
     def __init__(self, ctx: ServiceContext) -> None:
         super().__init__(ctx)
         self.receiver = Receiver(ctx.bus, KeyStore(ctx.settings.home), limits=EventLimits.from_settings(ctx.settings))
-        self.http = HttpApp(self.receiver)
+        self.http = HttpApp(self.receiver, otlp_limits(HttpLimits.from_settings(ctx.settings)))
         self._grpc: grpc.aio.Server | None = None
         self._http: web.AppRunner | None = None
         self._endpoints: dict[str, str] = {}

@@ -9,32 +9,30 @@ and a body must keep up a minimum rate, as well as arrive within its total time.
 
 from __future__ import annotations
 
-import asyncio
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from aiohttp import web
+import msgspec
 
-from lockgate.errors import UnreadableBody
-from lockgate.server.body import read_body
+from lockgate.server.httpguard import HttpLimits
 
 MAX_BODIES = 8  # 8 x 16 MiB held at most
 # One tenant's share: with the receiver to itself it still sends several exports at once (a Collector's
 # exporter runs a few in parallel), and the other half stays free for the other tenants.
 TENANT_BODIES = 4
 BODY_READ_S = 30.0  # the longest any body may take
-# After the first BODY_GRACE_S, a body must have arrived at MIN_BODY_RATE on average: each 16 KiB buys
-# a second more. A real exporter's body arrives in milliseconds; a trickle of bytes is cut at about 5 s
+# After the first BODY_GRACE_S, a body must have arrived at the servers' minimum rate (`http_body_min_rate`,
+# 16 KiB/s) on average. A real exporter's body arrives in milliseconds; a trickle of bytes is cut at about 5 s
 # (before, it held its slot the whole 30 s, and was re-sent at once).
 BODY_GRACE_S = 5.0
-MIN_BODY_RATE = 16 * 1024  # bytes a second (128 kbit/s)
 
 
-class BodyTooSlow(UnreadableBody):
-    """A request's body did not arrive in time: past its total time, or slower than the minimum rate."""
-
-    http_status = 408
+def otlp_limits(limits: HttpLimits) -> HttpLimits:
+    """The server's body limits (`read_body`'s), with OTLP's shorter times: an exporter's body arrives in
+    milliseconds, and each slot it holds is one of a few."""
+    return msgspec.structs.replace(limits, body_max_s=min(limits.body_max_s, BODY_READ_S),
+                                   body_grace_s=min(limits.body_grace_s, BODY_GRACE_S))
 
 
 class BodySlots:
@@ -69,42 +67,3 @@ class BodySlots:
             self.held[tenant] -= 1
             if self.held[tenant] <= 0:
                 del self.held[tenant]
-
-
-class BodyPace:
-    """How long a body may take: `total_s` at most, and past `grace_s`, `min_rate` bytes a second on average."""
-
-    def __init__(self, total_s: float = BODY_READ_S, grace_s: float = BODY_GRACE_S,
-                 min_rate: float = MIN_BODY_RATE) -> None:
-        self.total_s, self.grace_s, self.min_rate = total_s, grace_s, min_rate
-
-    def due(self, arrived: int) -> float:
-        """Seconds from the body's start by which it must be whole, given the bytes `arrived` so far."""
-        return min(self.total_s, self.grace_s + arrived / self.min_rate)
-
-    async def read(self, request: web.Request) -> bytes:
-        """The body (as `read_body`), or BodyTooSlow once it falls behind this pace."""
-        loop = asyncio.get_running_loop()
-        start = loop.time()
-        reading = asyncio.ensure_future(read_body(request))
-        try:
-            while True:
-                # Bytes as they arrive (decompressed, so a gzip body counts what it will hold); a wake-up at
-                # the time they allow, moved later by what arrived meanwhile.
-                await asyncio.wait({reading}, timeout=max(0.0, start + self.due(request.content.total_bytes)
-                                                          - loop.time()))
-                if reading.done():
-                    return reading.result()
-                arrived, elapsed = request.content.total_bytes, loop.time() - start
-                if elapsed >= self.due(arrived):
-                    raise self._too_slow(arrived, elapsed)
-        finally:
-            if not reading.done():
-                reading.cancel()
-                await asyncio.gather(reading, return_exceptions=True)
-
-    def _too_slow(self, arrived: int, elapsed_s: float) -> BodyTooSlow:
-        if elapsed_s >= self.total_s:
-            return BodyTooSlow(f"the request body did not arrive within {self.total_s:g} s")
-        return BodyTooSlow(f"the request body arrived too slowly: {arrived:,} bytes in {elapsed_s:.1f} s, and after "
-                           f"the first {self.grace_s:g} s a body must arrive at {self.min_rate / 1024:g} KiB/s or more")

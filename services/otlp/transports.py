@@ -19,10 +19,11 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import DESCRIPTOR,
 
 from lockgate.errors import BusUnavailable, InvalidEvent, LockgateError, UnreadableBody
 from lockgate.server.apikeys import AuthError, Forbidden
-from lockgate.server.body import closing
+from lockgate.server.body import closing, read_body
+from lockgate.server.httpguard import HttpLimits
 from lockgate.server.tls import bind_grpc, grpc_server
 from lockgate.services.otlp import wire
-from lockgate.services.otlp.bodies import BodyPace, BodySlots
+from lockgate.services.otlp.bodies import BodySlots
 from lockgate.services.otlp.ingest import Receiver
 
 log = logging.getLogger("lockgate.otlp")
@@ -73,10 +74,10 @@ class HttpApp:
     """OTLP/HTTP on `POST /v1/traces`, binary protobuf or JSON, gzip or not; the answer in the
     request's encoding. The key in `Authorization: Bearer ...` or `x-api-key`."""
 
-    def __init__(self, receiver: Receiver, slots: BodySlots | None = None, pace: BodyPace | None = None) -> None:
+    def __init__(self, receiver: Receiver, limits: HttpLimits, slots: BodySlots | None = None) -> None:
         self.receiver = receiver
         self.slots = slots or BodySlots()  # the bodies being received, a share of them each tenant's
-        self.pace = pace or BodyPace()  # how slowly a body may arrive
+        self.limits = limits  # how long and how slowly a body may arrive (`read_body`)
 
     def app(self) -> web.Application:
         """The aiohttp application."""
@@ -106,7 +107,7 @@ class HttpApp:
                 return closing(self._error(503, wire.UNAVAILABLE, busy, content_type,
                                            retry_after_s=self.receiver.retry_after_s))
             with self.slots.holding(key.tenant):
-                body = await self.pace.read(request)
+                body = await read_body(request, self.limits)
                 parse = wire.request_from_json if content_type == wire.JSON else wire.request_from_protobuf
                 # Parsed by the receiver, off the event loop (OTLP/JSON's parser takes seconds for 16 MiB).
                 reply = await self.receiver.export(key, functools.partial(parse, body))

@@ -13,6 +13,7 @@ from typing import Any
 
 import aiohttp
 import grpc
+import msgspec
 import pytest
 from google.rpc import error_details_pb2, status_pb2
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
@@ -36,7 +37,7 @@ from lockgate.codec import Codec
 from lockgate.config import Settings
 from lockgate.contracts import SpanBatch
 from lockgate.server.apikeys import Bootstrap, KeyStore, bootstrap
-from lockgate.services.otlp.bodies import BodyPace, BodySlots
+from lockgate.services.otlp.bodies import BodySlots
 from lockgate.services.query.traces import trace
 from lockgate.store import Store
 from tests.helpers import eventually
@@ -751,7 +752,7 @@ async def test_bodies_being_received_are_bounded_in_number_and_time(
     # received (past them: 503, retry), and one that does not arrive within its time is dropped (408).
     otlp = (await run_services("otlp"))["otlp"]
     otlp.http.slots = BodySlots(1, 1)
-    otlp.http.pace = BodyPace(total_s=0.5)
+    otlp.http.limits = msgspec.structs.replace(otlp.http.limits, body_max_s=0.5)
     url = otlp.endpoints["otlp-http"]
     host, port = url.split("//", 1)[1].split(":")
     reader, writer = await asyncio.open_connection(host, int(port))

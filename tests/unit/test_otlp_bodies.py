@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from lockgate.services.otlp.bodies import BodyPace, BodySlots
+from lockgate.server.httpguard import HttpLimits
+from lockgate.services.otlp.bodies import BodySlots, otlp_limits
 
 
 def test_a_tenant_takes_its_share_and_the_rest_stays_for_the_others() -> None:
@@ -22,6 +23,11 @@ def test_a_share_is_at_least_one_slot_and_at_most_all(slots: int, per_tenant: in
     assert BodySlots(slots, per_tenant).per_tenant == share
 
 
-@pytest.mark.parametrize(("arrived", "due"), [(0, 5.0), (16 * 1024, 6.0), (160 * 1024, 15.0), (10**9, 30.0)])
-def test_each_16_kib_buys_a_second_past_the_grace_up_to_the_total(arrived: int, due: float) -> None:
-    assert BodyPace(total_s=30.0, grace_s=5.0, min_rate=16 * 1024).due(arrived) == pytest.approx(due)
+def test_otlp_bodies_take_the_servers_limits_with_shorter_times() -> None:
+    server = HttpLimits(head_s=75, body_grace_s=10, body_min_rate=16384, body_max_s=300, body_bytes=1 << 28,
+                        max_connections=0)
+    otlp = otlp_limits(server)
+    assert (otlp.body_max_s, otlp.body_grace_s, otlp.body_min_rate, otlp.body_bytes) == (30.0, 5.0, 16384, 1 << 28)
+    tighter = otlp_limits(HttpLimits(**{**{f: getattr(server, f) for f in server.__struct_fields__},
+                                        "body_max_s": 10, "body_grace_s": 1}))
+    assert (tighter.body_max_s, tighter.body_grace_s) == (10, 1)  # an operator's tighter ones stand

@@ -62,13 +62,14 @@ class _Holding:
         self.bytes = 0
 
 
-async def read_body(request: web.Request) -> bytes:
+async def read_body(request: web.Request, limits: HttpLimits | None = None) -> bytes:
     """The body with its Content-Encoding undone (aiohttp undoes gzip and deflate), or UnreadableBody
     saying why not: aiohttp raises a bare exception for a corrupt stream, which handlers turned into a
     500 and a traceback in the log for what is the client's mistake, and answers a body over the app's
     `client_max_size` in plain text, not in the API's own error shape (BodyTooLarge, 413). BodyTooSlow (408)
-    and BodiesBusy (503) as the module says; every caller answers an UnreadableBody `closing`."""
-    limits = request.config_dict.get(LIMITS, _DEFAULT)
+    and BodiesBusy (503) as the module says; every caller answers an UnreadableBody `closing`. `limits`: the
+    server's (its app's, from httpguard.app_runner) unless a handler's own are tighter (the OTLP receiver's)."""
+    limits = limits or request.config_dict.get(LIMITS, _DEFAULT)
     most = request.client_max_size
     declared = request.content_length
     if declared is not None and declared > most and not request.headers.get("Content-Encoding"):
