@@ -23,8 +23,8 @@ def distinct_events(events: Sequence[InferenceEvent]) -> list[InferenceEvent]:
 
 def event_cost(e: InferenceEvent, price: ModelPrice) -> float:
     """What one inference event cost under `price`: its billed tokens (the worst case the router charged for a
-    call whose usage is unknown, as its budgets did)."""
-    return price.cost(*e.billed_tokens)
+    call whose usage is unknown, as its budgets did), prompt-cache writes at their write rates (as budgets.cost_of)."""
+    return price.cost(*e.billed_tokens, *e.billed_writes)
 
 
 class Priced(msgspec.Struct):

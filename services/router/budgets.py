@@ -309,9 +309,12 @@ def to_lower(req: ApiRequest, fields: Sequence[str], default_max_tokens: int,
             "default when neither the release nor the request sets one): lower n, or shorten the input")
 
 
-def cost_of(price: ModelPrice | None, input_tokens: int, output_tokens: int, cached_tokens: int = 0) -> Amount:
-    """Nano-USD (rounded up) and total tokens of a call; an unpriced model costs 0 USD."""
-    usd = 0 if price is None else math.ceil(price.cost(input_tokens, output_tokens, cached_tokens) * NANO)
+def cost_of(price: ModelPrice | None, input_tokens: int, output_tokens: int, cached_tokens: int = 0,
+            cache_write_tokens: int = 0, cache_write_1h_tokens: int = 0) -> Amount:
+    """Nano-USD (rounded up) and total tokens of a call; an unpriced model costs 0 USD. Prompt-cache writes (inside
+    `input_tokens`) at their write rates, as the cost accountant prices them (ModelPrice.cost)."""
+    usd = 0 if price is None else math.ceil(
+        price.cost(input_tokens, output_tokens, cached_tokens, cache_write_tokens, cache_write_1h_tokens) * NANO)
     return Amount(usd, input_tokens + output_tokens)
 
 

@@ -553,6 +553,8 @@ class Proxy:
                 input_tokens=rec.input_tokens,
                 output_tokens=rec.output_tokens,
                 cached_tokens=rec.cached_tokens,
+                cache_write_tokens=rec.cache_write_tokens,
+                cache_write_1h_tokens=rec.cache_write_1h_tokens,
                 latency_ms=rec.latency_ms,
                 ttft_ms=rec.ttft_ms,
                 status=rec.status,
@@ -756,6 +758,8 @@ class _Record:
 
     __slots__ = (
         "attributes",
+        "cache_write_1h_tokens",
+        "cache_write_tokens",
         "cached_tokens",
         "delivered",
         "earlier",
@@ -783,6 +787,7 @@ class _Record:
         self.error_type = ""
         self.delivered = False  # a stream's end marker (`[DONE]`) was written to the client
         self.input_tokens = self.output_tokens = self.cached_tokens = 0
+        self.cache_write_tokens = self.cache_write_1h_tokens = 0
         self.response_model = ""
         self.ttft_ms = self.latency_ms = 0.0
         self.out = Choices()  # every choice's text, tool calls and finish reason
@@ -876,6 +881,7 @@ class _Record:
                         op.chunk(payload, self)
         self.response_model = self.response_model or model
         self.input_tokens = self.output_tokens = self.cached_tokens = 0
+        self.cache_write_tokens = self.cache_write_1h_tokens = 0
         self.attributes.pop(USAGE_WARNING, None)
         self.attributes.pop(SERVICE_TIER, None)  # served at no tier: nothing was generated
 

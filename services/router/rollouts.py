@@ -1861,6 +1861,7 @@ def _pricer(settings: Settings) -> Callable[[InferenceEvent], float | None]:
 
     def price(e: InferenceEvent) -> float | None:
         rates = models.get(e.model) or models.get(e.response_model)
-        return None if rates is None else rates.cost(e.input_tokens, e.output_tokens, e.cached_tokens)
+        return None if rates is None else rates.cost(e.input_tokens, e.output_tokens, e.cached_tokens,
+                                                     e.cache_write_tokens, e.cache_write_1h_tokens)
 
     return price

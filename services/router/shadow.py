@@ -69,14 +69,15 @@ _spend = msgspec.json.Decoder(Spend)
 class _Answer:
     """What the candidate answered (the fields `parse_completion` fills)."""
 
-    __slots__ = ("attributes", "cached_tokens", "error_type", "input_tokens", "lines", "out", "output_tokens",
-                 "response_model", "status")
+    __slots__ = ("attributes", "cache_write_1h_tokens", "cache_write_tokens", "cached_tokens", "error_type",
+                 "input_tokens", "lines", "out", "output_tokens", "response_model", "status")
 
     def __init__(self) -> None:
         self.status, self.error_type = "ok", ""  # a stream's error event sets them (`parse_chunk`)
         self.lines = 0  # of a streamed answer, read so far
         self.response_model = ""
         self.input_tokens = self.output_tokens = self.cached_tokens = 0
+        self.cache_write_tokens = self.cache_write_1h_tokens = 0
         self.out = Choices()
         self.attributes: dict[str, str] = {}  # a usage warning (usage not believed)
 
@@ -226,7 +227,7 @@ class Shadow:
             if resp.status == 200 and (answer.input_tokens or answer.output_tokens) and \
                     USAGE_WARNING not in answer.attributes:
                 used = cost_of(self._price(target, req), answer.input_tokens, answer.output_tokens,
-                               answer.cached_tokens).usd
+                               answer.cached_tokens, answer.cache_write_tokens, answer.cache_write_1h_tokens).usd
         except aiohttp.ClientConnectorError as exc:
             status, error = "error", f"upstream_unreachable:{type(exc).__name__}"
             used = 0  # never connected: nothing was sent
@@ -258,7 +259,8 @@ class Shadow:
                 app=key.app, deployment=deployment, variant="shadow", release=target.release,
                 model=target.model or req.model, response_model=answer.response_model, provider=provider_name,
                 operation="chat", input_tokens=answer.input_tokens, output_tokens=answer.output_tokens,
-                cached_tokens=answer.cached_tokens, latency_ms=latency_ms, status=status,
+                cached_tokens=answer.cached_tokens, cache_write_tokens=answer.cache_write_tokens,
+                cache_write_1h_tokens=answer.cache_write_1h_tokens, latency_ms=latency_ms, status=status,
                 error_type=error, finish_reason=answer.finish_reason, prompt=last_user_text(req.messages),
                 response=answer.text if status == "ok" else None, user_hash=self.rollouts.user_hash(key.tenant, user),
                 session_id=session, key_id=key.id, attributes=_digested(answer.attributes, body, target))

@@ -180,6 +180,8 @@ def _usage(rec: _Record, usage: TokenUsage) -> None:
     rec.input_tokens, rec.output_tokens = usage.input_tokens, usage.output_tokens
     if usage.cached_tokens:
         rec.cached_tokens = usage.cached_tokens
+    if usage.cache_write_tokens:
+        rec.cache_write_tokens, rec.cache_write_1h_tokens = usage.cache_write_tokens, usage.cache_write_1h_tokens
     if usage.doubt:  # the event says so, and settlement charges the call's worst case (admission.settle)
         rec.attributes[USAGE_WARNING] = f"usage not believed: {usage.doubt}"
     else:

@@ -8,8 +8,9 @@ blocks and `tool` messages `tool_result` blocks in a user turn; consecutive turn
 merged (Anthropic wants user and assistant to alternate); `max_tokens` is required there, so a
 request without one gets DEFAULT_MAX_TOKENS. Responses: text blocks joined, `tool_use` blocks become
 `tool_calls`, stop reasons mapped (STOP_REASONS), usage mapped with `cache_read_input_tokens` as
-`prompt_tokens_details.cached_tokens` and every input token Anthropic counts apart (cache reads and
-cache writes) added to `prompt_tokens`, as OpenAI counts cached tokens inside the prompt.
+`prompt_tokens_details.cached_tokens`, cache writes as its `cache_write_tokens` (of them those kept an hour as
+`cache_write_1h_tokens`: lockgate's names, billed at their own rates), and every input token Anthropic counts apart
+(cache reads and cache writes) added to `prompt_tokens`, as OpenAI counts cached tokens inside the prompt.
 Streams: `StreamTranslator` turns Anthropic's SSE events into OpenAI chunks.
 """
 
@@ -162,17 +163,36 @@ def usage(u: Any) -> dict[str, Any]:
     count that is no token count (llmwire.token_count: negative, absurd, not a number) is passed on as it
     came in the sum's place, and `input_tokens` or `output_tokens` missing (or null) leaves its OpenAI count
     and the total out, for the router's reading of usage to refuse to believe it, never added up nor taken
-    for 0 (a missing input count charged a long prompt nothing)."""
+    for 0 (a missing input count charged a long prompt nothing). Cache writes are also told apart in the details
+    (cache_writes), as the reads are, for their own rates."""
     u = u if isinstance(u, dict) else {}
     cached = u.get("cache_read_input_tokens") or 0
+    written = u.get("cache_creation_input_tokens") or 0
     out: dict[str, Any] = {}
     if u.get("input_tokens") is not None:
-        out["prompt_tokens"] = _add(u["input_tokens"], cached, u.get("cache_creation_input_tokens") or 0)
+        out["prompt_tokens"] = _add(u["input_tokens"], cached, written)
     if u.get("output_tokens") is not None:
         out["completion_tokens"] = u["output_tokens"]
     if len(out) == 2:
         out["total_tokens"] = _add(out["prompt_tokens"], out["completion_tokens"])
-    return {**out, "prompt_tokens_details": {"cached_tokens": cached}}
+    details: dict[str, Any] = {"cached_tokens": cached}
+    writes, hour = cache_writes(written, u.get("cache_creation"))
+    if writes:  # only then: an answer that wrote no cache keeps OpenAI's shape
+        details.update(cache_write_tokens=writes, cache_write_1h_tokens=hour)
+    return {**out, "prompt_tokens_details": details}
+
+
+def cache_writes(total: Any, split: Any) -> tuple[int, int]:
+    """(cache writes, of them kept an hour) from Anthropic's `cache_creation_input_tokens` (`total`) and, since the
+    1-hour TTL came, its `cache_creation` split (`ephemeral_5m_input_tokens`, `ephemeral_1h_input_tokens`). A total
+    without the split is billed as 5-minute writes: Anthropic sends the split with every answer since 1-hour writes
+    exist, so a usage without it comes from an API (or a proxy of it) that has none; and this translation never
+    asks for a TTL (it sends no `cache_control`), whose default is 5 minutes. Counts that are none count 0."""
+    split = split if isinstance(split, dict) else {}
+    five = token_count(split.get("ephemeral_5m_input_tokens")) or 0
+    hour = token_count(split.get("ephemeral_1h_input_tokens")) or 0
+    # The total counts every write; a split that adds up to more (the total missing) stands for it.
+    return max(token_count(total) or 0, five + hour), hour
 
 
 def _add(*counts: Any) -> Any:

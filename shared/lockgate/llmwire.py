@@ -100,12 +100,15 @@ class TokenUsage(NamedTuple):
     output_tokens: int
     cached_tokens: int
     doubt: str
+    cache_write_tokens: int = 0  # prompt-cache writes inside the input (an Anthropic upstream's, anthropicwire.usage)
+    cache_write_1h_tokens: int = 0  # of them, those kept an hour
 
 
 def token_usage(input_name: str, input_value: Any, output_name: str, output_value: Any, details: Any,
                 total: Any = msgspec.UNSET, output_billed: bool = True) -> TokenUsage:
     """Usage counts as an upstream reported them, bounded (token_count); `details` is the input count's details
-    object, whose `cached_tokens` count at most the input (none is 0: the input then counts at the full rate).
+    object, whose `cached_tokens` count at most the input (none is 0: the input then counts at the full rate), and
+    its `cache_write_tokens` (of them `cache_write_1h_tokens`) at most the rest of it.
 
     Not believed (`doubt`): a count that is no token count (counted as 0), a `total` (`total_tokens`) that is
     none, and a count the operation bills that is missing (`msgspec.UNSET`; the output unless `output_billed` is
@@ -135,7 +138,17 @@ def token_usage(input_name: str, input_value: Any, output_name: str, output_valu
                 outputs = whole - inputs
             else:
                 inputs = whole - outputs
-    return TokenUsage(inputs, outputs, min(token_count(cached) or 0, inputs), "; ".join(doubts))
+    cached = min(token_count(cached) or 0, inputs)
+    writes, hour = _cache_writes(details, inputs - cached)
+    return TokenUsage(inputs, outputs, cached, "; ".join(doubts), writes, hour)
+
+
+def _cache_writes(details: Any, uncached: int) -> tuple[int, int]:
+    """(prompt-cache writes, of them kept an hour) in an input count's `details`, at most its `uncached` tokens."""
+    if not isinstance(details, dict):
+        return 0, 0
+    writes = min(token_count(details.get("cache_write_tokens")) or 0, uncached)
+    return writes, min(token_count(details.get("cache_write_1h_tokens")) or 0, writes)
 
 
 def _excerpt(value: Any) -> str:

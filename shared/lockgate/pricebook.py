@@ -21,18 +21,30 @@ class PriceBookError(ConfigError):
 
 
 class ModelPrice(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """USD per million tokens; cached input falls back to the input rate."""
+    """USD per million tokens; cached input falls back to the input rate, as does a prompt-cache write (Anthropic
+    bills one written for 5 minutes at 1.25x input, `cache_write_per_mtok`, and one written for an hour at 2x,
+    `cache_write_1h_per_mtok`, which falls back to the 5-minute rate)."""
 
     input_per_mtok: Rate
     output_per_mtok: Rate
     cached_input_per_mtok: Rate | None = None
+    cache_write_per_mtok: Rate | None = None
+    cache_write_1h_per_mtok: Rate | None = None
 
-    def cost(self, input_tokens: int, output_tokens: int, cached_tokens: int = 0) -> float:
-        """USD for one call: cached tokens at the cached rate, the rest of the input at the input rate."""
+    def cost(self, input_tokens: int, output_tokens: int, cached_tokens: int = 0, cache_write_tokens: int = 0,
+             cache_write_1h_tokens: int = 0) -> float:
+        """USD for one call: cached tokens at the cached rate, cache writes (`cache_write_tokens`, of which
+        `cache_write_1h_tokens` were written for an hour) at their write rates, the rest of the input at the input
+        rate. Reads and writes are counted inside `input_tokens` (as OpenAI counts cached tokens in the prompt), so
+        neither is charged beyond it."""
         cached = min(cached_tokens, input_tokens)
+        written = min(cache_write_tokens, input_tokens - cached)
+        hour = min(cache_write_1h_tokens, written)
         cached_rate = self.input_per_mtok if self.cached_input_per_mtok is None else self.cached_input_per_mtok
-        return ((input_tokens - cached) * self.input_per_mtok + cached * cached_rate
-                + output_tokens * self.output_per_mtok) / 1e6
+        write_rate = self.input_per_mtok if self.cache_write_per_mtok is None else self.cache_write_per_mtok
+        hour_rate = write_rate if self.cache_write_1h_per_mtok is None else self.cache_write_1h_per_mtok
+        return ((input_tokens - cached - written) * self.input_per_mtok + cached * cached_rate
+                + (written - hour) * write_rate + hour * hour_rate + output_tokens * self.output_per_mtok) / 1e6
 
 
 class PriceBook(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -1530,6 +1530,91 @@ async def test_usage_missing_a_count_or_with_a_total_that_is_none_is_charged_wor
     assert cost["cost_usd"] == pytest.approx(usd / 1e9, abs=1e-8)
 
 
+# An Anthropic answer that wrote a 100,000-token cached prefix for an hour, in the API versions that split the writes by
+# TTL: Anthropic bills the writes at 2x input (6.00/MTok for a 3.00 input rate), not 1x.
+CACHE_WRITE = {"input_tokens": 50, "cache_read_input_tokens": 0, "cache_creation_input_tokens": 100_000,
+               "cache_creation": {"ephemeral_5m_input_tokens": 0, "ephemeral_1h_input_tokens": 100_000}}
+
+
+def _anthropic_answer(_auth: str, body: dict[str, Any]) -> web.Response:
+    """An Anthropic Messages answer (or stream) whose usage reports the cache writes of CACHE_WRITE."""
+    msg = {"type": "message", "id": "msg_1", "model": body["model"], "role": "assistant", "stop_reason": "end_turn",
+           "content": [{"type": "text", "text": "cached"}], "usage": {**CACHE_WRITE, "output_tokens": 200}}
+    if not body.get("stream"):
+        return web.json_response(msg)
+    events = [{"type": "message_start", "message": {**msg, "content": [], "stop_reason": None,
+                                                    "usage": {**CACHE_WRITE, "output_tokens": 1}}},
+              {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+              {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "cached"}},
+              {"type": "content_block_stop", "index": 0},
+              {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 200}},
+              {"type": "message_stop"}]
+    return web.Response(body="".join(f"event: {e['type']}\ndata: {json.dumps(e)}\n\n" for e in events),
+                        content_type="text/event-stream")
+
+
+def _priced_as_anthropic(context: ServiceContext, tmp_path: Any) -> None:
+    """The services' settings with a price book pricing a model `m` as Anthropic prices Claude Sonnet 4 (cache
+    writes at 1.25x and 2x input) and one daily USD budget of tenant acme."""
+    (tmp_path / "prices.yaml").write_text(json.dumps({"version": "t", "currency": "USD", "models": {"m": {
+        "input_per_mtok": 3.0, "output_per_mtok": 15.0, "cache_write_per_mtok": 3.75, "cache_write_1h_per_mtok": 6.0}}}))
+    (tmp_path / "gateway.yaml").write_text(json.dumps({"budgets": {"daily": {"tenant": "acme", "usd": 100.0}}}))
+    context.settings = context.settings.replace(gateway_file=str(tmp_path / "gateway.yaml"),
+                                                price_book=str(tmp_path / "prices.yaml"))
+
+
+async def _cache_writing_call(gateway: Gateway, keys: Bootstrap, stream: bool) -> Any:
+    """The router, after one call of `m` to an Anthropic endpoint that answers with CACHE_WRITE's writes."""
+    async with FakeLLM("claude", ("answer", _anthropic_answer)) as up:
+        router = await gateway({"default": {"url": up.url, "provider": "anthropic"}})
+        async with client(router, keys) as c:
+            if stream:
+                chunks, error = await _read(await c.chat.completions.create(
+                    model="m", messages=MESSAGES, max_tokens=300, stream=True))
+                assert error is None
+                assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == "cached"
+            else:
+                done = await c.chat.completions.create(model="m", messages=MESSAGES, max_tokens=300)
+                assert (done.usage.prompt_tokens, done.usage.prompt_tokens_details.cache_write_tokens) == (
+                    100_050, 100_000)
+    return router
+
+
+# What Anthropic bills the call: 0.603150 USD. Before: 0.303150, the writes at the input rate.
+CACHE_WRITE_NANO_USD = math.ceil((50 * 3.0 + 100_000 * 6.0 + 200 * 15.0) / 1e6 * 1e9)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["answer", "stream"])
+async def test_anthropic_cache_writes_are_on_the_event_and_charged_at_their_rate_in_the_ledger(
+        gateway: Gateway, keys: Bootstrap, context: ServiceContext, events: Any, tmp_path: Any, run_services: Any,
+        store: Any, stream: bool) -> None:
+    # Found by a probe (p38 F3): the cache writes were folded into the input and charged at the input rate on the
+    # budget and the cost ledger alike, as the price book had no write rate and the event no count of them.
+    _priced_as_anthropic(context, tmp_path)
+    ledgers = await context.bus.nc.subscribe(context.bus.subjects.cost_ledger)
+    svcs = await run_services("sink", "cost")
+    await _cache_writing_call(gateway, keys, stream)
+    (event,) = await events(1)
+    assert (event.input_tokens, event.cache_write_tokens, event.cache_write_1h_tokens, event.output_tokens) == (
+        100_050, 100_000, 100_000, 200)
+    Codec(CostLedger).decode((await ledgers.next_msg(timeout=15)).data)
+    await sink_stored(svcs["sink"].handlers, cost_ledger=1)
+    await svcs["sink"].handlers.rows.wait_for(1)
+    (cost,) = await asyncio.to_thread(cost_rollup, store, ["tenant"])
+    assert cost["cost_usd"] == pytest.approx(CACHE_WRITE_NANO_USD / 1e9, abs=1e-8)
+    assert store.rows("SELECT cache_write_tokens, cache_write_1h_tokens FROM inference_events") == [
+        {"cache_write_tokens": 100_000, "cache_write_1h_tokens": 100_000}]
+
+
+@pytest.mark.xfail(strict=True, reason="the budget settlement (admission.py Admission._final) passes cost_of no cache "
+                   "writes: a one-line change in a file held by another fix; remove this mark with it")
+async def test_anthropic_cache_writes_are_charged_at_their_rate_on_the_budget(
+        gateway: Gateway, keys: Bootstrap, context: ServiceContext, tmp_path: Any) -> None:
+    _priced_as_anthropic(context, tmp_path)
+    router = await _cache_writing_call(gateway, keys, stream=False)
+    assert (await _counter(router, context)).usd == CACHE_WRITE_NANO_USD
+
+
 @pytest.mark.parametrize(("action", "stream", "error_type", "kept"), [
     ("chunk_then_error", True, "upstream_stream_error", True),
     ("chunk_then_garbage", True, "upstream_bad_chunk", True),

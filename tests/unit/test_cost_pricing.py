@@ -6,7 +6,9 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from lockgate.anthropicwire import usage as anthropic_usage
 from lockgate.contracts import InferenceEvent
+from lockgate.llmwire import Usage
 from lockgate.pricebook import load_price_book
 from lockgate.services.cost.domain import (
     ModelPrice,
@@ -16,6 +18,7 @@ from lockgate.services.cost.domain import (
     parse_price_book,
     price_events,
 )
+from lockgate.services.router.budgets import NANO, cost_of
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -131,3 +134,62 @@ def test_an_event_listed_twice_is_priced_once() -> None:
     assert distinct_events([a, b, a, b]) == [a, b]
     priced = price_events(distinct_events([a, a, b]), load_price_book(""))
     assert [e.event_id for e in priced.entries] == [a.id, b.id] and priced.records[0].calls == 2
+
+
+# Anthropic's usage of one call writing a 100,000-token cached prefix for an hour (probe p38 F3), in the API versions
+# that split the writes by TTL, and in the older ones that give their total alone (5-minute writes: no 1-hour ones).
+HOUR_WRITE = {"input_tokens": 50, "cache_creation_input_tokens": 100_000, "cache_read_input_tokens": 0,
+              "output_tokens": 200, "cache_creation": {"ephemeral_5m_input_tokens": 0,
+                                                       "ephemeral_1h_input_tokens": 100_000}}
+
+
+@pytest.mark.parametrize(("usage", "writes", "hour", "usd"), [
+    (HOUR_WRITE, 100_000, 100_000, (50 * 3.00 + 100_000 * 6.00 + 200 * 15.00) / 1e6),
+    ({**HOUR_WRITE, "cache_creation": {"ephemeral_5m_input_tokens": 60_000, "ephemeral_1h_input_tokens": 40_000}},
+     100_000, 40_000, (50 * 3.00 + 60_000 * 3.75 + 40_000 * 6.00 + 200 * 15.00) / 1e6),
+    ({k: v for k, v in HOUR_WRITE.items() if k != "cache_creation"}, 100_000, 0,
+     (50 * 3.00 + 100_000 * 3.75 + 200 * 15.00) / 1e6),
+    ({**HOUR_WRITE, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 100_000, "cache_creation": {}},
+     0, 0, (50 * 3.00 + 100_000 * 0.30 + 200 * 15.00) / 1e6),
+], ids=["1h-split", "5m-and-1h-split", "total-only-is-5m", "reads-only"])
+def test_anthropic_cache_writes_are_priced_at_their_write_rates_by_budgets_and_the_ledger(
+        usage: dict, writes: int, hour: int, usd: float) -> None:
+    # Before: usage() folded the writes into prompt_tokens and nothing else, and the price book had no write
+    # rate: the 1h write was charged 0.303150 USD on budgets and the ledger where Anthropic bills 0.603150.
+    tokens = Usage(**anthropic_usage(usage)).tokens()
+    assert (tokens.input_tokens, tokens.cache_write_tokens, tokens.cache_write_1h_tokens) == (100_050, writes, hour)
+    assert not tokens.doubt
+    price = load_price_book().models["claude-sonnet-4"]
+    charged = cost_of(price, tokens.input_tokens, tokens.output_tokens, tokens.cached_tokens,
+                      tokens.cache_write_tokens, tokens.cache_write_1h_tokens)
+    assert charged.usd == pytest.approx(usd * NANO, abs=1)
+    event = InferenceEvent(app="a", model="claude-sonnet-4", input_tokens=tokens.input_tokens,
+                           output_tokens=tokens.output_tokens, cached_tokens=tokens.cached_tokens,
+                           cache_write_tokens=tokens.cache_write_tokens, cache_write_1h_tokens=tokens.cache_write_1h_tokens)
+    assert event_cost(event, price) == pytest.approx(usd)
+
+
+def test_write_rates_fall_back_to_the_input_rate_and_an_hour_to_five_minutes() -> None:
+    plain = ModelPrice(input_per_mtok=1.0, output_per_mtok=3.0)
+    assert plain.cost(1000, 0, 0, 600, 600) == pytest.approx(1000 * 1.0 / 1e6)
+    five = ModelPrice(input_per_mtok=1.0, output_per_mtok=3.0, cache_write_per_mtok=1.25)
+    assert five.cost(1000, 0, 0, 600, 200) == pytest.approx((400 * 1.0 + 600 * 1.25) / 1e6)
+    # Writes count inside the input, after the reads: never charged beyond it.
+    both = ModelPrice(input_per_mtok=1.0, output_per_mtok=3.0, cached_input_per_mtok=0.1, cache_write_per_mtok=1.25,
+                      cache_write_1h_per_mtok=2.0)
+    assert both.cost(1000, 0, 700, 900, 900) == pytest.approx((700 * 0.1 + 300 * 2.0) / 1e6)
+
+
+def test_the_shipped_price_book_gives_its_anthropic_models_their_write_rates() -> None:
+    for name, price in load_price_book().models.items():
+        if name.startswith("claude"):
+            assert price.cache_write_per_mtok == pytest.approx(price.input_per_mtok * 1.25), name
+            assert price.cache_write_1h_per_mtok == pytest.approx(price.input_per_mtok * 2), name
+
+
+def test_a_call_charged_its_worst_case_is_charged_no_write_premium() -> None:
+    # Its worst case is plain input (admission's reservation), as the router's budgets charged it.
+    e = InferenceEvent(app="a", input_tokens=10, cache_write_tokens=10, cache_write_1h_tokens=10,
+                       attributes={"lockgate.usage_unknown": "x", "lockgate.charged_input_tokens": "100",
+                                   "lockgate.charged_output_tokens": "5"})
+    assert (e.billed_tokens, e.billed_writes) == ((100, 5, 0), (0, 0))

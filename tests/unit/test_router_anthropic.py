@@ -73,7 +73,8 @@ def test_response_maps_text_tools_stop_reason_and_cached_usage() -> None:
     assert choice["message"]["tool_calls"] == [{"id": "toolu_1", "type": "function",
                                                 "function": {"name": "wx", "arguments": '{"city":"Paris"}'}}]
     assert out["usage"] == {"prompt_tokens": 45, "completion_tokens": 7, "total_tokens": 52,
-                            "prompt_tokens_details": {"cached_tokens": 30}}
+                            "prompt_tokens_details": {"cached_tokens": 30, "cache_write_tokens": 5,
+                                                      "cache_write_1h_tokens": 0}}
     assert (out["id"], out["model"], out["object"]) == ("msg_1", "claude-x", "chat.completion")
 
 

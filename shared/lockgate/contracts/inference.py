@@ -125,6 +125,12 @@ class InferenceEvent(Event, frozen=True, kw_only=True, tag="lockgate.inference",
     # own event says here is no evidence: only served events steer a rollout). Canary analysis judges each
     # key's requests apart, so one caller's traffic cannot dilute or outvote another's (router analysis.py).
     key_id: Annotated[str, msgspec.Meta(max_length=128, description="the router API key's id")] = ""
+    # Appended: prompt-cache writes (Anthropic's `cache_creation_input_tokens`), counted inside `input_tokens` as
+    # `cached_tokens` (the reads) are, and billed dearer than plain input: a write kept 5 minutes at 1.25x, one kept an
+    # hour (`cache_write_1h_tokens`, of these) at 2x (pricebook.ModelPrice). Before, a write counted as plain input
+    # only, and budgets and the cost ledger charged as little as half what Anthropic bills (probe p38 F3).
+    cache_write_tokens: Annotated[NonNeg, msgspec.Meta(description="gen_ai.usage.cache_creation.input_tokens")] = 0
+    cache_write_1h_tokens: Annotated[NonNeg, msgspec.Meta(description="cache writes kept for 1 hour")] = 0
 
     @property
     def cached(self) -> bool:
@@ -136,12 +142,23 @@ class InferenceEvent(Event, frozen=True, kw_only=True, tag="lockgate.inference",
     def billed_tokens(self) -> tuple[int, int, int]:
         """(input, output, cached input) tokens the call is billed for: its usage, or for a call whose usage is
         unknown (`lockgate.usage_unknown`) the worst case the router charged for it (`lockgate.charged_*`)."""
+        charged = self._charged()
+        return (*charged, 0) if charged else (self.input_tokens, self.output_tokens, self.cached_tokens)
+
+    @property
+    def billed_writes(self) -> tuple[int, int]:
+        """(prompt-cache writes, of them kept an hour) among `billed_tokens`' input: none for a call whose worst
+        case was charged (its input as plain input, as the router's budgets charged it)."""
+        return (0, 0) if self._charged() else (self.cache_write_tokens, self.cache_write_1h_tokens)
+
+    def _charged(self) -> tuple[int, int] | None:
+        """The (input, output) tokens the router charged for a call whose usage is unknown, else None."""
         if USAGE_UNKNOWN in self.attributes:
             tokens_in = _count(self.attributes.get(CHARGED_INPUT_TOKENS))
             tokens_out = _count(self.attributes.get(CHARGED_OUTPUT_TOKENS))
             if tokens_in is not None and tokens_out is not None:
-                return tokens_in, tokens_out, 0
-        return self.input_tokens, self.output_tokens, self.cached_tokens
+                return tokens_in, tokens_out
+        return None
 
     @property
     def client_failed(self) -> bool:
