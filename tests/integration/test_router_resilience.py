@@ -1606,8 +1606,6 @@ async def test_anthropic_cache_writes_are_on_the_event_and_charged_at_their_rate
         {"cache_write_tokens": 100_000, "cache_write_1h_tokens": 100_000}]
 
 
-@pytest.mark.xfail(strict=True, reason="the budget settlement (admission.py Admission._final) passes cost_of no cache "
-                   "writes: a one-line change in a file held by another fix; remove this mark with it")
 async def test_anthropic_cache_writes_are_charged_at_their_rate_on_the_budget(
         gateway: Gateway, keys: Bootstrap, context: ServiceContext, tmp_path: Any) -> None:
     _priced_as_anthropic(context, tmp_path)
