@@ -12,9 +12,12 @@ import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import msgspec
 import pytest
+import uvloop
 
 from lockgate.bus import Bus
+from lockgate.config import Settings
 from lockgate.server.apikeys import Bootstrap, bootstrap
 from lockgate.server.health import HealthServer
 from lockgate.server.httpguard import HttpLimits
@@ -236,3 +239,26 @@ async def test_accepts_failing_for_want_of_descriptors_are_shed_and_logged_once(
     finally:
         writer.close()
         await health.stop()
+
+
+def test_the_connection_cap_holds_on_uvloop_as_lockgate_up_and_serve_run() -> None:
+    # uvloop accepts in libuv, never through Python's socket: a cap counted in `socket.accept` (this fix's first
+    # form) let every connection in under `lockgate up` and `serve`, while the tests, on asyncio's loop, passed.
+    async def scenario() -> list[bytes]:
+        limits = msgspec.structs.replace(HttpLimits.from_settings(Settings()), max_connections=2)
+        health = HealthServer(lambda: [], "127.0.0.1", 0, limits=limits)
+        address = _address(await health.start())
+        held: list[asyncio.StreamWriter] = []
+        answers = []
+        try:
+            for _ in range(3):
+                reader, writer = await asyncio.open_connection(*address)
+                held.append(writer)
+                answers.append(await asyncio.wait_for(_request(reader, writer, "/livez"), SLACK_S))
+        finally:
+            for writer in held:
+                writer.close()
+            await health.stop()
+        return answers
+
+    assert uvloop.run(scenario()) == [b"HTTP/1.1 200 OK", b"HTTP/1.1 200 OK", b""]

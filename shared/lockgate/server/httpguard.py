@@ -10,18 +10,22 @@ and the router, cut off from the bus it could no longer answer, served every ten
 So a server made by `app_runner` closes a connection whose next request head is not whole within `head_s` of the
 connection's start or its previous answer (aiohttp's `keepalive_timeout`, which is exactly that deadline: it runs
 from the connection's start and from each answer, and closes a connection still waiting for a whole head); and
-`listen_http` (tls.py) listens on `Listener` sockets, which close at once a connection past the process's cap, so
-the process keeps descriptors for its bus, its upstreams and its files, and log a failed accept once in a while.
+`listen_http` (tls.py) serves `GuardedSite`s: a connection past the process's cap is closed as soon as it is made,
+so the process keeps descriptors for its bus, its upstreams and its files. Counted on aiohttp's servers (their
+`connections`), as the loop hands connections over: uvloop (`lockgate up`, `serve`) accepts in libuv, never through
+Python's socket. On asyncio's own loop a failed accept is logged once in a while (`Listener`); libuv sheds it itself.
 """
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import logging
 import os
 import resource
 import socket
 import time
+import weakref
 from typing import Any
 
 import msgspec
@@ -35,7 +39,6 @@ log = logging.getLogger("lockgate.http")
 # An accept that failed for want of descriptors or memory: asyncio logs each with a traceback, and Linux reports the
 # listening socket ready again at once (probe p37: 121,855 of them).
 _STARVED = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
-_REFUSED_PER_CALL = 64  # connections past the cap closed in one accept call, so a flood cannot hold the loop
 LOG_EVERY_S = 10.0
 
 
@@ -95,56 +98,69 @@ class Throttled:
         self._next, self._since = now + self.every_s, 0
 
 
-class _Open:
-    """The client connections every Listener of the process accepted and that are still open."""
-
-    count = 0
+# Every aiohttp server of the process a GuardedSite serves: their connections are the process's (the cap's).
+_SERVERS: weakref.WeakSet[web.Server] = weakref.WeakSet()
 
 
-class _Accepted(socket.socket):
-    """A connection a Listener accepted: counted until closed (asyncio's transport closes its socket)."""
+def open_connections() -> int:
+    """The client connections the process's lockgate HTTP servers hold now."""
+    return sum(len(server.connections) for server in _SERVERS)
 
-    counted = False
 
-    def close(self) -> None:
-        if self.counted:
-            self.counted = False
-            _Open.count -= 1
-        super().close()
+class _Refused(asyncio.Protocol):
+    """A connection past the cap: closed as soon as it is made, unanswered (the client may try another replica)."""
+
+    def __init__(self, cap: int, said: Throttled) -> None:
+        self.cap, self.said = cap, said
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        peer = transport.get_extra_info("peername")
+        transport.close()
+        self.said.warn("HTTP connection from %s closed at once: the process already holds %d (the cap, "
+                       "http_max_connections)", peer[0] if isinstance(peer, tuple) else peer, self.cap)
+
+
+class GuardedSite(web.SockSite):
+    """aiohttp's site on a bound socket, whose connections past `cap` (the process's, every server's) are closed as
+    soon as they are made, whatever the event loop."""
+
+    def __init__(self, runner: web.BaseRunner, sock: socket.socket, cap: int, **kwargs: Any) -> None:
+        super().__init__(runner, sock, **kwargs)
+        self.cap = cap
+        self.refused = Throttled()
+
+    async def start(self) -> None:
+        await web.BaseSite.start(self)  # registered with its runner, as SockSite.start does before it serves
+        server = self._runner.server
+        assert server is not None
+        _SERVERS.add(server)
+
+        def protocol() -> asyncio.BaseProtocol:
+            return _Refused(self.cap, self.refused) if open_connections() >= self.cap else server()
+
+        self._server = await asyncio.get_running_loop().create_server(
+            protocol, sock=self._sock, ssl=self._ssl_context, backlog=self._backlog)
 
 
 class Listener(socket.socket):
-    """A listening socket whose accept closes a connection past `cap` at once, and which gets through a want of
-    descriptors without asyncio's per-error log and busy retries: one line per interval, and the waiting
-    connection closed with a descriptor kept spare for that, so the backlog drains."""
+    """A listening socket that gets through a want of descriptors on asyncio's own loop without its per-error log
+    and busy retries: one line per interval, and the waiting connection closed with a descriptor kept spare for
+    that, so the backlog drains. (uvloop accepts in libuv, which does the same on its own.)"""
 
-    def __init__(self, family: int, kind: int, proto: int, cap: int) -> None:
+    def __init__(self, family: int, kind: int, proto: int) -> None:
         super().__init__(family, kind, proto)
-        self.cap = cap
-        self.refused = Throttled()
         self.starved = Throttled()
         self._spare = _spare()
 
     def accept(self) -> tuple[socket.socket, Any]:  # type: ignore[override]
-        """The next connection within the cap (BlockingIOError when none waits)."""
-        for _ in range(_REFUSED_PER_CALL):
-            try:
-                fd, address = self._accept()  # type: ignore[attr-defined]
-            except OSError as exc:
-                if exc.errno not in _STARVED:
-                    raise
-                self._shed(exc)
-                raise ConnectionAbortedError from None  # asyncio ends this round quietly; the next takes the next
-            conn = _Accepted(self.family, self.type, self.proto, fileno=fd)
-            if _Open.count < self.cap:
-                conn.counted = True
-                _Open.count += 1
-                return conn, address
-            conn.close()  # refused: the client sees its connection closed, and may try another replica
-            self.refused.warn("HTTP connection from %s closed at once: the process already holds %d (the cap, "
-                              "http_max_connections)", address[0] if isinstance(address, tuple) else address,
-                              self.cap)
-        raise ConnectionAbortedError  # more wait: taken on the loop's next round, after the others' work
+        """The next connection (BlockingIOError when none waits)."""
+        try:
+            return super().accept()
+        except OSError as exc:
+            if exc.errno not in _STARVED:
+                raise
+            self._shed(exc)
+            raise ConnectionAbortedError from None  # asyncio ends this round quietly; the next takes the next
 
     def close(self) -> None:
         if self._spare >= 0:
@@ -175,14 +191,14 @@ def _spare() -> int:
         return -1
 
 
-def listeners(host: str, port: int, cap: int) -> list[Listener]:
+def listeners(host: str, port: int) -> list[Listener]:
     """Bound Listener sockets for host:port, one per address it resolves to, as asyncio's create_server binds
     them (SO_REUSEADDR, IPv6 sockets IPv6 only); OSError as a bind raises it."""
     bound: list[Listener] = []
     try:
         infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
         for family, kind, proto, _, address in dict.fromkeys(infos):
-            sock = Listener(family, kind, proto, cap)
+            sock = Listener(family, kind, proto)
             bound.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if family == socket.AF_INET6:

@@ -20,7 +20,7 @@ from aiohttp import web
 
 from lockgate.config import Settings
 from lockgate.errors import ConfigError, PortInUse
-from lockgate.server.httpguard import LIMITS, listeners
+from lockgate.server.httpguard import LIMITS, GuardedSite, listeners
 
 log = logging.getLogger("lockgate.tls")
 
@@ -101,8 +101,8 @@ async def listen_http(runner: web.AppRunner, host: str, port: int, *, what: str,
         if limits is None:
             await web.TCPSite(runner, host, port, ssl_context=ssl_context, backlog=backlog).start()
             return
-        for sock in listeners(host, port, limits.connection_cap()):
-            await web.SockSite(runner, sock, ssl_context=ssl_context, backlog=backlog).start()
+        for sock in listeners(host, port):
+            await GuardedSite(runner, sock, limits.connection_cap(), ssl_context=ssl_context, backlog=backlog).start()
     except OSError as exc:
         raise _refused(what, host, port, flag, exc) from None
 
