@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import NamedTuple
 
@@ -46,12 +47,24 @@ class Stored(NamedTuple):
 
     @property
     def next_seq(self) -> int:
-        """The `seq` a decision stored over this one signs: above this decision's, and above every KV revision the
-        key had so far. The revision floor keeps the order rising over what carries none: a decision signed before
-        decisions carried one, a value that is no decision, a key deleted (its marker's revision). Above the
-        revision, it is above the `seq` of every decision stored under the key before (each one's is at most its
-        own revision), and the compare-and-set over `revision` stores one decision only per value it read."""
-        return max(self.decision.seq if self.decision is not None else 0, self.revision, self.deleted) + 1
+        """The `seq` a decision stored over this one signs: the signing clock in microseconds since the epoch, or one
+        above what the key holds if that is higher (a hybrid of a clock and a counter).
+
+        What the key holds: above this decision's `seq`, and above every KV revision the key had so far, which keeps
+        the order rising over what carries no `seq` (a decision signed before decisions carried one, a value that
+        is no decision, a key deleted: its marker's revision). With the compare-and-set over `revision`, which
+        stores one decision only per value it read, a release's decisions in one bucket rise whatever the clocks.
+
+        The clock, because what the key holds is not all there was: a gates bucket made anew (a lost store, a
+        restore from a backup) numbers from 1 and holds nothing of the release, so this signed 1, below every
+        decision a client had read, and the SDK refused the genuine BLOCK as a superseded one (probe p39 F2). No
+        store survives its own loss, the clock does: a decision made after is above every one made before unless a
+        gatekeeper's clock ran ahead of this one's by more than the time between them. Not the audit chain's `seq`:
+        its stream is lost and restored with the bucket, and a decision's row is chained after it is stored.
+        Microseconds since 1970 (1.8e15 now; exact in a JSON number until 2255) are above every `seq` and revision
+        a gatekeeper of before signed, so its decisions stay older than any signed now."""
+        floor = max(self.decision.seq if self.decision is not None else 0, self.revision, self.deleted)
+        return max(floor + 1, time.time_ns() // 1000)
 
 
 class UnorderedDecision(LockgateError):

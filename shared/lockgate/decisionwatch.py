@@ -108,9 +108,11 @@ def _place(decision: GateDecided) -> str:
 
 def order(decision: GateDecided) -> tuple[int, int, datetime]:
     """A decision's place among its release's decisions: by the `seq` the gatekeeper signed into it (each one above
-    the decision it was stored over), never by a clock. One without a seq (signed before decisions carried one) is
-    older than every one with a seq: once a client read a decision with one, no decision made before can pass for
-    newer, whatever time it carries. Only between two without one does the signed time decide, as it did then."""
+    the decision it was stored over, and one made over a gates bucket made anew above those made before, by the
+    gatekeeper's clock: its microseconds, Stored.next_seq), never by the signed time. One without a seq (signed
+    before decisions carried one) is older than every one with a seq: once a client read a decision with one, no
+    decision made before can pass for newer, whatever time it carries. Only between two without one does the signed
+    time decide, as it did then."""
     return (1, decision.seq, _NO_TIME) if decision.seq else (0, 0, decision.time)
 
 

@@ -108,3 +108,46 @@ async def test_a_reject_signed_by_a_gatekeeper_whose_clock_runs_behind_reaches_s
         assert decided.eval_run == "run-v2-again" and decided.seq > blocked.seq
         assert decided.decision != "PASS"  # the reject still binds its content
         assert await client.decision("v2") == decided
+
+
+async def test_a_block_decided_after_the_gates_bucket_was_made_anew_reaches_subscribers(stack: Runtime) -> None:
+    # Found by a probe (p39 F2): the gates bucket made anew (a lost store, a restore from a backup) numbers from 1 and
+    # holds nothing of the release, so the gatekeeper signed its next decision seq 1, below the PASS a subscriber had
+    # read: `decision()` raised StaleDecision for the genuine BLOCK and `decisions()` skipped it, keeping the PASS.
+    bus, settings = stack.ctx.bus, stack.settings
+    policy = await register_policy(bus)
+    await register_release(bus, "v1", "p1")
+    await store_pass(bus, "v1", settings)  # the baseline
+    arts = await register_release(bus, "v2", "p1")
+    async with _app_client(stack) as client:
+        watch: Any = client.decisions("v2")
+        try:
+            # Passed twice: the current PASS is stored over the first, so a gatekeeper of before signed it seq 3.
+            for run in ("run-v2", "run-v2-again"):
+                await finish_eval(bus, msgspec.structs.replace(
+                    completed("v2", policy, em=0.9, em_ci=(0.88, 0.92), diff=0.0, diff_ci=(-0.01, 0.01), n=2000,
+                              artifacts=arts), run_id=run))
+                passed = await asyncio.wait_for(anext(watch), 30)
+                assert (passed.decision, passed.eval_run) == ("PASS", run)
+
+            # The store is lost: the gates bucket is made anew, as a restarted stack declares it.
+            await bus.js.delete_key_value(bus.subjects.kv_gates)
+            await bus.ensure_topology()
+            # A run of v2 that regressed: the gatekeeper decides it over an empty key.
+            await finish_eval(bus, msgspec.structs.replace(
+                completed("v2", policy, em=0.78, em_ci=(0.75, 0.81), diff=-0.12, diff_ci=(-0.15, -0.09), n=400,
+                          artifacts=arts), run_id="run-v2-regressed"))
+
+            # Before: skipped (rejected_decisions 1), and StaleDecision ("(BLOCK, seq 1) is older than ... seq 3").
+            blocked = await asyncio.wait_for(anext(watch), 30)
+            assert (blocked.decision, blocked.eval_run) == ("BLOCK", "run-v2-regressed")
+            assert blocked.seq > passed.seq
+            assert await client.decision("v2") == blocked
+            assert client.rejected_decisions == 0
+        finally:
+            await watch.aclose()
+
+        # The PASS handed back into the new bucket is still a superseded decision to this client.
+        await (await bus.kv(bus.subjects.kv_gates)).put(token("v2"), encode(passed))
+        with pytest.raises(StaleDecision, match=f"decision {passed.id} .* is older than decision {blocked.id}"):
+            await client.decision("v2")

@@ -52,7 +52,9 @@ class GateDecided(Event, frozen=True, kw_only=True, tag="lockgate.gate.decided")
     # its person's and trusted, so revoking a stolen key also takes back what it approved.
     approval_keys: list[str] = []
     # The release's decisions in the order the gatekeeper stored them, under its signature: each one's is above the
-    # one it was stored over (Records, by compare-and-set), so no two of a release share one and no clock decides.
+    # one it was stored over (Records, by compare-and-set), so no two of a release share one and a clock behind
+    # decides nothing; the gatekeeper's clock in microseconds when that is higher (Stored.next_seq), so one made over
+    # a gates bucket made anew is above those made before it.
     # 0: made before decisions carried one (such a one is older than any that carries one: decisionwatch.Newest).
     seq: int = 0
 
