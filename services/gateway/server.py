@@ -5,6 +5,7 @@ A thin edge over the bus: protos become Structs here, and nothing else knows abo
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from datetime import UTC
@@ -12,6 +13,8 @@ from typing import Any
 
 import grpc
 import msgspec
+import nats.errors
+import nats.js.errors
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -21,7 +24,7 @@ from lockgate.client import get_decision
 from lockgate.config import Settings
 from lockgate.contracts import GateDecided, InferenceEvent
 from lockgate.contracts.names import check_name
-from lockgate.decisionwatch import DecisionWithdrawn, verified, watch_decisions
+from lockgate.decisionwatch import DecisionWithdrawn, still_wanted, verified, watch_decisions
 from lockgate.encoded import Encoded
 from lockgate.errors import BusUnavailable, InvalidEvent, InvalidName, NotFound, SignatureError
 from lockgate.ids import uuid7_time
@@ -190,6 +193,22 @@ def _no_decision(release: str) -> str:
     return f"no gate decision for release {release!r} (not evaluated yet?)"
 
 
+# What the bus not answering raises: nats-py's errors, the connection lost (OSError), lockgate's BusUnavailable.
+_BUS_FAILED = (BusUnavailable, nats.errors.Error, nats.js.errors.Error, TimeoutError, OSError)
+
+
+@contextlib.asynccontextmanager
+async def _bus_answers(context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+    """UNAVAILABLE, which a client retries, for the bus not answering while a Gates call reads it. Before (probe p39
+    F4), WatchDecisions while the bus was down answered UNKNOWN "Unexpected <class 'nats.errors.TimeoutError'>":
+    nats-py's internals, and no retry."""
+    try:
+        yield
+    except _BUS_FAILED as exc:
+        await context.abort(grpc.StatusCode.UNAVAILABLE, exc.message if isinstance(exc, BusUnavailable)
+                            else f"the bus does not answer ({exc!r}): retry")
+
+
 class GatesServicer(gates_pb2_grpc.GatesServicer):
     """Gates: the latest decision per release (KV), and a stream of decisions (announcements, read from KV).
 
@@ -207,11 +226,10 @@ class GatesServicer(gates_pb2_grpc.GatesServicer):
         """Whether `release` is bound to the key's tenant and app; UNAVAILABLE if the binding cannot be read
         (a watch then ends, rather than skip a decision the key may read: the client watches again)."""
         try:
-            bundle: dict[str, Any] | None = await artifacts.release_of(self.bus, release)
+            async with _bus_answers(context):
+                bundle: dict[str, Any] | None = await artifacts.release_of(self.bus, release)
         except NotFound:
             bundle = None
-        except BusUnavailable as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, exc.message)
         return owns_release(key, bundle)
 
     async def GetDecision(
@@ -230,7 +248,8 @@ class GatesServicer(gates_pb2_grpc.GatesServicer):
         if not await self._owned(key, request.release, context):
             await context.abort(grpc.StatusCode.NOT_FOUND, _no_decision(request.release))
         try:
-            decision = await get_decision(await self.bus.kv(self.bus.subjects.kv_gates), request.release)
+            async with _bus_answers(context):
+                decision = await get_decision(await self.bus.kv(self.bus.subjects.kv_gates), request.release)
         except SignatureError as exc:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, exc.message)
         if decision is None:
@@ -252,9 +271,10 @@ class GatesServicer(gates_pb2_grpc.GatesServicer):
         before each decision and every second), and is sent no decision made after."""
         key = await authenticate(self.keys, context)
         presented = _presented(context)
-        kv = await self.bus.kv(self.bus.subjects.kv_gates)
-        decisions = await watch_decisions(kv, request.release_prefix, nc=self.bus.nc, subjects=self.bus.subjects,
-                                          reconnects=self.bus)
+        async with _bus_answers(context):
+            kv = await self.bus.kv(self.bus.subjects.kv_gates)
+            decisions = await watch_decisions(kv, request.release_prefix, nc=self.bus.nc,
+                                              subjects=self.bus.subjects, reconnects=self.bus)
 
         async def owned() -> AsyncIterator[GateDecided]:
             async for decision in decisions:
@@ -263,13 +283,16 @@ class GatesServicer(gates_pb2_grpc.GatesServicer):
 
         checked = verified(owned(), self.verifier,
                            refused=lambda exc: log.warning("not streaming gate decision: %s", exc.message))
-        allowed = while_allowed(checked, lambda: self.keys.authenticate(presented), every_s=TRUST_CHECK_S)
+        # A cancellation of the call lost on its way (`still_wanted`) is seen within a second, as a revoked key is.
+        allowed = while_allowed(checked, lambda: still_wanted() and self.keys.authenticate(presented),
+                                every_s=TRUST_CHECK_S)
         try:
             # Initial metadata tells the client the watch is live: later decisions will arrive.
             await context.send_initial_metadata((("lockgate-watch", "ready"),))
             try:
-                async for decision in allowed:
-                    yield decision_to_proto(decision)
+                async with _bus_answers(context):  # its first read fails at once, as GetDecision's does
+                    async for decision in allowed:
+                        yield decision_to_proto(decision)
             except DecisionWithdrawn as exc:
                 await context.abort(grpc.StatusCode.FAILED_PRECONDITION, exc.message)
             except AuthError as exc:

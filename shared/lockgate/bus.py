@@ -316,6 +316,7 @@ class Bus:
         # None while open or once closed by `close`.
         self.closed_error: BusClosed | None = None
         self._closing = False
+        self._revive: asyncio.Future[None] | None = None  # a reconnection of a connection nats-py stopped reading
         # Letters this process could not store, by message id, with when it last tried: its message waits, and is
         # warned about once rather than at every redelivery (`letters_waiting`).
         self._unsent: dict[str, float] = {}
@@ -348,6 +349,7 @@ class Bus:
         except OSError as exc:
             raise BusUnavailable(f"cannot reach NATS at {shown_url(self.url)}: {exc}") from None
         self.nc = nc  # only now: `_on_error` tells the first connect's errors by its absence
+        self._watch_reader()
         self.js = self.nc.jetstream()
         if self.manage_topology:
             await API_RETRY.call(self._declare, retry_on=(*_API_TRANSIENT, StoreNotCreated),
@@ -387,8 +389,34 @@ class Bus:
         return self.closed_error
 
     async def _on_reconnected(self) -> None:
+        self._watch_reader()  # each connection has a read loop of its own
         self.reconnects += 1
         await self._on_state()
+
+    def _watch_reader(self) -> None:
+        """Be told when nats-py's read loop of this connection ends (`_on_reader_ended`)."""
+        reader = getattr(self.nc, "_reading_task", None)
+        if reader is not None:
+            reader.add_done_callback(self._on_reader_ended)
+
+    def _reading(self) -> bool:
+        """Whether nats-py reads what the server sends on this connection."""
+        reader = getattr(self.nc, "_reading_task", None)
+        return reader is None or not reader.done()
+
+    def _on_reader_ended(self, reader: asyncio.Task[None]) -> None:
+        # The read loop ends by itself when the connection is lost (nats-py reconnects) or closed; or when something
+        # it called raised: nats-py 2.16 then logs "nats: encountered error" and stops reading, still "connected"
+        # (a PONG for a flush its caller had cancelled: InvalidStateError). Nothing the server sent was read again,
+        # requests, replies and acks alike, until nats-py's ping check called the connection stale 4 to 6 minutes
+        # later (probe p39 F1). So it is reconnected here, as that check would have done; subscriptions come back
+        # with the connection, and what they missed is read again after `reconnected`.
+        nc = self.nc
+        if nc is None or reader is not getattr(nc, "_reading_task", None) or self._closing or not nc.is_connected:
+            return
+        log.error("%s: nats-py stopped reading its NATS connection while connected (see 'nats: encountered error' "
+                  "above): reconnecting", self.name)
+        self._revive = asyncio.ensure_future(nc.force_reconnect())
 
     async def reconnected(self, after: int) -> int:
         """Wait until the connection has come back more than `after` times (`reconnects`); returns the new
@@ -481,7 +509,8 @@ class Bus:
         """The connection as health checks report it: connected, reconnecting or closed."""
         if self.nc is None or self.nc.is_closed:
             return "closed"
-        return "connected" if self.nc.is_connected else "reconnecting"
+        # Not reading while it says it is connected, it answers nothing: reconnected at once (`_on_reader_ended`).
+        return "connected" if self.nc.is_connected and self._reading() else "reconnecting"
 
     async def close(self) -> None:
         """Stop consumers (finishing in-flight handlers), then drain the connection."""

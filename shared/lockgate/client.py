@@ -59,12 +59,16 @@ async def get_decision(kv: Any, release: str) -> GateDecided | None:
     """The latest decision for `release` in the gates KV bucket, or None.
 
     Raises InvalidName for a name outside the grammar, and SignatureError if the stored value is no decision or
-    a decision for another release (a signature alone does not say it answers the question asked)."""
+    a decision for another release (a signature alone does not say it answers the question asked), and
+    BusUnavailable if the bucket does not answer (nats-py's own TimeoutError reached `decision()`'s caller, probe
+    p39 F3)."""
     check_name(release, "release")
     try:
         entry = await kv.get(token(release))
     except nats.js.errors.KeyNotFoundError:  # also covers deleted/purged keys
         return None
+    except (nats.errors.Error, nats.js.errors.Error, TimeoutError, OSError) as exc:  # OSError: the connection lost
+        raise BusUnavailable(f"cannot read the gate decision of release {release!r}: {exc!r}") from None
     return _stored_decision(entry.value, release)
 
 
@@ -505,3 +509,5 @@ class Client:
                 f"gate bucket {self.subjects.kv_gates!r} does not exist: is the lockgate stack running "
                 f"with prefix {self.subjects.prefix!r}?"
             ) from None
+        except (nats.errors.Error, nats.js.errors.Error, TimeoutError, OSError) as exc:  # as get_decision says it
+            raise BusUnavailable(f"cannot open gate bucket {self.subjects.kv_gates!r}: {exc!r}") from None

@@ -45,7 +45,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -248,7 +248,7 @@ class GatewaySource:
 
 
 async def watch_decisions(kv: Any, release_prefix: str = "", *, nc: Any, subjects: Subjects,
-                          reconnects: Reconnects | None = None) -> AsyncIterator[GateDecided]:
+                          reconnects: Reconnects | None = None) -> Watch:
     """Start a watch on the gates bucket `kv`; returns an iterator of current decisions, then every new one.
 
     Once this returns the watch is subscribed, so any decision announced afterwards is seen. Announcements made
@@ -260,7 +260,7 @@ async def watch_decisions(kv: Any, release_prefix: str = "", *, nc: Any, subject
 
 
 async def follow_decisions(source: Source, release_prefix: str = "", *, nc: Any, announcements: str,
-                           reconnects: Reconnects | None = None, relists: str = "") -> AsyncIterator[GateDecided]:
+                           reconnects: Reconnects | None = None, relists: str = "") -> Watch:
     """`watch_decisions` reading `source`, woken by the announcements on `announcements` (a subject ending in a
     wildcard whose token is the release's KV key: `gate.decided.>`, or the gateway's `decided.<tenant>.<app>.*`),
     and reading every key again on any message on `relists` (the gateway's `decided.relist`), if given."""
@@ -273,15 +273,88 @@ async def follow_decisions(source: Source, release_prefix: str = "", *, nc: Any,
     async def on_relist(msg: Any) -> None:
         wake.put_nowait(None)
 
-    subs = [await nc.subscribe(announcements, cb=on_announced)]
-    if relists:
-        subs.append(await nc.subscribe(relists, cb=on_relist))
-    await nc.flush()  # the server has the subscriptions: what is announced from now on reaches them
-    return _follow(source, subs, wake, release_prefix, reconnects, closed=lambda: nc.is_closed)
+    subs: list[Any] = []
+    try:
+        subs.append(await nc.subscribe(announcements, cb=on_announced))
+        if relists:
+            subs.append(await nc.subscribe(relists, cb=on_relist))
+        await flushed(nc)  # the server has the subscriptions: what is announced from now on reaches them
+    except BaseException:
+        # A caller that gave up while the watch started (a gRPC client's cancel, a wait_for) left them subscribed,
+        # each queueing every tenant's announcements for no one (probe p39 F1: 4 left per 400 watches cancelled).
+        await _unsubscribe(subs)
+        raise
+    return Watch(_follow(source, subs, wake, release_prefix, reconnects, closed=lambda: nc.is_closed), subs)
+
+
+async def flushed(nc: Any) -> None:
+    """`nc.flush()` that a caller's cancellation does not reach: for every flush on a path a client can cancel (a
+    gRPC or HTTP handler, an SDK call). Cancelled while it waited, nats-py's flush cancelled its PONG future, and
+    the PONG that came next raised InvalidStateError inside nats-py's read loop (2.16), which stopped reading for
+    good while the connection still said it was connected: nothing the server sent was read, for every user of
+    the connection, until nats-py called it stale minutes later (probe p39 F1: one tenant's app key, cancelling
+    WatchDecisions calls, cut the gateway off NATS for 6 minutes). The flush runs as its own task to its PONG; the
+    caller stops waiting for it."""
+    flush = asyncio.ensure_future(nc.flush())
+    _flushing.add(flush)  # kept until its PONG: the event loop holds its tasks weakly
+    flush.add_done_callback(_flush_done)
+    await asyncio.shield(flush)
+
+
+_flushing: set[asyncio.Future[None]] = set()
+
+
+def _flush_done(flush: asyncio.Future[None]) -> None:
+    _flushing.discard(flush)
+    if not flush.cancelled():
+        flush.exception()  # retrieved: a flush whose caller left fails to no one (its caller was told, if any)
+
+
+def still_wanted() -> bool:
+    """True, or CancelledError if the running task was cancelled and the cancellation was lost on its way. On Python
+    3.11, a `wait_for` whose answer came in the instant its task was cancelled (each of nats-py's requests: a read of
+    the store, a KV handle) returns the answer and drops the cancellation (nats-py's own retries too: natsclient). A
+    watch then went on for good, subscribed and reading for a caller long gone: its next wait was for an announcement
+    (probe p39: of 400 gRPC watches cancelled as they started, 30 to 60 stayed, their calls long ended). A watch
+    looks here before it waits, and the gateway's before each decision and every second."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+    return True
+
+
+async def _unsubscribe(subs: list[Any]) -> None:
+    """Unsubscribe each of `subs` (once: the list is emptied); a connection closed or lost takes them anyway."""
+    taken, subs[:] = list(subs), []
+    for sub in taken:
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
+
+
+class Watch(AsyncIterator[GateDecided]):
+    """A watch's decisions (`follow_decisions`), and `aclose()` that unsubscribes whether or not they were read: an
+    async generator closed before its first step runs no `finally`, and a gRPC watch cancelled before it streamed
+    anything (while it sent its initial metadata) kept its subscriptions."""
+
+    def __init__(self, decisions: AsyncGenerator[GateDecided, None], subs: list[Any]) -> None:
+        self._decisions, self._subs = decisions, subs
+
+    def __aiter__(self) -> Watch:
+        return self
+
+    async def __anext__(self) -> GateDecided:
+        return await self._decisions.__anext__()
+
+    async def aclose(self) -> None:
+        """End the watch: its reads, its wait for reconnections, its subscriptions."""
+        try:
+            await self._decisions.aclose()
+        finally:
+            await _unsubscribe(self._subs)
 
 
 async def _follow(source: Source, subs: list[Any], wake: asyncio.Queue[str | None], release_prefix: str,
-                  reconnects: Reconnects | None, *, closed: Callable[[], bool]) -> AsyncIterator[GateDecided]:
+                  reconnects: Reconnects | None, *, closed: Callable[[], bool]) -> AsyncGenerator[GateDecided, None]:
     relist = asyncio.ensure_future(_relist_after_reconnects(reconnects, wake)) if reconnects else None
     seen: dict[str, int] = {}  # key -> the revision last read
     listed = False  # every key read once
@@ -299,6 +372,7 @@ async def _follow(source: Source, subs: list[Any], wake: asyncio.Queue[str | Non
                     log.warning("gate decisions watch: %s. It goes on: it reads every decision again when the "
                                 "gateway says it is back, the connection comes back, or in at most %.0f s",
                                 exc.message, _BACK.max_s)
+                still_wanted()
                 with contextlib.suppress(TimeoutError):  # a wake, or the backoff's end: not synchronisation
                     _woken(await asyncio.wait_for(wake.get(), _BACK.delay(failed)))
                 key = None  # whatever was to be read: every key is read next, one announced meanwhile with the rest
@@ -318,13 +392,12 @@ async def _follow(source: Source, subs: list[Any], wake: asyncio.Queue[str | Non
                 decision = _decision(entry)
                 if decision is not None and decision.release.startswith(release_prefix):
                     yield decision
+            still_wanted()  # its reads may have lost a cancellation: it would wait here for good
             key = _woken(await wake.get())
     finally:
         if relist is not None:
             relist.cancel()
-        for sub in subs:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
+        await _unsubscribe(subs)
 
 
 async def verified(decisions: AsyncIterator[GateDecided], verifier: Verifier, *,
