@@ -24,10 +24,11 @@ from lockgate.client import get_decision
 from lockgate.config import Settings
 from lockgate.contracts import GateDecided, InferenceEvent
 from lockgate.contracts.names import check_name
-from lockgate.decisionwatch import DecisionWithdrawn, still_wanted, verified, watch_decisions
+from lockgate.decisionwatch import DecisionWithdrawn, verified, watch_decisions
 from lockgate.encoded import Encoded
 from lockgate.errors import BusUnavailable, InvalidEvent, InvalidName, NotFound, SignatureError
 from lockgate.ids import uuid7_time
+from lockgate.natsclient import raise_if_cancelled
 from lockgate.outbox import ANSWER_WITHIN_S, encode_event, publish_events
 from lockgate.server.apikeys import (
     ApiKey,
@@ -283,8 +284,8 @@ class GatesServicer(gates_pb2_grpc.GatesServicer):
 
         checked = verified(owned(), self.verifier,
                            refused=lambda exc: log.warning("not streaming gate decision: %s", exc.message))
-        # A cancellation of the call lost on its way (`still_wanted`) is seen within a second, as a revoked key is.
-        allowed = while_allowed(checked, lambda: still_wanted() and self.keys.authenticate(presented),
+        # A cancellation of the call lost on its way (`raise_if_cancelled`) is seen within a second, as a revoked key is.
+        allowed = while_allowed(checked, lambda: raise_if_cancelled() and self.keys.authenticate(presented),
                                 every_s=TRUST_CHECK_S)
         try:
             # Initial metadata tells the client the watch is live: later decisions will arrive.

@@ -56,6 +56,7 @@ from lockgate.codec import Codec, encode
 from lockgate.contracts import DecisionsPage, DecisionsRead, GateDecided, StoredDecision
 from lockgate.errors import BusUnavailable, ClientClosed, ConfigError, InvalidEvent, NotFound, SignatureError
 from lockgate.kvread import kv_keys
+from lockgate.natsclient import raise_if_cancelled
 from lockgate.retry import RetryPolicy
 from lockgate.signing import TRUST_CHECK_S, Verifier
 from lockgate.subjects import Subjects, token, untoken
@@ -278,49 +279,13 @@ async def follow_decisions(source: Source, release_prefix: str = "", *, nc: Any,
         subs.append(await nc.subscribe(announcements, cb=on_announced))
         if relists:
             subs.append(await nc.subscribe(relists, cb=on_relist))
-        await flushed(nc)  # the server has the subscriptions: what is announced from now on reaches them
+        await nc.flush()  # the server has the subscriptions: what is announced from now on reaches them
     except BaseException:
         # A caller that gave up while the watch started (a gRPC client's cancel, a wait_for) left them subscribed,
         # each queueing every tenant's announcements for no one (probe p39 F1: 4 left per 400 watches cancelled).
         await _unsubscribe(subs)
         raise
     return Watch(_follow(source, subs, wake, release_prefix, reconnects, closed=lambda: nc.is_closed), subs)
-
-
-async def flushed(nc: Any) -> None:
-    """`nc.flush()` that a caller's cancellation does not reach: for every flush on a path a client can cancel (a
-    gRPC or HTTP handler, an SDK call). Cancelled while it waited, nats-py's flush cancelled its PONG future, and
-    the PONG that came next raised InvalidStateError inside nats-py's read loop (2.16), which stopped reading for
-    good while the connection still said it was connected: nothing the server sent was read, for every user of
-    the connection, until nats-py called it stale minutes later (probe p39 F1: one tenant's app key, cancelling
-    WatchDecisions calls, cut the gateway off NATS for 6 minutes). The flush runs as its own task to its PONG; the
-    caller stops waiting for it."""
-    flush = asyncio.ensure_future(nc.flush())
-    _flushing.add(flush)  # kept until its PONG: the event loop holds its tasks weakly
-    flush.add_done_callback(_flush_done)
-    await asyncio.shield(flush)
-
-
-_flushing: set[asyncio.Future[None]] = set()
-
-
-def _flush_done(flush: asyncio.Future[None]) -> None:
-    _flushing.discard(flush)
-    if not flush.cancelled():
-        flush.exception()  # retrieved: a flush whose caller left fails to no one (its caller was told, if any)
-
-
-def still_wanted() -> bool:
-    """True, or CancelledError if the running task was cancelled and the cancellation was lost on its way. On Python
-    3.11, a `wait_for` whose answer came in the instant its task was cancelled (each of nats-py's requests: a read of
-    the store, a KV handle) returns the answer and drops the cancellation (nats-py's own retries too: natsclient). A
-    watch then went on for good, subscribed and reading for a caller long gone: its next wait was for an announcement
-    (probe p39: of 400 gRPC watches cancelled as they started, 30 to 60 stayed, their calls long ended). A watch
-    looks here before it waits, and the gateway's before each decision and every second."""
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError
-    return True
 
 
 async def _unsubscribe(subs: list[Any]) -> None:
@@ -372,7 +337,7 @@ async def _follow(source: Source, subs: list[Any], wake: asyncio.Queue[str | Non
                     log.warning("gate decisions watch: %s. It goes on: it reads every decision again when the "
                                 "gateway says it is back, the connection comes back, or in at most %.0f s",
                                 exc.message, _BACK.max_s)
-                still_wanted()
+                raise_if_cancelled()
                 with contextlib.suppress(TimeoutError):  # a wake, or the backoff's end: not synchronisation
                     _woken(await asyncio.wait_for(wake.get(), _BACK.delay(failed)))
                 key = None  # whatever was to be read: every key is read next, one announced meanwhile with the rest
@@ -392,7 +357,7 @@ async def _follow(source: Source, subs: list[Any], wake: asyncio.Queue[str | Non
                 decision = _decision(entry)
                 if decision is not None and decision.release.startswith(release_prefix):
                     yield decision
-            still_wanted()  # its reads may have lost a cancellation: it would wait here for good
+            raise_if_cancelled()  # its reads may have lost a cancellation: it would wait here for good
             key = _woken(await wake.get())
     finally:
         if relist is not None:

@@ -62,11 +62,11 @@ class NatsClient(nats.aio.client.Client):
     async def _connect_to_server(self, s: Any) -> None:
         # Every attempt of nats-py's connect and reconnect loops passes here: a cancellation one of its waits lost
         # ends the loop at the next attempt, and one lost in this attempt ends it at once.
-        _raise_if_cancelled()
+        raise_if_cancelled()
         try:
             await super()._connect_to_server(s)
         except Exception:
-            _raise_if_cancelled()
+            raise_if_cancelled()
             raise
 
     async def publish(self, subject: str, payload: bytes = b"", reply: str = "",
@@ -74,6 +74,18 @@ class NatsClient(nats.aio.client.Client):
         if headers is not None and wire_size(payload, headers) > self.max_payload:
             raise nats.errors.MaxPayloadError
         await super().publish(subject, payload, reply, headers)
+
+    async def _process_pong(self) -> None:
+        # The PONG of a flush whose caller gave up (a gRPC client's cancel, a wait_for): nats-py 2.16 set a result on
+        # its cancelled future, and the InvalidStateError ended its read loop for good while the connection still said
+        # connected: nothing the server sent was read again, for every user of the connection, until nats-py called it
+        # stale minutes later (probe p39 F1: an app key cancelling WatchDecisions calls cut the gateway off for 6 min).
+        if self._pongs and self._pongs[0].done():
+            self._pongs.pop(0)
+            self._pongs_received += 1
+            self._pings_outstanding = 0
+            return
+        await super()._process_pong()
 
     async def _send_ping(self, future: asyncio.Future[Any] | None = None) -> None:
         # nats-py writes a PING straight to the socket, ahead of the commands its flusher task has not written yet (a
@@ -86,11 +98,14 @@ class NatsClient(nats.aio.client.Client):
         await super()._send_ping(future)
 
 
-def _raise_if_cancelled() -> None:
-    """CancelledError if the running task was asked to cancel and has not taken it back (`Task.uncancel`)."""
+def raise_if_cancelled() -> bool:
+    """True, or CancelledError if the running task was asked to cancel and has not taken it back (`Task.uncancel`).
+    On Python 3.11 a `wait_for` whose answer came the instant its task was cancelled (each of nats-py's requests)
+    returns the answer and drops the cancellation: a loop that waits again looks here first."""
     task = asyncio.current_task()
     if task is not None and task.cancelling():
         raise asyncio.CancelledError
+    return True
 
 
 async def connect(servers: str | list[str], **options: Any) -> NatsClient:
