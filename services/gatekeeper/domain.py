@@ -53,12 +53,16 @@ def decide(policy: Policy, evidence: Evidence | Mapping[str, float], *, prior_er
     - ERROR needs review while this release's run of errored decisions is within max_consecutive_errors
       (a broken measurement is not evidence of a regression), and blocks past it.
     - review triggers that fired need review.
+    - NO_DATA under no_data: pass is tolerated, and the reason says so: a PASS's reason counts only the rules
+      that passed (before, probe p40 F3, it said "all N rules ... passed" of rules that judged nothing).
     """
     results = tuple(evaluate_rule(r, evidence, policy.measurement, policy.power) for r in policy.rules)
     lim: Limits = policy.limits
     live = [(rule, res) for rule, res in zip(policy.rules, results, strict=True) if not rule.dry_run]
     failing = [(rule, res) for rule, res in live if res.verdict == "FAIL"
                or (res.verdict == "NO_DATA" and (rule.no_data or policy.no_data) == "fail")]
+    # NO_DATA under no_data: pass judged nothing: it is tolerated, never counted as passed (probe p40 F3).
+    unjudged = [res for rule, res in live if res.verdict == "NO_DATA" and (rule.no_data or policy.no_data) == "pass"]
     inconclusive = [res for _, res in live if res.verdict == "INCONCLUSIVE"]
     errors = [res for _, res in live if res.verdict == "ERROR"]
     blocks: list[str] = []
@@ -91,6 +95,8 @@ def decide(policy: Policy, evidence: Evidence | Mapping[str, float], *, prior_er
                          f"{detail}")
     if review:
         holds.append(f"review required: {'; '.join(review)}")
+    if unjudged:
+        notes.append(f"{len(unjudged)} rule(s) had no data (no_data: pass): {'; '.join(_short(r) for r in unjudged)}")
     dry = [res for rule, res in zip(policy.rules, results, strict=True) if rule.dry_run and res.verdict != "PASS"]
     if dry:
         notes.append(f"dry-run (not enforced): {'; '.join(f'{r.rule} {r.verdict}' for r in dry)}")
@@ -101,9 +107,10 @@ def decide(policy: Policy, evidence: Evidence | Mapping[str, float], *, prior_er
     if holds:
         return Outcome("NEEDS_REVIEW", results, "; ".join(holds + notes), review_required or "; ".join(holds),
                        errored)
-    head = f"all {len(results)} rules of policy {policy.name!r} passed"
-    if dry or failing or inconclusive:
-        head = f"policy {policy.name!r} passed"
+    # The head counts only rules that passed; the notes account for every other one (tolerated, dry-run, no data).
+    passed = sum(r.verdict == "PASS" for r in results)
+    head = f"all {len(results)} rules of policy {policy.name!r} passed" if passed == len(results) else \
+        f"{passed} of {len(results)} rules of policy {policy.name!r} passed"
     return Outcome("PASS", results, "; ".join([head, *notes]), "", errored)
 
 

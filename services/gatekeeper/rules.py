@@ -535,10 +535,15 @@ def _slices(rule: Rule, ev: Evidence) -> RuleResult:
     shown = _shown(rule)
     skipped = f"; {len(small)} slice(s) under {spec.min_cases} cases not tested ({', '.join(small)})" if small else ""
     if not tested:
-        return RuleResult(rule=rule.name, metric=rule.metric, **shown, observed=None, verdict="PASS",
-                          dry_run=rule.dry_run, hint=f"no slice has {spec.min_cases} cases{skipped}",
-                          explanation=f"no slice of {rule.metric} has the {spec.min_cases} cases the rule tests"
-                                      f"{skipped}.")
+        # A rule that tested no slice judged nothing, whatever the untested estimates say: NO_DATA, so the policy's
+        # no_data decides, as for every rule that cannot judge (before, probe p40 F3, it was a PASS).
+        few = ", ".join(f"{label} {comps[label].diff:+.4g} (n={comps[label].n_pairs})" if _finite(comps[label].diff)
+                        else f"{label} (n={comps[label].n_pairs})" for label in small)
+        flat = ", ".join(f"{label} (n={c.n_pairs})" for label, c in sorted(comps.items()) if label not in small)
+        why = " and ".join([*([f"under min_cases {spec.min_cases}: {few}"] if few else []),
+                            *([f"no finite change: {flat}"] if flat else [])])
+        return _no_data(rule, f"no slice of {rule.metric} was tested, {why}; run the eval with more cases per slice, "
+                              f"or lower min_cases")
     labels = sorted(tested)
     p_values = [_regression_p(sign * tested[label].diff, tested[label], m) for label in labels]
     rejected = multiplicity.reject(p_values, spec.alpha, spec.correction)

@@ -218,6 +218,47 @@ async def test_consecutive_errors_are_counted_from_the_audit_log(
     assert "2 consecutive errored decisions exceed max_consecutive_errors 1" in seen[1].reason
 
 
+async def test_a_pass_whose_rules_judged_nothing_says_so_in_gate_explain_and_the_audit_log(
+    bus: Bus, store: Store, run_services: Callable[..., Any], gates: Any, settings: Settings
+) -> None:
+    # Found by probe p40 (F3): with two rules that judged nothing under no_data: pass (a hard max_count whose scorer
+    # the suite left out; a slices rule whose every slice was under min_cases, then a PASS), the signed reason read
+    # "all 3 rules of policy 'strict' passed". A slices rule that tests no slice is NO_DATA now, and the reason
+    # counts only the rules that passed.
+    doc = {"name": "strict", "rules": [
+        {"name": "accuracy", "metric": "exact_match", "op": ">=", "threshold": 0.8},
+        {"name": "safety", "metric": "pii_free", "max_count": 0, "hard": True, "no_data": "pass"},
+        {"name": "per-lang", "metric": "exact_match", "no_data": "pass",
+         "slices": {"max_regression": 0.05, "min_cases": 20}}]}
+    policy = await register_policy(bus, doc)
+    svcs = await run_services("sink", "query", "gatekeeper")
+    arts = await register_release(bus, "v-nd", "p-nd")
+    await register_release(bus, "v1", "p1")
+    await store_pass(bus, "v1", settings)  # the baseline
+    done = completed("v-nd", policy, em=0.97, em_ci=(0.95, 0.985), diff=0.0, diff_ci=(-0.01, 0.01), n=400,
+                     artifacts=arts)
+    de = BaselineComparison(metric="exact_match[lang=de]", candidate=0.3, baseline=0.9, diff=-0.6, diff_low=-0.9,
+                            diff_high=-0.3, n_pairs=19, test="paired_bootstrap")
+    await finish_eval(bus, msgspec.structs.replace(done, comparisons={**done.comparisons,
+                                                                     "exact_match[lang=de]": de}))
+    d = await next_decision(gates)
+    assert [(r.rule, r.verdict) for r in d.rules] == [("accuracy", "PASS"), ("safety", "NO_DATA"),
+                                                      ("per-lang", "NO_DATA")]
+    reason = ("1 of 3 rules of policy 'strict' passed; 2 rule(s) had no data (no_data: pass): safety: pii_free has "
+              "no failure count (pii_free_failures); per-lang: no slice of exact_match was tested, under min_cases "
+              "20: lang=de -0.6 (n=19)")
+    assert (d.decision, d.reason) == ("PASS", reason)
+    explained = await asyncio.to_thread(lockgate_cli, settings, "gate", "explain", "v-nd")
+    assert explained.exit_code == 0, explained.output
+    said = " ".join(explained.output.split())  # the console wraps long lines
+    assert f"reason: {reason}" in said, explained.output
+    assert "- per-lang could not be judged: no slice of exact_match was tested, under min_cases 20: lang=de -0.6 " \
+           "(n=19)." in said, explained.output
+    await sink_stored(svcs["sink"].handlers, gate_decisions=1)
+    [row] = decisions(store, "v-nd")
+    assert (row["decision"], row["reason"]) == ("PASS", reason)
+
+
 @pytest.fixture
 async def services(context: ServiceContext, run_services: Any) -> Any:
     # No traffic flows in these tests, so the upstreams are never called.

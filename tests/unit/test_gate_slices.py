@@ -73,6 +73,25 @@ def test_slices_under_min_cases_are_not_tested() -> None:
     assert r.verdict == "PASS" and "not tested (input<3, lang=de)" in r.hint
 
 
+@pytest.mark.parametrize(("no_data", "decision"), [("fail", "BLOCK"), ("pass", "PASS")])
+def test_a_slices_rule_that_tested_no_slice_is_no_data(no_data: str, decision: str) -> None:
+    # Found by probe p40 (F3): every slice under min_cases, the rule was a PASS over regressions it never tested.
+    base = run({"en": 0.85, "fr": 0.85, "de": 0.85})
+    cand = run({"en": 0.85, "fr": 0.35, "de": 0.35})
+    policy = domain.parse_policy({"name": "p", "no_data": no_data, "rules": [
+        {**SLICE_RULE, "slices": {"max_regression": 0.1, "min_cases": 500}}]})
+    out = domain.decide_eval(policy, "", completed(cand, base))
+    r = out.rules[0]
+    assert (out.decision, r.verdict, r.observed) == (decision, "NO_DATA", None)
+    assert r.hint.startswith("no slice of exact_match was tested, under min_cases 500: input<3 ")
+    assert "lang=de -0.625 (n=40), lang=en +0 (n=300), lang=fr -0.5333 (n=60)" in r.hint  # the untested estimates
+    assert r.hint.endswith("; run the eval with more cases per slice, or lower min_cases")
+    assert r.explanation == f"slices could not be judged: {r.hint.split(';')[0]}."
+    said = "0 of 1 rules of policy 'p' passed; 1 rule(s) had no data (no_data: pass): slices: no slice of" \
+        if no_data == "pass" else "1 of 1 rules failed: slices: no slice of exact_match was tested"
+    assert out.reason.startswith(said)
+
+
 def test_no_slices_is_no_data() -> None:
     rule = domain.parse_policy({"name": "p", "rules": [SLICE_RULE]}).rules[0]
     assert domain.evaluate_rule(rule, {"exact_match": 0.9}).verdict == "NO_DATA"

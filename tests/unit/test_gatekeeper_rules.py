@@ -136,6 +136,32 @@ def test_no_data_per_policy_and_per_rule() -> None:
     assert domain.decide(policy([{**ACC, "no_data": "fail"}], no_data="pass"), {}).decision == "BLOCK"
 
 
+@pytest.mark.parametrize(("no_data", "metrics", "reason"), [
+    # Found by probe p40 (F3): rules that judged nothing under no_data: pass were counted as passed.
+    ("pass", {"acc": 0.9}, "1 of 3 rules of policy 'p' passed; 2 rule(s) had no data (no_data: pass): "
+                           "safety: pii_free has no failure count (pii_free_failures); judge: llm_judge was not measured"),
+    ("pass", {"acc": 0.9, "llm_judge": 0.8, "pii_free_failures": 0, "n_cases": 50},
+     "all 3 rules of policy 'p' passed"),
+])
+def test_a_pass_reason_counts_only_the_rules_that_passed(no_data: str, metrics: dict[str, float],
+                                                         reason: str) -> None:
+    rules = [ACC, {"name": "safety", "metric": "pii_free", "max_count": 0, "hard": True, "no_data": no_data},
+             {"name": "judge", "metric": "llm_judge", "op": ">=", "threshold": 0.7, "no_data": no_data}]
+    out = domain.decide(policy(rules), metrics)
+    assert (out.decision, out.reason) == ("PASS", reason)
+
+
+def test_a_pass_reason_accounts_for_every_rule_that_did_not_pass() -> None:
+    # Tolerated failures, dry-run rules and rules without data each have their note; the head counts the rest.
+    out = domain.decide(policy([ACC, LAT, {**ACC, "name": "dry", "dry_run": True}, {**LAT, "name": "gone",
+                                                                                    "metric": "x", "no_data": "pass"}],
+                               limits={"max_failures": 1}), {"acc": 0.5, "lat": 50})
+    assert out.decision == "PASS"
+    assert out.reason.startswith("1 of 4 rules of policy 'p' passed; 1 failure(s) tolerated by max_failures 1: acc: ")
+    assert "; 1 rule(s) had no data (no_data: pass): gone: x was not measured; dry-run (not enforced): dry FAIL" \
+        in out.reason
+
+
 def test_inconclusive_beyond_the_limit_needs_review() -> None:
     ev = Evidence(metrics={"acc": 0.82}, intervals={"acc": MetricInterval(estimate=0.82, low=0.7, high=0.94)})
     out = domain.decide(policy([ACC]), ev)
