@@ -331,6 +331,63 @@ async def test_a_document_git_ignores_is_applied_as_dirty_through_the_cli(bus: B
     assert (await read_state(bus))["policy/gitshop-loose"].dirty is True
 
 
+@pytest.mark.parametrize(("flag", "path", "old", "new"), [
+    ("--skip-worktree", "policies/default.yaml", "threshold: 0.8", "threshold: 0.01"),
+    ("--assume-unchanged", "policies/default.yaml", "threshold: 0.8", "threshold: 0.01"),
+    ("--skip-worktree", "datasets/qa.jsonl", "Paris", "Lyon"),  # bytes read through a document's `file:`
+])
+async def test_a_file_git_status_is_told_to_pass_over_is_applied_as_dirty_through_the_cli(
+        bus: Bus, settings: Settings, tmp_path: Path, flag: str, path: str, old: str, new: str) -> None:
+    # Found by probe p40 (F2): a policy committed at 0.8, edited to 0.01 and hidden from `git status` by
+    # `update-index --skip-worktree` (or `--assume-unchanged`), was applied as the commit, `git.dirty=false`, which
+    # holds 0.8. And `apply --json` said `"exit_code": 2` (the plan's) while the process exited 0.
+    repo = Path(shutil.copytree(FIXTURE, tmp_path / "repo"))
+    for args in (("init", "-q"), ("add", "."), ("commit", "-qm", "x")):
+        await asyncio.to_thread(_git, repo, *args)
+    clean = await cli(settings, "plan", str(repo), "--json")
+    assert clean.exit_code == 2 and json.loads(clean.stdout)["git"]["dirty"] is False, clean.output
+    text = (repo / path).read_text()
+    assert old in text
+    (repo / path).write_text(text.replace(old, new))
+    await asyncio.to_thread(_git, repo, "update-index", flag, path)
+    assert await asyncio.to_thread(_git, repo, "status", "--porcelain") == ""  # git itself sees nothing
+
+    planned = await cli(settings, "plan", str(repo), "--json")
+    assert planned.exit_code == 2 and json.loads(planned.stdout)["git"]["dirty"] is True, planned.output
+    async with recorder(bus, settings):
+        applied = await cli(settings, "apply", str(repo), "--json")
+    said = json.loads(applied.stdout)
+    assert (applied.exit_code, said["exit_code"], said["applied"], said["git"]["dirty"]) == (0, 0, True, True), \
+        applied.output
+    assert {e.dirty for e in (await read_state(bus)).values()} == {True}
+
+
+async def test_links_are_followed_to_what_the_commit_holds_through_the_cli(bus: Bus, settings: Settings,
+                                                                          tmp_path: Path) -> None:
+    # What a plan reads through committed links (a folder that is a link, a `file:` naming a link to a link) is the
+    # commit's: clean. A link on the way changed and hidden from `git status` reads other bytes: dirty.
+    repo = tmp_path / "repo"
+    shutil.copytree(FIXTURE, repo / "real")
+    (repo / "deploy").symlink_to("real")
+    (repo / "real" / "datasets" / "cases.jsonl").symlink_to("qa.jsonl")
+    (repo / "real" / "datasets" / "data.jsonl").symlink_to("cases.jsonl")
+    (repo / "real" / "datasets" / "other.jsonl").write_text(
+        (repo / "real" / "datasets" / "qa.jsonl").read_text().replace("Paris", "Lyon"))
+    qa = repo / "real" / "datasets" / "qa.yaml"
+    qa.write_text(qa.read_text().replace("file: qa.jsonl", "file: data.jsonl"))
+    for args in (("init", "-q"), ("add", "."), ("commit", "-qm", "x")):
+        await asyncio.to_thread(_git, repo, *args)
+    clean = await cli(settings, "plan", str(repo / "deploy"), "--json")
+    assert clean.exit_code == 2 and json.loads(clean.stdout)["git"]["dirty"] is False, clean.output
+
+    (repo / "real" / "datasets" / "cases.jsonl").unlink()
+    (repo / "real" / "datasets" / "cases.jsonl").symlink_to("other.jsonl")
+    await asyncio.to_thread(_git, repo, "update-index", "--skip-worktree", "real/datasets/cases.jsonl")
+    assert await asyncio.to_thread(_git, repo, "status", "--porcelain") == ""
+    planned = await cli(settings, "plan", str(repo / "deploy"), "--json")
+    assert planned.exit_code == 2 and json.loads(planned.stdout)["git"]["dirty"] is True, planned.output
+
+
 async def test_a_release_parent_named_by_its_document_is_planned_and_applied_through_the_cli(
         bus: Bus, settings: Settings, tmp_path: Path) -> None:
     # Found by a probe: `parent: rb`, the name of a release document of the folder (as `stable:` and an alias's

@@ -135,8 +135,9 @@ async def _plan(bus: Any, desired: list[Any], prune: bool, settings: Any) -> Any
                 serving=await read_serving(bus, desired))
 
 
-def _result(plan: Any, prov: Any, hidden: list[str], **extra: Any) -> dict[str, Any]:
-    return {"exit_code": plan.exit_code, "summary": _summary(plan), "steps": plan.steps, "errors": plan.errors,
+def _result(plan: Any, prov: Any, hidden: list[str], exit_code: int, **extra: Any) -> dict[str, Any]:
+    """The JSON of `plan` or `apply`; `exit_code` is the one the process exits with (apply's is never the plan's 2)."""
+    return {"exit_code": exit_code, "summary": _summary(plan), "steps": plan.steps, "errors": plan.errors,
             "git": prov, "not_read": hidden, **extra}
 
 
@@ -184,7 +185,7 @@ def register(cli: click.Group) -> None:
         plan = with_bus(ctx.obj["settings"], lambda bus: _plan(bus, desired, prune, ctx.obj["settings"]),
                          role="viewer")
         if as_json:
-            emit_json(_result(plan, prov, hidden))
+            emit_json(_result(plan, prov, hidden, plan.exit_code))
         else:
             _print(plan, prov, f"plan for {directory}", hidden)
             for error in plan.errors:
@@ -236,17 +237,18 @@ def register(cli: click.Group) -> None:
                                      audit_as=chosen_role("operator"), moved=moved)
 
         plan, event = with_bus(settings, work, role="operator")
+        code = 1 if plan.errors else 0
         for warning in warnings:
             warn(warning)
         if as_json:
-            emit_json(_result(plan, prov, hidden, applied=event is not None, warnings=warnings))
+            emit_json(_result(plan, prov, hidden, code, applied=event is not None, warnings=warnings))
         else:
             _print(plan, prov, f"apply {directory}", hidden)
         if plan.errors:
             for error in plan.errors:
                 err_console.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
             err_console.print("nothing was applied", highlight=False)
-            sys.exit(1)
+            sys.exit(code)
         if not as_json:
             n = len(plan.changes)
             console.print(f"applied: {n} change{'s' if n != 1 else ''}" if n else "nothing to do", highlight=False)
