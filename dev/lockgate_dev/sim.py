@@ -52,6 +52,9 @@ class ModelSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     logprob: Annotated[float, msgspec.Meta(le=0)] = -0.1
     cached_tokens: NonNegative = 0  # prompt tokens reported as served from the provider's cache
     dimensions: Annotated[int, msgspec.Meta(ge=1, le=4096)] = 8  # embedding length
+    # When set, a text asked again gets the next of these (cycling) in place of `answers`/`default`: a model
+    # sampled at a temperature answers the same question differently (an LLM judge asked n times).
+    turns: list[str] = []
 
 
 class SimConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -162,6 +165,7 @@ class _Model:
         self.spec = spec
         self.answers = {k.strip(): v for k, v in spec.answers.items()}
         self.rng = random.Random(f"{seed}:{name}")
+        self.asked: dict[str, int] = {}  # times each text was asked, for `turns`
 
     def draw(self) -> tuple[float, bool]:
         """Latency in seconds and whether this request fails."""
@@ -265,7 +269,11 @@ class SimServer:
     @staticmethod
     def _answer(model: _Model, text: str, max_tokens: int | None) -> tuple[str, str]:
         """The answer to a text and its finish reason ("length" when max_tokens cut it)."""
-        answer = model.answers.get(text.strip(), model.spec.default)
+        if turns := model.spec.turns:
+            k = model.asked[text] = model.asked.get(text, -1) + 1
+            answer = turns[k % len(turns)]
+        else:
+            answer = model.answers.get(text.strip(), model.spec.default)
         if max_tokens is not None and max_tokens > 0:
             words = answer.split()
             limit = max(1, int(max_tokens / 1.3))

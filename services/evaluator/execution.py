@@ -35,7 +35,7 @@ from lockgate.services.evaluator.cache import ResponseCache
 from lockgate.services.evaluator.judge import JudgeParams
 from lockgate.services.evaluator.progress import Ticker
 from lockgate.services.evaluator.ratelimit import TokenBucket
-from lockgate.services.evaluator.upstream import Upstream, judge_step
+from lockgate.services.evaluator.upstream import Upstream, judge_step, judge_warning
 from lockgate.shipped import Shipped
 
 log = logging.getLogger("lockgate.evaluator")
@@ -288,11 +288,8 @@ class Execution:
             costs = [price.cost(r.input_tokens, r.output_tokens) for r in results]
         elif loaded.prices or model:
             warnings.append(f"model {model!r} is not in {loaded.price_source}; cost metrics are omitted")
-        unparsed = sum(int(r.details.get(judge.NAME, {}).get("unparsed", 0)) for r in results)
-        failed = sum(1 for r in results if "error" in r.details.get(judge.NAME, {}))
-        if unparsed or failed:
-            warnings.append(f"llm_judge: {unparsed} replies without a readable score; {failed} cases got none "
-                            "(missing, not scored 0)")
+        if judged := judge_warning(results):
+            warnings.append(judged)
         metrics = domain.aggregate(suite, results, costs)
         if cached := round(metrics.get(domain.N_CACHED, 0)):
             # Said, since a latency of such a row was measured when it was first called, maybe days ago, and a

@@ -160,34 +160,45 @@ def parse_reply(text: str) -> tuple[float, str]:
 
 @dataclass(frozen=True)
 class Verdict:
-    """n judge replies combined: mean score, agreement with the majority vote, spread, reasons."""
+    """n judge replies combined: the majority's score (None: no majority, so missing), agreement, spread, reasons."""
 
-    score: float
+    score: float | None
     agreement: float
     stdev: float
     scores: tuple[float, ...]
     reasons: tuple[str, ...]
     unparsed: int
+    why: str = ""  # why score is None
 
 
-def aggregate(replies: Sequence[str], pass_mark: float = 0.5) -> Verdict:
-    """Combine replies; agreement is the share of parsed replies whose pass/fail vote matches the majority."""
+def aggregate(replies: Sequence[str | None], pass_mark: float = 0.5) -> Verdict:
+    """Combine the n replies to one question (None: a call that failed) into one verdict.
+
+    The score stands only when more than half of all n replies are readable and vote alike (pass or fail at
+    pass_mark); it is the mean of that majority's scores. Otherwise there is no verdict (score None, missing,
+    never a 0). An injected answer makes resisting judges quote it (unreadable) and an obeying one reply a clean
+    score, so a verdict of the readable replies alone would be the obeying minority's (probe p40 F1). Agreement
+    is the share of all n replies in the larger vote: an unreadable or failed reply agrees with nothing."""
     scores: list[float] = []
     reasons: list[str] = []
-    unparsed = 0
+    unreadable: list[str] = []
     for reply in replies:
         try:
-            value, reason = parse_reply(reply)
-        except JudgeParseError:
-            unparsed += 1
+            value, reason = parse_reply(reply if reply is not None else "")
+        except JudgeParseError as exc:
+            unreadable.append("the call failed" if reply is None else exc.message)
             continue
         scores.append(value)
         reasons.append(reason)
-    if not scores:
-        raise JudgeParseError(f"none of {len(replies)} judge replies held a score; first: {(replies or [''])[0][:120]!r}")
-    votes = [s >= pass_mark for s in scores]
-    majority = sum(votes) * 2 >= len(votes)  # a tie counts as pass: the mean decides the score anyway
-    agreement = sum(v == majority for v in votes) / len(votes)
+    n = len(replies)
+    passing = [s for s in scores if s >= pass_mark]
+    failing = [s for s in scores if s < pass_mark]
+    larger = max(passing, failing, key=len)
+    agreement = len(larger) / n if n else 0.0
     stdev = statistics.pstdev(scores) if len(scores) > 1 else 0.0
-    return Verdict(score=sum(scores) / len(scores), agreement=agreement, stdev=stdev, scores=tuple(scores),
-                   reasons=tuple(reasons), unparsed=unparsed)
+    score = sum(larger) / len(larger) if len(larger) * 2 > n else None
+    why = "" if score is not None else (
+        f"no majority verdict: {len(larger)} of {n} judge replies agree, {len(unreadable)} unreadable or failed"
+        + (f"; first: {unreadable[0]}" if unreadable else ""))
+    return Verdict(score=score, agreement=agreement, stdev=stdev, scores=tuple(scores), reasons=tuple(reasons),
+                   unparsed=len(unreadable), why=why)

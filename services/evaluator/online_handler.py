@@ -283,12 +283,13 @@ class OnlineEval:
         if not replies and not failures:  # today's budget was spent before the first call
             await self.judge_skipped.bump()
             return
-        try:
-            if not replies:
-                raise judge.JudgeParseError(failures[0])
-            result = online.judged(event, judge.aggregate(replies, spec.pass_mark).score, served=served)
-        except judge.JudgeParseError as exc:
-            result = online.judged(event, None, exc.message, served)
+        if not replies:
+            result = online.judged(event, None, failures[0], served)
+        else:
+            # Of the n asked for: a failed call, or one today's budget refused, is a reply without a score, so an
+            # obeying minority's clean score is never the verdict (judge.aggregate, probe p40 F1).
+            verdict = judge.aggregate([*replies, *[None] * (spec.n - len(replies))], spec.pass_mark)
+            result = online.judged(event, verdict.score, verdict.why, served)
         await self._publish(result)
 
     async def _call(self, state: _JudgeState, msgs: list[dict[str, str]], reserved: Reservation) -> _Reply:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -61,28 +61,48 @@ def judge_step(upstream: Upstream, params: judge.JudgeParams) -> runner.Judge:
     # rubric, sample count or pass mark never reuses replies given under other settings.
     setting = msgspec.to_builtins(params)
 
-    async def one(i: int, msgs: list[dict[str, str]]) -> str:
+    async def one(i: int, msgs: list[dict[str, str]]) -> str | LockgateError:
         try:
             reply = await upstream(msgs, {"temperature": params.temperature}, salt={"replica": i, "judge": setting})
         except LockgateError as exc:
-            return f"<judge call failed: {exc.message}>"
+            return exc
         return reply.text
 
     async def step(result: domain.CaseResult) -> domain.CaseResult:
         if result.error:
             return result
         msgs = judge.messages(params, result.input, result.output, result.expected)
-        replies = await asyncio.gather(*(one(i, msgs) for i in range(params.n)))
-        try:
-            verdict = judge.aggregate(replies, params.pass_mark)
-        except judge.JudgeParseError as exc:
-            # No readable score is a missing measurement, not a 0: a judge outage must not look like a regression.
-            # Every reply was unreadable: each one counts in the run's warning as one unreadable reply.
-            detail = {"replies": list(replies), "error": exc.message, "unparsed": len(replies)}
-            return replace(result, details={**result.details, judge.NAME: detail})
-        detail = {"scores": list(verdict.scores), "reasons": list(verdict.reasons), "stdev": verdict.stdev,
-                  "unparsed": verdict.unparsed}
-        scores = {**result.scores, judge.NAME: verdict.score, judge.AGREEMENT: verdict.agreement}
+        outcomes = await asyncio.gather(*(one(i, msgs) for i in range(params.n)))
+        # A failed call is a reply without a score: of the n, it agrees with nothing (judge.aggregate).
+        verdict = judge.aggregate([o if isinstance(o, str) else None for o in outcomes], params.pass_mark)
+        detail: dict[str, Any] = {"scores": list(verdict.scores), "reasons": list(verdict.reasons),
+                                  "stdev": verdict.stdev, "unparsed": verdict.unparsed}
+        # Agreement is reported for every judged case, a missing one too: its disagreement is what
+        # measurement.min_judge_agreement reads.
+        scores = {**result.scores, judge.AGREEMENT: verdict.agreement}
+        if verdict.score is None:
+            # No majority verdict is a missing measurement, not a 0: a judge outage must not look like a
+            # regression, nor an obeying minority like a pass.
+            detail |= {"replies": [o if isinstance(o, str) else f"<judge call failed: {o.message}>"
+                                   for o in outcomes], "error": verdict.why}
+        else:
+            scores[judge.NAME] = verdict.score
         return replace(result, scores=scores, details={**result.details, judge.NAME: detail})
 
     return step
+
+
+def judge_warning(results: Sequence[domain.CaseResult]) -> str:
+    """The run's warning about judge replies without a score and cases left without a verdict ("" if none).
+
+    Both counts, since unreadable replies in a case with a majority verdict are no missing case, and a case
+    without one (a minority score is not its score) is, though some of its replies held a score (probe p40 F1)."""
+    judged = [d for r in results if (d := r.details.get(judge.NAME))]
+    unparsed = sum(int(d.get("unparsed", 0)) for d in judged)
+    replies = sum(len(d.get("scores", [])) for d in judged) + unparsed
+    missing = sum(1 for d in judged if "error" in d)
+    if not unparsed and not missing:
+        return ""
+    return (f"llm_judge: {unparsed} of {replies} judge replies held no readable score (unreadable or failed); "
+            f"{missing} of {len(judged)} judged cases had no majority of their replies agreeing on a score, so "
+            "have none (missing, not scored 0)")

@@ -247,7 +247,9 @@ async def test_slices_and_an_unreadable_judge_through_the_evaluator(
     # The judge never answered with a score: missing for every case, not a 0 that drags the metric down.
     assert done.metrics["llm_judge_missing"] == 1.0 and "llm_judge" not in done.metrics
     # 10 cases, one judge reply each, none readable: each counted (probe p29: "0 replies without a readable score").
-    assert "llm_judge: 10 replies without a readable score; 10 cases got none (missing, not scored 0)" in done.warnings
+    assert ("llm_judge: 10 of 10 judge replies held no readable score (unreadable or failed); 10 of 10 judged cases "
+            "had no majority of their replies agreeing on a score, so have none (missing, not scored 0)"
+            ) in done.warnings
 
 
 async def test_recorded_task_scores_inference_events_without_calls(

@@ -98,7 +98,7 @@ def test_judge_step_leaves_an_unreadable_case_unscored() -> None:
     params = judge.parse_params(JUDGE["params"])
     step = judge_step(fake_upstream(["sorry", "no idea", "<judge call failed: timed out>"]), params)
     out = asyncio.run(step(CaseResult(case_id="1", repeat=0, input="q", expected="a", output="a")))
-    assert "llm_judge" not in out.scores and "held a score" in out.details["llm_judge"]["error"]
+    assert "llm_judge" not in out.scores and "no majority verdict: 0 of 3" in out.details["llm_judge"]["error"]
     assert eval_domain.case_scores(SUITE, out) == {"llm_judge": None, "score": None}
 
 
