@@ -19,6 +19,7 @@ Python's socket. On asyncio's own loop a failed accept is logged once in a while
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import os
@@ -176,10 +177,9 @@ class Listener(socket.socket):
             return
         os.close(self._spare)
         try:
-            fd, _ = self._accept()  # type: ignore[attr-defined]
-            os.close(fd)
-        except OSError:
-            pass
+            with contextlib.suppress(OSError):  # gone meanwhile, or still starved: the next round tries again
+                fd, _ = self._accept()  # type: ignore[attr-defined]
+                os.close(fd)
         finally:
             self._spare = _spare()
 
