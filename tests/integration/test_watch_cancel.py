@@ -109,9 +109,9 @@ async def test_an_sdk_watch_given_up_as_it_starts_leaves_the_client_reading(bus:
 async def test_a_flush_given_up_while_it_waits_leaves_the_connection_reading(bus: Bus) -> None:
     # nats-py's own flaw, as the watches met it: the PONG of a flush cancelled while it waited ended nats-py's read
     # loop (InvalidStateError), the connection still "connected". Our client passes over such a PONG.
-    flush = asyncio.ensure_future(bus.nc.flush())
-    await asyncio.sleep(0)  # one step: its PING is sent, and it waits for the PONG
-    flush.cancel()
+    pong = asyncio.get_running_loop().create_future()
+    await bus.nc._send_ping(pong)  # what `flush()` does: its PING sent, its PONG awaited on this future ...
+    pong.cancel()  # ... which its caller's cancel cancels
     await asyncio.wait_for(bus.nc.flush(), 5)  # the next PONG is read: the loop reads on
     assert bus.reconnects == 0 and (await bus.health())[0] == "connected"
 

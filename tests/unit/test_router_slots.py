@@ -11,6 +11,16 @@ from yarl import URL
 from lockgate.services.router.h1 import H1Pool, NoSlot, Slots
 
 
+async def _in_line(slots: Slots, waiting: int) -> None:
+    """Return once the calls just started have each run to their wait in line (`waiting` of them): the loop runs
+    ready callbacks in order, so a future set by one queued after their first steps is done after them."""
+    loop = asyncio.get_running_loop()
+    turn = loop.create_future()
+    loop.call_soon(turn.set_result, None)
+    await turn
+    assert sum(map(len, slots._lines.values())) == waiting
+
+
 async def test_a_tenant_at_its_share_waits_and_is_refused_while_another_tenant_is_served() -> None:
     slots = Slots(limit=4, share=2)
     acme = [await slots.take("acme", 0) for _ in range(2)]
@@ -28,7 +38,7 @@ async def test_a_slot_let_go_goes_to_the_first_waiter_below_its_share() -> None:
     # acme waits first, but is at its share: the slot bravo lets go is carol's, who waits behind it.
     acme_waits = asyncio.ensure_future(slots.take("acme", None))
     carol_waits = asyncio.ensure_future(slots.take("carol", None))
-    await asyncio.sleep(0)  # one loop turn: each task runs to its wait in line (no time passes, nothing raced)
+    await _in_line(slots, 2)
     bravo.free()
     carol = await carol_waits
     assert not acme_waits.done()
@@ -43,7 +53,7 @@ async def test_a_waiter_that_gives_up_leaves_the_line_and_one_handed_a_slot_as_i
     held = await slots.take("acme", 0)
     gone = asyncio.ensure_future(slots.take("bravo", None))
     after = asyncio.ensure_future(slots.take("carol", None))
-    await asyncio.sleep(0)  # one loop turn: each task runs to its wait in line
+    await _in_line(slots, 2)
     held.free()  # handed to bravo's call ...
     gone.cancel()  # ... which is cancelled before it ran: carol's call has the slot
     carol = await after
@@ -74,7 +84,7 @@ async def test_a_waiter_cancelled_before_its_task_ran_is_passed_over() -> None:
     held = await slots.take("acme", 0)
     gone = asyncio.ensure_future(slots.take("bravo", None))
     after = asyncio.ensure_future(slots.take("carol", None))
-    await asyncio.sleep(0)  # one loop turn: each task runs to its wait in line
+    await _in_line(slots, 2)
     gone.cancel()  # cancelled first, its task not run yet as the slot frees: carol's call has it
     held.free()
     (await after).free()
