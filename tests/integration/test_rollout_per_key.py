@@ -243,10 +243,12 @@ TTFT = {"metrics": [{"name": "ttft_p95", "max_ratio": 3.0}], "min_sample": 30, "
 
 @pytest.fixture
 async def ttft_router(context: ServiceContext, run_services: Any, signer: Signer) -> AsyncIterator[Any]:
-    """Stable and the canary `same` both sending their first token after 20 ms; `late` after 200 ms."""
-    stable_sim = SimServer(SimConfig(models={"m": ModelSpec(default="stable says hi", ttft_ms=20)}, seed=3))
-    canary_sim = SimServer(SimConfig(models={"same": ModelSpec(default="same canary", ttft_ms=20),
-                                             "late": ModelSpec(default="late canary", ttft_ms=200)}, seed=3))
+    """Stable and the canary `same` both sending their first token after 200 ms; `late` after 2 s. Not 20 ms: the
+    canary's 40 streamed calls at once queue in the router longer than stable's 10, which on a loaded machine (CI)
+    added 130 ms to a 20 ms first token, more than `max_ratio` 3."""
+    stable_sim = SimServer(SimConfig(models={"m": ModelSpec(default="stable says hi", ttft_ms=200)}, seed=3))
+    canary_sim = SimServer(SimConfig(models={"same": ModelSpec(default="same canary", ttft_ms=200),
+                                             "late": ModelSpec(default="late canary", ttft_ms=2000)}, seed=3))
     async with stable_sim as stable, canary_sim as canary:
         yield await serving(context, run_services, signer, stable.url, canary.url, ("same", "late"))
 
