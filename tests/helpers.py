@@ -6,7 +6,9 @@ import abc
 import asyncio
 import contextlib
 import json
+import os
 import re
+import signal
 import subprocess
 import threading
 import time
@@ -88,6 +90,16 @@ async def eventually(check: Callable[[], bool], progress: Sequence[Progress], ti
             task.cancel()
         for task in done:
             task.exception()  # consume TimeoutError from a waiter; the deadline check above decides
+
+
+async def hang(pid: int) -> None:
+    """Stop a child process of this one (SIGSTOP: its connections stay open, nothing answers) and return once it
+    has stopped. kill() returns once the stop is sent, not done: a thread of nats-server running on the other core
+    stops when it next enters the kernel, and on a loaded machine answered a health check's requests first (a
+    ci-local failure). The parent's waitpid reports the stop once every thread has stopped."""
+    os.kill(pid, signal.SIGSTOP)
+    _, status = await asyncio.to_thread(os.waitpid, pid, os.WUNTRACED)
+    assert os.WIFSTOPPED(status), status
 
 
 class Process:

@@ -23,6 +23,7 @@ import pytest
 
 from lockgate.config import Settings
 from lockgate.server.runtime import Runtime
+from tests.helpers import hang
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -56,7 +57,7 @@ async def test_health_answers_at_once_and_says_the_bus_is_unresponsive_while_nat
             assert (code, body["status"], body["bus"]) == (200, "ok", "connected"), body
 
             pid = runtime.nats.proc.pid
-            os.kill(pid, signal.SIGSTOP)
+            await hang(pid)
             try:
                 took, code, body = await _get(http, healthz)
                 assert took < ANSWERED_WITHIN_S, f"/healthz took {took:.1f} s while nats-server hung: {body}"

@@ -25,7 +25,7 @@ from lockgate.ids import uuid7
 from lockgate.server.apikeys import Bootstrap, bootstrap
 from lockgate.server.runtime import Runtime
 from lockgate.v1 import ingest_pb2, ingest_pb2_grpc
-from tests.helpers import eventually
+from tests.helpers import eventually, hang
 from tests.integration.test_otlp import _json_request
 
 pytestmark = pytest.mark.timeout(120)
@@ -132,7 +132,7 @@ async def test_a_hung_bus_is_answered_retry_within_the_exporters_deadline_and_th
     assert runtime.nats is not None and runtime.nats.proc is not None
     sender = Sender(runtime, keys, "hung")
     pid = runtime.nats.proc.pid
-    os.kill(pid, signal.SIGSTOP)  # its connections stay open (still "connected"), nothing is acknowledged
+    await hang(pid)  # its connections stay open (still "connected"), nothing is acknowledged
     try:
         began = time.monotonic()
         answers = await sender.all()
