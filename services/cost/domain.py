@@ -23,8 +23,9 @@ def distinct_events(events: Sequence[InferenceEvent]) -> list[InferenceEvent]:
 
 def event_cost(e: InferenceEvent, price: ModelPrice) -> float:
     """What one inference event cost under `price`: its billed tokens (the worst case the router charged for a
-    call whose usage is unknown, as its budgets did), prompt-cache writes at their write rates (as budgets.cost_of)."""
-    return price.cost(*e.billed_tokens, *e.billed_writes)
+    call whose usage is unknown, as its budgets did: its input at a cache write's rate where the router charged it
+    so), prompt-cache writes at their write rates (as budgets.cost_of)."""
+    return (price.writing() if e.billed_dearest else price).cost(*e.billed_tokens, *e.billed_writes)
 
 
 class Priced(msgspec.Struct):

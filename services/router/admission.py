@@ -37,9 +37,11 @@ from lockgate.batcher import Batcher
 from lockgate.config import Settings
 from lockgate.contracts import BudgetEvent
 from lockgate.contracts.inference import (
+    CHARGED_INPUT_RATE,
     CHARGED_INPUT_TOKENS,
     CHARGED_OUTPUT_TOKENS,
     CLIENT_DISCONNECTED,
+    DEAREST,
     ROUTER_BUSY,
     UPSTREAM_UNANSWERED,
     USAGE_UNKNOWN,
@@ -71,6 +73,7 @@ from lockgate.services.router.budgets import (
     period_id,
     period_start,
     pointed_at,
+    reckoned,
     resolve,
     scope,
     seed_step,
@@ -166,11 +169,13 @@ class LedgerSpend(msgspec.Struct, frozen=True):
 
 class Call(NamedTuple):
     """One upstream call of a request, as budgets price it: the model it is billed at, the length of the body it
-    sends and that body's output limits."""
+    sends, that body's output limits and whether its upstream may write the prompt cache (its input then priced at
+    a write's rate in its worst case: budgets.reckoned)."""
 
     model: str
     body_bytes: int
     limits: OutputLimits
+    writes: bool = False
 
 
 class Refused(NamedTuple):
@@ -254,14 +259,16 @@ class Admission:
 
     async def admit(self, key: ApiKey, deployment: str, model: str, req: ApiRequest, body_bytes: int,
                     sent: Sequence[OutputLimits] = (), body: bytes = b"", also: Sequence[str] = (),
-                    max_fields: Sequence[str] = CHAT.max_fields) -> Ticket | web.Response:
+                    max_fields: Sequence[str] = CHAT.max_fields, writes: bool = False) -> Ticket | web.Response:
         """Reserve the request's largest cost on every budget that covers it, after its rate limits;
         a Ticket to settle after the call, or the 429/503 answer. `body_bytes`: the length of the longest
         body an upstream of this request may receive (input_estimate); `sent`: the output limits of each
         (a release's params or a provider's translation may set others than the client's); `body`: the
         client's, for what it points at (images, stored state: budgets.pointed_at); `also`: the other models
         the request may be billed at (stable's, when a canary falls back to it): the dearest is reserved;
-        `max_fields`: the fields that bound the output of the request's operation (budgets.most_output)."""
+        `max_fields`: the fields that bound the output of the request's operation (budgets.most_output); `writes`:
+        an upstream of the request may write the prompt cache, so its input is reserved at a write's rate
+        (budgets.reckoned: a write kept an hour is billed 2x input, beyond a reservation at the input rate)."""
         if not self.active:
             return OPEN
         max_out = most_output(req, max_fields, self.file.default_max_tokens, sent)
@@ -271,9 +278,9 @@ class Admission:
         prices = {m: self.prices.get(m) for m in (model, *also)}
         # An unpriced model among them is named below (a USD budget cannot be enforced on it); else the dearest.
         model = next((m for m, p in prices.items() if p is None), None) or max(
-            prices, key=lambda m: cost_of(prices[m], tokens_in, max_out).usd)
+            prices, key=lambda m: cost_of(reckoned(prices[m], writes), tokens_in, max_out).usd)
         price = prices[model]
-        cost = cost_of(price, tokens_in, max_out)
+        cost = cost_of(reckoned(price, writes), tokens_in, max_out)
         if self.limiter:
             try:
                 refused = await self._rate_limit(key, cost.tokens)
@@ -361,7 +368,8 @@ class Admission:
         """A call's worst case (budgets.worst_case): input and output tokens, and their cost at its model's price."""
         assert ticket.req is not None  # an admitted ticket (OPEN has no calls to price)
         return worst_case(ticket.prices.get(call.model, ticket.price), call.body_bytes, ticket.req, call.limits,
-                          ticket.max_fields, self.file.default_max_tokens, self.file.bytes_per_token, ticket.pointed)
+                          ticket.max_fields, self.file.default_max_tokens, self.file.bytes_per_token, ticket.pointed,
+                          call.writes)
 
     async def cover(self, ticket: Ticket, spent: Sequence[Call], then: Call) -> str | None:
         """Before a call (a fallback) that follows calls abandoned after their request went out: reserve what the
@@ -416,6 +424,8 @@ class Admission:
         rec.attributes[USAGE_UNKNOWN] = "worst_case"
         rec.attributes[CHARGED_INPUT_TOKENS] = str(tokens_in)
         rec.attributes[CHARGED_OUTPUT_TOKENS] = str(tokens_out)
+        if call.writes:  # its input charged at a cache write's rate (budgets.reckoned)
+            rec.attributes[CHARGED_INPUT_RATE] = DEAREST
         return cost
 
     async def _rate_limit(self, key: ApiKey, tokens: int, requests: int = 1) -> Refusal | None:

@@ -318,15 +318,23 @@ def cost_of(price: ModelPrice | None, input_tokens: int, output_tokens: int, cac
     return Amount(usd, input_tokens + output_tokens)
 
 
+def reckoned(price: ModelPrice | None, writes: bool) -> ModelPrice | None:
+    """The price a reservation or worst case is reckoned at: the input at its dearest rate when the call's upstream
+    `writes` the prompt cache (ModelPrice.writing: an Anthropic call writing its prompt for an hour is billed 2x
+    input), else as it is (an OpenAI-compatible upstream reports no writes: its reservations do not grow)."""
+    return price.writing() if writes and price is not None else price
+
+
 def worst_case(price: ModelPrice | None, body_bytes: int, req: ApiRequest, limits: OutputLimits,
                fields: Sequence[str], default_max_tokens: int, bytes_per_token: float,
-               pointed: int = 0) -> tuple[int, int, Amount]:
+               pointed: int = 0, writes: bool = False) -> tuple[int, int, Amount]:
     """What one call may be billed at most: its input estimate (from the `body_bytes` it sends), the most output its
-    body's `limits` allow, and their cost at its model's `price`. Charged for a call whose usage the router never
-    learns (abandoned after its request went out), as admission reserves for a request of that call alone."""
+    body's `limits` allow, and their cost at its model's `price` (the input at a cache write's rate when its upstream
+    `writes` the prompt cache: reckoned). Charged for a call whose usage the router never learns (abandoned after its
+    request went out), as admission reserves for a request of that call alone."""
     tokens_in = input_estimate(body_bytes, req, bytes_per_token, pointed)
     tokens_out = most_output(req, fields, default_max_tokens, (limits,))
-    return tokens_in, tokens_out, cost_of(price, tokens_in, tokens_out)
+    return tokens_in, tokens_out, cost_of(reckoned(price, writes), tokens_in, tokens_out)
 
 
 def still_needed(held: Amount, spent: Amount, then: Amount) -> Amount:

@@ -399,7 +399,7 @@ class Proxy:
         sent = [req if hop.body is body else _output_limits.decode(hop.body) for hop in hops]
         ticket = await self.admission.admit(key, deployment, model, req, max(len(hop.body) for hop in hops), sent,
                                             body, also=[t.model or req.model for _, t in starts[1:]],
-                                            max_fields=op.max_fields)
+                                            max_fields=op.max_fields, writes=any(_writes(hop) for hop in hops))
         if isinstance(ticket, web.Response):
             return ticket
 
@@ -708,7 +708,12 @@ def _call_of(hops: list[Hop], sent: list[OutputLimits], model: str, hop: Hop) ->
     """One hop's call as budgets price it: its release's model (else the client's `model`), the length of its body
     and that body's output limits (`sent`, one per hop)."""
     at = next(i for i, h in enumerate(hops) if h is hop)
-    return Call(hop.tag[1].model or model, len(hop.body), sent[at])
+    return Call(hop.tag[1].model or model, len(hop.body), sent[at], _writes(hop))
+
+
+def _writes(hop: Hop) -> bool:
+    """The hop's upstream may write the prompt cache, billing its input dearer (budgets.reckoned)."""
+    return provider(hop.endpoint.provider).writes_cache
 
 
 def _foreign_limit(req: ApiRequest, op: Operation) -> str | None:

@@ -46,6 +46,18 @@ class ModelPrice(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         return ((input_tokens - cached - written) * self.input_per_mtok + cached * cached_rate
                 + (written - hour) * write_rate + hour * hour_rate + output_tokens * self.output_per_mtok) / 1e6
 
+    @property
+    def dearest_input_per_mtok(self) -> float:
+        """The most one input token may be billed at: the input rate, or a prompt-cache write's where it is dearer
+        (Anthropic's hour-long write, 2x input)."""
+        rates = (self.input_per_mtok, self.cache_write_per_mtok, self.cache_write_1h_per_mtok)
+        return max(rate for rate in rates if rate is not None)
+
+    def writing(self) -> ModelPrice:
+        """This price with every input token at `dearest_input_per_mtok`: a call's worst case where its upstream may
+        write the whole prompt to the cache (no cached tokens go with it, so the cached rate needs no care)."""
+        return msgspec.structs.replace(self, input_per_mtok=self.dearest_input_per_mtok)
+
 
 class PriceBook(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """A versioned price list; `hash` identifies exactly which prices a ledger row used."""

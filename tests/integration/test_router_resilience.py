@@ -23,6 +23,7 @@ import openai
 import pytest
 from aiohttp import web
 
+from lockgate import anthropicwire
 from lockgate.cli.budget import read_budgets
 from lockgate.codec import Codec
 from lockgate.contracts import CostLedger, InferenceEvent
@@ -1611,6 +1612,101 @@ async def test_anthropic_cache_writes_are_charged_at_their_rate_on_the_budget(
     _priced_as_anthropic(context, tmp_path)
     router = await _cache_writing_call(gateway, keys, stream=False)
     assert (await _counter(router, context)).usd == CACHE_WRITE_NANO_USD
+
+
+# A prompt of 4,000 bytes and one output token: the input dominates what a call costs.
+LONG = {"model": "m", "messages": [{"role": "user", "content": "x" * 4000}], "max_tokens": 1}
+
+
+def _estimate(provider: str) -> int:
+    """The input estimate of a call of LONG on `provider`'s endpoint: from the body its upstream gets (Anthropic's
+    translation of it, or LONG as sent)."""
+    sent = len(json.dumps(LONG).encode() if provider == "openai" else msgspec.json.encode(anthropicwire.request(LONG)))
+    return input_estimate(sent, msgspec.convert(LONG, ApiRequest), 1.0)
+
+
+def _reservation(provider: str, rate: float) -> int:
+    """Nano-USD a call of LONG reserves on `provider`'s endpoint (priced as _priced_as_anthropic) with its input at
+    `rate`."""
+    return math.ceil((_estimate(provider) * rate + 1 * 15.0) / 1e6 * 1e9)
+
+
+def _writing_all(tokens_in: int) -> Callable[[str, dict[str, Any]], web.Response]:
+    """An Anthropic answer that wrote all of its `tokens_in` input tokens to the cache for an hour."""
+    def make(_auth: str, body: dict[str, Any]) -> web.Response:
+        return web.json_response({
+            "type": "message", "id": "msg_1", "model": body["model"], "role": "assistant", "stop_reason": "max_tokens",
+            "content": [{"type": "text", "text": "x"}], "usage": {
+                "input_tokens": 0, "cache_read_input_tokens": 0, "cache_creation_input_tokens": tokens_in,
+                "cache_creation": {"ephemeral_5m_input_tokens": 0, "ephemeral_1h_input_tokens": tokens_in},
+                "output_tokens": 1}})
+    return make
+
+
+@pytest.mark.parametrize(("provider", "limit_rate", "admitted"), [
+    ("anthropic", 3.0, False),  # before: admitted, and the counter ended at 6.0's cost, over the budget
+    ("anthropic", 6.0, True),
+    ("openai", 3.0, True),
+], ids=["anthropic-plain-limit", "anthropic-write-limit", "openai-plain-limit"])
+async def test_a_call_that_may_write_the_cache_reserves_its_input_at_the_write_rate(
+        gateway: Gateway, keys: Bootstrap, context: ServiceContext, tmp_path: Any, provider: str, limit_rate: float,
+        admitted: bool) -> None:
+    # Left by the p38 F3 fix: the reservation priced the input at the input rate, and a call writing its whole prompt
+    # to the cache for an hour was billed up to 2x that, past a budget that had admitted it (the spend exceeds a limit
+    # only by what calls use beyond their reservation: nothing, for a request with a max_tokens). Now an Anthropic
+    # call's input is reserved at the dearest write rate; an OpenAI-compatible one's, which writes none, as before.
+    # The budget's limit is the reservation with the input at `limit_rate`, to the nano-USD.
+    _priced_as_anthropic(context, tmp_path)
+    limit = _reservation(provider, limit_rate)
+    (tmp_path / "gateway.yaml").write_text(json.dumps({"budgets": {"daily": {"tenant": "acme", "usd": limit / 1e9}}}))
+    tokens_in = _estimate(provider)  # the call is billed all the input it may have, written for an hour on Anthropic
+    answer = ("answer", _writing_all(tokens_in)) if provider == "anthropic" else "ok"
+    async with FakeLLM("up", answer, usage={"prompt_tokens": tokens_in, "completion_tokens": 1,
+                                            "total_tokens": tokens_in + 1}) as up:
+        router = await gateway({"default": {"url": up.url, "provider": provider}})
+        async with aiohttp.ClientSession() as http, http.post(
+                f"{router.url}/v1/chat/completions", data=json.dumps(LONG).encode(),
+                headers={"Authorization": f"Bearer {keys.app_key}", "Content-Type": "application/json"}) as resp:
+            status, body = resp.status, await resp.json()
+        if not admitted:
+            assert (status, body.get("error", {}).get("code"), up.calls) == (429, "request_too_large", 0)
+            assert f"may use up to {_reservation(provider, 6.0) / 1e9:.6f} USD (m prices, up to 1 output tokens), " \
+                   f"more than its whole limit of {limit / 1e9:.6f} USD" in body["error"]["message"]
+            return
+        assert status == 200
+        sent = int(up.headers[0]["Content-Length"])  # what the reservation was reckoned from
+        assert input_estimate(sent, msgspec.convert(LONG, ApiRequest), 1.0) == tokens_in
+        spent = await _counter(router, context)
+    # Billed all the input it may have at its dearest rate, it stays within the limit its reservation fitted in.
+    assert spent.usd == limit
+
+
+async def test_a_cache_writing_calls_unknown_usage_is_charged_and_booked_at_the_write_rate(
+        gateway: Gateway, keys: Bootstrap, context: ServiceContext, events: Any, tmp_path: Any, run_services: Any,
+        store: Any) -> None:
+    # Left by the p38 F3 fix: the worst case charged for a call whose usage is unknown priced its input at the input
+    # rate, though an Anthropic call may have written it all to the cache for an hour (2x). Now it is charged at the
+    # write rate, its event says so, and the cost ledger books the same.
+    _priced_as_anthropic(context, tmp_path)
+    ledgers = await context.bus.nc.subscribe(context.bus.subjects.cost_ledger)
+    svcs = await run_services("sink", "cost")
+    async with FakeLLM("claude", "misshapen") as up:  # a 200 whose body is no message: its usage unknown
+        router = await gateway({"default": {"url": up.url, "provider": "anthropic"}})
+        async with aiohttp.ClientSession() as http, http.post(
+                f"{router.url}/v1/chat/completions", data=json.dumps(LONG).encode(),
+                headers={"Authorization": f"Bearer {keys.app_key}", "Content-Type": "application/json"}) as resp:
+            assert resp.status == 502
+        (event,) = await events(1)
+        spent = await _counter(router, context)
+    assert spent.usd == _reservation("anthropic", 6.0)  # before: at 3.0
+    assert {k: event.attributes.get(k) for k in ("lockgate.usage_unknown", "lockgate.charged_input_tokens",
+                                                 "lockgate.charged_input_rate")} == {
+        "lockgate.usage_unknown": "worst_case", "lockgate.charged_input_tokens": str(_estimate("anthropic")),
+        "lockgate.charged_input_rate": "dearest"}
+    Codec(CostLedger).decode((await ledgers.next_msg(timeout=15)).data)
+    await sink_stored(svcs["sink"].handlers, cost_ledger=1)
+    (cost,) = await asyncio.to_thread(cost_rollup, store, ["tenant"])
+    assert cost["cost_usd"] == pytest.approx(spent.usd / 1e9, abs=1e-8)
 
 
 @pytest.mark.parametrize(("action", "stream", "error_type", "kept"), [

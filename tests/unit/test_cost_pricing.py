@@ -187,9 +187,24 @@ def test_the_shipped_price_book_gives_its_anthropic_models_their_write_rates() -
             assert price.cache_write_1h_per_mtok == pytest.approx(price.input_per_mtok * 2), name
 
 
-def test_a_call_charged_its_worst_case_is_charged_no_write_premium() -> None:
-    # Its worst case is plain input (admission's reservation), as the router's budgets charged it.
+@pytest.mark.parametrize(("rate", "input_usd"), [({}, 3.0), ({"lockgate.charged_input_rate": "dearest"}, 6.0)],
+                         ids=["plain", "dearest"])
+def test_a_call_charged_its_worst_case_is_priced_at_the_input_rate_the_router_charged(rate: dict,
+                                                                                     input_usd: float) -> None:
+    # Its writes reported are none of it: the router charged the worst case's input at the input rate, or (its
+    # upstream writing the prompt cache: budgets.reckoned) at the dearest, and the ledger books the same.
     e = InferenceEvent(app="a", input_tokens=10, cache_write_tokens=10, cache_write_1h_tokens=10,
                        attributes={"lockgate.usage_unknown": "x", "lockgate.charged_input_tokens": "100",
-                                   "lockgate.charged_output_tokens": "5"})
+                                   "lockgate.charged_output_tokens": "5", **rate})
     assert (e.billed_tokens, e.billed_writes) == ((100, 5, 0), (0, 0))
+    price = load_price_book().models["claude-sonnet-4"]
+    assert event_cost(e, price) == pytest.approx((100 * input_usd + 5 * 15.0) / 1e6)
+
+
+def test_the_dearest_input_rate_is_the_highest_the_price_book_gives() -> None:
+    assert ModelPrice(input_per_mtok=1.0, output_per_mtok=3.0).dearest_input_per_mtok == 1.0
+    assert ModelPrice(input_per_mtok=1.0, output_per_mtok=3.0, cache_write_per_mtok=1.25).dearest_input_per_mtok == 1.25
+    assert ModelPrice(input_per_mtok=1.0, output_per_mtok=3.0, cache_write_per_mtok=1.25,
+                      cache_write_1h_per_mtok=2.0).writing().cost(1000, 10) == pytest.approx((2000 + 30) / 1e6)
+    # A book whose write rates are below its input rate (none bills so) still reserves the input rate.
+    assert ModelPrice(input_per_mtok=1.0, output_per_mtok=3.0, cache_write_1h_per_mtok=0.5).dearest_input_per_mtok == 1.0

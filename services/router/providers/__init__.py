@@ -31,6 +31,9 @@ class OpenAI:
 
     name = "openai"
     headers: dict[str, str] = {}
+    # Whether its answers may report prompt-cache writes, billed dearer than input (budgets.reckoned): OpenAI's cache
+    # writes for free and its usage names none, so an OpenAI-compatible call is reserved at the input rate.
+    writes_cache = False
 
     def path(self, op: Operation) -> str:
         return op.path
@@ -57,6 +60,7 @@ class Anthropic:
 
     name = "anthropic"
     headers = {"anthropic-version": anthropic.VERSION}
+    writes_cache = True  # a write kept an hour is billed 2x input (anthropicwire.usage counts them)
 
     def path(self, op: Operation) -> str:
         if op is not CHAT:

@@ -26,6 +26,10 @@ NonNegF = Annotated[float, msgspec.Meta(ge=0, le=3.4e38)]
 USAGE_UNKNOWN = "lockgate.usage_unknown"
 CHARGED_INPUT_TOKENS = "lockgate.charged_input_tokens"
 CHARGED_OUTPUT_TOKENS = "lockgate.charged_output_tokens"
+# With them, for a call whose upstream may write the prompt cache (Anthropic's): its input was charged at the dearest
+# rate an input token may be billed at (`DEAREST`: pricebook.ModelPrice.dearest_input_per_mtok, an hour-long write's).
+CHARGED_INPUT_RATE = "lockgate.charged_input_rate"
+DEAREST = "dearest"
 # A client's hang-up before its answer (error_type): its own doing (`CLIENT_DISCONNECTED`, `client_failed`: no evidence
 # of the release), unless the router had by then waited on the upstream longer than `router_unanswered_s`, for its
 # answer's first byte or a stream's next line (`UPSTREAM_UNANSWERED`): the release kept its client waiting, a failure
@@ -148,8 +152,14 @@ class InferenceEvent(Event, frozen=True, kw_only=True, tag="lockgate.inference",
     @property
     def billed_writes(self) -> tuple[int, int]:
         """(prompt-cache writes, of them kept an hour) among `billed_tokens`' input: none for a call whose worst
-        case was charged (its input as plain input, as the router's budgets charged it)."""
+        case was charged (its input priced as a whole: `billed_dearest`)."""
         return (0, 0) if self._charged() else (self.cache_write_tokens, self.cache_write_1h_tokens)
+
+    @property
+    def billed_dearest(self) -> bool:
+        """The router charged the call's worst case with its input at the dearest rate an input token may be billed
+        at (its upstream may write the prompt cache), so the cost accountant prices it so too."""
+        return self._charged() is not None and self.attributes.get(CHARGED_INPUT_RATE) == DEAREST
 
     def _charged(self) -> tuple[int, int] | None:
         """The (input, output) tokens the router charged for a call whose usage is unknown, else None."""
