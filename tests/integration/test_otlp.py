@@ -139,6 +139,30 @@ async def test_the_http_exporter_stores_every_span_and_a_genai_span_becomes_a_pr
     await _check_stored(stack, store, "shop-http")
 
 
+async def test_a_span_reporting_prompt_cache_writes_is_priced_at_the_write_rate(
+        stack: Any, store: Store, keys: Bootstrap) -> None:
+    # Left by the p38 F3 fix: the receiver mapped the cache reads a span reports, not its writes
+    # (`gen_ai.usage.cache_creation.input_tokens`), so an Anthropic call writing a 100,000-token prefix was booked
+    # as plain input: 0.303150 USD where Anthropic bills 0.378150 (the writes at 1.25x).
+    exporter = HttpExporter(endpoint=stack.endpoints["otlp-http"] + "/v1/traces", headers={"x-api-key": keys.app_key})
+    provider = TracerProvider(resource=Resource.create({"service.name": "shop-claude"}))
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    with provider.get_tracer("test-app").start_as_current_span("chat claude-sonnet-4") as call:
+        call.set_attributes({
+            "gen_ai.operation.name": "chat", "gen_ai.provider.name": "anthropic",
+            "gen_ai.request.model": "claude-sonnet-4", "gen_ai.usage.input_tokens": 100_050,
+            "gen_ai.usage.cache_creation.input_tokens": 100_000, "gen_ai.usage.output_tokens": 200})
+    await asyncio.to_thread(provider.shutdown)
+    sink = stack["sink"].handlers
+    await eventually(lambda: _count(store, "cost_ledger") >= 1, [sink.progress("cost_ledger")], what="cost")
+    await eventually(lambda: _count(store, "inference_events") >= 1, [sink.events], what="the inference event")
+    event = store.rows("SELECT input_tokens, cache_write_tokens, output_tokens FROM inference_events")[0]
+    assert event == {"input_tokens": 100_050, "cache_write_tokens": 100_000, "output_tokens": 200}
+    # the shipped price book: claude-sonnet-4 at $3.00 in, $3.75 per 5-minute cache write, $15.00 out per million
+    assert store.scalar("SELECT cost_usd FROM cost_ledger") == pytest.approx(
+        (50 * 3.00 + 100_000 * 3.75 + 200 * 15.00) / 1e6)
+
+
 def _json_request(trace_id: str, name: str, **resource: str) -> dict[str, Any]:
     attrs = [{"key": k, "value": {"stringValue": v}} for k, v in resource.items()]
     start = time.time_ns() - 60_000_000_000  # recent: an inference event's time must be near now

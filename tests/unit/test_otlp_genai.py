@@ -22,16 +22,19 @@ def span(attrs: dict[str, Any], resource: dict[str, Any] | None = None, *, error
 SEMCONV = {"gen_ai.operation.name": "chat", "gen_ai.provider.name": "openai", "gen_ai.request.model": "gpt-4o",
            "gen_ai.response.model": "gpt-4o-2024-08-06", "gen_ai.usage.input_tokens": 100,
            "gen_ai.usage.output_tokens": 20, "gen_ai.usage.cache_read.input_tokens": 40,
+           "gen_ai.usage.cache_creation.input_tokens": 30,
            "gen_ai.response.finish_reasons": ["stop", "length"], "gen_ai.conversation.id": "conv-1"}
 # OpenLLMetry (traceloop): the older gen_ai names plus llm.* ones
 OPENLLMETRY = {"llm.request.type": "chat", "gen_ai.system": "openai", "gen_ai.request.model": "gpt-4o",
                "gen_ai.response.model": "gpt-4o-2024-08-06", "gen_ai.usage.prompt_tokens": 100,
                "gen_ai.usage.completion_tokens": 20, "gen_ai.usage.cache_read_input_tokens": 40,
+               "gen_ai.usage.cache_creation_input_tokens": 30,
                "gen_ai.completion.0.finish_reason": "stop", "gen_ai.prompt.0.content": "hi",
                "gen_ai.completion.0.content": "hello"}
 OPENINFERENCE = {"openinference.span.kind": "LLM", "llm.provider": "openai", "llm.model_name": "gpt-4o",
                  "llm.token_count.prompt": 100, "llm.token_count.completion": 20,
-                 "llm.token_count.prompt_details.cache_read": 40, "input.value": "hi", "output.value": "hello",
+                 "llm.token_count.prompt_details.cache_read": 40, "llm.token_count.prompt_details.cache_write": 30,
+                 "input.value": "hi", "output.value": "hello",
                  "session.id": "conv-1"}
 
 
@@ -40,7 +43,7 @@ def test_each_scheme_maps_to_the_same_event(attrs: dict[str, Any]) -> None:
     e = genai.to_event(span(attrs), tenant="acme", app="shop")
     assert e is not None
     assert (e.tenant, e.app, e.model, e.provider, e.operation) == ("acme", "shop", "gpt-4o", "openai", "chat")
-    assert (e.input_tokens, e.output_tokens, e.cached_tokens) == (100, 20, 40)
+    assert (e.input_tokens, e.output_tokens, e.cached_tokens, e.cache_write_tokens) == (100, 20, 40, 30)
     assert (e.trace_id, e.span_id, e.time, e.latency_ms, e.status) == (
         "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331", T0, 1.5, "ok")
     assert e.source == "otlp" and e.attributes == {"otel.span.name": "call"}
