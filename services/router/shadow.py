@@ -194,7 +194,7 @@ class Shadow:
             if http is None:
                 return
             if budget.spec.max_cost_usd is not None:
-                reserved = await self._reserve(budget, target, body, payload, req, prov.writes_cache)
+                reserved = await self._reserve(budget, target, body, payload, req)
                 if reserved is None:
                     slot = False  # no copy: budget.refused gave its place back, counting why
                     return
@@ -274,9 +274,8 @@ class Shadow:
         return self.prices.get(target.model or req.model)
 
     async def _reserve(self, budget: Budget, target: domain.Target, body: bytes, payload: bytes,
-                       req: ApiRequest, writes: bool) -> int | None:
-        """Reserve the copy's worst case in the rollout's spend (its input at a cache write's rate when its upstream
-        `writes` the prompt cache: budgets.reckoned): the nano-USD reserved, or None (the copy is not
+                       req: ApiRequest) -> int | None:
+        """Reserve the copy's worst case in the rollout's spend: the nano-USD reserved, or None (the copy is not
         made; `budget.refused` says why) when it does not fit `max_cost_usd`, the candidate's model has no price
         (the cap could not be kept) or the store does not answer."""
         cap = budget.spec.max_cost_usd
@@ -295,7 +294,7 @@ class Shadow:
         except msgspec.DecodeError:
             limits = OutputLimits()
         need = worst_case(price, len(payload), req, limits, CHAT.max_fields, g.default_max_tokens, g.bytes_per_token,
-                          pointed_at(req, body, g.media_tokens, g.stored_input_tokens).tokens, writes)[2].usd
+                          pointed_at(req, body, g.media_tokens, g.stored_input_tokens).tokens)[2].usd
         try:
             fits, spent = await self.spend.reserve(budget.key, need, cap)
         except KVUnavailable as exc:
