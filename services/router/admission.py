@@ -60,6 +60,7 @@ from lockgate.services.router.budgets import (
     BudgetSpec,
     Counter,
     EventThrottle,
+    NamedState,
     Periods,
     Pointed,
     Scope,
@@ -259,7 +260,8 @@ class Admission:
 
     async def admit(self, key: ApiKey, deployment: str, model: str, req: ApiRequest, body_bytes: int,
                     sent: Sequence[OutputLimits] = (), body: bytes = b"", also: Sequence[str] = (),
-                    max_fields: Sequence[str] = CHAT.max_fields, writes: bool = False) -> Ticket | web.Response:
+                    max_fields: Sequence[str] = CHAT.max_fields, writes: bool = False,
+                    named: NamedState | None = None) -> Ticket | web.Response:
         """Reserve the request's largest cost on every budget that covers it, after its rate limits;
         a Ticket to settle after the call, or the 429/503 answer. `body_bytes`: the length of the longest
         body an upstream of this request may receive (input_estimate); `sent`: the output limits of each
@@ -268,12 +270,13 @@ class Admission:
         the request may be billed at (stable's, when a canary falls back to it): the dearest is reserved;
         `max_fields`: the fields that bound the output of the request's operation (budgets.most_output); `writes`:
         an upstream of the request may write the prompt cache, so its input is reserved at a write's rate
-        (budgets.reckoned: a write kept an hour is billed 2x input, beyond a reservation at the input rate)."""
+        (budgets.reckoned: a write kept an hour is billed 2x input, beyond a reservation at the input rate); `named`:
+        the stored state a Responses request names, read already (budgets.named_state)."""
         if not self.active:
             return OPEN
         max_out = most_output(req, max_fields, self.file.default_max_tokens, sent)
         lower = partial(to_lower, req, max_fields, self.file.default_max_tokens, sent)  # said on a refusal only
-        pointed = pointed_at(req, body, self.file.media_tokens, self.file.stored_input_tokens)
+        pointed = pointed_at(req, body, self.file.media_tokens, self.file.stored_input_tokens, named)
         tokens_in = input_estimate(body_bytes, req, self.file.bytes_per_token, pointed.tokens)
         prices = {m: self.prices.get(m) for m in (model, *also)}
         # An unpriced model among them is named below (a USD budget cannot be enforced on it); else the dearest.

@@ -180,6 +180,20 @@ class _TopLevel(msgspec.Struct):
 _top_level = msgspec.json.Decoder(_TopLevel)
 
 
+class _ConversationRef(msgspec.Struct):
+    """`conversation` as an object: `{"id": "conv_..."}`."""
+
+    id: str
+
+
+_response_id = msgspec.json.Decoder(str)
+_conversation_id = msgspec.json.Decoder(str | _ConversationRef)
+_NAMES_STATE = (b'"previous_response_id"', b'"conversation"')
+
+# The stored state a request names: (its field, its id, or None when the value is no id).
+NamedState = tuple[tuple[str, str | None], ...]
+
+
 class Pointed(NamedTuple):
     """Input tokens a request only points at: its image parts (`media`) and stored input (`stored`)."""
 
@@ -198,11 +212,13 @@ class Pointed(NamedTuple):
         return f"This request's reservation includes {' and '.join(parts)}." if parts else ""
 
 
-def pointed_at(req: ApiRequest, body: bytes, media_tokens: int, stored_tokens: int) -> Pointed:
+def pointed_at(req: ApiRequest, body: bytes, media_tokens: int, stored_tokens: int,
+               named: NamedState | None = None) -> Pointed:
     """What a request (`req`, decoded from `body`) refers to without carrying it: `media_tokens` for each image
     part, and `stored_tokens` (up to a model's whole context) once if it has a file part, a stored item, or names
-    a stored response or conversation. Looked for only where the APIs put them (see _MEDIA), in the decoded
-    request, so no JSON escape hides one; a body without a trigger byte string is not walked at all."""
+    a stored response or conversation (`named`, when the caller has read it already: `named_state`). Looked for
+    only where the APIs put them (see _MEDIA), in the decoded request, so no JSON escape hides one; a body without
+    a trigger byte string is not walked at all."""
     escaped = b"\\" in body and b"\\u" in body  # a one-byte scan first: most bodies have no backslash at all
     if not escaped and not any(t in body for t in _TRIGGERS):
         return Pointed()
@@ -214,18 +230,36 @@ def pointed_at(req: ApiRequest, body: bytes, media_tokens: int, stored_tokens: i
         if isinstance(item, dict):  # an input item: itself a part (item_reference), or holding parts
             i, s = _in_parts([item, *(p for k in ("content", "output") for p in _as_parts(item.get(k)))])
             images, stored = images + i, stored + s
-    if not stored and (escaped or b'"previous_response_id"' in body or b'"conversation"' in body):
-        stored = int(_names_stored_state(body))
+    if not stored and named is not None:
+        stored = int(bool(named))
+    elif not stored and (escaped or any(t in body for t in _NAMES_STATE)):
+        try:
+            stored = int(bool(named_state(body)))
+        except msgspec.DecodeError:  # read once already (as an ApiRequest): should it fail now, reserve rather than not
+            stored = 1
     return Pointed(images * media_tokens, stored_tokens if stored else 0)
 
 
-def _names_stored_state(body: bytes) -> bool:
-    """The body's top level names a stored response or conversation (any value but null)."""
-    try:
-        top = _top_level.decode(body)  # skips every other field without building it
-    except msgspec.DecodeError:  # read once already (as an ApiRequest): should it fail now, reserve rather than not
-        return True
-    return any(bytes(raw) not in (b"", b"null") for raw in (top.previous_response_id, top.conversation))
+def named_state(body: bytes) -> NamedState:
+    """The stored state a Responses body's top level names (any value but null): each `previous_response_id` and
+    `conversation` with its id (a non-empty string, or a conversation object's string `id`), or None for a value that
+    is no id. A body with neither name quoted nor a `\\u` escape (which may spell one) is not decoded: `()` for the cost
+    of a few byte scans. DecodeError for a body that is no JSON object (read once already as an ApiRequest)."""
+    if not ((b"\\" in body and b"\\u" in body) or any(t in body for t in _NAMES_STATE)):
+        return ()
+    top = _top_level.decode(body)  # skips every other field without building it
+    named: list[tuple[str, str | None]] = []
+    for field, raw, decoder in (("previous_response_id", top.previous_response_id, _response_id),
+                                ("conversation", top.conversation, _conversation_id)):
+        value = bytes(raw)
+        if value in (b"", b"null"):
+            continue
+        try:
+            found = decoder.decode(value)
+        except msgspec.DecodeError:  # an array, a number, an object without a string id: no id
+            found = None
+        named.append((field, (found.id if isinstance(found, _ConversationRef) else found) or None))  # "": no id
+    return tuple(named)
 
 
 def _as_parts(value: Any) -> list[Any]:

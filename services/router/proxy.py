@@ -16,7 +16,7 @@ import math
 import re
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
 
@@ -39,10 +39,12 @@ from lockgate.server.apikeys import ApiKey, AuthError, Forbidden, KeyStore, bear
 from lockgate.server.body import closing, read_body
 from lockgate.services.router import domain
 from lockgate.services.router.admission import OPEN, OPEN_ADMISSION, Admission, Call
+from lockgate.services.router.budgets import named_state
 from lockgate.services.router.cache import MAX_KEYED_BYTES
 from lockgate.services.router.endpoints import Endpoint, Endpoints, UnknownEndpoint
 from lockgate.services.router.fit import TEXT_BYTES, encode_served
 from lockgate.services.router.h1 import BrokenReply, H1Pool
+from lockgate.services.router.owners import UNAVAILABLE, Owners, Withheld
 from lockgate.services.router.providers import Unsupported, UpstreamStreamError, provider
 from lockgate.services.router.rollouts import Rollouts
 from lockgate.services.router.shadow import Shadow
@@ -113,6 +115,7 @@ class Proxy:
         # Its session is opened by the router's start; its pool's slots are per endpoint and tenant (h1.Slots).
         self.upstream = Upstream(pool=H1Pool(settings.router_endpoint_slots, share=settings.router_tenant_slot_share))
         self.admission: Admission = OPEN_ADMISSION  # budgets, rate limits, cache: set by the service
+        self.owners = Owners(settings, None)  # which tenant owns each Responses state: set by the service
         self.shadow = Shadow(rollouts, endpoints, batcher, lambda: self.upstream.session,
                              gateway=lambda: self.admission.file)
 
@@ -319,12 +322,19 @@ class Proxy:
         try:
             body = await read_body(request)
             req = _api_request.decode(body)
+            # The stored state a Responses request names (a few byte scans when none): whose it is decides below.
+            named = named_state(body) if op is RESPONSES else ()
         except UnreadableBody as exc:
             return closing(error_response(exc.http_status, f"invalid {op.api} request: {exc.message}",
                                           "invalid_request_error"))
         except UNDECODABLE as exc:
             return error_response(400, f"invalid {op.api} request: {undecodable(exc)}", "invalid_request_error",
                                   param=_param_of(exc))
+        if (bad_state := next((field for field, state_id in named if state_id is None), None)) is not None:
+            # Checked as an id or refused: a value the router cannot read as one is never passed on unchecked.
+            return error_response(400, f"invalid {op.api} request: {bad_state!r} must be an id (a string"
+                                       f"{', or an object with a string id' if bad_state == 'conversation' else ''})",
+                                  "invalid_request_error", param=bad_state)
         if req.stream and op.chunk is None:  # as OpenAI's embeddings API, which has no stream parameter
             return error_response(400, f"invalid {op.api} request: 'stream' is not a parameter of {op.api}; "
                                        "its answer comes whole", "invalid_request_error", param="stream")
@@ -393,13 +403,22 @@ class Proxy:
                                                  secrets.token_hex(8), deployment, variant, target, model, req, user,
                                                  session, rec, op, by_header)
             return error_response(400, exc.message, "invalid_request_error")
+        claim = None
+        if op is RESPONSES:
+            # Another tenant's stored response or conversation is answered as one that does not exist, before any
+            # upstream call or charge; the answer's own id, and the ids nobody owned yet, are claimed as it comes.
+            unowned = await self.owners.admit(key, named)
+            if isinstance(unowned, web.Response):
+                return unowned
+            claim = partial(self.owners.claim, key.tenant, unowned)
         # Budgets and rate limits, once the model the upstream will bill is known: 429/503 or a ticket. The input
         # is bounded by the bodies the upstreams get (a release's patch or a translation may lengthen them).
         # The output too: a release's params or a translation may set another max_tokens than the client's.
         sent = [req if hop.body is body else _output_limits.decode(hop.body) for hop in hops]
         ticket = await self.admission.admit(key, deployment, model, req, max(len(hop.body) for hop in hops), sent,
                                             body, also=[t.model or req.model for _, t in starts[1:]],
-                                            max_fields=op.max_fields, writes=any(_writes(hop) for hop in hops))
+                                            max_fields=op.max_fields, writes=any(_writes(hop) for hop in hops),
+                                            named=named if op is RESPONSES else None)
         if isinstance(ticket, web.Response):
             return ticket
 
@@ -440,9 +459,9 @@ class Proxy:
                 # A cacheable stream keeps the lines the client received, for the cache to replay.
                 streamed = [] if ticket.cache_key is not None else None
                 response = await self._stream(request, op, hops, up_headers, out_headers, want_usage, t0, rec,
-                                              streamed, cover, underway)
+                                              streamed, cover, underway, claim)
             else:
-                response = await self._once(op, hops, up_headers, out_headers, rec, cover, underway)
+                response = await self._once(op, hops, up_headers, out_headers, rec, cover, underway, claim)
                 if request.transport is None:  # the client left while the upstream worked: nobody got the answer
                     # As the answer came (else the handler was cancelled): the client waited the whole call. The answer
                     # was there: any hold of the loop may have kept it unread (probe p18 F4), none is the upstream's.
@@ -581,7 +600,8 @@ class Proxy:
         return self.upstream.session.get(endpoint.url_for(path), headers=dict(endpoint.auth_headers))  # type: ignore[union-attr]
 
     async def _once(self, op: Operation, hops: list[Hop], up_headers: dict[str, str], out_headers: dict[str, str],
-                    rec: _Record, cover: Cover | None = None, underway: Underway | None = None) -> web.StreamResponse:
+                    rec: _Record, cover: Cover | None = None, underway: Underway | None = None,
+                    claim: Claim | None = None) -> web.StreamResponse:
         rec.sent = asyncio.get_running_loop().time()
         try:
             reply = await self.upstream.send(hops, up_headers, stream=False, cover=cover, underway=underway)
@@ -602,6 +622,8 @@ class Proxy:
         except ErrorAnswer:  # a 200 whose body is an error: to the client a failure, as a 5xx would be
             return rec.fail(502, f"endpoint {endpoint.id} for release {target.release!r} answered HTTP 200 with "
                                  f"an error: {openai_error(scrub(reply.body, endpoint))}", "upstream_error", out_headers)
+        if claim is not None and (withheld := await claim(rec.response_id)) is not None:
+            return rec.withhold(withheld)
         # The upstream's charset stays when its body passes as it came (an OpenAI-compatible provider's).
         charset = reply.charset if prov.name == "openai" else ""
         return web.Response(body=data, status=200, content_type="application/json", charset=charset or None,
@@ -610,7 +632,7 @@ class Proxy:
     async def _stream(self, request: web.Request, op: Operation, hops: list[Hop], up_headers: dict[str, str],
                       out_headers: dict[str, str], want_usage: bool, t0: float, rec: _Record,
                       streamed: list[bytes] | None = None, cover: Cover | None = None,
-                      underway: Underway | None = None) -> web.StreamResponse:
+                      underway: Underway | None = None, claim: Claim | None = None) -> web.StreamResponse:
         chunk = op.chunk
         assert chunk is not None  # forward refuses a stream of an operation that has none
         rec.sent = asyncio.get_running_loop().time()
@@ -646,6 +668,17 @@ class Proxy:
                         else:  # the client's SDK decodes every other data line as JSON: check it does decode
                             events += 1
                             usage_only = chunk(payload, rec)  # UNDECODABLE when it is no chunk
+                            # The first event (`response.created`: the id), before it goes out; an error event
+                            # instead created nothing, and accepted no id.
+                            if claim is not None:
+                                withheld = await claim(rec.response_id) if rec.status == "ok" else None
+                                claim = None
+                                if withheld is not None:
+                                    rec.withhold(withheld)
+                                    failure, events = withheld.message, events - 1
+                                    pending.clear()
+                                    reply.close()  # the provider stops generating what nobody will read
+                                    break
                             # An error event in any operation's stream, in any shape an upstream sends (chat's
                             # `{"error": ..}` on /v1/responses, vLLM's `{"object": "error"}`): the call failed.
                             # Only error events are scrubbed: an answer's own text passes as generated.
@@ -778,6 +811,7 @@ class _Record:
         "output_tokens",
         "provider",
         "reply",
+        "response_id",
         "response_model",
         "sent",
         "served",
@@ -794,6 +828,7 @@ class _Record:
         self.input_tokens = self.output_tokens = self.cached_tokens = 0
         self.cache_write_tokens = self.cache_write_1h_tokens = 0
         self.response_model = ""
+        self.response_id = ""  # the id under which the provider keeps a Responses answer (owners.py claims it)
         self.ttft_ms = self.latency_ms = 0.0
         self.out = Choices()  # every choice's text, tool calls and finish reason
         self.attributes: dict[str, str] = {}
@@ -890,6 +925,11 @@ class _Record:
         self.attributes.pop(USAGE_WARNING, None)
         self.attributes.pop(SERVICE_TIER, None)  # served at no tier: nothing was generated
 
+    def withhold(self, withheld: Withheld) -> web.Response:
+        """An answer not passed on, its ids unclaimed (owners.Owners.claim): the call answered, the request failed."""
+        self.status, self.error_type = "error", UNAVAILABLE
+        return withheld.answer
+
     def fail(self, http: int, message: str, type_: str, headers: dict[str, str],
              code: str | None = None) -> web.Response:
         self.status, self.error_type = "error", type_
@@ -964,6 +1004,8 @@ def _prepare(op: Operation, endpoint: Endpoint, body: bytes) -> tuple[URL, bytes
 
 
 _prepared: dict[tuple[int, str], tuple[Endpoint, URL, dict[str, str]]] = {}
+# Claims a Responses answer's ids for the caller's tenant (owners.Owners.claim, its tenant and unowned ids bound).
+Claim = Callable[[str], Awaitable[Withheld | None]]
 
 
 def _end_span(span: Any, e: InferenceEvent, finish_reasons: tuple[str, ...] = ()) -> None:

@@ -33,6 +33,7 @@ from lockgate.services.router.handlers import (
     scores_callback,
 )
 from lockgate.services.router.looplag import LoopLag
+from lockgate.services.router.owners import Owners
 from lockgate.services.router.proxy import Proxy
 from lockgate.services.router.rollouts import Rollouts
 from lockgate.services.router.wire import error_response
@@ -63,6 +64,7 @@ class RouterService(Service):
         self.rollouts.upstream = self.proxy.upstream  # its breakers hold a failing canary's steps (Rollouts.tripped)
         self.admin = Admin(self.rollouts, self.keys)
         self.proxy.admission = self.admission = Admission(ctx.settings, ctx.bus, replica=ctx.bus.name)
+        self.proxy.owners = Owners(ctx.settings, ctx.bus)
         self.url = ""
         self._runner: web.AppRunner | None = None
         self._evidence: Any = None

@@ -255,6 +255,7 @@ def parse_embeddings(data: bytes, rec: _Record) -> None:
 def _response(r: Response, rec: _Record) -> None:
     """A Responses API response object: text of its output messages, function calls, usage, status."""
     rec.response_model = r.model or rec.response_model
+    _stored_as(r, rec)
     _tier(rec, r.service_tier)
     out = rec.out = Choices()  # the terminal event restates everything: start clean
     tools = 0
@@ -279,6 +280,13 @@ def _response(r: Response, rec: _Record) -> None:
         _usage(rec, r.usage.tokens())
 
 
+def _stored_as(r: Response, rec: _Record) -> None:
+    """Note the id under which the provider keeps a response (rec.response_id, for owners.py to claim), from the first
+    response object that names one: a stream's `response.created`."""
+    if not rec.response_id and isinstance(r.id, str) and r.id and r.store is not False:
+        rec.response_id = r.id
+
+
 def parse_response(data: bytes, rec: _Record) -> None:
     """Fill the record from a non-streaming Responses API answer."""
     _response(decode_response(data), rec)
@@ -292,6 +300,8 @@ def parse_response_event(data: bytes, rec: _Record) -> bool:
         rec.out.add_text(0, e.delta)
     elif e.type == "error":  # the stream's error event, passed on to the client
         rec.status, rec.error_type = "error", "upstream_stream_error"
+    elif e.response is not None and e.type == "response.created":
+        _stored_as(e.response, rec)
     elif e.response is not None and e.type in ("response.completed", "response.incomplete", "response.failed"):
         _response(e.response, rec)
         if e.type == "response.failed":

@@ -99,6 +99,10 @@ class Settings(msgspec.Struct, kw_only=True):
     # one pool of 1000 served every tenant and endpoint, with no bound on the wait (probe p37 F1).
     router_endpoint_slots: Annotated[int, msgspec.Meta(ge=1)] = 1000
     router_tenant_slot_share: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.5
+    # How long (seconds) the router remembers which tenant owns a Responses state (a response id it relayed, a
+    # response or conversation id a request named first): OpenAI keeps a stored response 30 days. Past it, the
+    # next tenant naming the id owns it (services/router/owners.py).
+    router_response_owner_ttl_s: Annotated[float, msgspec.Meta(gt=0)] = 30 * 24 * 3600.0
     app: str = "default"
     rollout_steps: tuple[float, ...] = (10.0, 25.0, 50.0, 100.0)
     rollout_step_interval_s: float = 5.0

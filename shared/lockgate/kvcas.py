@@ -69,11 +69,11 @@ class CasStore:
         return self._kv
 
     async def update(self, key: str, decode: Callable[[bytes], Any], step: Callable[[Any], tuple[Any, Any]],
-                     what: str, store: str | None = None) -> Any:
+                     what: str, store: str | None = None, ttl_s: float | None = None) -> Any:
         """`step(state or None)` gives (the new state, or None to write nothing, and the result to return);
         the new state is written only over the revision read, else read again. `what` names the key and
-        `store` the store in errors. Store failures are KVUnavailable; KVOutcomeUnknown once the write was sent
-        (it may have been applied)."""
+        `store` the store in errors; `ttl_s`: a key's first value expires after that long (Nats-TTL). Store
+        failures are KVUnavailable; KVOutcomeUnknown once the write was sent (it may have been applied)."""
         store = store or self.what
         sent = False  # a write is on its way: its answer alone tells whether it was applied
         try:
@@ -91,7 +91,7 @@ class CasStore:
                     sent = True
                     try:
                         if rev is None:
-                            await kv.create(key, _enc.encode(after))
+                            await kv.create(key, _enc.encode(after), msg_ttl=ttl_s)
                         else:
                             await kv.update(key, _enc.encode(after), last=rev)
                     except nats.js.errors.KeyWrongLastSequenceError:

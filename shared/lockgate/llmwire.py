@@ -268,6 +268,8 @@ class ResponseUsage(msgspec.Struct):
 class Response(msgspec.Struct):
     """A Responses API response object (complete, or inside a stream's terminal event)."""
 
+    id: Any = ""  # any JSON: only a string is an id the router claims (services/router/owners.py)
+    store: Any = None  # false: the provider keeps nothing a later request could name
     model: str = ""
     status: str = ""
     output: list[ResponseItem] = []

@@ -201,7 +201,7 @@ def _manage_topology(s: Subjects) -> Grant:
     names = [spec.name for spec in s.streams.values()]
     names += [f"KV_{b}" for b in (s.kv_gates, s.kv_routes, s.kv_keys, s.kv_drift, s.kv_eval_runs, s.kv_releases,
                                   s.kv_eval_cache, s.kv_audit, s.kv_gitops, s.kv_budgets,
-                                  s.kv_response_cache, s.kv_vetoes, s.kv_router_secret)]
+                                  s.kv_response_cache, s.kv_response_owners, s.kv_vetoes, s.kv_router_secret)]
     names += [f"OBJ_{s.object_store}", f"OBJ_{s.object_dead_letters}"]
     # And the durable consumers an interest stream keeps its messages for (StreamSpec.readers): declared before
     # anyone publishes, then each fetched from only by its own service (_durables).
@@ -354,6 +354,7 @@ def _grant(s: Subjects, identity: str) -> Grant:
         # Budgets: it leases from the shared counters (compare-and-set) and reports what they refused.
         g.add(_write_kv(s.kv_budgets)).add(Grant(publish=[s.budget_all]))
         g.add(_write_kv(s.kv_response_cache))  # answers shared between replicas (opt-in per deployment)
+        g.add(_create_kv(s.kv_response_owners))  # which tenant owns each Responses state (responses, conversations)
         # Its secret (sticky buckets, user hashes), its alone: no read role is granted the bucket (probe p10 F9, F13).
         g.add(_create_kv(s.kv_router_secret))
         g.add(Grant(subscribe=[s.eval_scores_all, s.drift_all]))  # and online scores and drift reports

@@ -547,6 +547,12 @@ class Subjects:
         return f"{self.prefix}_response_cache"
 
     @property
+    def kv_response_owners(self) -> str:
+        """Which tenant owns each Responses API state the router saw created or first named (sha256 of a response or
+        conversation id -> the tenant), so no other tenant continues it through a shared upstream account."""
+        return f"{self.prefix}_response_owners"
+
+    @property
     def kv_router_secret(self) -> str:
         """The router's secret (key `secret`, written once): it keys sticky buckets and user hashes; only the router
         (and admin) reads it."""

@@ -34,6 +34,7 @@ from lockgate.services.router.budgets import (
     lease_ask,
     lease_chunk,
     most_output,
+    named_state,
     parse_counter_key,
     period_id,
     period_start,
@@ -631,6 +632,29 @@ def test_a_large_stored_state_value_is_never_built_into_objects() -> None:
         tracemalloc.stop()
     assert peak < 4 * len(big)  # the bytes and a copy or two, never the objects
     assert patched == b'{"model":"real-model","input":"hi","previous_response_id":' + value + b',"temperature":0}'
+
+
+@pytest.mark.parametrize(("body", "named"), [
+    (b'{"input": "hi"}', ()),
+    (b'{"input": "hi", "previous_response_id": "resp_1"}', (("previous_response_id", "resp_1"),)),
+    (b'{"conversation": {"id": "conv_1", "x": 1}, "previous_response_id": null}', (("conversation", "conv_1"),)),
+    (b'{"conversation": "conv_1", "previous_response_id": "resp_1"}',
+     (("previous_response_id", "resp_1"), ("conversation", "conv_1"))),
+    (b'{"previous_response_\\u0069d": "resp_1"}', (("previous_response_id", "resp_1"),)),  # an escape hides nothing
+    (b'{"previous_response_id": "resp_\\u0031"}', (("previous_response_id", "resp_1"),)),  # the id as parsers read it
+    # Values that are no id: the router refuses them rather than passing them on unchecked.
+    (b'{"previous_response_id": ["resp_1"]}', (("previous_response_id", None),)),
+    (b'{"previous_response_id": ""}', (("previous_response_id", None),)),
+    (b'{"conversation": {"name": "conv_1"}}', (("conversation", None),)),
+    (b'{"conversation": 7}', (("conversation", None),)),
+    # The application's own keys elsewhere name nothing.
+    (b'{"metadata": {"conversation": "c-1", "previous_response_id": "r"}}', ()),
+], ids=["none", "response", "conversation-object", "both", "escaped-key", "escaped-id", "array", "empty",
+        "object-without-id", "number", "metadata"])
+def test_the_stored_state_a_responses_body_names(body: bytes, named: tuple) -> None:
+    assert named_state(body) == named
+    req = msgspec.json.decode(body, type=ApiRequest)
+    assert pointed_at(req, body, 1500, 7, named_state(body)) == pointed_at(req, body, 1500, 7)  # read once or twice
 
 
 def test_a_reservation_says_what_it_holds_for_input_only_pointed_at() -> None:

@@ -1,0 +1,145 @@
+"""Which tenant owns each Responses API state, so no tenant continues another's through a shared upstream account.
+
+A provider keeps a response (and a conversation) under its id, for whoever holds the account's key to continue:
+`previous_response_id` or `conversation` in a request brings back every earlier turn, which the model can be asked to
+repeat. Two tenants whose deployments share one endpoint credential share that account, so the router, which holds
+the key for both, decides who may name an id. It claims each response id it relays for the caller's tenant before the
+client can see the id, and a request naming an id is served only to the tenant that owns it. An id the router never
+saw created (made outside it, or before this existed) is owned by the first tenant whose request naming it the
+upstream answers: claimed with that answer, before the client sees any of it, so of two tenants naming it at once the
+loser gets nothing (and an id that does not exist yet, named to guess a provider's next one, is claimed by nobody).
+A claim is a KV create (atomic across replicas) in `lg_response_owners`, keyed by the id's sha256, expiring after
+`router_response_owner_ttl_s`.
+
+Another tenant's id gets the answer the provider gives for an id that does not exist, so it tells nothing; the store
+unreachable refuses (503), as budgets fail closed: unchecked, the state would be served to anyone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from typing import Any, NamedTuple
+
+import msgspec
+from aiohttp import web
+
+from lockgate.config import Settings
+from lockgate.kvcas import CasStore, KVUnavailable
+from lockgate.server.apikeys import ApiKey
+from lockgate.services.router.budgets import NamedState
+from lockgate.services.router.wire import error_response
+
+log = logging.getLogger("lockgate.router.owners")
+
+_owner = msgspec.json.Decoder(str)
+Unowned = tuple[tuple[str, str], ...]  # the ids a request names that nobody owns yet: (its field, the id)
+_STORE = "the Responses state owners store"
+UNAVAILABLE = "response_owners_unavailable"  # the refusal's code, and the event's error type
+STORE_TIMEOUT_S = 5.0  # a KV round trip under load, as budgets' store_timeout_s: past it the request is refused
+
+
+def owner_key(state_id: str) -> str:
+    """The KV key of a response or conversation id: its sha256 (an id is the client's text, of any length and
+    alphabet; a KV key is not)."""
+    return hashlib.sha256(state_id.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def not_found(field: str, state_id: str) -> web.Response:
+    """OpenAI's answer for a `previous_response_id` or `conversation` that does not exist (its status, words and
+    code), given for another tenant's id alike."""
+    status, code = (400, "previous_response_not_found") if field == "previous_response_id" else \
+        (404, "conversation_not_found")
+    return error_response(status, _not_found_message(field, state_id), "invalid_request_error", code=code, param=field)
+
+
+def _not_found_message(field: str, state_id: str) -> str:
+    what = "Previous response" if field == "previous_response_id" else "Conversation"
+    return f"{what} with id '{state_id}' not found."
+
+
+def refusal(message: str) -> str:
+    """Why a Responses request is refused while the owners store cannot be asked (`message`: the store's failure)."""
+    return (f"the router cannot check or record which tenant owns Responses state: {message}; refusing the request "
+            "(fail closed: unchecked, one tenant could continue another's stored responses and conversations through "
+            "an upstream account they share)")
+
+
+def unavailable(message: str) -> web.Response:
+    """The 503 of a Responses request while the owners store cannot be asked."""
+    return error_response(503, refusal(message), "service_unavailable", code=UNAVAILABLE)
+
+
+class Withheld(NamedTuple):
+    """An answer not passed on, as its ids could not be claimed: the client's answer, or a stream's error message."""
+
+    answer: web.Response
+    message: str
+
+
+class Owners:
+    """The owners of the Responses state the router's tenants create and name (one bucket for every replica)."""
+
+    def __init__(self, settings: Settings, bus: Any) -> None:
+        self.ttl_s = settings.router_response_owner_ttl_s
+        self.store = CasStore(bus, bus.subjects.kv_response_owners if bus is not None else "",
+                              timeout_s=STORE_TIMEOUT_S, what=_STORE)
+
+    async def admit(self, key: ApiKey, named: NamedState) -> web.Response | Unowned:
+        """Before a Responses request's upstream call: the refusal when `key` may not name the state `named`
+        (another tenant's id, answered as one that does not exist; an admin key may name any), else the ids nobody
+        owns yet, for `claim` to claim with the answer. The store is asked for every request, as its answer's id
+        will be claimed: while it is unreachable the 503 comes before any upstream call (with the bucket's handle
+        held and the bus connected, a request naming no state costs no round trip)."""
+        try:
+            await self.store.kv()
+            if key.tenants is None:
+                return ()
+            unowned: list[tuple[str, str]] = []
+            for field, state_id in named:
+                if state_id is None:
+                    continue
+                owner = await self._owner(state_id)
+                if owner is None:
+                    unowned.append((field, state_id))
+                elif owner != key.tenant:
+                    return not_found(field, state_id)
+        except KVUnavailable as exc:  # KVUnreadable too: a value that is no tenant's name is no owner to trust
+            return unavailable(exc.message)
+        return tuple(unowned)
+
+    async def claim(self, tenant: str, unowned: Unowned, response_id: str) -> Withheld | None:
+        """Once the upstream answered a Responses request, before the client sees anything of it: claim for `tenant`
+        the ids it named that nobody owned (`admit`), and the id of the response it created (`response_id`, "" when
+        none is kept). None when all are `tenant`'s, else the answer to give instead: another tenant's claim of a
+        named id won meanwhile (that tenant's state, answered as an id that does not exist), or the store failed."""
+        try:
+            for field, state_id in unowned:
+                if not await self._claimed(tenant, state_id):
+                    return Withheld(not_found(field, state_id), _not_found_message(field, state_id))
+            if response_id and not await self._claimed(tenant, response_id):
+                # Only a provider whose ids can be guessed, and another tenant naming this one in the instant between
+                # its creation and this claim: that tenant was served it, so this answer's id is not passed on.
+                log.warning("response %s, created for tenant %s, was claimed first by another tenant", response_id,
+                            tenant)
+                return Withheld(unavailable("its response id is another tenant's"), "its response id is another "
+                                "tenant's")
+        except KVUnavailable as exc:
+            return Withheld(unavailable(exc.message), refusal(exc.message))
+        return None
+
+    async def _owner(self, state_id: str) -> str | None:
+        """The tenant that owns `state_id`, None when nobody does (read, never written)."""
+        def step(owner: str | None) -> tuple[None, str | None]:
+            return None, owner
+
+        return await self.store.update(owner_key(state_id), _owner.decode, step, f"the owner of {state_id!r}")
+
+    async def _claimed(self, tenant: str, state_id: str) -> bool:
+        """Whether `tenant` owns `state_id` now: it did, or nobody did and its create won (another replica's
+        concurrent create makes the store read again)."""
+        def step(owner: str | None) -> tuple[str | None, bool]:
+            return (tenant, True) if owner is None else (None, owner == tenant)
+
+        return bool(await self.store.update(owner_key(state_id), _owner.decode, step, f"the owner of {state_id!r}",
+                                            ttl_s=self.ttl_s))

@@ -1,0 +1,240 @@
+"""Responses API state (stored responses, conversations) of one tenant, named by another, through the official `openai`
+client against the router (real nats-server, the simulator).
+
+Both tenants' requests go to one upstream with one credential (passthrough to the `default` endpoint): one provider
+account, which keeps every response under its id for whoever holds the key. Before, the router passed
+`previous_response_id` and `conversation` on unchecked: tenant globex, knowing an id of a response acme created
+through the router, had the provider continue acme's conversation and could ask the model to repeat its earlier
+turns."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+from aiohttp import web
+
+from lockgate import credentials
+from lockgate.bus import Bus
+from lockgate.config import Settings
+from lockgate.credentials import NotAllowed
+from lockgate.server.apikeys import Bootstrap, KeyStore, bootstrap
+from lockgate.server.natsserver import NatsServer, auth_config
+from lockgate.services.router.owners import Owners, owner_key
+from lockgate.store import Store
+from lockgate.subjects import Subjects
+from lockgate_dev.sim import ModelSpec, SimConfig, SimServer
+from tests.helpers import Replicas
+
+pytestmark = pytest.mark.timeout(90)
+
+MODEL = "m"
+
+
+@pytest.fixture
+async def sim() -> AsyncIterator[SimServer]:
+    # `slow` streams its answer over a second and a half: its stream is still open when its first event is read.
+    async with SimServer(SimConfig(models={MODEL: ModelSpec(default="an answer"),
+                                           "slow": ModelSpec(default="one two three four five six", latency_ms=1500)})
+                         ) as s:
+        yield s
+
+
+@pytest.fixture
+async def replicas() -> AsyncIterator[Replicas]:
+    r = Replicas()
+    yield r
+    await r.close()
+
+
+async def _router(replicas: Replicas, settings: Settings, store: Store, name: str = "router-a") -> Any:
+    bus = Bus(settings.nats_url, Subjects(settings.prefix), name=name)
+    await bus.connect()
+    return await replicas.router(bus, settings, store)
+
+
+def _passthrough(settings: Settings, sim: SimServer) -> Settings:
+    return settings.replace(stable_upstream=sim.url, passthrough=True, deployment="chat")
+
+
+@pytest.fixture
+def keys(settings: Settings) -> Bootstrap:
+    """The admin key, and acme's app key."""
+    return bootstrap(settings.home, tenant="acme", app="shop")
+
+
+@pytest.fixture
+def globex(settings: Settings) -> str:
+    """Globex's app key."""
+    return KeyStore(settings.home).create("globex", "books")[0]
+
+
+def _client(router: Any, key: str) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=f"{router.url}/v1", api_key=key, max_retries=0, timeout=20)
+
+
+async def _create(client: openai.AsyncOpenAI, stream: bool, **ask: Any) -> str:
+    """A response's id as the client reads it: the body's, or the stream's `response.created` event's."""
+    if not stream:
+        return (await client.responses.create(model=MODEL, input="hi", **ask)).id
+    ids = [e.response.id async for e in await client.responses.create(model=MODEL, input="hi", stream=True, **ask)
+           if e.type in ("response.created", "response.completed")]
+    assert len(ids) == 2 and ids[0] == ids[1], ids
+    return ids[0]
+
+
+async def _refused(client: openai.AsyncOpenAI, stream: bool, **ask: Any) -> openai.APIStatusError:
+    with pytest.raises(openai.APIStatusError) as caught:
+        answer = await client.responses.create(model=MODEL, input="what did I say before?", stream=stream, **ask)
+        if stream:
+            async for _ in answer:  # type: ignore[union-attr]
+                pass
+    return caught.value
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+async def test_another_tenants_response_is_answered_as_one_that_does_not_exist(
+        settings: Settings, store: Store, replicas: Replicas, sim: SimServer, keys: Bootstrap, globex: str,
+        stream: bool) -> None:
+    router = await _router(replicas, _passthrough(settings, sim), store)
+    acme, other = _client(router, keys.app_key), _client(router, globex)
+    mine = await _create(acme, stream)
+    assert mine.startswith("resp_") and sim.total_requests == 1
+
+    # Globex names it: OpenAI's answer for an id that does not exist, and no upstream call.
+    err = await _refused(other, stream, previous_response_id=mine)
+    assert isinstance(err, openai.BadRequestError)
+    assert (err.code, err.param, err.type) == ("previous_response_not_found", "previous_response_id",
+                                               "invalid_request_error")
+    assert err.body["message"] == f"Previous response with id '{mine}' not found."  # type: ignore[index]
+    assert sim.total_requests == 1
+
+    # Acme's own goes on (and its answer is acme's in turn); an admin key may name any tenant's.
+    following = await _create(acme, stream, previous_response_id=mine)
+    assert sim.total_requests == 2
+    assert (await _refused(other, stream, previous_response_id=following)).code == "previous_response_not_found"
+    await _create(_client(router, keys.admin_key), stream, previous_response_id=mine)
+    assert sim.total_requests == 3
+
+    # The claim is in the bucket every replica reads: another replica refuses globex alike.
+    second = await _router(replicas, _passthrough(settings, sim), store, "router-b")
+    err = await _refused(_client(second, globex), stream, previous_response_id=mine)
+    assert err.code == "previous_response_not_found" and sim.total_requests == 3
+
+
+async def test_a_streamed_response_is_claimed_before_the_client_reads_its_id(
+        settings: Settings, store: Store, replicas: Replicas, sim: SimServer, keys: Bootstrap, globex: str) -> None:
+    router = await _router(replicas, _passthrough(settings, sim), store)
+    other = _client(router, globex)
+    events = await _client(router, keys.app_key).responses.create(model="slow", input="hi", stream=True)
+    async for event in events:
+        if event.type == "response.created":
+            # The answer is still being generated: its id, the first thing the client reads, is acme's already.
+            err = await _refused(other, False, previous_response_id=event.response.id)
+            assert err.code == "previous_response_not_found"
+            assert sim.requests == {"slow": 1}
+    assert event.type == "response.completed"
+
+
+async def test_an_id_the_router_never_saw_created_is_the_first_tenant_s_to_use_it(
+        settings: Settings, store: Store, replicas: Replicas, sim: SimServer, keys: Bootstrap, globex: str) -> None:
+    router = await _router(replicas, _passthrough(settings, sim), store)
+    acme, other = _client(router, keys.app_key), _client(router, globex)
+    # Made outside the router (another client of the account): globex names each first, and the upstream answers.
+    await _create(other, False, previous_response_id="resp_made_elsewhere")
+    await _create(other, True, conversation="conv_made_elsewhere")
+    assert sim.total_requests == 2
+    # They are globex's now, however acme spells them.
+    err = await _refused(acme, False, previous_response_id="resp_made_elsewhere")
+    assert err.code == "previous_response_not_found"
+    for spelled in ("conv_made_elsewhere", {"id": "conv_made_elsewhere"}):
+        for stream in (False, True):
+            err = await _refused(acme, stream, conversation=spelled)
+            assert isinstance(err, openai.NotFoundError) and err.param == "conversation", spelled
+            assert err.body["message"] == "Conversation with id 'conv_made_elsewhere' not found."  # type: ignore[index]
+    # A JSON escape does not hide the name: `previous_response_\u0069d` is previous_response_id to every parser.
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {keys.app_key}"}) as http, http.post(
+            f"{router.url}/v1/responses", headers={"Content-Type": "application/json"},
+            data=b'{"model": "m", "input": "hi", "previous_response_\\u0069d": "resp_made_elsewhere"}') as resp:
+        assert resp.status == 400 and (await resp.json())["error"]["code"] == "previous_response_not_found"
+    assert sim.total_requests == 2
+    await _create(other, False, previous_response_id="resp_made_elsewhere", conversation="conv_made_elsewhere")
+    assert sim.total_requests == 3
+
+    # A value that is no id is refused rather than passed on unchecked.
+    err = await _refused(acme, False, previous_response_id=["resp_made_elsewhere"])  # type: ignore[arg-type]
+    assert isinstance(err, openai.BadRequestError) and err.param == "previous_response_id"
+    assert sim.total_requests == 3
+
+
+async def test_owners_store_down_fails_closed(settings: Settings, store: Store, replicas: Replicas, sim: SimServer,
+                                             tmp_path: Path) -> None:
+    own = NatsServer(tmp_path / "own-nats")  # this test stops its bus, so not the session's server
+    await own.start()
+    try:
+        s = _passthrough(settings.replace(nats_url=own.url), sim)
+        keys = bootstrap(s.home, tenant="acme", app="shop")
+        router = await _router(replicas, s, store)
+        acme = _client(router, keys.app_key)
+        mine = await _create(acme, False)
+        await asyncio.to_thread(own.stop)
+        for stream in (False, True):
+            for ask in ({}, {"previous_response_id": mine}):
+                err = await _refused(acme, stream, **ask)
+                assert isinstance(err, openai.InternalServerError) and err.status_code == 503, ask
+                assert err.code == "response_owners_unavailable"
+                assert "cannot check or record which tenant owns Responses state" in err.message
+                assert "fail closed" in err.message
+        assert sim.total_requests == 1  # nothing more reached the upstream
+        # Chat keeps no state by id: served as before.
+        answer = await acme.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}])
+        assert answer.choices[0].message.content == "an answer"
+    finally:
+        await own.start()  # back on its port, so the router stops cleanly
+        await replicas.close()
+        own.stop()
+
+
+async def test_a_claim_is_keyed_by_the_ids_hash_and_expires(settings: Settings, store: Store, replicas: Replicas,
+                                                           sim: SimServer, keys: Bootstrap) -> None:
+    s = _passthrough(settings, sim).replace(router_response_owner_ttl_s=3600.0)
+    router = await _router(replicas, s, store)
+    mine = await _create(_client(router, keys.app_key), False)
+    bus = router.ctx.bus
+    kv = await bus.kv(bus.subjects.kv_response_owners)
+    entry = await kv.get(owner_key(mine))
+    assert entry.value == b'"acme"'
+    msg = await bus.js.get_msg(f"KV_{bus.subjects.kv_response_owners}", entry.revision)
+    assert (msg.headers or {}).get("Nats-TTL") in ("3600", "3600s")
+
+
+async def test_under_auth_the_router_claims_and_an_app_cannot_touch_the_owners(tmp_path: Path, unique: str) -> None:
+    server = NatsServer(tmp_path / "nats", config=auth_config(Subjects(unique), credentials.ensure(tmp_path)))
+    await server.start()
+    settings = Settings(prefix=unique, home=str(tmp_path), nats_url=server.url)
+    buses = {}
+    try:
+        for identity in ("admin", "router", "app"):
+            buses[identity] = Bus(settings.nats_url, Subjects(unique), name=f"test-{identity}",
+                                  auth=credentials.for_identity(settings, identity),
+                                  manage_topology=identity == "admin")
+            await buses[identity].connect()
+        owners = Owners(settings, buses["router"])
+        store = KeyStore(settings.home)
+        acme, globex = store.create("acme", "shop")[1], store.create("globex", "books")[1]
+        assert await owners.claim("acme", (), "resp_1") is None  # the router identity creates claims
+        assert await owners.admit(acme, (("previous_response_id", "resp_1"),)) == ()
+        refused = await owners.admit(globex, (("previous_response_id", "resp_1"),))
+        assert isinstance(refused, web.Response) and refused.status == 400
+        app = buses["app"]
+        with pytest.raises(NotAllowed):  # an application cannot claim an id, nor take one over
+            await app.publish(f"$KV.{app.subjects.kv_response_owners}.{owner_key('resp_1')}", b'"globex"', msg_id="x")
+    finally:
+        for b in buses.values():
+            await b.close()
+        server.stop()
