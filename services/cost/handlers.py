@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from lockgate.bus import Delivery
 from lockgate.codec import encode
 from lockgate.contracts import CostEntry, CostLedger, InferenceEvent
@@ -20,7 +22,8 @@ class CostHandlers:
         self.events = Progress()
 
     async def on_inference(self, value: list[InferenceEvent] | InferenceEvent, delivery: Delivery) -> None:
-        """The ledger facts of a message (chunked when large), then one CostRecord per (tenant, app, deployment, model)."""
+        """The ledger facts of a message (chunked when large), then one CostRecord per (tenant, app, deployment, model),
+        at most domain.RECORDS_MAX (the rest folded)."""
         received = value if isinstance(value, list) else [value]
         events = domain.distinct_events(received)
         if not events:
@@ -32,11 +35,14 @@ class CostHandlers:
         token = content_hash(sorted((e.tenant, e.app, e.id) for e in events))[7:47]
         priced = domain.price_events(events, self.book)
         bus = self.ctx.bus
-        for ledger, data in self._ledgers(token, priced.entries, events[0].tenant):
-            await bus.publish(bus.subjects.cost_ledger, data, msg_id=ledger.id)
-        for key, record in zip(priced.group_keys, priced.records, strict=True):
-            msg_id = f"cost-{token}-{content_hash(list(key))[7:31]}"
-            await bus.publish(bus.subjects.cost(record.tenant), record, msg_id=msg_id)
+        # Each batch's publishes in flight together, not one acknowledgement after another: this one consumer serves
+        # every tenant, and a message's publishes awaited in turn held every other tenant's ledger back (probe p42
+        # F1: 16 to 77 s). The ledger facts still go before the records that sum them.
+        await asyncio.gather(*(bus.publish(bus.subjects.cost_ledger, data, msg_id=ledger.id)
+                               for ledger, data in self._ledgers(token, priced.entries, events[0].tenant)))
+        await asyncio.gather(*(bus.publish(bus.subjects.cost(record.tenant), record,
+                                           msg_id=f"cost-{token}-{content_hash(list(key))[7:31]}")
+                               for key, record in zip(priced.group_keys, priced.records, strict=True)))
         await self.events.bump(len(received))  # handled, repeats included
 
     def _ledgers(self, token: str, entries: list[CostEntry], tenant: str) -> list[tuple[CostLedger, bytes]]:

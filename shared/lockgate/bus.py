@@ -96,6 +96,9 @@ _STORE_NOT_CREATED = 10049
 # nats-server's answer to a create of a stream that exists with another configuration (a create with the same one
 # is answered with the stream): how a declaration that may only create tells that a stream differs from lockgate's.
 _STREAM_EXISTS_OTHERWISE = 10058
+# nats-server's answer to a create of a stream whose subjects another stream captures: on a home made before a
+# subject moved to a stream of its own (cost records), until the old stream is narrowed (admin's update does it first).
+_SUBJECTS_OVERLAP = 10065
 # The admin command that brings existing streams and buckets to lockgate's configuration (`Bus.ensure_topology`
 # with `update`): a service's identity may only create what is missing.
 TOPOLOGY_APPLY = "lockgate --role admin topology apply"
@@ -575,6 +578,10 @@ class Bus:
             await self.js.add_stream(cfg)
             return None
         except nats.js.errors.BadRequestError as exc:
+            if exc.err_code == _SUBJECTS_OVERLAP and not update:
+                # A service may not narrow the older stream: its subject keeps going there until admin applies
+                # lockgate's configuration, and the new stream is named as differing (missing) meanwhile.
+                return ["missing: another stream still captures its subjects"]
             if exc.err_code != _STREAM_EXISTS_OTHERWISE:
                 raise
         fields = config_differences(cfg, (await self.js.stream_info(cfg.name)).config)

@@ -117,11 +117,18 @@ class Subjects:
                         f"{p}.gate.>",
                         f"{p}.rollout.>",
                         f"{p}.drift.>",
-                        f"{p}.cost.>",
                         f"{p}.budget.>",
                     ),
                     max_age_s=90 * 24 * 3600, max_bytes=GiB // 2, discard="old",
                 ),
+                # Cost records apart from the events above: the cost service publishes them for whatever tenant's
+                # application sent the inference, so any one application could push every tenant's registrations,
+                # decisions and rollouts out of a shared stream with them (probe p42 F1: 81 messages of 5,000
+                # models did). Full, it drops its oldest records alone; nothing in lockgate reads their history
+                # (the `cost_ledger` table is the record). Declared after `events`, so a start on a home made
+                # before narrows that stream's subjects first (two streams may not share one).
+                "cost": StreamSpec(f"{s}_COST", (f"{p}.cost.>",), max_age_s=30 * 24 * 3600, max_bytes=GiB // 4,
+                                   discard="old"),
                 # Rows that have no event of their own, published for the sink (the store owner) alone;
                 # kept only as long as the inference stream, because the table is their durable copy.
                 "facts": StreamSpec(f"{s}_FACTS", (f"{p}.fact.>",), max_bytes=GiB),

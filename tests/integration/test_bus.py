@@ -50,9 +50,10 @@ async def test_every_stream_has_its_age_bytes_and_discard_limits(bus: Bus) -> No
         cfg = (await bus.js.stream_info(spec.name)).config
         assert (cfg.max_age, cfg.max_bytes, DiscardPolicy(cfg.discard)) == (spec.max_age_s, spec.max_bytes,
                                                                             DiscardPolicy(spec.discard))
-    # Unconsumed events are refused, never dropped, when the stream is full; only spans, and the events stream's
-    # history (which one identity could otherwise fill for every other: test_events_limits.py), go oldest first.
-    assert {n for n, s in bus.subjects.streams.items() if s.discard == "old"} == {"telemetry", "events"}
+    # Unconsumed events are refused, never dropped, when the stream is full; only spans, the events stream's
+    # history (which one identity could otherwise fill for every other: test_events_limits.py) and cost records
+    # (which any application's inference makes: test_cost_stream.py), go oldest first.
+    assert {n for n, s in bus.subjects.streams.items() if s.discard == "old"} == {"telemetry", "events", "cost"}
 
 
 async def test_same_event_published_twice_is_stored_once_by_jetstream(bus: Bus) -> None:

@@ -92,7 +92,7 @@ async def test_same_delivery_twice_gives_one_row_per_event(
     await handlers.on_inference(events, Delivery(subject="x", msg_id="b-same", headers={}, deliveries=2,
                                                  stream_seq=7))
     # The republished ledger fact and cost records carry the same Nats-Msg-Ids, so JetStream kept one of each.
-    info = await context.bus.js.stream_info(context.bus.subjects.streams["events"].name)
+    info = await context.bus.js.stream_info(context.bus.subjects.streams["cost"].name)
     assert info.state.messages == 3
     facts = await context.bus.js.stream_info(context.bus.subjects.streams["facts"].name)
     assert facts.state.messages == 1

@@ -11,6 +11,8 @@ from lockgate.contracts import InferenceEvent
 from lockgate.llmwire import Usage
 from lockgate.pricebook import load_price_book
 from lockgate.services.cost.domain import (
+    FOLDED,
+    RECORDS_MAX,
     ModelPrice,
     PriceBookError,
     distinct_events,
@@ -134,6 +136,27 @@ def test_an_event_listed_twice_is_priced_once() -> None:
     assert distinct_events([a, b, a, b]) == [a, b]
     priced = price_events(distinct_events([a, a, b]), load_price_book(""))
     assert [e.event_id for e in priced.entries] == [a.id, b.id] and priced.records[0].calls == 2
+
+
+def test_groups_past_the_cap_fold_into_one_record_and_the_ledger_keeps_every_event() -> None:
+    # Probe p42 F1: a message of 5,000 events naming 5,000 models made 5,000 cost records. The busiest groups keep a
+    # record each; the rest are summed under FOLDED. Every event keeps its own ledger entry, model and cost.
+    book = load_price_book("")
+    busy = [InferenceEvent(app="shop", deployment="web", model="sim-good", input_tokens=10) for _ in range(3)]
+    made_up = [InferenceEvent(app="shop", deployment=f"d{i % 7}", model=f"made-up-{i}", input_tokens=1)
+               for i in range(5000)]
+    priced = price_events(busy + made_up, book)
+    assert len(priced.records) == RECORDS_MAX == len(set(priced.group_keys))
+    assert priced.records[-1].model == "sim-good" and priced.records[-1].calls == 3  # the busiest, kept
+    folded = [r for r in priced.records if r.model == FOLDED]
+    assert len(folded) == 1 and folded[0].deployment == FOLDED and folded[0].unpriced_calls == 5000 - (RECORDS_MAX - 2)
+    assert sum(r.calls for r in priced.records) == 5003
+    assert sum(r.input_tokens for r in priced.records) == 5030
+    assert sum(r.cost_usd for r in priced.records) == pytest.approx(sum(e.cost_usd for e in priced.entries))
+    assert [(e.event_id, e.model) for e in priced.entries] == [(e.id, e.model) for e in busy + made_up]
+    assert price_events(list(reversed(busy + made_up)), book).group_keys == priced.group_keys  # a redelivery's ids
+    few = price_events(made_up[:RECORDS_MAX], book)  # at the cap: nothing folded
+    assert len(few.records) == RECORDS_MAX and FOLDED not in {r.model for r in few.records}
 
 
 # Anthropic's usage of one call writing a 100,000-token cached prefix for an hour (probe p38 F3), in the API versions

@@ -10,7 +10,10 @@ from lockgate.contracts.envelope import Event
 
 
 class CostRecord(Event, frozen=True, kw_only=True, tag="lockgate.cost.record"):
-    """Spend of one (app, deployment, model) group within one batch of inference events."""
+    """Spend of one (app, deployment, model) group within one batch of inference events, on `lg.cost.<tenant>`
+    (stream LG_COST). A batch yields at most 64 (`services/cost/domain.py` RECORDS_MAX): past that, its groups with
+    the fewest calls are summed into one record whose deployment and model are both "*". The `cost_ledger` table
+    keeps every event's own cost, deployment and model whatever the records fold."""
 
     app: str
     deployment: str

@@ -1,0 +1,132 @@
+"""Cost records cannot push other history out of the events stream, and one message yields a bounded number of them,
+on the embedded runtime as `lockgate up` runs it: an application's own NATS user (the official SDK) sends messages of
+1,000 events, each naming a model of its own.
+
+Before (probe p42 F1), the cost service published one CostRecord per (tenant, app, deployment, model) of a message on
+`lg.cost.<tenant>`, which the events stream captured with every tenant's registrations, gate decisions and rollouts
+(discard old): 81 messages of 5,000 made-up models from one tenant's application (5.5 times their bytes as records,
+each publish awaited in turn) evicted the demo tenant's registrations and decisions, and held every tenant's cost
+ledger back by 16 to 77 s. Now cost records have a stream of their own, at most RECORDS_MAX per message."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+
+import msgspec
+import nats.js.errors
+import pytest
+from click.testing import CliRunner
+
+from lockgate import credentials
+from lockgate.bus import Bus, topology
+from lockgate.cli.main import cli
+from lockgate.client import Client
+from lockgate.config import Settings
+from lockgate.contracts import ArtifactRegistered, CostRecord, GateDecided
+from lockgate.server.runtime import Runtime
+from lockgate.services.cost.domain import FOLDED, RECORDS_MAX
+from lockgate.subjects import Subjects
+from tests.integration.test_nats_auth import secured  # noqa: F401  (the fixture)
+
+pytestmark = pytest.mark.timeout(120)
+
+SERVICES = ["sink", "gateway", "cost", "gatekeeper"]  # the gatekeeper chains the credential's audit entry
+EVENTS_MAX_BYTES = 256 * 1024  # the events stream scaled down: the flood's records, before, were about 2 MB
+MESSAGES, PER_MESSAGE = 3, 1000
+
+
+async def _credential(runtime: Runtime) -> dict[str, str]:
+    """`lockgate app-credential create --tenant acme --app shop`: the user's secret."""
+    s = runtime.settings
+    env = {"LOCKGATE_HOME": s.home, "LOCKGATE_NATS_URL": s.nats_url, "LOCKGATE_PREFIX": s.prefix, "LOCKGATE_ROLE": ""}
+    made = await asyncio.to_thread(CliRunner().invoke, cli, ["app-credential", "create", "--tenant", "acme", "--app",
+                                                             "shop", "--json"], env=env, catch_exceptions=False)
+    assert made.exit_code == 0, made.output
+    return json.loads(await asyncio.to_thread(Path(json.loads(made.output)["file"]).read_text))
+
+
+async def _flood(runtime: Runtime, secret: dict[str, str]) -> None:
+    """MESSAGES messages of PER_MESSAGE events, every event naming a model of its own (the probe's)."""
+    async with Client(runtime.settings.nats_url, prefix=runtime.settings.prefix, tenant="acme", app="shop",
+                      user=secret["user"], password=secret["password"], batch_size=PER_MESSAGE,
+                      flush_interval_s=60) as client:  # a message per PER_MESSAGE events, never a partial one
+        for i in range(MESSAGES * PER_MESSAGE):
+            client.emit(deployment="chat", model=f"made-up-{i}", status="ok", input_tokens=8, output_tokens=1)
+        await client.flush()
+        assert client.sent == MESSAGES * PER_MESSAGE
+
+
+async def _records(bus: Bus) -> list[CostRecord]:
+    """Every cost record the cost stream holds."""
+    stream, out, seq = bus.subjects.streams["cost"].name, [], 1
+    while True:
+        try:
+            msg = await bus.js.get_msg(stream, seq, subject=bus.subjects.cost_all, next=True)
+        except nats.js.errors.NotFoundError:
+            return out
+        out.append(msgspec.json.decode(msg.data, type=CostRecord))
+        seq = int(msg.seq) + 1
+
+
+async def test_an_apps_flood_of_models_leaves_the_events_stream_and_yields_bounded_records(settings: Settings) -> None:
+    runtime = Runtime(settings.replace(nats_url="nats://127.0.0.1:0"), services=SERVICES)
+    await runtime.start()
+    try:
+        admin = runtime.ctx.bus  # the embedded process's admin identity
+        events = admin.subjects.streams["events"].name
+        config = next(cfg for cfg, _ in topology(admin.subjects, 1) if cfg.name == events)
+        await admin.js.update_stream(config.evolve(max_bytes=EVENTS_MAX_BYTES))
+        await admin.publish(admin.subjects.artifact_registered, ArtifactRegistered(
+            kind="dataset", name="qa", hash="sha256:" + "1" * 64))
+        await admin.publish(admin.subjects.gate_decided("shop-v1"),
+                            GateDecided(release="shop-v1", decision="PASS", rules=[]))
+
+        await _flood(runtime, await _credential(runtime))
+        await runtime.services["cost"].handlers.events.wait_for(MESSAGES * PER_MESSAGE)
+
+        info = await admin.js.stream_info(events, subjects_filter=f"{settings.prefix}.>")
+        kept = info.state.subjects or {}
+        assert kept.get(admin.subjects.artifact_registered) == 1, kept  # before: evicted by the records
+        assert kept.get(admin.subjects.gate_decided("shop-v1")) == 1, kept
+        assert not [s for s in kept if s.startswith(f"{settings.prefix}.cost.")], kept
+        records = await _records(admin)
+        assert len(records) == MESSAGES * RECORDS_MAX  # before: one per model, 3,000
+        folded = [r for r in records if r.model == FOLDED]
+        assert len(folded) == MESSAGES and {(r.tenant, r.app, r.deployment) for r in folded} == {("acme", "shop", FOLDED)}
+        assert sum(r.calls for r in records) == MESSAGES * PER_MESSAGE  # every call counted, folded or not
+        assert all(r.calls == PER_MESSAGE - (RECORDS_MAX - 1) for r in folded)
+    finally:
+        await runtime.stop()
+
+
+async def test_a_home_made_before_moves_cost_records_to_their_stream(secured) -> None:  # noqa: F811
+    # A home made before: the events stream captures `cost.>` and there is no cost stream. A service (create only)
+    # names both and starts; the admin's `topology apply` (the embedded `lockgate up` at its next start) narrows the
+    # events stream first, then makes the cost stream, every message kept.
+    _, settings, admin = secured
+    s = admin.subjects
+    events, cost = s.streams["events"].name, s.streams["cost"].name
+    await admin.js.delete_stream(cost)
+    old = (await admin.js.stream_info(events)).config
+    await admin.js.update_stream(old.evolve(subjects=[*old.subjects, s.cost_all]))
+    record = CostRecord(tenant="acme", app="shop", deployment="chat", model="m", calls=1, input_tokens=1,
+                        output_tokens=1, cached_tokens=0, cost_usd=0.0, window_start=datetime.now(UTC),
+                        window_end=datetime.now(UTC))
+    await admin.publish(s.cost("acme"), record)
+    sink = Bus(settings.nats_url, Subjects(settings.prefix), name="test-sink", update_topology=False,
+               auth=credentials.for_identity(settings, "sink"))
+    await sink.connect()  # before: the create of the cost stream, refused (subjects overlap), failed its start
+    try:
+        assert [d for d in sink.topology_differs if d.startswith((events, cost))] == [
+            f"{events} (subjects)", f"{cost} (missing: another stream still captures its subjects)"]
+    finally:
+        await sink.close()
+    await admin.ensure_topology(update=True)
+    assert s.cost_all not in (await admin.js.stream_info(events)).config.subjects
+    assert (await admin.js.stream_info(events, subjects_filter=s.cost_all)).state.messages == 1  # kept
+    await admin.publish(s.cost("acme"), msgspec.structs.replace(record, calls=2))
+    assert (await admin.js.stream_info(cost)).state.messages == 1
+
