@@ -23,6 +23,7 @@ from click.testing import CliRunner
 from lockgate import credentials
 from lockgate.bus import Bus, topology
 from lockgate.cli.main import cli
+from lockgate.cli.status import STREAM_MISSING
 from lockgate.client import Client
 from lockgate.config import Settings
 from lockgate.contracts import ArtifactRegistered, CostRecord, GateDecided
@@ -124,6 +125,12 @@ async def test_a_home_made_before_moves_cost_records_to_their_stream(secured) ->
             f"{events} (subjects)", f"{cost} (missing: another stream still captures its subjects)"]
     finally:
         await sink.close()
+    # `lockgate status` (a viewer) shows the stream missing and how to apply it: before, it failed on its absence.
+    args = ["--home", settings.home, "--nats", settings.nats_url, "--prefix", settings.prefix, "--role", "viewer"]
+    shown = await asyncio.to_thread(CliRunner().invoke, cli, [*args, "status", "--json"])
+    assert shown.exit_code == 0, shown.output
+    row = next(r for r in json.loads(shown.stdout)["streams"] if r["role"] == "cost")
+    assert row["state"] == STREAM_MISSING
     await admin.ensure_topology(update=True)
     assert s.cost_all not in (await admin.js.stream_info(events)).config.subjects
     assert (await admin.js.stream_info(events, subjects_filter=s.cost_all)).state.messages == 1  # kept
