@@ -17,8 +17,8 @@ Calls in flight are bounded per endpoint (`Slots`), and within an endpoint per t
 tenant's 1000 calls to its own slow upstream held them all, and every other tenant's requests waited for a slot until
 their first-byte timeout, recorded as their healthy upstream's silence (probe p37 F1).
 The caller's timeouts stay the caller's: only the connect bound and the slot's wait are applied here.
-A call may note when bytes of its answer last reached the router (`Heard`), for a caller that times the upstream's
-silence.
+A call may note when its answer last made progress at the router (`Heard`), for a caller that times the upstream's
+silence: for an SSE stream an event with data, not the keep-alives a queueing gateway sends while no token comes.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import math
+import socket
 import ssl
 import sys
 import termios
@@ -79,32 +80,104 @@ class Answer:
         self.body = body
 
 
+# How much of a line not ended yet an SSE scan keeps: enough to tell `data:` and `event: ping` by their start.
+_LINE_START = 16
+
+
+class Progress:
+    """Tells an SSE stream's progress from its keep-alives, line by line: a `data:` line is progress, except in an
+    `event: ping` event (Anthropic's keep-alive); comment lines (`:`, OpenRouter's `: OPENROUTER PROCESSING`, a proxy's
+    `: keep-alive`), blank lines and other fields are not. A stream of `data:` events with empty deltas counts as
+    progress: telling a token from an empty delta takes decoding each event's JSON in its API's shape, on every chunk of
+    every stream, and such an answer is still timed by its endpoint's `total_s`.
+
+    `feed` scans the raw bytes of a connection (a chunked body's framing included: its size lines are neither, and a
+    split of `data:` itself by a chunk boundary hides that one event only); `line` takes one line of the body."""
+
+    __slots__ = ("_ping", "_tail")
+
+    def __init__(self) -> None:
+        self._ping = False  # the event under way is a ping
+        self._tail = b""  # the start of the line not ended yet
+
+    def line(self, line: bytes) -> bool:
+        """Whether `line` (one line of the stream, its end of line or not) is progress."""
+        if line.startswith(b"data:"):
+            return not self._ping
+        if line.startswith(b"event:"):
+            self._ping = line[6:].strip() == b"ping"
+        elif not line.strip():  # the event ended
+            self._ping = False
+        return False
+
+    def feed(self, data: bytes) -> bool:
+        """Whether `data`, the bytes after those fed before (a line may go on from them), holds progress: bytes scanned,
+        no JSON decoded (this is every chunk of every stream)."""
+        lines = (self._tail + data if self._tail else data).split(b"\n")
+        tail = lines.pop()
+        self._tail = tail[:_LINE_START]
+        found = False
+        for line in lines:
+            if self.line(line):
+                found = True
+        return found or (tail.startswith(b"data:") and not self._ping)  # a data line on its way is progress
+
+
 class Heard:
-    """When bytes of one call's answer last reached the router, on the caller's clock (`at`; -inf: none yet): as its
-    connection took them in, or, when the connection closed with bytes still unread in its socket, as it closed.
+    """When one call's answer last made progress at the router, on the caller's clock (`at`; -inf: none yet): as its
+    connection took the bytes in, or, when the connection closed with bytes still unread in its socket, as it closed.
+    Progress is any bytes of an answer, but for an SSE stream (`sse`, until the answer's head says otherwise, `plain`)
+    only an event with data (`Progress`): an upstream that sends keep-alives and never a token was silent. Before, any
+    bytes were heard, and a canary whose streams sent `: keep-alive` comments and no token was never judged: each
+    hang-up was the client's, no call was unanswered, and the canary was paused at its weight or promoted (probe p41).
 
     A caller timing the upstream's silence needs it because its own loop may have been held (looplag): bytes that came
     during a hold were there, unread, and the silence ended with them; where none came, the hold hid nothing."""
 
-    __slots__ = ("_clock", "at")
+    __slots__ = ("_clock", "_sse", "at")
 
-    def __init__(self, clock: Callable[[], float]) -> None:
+    def __init__(self, clock: Callable[[], float], sse: bool = False) -> None:
         self._clock = clock
+        self._sse = Progress() if sse else None
         self.at = -math.inf
 
     def note(self) -> None:
-        """Bytes of the answer are here now."""
+        """The answer made progress now."""
         self.at = self._clock()
+
+    def feed(self, data: bytes) -> None:
+        """Bytes of the answer are here now (after those fed before): noted if they are progress."""
+        if self._sse is None or self._sse.feed(data):
+            self.note()
+
+    def plain(self) -> None:
+        """The answer is no SSE stream (its head came, and is no 200): its bytes, the head's first, are progress."""
+        if self._sse is not None:
+            self._sse = None
+            self.note()
+
+    def closed(self, writer: asyncio.StreamWriter) -> None:
+        """The call's connection closes: bytes of the answer still unread in its socket were here (a loop busy when
+        they came did not read them). Of an SSE stream they are peeked at, to tell keep-alives; on TLS, where they
+        cannot be, they are taken for progress (the upstream is not blamed for what the router could not read)."""
+        count = _unread(writer)
+        if not count:
+            return
+        seen = None if self._sse is None or writer.get_extra_info("ssl_object") is not None else _peek(writer, count)
+        if seen is None:
+            self.note()
+        else:
+            self.feed(seen)
 
 
 class _Reader(asyncio.StreamReader):
-    """A StreamReader that notes on its call's Heard when bytes come in (the protocol feeds it as they are read)."""
+    """A StreamReader that feeds its call's Heard the bytes that come in (the protocol feeds it as they are read)."""
 
     heard: Heard | None = None
 
     def feed_data(self, data: bytes) -> None:
         if self.heard is not None and data:
-            self.heard.note()
+            self.heard.feed(data)
         super().feed_data(data)
 
 
@@ -123,21 +196,39 @@ class _Conn:
         # A call cancelled (its client left) while bytes of its answer waited in the socket, unread because the loop
         # was busy: they had reached the router, as much as bytes already taken in.
         heard, self.reader.heard = self.reader.heard, None
-        if heard is not None and _unread(self.writer):
-            heard.note()
+        if heard is not None:
+            heard.closed(self.writer)
         self.writer.close()
 
 
-def _unread(writer: asyncio.StreamWriter) -> bool:
-    """Whether the connection's socket holds bytes not read yet (FIONREAD; False when it cannot tell)."""
+def _unread(writer: asyncio.StreamWriter) -> int:
+    """How many bytes the connection's socket holds not read yet (FIONREAD; 0 when it cannot tell)."""
     sock = writer.get_extra_info("socket")
     if sock is None:
-        return False
+        return 0
     try:
         count = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
     except (OSError, ValueError):  # closed already, or no such request for it
-        return False
-    return int.from_bytes(count, sys.byteorder) > 0
+        return 0
+    return int.from_bytes(count, sys.byteorder)
+
+
+def _peek(writer: asyncio.StreamWriter, count: int) -> bytes | None:
+    """Up to `count` bytes unread in the connection's socket, left there (MSG_PEEK); None when they cannot be read."""
+    sock = writer.get_extra_info("socket")
+    if sock is None:
+        return None
+    try:
+        # The transport's socket wrapper reads nothing: a socket object on its descriptor, detached (not closed) after.
+        raw = socket.socket(fileno=sock.fileno())
+    except (OSError, ValueError):
+        return None
+    try:
+        return raw.recv(min(count, _READ), socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except OSError:
+        return None
+    finally:
+        raw.detach()
 
 
 class Slots:
@@ -281,8 +372,8 @@ class H1Pool:
     async def open(self, url: URL, body: bytes, headers: Mapping[str, str], connect_timeout_s: float | None,
                    heard: Heard | None = None, slot: Slot | None = None) -> Stream:
         """POST `body` to `url` and return once the answer's head arrived: its body is read from the
-        Stream as it comes (an SSE stream's lines), and the Stream must be released. `heard`: noted as bytes of
-        the answer come in, until the Stream is released. `slot`: the call's (`slot`), which the Stream lets go;
+        Stream as it comes (an SSE stream's lines), and the Stream must be released. `heard`: fed the answer's
+        bytes as they come in, until the Stream is released. `slot`: the call's (`slot`), which the Stream lets go;
         without one, a slot of the URL's origin is waited for as long as a connection (NoSlot after that)."""
         try:
             origin, request = self._request(url, body, headers)
@@ -393,6 +484,8 @@ class H1Pool:
                 status, headers, length, chunked, close = _parse_head(head)
                 if status >= 200 or status == 101:
                     break  # 1xx interim answers (100 Continue, 103 Early Hints) are skipped
+            if heard is not None and status != 200:  # an error answer to a stream is no stream: its bytes are progress
+                heard.plain()
         except _Stale:
             conn.close()
             raise

@@ -170,7 +170,7 @@ class Underway:
 
 class Reply:
     """The answer of the hop that served: status, body (non-streamed, or any non-200), the headers
-    to pass on, and for a 200 stream its lines (the first one already read, so a retry or fallback
+    to pass on, and for a 200 stream its lines (those up to its first data line already read, so a retry or fallback
     was still possible until then and never after)."""
 
     __slots__ = ("_broken", "_deadline", "_first", "_lag", "_stall", "_stream", "attempts", "body", "charset",
@@ -193,7 +193,7 @@ class Reply:
         self.body = b""
         self.charset = ""  # the charset the upstream's Content-Type named, kept when its body passes as it came
         self._stream: h1.Stream | None = None
-        self._first = b""
+        self._first: list[bytes] = []  # a stream's lines up to its first data line (`_first_data`)
         self._stall = 0.0
         self._deadline = 0.0
         self._broken: Callable[[], None] | None = None  # tells the endpoint's breaker the stream broke
@@ -205,8 +205,9 @@ class Reply:
         self._lag: LoopLag | NoLag = NO_LAG
         self.since: Mark | None = None
         self.heard: h1.Heard | None = None
-        # Since when a stream has been waiting for the upstream's next line; None while one is being handled: a client
-        # that hangs up during a long silence was let down by the upstream, not impatient.
+        # Since when a stream has been waiting for the upstream's next event with data, through its keep-alives (read or
+        # handled); None while an event with data is being handled (its write is the client's time): a client that
+        # hangs up during a long silence was let down by the upstream, not impatient.
         self.waiting: Mark | None = None
 
     def attributes(self) -> dict[str, str]:
@@ -225,11 +226,17 @@ class Reply:
         stream = self._stream
         if stream is None:
             return
-        yield self._first
+        for line in self._first:
+            yield line
         stream.stall_after(self._stall, self._deadline)
         mark = self._lag.mark
+        progress = h1.Progress()
+        data = bool(self._first)  # the event under way has data (`_first` ends with the first data line)
         while True:
-            self.waiting = mark()
+            # A keep-alive (a comment, a blank line, a ping) is no progress: the wait for the next data goes on across it
+            # (probe p41 F1). It begins again once an event with data was handled.
+            if self.waiting is None:
+                self.waiting = mark()
             try:
                 line = await stream.readline()
             except h1.Stalled:
@@ -246,9 +253,13 @@ class Reply:
             except h1.BrokenReply:
                 self._break()
                 raise
-            self.waiting = None
             if not line:
+                self.waiting = None
                 return
+            data = data or progress.line(line)
+            if data:  # a line of an event with data, up to its blank line
+                self.waiting = None
+                data = bool(line.strip())
             yield line
 
     def _break(self) -> None:
@@ -270,6 +281,23 @@ class Reply:
 
     async def __aexit__(self, *exc: object) -> None:
         self.close()
+
+
+async def _first_data(stream: h1.Stream) -> list[bytes]:
+    """A stream's lines up to its first data line (h1.Progress), or to its end. The keep-alives of a queueing gateway
+    (`: OPENROUTER PROCESSING`) are no answer: the call stays under way (a retry or fallback possible, its silence timed
+    by `Rollouts.unanswered` and a hang-up) until a data line comes. Comments and the blank lines that end nothing are
+    left out, so a long queue is not kept line by line; other fields stay (an event's `event:` line precedes its data).
+    Before, the first line of any kind answered the call (probe p41)."""
+    progress = h1.Progress()
+    lines: list[bytes] = []
+    while True:
+        line = await stream.readline()
+        if not line or progress.line(line):
+            return [*lines, line] if line else lines
+        if line.startswith(b":") or (not line.strip() and (not lines or not lines[-1].strip())):
+            continue
+        lines.append(line)
 
 
 class _Health:
@@ -420,7 +448,7 @@ class Upstream:
                 verdict: bool | None = None
                 since = underway.since = self.lag.mark()
                 started = underway.started = since.at
-                heard = underway.heard = h1.Heard(self.lag.held_s)
+                heard = underway.heard = h1.Heard(self.lag.held_s, sse=stream)
                 underway.hop = hop
                 try:
                     reply, failed = await self._try(hop, headers, stream, deadline, breaker, heard, slot)
@@ -476,8 +504,9 @@ class Upstream:
     async def _try(self, hop: Hop, headers: dict[str, str], stream: bool, deadline: float,
                    breaker: resilience.Breaker, heard: h1.Heard, slot: h1.Slot) -> tuple[Reply | None, Failed | None]:
         """One call: a Reply when the hop answered with a 200 or a client error, else how it failed.
-        A 200 stream is answered once its first line came, so a retry or fallback is possible until
-        then and never after; the connect bound is the pool's, the others are the loop's timers."""
+        A 200 stream is answered once its first data line came (keep-alives are no answer: first_byte_s bounds the wait
+        for it), so a retry or fallback is possible until then and never after; the connect bound is the pool's, the
+        others are the loop's timers."""
         ep = hop.endpoint
         loop = asyncio.get_running_loop()
         if hop.headers:  # the provider's own headers and lockgate's key for this endpoint, for it alone
@@ -488,7 +517,7 @@ class Upstream:
                 opened = await self.pool.open(hop.url, hop.body, headers, ep.timeouts.connect_s, heard, slot)
                 streaming = stream and opened.status == 200
                 if streaming:
-                    first = await opened.readline()
+                    first = await _first_data(opened)
                 else:
                     body = await opened.read()
         except h1.ConnectTimedOut:

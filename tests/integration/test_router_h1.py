@@ -264,3 +264,49 @@ async def test_a_stalled_stream_fails_the_read_that_waits_and_never_the_bytes_al
         with pytest.raises(Stalled):
             await stream.readline()
     pool.close()
+
+
+async def test_an_sse_call_notes_its_data_events_not_its_keep_alives_taken_in_or_unread_as_it_closes() -> None:
+    # Probe p41 F1: an upstream that sends `: keep-alive` comments (or Anthropic's ping events) and never a token was
+    # heard, so never silent: its canary was never judged. Only data events are heard, a chunk boundary in their line
+    # or not, and the bytes still unread in the socket as the call closes are peeked at, not taken for an answer.
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+    pool = H1Pool()
+    ticks = itertools.count(1.0)
+    async with _serving(lambda _req: b"") as up:  # answers only as the test writes
+        heard = Heard(lambda: next(ticks), sse=True)
+        call = asyncio.create_task(pool.open(up.url, b"{}", {}, 1.0, heard))
+        await up.arrived.wait()
+        up.writers[-1].write(head + _chunk(b": keep-alive\n\n") + _chunk(b'event: ping\ndata: {"type": "ping"}\n\n'))
+        stream = await call
+        for line in (b": keep-alive\n", b"\n", b"event: ping\n", b'data: {"type": "ping"}\n', b"\n"):
+            assert await stream.readline() == line
+        assert heard.at == -math.inf  # neither a comment nor a ping is progress
+        up.writers[-1].write(_chunk(b": keep-alive\n\n"))  # in one step: it lands in the socket, and the call ends
+        stream.release()
+        assert heard.at == -math.inf  # peeked at: a keep-alive
+        up.arrived.clear()
+        heard = Heard(lambda: next(ticks), sse=True)
+        call = asyncio.create_task(pool.open(up.url, b"{}", {}, 1.0, heard))
+        await up.arrived.wait()
+        up.writers[-1].write(head + _chunk(b': keep-alive\n\ndata: {"choices"') + _chunk(b": 1}\n\n"))
+        stream = await call
+        assert await stream.readline() == b": keep-alive\n"
+        assert await stream.readline() == b"\n"
+        assert await stream.readline() == b'data: {"choices": 1}\n' and heard.at > -math.inf  # split by a chunk's end
+        noted = heard.at
+        up.writers[-1].write(_chunk(b"data: {}\n\n"))  # unread as the call ends: progress, peeked at
+        stream.release()
+        assert heard.at > noted
+        up.arrived.clear()
+        error = Heard(lambda: next(ticks), sse=True)  # an error answer to a stream: its bytes are progress
+        call = asyncio.create_task(pool.open(up.url, b"{}", {}, 1.0, error))
+        await up.arrived.wait()
+        up.writers[-1].write(b"HTTP/1.1 429 Too Many Requests\r\nContent-Length: 2\r\n\r\n{}")
+        (await call).release()
+        assert error.at > heard.at
+    pool.close()
+
+
+def _chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
