@@ -113,7 +113,12 @@ class Progress:
     def feed(self, data: bytes) -> bool:
         """Whether `data`, the bytes after those fed before (a line may go on from them), holds progress: bytes scanned,
         no JSON decoded (this is every chunk of every stream)."""
-        lines = (self._tail + data if self._tail else data).split(b"\n")
+        buf = self._tail + data if self._tail else data
+        if not self._ping and b"ping" not in buf:  # no ping event under way or beginning: any `data:` line is progress
+            start = buf.rfind(b"\n") + 1
+            self._tail = buf[start:start + _LINE_START]
+            return buf.startswith(b"data:") or b"\ndata:" in buf
+        lines = buf.split(b"\n")
         tail = lines.pop()
         self._tail = tail[:_LINE_START]
         found = False

@@ -15,6 +15,7 @@ OPENROUTER = b": OPENROUTER PROCESSING\r\n\r\n"
 PING = b'event: ping\ndata: {"type": "ping"}\n\n'
 DATA = b'data: {"choices": [{"delta": {"content": "hi"}}]}\n\n'
 DELTA = b'event: content_block_delta\ndata: {"type": "content_block_delta"}\n\n'
+PONG = b'data: {"choices": [{"delta": {"content": "ping"}}]}\n\n'  # an answer that says "ping" is one
 HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
 
 
@@ -38,7 +39,7 @@ def test_keep_alives_are_no_progress_wherever_the_reads_split_them(raw: bytes) -
     assert not any(any(reads) for reads in _split_everywhere(raw))
 
 
-@pytest.mark.parametrize("raw", [DATA, KEEP_ALIVE + DATA, PING + DELTA, HEAD + _chunk(KEEP_ALIVE) + _chunk(DATA)])
+@pytest.mark.parametrize("raw", [DATA, KEEP_ALIVE + DATA, PING + DELTA, PING + PONG, HEAD + _chunk(KEEP_ALIVE) + _chunk(DATA)])
 def test_a_data_event_is_progress_wherever_the_reads_split_it(raw: bytes) -> None:
     for reads in _split_everywhere(raw):
         assert any(reads), reads
