@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -250,7 +251,9 @@ async def test_a_canary_that_never_answers_clients_with_a_timeout_is_aborted(
     sent, hung = await _impatient_until(http, router, lambda r: r.phase != "progressing")
     route = router.rollouts.route("chat")
     assert route.phase == "aborted", f"not aborted after {sent} requests ({hung} hung): {route.reason}"
-    assert route.reason.startswith("aborted hang: analysis failed at step 1 (50%): error_rate "), route.reason
+    # At step 1 as a rule; on a loaded machine stable's clients give up too (their 0.5 s), its error rate nears the
+    # canary's and the look may pass: then the abort comes at step 2 (a ci-local run, with stable at 0.47).
+    assert re.match(r"aborted hang: analysis failed at step [12] \(\d+%\): error_rate ", route.reason), route.reason
     assert route.stable.release == "r1" and hung >= 30
 
 
