@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -15,12 +15,18 @@ import pytest
 from aiohttp import web
 
 from lockgate.server.service import ServiceContext
-from lockgate.services.router.domain import Route
 from lockgate.signing import Signer
 from lockgate_dev.sim import SimServer
 from tests.helpers import ChatUpstream
 from tests.integration import test_rollout_analysis as analysis_tests
-from tests.integration.test_rollout_analysis import STABLE, _pass, _start, serving
+from tests.integration.test_rollout_analysis import (
+    STABLE,
+    _impatient_until,
+    _pass,
+    _start,
+    aborted_by_error_rate,
+    serving,
+)
 
 http, keys, signer = analysis_tests.http, analysis_tests.keys, analysis_tests.signer
 
@@ -70,44 +76,23 @@ async def queued(context: ServiceContext, run_services: Any, signer: Signer, req
                             router_unanswered_s=0.2)
 
 
-async def _impatient_until(http: aiohttp.ClientSession, router: Any, done: Callable[[Route], bool],
-                           streams: Callable[[int], bool], limit: int = 400) -> tuple[int, int]:
-    """Send requests from distinct users, 40 at a time, request i streamed if `streams(i)`, each given up on after
-    0.5 s (the application's own timeout, far below the endpoint's first_byte_s), until `done(route)` or `limit`
-    requests: (sent, given up on)."""
-    url = f"{router.url}/v1/chat/completions"
-    patience = aiohttp.ClientTimeout(total=0.5)
-    hung = sent = 0
-
-    async def one(i: int) -> bool:
-        body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "user": f"user-{i}", "stream": streams(i)}
-        try:
-            async with http.post(url, json=body, timeout=patience) as resp:
-                await resp.read()
-        except TimeoutError:
-            return True
-        return False
-
-    while not done(router.rollouts.route("chat")) and sent < limit:
-        hung += sum(await asyncio.gather(*(one(sent + i) for i in range(40))))
-        sent += 40
-    return sent, hung
-
-
+@pytest.mark.parametrize("queued", [b"", _ROLE], ids=["no-event", "role-event"], indirect=True)
 async def test_a_canary_whose_streams_send_only_keep_alives_is_aborted(
         queued: Any, signer: Signer, http: aiohttp.ClientSession) -> None:
     """Found by a probe (p41 F1): a canary whose streams sent `: keep-alive` every 0.25 s and never a token was paused
     at its weight for ever: each hang-up of a client was recorded `client_disconnected` (left out of every metric) and
     the looks counted none of its calls in flight as unanswered, since bytes kept coming. Now keep-alives are no
-    answer: its hang-ups are `upstream_unanswered` and its calls in flight unanswered, and it is aborted."""
+    answer: its hang-ups are `upstream_unanswered` and its calls in flight unanswered, and it is aborted. So too after
+    a stream's first event (its role): the wait for the next data goes on across keep-alives (before, every hang-up
+    was `client_disconnected`, the latest line the router wrote or waited for a keep-alive)."""
     router = queued
     analysis = {"metrics": [{"name": "error_rate", "max_increase": 0.05}], "min_sample": 30, "failure_limit": 0}
     await _start(http, router, "queued", {"steps": [50, 100], "interval_s": 0.2, "analysis": analysis})
     await _pass(router, signer, "queued")
-    sent, hung = await _impatient_until(http, router, lambda r: r.phase != "progressing", lambda i: True)
+    sent, hung = await _impatient_until(http, router, lambda r: r.phase != "progressing", streams=lambda i: True)
     route = router.rollouts.route("chat")
     assert route.phase == "aborted", f"not aborted after {sent} requests ({hung} hung): {route.reason}"
-    assert route.reason.startswith("aborted queued: analysis failed at step 1 (50%): error_rate "), route.reason
+    assert aborted_by_error_rate("queued", route.reason), route.reason
     assert route.stable.release == "r1" and hung >= 30
 
 
@@ -121,24 +106,7 @@ async def test_a_canary_whose_streams_hang_with_keep_alives_is_not_promoted_on_i
     await _start(http, router, "queued", {"steps": [50, 100], "interval_s": 0.5, "analysis": analysis})
     await _pass(router, signer, "queued")
     sent, hung = await _impatient_until(http, router, lambda r: r.phase in ("aborted", "promoted"),
-                                        lambda i: i % 2 == 0)
+                                        streams=lambda i: i % 2 == 0)
     route = router.rollouts.route("chat")
     assert route.phase == "aborted", f"{route.phase} after {sent} requests ({hung} hung): {route.reason}"
     assert route.stable.release == "r1" and hung >= 10
-
-
-@pytest.mark.parametrize("queued", [_ROLE], ids=["role-event"], indirect=True)
-async def test_a_canary_whose_streams_send_only_keep_alives_after_their_first_event_is_aborted(
-        queued: Any, signer: Signer, http: aiohttp.ClientSession) -> None:
-    """Probe p41 F1, after a stream's first event: a canary whose streams sent their role and then only keep-alives
-    had every hang-up recorded `client_disconnected`, the latest line the router wrote or waited for a keep-alive.
-    Now the wait for the next data goes on across keep-alives: the hang-ups are `upstream_unanswered`, and it is
-    aborted."""
-    router = queued
-    analysis = {"metrics": [{"name": "error_rate", "max_increase": 0.05}], "min_sample": 30, "failure_limit": 0}
-    await _start(http, router, "queued", {"steps": [50, 100], "interval_s": 0.2, "analysis": analysis})
-    await _pass(router, signer, "queued")
-    sent, hung = await _impatient_until(http, router, lambda r: r.phase != "progressing", lambda i: True)
-    route = router.rollouts.route("chat")
-    assert route.phase == "aborted", f"not aborted after {sent} requests ({hung} hung): {route.reason}"
-    assert route.reason.startswith("aborted queued: analysis failed at step 1 (50%): error_rate "), route.reason

@@ -92,8 +92,7 @@ async def _refused(client: openai.AsyncOpenAI, stream: bool, **ask: Any) -> open
     with pytest.raises(openai.APIStatusError) as caught:
         answer = await client.responses.create(model=MODEL, input="what did I say before?", stream=stream, **ask)
         if stream:
-            async for _ in answer:  # type: ignore[union-attr]
-                pass
+            _ = [event async for event in answer]  # type: ignore[union-attr]
     return caught.value
 
 
