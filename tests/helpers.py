@@ -18,8 +18,11 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
+from lockgate import credentials
+from lockgate.bus import Bus
 from lockgate.config import Settings
 from lockgate.contracts import InferenceEvent
+from lockgate.server.natsserver import NatsServer, auth_config
 from lockgate.server.registry import ServiceSet
 from lockgate.server.service import Progress, ServiceContext
 from lockgate.subjects import Subjects
@@ -90,6 +93,27 @@ async def eventually(check: Callable[[], bool], progress: Sequence[Progress], ti
             task.cancel()
         for task in done:
             task.exception()  # consume TimeoutError from a waiter; the deadline check above decides
+
+
+@contextlib.asynccontextmanager
+async def identity_buses(tmp_path: Any, prefix: str, identities: Sequence[str] = ("admin", "router", "app")
+                         ) -> AsyncIterator[tuple[Settings, dict[str, Bus]]]:
+    """A nats-server of its own with lockgate's users and permissions, and a connected Bus for each of `identities`
+    with its real credentials (admin's declares the topology): what each identity may do, tried for real."""
+    server = NatsServer(tmp_path / "nats", config=auth_config(Subjects(prefix), credentials.ensure(tmp_path)))
+    await server.start()
+    settings = Settings(prefix=prefix, home=str(tmp_path), nats_url=server.url)
+    buses: dict[str, Bus] = {}
+    try:
+        for identity in identities:
+            buses[identity] = Bus(settings.nats_url, Subjects(prefix), name=f"test-{identity}",
+                                  auth=credentials.for_identity(settings, identity), manage_topology=identity == "admin")
+            await buses[identity].connect()
+        yield settings, buses
+    finally:
+        for bus in buses.values():
+            await bus.close()
+        server.stop()
 
 
 async def hang(pid: int) -> None:

@@ -21,7 +21,6 @@ import pytest
 import yaml
 from aiohttp import web
 
-from lockgate import credentials
 from lockgate.bus import Bus
 from lockgate.cli.budget import read_budgets
 from lockgate.codec import Codec
@@ -33,14 +32,14 @@ from lockgate.kvcas import RETRY_S
 from lockgate.llmwire import ApiRequest
 from lockgate.pricebook import load_price_book
 from lockgate.server.apikeys import Bootstrap, KeyStore, bootstrap
-from lockgate.server.natsserver import NatsServer, auth_config
+from lockgate.server.natsserver import NatsServer
 from lockgate.services.router.admission import Admission, Ticket
 from lockgate.services.router.budgets import NANO, Amount, Counter, cost_of, input_estimate
 from lockgate.services.router.cache import MAX_KEYED_BYTES
 from lockgate.store import Store
 from lockgate.subjects import Subjects
 from lockgate_dev.sim import ModelSpec, SimConfig, SimServer
-from tests.helpers import ChatUpstream, Relay, Replicas
+from tests.helpers import ChatUpstream, Relay, Replicas, identity_buses
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -482,16 +481,7 @@ async def test_a_request_whose_headers_may_change_its_answer_is_neither_cached_n
 
 async def test_under_auth_the_router_leases_and_reports_but_an_app_cannot_touch_the_counters(
         tmp_path: Path, unique: str) -> None:
-    server = NatsServer(tmp_path / "nats", config=auth_config(Subjects(unique), credentials.ensure(tmp_path)))
-    await server.start()
-    settings = Settings(prefix=unique, home=str(tmp_path), nats_url=server.url)
-    buses = {}
-    try:
-        for identity in ("admin", "router", "app"):
-            buses[identity] = Bus(settings.nats_url, Subjects(unique), name=f"test-{identity}",
-                                  auth=credentials.for_identity(settings, identity),
-                                  manage_topology=identity == "admin")
-            await buses[identity].connect()
+    async with identity_buses(tmp_path, unique) as (settings, buses):
         one = reservation().tokens
         s = settings.replace(gateway_file=gateway(tmp_path, budgets={"tiny": {"tokens": one + 10}}))
         adm = Admission(s, buses["router"], replica="router-a")
@@ -513,10 +503,6 @@ async def test_under_auth_the_router_leases_and_reports_but_an_app_cannot_touch_
         with pytest.raises(NotAllowed):  # nor a budget event
             await app.publish(app.subjects.budget("acme"), b"{}", msg_id="y")
         assert (await counter(buses["admin"], f"tiny.{_today()}")).tokens > 0
-    finally:
-        for b in buses.values():
-            await b.close()
-        server.stop()
 
 
 async def test_a_shared_cache_answers_on_the_other_replica(settings: Settings, store: Store, stack: Stack,

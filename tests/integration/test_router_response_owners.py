@@ -19,17 +19,16 @@ import openai
 import pytest
 from aiohttp import web
 
-from lockgate import credentials
 from lockgate.bus import Bus
 from lockgate.config import Settings
 from lockgate.credentials import NotAllowed
 from lockgate.server.apikeys import Bootstrap, KeyStore, bootstrap
-from lockgate.server.natsserver import NatsServer, auth_config
+from lockgate.server.natsserver import NatsServer
 from lockgate.services.router.owners import Owners, owner_key
 from lockgate.store import Store
 from lockgate.subjects import Subjects
 from lockgate_dev.sim import ModelSpec, SimConfig, SimServer
-from tests.helpers import Replicas
+from tests.helpers import Replicas, identity_buses
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -213,16 +212,7 @@ async def test_a_claim_is_keyed_by_the_ids_hash_and_expires(settings: Settings, 
 
 
 async def test_under_auth_the_router_claims_and_an_app_cannot_touch_the_owners(tmp_path: Path, unique: str) -> None:
-    server = NatsServer(tmp_path / "nats", config=auth_config(Subjects(unique), credentials.ensure(tmp_path)))
-    await server.start()
-    settings = Settings(prefix=unique, home=str(tmp_path), nats_url=server.url)
-    buses = {}
-    try:
-        for identity in ("admin", "router", "app"):
-            buses[identity] = Bus(settings.nats_url, Subjects(unique), name=f"test-{identity}",
-                                  auth=credentials.for_identity(settings, identity),
-                                  manage_topology=identity == "admin")
-            await buses[identity].connect()
+    async with identity_buses(tmp_path, unique) as (settings, buses):
         owners = Owners(settings, buses["router"])
         store = KeyStore(settings.home)
         acme, globex = store.create("acme", "shop")[1], store.create("globex", "books")[1]
@@ -233,7 +223,3 @@ async def test_under_auth_the_router_claims_and_an_app_cannot_touch_the_owners(t
         app = buses["app"]
         with pytest.raises(NotAllowed):  # an application cannot claim an id, nor take one over
             await app.publish(f"$KV.{app.subjects.kv_response_owners}.{owner_key('resp_1')}", b'"globex"', msg_id="x")
-    finally:
-        for b in buses.values():
-            await b.close()
-        server.stop()
