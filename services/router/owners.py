@@ -9,7 +9,8 @@ saw created (made outside it, or before this existed) is owned by the first tena
 upstream answers: claimed with that answer, before the client sees any of it, so of two tenants naming it at once the
 loser gets nothing (and an id that does not exist yet, named to guess a provider's next one, is claimed by nobody).
 A claim is a KV create (atomic across replicas) in `lg_response_owners`, keyed by the id's sha256, expiring after
-`router_response_owner_ttl_s`.
+`router_response_owner_ttl_s`. Its owner naming the id renews it (a compare-and-set rewrite whose life begins again),
+once it has lived a quarter of that: a conversation in use stays its tenant's, at one write per quarter TTL.
 
 Another tenant's id gets the answer the provider gives for an id that does not exist, so it tells nothing; the store
 unreachable refuses (503), as budgets fail closed: unchecked, the state would be served to anyone.
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from typing import Any, NamedTuple
 
 import msgspec
@@ -32,11 +34,27 @@ from lockgate.services.router.wire import error_response
 
 log = logging.getLogger("lockgate.router.owners")
 
-_owner = msgspec.json.Decoder(str)
+
+class Owner(msgspec.Struct, frozen=True):
+    """An owner record: the tenant, and when its life (Nats-TTL) last began, in epoch seconds (wall clock: replicas and
+    restarts compare it)."""
+
+    tenant: str
+    at: float = 0.0
+
+
+_owner = msgspec.json.Decoder(str | Owner)
 Unowned = tuple[tuple[str, str], ...]  # the ids a request names that nobody owns yet: (its field, the id)
 _STORE = "the Responses state owners store"
 UNAVAILABLE = "response_owners_unavailable"  # the refusal's code, and the event's error type
 STORE_TIMEOUT_S = 5.0  # a KV round trip under load, as budgets' store_timeout_s: past it the request is refused
+RENEW_AFTER = 0.25  # of the TTL: an owner's record older than this is renewed when named (not a write per request)
+
+
+def _decode_owner(raw: bytes) -> Owner:
+    """A record's value; a bare tenant name (written before records were renewed) is due for renewal."""
+    record = _owner.decode(raw)
+    return Owner(record) if isinstance(record, str) else record
 
 
 def owner_key(state_id: str) -> str:
@@ -102,8 +120,10 @@ class Owners:
                 owner = await self._owner(state_id)
                 if owner is None:
                     unowned.append((field, state_id))
-                elif owner != key.tenant:
+                elif owner.tenant != key.tenant:
                     return not_found(field, state_id)
+                elif self._due(owner):
+                    await self._renew(key.tenant, state_id)
         except KVUnavailable as exc:  # KVUnreadable too: a value that is no tenant's name is no owner to trust
             return unavailable(exc.message)
         return tuple(unowned)
@@ -128,18 +148,36 @@ class Owners:
             return Withheld(unavailable(exc.message), refusal(exc.message))
         return None
 
-    async def _owner(self, state_id: str) -> str | None:
-        """The tenant that owns `state_id`, None when nobody does (read, never written)."""
-        def step(owner: str | None) -> tuple[None, str | None]:
+    async def _owner(self, state_id: str) -> Owner | None:
+        """The record of the tenant that owns `state_id`, None when nobody does (read, never written)."""
+        def step(owner: Owner | None) -> tuple[None, Owner | None]:
             return None, owner
 
-        return await self.store.update(owner_key(state_id), _owner.decode, step, f"the owner of {state_id!r}")
+        return await self.store.update(owner_key(state_id), _decode_owner, step, f"the owner of {state_id!r}")
+
+    def _due(self, owner: Owner) -> bool:
+        return time.time() - owner.at >= self.ttl_s * RENEW_AFTER
+
+    async def _renew(self, tenant: str, state_id: str) -> None:
+        """Begin again the life of `tenant`'s record of `state_id`, which `tenant` named: an id in use stays its
+        owner's (else it expired a TTL after its claim however often named, and another tenant naming it then took
+        it). A failure is logged, not the request's: the record still stands."""
+        def step(owner: Owner | None) -> tuple[Owner | None, None]:
+            still = owner is not None and owner.tenant == tenant and self._due(owner)  # no other replica renewed it
+            return (Owner(tenant, time.time()) if still else None), None
+
+        try:
+            await self.store.update(owner_key(state_id), _decode_owner, step, f"the owner of {state_id!r}",
+                                    ttl_s=self.ttl_s)
+        except KVUnavailable as exc:
+            log.warning("the owner record of %r (tenant %s) was not renewed: %s; it stands until it expires",
+                        state_id, tenant, exc.message)
 
     async def _claimed(self, tenant: str, state_id: str) -> bool:
         """Whether `tenant` owns `state_id` now: it did, or nobody did and its create won (another replica's
         concurrent create makes the store read again)."""
-        def step(owner: str | None) -> tuple[str | None, bool]:
-            return (tenant, True) if owner is None else (None, owner == tenant)
+        def step(owner: Owner | None) -> tuple[Owner | None, bool]:
+            return (Owner(tenant, time.time()), True) if owner is None else (None, owner.tenant == tenant)
 
-        return bool(await self.store.update(owner_key(state_id), _owner.decode, step, f"the owner of {state_id!r}",
+        return bool(await self.store.update(owner_key(state_id), _decode_owner, step, f"the owner of {state_id!r}",
                                             ttl_s=self.ttl_s))

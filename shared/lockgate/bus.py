@@ -249,8 +249,9 @@ def topology(subjects: Subjects, replicas: int) -> list[tuple[StreamConfig, Stre
     kv.append(_kv_config(subjects.kv_budgets, replicas, history=1, ttl=62 * 24 * 3600))
     # The router's shared response cache: entries carry their own expiry; a day bounds any of them.
     kv.append(_kv_config(subjects.kv_response_cache, replicas, history=1, ttl=24 * 3600))
-    # Who owns each Responses state: every key written once, by a create carrying its own expiry (Nats-TTL,
-    # settings.router_response_owner_ttl_s, as long as the provider keeps the state), so the bucket sets none.
+    # Who owns each Responses state: every key written by a create, or its owner's renewal, each carrying its own
+    # expiry (Nats-TTL, settings.router_response_owner_ttl_s, as long as the provider keeps the state), so the bucket
+    # sets none.
     kv.append(_kv_config(subjects.kv_response_owners, replicas, history=1))
     # The router's secret: its first value kept for good, as a release's binding is (a replica's create that loses
     # the race is refused), so no writer can swap the key that every rollout's split and user hash depend on.

@@ -100,8 +100,8 @@ class Settings(msgspec.Struct, kw_only=True):
     router_endpoint_slots: Annotated[int, msgspec.Meta(ge=1)] = 1000
     router_tenant_slot_share: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.5
     # How long (seconds) the router remembers which tenant owns a Responses state (a response id it relayed, a
-    # response or conversation id a request named first): OpenAI keeps a stored response 30 days. Past it, the
-    # next tenant naming the id owns it (services/router/owners.py).
+    # response or conversation id a request named first): OpenAI keeps a stored response 30 days. Its owner naming
+    # the id renews it; left unnamed past it, the next tenant naming the id owns it (services/router/owners.py).
     router_response_owner_ttl_s: Annotated[float, msgspec.Meta(gt=0)] = 30 * 24 * 3600.0
     app: str = "default"
     rollout_steps: tuple[float, ...] = (10.0, 25.0, 50.0, 100.0)

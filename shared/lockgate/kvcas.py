@@ -72,8 +72,8 @@ class CasStore:
                      what: str, store: str | None = None, ttl_s: float | None = None) -> Any:
         """`step(state or None)` gives (the new state, or None to write nothing, and the result to return);
         the new state is written only over the revision read, else read again. `what` names the key and
-        `store` the store in errors; `ttl_s`: a key's first value expires after that long (Nats-TTL). Store
-        failures are KVUnavailable; KVOutcomeUnknown once the write was sent (it may have been applied)."""
+        `store` the store in errors; `ttl_s`: the value written expires after that long (Nats-TTL), an update's as a
+        create's (its life begins again). Store failures are KVUnavailable; KVOutcomeUnknown once the write was sent (it may have been applied)."""
         store = store or self.what
         sent = False  # a write is on its way: its answer alone tells whether it was applied
         try:
@@ -92,8 +92,10 @@ class CasStore:
                     try:
                         if rev is None:
                             await kv.create(key, _enc.encode(after), msg_ttl=ttl_s)
-                        else:
+                        elif ttl_s is None:
                             await kv.update(key, _enc.encode(after), last=rev)
+                        else:  # nats-py's update takes no msg_ttl; its _update, which its create calls, does
+                            await kv._update(key, _enc.encode(after), last=rev, msg_ttl=ttl_s)
                     except nats.js.errors.KeyWrongLastSequenceError:
                         sent = False  # refused: another replica changed it in between; read again
                         continue

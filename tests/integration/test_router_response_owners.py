@@ -10,11 +10,13 @@ turns."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import msgspec
 import openai
 import pytest
 from aiohttp import web
@@ -24,7 +26,7 @@ from lockgate.config import Settings
 from lockgate.credentials import NotAllowed
 from lockgate.server.apikeys import Bootstrap, KeyStore, bootstrap
 from lockgate.server.natsserver import NatsServer
-from lockgate.services.router.owners import Owners, owner_key
+from lockgate.services.router.owners import Owner, Owners, owner_key
 from lockgate.store import Store
 from lockgate.subjects import Subjects
 from lockgate_dev.sim import ModelSpec, SimConfig, SimServer
@@ -206,9 +208,39 @@ async def test_a_claim_is_keyed_by_the_ids_hash_and_expires(settings: Settings, 
     bus = router.ctx.bus
     kv = await bus.kv(bus.subjects.kv_response_owners)
     entry = await kv.get(owner_key(mine))
-    assert entry.value == b'"acme"'
+    record = msgspec.json.decode(entry.value, type=Owner)
+    assert record.tenant == "acme" and time.time() - 60 < record.at <= time.time()
     msg = await bus.js.get_msg(f"KV_{bus.subjects.kv_response_owners}", entry.revision)
     assert (msg.headers or {}).get("Nats-TTL") in ("3600", "3600s")
+    # Named by its owner while young: no write (a record is renewed once it has lived a quarter of its TTL).
+    await _create(_client(router, keys.app_key), False, previous_response_id=mine)
+    assert (await kv.get(owner_key(mine))).revision == entry.revision
+
+    # A record written before records were renewed (the bare tenant name) is read, and renewed when its owner names
+    # it: a new value, carrying its TTL again.
+    old = await kv.create(owner_key("resp_old"), b'"acme"', msg_ttl=3600)
+    await _create(_client(router, keys.app_key), False, previous_response_id="resp_old")
+    entry = await kv.get(owner_key("resp_old"))
+    assert entry.revision != old and msgspec.json.decode(entry.value, type=Owner).tenant == "acme"
+    msg = await bus.js.get_msg(f"KV_{bus.subjects.kv_response_owners}", entry.revision)
+    assert (msg.headers or {}).get("Nats-TTL") in ("3600", "3600s")
+
+
+async def test_an_id_in_use_stays_its_owners_past_the_ttl(settings: Settings, store: Store, replicas: Replicas,
+                                                           sim: SimServer, keys: Bootstrap, globex: str) -> None:
+    """Before (probe p43 F2), a record expired its TTL after its claim however often its owner named it, and another
+    tenant naming the id then (each refusal free) took it over: its owner was refused its own conversation."""
+    ttl_s = 2.0
+    s = _passthrough(settings, sim).replace(router_response_owner_ttl_s=ttl_s)
+    router = await _router(replicas, s, store)
+    acme, other = _client(router, keys.app_key), _client(router, globex)
+    await _create(acme, False, conversation="conv_acme")  # named first by acme: acme's
+    began = time.monotonic()
+    while time.monotonic() - began < 3 * ttl_s:  # well past the first claim's TTL
+        # Globex asks first each round: the instant a record expires, the next to name the id owns it.
+        assert isinstance(await _refused(other, False, conversation="conv_acme"), openai.NotFoundError)
+        await _create(acme, False, conversation="conv_acme")
+        await asyncio.sleep(ttl_s / 4)  # acme's pace of use (time passing, not synchronisation)
 
 
 async def test_under_auth_the_router_claims_and_an_app_cannot_touch_the_owners(tmp_path: Path, unique: str) -> None:
