@@ -80,7 +80,7 @@ FACTS: tuple[Projection, ...] = (
     Projection(tables.ROLLOUT_EVENTS, lambda s: s.rollout_all, "events", RolloutState),
     Projection(tables.DRIFT_REPORTS, lambda s: s.drift_all, "events", DriftReport),
     # One row per event id: the bill counts an event once, whichever ledger facts carry it.
-    Projection(tables.COST_LEDGER, lambda s: s.cost_ledger, "facts", CostLedger, per_row=True,
+    Projection(tables.COST_LEDGER, lambda s: s.cost_ledger, "ledger", CostLedger, per_row=True,
                keys_table="cost_ledger_keys"),
     Projection(tables.AUDIT_LOG, lambda s: s.audit_records, "facts", AuditRecord),
     # One row per (answer, scorer): a score re-sent (a redelivery, the evaluator re-scoring) is stored once.

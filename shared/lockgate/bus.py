@@ -99,6 +99,8 @@ _STREAM_EXISTS_OTHERWISE = 10058
 # nats-server's answer to a create of a stream whose subjects another stream captures: on a home made before a
 # subject moved to a stream of its own (cost records), until the old stream is narrowed (admin's update does it first).
 _SUBJECTS_OVERLAP = 10065
+# How `Bus.ensure_topology` names a stream it could not make for that reason (and so declares no readers on).
+_OVERLAPPED = "missing: another stream still captures its subjects"
 # The admin command that brings existing streams and buckets to lockgate's configuration (`Bus.ensure_topology`
 # with `update`): a service's identity may only create what is missing.
 TOPOLOGY_APPLY = "lockgate --role admin topology apply"
@@ -555,7 +557,8 @@ class Bus:
             if fields is not None:
                 shown = f"{cfg.name} ({', '.join(fields) or 'settings nats-py does not show'})"
                 (left if cfg.name in kept else differs).append(shown)
-            if spec is not None:
+            # A stream left missing has no readers yet: admin's update makes both (an interest stream's, the ledger).
+            if spec is not None and fields != [_OVERLAPPED]:
                 await self._ensure_readers(spec)
         self.topology_differs = [f"{d}: {KEPT_BY_OPERATOR}" for d in left] + ([] if update else differs)
         if differs and not update:
@@ -582,7 +585,7 @@ class Bus:
             if exc.err_code == _SUBJECTS_OVERLAP and not update:
                 # A service may not narrow the older stream: its subject keeps going there until admin applies
                 # lockgate's configuration, and the new stream is named as differing (missing) meanwhile.
-                return ["missing: another stream still captures its subjects"]
+                return [_OVERLAPPED]
             if exc.err_code != _STREAM_EXISTS_OTHERWISE:
                 raise
         fields = config_differences(cfg, (await self.js.stream_info(cfg.name)).config)

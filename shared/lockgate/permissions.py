@@ -107,8 +107,8 @@ DURABLES: dict[str, dict[str, tuple[str, ...]]] = {
              # one per fact table it projects (services/sink/domain.py FACTS)
              "events": ("artifacts", "lineage_runs", "eval_runs", "rollout_events", "drift_reports",
                         "inference_scores"),
-             "facts": ("releases", "lineage_edges", "eval_cases", "gate_decisions", "cost_ledger", "audit_log",
-                       "analysis_runs")},
+             "facts": ("releases", "lineage_edges", "eval_cases", "gate_decisions", "audit_log", "analysis_runs"),
+             "ledger": ("cost_ledger",)},
     "lineage": {"events": ("release", "run", "eval", "gate", "rollout", "eval_start")},  # eval_start: live OpenLineage
     "evaluator": {"events": ("requests",), "inference": ("online",)},  # online: sampled live traffic scored
     # audit: the chainer; lifecycles: an artifact's sunset BLOCKs what binds it when it passes
@@ -273,7 +273,7 @@ def _grant(s: Subjects, identity: str) -> Grant:
         # The one identity that deletes a message: once a dead letter is stored, the sink removes its
         # unreadable original (which may carry secrets) from the stream it came from.
         g.add(Grant(publish=[f"$JS.API.STREAM.MSG.DELETE.{st[k]}" for k in ("inference", "events", "facts",
-                                                                             "telemetry", "dlq", "audit")]))
+                                                                             "ledger", "telemetry", "dlq", "audit")]))
         # It checks the original before deleting it (_delete_original); the audit queue is the one stream it
         # deletes from without consuming it. Before, each letter of an audit entry failed on this read.
         g.add(_read_stream(st["audit"]))

@@ -130,8 +130,21 @@ class Subjects:
                 "cost": StreamSpec(f"{s}_COST", (f"{p}.cost.>",), max_age_s=30 * 24 * 3600, max_bytes=GiB // 4,
                                    discard="old"),
                 # Rows that have no event of their own, published for the sink (the store owner) alone;
-                # kept only as long as the inference stream, because the table is their durable copy.
-                "facts": StreamSpec(f"{s}_FACTS", (f"{p}.fact.>",), max_bytes=GiB),
+                # kept only as long as the inference stream, because the table is their durable copy. Limits
+                # retention: the evaluator reads a run's eval cases back from it (`Bus.stored_after`). Each fact
+                # subject is named (the cost ledger's goes to `ledger`: two streams may not share a subject).
+                "facts": StreamSpec(f"{s}_FACTS", (self.eval_cases, self.release_bound, self.gate_audit,
+                                                   self.lineage_edges, self.audit_records, self.analysis_runs),
+                                    max_bytes=GiB),
+                # Cost ledger facts apart: the cost service publishes one for every inference message of any
+                # tenant's application, so under the facts stream's limits retention ordinary traffic (about 7
+                # events/s for its 7 days) or one application's flood filled it, and then every tenant's ledger
+                # facts, eval cases and gate audit rows were refused (probe p43 F1). Interest, as inference: a fact
+                # is gone once the sink stored it, so 1 GiB bounds only the sink's backlog, and past it the cost
+                # service retries (discard new) rather than lose spend. Declared after `facts`, so a start on a
+                # home made before narrows that stream's subjects first (as `cost` after `events`).
+                "ledger": StreamSpec(f"{s}_LEDGER", (self.cost_ledger,), max_bytes=GiB, retention="interest",
+                                     readers=(self.durable("sink", "cost_ledger"),)),
                 "telemetry": StreamSpec(f"{s}_TELEMETRY", (f"{p}.telemetry.>",), max_age_s=24 * 3600,
                                         max_bytes=GiB // 2, discard="old"),
                 # Interest too: a dead letter is gone once the sink stored it (`dead_letters` reads the table).

@@ -203,7 +203,7 @@ async def stored(bus: Bus, table: str, column: str, app: str, app_column: str = 
 
 async def drained(admin: Bus, *durables: str, timeout_s: float = 90.0) -> None:
     """Wait until the sink's consumers have nothing pending or unacknowledged (all stored)."""
-    streams = {"inference": "inference", "cost_ledger": "facts", "spans": "telemetry"}
+    streams = {"inference": "inference", "cost_ledger": "ledger", "spans": "telemetry"}
 
     async def check() -> None:
         for purpose in durables:

@@ -123,8 +123,8 @@ def test_demo_then_query_everything(stack: dict[str, str], tmp_path: Path) -> No
     assert count[0]["n"] >= 300
 
     health = json.loads(run("status", "--json", env=stack).stdout)
-    assert {s["role"] for s in health["streams"]} == {"inference", "events", "cost", "facts", "telemetry", "dlq",
-                                                     "audit", "provenance", "dlq_originals"}
+    assert {s["role"] for s in health["streams"]} == {"inference", "events", "cost", "facts", "ledger", "telemetry",
+                                                     "dlq", "audit", "provenance", "dlq_originals"}
     assert any(c["consumer"] == "lg_sink_inference" for c in health["consumers"])
 
     # The commands the demo ends with reach this stack pasted as shown, from another directory and with nothing in

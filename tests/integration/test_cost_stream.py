@@ -30,6 +30,7 @@ from lockgate.contracts import ArtifactRegistered, CostRecord, GateDecided
 from lockgate.server.runtime import Runtime
 from lockgate.services.cost.domain import FOLDED, RECORDS_MAX
 from lockgate.subjects import Subjects
+from tests.helpers import eventually
 from tests.integration.test_nats_auth import secured  # noqa: F401  (the fixture)
 
 pytestmark = pytest.mark.timeout(120)
@@ -137,3 +138,83 @@ async def test_a_home_made_before_moves_cost_records_to_their_stream(secured) ->
     await admin.publish(s.cost("acme"), msgspec.structs.replace(record, calls=2))
     assert (await admin.js.stream_info(cost)).state.messages == 1
 
+
+
+# Probe p43 F1: the facts stream (1 GiB, limits retention, discard new) kept every cost ledger fact for 7 days, so
+# ordinary traffic or one app's flood filled it, and then every fact publish of every tenant was refused. Scaled
+# down: both streams to 1 MiB, and a flood of about 2 MB of ledger facts.
+FACTS_MAX_BYTES = 1024 * 1024
+ROUNDS, PER_ROUND = 4, 2000
+
+
+async def _kept(bus: Bus, stream: str) -> dict[str, int]:
+    """How many messages `stream` holds, by subject."""
+    info = await bus.js.stream_info(stream, subjects_filter=f"{bus.subjects.prefix}.>")
+    return info.state.subjects or {}
+
+
+async def test_an_apps_flood_of_events_leaves_the_facts_stream_usable(settings: Settings) -> None:
+    runtime = Runtime(settings.replace(nats_url="nats://127.0.0.1:0"), services=SERVICES)
+    await runtime.start()
+    try:
+        admin, store = runtime.ctx.bus, runtime.ctx.store
+        s = admin.subjects
+        facts = s.streams["facts"].name
+        ledger = await admin.js.find_stream_name_by_subject(s.cost_ledger)  # before: the facts stream
+        for name in {facts, ledger}:
+            config = (await admin.js.stream_info(name)).config
+            await admin.js.update_stream(config.evolve(max_bytes=FACTS_MAX_BYTES))
+        secret = await _credential(runtime)
+        async with Client(runtime.settings.nats_url, prefix=runtime.settings.prefix, tenant="acme", app="shop",
+                          user=secret["user"], password=secret["password"], batch_size=1000,
+                          flush_interval_s=60) as client:
+            for _ in range(ROUNDS * PER_ROUND):
+                client.emit(deployment="chat", model="gpt-4o-mini", status="ok", input_tokens=8, output_tokens=1)
+            await client.flush()
+        sink = runtime.services["sink"].handlers
+
+        def rows() -> int:
+            return int(store.scalar("SELECT count() FROM cost_ledger"))
+
+        def billed() -> bool:
+            return rows() == ROUNDS * PER_ROUND
+
+        # Every event billed: twice the ledger stream's size went through it (before: the facts stream, full at
+        # about half the flood, refused the rest, dead-lettered by the cost service).
+        await eventually(billed, [sink.progress("cost_ledger")], timeout_s=60,
+                         what=lambda: f"{ROUNDS * PER_ROUND} events in the ledger (it has {rows()})")
+        assert ledger != facts and s.cost_ledger not in await _kept(admin, facts)
+        # Another tenant's facts still land (before: refused, the stream full).
+        await admin.js.publish(s.eval_cases, b"x" * 30000)
+        assert (await _kept(admin, facts)).get(s.eval_cases) == 1
+    finally:
+        await runtime.stop()
+
+
+async def test_a_home_made_before_moves_ledger_facts_to_their_stream(secured) -> None:  # noqa: F811
+    # A home made before: the facts stream captures `fact.>` and there is no ledger stream. As with the cost records
+    # (above): a service names both and starts; admin's `topology apply` narrows the facts stream first, every
+    # message kept, then makes the ledger stream and its reader, the sink's durable.
+    _, settings, admin = secured
+    s = admin.subjects
+    facts, ledger = s.streams["facts"].name, s.streams["ledger"].name
+    await admin.js.delete_stream(ledger)
+    old = (await admin.js.stream_info(facts)).config
+    await admin.js.update_stream(old.evolve(subjects=[f"{settings.prefix}.fact.>"]))
+    await admin.publish(s.cost_ledger, b"{}", msg_id="before")
+    sink = Bus(settings.nats_url, Subjects(settings.prefix), name="test-sink", update_topology=False,
+               auth=credentials.for_identity(settings, "sink"))
+    await sink.connect()
+    try:
+        assert [d for d in sink.topology_differs if d.startswith((facts, ledger))] == [
+            f"{facts} (subjects)", f"{ledger} (missing: another stream still captures its subjects)"]
+    finally:
+        await sink.close()
+    await admin.ensure_topology(update=True)
+    assert (await admin.js.stream_info(facts)).config.subjects == list(s.streams["facts"].subjects)
+    assert (await _kept(admin, facts)).get(s.cost_ledger) == 1  # kept
+    await admin.publish(s.cost_ledger, b"{}", msg_id="after")
+    await admin.publish(s.eval_cases, b"{}", msg_id="cases")
+    assert (await admin.js.stream_info(ledger)).state.messages == 1  # kept for the sink's durable, declared with it
+    assert (await admin.js.consumer_info(ledger, s.durable("sink", "cost_ledger"))).num_pending == 1
+    assert (await _kept(admin, facts)) == {s.cost_ledger: 1, s.eval_cases: 1}

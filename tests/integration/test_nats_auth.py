@@ -228,7 +228,8 @@ async def test_the_router_cannot_forge_run_records_bindings_or_facts(secured, ow
         target = subject(router.subjects)
         with pytest.raises(NotAllowed, match="'router' may not publish"):
             await router.publish(target, b"{}", msg_id="forged")
-        stream = f"KV_{target.split('.')[1]}" if target.startswith("$KV.") else admin.subjects.streams["facts"].name
+        role = "ledger" if target == admin.subjects.cost_ledger else "facts"
+        stream = f"KV_{target.split('.')[1]}" if target.startswith("$KV.") else admin.subjects.streams[role].name
         info = await admin.js.stream_info(stream)
         assert info.state.messages == 0  # nothing was stored
         await writer.publish(target, b"{}", msg_id="owned")  # the owner may
