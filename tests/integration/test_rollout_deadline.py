@@ -43,7 +43,9 @@ async def test_a_canary_judged_on_scores_nobody_makes_pauses_past_its_progress_d
     assert "past the progress deadline (1 s): waiting for 30 scores per variant (is online evaluation on?)" \
         in route.reason
     assert route.analysis is not None and route.analysis.last is not None
-    assert route.analysis.last.verdict == "INCONCLUSIVE"
+    # The looks that paused it were inconclusive; a look after the pause may be WAITING again (a pause starts the wait
+    # for evidence anew, `waiting_since`), as a ci-local run read it, so the count is asserted, not the latest verdict.
+    assert route.analysis.inconclusives >= 3, route.analysis
     # Announced (history, `lg.rollout`): the step waiting past its deadline, for what, then the pause.
     reasons = [s.reason for s in await _states_of(sub)]
     overdue = [r for r in reasons if "; waiting " in r and "past the progress deadline" in r]
