@@ -104,6 +104,25 @@ async def test_an_apps_flood_of_models_leaves_the_events_stream_and_yields_bound
         await runtime.stop()
 
 
+async def _made_before(admin: Bus, old: str, new: str, subjects: list[str]) -> None:
+    """The streams of a home made before `new` existed: no `new`, and `old` capturing `subjects` (its subjects then)."""
+    await admin.js.delete_stream(new)
+    await admin.js.update_stream((await admin.js.stream_info(old)).config.evolve(subjects=subjects))
+
+
+async def _a_service_starts(settings: Settings, old: str, new: str) -> None:
+    """A service that may only create (the sink) starts on such a home: it names the old stream's subjects as
+    differing and the new stream as missing, since it may not narrow the old one."""
+    sink = Bus(settings.nats_url, Subjects(settings.prefix), name="test-sink", update_topology=False,
+               auth=credentials.for_identity(settings, "sink"))
+    await sink.connect()
+    try:
+        assert [d for d in sink.topology_differs if d.startswith((old, new))] == [
+            f"{old} (subjects)", f"{new} (missing: another stream still captures its subjects)"]
+    finally:
+        await sink.close()
+
+
 async def test_a_home_made_before_moves_cost_records_to_their_stream(secured) -> None:  # noqa: F811
     # A home made before: the events stream captures `cost.>` and there is no cost stream. A service (create only)
     # names both and starts; the admin's `topology apply` (the embedded `lockgate up` at its next start) narrows the
@@ -111,21 +130,13 @@ async def test_a_home_made_before_moves_cost_records_to_their_stream(secured) ->
     _, settings, admin = secured
     s = admin.subjects
     events, cost = s.streams["events"].name, s.streams["cost"].name
-    await admin.js.delete_stream(cost)
-    old = (await admin.js.stream_info(events)).config
-    await admin.js.update_stream(old.evolve(subjects=[*old.subjects, s.cost_all]))
+    await _made_before(admin, events, cost, [*(await admin.js.stream_info(events)).config.subjects, s.cost_all])
     record = CostRecord(tenant="acme", app="shop", deployment="chat", model="m", calls=1, input_tokens=1,
                         output_tokens=1, cached_tokens=0, cost_usd=0.0, window_start=datetime.now(UTC),
                         window_end=datetime.now(UTC))
     await admin.publish(s.cost("acme"), record)
-    sink = Bus(settings.nats_url, Subjects(settings.prefix), name="test-sink", update_topology=False,
-               auth=credentials.for_identity(settings, "sink"))
-    await sink.connect()  # before: the create of the cost stream, refused (subjects overlap), failed its start
-    try:
-        assert [d for d in sink.topology_differs if d.startswith((events, cost))] == [
-            f"{events} (subjects)", f"{cost} (missing: another stream still captures its subjects)"]
-    finally:
-        await sink.close()
+    # Before: the create of the cost stream, refused (subjects overlap), failed the service's start.
+    await _a_service_starts(settings, events, cost)
     # `lockgate status` (a viewer) shows the stream missing and how to apply it: before, it failed on its absence.
     args = ["--home", settings.home, "--nats", settings.nats_url, "--prefix", settings.prefix, "--role", "viewer"]
     shown = await asyncio.to_thread(CliRunner().invoke, cli, [*args, "status", "--json"])
@@ -198,18 +209,9 @@ async def test_a_home_made_before_moves_ledger_facts_to_their_stream(secured) ->
     _, settings, admin = secured
     s = admin.subjects
     facts, ledger = s.streams["facts"].name, s.streams["ledger"].name
-    await admin.js.delete_stream(ledger)
-    old = (await admin.js.stream_info(facts)).config
-    await admin.js.update_stream(old.evolve(subjects=[f"{settings.prefix}.fact.>"]))
+    await _made_before(admin, facts, ledger, [f"{settings.prefix}.fact.>"])
     await admin.publish(s.cost_ledger, b"{}", msg_id="before")
-    sink = Bus(settings.nats_url, Subjects(settings.prefix), name="test-sink", update_topology=False,
-               auth=credentials.for_identity(settings, "sink"))
-    await sink.connect()
-    try:
-        assert [d for d in sink.topology_differs if d.startswith((facts, ledger))] == [
-            f"{facts} (subjects)", f"{ledger} (missing: another stream still captures its subjects)"]
-    finally:
-        await sink.close()
+    await _a_service_starts(settings, facts, ledger)
     await admin.ensure_topology(update=True)
     assert (await admin.js.stream_info(facts)).config.subjects == list(s.streams["facts"].subjects)
     assert (await _kept(admin, facts)).get(s.cost_ledger) == 1  # kept
