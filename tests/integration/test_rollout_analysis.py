@@ -238,6 +238,20 @@ async def _impatient_until(http: aiohttp.ClientSession, router: Any, done: Calla
     return sent, hung
 
 
+async def aborted_on_hang_ups(http: aiohttp.ClientSession, router: Any, signer: Signer, release: str,
+                              streams: Callable[[int], bool] = lambda i: False) -> None:
+    """Roll `release` out as a canary judged on its error rate, send impatient clients (`_impatient_until`) until its
+    rollout stops progressing, and check their hang-ups aborted it on its error rate, stable kept."""
+    analysis = {"metrics": [{"name": "error_rate", "max_increase": 0.05}], "min_sample": 30, "failure_limit": 0}
+    await _start(http, router, release, {"steps": [50, 100], "interval_s": 0.2, "analysis": analysis})
+    await _pass(router, signer, release)
+    sent, hung = await _impatient_until(http, router, lambda r: r.phase != "progressing", streams=streams)
+    route = router.rollouts.route("chat")
+    assert route.phase == "aborted", f"not aborted after {sent} requests ({hung} hung): {route.reason}"
+    assert aborted_by_error_rate(release, route.reason), route.reason
+    assert route.stable.release == "r1" and hung >= 30
+
+
 def aborted_by_error_rate(release: str, reason: str) -> bool:
     """Whether a canary's abort `reason` is its error rate at a look: at step 1 as a rule, but on a loaded machine
     stable's impatient clients give up too (their 0.5 s), its error rate nears the canary's and the step-1 look may
@@ -252,15 +266,7 @@ async def test_a_canary_that_never_answers_clients_with_a_timeout_is_aborted(
     failure, left out of its evidence: it held half the users hanging, WAITING for ever with `canary 0` requests (at
     30% hangs, it was promoted with an error rate of 0). Now a hang-up after the router waited on the upstream for
     longer than router_unanswered_s is the canary's failure, and it is aborted."""
-    router = hanging
-    analysis = {"metrics": [{"name": "error_rate", "max_increase": 0.05}], "min_sample": 30, "failure_limit": 0}
-    await _start(http, router, "hang", {"steps": [50, 100], "interval_s": 0.2, "analysis": analysis})
-    await _pass(router, signer, "hang")
-    sent, hung = await _impatient_until(http, router, lambda r: r.phase != "progressing")
-    route = router.rollouts.route("chat")
-    assert route.phase == "aborted", f"not aborted after {sent} requests ({hung} hung): {route.reason}"
-    assert aborted_by_error_rate("hang", route.reason), route.reason
-    assert route.stable.release == "r1" and hung >= 30
+    await aborted_on_hang_ups(http, hanging, signer, "hang")
 
 
 async def test_a_blue_green_release_that_never_answers_clients_with_a_timeout_is_rolled_back(

@@ -24,7 +24,7 @@ from tests.integration.test_rollout_analysis import (
     _impatient_until,
     _pass,
     _start,
-    aborted_by_error_rate,
+    aborted_on_hang_ups,
     serving,
 )
 
@@ -85,15 +85,7 @@ async def test_a_canary_whose_streams_send_only_keep_alives_is_aborted(
     answer: its hang-ups are `upstream_unanswered` and its calls in flight unanswered, and it is aborted. So too after
     a stream's first event (its role): the wait for the next data goes on across keep-alives (before, every hang-up
     was `client_disconnected`, the latest line the router wrote or waited for a keep-alive)."""
-    router = queued
-    analysis = {"metrics": [{"name": "error_rate", "max_increase": 0.05}], "min_sample": 30, "failure_limit": 0}
-    await _start(http, router, "queued", {"steps": [50, 100], "interval_s": 0.2, "analysis": analysis})
-    await _pass(router, signer, "queued")
-    sent, hung = await _impatient_until(http, router, lambda r: r.phase != "progressing", streams=lambda i: True)
-    route = router.rollouts.route("chat")
-    assert route.phase == "aborted", f"not aborted after {sent} requests ({hung} hung): {route.reason}"
-    assert aborted_by_error_rate("queued", route.reason), route.reason
-    assert route.stable.release == "r1" and hung >= 30
+    await aborted_on_hang_ups(http, queued, signer, "queued", streams=lambda i: True)
 
 
 async def test_a_canary_whose_streams_hang_with_keep_alives_is_not_promoted_on_its_other_answers(
