@@ -262,6 +262,24 @@ def named_state(body: bytes) -> NamedState:
     return tuple(named)
 
 
+def referenced_items(body: bytes, value: Any) -> NamedState:
+    """The stored items a Responses request's `input` (`value`, decoded from `body`) names by their own id: each
+    item reference, `{"type": "item_reference", "id": ...}` or with its type left out (an item of neither type nor
+    role, as OpenAI reads it), as ("input", its id, or None when that is no non-empty string), each once. A body
+    with neither `"id"` nor `"item_reference"` quoted nor a `\\u` escape (which may spell one) has none: `()` for the
+    cost of a few byte scans."""
+    if not isinstance(value, list) or not ((b"\\" in body and b"\\u" in body) or b'"id"' in body
+                                           or b'"item_reference"' in body):
+        return ()
+    named: dict[tuple[str, str | None], None] = {}
+    for item in value:
+        if isinstance(item, dict) and (item.get("type") == "item_reference" or
+                                       (item.get("type") is None and "role" not in item and "id" in item)):
+            state_id = item.get("id")
+            named["input", state_id if isinstance(state_id, str) and state_id else None] = None
+    return tuple(named)
+
+
 def _as_parts(value: Any) -> list[Any]:
     return value if isinstance(value, list) else [value] if isinstance(value, dict) else []
 

@@ -2,9 +2,11 @@
 
 A provider keeps a response (and a conversation) under its id, for whoever holds the account's key to continue:
 `previous_response_id` or `conversation` in a request brings back every earlier turn, which the model can be asked to
-repeat. Two tenants whose deployments share one endpoint credential share that account, so the router, which holds
-the key for both, decides who may name an id. It claims each response id it relays for the caller's tenant before the
-client can see the id, and a request naming an id is served only to the tenant that owns it. An id the router never
+repeat, and an `item_reference` input brings back one output item of a stored response (an answer, a tool call) by
+the item's own id. Two tenants whose deployments share one endpoint credential share that account, so the router,
+which holds the key for both, decides who may name an id. It claims each response id it relays, and the ids of the
+response's output items, for the caller's tenant before the client can see them, and a request naming an id is
+served only to the tenant that owns it. An id the router never
 saw created (made outside it, or before this existed) is owned by the first tenant whose request naming it the
 upstream answers: claimed with that answer, before the client sees any of it, so of two tenants naming it at once the
 loser gets nothing (and an id that does not exist yet, named to guess a provider's next one, is claimed by nobody).
@@ -18,10 +20,12 @@ unreachable refuses (503), as budgets fail closed: unchecked, the state would be
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import time
-from typing import Any, NamedTuple
+from collections.abc import Awaitable, Iterable, Sequence
+from typing import Any, NamedTuple, TypeVar
 
 import msgspec
 from aiohttp import web
@@ -33,6 +37,7 @@ from lockgate.services.router.budgets import NamedState
 from lockgate.services.router.wire import error_response
 
 log = logging.getLogger("lockgate.router.owners")
+T = TypeVar("T")
 
 
 class Owner(msgspec.Struct, frozen=True):
@@ -45,9 +50,14 @@ class Owner(msgspec.Struct, frozen=True):
 
 _owner = msgspec.json.Decoder(str | Owner)
 Unowned = tuple[tuple[str, str], ...]  # the ids a request names that nobody owns yet: (its field, the id)
+# OpenAI's answer for an id of each field that does not exist: its status, code and what its message calls the id's.
+_ABSENT = {"previous_response_id": (400, "previous_response_not_found", "Previous response"),
+           "conversation": (404, "conversation_not_found", "Conversation"),
+           "input": (404, None, "Item")}  # an item_reference: OpenAI's `code` is null
 _STORE = "the Responses state owners store"
 UNAVAILABLE = "response_owners_unavailable"  # the refusal's code, and the event's error type
 STORE_TIMEOUT_S = 5.0  # a KV round trip under load, as budgets' store_timeout_s: past it the request is refused
+AT_ONCE = 64  # a request's store round trips in flight at once: a typical request's ids all go in one
 RENEW_AFTER = 0.25  # of the TTL: an owner's record older than this is renewed when named (not a write per request)
 
 
@@ -58,22 +68,20 @@ def _decode_owner(raw: bytes) -> Owner:
 
 
 def owner_key(state_id: str) -> str:
-    """The KV key of a response or conversation id: its sha256 (an id is the client's text, of any length and
+    """The KV key of a response, item or conversation id: its sha256 (an id is the client's text, of any length and
     alphabet; a KV key is not)."""
     return hashlib.sha256(state_id.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def not_found(field: str, state_id: str) -> web.Response:
-    """OpenAI's answer for a `previous_response_id` or `conversation` that does not exist (its status, words and
-    code), given for another tenant's id alike."""
-    status, code = (400, "previous_response_not_found") if field == "previous_response_id" else \
-        (404, "conversation_not_found")
+    """OpenAI's answer for a `previous_response_id`, `conversation` or `input` item reference that does not exist
+    (its status, words and code), given for another tenant's id alike."""
+    status, code, _ = _ABSENT[field]
     return error_response(status, _not_found_message(field, state_id), "invalid_request_error", code=code, param=field)
 
 
 def _not_found_message(field: str, state_id: str) -> str:
-    what = "Previous response" if field == "previous_response_id" else "Conversation"
-    return f"{what} with id '{state_id}' not found."
+    return f"{_ABSENT[field][2]} with id '{state_id}' not found."
 
 
 def refusal(message: str) -> str:
@@ -106,46 +114,45 @@ class Owners:
     async def admit(self, key: ApiKey, named: NamedState) -> web.Response | Unowned:
         """Before a Responses request's upstream call: the refusal when `key` may not name the state `named`
         (another tenant's id, answered as one that does not exist; an admin key may name any), else the ids nobody
-        owns yet, for `claim` to claim with the answer. The store is asked for every request, as its answer's id
+        owns yet, for `claim` to claim with the answer. The store is asked for every request, as its answer's ids
         will be claimed: while it is unreachable the 503 comes before any upstream call (with the bucket's handle
-        held and the bus connected, a request naming no state costs no round trip)."""
+        held and the bus connected, a request naming no state costs no round trip). The ids named are read at once
+        (a request may reference many items): one round trip, not one per id."""
         try:
             await self.store.kv()
             if key.tenants is None:
                 return ()
-            unowned: list[tuple[str, str]] = []
-            for field, state_id in named:
-                if state_id is None:
-                    continue
-                owner = await self._owner(state_id)
-                if owner is None:
-                    unowned.append((field, state_id))
-                elif owner.tenant != key.tenant:
+            ids = [(field, state_id) for field, state_id in dict.fromkeys(named) if state_id is not None]
+            owners = await _together(self._owner(state_id) for _, state_id in ids)
+            for (field, state_id), owner in zip(ids, owners, strict=True):
+                if owner is not None and owner.tenant != key.tenant:
                     return not_found(field, state_id)
-                elif self._due(owner):
-                    await self._renew(key.tenant, state_id)
+            await _together(self._renew(key.tenant, state_id) for (_, state_id), owner in zip(ids, owners, strict=True)
+                            if owner is not None and self._due(owner))
         except KVUnavailable as exc:  # KVUnreadable too: a value that is no tenant's name is no owner to trust
             return unavailable(exc.message)
-        return tuple(unowned)
+        return tuple(named_id for named_id, owner in zip(ids, owners, strict=True) if owner is None)
 
-    async def claim(self, tenant: str, unowned: Unowned, response_id: str) -> Withheld | None:
-        """Once the upstream answered a Responses request, before the client sees anything of it: claim for `tenant`
-        the ids it named that nobody owned (`admit`), and the id of the response it created (`response_id`, "" when
-        none is kept). None when all are `tenant`'s, else the answer to give instead: another tenant's claim of a
-        named id won meanwhile (that tenant's state, answered as an id that does not exist), or the store failed."""
+    async def claim(self, tenant: str, unowned: Unowned, kept: Sequence[str]) -> Withheld | None:
+        """Once the upstream answered a Responses request, before the client sees any of it: claim for `tenant`
+        the ids it named that nobody owned (`admit`), and the ids the provider keeps its answer under (`kept`: the
+        response's and its output items', none when it keeps nothing), all at once (one round trip, not one per id).
+        None when all are `tenant`'s, else the answer to give instead: another tenant's claim of a named id won
+        meanwhile (that tenant's state, answered as an id that does not exist), or the store failed."""
         try:
-            for field, state_id in unowned:
-                if not await self._claimed(tenant, state_id):
-                    return Withheld(not_found(field, state_id), _not_found_message(field, state_id))
-            if response_id and not await self._claimed(tenant, response_id):
-                # Only a provider whose ids can be guessed, and another tenant naming this one in the instant between
-                # its creation and this claim: that tenant was served it, so this answer's id is not passed on.
-                log.warning("response %s, created for tenant %s, was claimed first by another tenant", response_id,
-                            tenant)
-                return Withheld(unavailable("its response id is another tenant's"), "its response id is another "
-                                "tenant's")
+            won = await _together(self._claimed(tenant, state_id) for state_id in
+                                  (*(state_id for _, state_id in unowned), *kept))
         except KVUnavailable as exc:
             return Withheld(unavailable(exc.message), refusal(exc.message))
+        for (field, state_id), mine in zip(unowned, won, strict=False):
+            if not mine:
+                return Withheld(not_found(field, state_id), _not_found_message(field, state_id))
+        if lost := [state_id for state_id, mine in zip(kept, won[len(unowned):], strict=True) if not mine]:
+            # Only a provider whose ids can be guessed, and another tenant naming one in the instant between its
+            # creation and this claim: that tenant was served it, so this answer is not passed on.
+            log.warning("ids %s of an answer created for tenant %s were claimed first by another tenant", lost, tenant)
+            return Withheld(unavailable("an id of its answer is another tenant's"),
+                            "an id of its answer is another tenant's")
         return None
 
     async def _owner(self, state_id: str) -> Owner | None:
@@ -181,3 +188,39 @@ class Owners:
 
         return bool(await self.store.update(owner_key(state_id), _decode_owner, step, f"the owner of {state_id!r}",
                                             ttl_s=self.ttl_s))
+
+
+async def _together(calls: Iterable[Awaitable[T]]) -> list[T]:
+    """The results of `calls` run at once (the store's round trips overlap), at most AT_ONCE of them in flight (a body
+    may reference thousands of items: one request does not flood the bus); the first failure raised once all end, so
+    none is left running unawaited."""
+    gate = asyncio.Semaphore(AT_ONCE)
+
+    async def gated(call: Awaitable[T]) -> T:
+        async with gate:
+            return await call
+
+    results = await asyncio.gather(*map(gated, calls), return_exceptions=True)
+    if failed := next((r for r in results if isinstance(r, BaseException)), None):
+        raise failed
+    return results  # type: ignore[return-value]
+
+
+class Claims:
+    """The claims of one Responses answer's ids as the answer shows them: the first (its whole body, or a stream's
+    first event) claims the ids its request named that nobody owned, with the ids shown so far; each later one the
+    ids shown since (a stream's output items, as each appears), before the client sees the event naming them."""
+
+    def __init__(self, owners: Owners, tenant: str, unowned: Unowned) -> None:
+        self.owners, self.tenant, self.unowned = owners, tenant, unowned
+        self.begun = False
+        self.done = 0  # how many of the answer's ids are claimed
+
+    async def __call__(self, kept: Sequence[str]) -> Withheld | None:
+        """Claim those of `kept` (the ids the provider keeps the answer under so far, in the order shown) not claimed
+        yet: None when they are the caller's tenant's now, else what to give instead (Owners.claim)."""
+        if self.begun and len(kept) == self.done:
+            return None
+        unowned, self.unowned, self.begun = self.unowned, (), True
+        fresh, self.done = kept[self.done:], len(kept)
+        return await self.owners.claim(self.tenant, unowned, fresh)

@@ -16,7 +16,7 @@ import math
 import re
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -39,12 +39,12 @@ from lockgate.server.apikeys import ApiKey, AuthError, Forbidden, KeyStore, bear
 from lockgate.server.body import closing, read_body
 from lockgate.services.router import domain
 from lockgate.services.router.admission import OPEN, OPEN_ADMISSION, Admission, Call
-from lockgate.services.router.budgets import named_state
+from lockgate.services.router.budgets import named_state, referenced_items
 from lockgate.services.router.cache import MAX_KEYED_BYTES
 from lockgate.services.router.endpoints import Endpoint, Endpoints, UnknownEndpoint
 from lockgate.services.router.fit import TEXT_BYTES, encode_served
 from lockgate.services.router.h1 import BrokenReply, H1Pool
-from lockgate.services.router.owners import UNAVAILABLE, Owners, Withheld
+from lockgate.services.router.owners import UNAVAILABLE, Claims, Owners, Withheld
 from lockgate.services.router.providers import Unsupported, UpstreamStreamError, provider
 from lockgate.services.router.rollouts import Rollouts
 from lockgate.services.router.shadow import Shadow
@@ -90,6 +90,10 @@ from lockgate.subjects import token
 _UP_BASE = {"Content-Type": "application/json", "Accept-Encoding": "identity"}
 _api_request = msgspec.json.Decoder(ApiRequest)
 _output_limits = msgspec.json.Decoder(OutputLimits)
+# Why a named state's value is refused when it is no id, by its field.
+_NO_ID = {"previous_response_id": "'previous_response_id' must be an id (a string)",
+          "conversation": "'conversation' must be an id (a string, or an object with a string id)",
+          "input": "an item_reference in 'input' must name its item by its id (a non-empty string)"}
 _good_names: set[str] = set()  # names already checked (the same few deployments on every request)
 _model_list = msgspec.json.Decoder(dict[str, Any])
 # The methods of the gateway's own paths, for the 405 of another method (server.py routes them).
@@ -323,7 +327,7 @@ class Proxy:
             body = await read_body(request)
             req = _api_request.decode(body)
             # The stored state a Responses request names (a few byte scans when none): whose it is decides below.
-            named = named_state(body) if op is RESPONSES else ()
+            named = named_state(body) + referenced_items(body, req.input) if op is RESPONSES else ()
         except UnreadableBody as exc:
             return closing(error_response(exc.http_status, f"invalid {op.api} request: {exc.message}",
                                           "invalid_request_error"))
@@ -332,9 +336,8 @@ class Proxy:
                                   param=_param_of(exc))
         if (bad_state := next((field for field, state_id in named if state_id is None), None)) is not None:
             # Checked as an id or refused: a value the router cannot read as one is never passed on unchecked.
-            return error_response(400, f"invalid {op.api} request: {bad_state!r} must be an id (a string"
-                                       f"{', or an object with a string id' if bad_state == 'conversation' else ''})",
-                                  "invalid_request_error", param=bad_state)
+            return error_response(400, f"invalid {op.api} request: {_NO_ID[bad_state]}", "invalid_request_error",
+                                  param=bad_state)
         if req.stream and op.chunk is None:  # as OpenAI's embeddings API, which has no stream parameter
             return error_response(400, f"invalid {op.api} request: 'stream' is not a parameter of {op.api}; "
                                        "its answer comes whole", "invalid_request_error", param="stream")
@@ -410,7 +413,7 @@ class Proxy:
             unowned = await self.owners.admit(key, named)
             if isinstance(unowned, web.Response):
                 return unowned
-            claim = partial(self.owners.claim, key.tenant, unowned)
+            claim = Claims(self.owners, key.tenant, unowned)
         # Budgets and rate limits, once the model the upstream will bill is known: 429/503 or a ticket. The input
         # is bounded by the bodies the upstreams get (a release's patch or a translation may lengthen them).
         # The output too: a release's params or a translation may set another max_tokens than the client's.
@@ -601,7 +604,7 @@ class Proxy:
 
     async def _once(self, op: Operation, hops: list[Hop], up_headers: dict[str, str], out_headers: dict[str, str],
                     rec: _Record, cover: Cover | None = None, underway: Underway | None = None,
-                    claim: Claim | None = None) -> web.StreamResponse:
+                    claim: Claims | None = None) -> web.StreamResponse:
         rec.sent = asyncio.get_running_loop().time()
         try:
             reply = await self.upstream.send(hops, up_headers, stream=False, cover=cover, underway=underway)
@@ -622,7 +625,7 @@ class Proxy:
         except ErrorAnswer:  # a 200 whose body is an error: to the client a failure, as a 5xx would be
             return rec.fail(502, f"endpoint {endpoint.id} for release {target.release!r} answered HTTP 200 with "
                                  f"an error: {openai_error(scrub(reply.body, endpoint))}", "upstream_error", out_headers)
-        if claim is not None and (withheld := await claim(rec.response_id)) is not None:
+        if claim is not None and (withheld := await claim(rec.kept)) is not None:
             return rec.withhold(withheld)
         # The upstream's charset stays when its body passes as it came (an OpenAI-compatible provider's).
         charset = reply.charset if prov.name == "openai" else ""
@@ -632,7 +635,7 @@ class Proxy:
     async def _stream(self, request: web.Request, op: Operation, hops: list[Hop], up_headers: dict[str, str],
                       out_headers: dict[str, str], want_usage: bool, t0: float, rec: _Record,
                       streamed: list[bytes] | None = None, cover: Cover | None = None,
-                      underway: Underway | None = None, claim: Claim | None = None) -> web.StreamResponse:
+                      underway: Underway | None = None, claim: Claims | None = None) -> web.StreamResponse:
         chunk = op.chunk
         assert chunk is not None  # forward refuses a stream of an operation that has none
         rec.sent = asyncio.get_running_loop().time()
@@ -668,11 +671,13 @@ class Proxy:
                         else:  # the client's SDK decodes every other data line as JSON: check it does decode
                             events += 1
                             usage_only = chunk(payload, rec)  # UNDECODABLE when it is no chunk
-                            # The first event (`response.created`: the id), before it goes out; an error event
-                            # instead created nothing, and accepted no id.
-                            if claim is not None:
-                                withheld = await claim(rec.response_id) if rec.status == "ok" else None
+                            # The ids an event shows (`response.created`: the response's; an output item's as it
+                            # begins), before it goes out; an error event first instead created nothing, and
+                            # accepted no id.
+                            if claim is not None and not claim.begun and rec.status != "ok":
                                 claim = None
+                            if claim is not None:
+                                withheld = await claim(rec.kept)
                                 if withheld is not None:
                                     rec.withhold(withheld)
                                     failure, events = withheld.message, events - 1
@@ -811,13 +816,14 @@ class _Record:
         "output_tokens",
         "provider",
         "reply",
-        "response_id",
+        "kept",
         "response_model",
         "sent",
         "served",
         "status",
         "superseded",
         "ttft_ms",
+        "unstored",
     )
 
     def __init__(self, status: str, provider: str = "openai") -> None:
@@ -828,7 +834,10 @@ class _Record:
         self.input_tokens = self.output_tokens = self.cached_tokens = 0
         self.cache_write_tokens = self.cache_write_1h_tokens = 0
         self.response_model = ""
-        self.response_id = ""  # the id under which the provider keeps a Responses answer (owners.py claims it)
+        # The ids under which the provider keeps a Responses answer and its output items, as they appear (owners.py
+        # claims them), unless the answer said it keeps nothing (`unstored`).
+        self.kept: list[str] = []
+        self.unstored = False
         self.ttft_ms = self.latency_ms = 0.0
         self.out = Choices()  # every choice's text, tool calls and finish reason
         self.attributes: dict[str, str] = {}
@@ -1004,8 +1013,6 @@ def _prepare(op: Operation, endpoint: Endpoint, body: bytes) -> tuple[URL, bytes
 
 
 _prepared: dict[tuple[int, str], tuple[Endpoint, URL, dict[str, str]]] = {}
-# Claims a Responses answer's ids for the caller's tenant (owners.Owners.claim, its tenant and unowned ids bound).
-Claim = Callable[[str], Awaitable[Withheld | None]]
 
 
 def _end_span(span: Any, e: InferenceEvent, finish_reasons: tuple[str, ...] = ()) -> None:

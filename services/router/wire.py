@@ -281,10 +281,21 @@ def _response(r: Response, rec: _Record) -> None:
 
 
 def _stored_as(r: Response, rec: _Record) -> None:
-    """Note the id under which the provider keeps a response (rec.response_id, for owners.py to claim), from the first
-    response object that names one: a stream's `response.created`."""
-    if not rec.response_id and isinstance(r.id, str) and r.id and r.store is not False:
-        rec.response_id = r.id
+    """Note the ids under which the provider keeps a response and its output items (rec.kept, for owners.py to
+    claim), as response objects name them (a stream's `response.created` first), unless the answer says it keeps
+    nothing (`"store": false`)."""
+    if r.store is False:
+        rec.unstored = True
+    if isinstance(r.id, str):
+        _keeps(r.id, rec)
+    for item in r.output:
+        _keeps(item.id, rec)
+
+
+def _keeps(state_id: Any, rec: _Record) -> None:
+    """Note one id the provider keeps the answer's state under (an output item's, as it appears in a stream)."""
+    if isinstance(state_id, str) and state_id and not rec.unstored and state_id not in rec.kept:
+        rec.kept.append(state_id)
 
 
 def parse_response(data: bytes, rec: _Record) -> None:
@@ -302,6 +313,8 @@ def parse_response_event(data: bytes, rec: _Record) -> bool:
         rec.status, rec.error_type = "error", "upstream_stream_error"
     elif e.response is not None and e.type == "response.created":
         _stored_as(e.response, rec)
+    elif e.item is not None:  # an output item as it begins or ends: its id is claimed before the event goes out
+        _keeps(e.item.id, rec)
     elif e.response is not None and e.type in ("response.completed", "response.incomplete", "response.failed"):
         _response(e.response, rec)
         if e.type == "response.failed":

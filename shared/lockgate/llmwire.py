@@ -244,6 +244,7 @@ class ResponseItem(msgspec.Struct):
     """One item of a Responses API `output`: a message, a function call, or another kind (ignored)."""
 
     type: str = ""
+    id: Any = ""  # any JSON: only a string is an id the router claims (services/router/owners.py)
     content: list[ResponseContent] = []
     call_id: str = ""
     name: str = ""
@@ -279,11 +280,13 @@ class Response(msgspec.Struct):
 
 
 class ResponseEvent(msgspec.Struct):
-    """One Responses API stream event: `type` says which; deltas carry `delta`, terminal events `response`."""
+    """One Responses API stream event: `type` says which; deltas carry `delta`, terminal events `response`, an output
+    item's (`response.output_item.added`, `.done`) `item`."""
 
     type: str = ""
     delta: str = ""
     response: Response | None = None
+    item: ResponseItem | None = None
 
 
 class ErrorDetail(msgspec.Struct):

@@ -81,17 +81,33 @@ def _client(router: Any, key: str) -> openai.AsyncOpenAI:
 
 async def _create(client: openai.AsyncOpenAI, stream: bool, **ask: Any) -> str:
     """A response's id as the client reads it: the body's, or the stream's `response.created` event's."""
+    return (await _answer(client, stream, **ask))[0]
+
+
+async def _answer(client: openai.AsyncOpenAI, stream: bool, **ask: Any) -> tuple[str, str]:
+    """A response's id and its output item's, as the client reads them: the body's, or a stream's (the response's in
+    `response.created`, the item's in `response.output_item.added`), each the same in `response.completed`."""
+    ask = {"model": MODEL, "input": "hi", **ask}
     if not stream:
-        return (await client.responses.create(model=MODEL, input="hi", **ask)).id
-    ids = [e.response.id async for e in await client.responses.create(model=MODEL, input="hi", stream=True, **ask)
-           if e.type in ("response.created", "response.completed")]
-    assert len(ids) == 2 and ids[0] == ids[1], ids
-    return ids[0]
+        answer = await client.responses.create(**ask)
+        assert len(answer.output) == 1
+        return answer.id, answer.output[0].id  # type: ignore[union-attr]
+    seen: dict[str, Any] = {}
+    async for e in await client.responses.create(stream=True, **ask):
+        if e.type in ("response.created", "response.completed"):
+            seen.setdefault("response", []).append(e.response.id)
+        if e.type == "response.output_item.added":
+            seen["item"] = e.item.id
+        if e.type == "response.completed":
+            assert [item.id for item in e.response.output] == [seen["item"]]
+    assert len(seen["response"]) == 2 and seen["response"][0] == seen["response"][1], seen
+    return seen["response"][0], seen["item"]
 
 
 async def _refused(client: openai.AsyncOpenAI, stream: bool, **ask: Any) -> openai.APIStatusError:
+    ask = {"model": MODEL, "input": "what did I say before?", **ask}
     with pytest.raises(openai.APIStatusError) as caught:
-        answer = await client.responses.create(model=MODEL, input="what did I say before?", stream=stream, **ask)
+        answer = await client.responses.create(stream=stream, **ask)
         if stream:
             _ = [event async for event in answer]  # type: ignore[union-attr]
     return caught.value
@@ -141,6 +157,92 @@ async def test_a_streamed_response_is_claimed_before_the_client_reads_its_id(
     assert event.type == "response.completed"
 
 
+def _referring(item_id: str, typed: bool = True) -> list[dict[str, Any]]:
+    """An input bringing back one stored output item by its own id: an `item_reference` (its type left out, as OpenAI
+    reads an item of neither type nor role, or not), then a question about it."""
+    return [{"type": "item_reference", "id": item_id} if typed else {"id": item_id},
+            {"role": "user", "content": "repeat that word for word"}]
+
+
+TOOL = {"type": "function", "name": "lookup", "parameters": {"type": "object", "properties": {}}, "strict": False}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+async def test_another_tenants_output_item_is_answered_as_one_that_does_not_exist(
+        settings: Settings, store: Store, replicas: Replicas, sim: SimServer, keys: Bootstrap, globex: str,
+        stream: bool) -> None:
+    """Before, an `item_reference` was passed on unchecked: globex, knowing the id of an output item of an answer acme
+    created through the router (its text, a tool call), had the provider bring it into globex's own request."""
+    router = await _router(replicas, _passthrough(settings, sim), store)
+    acme, other = _client(router, keys.app_key), _client(router, globex)
+    _, message = await _answer(acme, stream)
+    _, call = await _answer(acme, stream, tools=[TOOL])
+    assert message.startswith("msg_") and call.startswith("fc_") and sim.total_requests == 2
+
+    # Globex names either: OpenAI's answer for an item that does not exist, and no upstream call.
+    for item in (message, call):
+        for typed in (True, False):
+            err = await _refused(other, stream, input=_referring(item, typed))
+            assert isinstance(err, openai.NotFoundError), (item, typed)
+            assert (err.code, err.param, err.type) == (None, "input", "invalid_request_error")
+            assert err.body["message"] == f"Item with id '{item}' not found."  # type: ignore[index]
+    assert sim.total_requests == 2
+
+    # Acme's own are served (and its answer's item is acme's in turn); an admin key may name any tenant's.
+    _, following = await _answer(acme, stream, input=_referring(message))
+    assert sim.total_requests == 3
+    assert isinstance(await _refused(other, stream, input=_referring(following)), openai.NotFoundError)
+    await _answer(_client(router, keys.admin_key), stream, input=_referring(call, typed=False))
+    assert sim.total_requests == 4
+
+    # Another replica reads the same claims.
+    second = await _router(replicas, _passthrough(settings, sim), store, "router-b")
+    assert isinstance(await _refused(_client(second, globex), stream, input=_referring(message)), openai.NotFoundError)
+    assert sim.total_requests == 4
+
+
+async def test_a_streamed_output_item_is_claimed_before_the_client_reads_its_id(
+        settings: Settings, store: Store, replicas: Replicas, sim: SimServer, keys: Bootstrap, globex: str) -> None:
+    router = await _router(replicas, _passthrough(settings, sim), store)
+    other = _client(router, globex)
+    events = await _client(router, keys.app_key).responses.create(model="slow", input="hi", stream=True)
+    added = []
+    async for event in events:
+        if event.type == "response.output_item.added":
+            # The answer is still being generated: its item's id, as the client reads it, is acme's already.
+            added.append(event.item.id)
+            assert isinstance(await _refused(other, False, input=_referring(event.item.id)), openai.NotFoundError)
+            assert sim.requests == {"slow": 1}
+    assert event.type == "response.completed" and len(added) == 1
+
+
+async def test_an_item_the_router_never_saw_created_is_the_first_tenant_s_to_use_it(
+        settings: Settings, store: Store, replicas: Replicas, sim: SimServer, keys: Bootstrap, globex: str) -> None:
+    router = await _router(replicas, _passthrough(settings, sim), store)
+    acme, other = _client(router, keys.app_key), _client(router, globex)
+    # Made outside the router (another client of the account): globex names it first, and the upstream answers.
+    await _create(other, False, input=_referring("msg_made_elsewhere"))
+    assert sim.total_requests == 1
+    # It is globex's now, however acme spells the reference.
+    for stream in (False, True):
+        for typed in (True, False):
+            err = await _refused(acme, stream, input=_referring("msg_made_elsewhere", typed))
+            assert isinstance(err, openai.NotFoundError) and err.param == "input", (stream, typed)
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {keys.app_key}"}) as http, http.post(
+            f"{router.url}/v1/responses", headers={"Content-Type": "application/json"},
+            data=b'{"model": "m", "input": [{"type": "item_reference", "\\u0069d": "msg_made_elsewhere"}]}') as resp:
+        assert resp.status == 404 and (await resp.json())["error"]["param"] == "input"
+    assert sim.total_requests == 1
+    await _create(other, True, input=_referring("msg_made_elsewhere"))
+    assert sim.total_requests == 2
+
+    # A reference without an id is refused rather than passed on unchecked.
+    err = await _refused(acme, False, input=[{"type": "item_reference", "id": 7}])
+    assert isinstance(err, openai.BadRequestError) and err.param == "input"
+    assert "item_reference" in err.message
+    assert sim.total_requests == 2
+
+
 async def test_an_id_the_router_never_saw_created_is_the_first_tenant_s_to_use_it(
         settings: Settings, store: Store, replicas: Replicas, sim: SimServer, keys: Bootstrap, globex: str) -> None:
     router = await _router(replicas, _passthrough(settings, sim), store)
@@ -181,10 +283,10 @@ async def test_owners_store_down_fails_closed(settings: Settings, store: Store, 
         keys = bootstrap(s.home, tenant="acme", app="shop")
         router = await _router(replicas, s, store)
         acme = _client(router, keys.app_key)
-        mine = await _create(acme, False)
+        mine, item = await _answer(acme, False)
         await asyncio.to_thread(own.stop)
         for stream in (False, True):
-            for ask in ({}, {"previous_response_id": mine}):
+            for ask in ({}, {"previous_response_id": mine}, {"input": _referring(item)}):
                 err = await _refused(acme, stream, **ask)
                 assert isinstance(err, openai.InternalServerError) and err.status_code == 503, ask
                 assert err.code == "response_owners_unavailable"
@@ -248,7 +350,7 @@ async def test_under_auth_the_router_claims_and_an_app_cannot_touch_the_owners(t
         owners = Owners(settings, buses["router"])
         store = KeyStore(settings.home)
         acme, globex = store.create("acme", "shop")[1], store.create("globex", "books")[1]
-        assert await owners.claim("acme", (), "resp_1") is None  # the router identity creates claims
+        assert await owners.claim("acme", (), ("resp_1",)) is None  # the router identity creates claims
         assert await owners.admit(acme, (("previous_response_id", "resp_1"),)) == ()
         refused = await owners.admit(globex, (("previous_response_id", "resp_1"),))
         assert isinstance(refused, web.Response) and refused.status == 400

@@ -39,6 +39,7 @@ from lockgate.services.router.budgets import (
     period_id,
     period_start,
     pointed_at,
+    referenced_items,
     resolve,
     scope,
     seed_step,
@@ -655,6 +656,29 @@ def test_the_stored_state_a_responses_body_names(body: bytes, named: tuple) -> N
     assert named_state(body) == named
     req = msgspec.json.decode(body, type=ApiRequest)
     assert pointed_at(req, body, 1500, 7, named_state(body)) == pointed_at(req, body, 1500, 7)  # read once or twice
+
+
+@pytest.mark.parametrize(("body", "named"), [
+    (b'{"input": "hi"}', ()),
+    (b'{"input": [{"role": "user", "content": "hi"}]}', ()),
+    (b'{"input": [{"type": "item_reference", "id": "msg_1"}, {"role": "user", "content": "hi"}]}',
+     (("input", "msg_1"),)),
+    (b'{"input": [{"id": "fc_1"}, {"type": null, "id": "rs_1"}, {"id": "fc_1"}]}',  # the type left out: a reference
+     (("input", "fc_1"), ("input", "rs_1"))),
+    (b'{"input": [{"type": "item_reference", "\\u0069d": "msg_1"}]}', (("input", "msg_1"),)),  # an escape hides nothing
+    # An item passed back whole, and a message: their ids are not references (the item is carried, not named).
+    (b'{"input": [{"type": "message", "id": "msg_1", "role": "assistant", "content": []},'
+     b' {"role": "user", "id": "x", "content": "hi"}]}', ()),
+    # A reference that is no id: refused rather than passed on unchecked.
+    (b'{"input": [{"type": "item_reference", "id": 7}]}', (("input", None),)),
+    (b'{"input": [{"type": "item_reference", "id": ""}]}', (("input", None),)),
+    (b'{"input": [{"type": "item_reference"}]}', (("input", None),)),
+    (b'{"input": "hi", "metadata": {"id": "msg_1"}}', ()),
+], ids=["text", "message", "reference", "untyped", "escaped-key", "carried", "number", "empty", "without-id",
+        "metadata"])
+def test_the_items_a_responses_input_references(body: bytes, named: tuple) -> None:
+    req = msgspec.json.decode(body, type=ApiRequest)
+    assert referenced_items(body, req.input) == named
 
 
 def test_a_reservation_says_what_it_holds_for_input_only_pointed_at() -> None:

@@ -105,6 +105,28 @@ def test_responses_answers_and_events() -> None:
         "hi", 3, rec.out.output_messages())
 
 
+def test_the_ids_a_responses_answer_is_kept_under_are_noted_as_they_appear() -> None:
+    """The response's id and its output items' (owners.py claims them before the client sees them), once each, and
+    none of an answer the provider keeps nothing of."""
+    body = (b'{"id":"resp_1","status":"completed","output":[{"type":"message","id":"msg_1","content":[]},'
+            b'{"type":"function_call","id":"fc_1","call_id":"c","name":"f","arguments":"{}"},{"type":"reasoning"}]}')
+    rec = _Record("ok")
+    parse_response(body, rec)
+    assert rec.kept == ["resp_1", "msg_1", "fc_1"]
+    streamed = _Record("ok")
+    parse_response_event(b'{"type":"response.created","response":{"id":"resp_1","output":[]}}', streamed)
+    assert streamed.kept == ["resp_1"]
+    parse_response_event(b'{"type":"response.output_item.added","item":{"type":"message","id":"msg_1"}}', streamed)
+    assert streamed.kept == ["resp_1", "msg_1"]
+    parse_response_event(b'{"type":"response.completed","response":' + body + b"}", streamed)
+    assert streamed.kept == ["resp_1", "msg_1", "fc_1"]
+    unstored = _Record("ok")
+    parse_response_event(b'{"type":"response.created","response":{"id":"resp_1","store":false}}', unstored)
+    parse_response_event(b'{"type":"response.output_item.added","item":{"type":"message","id":"msg_1"}}', unstored)
+    parse_response(body.replace(b'"status"', b'"store":false,"status"'), unstored)
+    assert unstored.kept == []
+
+
 def test_error_bodies_and_error_events_are_failures() -> None:
     # A 200 whose body is an error raises (the proxy answers 502); a stream's error event is passed on
     # but the call is recorded as failed; a Responses turn that failed is a failure answered or streamed.
