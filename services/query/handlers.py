@@ -33,7 +33,9 @@ REFUSED_LOG_S = 60.0
 # The bounds of every named query, set on each query (never in its text): the operator session's, but for readonly
 # (a named query's text is lockgate's own). Without them a viewer's legal `served_events` since 1970 was built whole
 # in the process's memory before its size was checked, and a scan ran as long as it took.
-NAMED_QUERY_SETTINGS = {k: v for k, v in READONLY_SETTINGS.items() if k != "readonly"}
+# max_block_size is operator SQL's alone: it bounds what one block read block by block may bring past the byte bound
+# (`Store.readonly_rows`), and named queries are read whole, their text lockgate's own.
+NAMED_QUERY_SETTINGS = {k: v for k, v in READONLY_SETTINGS.items() if k not in ("readonly", "max_block_size")}
 # Named queries answered at once per lane, each in a store session of its own (one session answers one query at a
 # time); one lane for the services (the gatekeeper's, the router's, the evaluator's reads), one for the CLI's roles.
 LANE_WIDTH = 2
@@ -74,6 +76,12 @@ def error_reply(exc: BaseException) -> bytes:
     return to_json({"error": f"{type(exc).__name__}: {exc}", "kind": "LockgateError"})
 
 
+def _encoded(store: Store, name: str, args: Any) -> bytes:
+    """A query's reply, run and encoded in a worker thread: a megabyte's encoding on the event loop held up everything
+    sharing the process (in `lockgate up`, the router: its /healthz took 3.4 s; probe p44 F1)."""
+    return to_json({"rows": registry.run(store, name, args)})
+
+
 class QueryHandlers:
     """Answers named queries in two lanes, the services' (`subjects.query`) and the CLI's roles'
     (`subjects.query_cli`, the only one they may publish to), each a few at a time in store sessions of its own, and
@@ -88,6 +96,8 @@ class QueryHandlers:
                  session: Callable[[], Store] | None = None) -> None:
         self.store = store
         self.max_payload = max_payload
+        # Operator SQL stops reading a result once it passes what one reply may carry (or its own 16 MB bound).
+        store.readonly_result_bytes = min(store.readonly_result_bytes, max_payload)
         self.cli_subject = cli_subject
         self.answered = Progress()
         # The sessions this object opened, closed by `finish`.
@@ -107,8 +117,7 @@ class QueryHandlers:
         error reply."""
         name = request.query
         try:
-            rows = await asyncio.to_thread(registry.run, store or self.store, name, request.args)
-            reply = to_json({"rows": rows})
+            reply = await asyncio.to_thread(_encoded, store or self.store, name, request.args)
         except Exception as exc:  # the caller gets the message; the service keeps serving
             if not isinstance(exc, LockgateError):
                 log.exception("query %s failed", name)

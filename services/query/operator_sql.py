@@ -12,6 +12,10 @@ Three independent layers, so that a gap in one is not a hole:
    statement kind must be on an allow-list (SELECT, DESCRIBE), it may not carry INTO OUTFILE,
    FORMAT or SETTINGS, and it may name no function that reaches files, the network, processes
    or the host (readonly=1 alone does not stop the scalar `file()` nor INTO OUTFILE in chDB).
+
+Its result is bounded apart from the checks: a SELECT runs as the subquery of one with a LIMIT past the row bound
+(ClickHouse's max_result_rows missed the first part of `... UNION ALL SELECT 0`), and its rows are read block by
+block up to a byte bound (`Store.readonly_rows`; max_result_bytes is checked between blocks only). Probe p44 F1.
 """
 
 from __future__ import annotations
@@ -21,8 +25,12 @@ from typing import Any
 
 from lockgate.errors import QueryRefused, StoreUnavailable
 from lockgate.store import Store
+from lockgate.store.client import READONLY_SETTINGS, over_bounds
 
 MAX_SQL_CHARS = 100_000
+# The most rows an answer holds: the session's max_result_rows, kept again by the LIMIT `bounded` adds (ClickHouse's
+# own missed the first part of a UNION ALL).
+MAX_ROWS = int(READONLY_SETTINGS["max_result_rows"])
 
 # Statement kinds (the AST's root node) an operator may run.
 ALLOWED_STATEMENTS = frozenset({"SelectWithUnionQuery", "SelectIntersectExceptQuery", "DescribeQuery"})
@@ -61,8 +69,8 @@ def _canonical(store: Store, query: str) -> str:
     return str(rows[0]["q"])
 
 
-def check_ast(lines: list[str]) -> None:
-    """Refuse a statement whose `EXPLAIN AST` shows a kind, clause or function operators may not use."""
+def check_ast(lines: list[str]) -> str:
+    """The statement's kind; refused if its `EXPLAIN AST` shows a kind, clause or function operators may not use."""
     if not lines:
         raise QueryRefused("ClickHouse returned no syntax tree for the query")
     root = _NODE.match(lines[0])
@@ -70,6 +78,7 @@ def check_ast(lines: list[str]) -> None:
     if kind not in ALLOWED_STATEMENTS:
         raise QueryRefused(f"operator SQL may only read (SELECT or DESCRIBE; list tables with "
                             f"SELECT name FROM system.tables), not run a {kind}")
+    statement = kind
     parents = [kind]  # node kind at each depth, to tell a table function from a scalar one
     for line in lines[1:]:
         node = _NODE.match(line)
@@ -95,6 +104,21 @@ def check_ast(lines: list[str]) -> None:
         if kind == "Set":
             raise QueryRefused("operator SQL may not carry a SETTINGS clause; the session's settings are fixed")
         parents.append(kind)
+    return statement
+
+
+def bounded(store: Store, canonical: str) -> str:
+    """A SELECT as it is run: the subquery of one that stops one row past MAX_ROWS, so no more rows than that are
+    ever made, whatever the statement's shape. `canonical` is ClickHouse's printout (no comments; SETTINGS and INTO
+    OUTFILE refused by `check_ast`), on lines of its own; the whole is parsed again, and a FORMAT (Native passes
+    `check_ast`: clickhouse-connect adds it to every query) is refused, as a subquery cannot end in one."""
+    text = f"SELECT * FROM (\n{canonical}\n)\nLIMIT {MAX_ROWS + 1}"
+    try:
+        return _canonical(store, text)
+    except StoreUnavailable as exc:
+        if "SYNTAX_ERROR" in exc.message or "Syntax error" in exc.message:
+            raise QueryRefused("operator SQL may not choose an output FORMAT; lockgate renders rows") from None
+        raise
 
 
 def readonly_sql(store: Store, query: str) -> list[dict[str, Any]]:
@@ -117,5 +141,11 @@ def readonly_sql(store: Store, query: str) -> list[dict[str, Any]]:
     except StoreUnavailable as exc:  # e.g. SYSTEM or SET cannot be explained: not a query
         raise QueryRefused(f"operator SQL may only read (SELECT or DESCRIBE): {exc.message}") from None
     lines = [str(next(iter(row.values()))) for row in explained]
-    check_ast(lines)
-    return store.readonly_rows(canonical)
+    if check_ast(lines) == "DescribeQuery":
+        # One row per column the statement names (its text is at most MAX_SQL_CHARS); ClickHouse takes no DESCRIBE
+        # as a subquery, nor chDB as a stream.
+        return store.readonly_rows(canonical)
+    rows = store.readonly_rows(bounded(store, canonical), max_bytes=store.readonly_result_bytes)
+    if len(rows) > MAX_ROWS:  # the session's max_result_rows stops most first
+        raise QueryRefused(over_bounds(f"more than {MAX_ROWS:,} rows", store.readonly_result_bytes))
+    return rows

@@ -19,6 +19,7 @@ from urllib.parse import urlparse
 import clickhouse_connect
 from clickhouse_connect.driver.exceptions import ClickHouseError, DataError
 
+from lockgate.codec import to_json
 from lockgate.errors import ConfigError, QueryRefused, RowsRefused, StoreUnavailable
 
 _DB = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -34,11 +35,26 @@ _DB = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # `readonly` comes last: chDB applies them one SET at a time, and readonly=1 refuses every later one.
 # They are tight for an embedded stack: a query stops before the CLI's 30 s wait does, and a result may be a
 # few times what one reply carries (1 MB by default), room for its in-memory form.
+# max_block_size: ClickHouse checks max_result_rows/bytes only between blocks, and a block comes to Python whole;
+# `readonly_rows` counts the bytes block by block, so a block of at most this many rows is what may be read past
+# the byte bound before the query is stopped (ClickHouse's default, 65,409 rows, let one 50 MB block through: probe
+# p44 F1). A row is bounded only by max_memory_usage.
 READONLY_SETTINGS = {"max_execution_time": "25", "max_memory_usage": "2000000000", "max_result_rows": "100000",
-                     "max_result_bytes": "16000000", "result_overflow_mode": "throw", "readonly": "1"}
+                     "max_result_bytes": "16000000", "result_overflow_mode": "throw", "max_block_size": "1024",
+                     "readonly": "1"}
 # ClickHouse's answers to a query that went past those bounds, final for that text and the operator's to change:
 # TOO_MANY_ROWS, TIMEOUT_EXCEEDED, MEMORY_LIMIT_EXCEEDED, TOO_MANY_BYTES, TOO_MANY_ROWS_OR_BYTES.
 _OVER_BOUNDS = frozenset({158, 159, 241, 307, 396})
+
+
+def over_bounds(detail: str, max_bytes: int | None = None) -> str:
+    """Operator SQL's refusal of a query past its bounds: the bounds (`max_bytes` where a reply carries less than
+    the session's max_result_bytes), what to do, and `detail`, what was crossed."""
+    max_bytes = int(READONLY_SETTINGS["max_result_bytes"]) if max_bytes is None else max_bytes
+    return (f"operator SQL returns at most {int(READONLY_SETTINGS['max_result_rows']):,} rows and {max_bytes:,} bytes, "
+            f"and runs at most {READONLY_SETTINGS['max_execution_time']} s in "
+            f"{int(READONLY_SETTINGS['max_memory_usage']):,} bytes of memory: add a LIMIT, aggregate or filter "
+            f"({detail})")
 
 
 def chdb_path(url: str) -> Path | None:
@@ -128,6 +144,9 @@ class Store:
         self._types: dict[str, dict[str, str]] = {}  # column types by table, for inserts
         self._readonly: Any = None  # the operator SQL session, opened on first use
         self._readonly_lock = threading.Lock()
+        # The most bytes of JSON an operator SQL result may be (`readonly_sql`): the session's max_result_bytes, lowered
+        # by the query service to what one NATS message carries.
+        self.readonly_result_bytes = int(READONLY_SETTINGS["max_result_bytes"])
         # Settings every `rows` query of this client carries (the query service's sessions for named queries: their
         # bounds ride on each query, never in its text, and leave the session as it was).
         self.query_settings: dict[str, str] | None = None
@@ -164,14 +183,16 @@ class Store:
         names = result.column_names
         return [dict(zip(names, row, strict=True)) for row in result.result_rows]
 
-    def readonly_rows(self, sql: str, parameters: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-        """Rows from a session opened with readonly=1, which no query text can lift (operator SQL)."""
+    def readonly_rows(self, sql: str, parameters: dict[str, Any] | None = None, *,
+                      max_bytes: int | None = None) -> list[dict[str, Any]]:
+        """Rows from a session opened with readonly=1, which no query text can lift (operator SQL). With `max_bytes`
+        (a SELECT) read block by block: once their JSON passes it the query is stopped and refused, the blocks after
+        never read."""
         with self._readonly_lock:
             try:
                 if self._readonly is None:
                     self._readonly = _raw_client(self.readonly_url, self.database, READONLY_SETTINGS)
-                result = self._readonly.query(sql, parameters=parameters)
-                names, rows = result.column_names, result.result_rows  # read here: a stream can fail late
+                return self._read_bounded(sql, parameters, max_bytes)
             except ClickHouseError as exc:
                 # A query stopped part way (a bound crossed after rows were sent) leaves the rest of its
                 # stream in the session, where the next query read it as its own answer: a fresh one.
@@ -179,14 +200,29 @@ class Store:
                 if "(READONLY)" in str(exc):  # ClickHouse's own refusal: final, not worth a retry
                     raise QueryRefused(f"the read-only session refused it: {_first_line(exc)}") from None
                 if _error_code(exc) in _OVER_BOUNDS:
-                    raise QueryRefused(
-                        f"operator SQL returns at most {int(READONLY_SETTINGS['max_result_rows']):,} rows and "
-                        f"{int(READONLY_SETTINGS['max_result_bytes']):,} bytes, and runs at most "
-                        f"{READONLY_SETTINGS['max_execution_time']} s in "
-                        f"{int(READONLY_SETTINGS['max_memory_usage']):,} bytes of memory: add a LIMIT, aggregate or "
-                        f"filter ({_first_line(exc)})") from None
+                    raise QueryRefused(over_bounds(_first_line(exc), max_bytes)) from None
                 raise StoreUnavailable(f"ClickHouse rejected query: {_first_line(exc)}") from None
-        return [dict(zip(names, row, strict=True)) for row in rows]
+            except QueryRefused:
+                self._close_readonly()  # stopped part way, as above
+                raise
+
+    def _read_bounded(self, sql: str, parameters: dict[str, Any] | None, max_bytes: int | None) -> list[dict[str, Any]]:
+        if max_bytes is None:  # the checks' own reads (formatQuery, EXPLAIN: chDB streams neither), and DESCRIBE
+            result = self._readonly.query(sql, parameters=parameters)
+            names, whole = result.column_names, result.result_rows  # read here: a stream can fail late
+            return [dict(zip(names, row, strict=True)) for row in whole]
+        rows: list[dict[str, Any]] = []
+        size = 0
+        with self._readonly.query_row_block_stream(sql, parameters=parameters) as stream:
+            names = stream.source.column_names
+            for block in stream:
+                batch = [dict(zip(names, row, strict=True)) for row in block]
+                rows += batch
+                size += len(to_json(batch))  # as the reply will carry them
+                if size > max_bytes:
+                    raise QueryRefused(over_bounds(f"stopped at {size:,} bytes of JSON after {len(rows):,} rows",
+                                                   max_bytes))
+        return rows
 
     def _close_readonly(self) -> None:
         if self._readonly is not None:
