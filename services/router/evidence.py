@@ -10,6 +10,7 @@ keeps the API key that sent its request (an index into the keys seen), so a wind
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import replace
 from typing import Generic, NamedTuple, TypeVar
@@ -21,7 +22,7 @@ from lockgate.contracts.drift import Comparison
 from lockgate.contracts.inference import CLIENT_DISCONNECTED, UPSTREAM_UNANSWERED
 from lockgate.services.router.analysis import ROWS, VariantSample, from_rows
 
-MAX_ROWS = 50_000  # per deployment and release: enough for p99 on any step, bounded memory
+MAX_ROWS = 50_000  # per deployment and release: enough for p99 on any step, bounded memory; full, see `_Ring`
 _FIRST = 1024  # buffers start small and double up to MAX_ROWS
 _COLS = len(ROWS) + 1  # and the API key's index
 _REFUSED = ROWS.index("refused")
@@ -84,31 +85,107 @@ class InFlight(Generic[Call]):
 class _Ring:
     """One release's rows: time, failed, latency, ttft (0 = not streamed), tokens, cost (-1 = unpriced), refused (1 =
     its upstream refused it with a 4xx taken for the client's fault), timed out (1 = `TIMED_OUT`), and the index of
-    the request's API key (`Evidence._keys`)."""
+    the request's API key (`Evidence._keys`), in no particular order (every reader masks by time).
+
+    Full, a new row takes the slot of the oldest row of the API key holding the most rows (its own when it holds as
+    many), so a key within its fair share (the limit over the keys holding rows) loses none to another's flood.
+    Overwriting the oldest row whoever sent it, one key's good requests (or 400s its upstream refused, which bill
+    nothing) between the real callers' failures and the next look left the look its rows alone, and a failing
+    canary was promoted (probe p46 F1)."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.cap = min(_FIRST, limit)
-        self.n = self.pos = 0
+        self.n = 0
         self.cols = np.zeros((_COLS, self.cap), dtype=np.float64)
+        self.keys = _Holders()
 
     def add(self, row: tuple[float, ...]) -> None:
-        if self.n == self.cap < self.limit:  # full and never wrapped: grow in place of overwriting
-            self.cap = min(2 * self.cap, self.limit)
-            grown = np.zeros((_COLS, self.cap), dtype=np.float64)
-            grown[:, :self.n] = self.cols
-            self.cols, self.pos = grown, self.n
-        self.cols[:, self.pos] = row
-        self.pos = (self.pos + 1) % self.cap
-        self.n = min(self.n + 1, self.cap)
+        key = int(row[-1])
+        if self.n < self.limit:
+            if self.n == self.cap:  # full, not yet at the limit: grow
+                self.cap = min(2 * self.cap, self.limit)
+                grown = np.zeros((_COLS, self.cap), dtype=np.float64)
+                grown[:, :self.n] = self.cols
+                self.cols = grown
+            slot = self.n
+            self.n += 1
+            self.keys.push(key, slot)
+        else:
+            slot = self.keys.evict_for(key)
+        self.cols[:, slot] = row
+
+
+class _Holders:
+    """Which slots of a ring each API key index holds, oldest first, and how many: a list per key linked through
+    `_next` (an array of slots, no object per row), and the keys by the count they hold, so the key holding the most
+    is found in O(1) however many keys there are (an admin may make many)."""
+
+    def __init__(self) -> None:
+        self._next = array("l")  # slot -> the slot of the same key's next newer row
+        self._head: dict[int, int] = {}  # key -> its oldest slot
+        self._tail: dict[int, int] = {}  # key -> its newest slot
+        self._held: dict[int, int] = {}  # key -> how many slots it holds
+        self._at: dict[int, set[int]] = {}  # count -> the keys holding that many
+        self._most = 0
+
+    def push(self, key: int, slot: int) -> None:
+        """`key`'s newest row is in `slot` (a new one, or one `evict_for` freed)."""
+        if slot == len(self._next):
+            self._next.append(-1)
+        tail = self._tail.get(key)
+        if tail is None:
+            self._head[key] = slot
+        else:
+            self._next[tail] = slot
+        self._tail[key] = slot
+        self._count(key, 1)
+
+    def evict_for(self, key: int) -> int:
+        """The slot for `key`'s new row in a full ring: its own oldest when it holds the most rows (counts stay),
+        else the oldest of a key that does."""
+        held = self._held.get(key, 0)
+        victim = key if held == self._most else next(iter(self._at[self._most]))
+        slot = self._head[victim]
+        if victim == key and self._tail[key] == slot:  # its only row: replaced in place
+            return slot
+        if self._tail[victim] == slot:
+            del self._head[victim], self._tail[victim]
+        else:
+            self._head[victim] = self._next[slot]
+        if victim == key:  # its oldest slot becomes its newest, counts unchanged
+            self._next[self._tail[key]] = slot
+            self._tail[key] = slot
+            return slot
+        self._count(victim, -1)
+        self.push(key, slot)
+        return slot
+
+    def _count(self, key: int, by: int) -> None:
+        """`key` holds `by` (1 or -1) more slots."""
+        held = self._held.get(key, 0)
+        if held:
+            keys = self._at[held]
+            keys.discard(key)
+            if not keys:
+                del self._at[held]
+                if self._most == held and by < 0:
+                    self._most = held - 1
+        held += by
+        if held:
+            self._held[key] = held
+            self._at.setdefault(held, set()).add(key)
+            self._most = max(self._most, held)
+        else:
+            del self._held[key]
 
 
 class Evidence:
     """Recent rows per (deployment, release); `sample` summarises a window for `analysis.measure`."""
 
-    def __init__(self, price: Callable[[InferenceEvent], float | None], max_rows: int = MAX_ROWS) -> None:
+    def __init__(self, price: Callable[[InferenceEvent], float | None], max_rows: int | None = None) -> None:
         self._price = price
-        self._max = max_rows
+        self._max = MAX_ROWS if max_rows is None else max_rows
         self._rings: dict[tuple[str, str], _Ring] = {}
         # Requests an open breaker diverted from a canary (`divert`), per deployment and canary release, held until
         # they count as its failures: from its first failed call of its own on (`charge`), which a replica that

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import aiohttp
@@ -17,6 +18,7 @@ from aiohttp import web
 
 from lockgate.server.apikeys import Bootstrap, KeyStore
 from lockgate.server.service import ServiceContext
+from lockgate.services.router import evidence
 from lockgate.services.router.domain import bucket
 from lockgate.signing import Signer
 from lockgate_dev.sim import ModelSpec, SimConfig, SimServer
@@ -50,11 +52,28 @@ class PickyCanary(ChatUpstream):
         return web.Response(body=_ERROR if tricky else _ANSWER, content_type="application/json")
 
 
-@pytest.fixture
-async def router(context: ServiceContext, run_services: Any, signer: Signer) -> AsyncIterator[Any]:
+@asynccontextmanager
+async def _picky(context: ServiceContext, run_services: Any, signer: Signer) -> AsyncIterator[Any]:
+    """A router whose canary `picky` fails `tricky` prompts, stable none."""
     stable_sim = SimServer(SimConfig(models={"m": ModelSpec(default="stable says hi")}, seed=3))  # never fails
     async with stable_sim as stable, PickyCanary() as canary:
-        router = await serving(context, run_services, signer, stable.url, canary.url, ("picky",))
+        yield await serving(context, run_services, signer, stable.url, canary.url, ("picky",))
+
+
+@pytest.fixture
+async def router(context: ServiceContext, run_services: Any, signer: Signer) -> AsyncIterator[Any]:
+    async with _picky(context, run_services, signer) as router:
+        yield router
+
+
+RING = 500  # evidence rows per release for `small_ring_router`: a flood past it stays small on a shared machine
+
+
+@pytest.fixture
+async def small_ring_router(monkeypatch: pytest.MonkeyPatch, context: ServiceContext, run_services: Any,
+                            signer: Signer) -> AsyncIterator[Any]:
+    monkeypatch.setattr(evidence, "MAX_ROWS", RING)  # read as the router makes its evidence
+    async with _picky(context, run_services, signer) as router:
         yield router
 
 
@@ -131,6 +150,38 @@ async def test_one_key_flooding_the_canary_with_good_requests_cannot_get_a_faili
     metric, implied_record = msgspec.json.decode(record["metrics"])  # the record names every metric judged
     assert (implied_record["name"], implied_record["condition"]) == ("client_error_rate", "<= stable + 0.01")
     assert metric["why"] == f"significantly above threshold; judged on API key {real_key.id}"
+
+
+async def test_one_key_flooding_past_the_evidence_ring_cannot_push_the_others_failures_out_of_the_look(
+        small_ring_router: Any, http: aiohttp.ClientSession, signer: Signer, keys: Bootstrap) -> None:
+    # Probe p46 F1: the router keeps MAX_ROWS rows per release (here RING); full, it overwrote its oldest row
+    # whoever sent it, so one key's good requests between the real callers' failures and the next look left the look
+    # the flood's rows alone (one key: all requests together, 0 errors) and a failing canary was promoted. Now a
+    # full ring evicts the oldest row of the key holding the most: the flood churns its own.
+    router = small_ring_router
+    assert router.rollouts.evidence._max == RING
+    store = KeyStore(router.ctx.settings.home)
+    real, real_key = store.create("default", "shop", description="the application's real traffic")
+    mallory, _ = store.create("default", "shop", description="a caller who floods the canary's evidence")
+    await _start(http, router, "picky", {"steps": [50, 100], "interval_s": 0.1, "analysis": ANALYSIS})
+    await _pass(router, signer, "picky")
+    # As above: no look judges before stable's last 60 requests (until then it has fewer than min_sample), so the
+    # first that does sees the real callers' 120 canary requests (12 failing), then mallory's 1,000 (twice the ring).
+    stable_users, canary_users = _users(router, "user", False, 120), _users(router, "user", True, 120)
+    for i in range(6):
+        await _send(router, real, stable_users[10 * i:10 * i + 10], ["hi"] * 10, "stable")
+        await _send(router, real, canary_users[20 * i:20 * i + 20],
+                    ["tricky" if j % 10 == 0 else "hi" for j in range(20 * i, 20 * i + 20)], "canary")
+    await _send(router, mallory, _users(router, "mallory", True, 1000), ["hi"] * 1000, "canary")
+    await _send(router, real, stable_users[60:], ["hi"] * 60, "stable")
+    await router.rollouts.wait_for(lambda r: r["chat"].phase != "progressing" or r["chat"].weight > 50, timeout=30)
+
+    route = router.rollouts.route("chat")
+    assert route.phase == "aborted", f"not aborted: {route.phase} at {route.weight:g}%: {route.reason}"
+    assert route.reason.startswith(f"aborted picky: analysis failed at step 1 (50%): error_rate 0.1 > threshold "
+                                   f"0.01 on API key {real_key.id} (stable 0; 120 canary vs ")
+    assert route.analysis is not None and route.analysis.last is not None
+    assert route.analysis.last.canary_n == RING  # the ring full: the real callers' 120 and mallory's newest 380
 
 
 # Each caller against its own stable requests. Found by a probe: two callers of one application, A sending short
