@@ -99,6 +99,7 @@ from lockgate.services.router.ratelimit import (
     RateLimiter,
     RateLimitSpec,
     Refusal,
+    Slot,
     give_back,
     kv_key,
     lease,
@@ -252,6 +253,7 @@ class Admission:
                                  timeout_s=self.file.store_timeout_s, clock=clock, what="the budget store")
         self._shared_kv: Any = None
         self._puts: set[asyncio.Task[None]] = set()
+        self._refunding: asyncio.Task[None] | None = None  # giving back what settlements owe shared rate limits
         self._periods = Periods(-1, "", "")
         self.events = Batcher(self._publish, max_items=100, max_age_s=0.2, capacity=1000, name="budget-events",
                               autostart=False)
@@ -451,16 +453,16 @@ class Admission:
         """Lease a share of a shared rate-limit bucket into this replica: None when leased (or the KV is
         unreachable: the limit falls back to this replica's bucket for a while), else the Refusal."""
         name = kv_key(lack.slot)
-        lock = self._locks.get(name)
-        if lock is None:
-            lock = self._locks[name] = asyncio.Lock()
-        async with lock:  # one lease at a time per bucket: the requests queued here share it
+        async with self._lock(name):  # one lease at a time per bucket: the requests queued here share it
             if self.limiter.covered(lack.slot, lack.units, self.clock()):
                 return None
             ask = max(lack.need, math.ceil(lack.capacity * self.file.lease_fraction))
+            # What this replica owes the bucket goes back in the same write, before the lease: a refund given back
+            # after it would land above what the KV would hold (and a failed write drops it, as _give_back does).
+            back = self.limiter.take_owed(lack.slot)
             try:
                 got, wait = await self._cas_rate(name, lambda state: lease(state, lack.capacity, self.wall_s(), ask,
-                                                                           lack.need))
+                                                                           lack.need, back))
             except KVUnreadable as exc:  # no outage: falling back to this replica's bucket would lift the limit
                 bucket = self.counters.bucket
                 raise KVUnreadable(
@@ -475,26 +477,46 @@ class Admission:
             self.limiter.add_share(lack.slot, got, self.clock(), self.file.lease_s)
         return None
 
-    async def _cas_rate(self, name: str, change: Callable[[Level | None], tuple[Level, float | None, float]]
+    async def _cas_rate(self, name: str, change: Callable[[Level | None], tuple[Level | None, float | None, float]]
                         ) -> tuple[float | None, float]:
         """Apply `change` to a shared rate-limit bucket by compare-and-set: (units it moved, or None when
-        it refused, and the seconds to wait then)."""
+        it refused, and the seconds to wait then). Its new state is written unless None."""
         def step(state: Level | None) -> tuple[Level | None, tuple[float | None, float]]:
             after, moved, wait = change(state)
-            return (None, (None, wait)) if moved is None else (after, (moved, 0.0))
+            return after, (moved, 0.0 if moved is not None else wait)
 
         return await self.counters.update(name, lambda b: _level_dec.decode(b or b""), step,
                                           f"rate-limit bucket {name}", "the rate-limit store")
 
     async def _return_shares(self, now: float) -> None:
-        """Give this replica's unused shares of shared rate limits back (a lost one refills anyway). One that
-        failed is dropped, never sent again: its write may have landed (KVOutcomeUnknown), and twice would lift
-        the limit."""
-        for slot, units in self.limiter.surrender(now):
-            capacity = self.limiter.capacity(slot)
-            with contextlib.suppress(KVUnavailable):
-                await self._cas_rate(kv_key(slot), lambda state, c=capacity, u=units: (
-                    give_back(state, c, self.wall_s(), u), u, 0.0))
+        """Give this replica's unused shares of shared rate limits back (a lost one refills anyway), and what it owes
+        them."""
+        for slot in self.limiter.surrender(now):
+            await self._give_back(slot)
+
+    async def _give_back(self, slot: Slot) -> None:
+        """Give what this replica owes a shared rate-limit bucket back to the KV, under the bucket's lock so no lease
+        of it here lands first. One that failed is dropped, never sent again: its write may have landed
+        (KVOutcomeUnknown), and twice would lift the limit."""
+        name = kv_key(slot)
+        async with self._lock(name):
+            units, capacity = self.limiter.take_owed(slot), self.limiter.capacity(slot)
+            if units:
+                with contextlib.suppress(KVUnavailable):
+                    await self._cas_rate(name, lambda state: (give_back(state, capacity, self.wall_s(), units), units,
+                                                              0.0))
+
+    async def _give_back_owed(self) -> None:
+        """Give back what settlements owe the shared rate-limit buckets, until nothing is owed."""
+        while self.limiter.owed:
+            for slot in list(self.limiter.owed):
+                await self._give_back(slot)
+
+    def _lock(self, name: str) -> asyncio.Lock:
+        lock = self._locks.get(name)
+        if lock is None:
+            lock = self._locks[name] = asyncio.Lock()
+        return lock
 
     def settle(self, ticket: Ticket, rec: Any, model: str = "", call: Call | None = None,
                abandoned: Sequence[tuple[Any, Call]] = ()) -> None:
@@ -550,6 +572,9 @@ class Admission:
         if self.limiter:
             self.limiter.settle(ticket.tenant, ticket.app, ticket.key_id, ticket.cost.tokens, used.tokens,
                                 self.clock())
+            if self.limiter.owed and (self._refunding is None or self._refunding.done()):
+                # At once rather than at the next sweep: the other replicas lease from the KV meanwhile.
+                self._refunding = asyncio.get_running_loop().create_task(self._give_back_owed())
         ticket.cost = ZERO
 
     def _undo(self, ticket: Ticket) -> None:
@@ -732,6 +757,8 @@ class Admission:
     async def close(self) -> None:
         """Return every allowance and flush budget events (at stop)."""
         await self.shared()
+        if self._refunding is not None:
+            await asyncio.gather(self._refunding, return_exceptions=True)
         if self.budgets or self.limiter:
             await self.return_expired(force=True)
         self.events.start()

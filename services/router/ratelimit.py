@@ -9,9 +9,11 @@ most R times its limit (README), unless the limit is `shared`.
 A `shared` limit is one bucket for every replica, kept in the budgets' KV bucket (the level and the
 wall-clock second it was refilled at) and leased like a budget (budgets.py): a replica takes a share
 of the level with one compare-and-set, admits requests from that share without touching the KV, and
-gives an unused share back after `lease_s`. The KV level never goes below zero, so all replicas
-together admit at most what one bucket would (`rpm` at once, then `rpm / 60` a second), give or take
-the refill of the replicas' clock skew; a share leased and unused waits at most `lease_s` to be
+gives an unused share back after `lease_s`. What a settlement corrects (a reservation's unused part, or a
+debt) goes back to the KV too, never into a share: the KV refilled while the request ran, and only there is
+the correction capped at the capacity as one bucket's would be. The KV level never goes below zero, so all
+replicas together admit at most what one bucket would (`rpm` at once, then `rpm / 60` a second), give or take
+the refill of the replicas' clock skew and of what a live share holds unused (within one lease); a share leased and unused waits at most `lease_s` to be
 given back, so the others may admit slightly less meanwhile. While the KV is unreachable a shared
 limit falls back to this replica's own bucket (at most R times the limit, as unshared).
 """
@@ -95,13 +97,14 @@ def refilled(state: Level | None, capacity: int, wall: float) -> float:
     return min(float(capacity), state.level + max(0.0, wall - state.at) * capacity / 60.0)
 
 
-def lease(state: Level | None, capacity: int, wall: float, ask: float, minimum: float) -> tuple[Level, float | None,
-                                                                                              float]:
-    """Take up to `ask` units (at least `minimum`) from a shared bucket: its new state, the units
-    granted (None when not even `minimum` is there) and the seconds until `minimum` would be."""
-    level = refilled(state, capacity, wall)
+def lease(state: Level | None, capacity: int, wall: float, ask: float, minimum: float,
+          back: float = 0.0) -> tuple[Level | None, float | None, float]:
+    """Give `back` what this replica owes the bucket (give_back), then take up to `ask` units (at least `minimum`)
+    from it: its new state (None when there is nothing to write: refused, nothing given back), the units granted
+    (None when not even `minimum` is there) and the seconds until `minimum` would be."""
+    level = give_back(state, capacity, wall, back).level if back else refilled(state, capacity, wall)
     if level < minimum:
-        return Level(level, wall), None, (minimum - level) * 60.0 / capacity
+        return Level(level, wall) if back else None, None, (minimum - level) * 60.0 / capacity
     got = max(minimum, min(ask, level))
     return Level(level - got, wall), got, 0.0
 
@@ -112,7 +115,9 @@ def give_back(state: Level | None, capacity: int, wall: float, units: float) -> 
 
 
 class Share:
-    """What this replica holds of one shared bucket: units leased and not yet used, live until `expires`."""
+    """What this replica holds of one shared bucket: units leased and not yet used, live until `expires`. Only a
+    lease adds to it: a refund kept here, or a balance revived past its expiry, would be spent again on top of
+    what the KV refilled meanwhile."""
 
     __slots__ = ("available", "expires")
 
@@ -144,6 +149,9 @@ class RateLimiter:
         self.specs = specs
         self._buckets: dict[tuple[int, str, str], Bucket] = {}
         self.shares: dict[Slot, Share] = {}
+        # What this replica owes each shared bucket, to give back to the KV (before its next lease of it, or at once):
+        # settlements' corrections and expired shares' balances.
+        self.owed: dict[Slot, float] = {}
         self.local_until = -math.inf  # shared limits use this replica's buckets until then (KV unreachable)
 
     def __bool__(self) -> bool:
@@ -178,12 +186,12 @@ class RateLimiter:
                     return Refusal(f"this request alone may use up to {n} tokens, more than key {key_id}'s whole "
                                    f"limit of {capacity} tokens per minute", math.inf)
                 if spec.shared and shared_ok:
-                    share = self.shares.get((i, kind, key_id))
-                    if share is not None and now < share.expires and share.available >= n:
+                    share = self._live((i, kind, key_id), now)
+                    if share is not None and share.available >= n:
                         drawn.append((share, n))
                     else:
                         lacking.append(Lacking((i, kind, key_id), capacity, n,
-                                               n - max(0.0, share.available) if share is not None else n))
+                                               n - share.available if share is not None else n))
                     continue
                 b = self._bucket(i, kind, key_id, capacity, now)
                 wait = b.wait_s(n)
@@ -198,9 +206,21 @@ class RateLimiter:
             share.available -= n
         return None
 
-    def add_share(self, slot: Slot, units: float, now: float, lease_s: float) -> None:
-        """A lease from a shared bucket arrived: add it to this replica's share, live for `lease_s`."""
+    def _live(self, slot: Slot, now: float) -> Share | None:
+        """This replica's share of a shared bucket while its lease runs. Once expired its balance is owed to the KV
+        and the share dropped: a later lease starts a new one. (Before, probe p45 F1, a lease was added to the stale
+        balance, a settlement's refund among it, and made it live again: a refund spent on top of a KV bucket that
+        had refilled meanwhile, more each round.)"""
         share = self.shares.get(slot)
+        if share is None or now < share.expires:
+            return share
+        self.owe(slot, share.available)
+        del self.shares[slot]
+        return None
+
+    def add_share(self, slot: Slot, units: float, now: float, lease_s: float) -> None:
+        """A lease arrived: add it to this replica's live share (a new one when none is), live for `lease_s`."""
+        share = self._live(slot, now)
         if share is None:
             share = self.shares[slot] = Share()
         share.available += units
@@ -208,15 +228,24 @@ class RateLimiter:
 
     def covered(self, slot: Slot, need: float, now: float) -> bool:
         """Whether this replica's share of a shared bucket covers `need` now (another request leased)."""
-        share = self.shares.get(slot)
-        return share is not None and now < share.expires and share.available >= need
+        share = self._live(slot, now)
+        return share is not None and share.available >= need
 
-    def surrender(self, now: float) -> list[tuple[Slot, float]]:
-        """The shares unused for their lease (every share once `now` is infinite), to give back; dropped here."""
-        out = [(slot, share.available) for slot, share in self.shares.items() if now >= share.expires]
-        for slot, _ in out:
-            del self.shares[slot]
-        return [(slot, units) for slot, units in out if units]
+    def surrender(self, now: float) -> list[Slot]:
+        """Drop the shares unused for their lease (every share once `now` is infinite), owing their balances: the
+        slots this replica owes something, to give back."""
+        for slot in list(self.shares):
+            self._live(slot, now)
+        return list(self.owed)
+
+    def owe(self, slot: Slot, units: float) -> None:
+        """Units (negative: a debt) to give back to a shared bucket's KV level."""
+        if units:
+            self.owed[slot] = self.owed.get(slot, 0.0) + units
+
+    def take_owed(self, slot: Slot) -> float:
+        """What this replica owes a shared bucket, handed over to be given back (once: not owed any more)."""
+        return self.owed.pop(slot, 0.0)
 
     def capacity(self, slot: Slot) -> int:
         """The limit of a slot's bucket."""
@@ -254,11 +283,9 @@ class RateLimiter:
         for i, spec in enumerate(self.specs):
             if spec.tpm is not None and spec.matches(tenant, app, key_id):
                 if spec.shared and now >= self.local_until:
-                    # Back to this replica's share (a debt goes to the KV with it, when the share is given back).
-                    share = self.shares.get((i, "tokens", key_id))
-                    if share is None:
-                        share = self.shares[(i, "tokens", key_id)] = Share()
-                    share.available += reserved - used
+                    # Back to the KV, never to this replica's share: the KV refilled while the request ran, and
+                    # only there is the refund capped at the capacity (a debt delays the next leases there).
+                    self.owe((i, "tokens", key_id), reserved - used)
                     continue
                 b = self._bucket(i, "tokens", key_id, spec.tpm, now)
                 b.credit(reserved - used)

@@ -390,6 +390,82 @@ async def test_a_shared_rate_limit_admits_n_across_two_replicas(settings: Settin
     assert any(r.admission.limiter.shares for r in (a, b))
 
 
+class _HeldUpstream(ChatUpstream):
+    """An upstream that holds every request until the test releases those it holds: requests in flight at once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.arrived = 0
+        self._arrival = asyncio.Condition()
+        self._release = asyncio.Event()
+
+    async def chat(self, request: web.Request) -> web.Response:
+        await request.read()
+        release = self._release
+        async with self._arrival:
+            self.arrived += 1
+            self._arrival.notify_all()
+        await release.wait()
+        return web.Response(body=_COMPLETION, content_type="application/json")  # 13 tokens used
+
+    async def reached(self, n: int) -> None:
+        """Wait until `n` requests in all arrived."""
+        async with self._arrival:
+            await self._arrival.wait_for(lambda: self.arrived >= n)
+
+    def release_held(self) -> None:
+        self._release.set()
+        self._release = asyncio.Event()
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._release.set()
+        await super().__aexit__(*exc)
+
+
+async def test_a_shared_tpm_limit_never_admits_a_settled_refund_on_top_of_its_refilled_bucket(
+        settings: Settings, store: Store, stack: Stack, tmp_path: Path) -> None:
+    # Found by a probe (p45 F1). Under `tpm: 2000, shared: true` a request of 1,990 tokens held past its share's
+    # lease settled its 1,977 unused tokens into a new, expired share here, uncapped, while the KV bucket refilled;
+    # the next lease was added to them and made them live: 3 requests of 1,013 tokens admitted at once (an unshared
+    # bucket admits 1), then 4 the next round.
+    def body(max_tokens: int) -> dict[str, Any]:
+        return {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": max_tokens}
+
+    big, small = body(1897), body(921)
+    assert (reservation(big).tokens, reservation(small).tokens) == (1990, 1013)
+    async with _HeldUpstream() as upstream:
+        s = settings.replace(stable_upstream=upstream.url, passthrough=True, deployment="chat", gateway_file=gateway(
+            tmp_path, rate_limits=[{"tenant": "acme", "tpm": 2000, "shared": True}], lease_s=300))
+        keys = bootstrap(s.home, tenant="acme", app="shop")
+        router = await stack.add(s, store, "router-a")
+        now = [1000.0]  # the lease expires and the KV bucket refills when the test moves this (the sweep: not before)
+        router.admission.clock = router.admission.wall_s = lambda: now[0]
+        c = client(router, keys.app_key)
+        held = [asyncio.create_task(c.chat.completions.create(**big))]
+        await upstream.reached(1)
+        admitted = []
+        for _ in range(2):
+            now[0] += 301.0  # past the share's lease, the KV bucket full again: then the held requests settle
+            upstream.release_held()
+            assert all(a.usage.total_tokens == 13 for a in await asyncio.gather(*held))
+            held = []
+            for _ in range(4):  # each admitted one is held at the upstream; a refused one is answered 429
+                arrival = asyncio.create_task(upstream.reached(upstream.arrived + 1))
+                request = asyncio.create_task(c.chat.completions.create(**small))
+                await asyncio.wait((arrival, request), return_when=asyncio.FIRST_COMPLETED)
+                if request.done():
+                    arrival.cancel()
+                    with pytest.raises(openai.RateLimitError) as refused:
+                        await request
+                    assert "2000 tokens per minute" in refused.value.body["message"]
+                else:
+                    held.append(request)
+            admitted.append(len(held))
+        upstream.release_held()
+        await asyncio.gather(*held)
+    assert admitted == [1, 1]  # before: [3, 4]
+
+
 async def test_a_shared_rate_limit_falls_back_to_the_replicas_bucket_while_the_store_is_down(
         settings: Settings, store: Store, stack: Stack, sim: SimServer, tmp_path: Path) -> None:
     own = NatsServer(tmp_path / "own-nats")  # this test stops its bus, so not the session's server

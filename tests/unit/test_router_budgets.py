@@ -402,6 +402,10 @@ def test_a_shared_bucket_never_grants_past_its_level_and_refills_on_the_wall_clo
     assert got == pytest.approx(2.0)  # 12 s refilled two
     assert give_back(state, 10, 112.0, 50.0).level == 10.0  # never above the capacity
     assert give_back(Level(3.0, 0.0), 10, 0.0, -5.0).level == -2.0  # a debt: the next leases wait for it
+    # What a replica owes goes back first, capped as a give-back is; written even when the lease is refused.
+    assert lease(Level(0.0, 0.0), 10, 0.0, ask=1, minimum=1, back=50.0)[:2] == (Level(9.0, 0.0), 1)
+    assert lease(Level(3.0, 0.0), 10, 0.0, ask=1, minimum=1, back=-5.0)[:2] == (Level(-2.0, 0.0), None)
+    assert lease(Level(0.0, 0.0), 10, 0.0, ask=1, minimum=1)[:2] == (None, None)  # nothing to write
 
 
 def test_a_shared_limit_admits_from_the_replicas_share_and_asks_for_a_lease_when_short() -> None:
@@ -413,10 +417,56 @@ def test_a_shared_limit_admits_from_the_replicas_share_and_asks_for_a_lease_when
     assert isinstance(rl.admit("t", "a", "k", 5, now=1.0), list)  # the share is used up
     rl.add_share((0, "requests", "k"), 1, now=1.0, lease_s=5.0)
     assert rl.surrender(now=2.0) == []  # still live
-    assert rl.surrender(now=6.0) == [((0, "requests", "k"), 1)]  # unused for its lease: given back
+    assert rl.surrender(now=6.0) == [(0, "requests", "k")]  # unused for its lease: owed back to the KV
+    assert rl.take_owed((0, "requests", "k")) == 1 and rl.shares == {} and rl.owed == {}
     rl.local_until = 100.0  # the KV is unreachable: this replica's own bucket decides meanwhile
     assert all(rl.admit("t", "a", "k", 5, now=7.0) is None for _ in range(10))
     assert rl.admit("t", "a", "k", 5, now=7.0) is not None
+
+
+
+def _shared_tpm_rounds(refund_while_live: bool) -> list[int]:
+    """Probe p45 F1's rounds on one replica, `tpm: 2000, shared: true`, a 5 s lease of 5%, the KV bucket played by
+    lease/give_back as Admission does (_lease_rate, _give_back): one request of 1,990 tokens held 63 s, then rounds of
+    8 requests of 1,013 tokens each, held 63 s, all using 23. The number each round admitted."""
+    rl, slot, kv = RateLimiter([RateLimitSpec(key="k", tpm=2000, shared=True)]), (0, "tokens", "k"), [None]
+
+    def admit(n: int, now: float) -> bool:
+        for _ in range(4):
+            verdict = rl.admit("t", "a", "k", n, now)
+            if not isinstance(verdict, list):
+                return verdict is None
+            for lack in verdict:
+                state, got, _ = lease(kv[0], 2000, now, max(lack.need, 100), lack.need, rl.take_owed(slot))
+                kv[0] = state or kv[0]
+                if got is None:
+                    return False
+                rl.add_share(slot, got, now, lease_s=5.0)
+        return False
+
+    def sweep(now: float) -> None:
+        for owing in rl.surrender(now):
+            kv[0] = give_back(kv[0], 2000, now, rl.take_owed(owing))
+
+    held, admitted = [1990] if admit(1990, 0.0) else [], []
+    for now in (63.0, 126.0, 189.0):
+        sweep(now - 1.0)  # the shares of the round before expired long ago
+        if refund_while_live:
+            assert admit(100, now - 1.0)  # a request of a whole lease: its share is live (and empty) when they settle
+            rl.settle("t", "a", "k", reserved=100, used=100, now=now - 1.0)
+        for reserved in held:
+            rl.settle("t", "a", "k", reserved=reserved, used=23, now=now)
+        held = [1013 for _ in range(8) if admit(1013, now)]
+        admitted.append(len(held))
+    return admitted
+
+
+@pytest.mark.parametrize("refund_while_live", [False, True], ids=["share-expired", "share-live"])
+def test_a_shared_tpm_refund_goes_back_to_the_kv_bucket_never_on_top_of_it(refund_while_live: bool) -> None:
+    # Found by a probe (p45 F1). A settlement's refund went into this replica's share, uncapped, though the share
+    # had expired and the KV bucket had refilled meanwhile; the next lease was added to it and made it live again:
+    # 1, 3 and 4 requests of 1,013 tokens admitted at once under a limit of 2,000 (one bucket admits 1).
+    assert _shared_tpm_rounds(refund_while_live) == [1, 1, 1]
 
 
 # -- response cache ---------------------------------------------------------------------------------
