@@ -22,6 +22,36 @@ def quantile_cuts(reference: np.ndarray, bins: int = 10) -> np.ndarray:
     return np.unique(np.quantile(reference, qs))
 
 
+def tied_cuts(reference: np.ndarray, current: np.ndarray, bins: int = 10) -> np.ndarray:
+    """Inner bin edges for windows with heavy ties: each value holding at least a bin's share (1/bins) of either
+    window has a bin of its own, and the other values of both windows are cut at their pooled quantiles into the
+    bins left (at least 2)."""
+    tied = np.union1d(_common(reference, bins), _common(current, bins))
+    # (just below v, v] holds v alone: `proportions` bins are closed on the right.
+    edges = [tied, np.nextafter(tied, -np.inf)]
+    rest = np.concatenate([reference, current])
+    rest = rest[~np.isin(rest, tied)]
+    if len(rest):
+        k = max(2, bins - len(tied))
+        edges.append(np.quantile(rest, np.linspace(0.0, 1.0, k + 1)[1:-1]))
+    return np.unique(np.concatenate(edges))
+
+
+def _common(values: np.ndarray, bins: int) -> np.ndarray:
+    """The values holding at least 1/bins of `values`."""
+    distinct, counts = np.unique(values, return_counts=True)
+    return distinct[counts * bins >= len(values)]
+
+
+def cuts(reference: np.ndarray, current: np.ndarray, bins: int = 10) -> np.ndarray:
+    """The reference's deciles (`quantile_cuts`), or `tied_cuts` where ties collapse them. Collapsed deciles put
+    the tied mass and whatever else falls beside it in one bin, so a shift of the other values went unseen: a client
+    sending `max_tokens: 1` as nine requests in ten left two bins, each holding a tenth of both arms' rows whatever
+    the real answers did, and PSI read 0 for a canary whose real answers were 15 times longer (probe p46 F2)."""
+    edges = quantile_cuts(reference, bins)
+    return edges if len(edges) >= bins - 1 else tied_cuts(reference, current, bins)
+
+
 def proportions(values: np.ndarray, cuts: np.ndarray) -> np.ndarray:
     """Share of `values` in each bin (-inf, c0], (c0, c1], ..., (c_last, inf); empty bins smoothed."""
     idx = np.searchsorted(cuts, values, side="left")
@@ -36,9 +66,9 @@ def psi_from_proportions(p: np.ndarray, q: np.ndarray) -> float:
 
 
 def psi(reference: np.ndarray, current: np.ndarray, bins: int = 10) -> float:
-    """Population stability index of `current` against bins cut from `reference`."""
-    cuts = quantile_cuts(reference, bins)
-    return psi_from_proportions(proportions(reference, cuts), proportions(current, cuts))
+    """Population stability index of `current` against bins cut from `reference` (`cuts`)."""
+    edges = cuts(reference, current, bins)
+    return psi_from_proportions(proportions(reference, edges), proportions(current, edges))
 
 
 def ks(reference: np.ndarray, current: np.ndarray) -> tuple[float, float]:
