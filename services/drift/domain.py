@@ -404,6 +404,9 @@ class DriftMonitor:
         t = stats.drift_test(r, c, "num")
         # Few distinct values (a 0/1 score): deciles would put them all in one bin, so PSI is over the values.
         psi = stats.categorical(r, c)[0] if t.test in stats.CATEGORICAL_TESTS else stats.psi(r, c, self.bins)
+        # The test says a shift is real, PSI that it is material: a small p-value alone does not override a low PSI,
+        # as large windows make immaterial shifts significant and a rollback costs too. (Probe p46 F2's flood hid a
+        # canary through bins that could not see it, fixed in stats.cuts; its KS p-value was 0.01, not small.)
         return FeatureDrift(feature=name, psi=psi, ks_stat=ks_stat, ks_pvalue=ks_p,
                             reference_mean=float(r.mean()) * scale, current_mean=float(c.mean()) * scale,
                             drifted=t.drifted and psi >= self.psi_threshold, **_test_fields(t))
