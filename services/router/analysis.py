@@ -1012,6 +1012,40 @@ def incomplete(m: Measurement, why: str) -> Measurement:
     return m if m.verdict == "FAILED" else _held(m, why)
 
 
+def uncopied(m: Measurement, canary: VariantSample, stable: VariantSample, keys: Sequence[str],
+             min_sample: int) -> Measurement:
+    """A blue-green preview's look, judged on shadow copies, when a shadow budget every key shares left requests of
+    `keys` uncopied (`evidence.Evidence.uncopied`): such a key with `min_sample` requests stable served, which would
+    be judged alone, needs `min_sample` copies of its own, and those keys with fewer, pooled as `groups` pools them,
+    as many together. Short of them the look is INCONCLUSIVE, never a pass: after the promotion the candidate
+    serves those requests, and one key's copies spending the budget first must not leave the preview judged on
+    that key's traffic alone (probe p46 F3). A FAILED look stands."""
+    if m.verdict != "SUCCESSFUL" or not keys:
+        return m
+    none = VariantSample()
+
+    def served(k: str) -> int:
+        return stable.by_key.get(k, none).n
+
+    def copies(k: str) -> int:
+        return canary.by_key.get(k, none).n
+
+    short = [f"API key {k} ({copies(k)} of {served(k)} requests)" for k in sorted(keys)
+             if served(k) >= min_sample > copies(k)]
+    small = [k for k in keys if served(k) < min_sample]
+    pooled, pooled_copies = sum(map(served, small)), sum(map(copies, small))
+    if pooled >= min_sample > pooled_copies:
+        short.append(f"{len(small)} other API keys, pooled ({pooled_copies} of {pooled} requests)")
+    if not short:
+        return m
+    why = (f"the shadow budget left requests of {', '.join(short)} uncopied, short of the {min_sample} copies "
+           f"needed to judge them: not judged on the other keys' copies, never a pass (raise the budget, or promote "
+           f"by hand)")
+    results = [r if r.dry_run else msgspec.structs.replace(r, verdict="INCONCLUSIVE", why=why, canary=None)
+               for r in m.metrics]
+    return msgspec.structs.replace(m, verdict="INCONCLUSIVE", metrics=results)
+
+
 def _held(m: Measurement, why: str) -> Measurement:
     """The look WAITING, each metric that decides saying `why`: it holds the step, and is not counted as a look."""
     results = [r if r.dry_run else msgspec.structs.replace(r, verdict="WAITING", why=why) for r in m.metrics]

@@ -19,7 +19,7 @@ import numpy as np
 
 from lockgate.contracts import DriftReport, InferenceEvent
 from lockgate.contracts.drift import Comparison
-from lockgate.contracts.inference import CLIENT_DISCONNECTED, UPSTREAM_UNANSWERED
+from lockgate.contracts.inference import CLIENT_DISCONNECTED, SHADOW_SKIPPED, UPSTREAM_UNANSWERED
 from lockgate.services.router.analysis import ROWS, VariantSample, from_rows
 
 MAX_ROWS = 50_000  # per deployment and release: enough for p99 on any step, bounded memory; full, see `_Ring`
@@ -194,6 +194,9 @@ class Evidence:
         # The requests left out as their clients' hang-ups, per deployment and release: no evidence, but a look that
         # waits for its sample says how many there were (a canary with 0 requests and 163 hung up on is not idle).
         self._hung_up: dict[tuple[str, str], _Ring] = {}
+        # Per (deployment, release), the API keys (their indexes) whose requests it served a shadow budget every key
+        # shares left uncopied (SHADOW_SKIPPED), each with the latest such request's time (`uncopied`).
+        self._uncopied: dict[tuple[str, str], dict[int, float]] = {}
         # Online evaluation scores per (deployment, release) and scorer: the scored answer's event id -> (time,
         # value), oldest first. By event id, so an answer's score counts once however often it arrives (live and
         # read back at start, or re-sent after the bus's duplicate window).
@@ -217,6 +220,9 @@ class Evidence:
                 _ring(self._hung_up, key, self._max).add(self._row(event))
             return
         _ring(self._rings, key, self._max).add(self._row(event, refused))
+        if SHADOW_SKIPPED in event.attributes:
+            seen, index = self._uncopied.setdefault(key, {}), self._key(event.key_id)
+            seen[index] = max(seen.get(index, 0.0), event.time.timestamp())  # read back at a start: any order
         if refused:
             return
         if event.scores:  # scores an SDK attached to its own events
@@ -312,6 +318,14 @@ class Evidence:
                 del rings[key]
         for key in [k for k in self._scores if k[0] == deployment and k[1] not in keep]:
             del self._scores[key]
+        for key in [k for k in self._uncopied if k[0] == deployment and k[1] not in keep]:
+            del self._uncopied[key]
+
+    def uncopied(self, deployment: str, release: str, since: float) -> list[str]:
+        """The API keys with a request `release` served for `deployment` from `since` (unix seconds) on that a
+        shadow budget every key shares left uncopied (SHADOW_SKIPPED)."""
+        seen = self._uncopied.get((deployment, release), {})
+        return [self._keys[i] for i, at in seen.items() if at >= since]
 
     def count(self, deployment: str, release: str, since: float) -> int:
         """How many requests `release` served for `deployment` from `since` (unix seconds) on (in analysis: not

@@ -454,7 +454,8 @@ class Proxy:
             # of anything, and costs its caller nothing; copied, an app would choose the candidate's sample by
             # repeating one request, spending the rollout's shadow budget for free (probe p9).
             if hit is None and op is CHAT:  # shadow rollouts compare chat answers
-                self.shadow.maybe_mirror(route, variant, key, deployment, body, req, trace_id, user, session)
+                self.shadow.maybe_mirror(route, variant, key, deployment, body, req, trace_id, user, session,
+                                         rec.attributes)
             if hit is not None:
                 response = hit
                 rec.replayed(op, hit.body, stream)

@@ -29,6 +29,7 @@ from lockgate.contracts import (
     InferenceScored,
     RolloutState,
 )
+from lockgate.contracts.inference import SHADOW_SKIPPED
 from lockgate.errors import (
     BusUnavailable,
     ConfigError,
@@ -55,9 +56,10 @@ log = logging.getLogger("lockgate.router")
 
 # The attributes of a served event `observe` reads (`InferenceEvent.cached`, `_diverted`, `_note_trip`): the only ones
 # a starting router reads back from the record (handlers.replay_served), as the others (an answer's tool calls, up to
-# 64 kB) made its pages too large for one NATS message (probe p36 F1). A key read there must be named here.
+# 64 kB) made its pages too large for one NATS message (probe p36 F1). A key read there must be named here (and
+# `Evidence.add`'s, SHADOW_SKIPPED: a restarted router must not judge a preview on the copies of one key alone).
 EVIDENCE_ATTRIBUTES = ("cache", "lockgate.fallback_from", "lockgate.fallback_from_release",
-                       "lockgate.fallback_reason")
+                       "lockgate.fallback_reason", SHADOW_SKIPPED)
 
 _route_decoder = msgspec.json.Decoder(Route)
 _gate_codec: Codec[GateDecided] = Codec(GateDecided)
@@ -1363,11 +1365,13 @@ class Rollouts:
             stable = self.evidence.sample(route.deployment, route.stable.release, route.started_at, stable_hung)
         comparison, release, drift_since, whole = progress.drift_evidence(route, since)
         began = progress.step_began(route)
-        return analysis.unanswered(analysis.measure(
-            spec, canary, stable, look,
-            self.evidence.drift(route.deployment, release, drift_since, comparison, whole),
-            step_n=self.evidence.count(route.deployment, route.canary.release, began),
-            step_at=began), len(hung), self.unanswered_s)
+        m = analysis.measure(spec, canary, stable, look,
+                             self.evidence.drift(route.deployment, release, drift_since, comparison, whole),
+                             step_n=self.evidence.count(route.deployment, route.canary.release, began), step_at=began)
+        if bluegreen.spec(route) is not None:  # a preview: its evidence is its testers' traffic and shadow copies
+            m = analysis.uncopied(m, canary, stable, self.evidence.uncopied(route.deployment, route.stable.release,
+                                                                          since), spec.min_sample)
+        return analysis.unanswered(m, len(hung), self.unanswered_s)
 
     def unanswered(self, deployment: str, release: str, now: float) -> list[Unanswered]:
         """`release`'s calls for `deployment` in flight on this replica whose upstream has been silent for longer

@@ -31,7 +31,7 @@ import aiohttp
 import msgspec
 
 from lockgate.contracts import InferenceEvent
-from lockgate.contracts.inference import REQUEST_DIGEST
+from lockgate.contracts.inference import REQUEST_DIGEST, SHADOW_SKIPPED
 from lockgate.kvcas import CasStore, KVUnavailable
 from lockgate.llmwire import ApiRequest, OutputLimits, last_user_text
 from lockgate.outbox import Outbox
@@ -143,16 +143,22 @@ class Shadow:
         return self._spend
 
     def maybe_mirror(self, route: domain.Route, variant: str, key: ApiKey, deployment: str, body: bytes,
-                     req: ApiRequest, trace_id: str, user: str, session: str) -> None:
+                     req: ApiRequest, trace_id: str, user: str, session: str, marks: dict[str, str]) -> None:
         """Schedule a shadow call for a request stable served, if the rollout mirrors and its budget allows (its
-        cost is reserved in the task, off the request path). Called on a cache miss only: a hit is no evidence."""
+        cost is reserved in the task, off the request path). Called on a cache miss only: a hit is no evidence.
+        `marks`: the served event's attributes, which say when a budget every key shares left it uncopied
+        (SHADOW_SKIPPED): another key's copies may have spent it, and a preview is not judged on theirs alone."""
         if variant != "stable" or route.canary is None:
             return
         budget = self.rollouts.shadow_budget(route)
-        if budget is None or not budget.admit(self.draw()):
+        if budget is None:
+            return
+        if not budget.admit(self.draw()):
+            if budget.why in shadowstats.SHARED:
+                marks[SHADOW_SKIPPED] = budget.why
             return
         task = asyncio.get_running_loop().create_task(
-            self._call(budget, route.canary, key, deployment, body, req, trace_id, user, session))
+            self._call(budget, route.canary, key, deployment, body, req, trace_id, user, session, marks))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -168,7 +174,7 @@ class Shadow:
         await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _call(self, budget: Budget, target: domain.Target, key: ApiKey, deployment: str, body: bytes,
-                    req: ApiRequest, trace_id: str, user: str, session: str) -> None:
+                    req: ApiRequest, trace_id: str, user: str, session: str, marks: dict[str, str]) -> None:
         answer = _Answer()
         status, error, provider_name = "ok", "", "openai"
         reserved: int | None = None  # nano-USD reserved in the rollout's spend for this copy
@@ -194,7 +200,7 @@ class Shadow:
             if http is None:
                 return
             if budget.spec.max_cost_usd is not None:
-                reserved = await self._reserve(budget, target, body, payload, req)
+                reserved = await self._reserve(budget, target, body, payload, req, marks)
                 if reserved is None:
                     slot = False  # no copy: budget.refused gave its place back, counting why
                     return
@@ -274,10 +280,11 @@ class Shadow:
         return self.prices.get(target.model or req.model)
 
     async def _reserve(self, budget: Budget, target: domain.Target, body: bytes, payload: bytes,
-                       req: ApiRequest) -> int | None:
+                       req: ApiRequest, marks: dict[str, str]) -> int | None:
         """Reserve the copy's worst case in the rollout's spend: the nano-USD reserved, or None (the copy is not
         made; `budget.refused` says why) when it does not fit `max_cost_usd`, the candidate's model has no price
-        (the cap could not be kept) or the store does not answer."""
+        (the cap could not be kept) or the store does not answer. Over the cap, the served event's `marks` say so
+        (`maybe_mirror`), if it is not recorded yet: a store's answer comes long before a model's, as a rule."""
         cap = budget.spec.max_cost_usd
         assert cap is not None
         price = self._price(target, req)
@@ -305,6 +312,7 @@ class Shadow:
         budget.spent_usd = spent / shadowstats.NANO
         if not fits:
             budget.refused("over_max_cost")
+            marks[SHADOW_SKIPPED] = "over_max_cost"
             return None
         return need
 

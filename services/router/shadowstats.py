@@ -30,6 +30,10 @@ from lockgate.subjects import token
 
 NANO = 1_000_000_000  # nano-USD per USD: the stored spend is an integer, so replicas' changes add up exactly
 
+# The budgets every API key's copies share (`Budget.admit`, and `max_cost_usd` in shadow.py): a request left uncopied
+# by one of them may be left so by another key's copies, and its served event says so (SHADOW_SKIPPED).
+SHARED = frozenset({"over_max_requests", "over_max_rps", "over_max_concurrency", "over_max_cost"})
+
 _PENDING_MAX = 4096  # unpaired events kept per ledger (served events that were not mirrored age out)
 _RECENT = 20  # pair comparisons kept to show
 
@@ -46,6 +50,7 @@ class Budget:
         self.in_flight = 0
         self.sent = 0
         self.skipped: Counter[str] = Counter()
+        self.why = ""  # why `admit` last refused a copy ("": it admitted one)
         self.spent_usd: float | None = None  # the rollout's Spend as the store last answered this replica
 
     def admit(self, draw: float) -> bool:
@@ -65,6 +70,7 @@ class Budget:
             self.last = now
             if self.tokens < 1.0:
                 why = "over_max_rps"
+        self.why = why
         if why:
             self.skipped[why] += 1
             return False

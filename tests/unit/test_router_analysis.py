@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from dataclasses import replace
 
+import msgspec
 import pytest
 
 from lockgate.gatestats import sequential
@@ -589,3 +590,43 @@ def test_a_look_passes_a_step_only_with_requests_served_at_it() -> None:
     assert analysis.measure(spec, *healthy, 1).verdict == "SUCCESSFUL"  # every request is new (after a promotion)
     # A failure needs no new requests: what the window shows is a fault whatever the weight.
     assert analysis.measure(spec, *_rates(400, 40, 400, 2), 1, step_n=0).verdict == "FAILED"
+
+
+def test_a_preview_whose_shared_shadow_budget_left_a_keys_requests_uncopied_is_no_pass() -> None:
+    # Probe p46 F3: one key's copies spent the shadow budget first, and a preview was judged on them alone.
+    from datetime import UTC, datetime
+
+    from lockgate.contracts import InferenceEvent
+    from lockgate.contracts.inference import SHADOW_SKIPPED
+    from lockgate.services.router.evidence import Evidence
+
+    def keyed(**n: int) -> VariantSample:
+        return _split({k: VariantSample(n=v, latency_ms=[10.0] * v) for k, v in n.items()})
+
+    passed = analysis.measure(ERRORS, keyed(flood=400), keyed(flood=400, real=600), look=1)
+    assert passed.verdict == "SUCCESSFUL"
+
+    def judged(copies: VariantSample, served: VariantSample, keys: list[str]) -> analysis.Measurement:
+        return analysis.uncopied(passed, copies, served, keys, ERRORS.min_sample)
+
+    m = judged(keyed(flood=400), keyed(flood=400, real=600), ["real"])
+    assert m.verdict == "INCONCLUSIVE" and {r.verdict for r in m.metrics} == {"INCONCLUSIVE"}
+    assert analysis.describe(m.metrics[0]).startswith(
+        "error_rate: the shadow budget left requests of API key real (0 of 600 requests) uncopied, short of the 100")
+    assert judged(keyed(flood=300, real=100), keyed(flood=400, real=600), ["real"]) == passed  # judged alone
+    assert judged(keyed(flood=400), keyed(flood=400, real=600), []) == passed  # nothing left uncopied
+    # Keys under min_sample are pooled, as analysis pools them: 2 x 60 requests need 100 copies between them.
+    m = judged(keyed(flood=400, a=10, b=10), keyed(flood=400, a=60, b=60), ["a", "b"])
+    assert "2 other API keys, pooled (20 of 120 requests)" in m.metrics[0].why
+    assert judged(keyed(flood=400, a=50, b=50), keyed(flood=400, a=60, b=60), ["a", "b"]) == passed
+    assert judged(keyed(flood=400, a=10), keyed(flood=400, a=60), ["a"]) == passed  # 60 requests: none judged alone
+    failed = msgspec.structs.replace(passed, verdict="FAILED")
+    assert analysis.uncopied(failed, keyed(flood=400), keyed(flood=400, real=600), ["real"], 100) == failed
+
+    # The served events say which requests a shared budget left uncopied (SHADOW_SKIPPED), and whose.
+    ev = Evidence(price=lambda e: None)
+    for i, (key, why) in enumerate([("k-a", ""), ("k-b", "over_max_requests"), ("k-c", "over_max_rps")]):
+        ev.add(InferenceEvent(app="shop", deployment="d", release="r1", key_id=key, time=datetime.fromtimestamp(
+            100 + i, UTC), attributes={SHADOW_SKIPPED: why} if why else {}))
+    assert (ev.uncopied("d", "r1", 0), ev.uncopied("d", "r1", 102), ev.uncopied("d", "r2", 0)) == (
+        ["k-b", "k-c"], ["k-c"], [])

@@ -50,6 +50,11 @@ ROUTED_BY = "lockgate.routed_by"
 # events whose digest is that of the messages the release's prompt renders for it and nothing else (probe p12 F5:
 # an application's own system message, tools or sampling decided what the eval scored).
 REQUEST_DIGEST = "lockgate.request_digest"
+# A router event of a request stable served that its rollout's shadow budget left uncopied (the value names the
+# budget: `over_max_requests`, `over_max_rps`, `over_max_concurrency`, `over_max_cost`): budgets every key's copies
+# share, so one key's copies may have spent them. A blue-green preview judged on copies is no pass while such a key
+# is short of its own sample of copies (analysis.uncopied; probe p46 F3).
+SHADOW_SKIPPED = "lockgate.shadow_skipped"
 # Request fields that do not change what the model answers: how the answer is delivered (stream), who asks
 # (user, metadata, safety_identifier), what the provider keeps (store, prompt_cache_key), the operator's price tier
 # (never sent as the client's), and the model, which a release always sets. The messages are digested on their own.
