@@ -283,8 +283,9 @@ class Shadow:
                        req: ApiRequest, marks: dict[str, str]) -> int | None:
         """Reserve the copy's worst case in the rollout's spend: the nano-USD reserved, or None (the copy is not
         made; `budget.refused` says why) when it does not fit `max_cost_usd`, the candidate's model has no price
-        (the cap could not be kept) or the store does not answer. Over the cap, the served event's `marks` say so
-        (`maybe_mirror`), if it is not recorded yet: a store's answer comes long before a model's, as a rule."""
+        (the cap could not be kept) or the store does not answer. Over the cap or without the store's answer, the
+        served event's `marks` say so (`maybe_mirror`), if it is not recorded yet: a store's answer comes long before
+        a model's, as a rule."""
         cap = budget.spec.max_cost_usd
         assert cap is not None
         price = self._price(target, req)
@@ -308,6 +309,7 @@ class Shadow:
             if not budget.skipped["cost_store_unavailable"]:
                 log.warning("shadow of %s: no copies while its spend cannot be reserved: %s", budget.key, exc.message)
             budget.refused("cost_store_unavailable")
+            marks[SHADOW_SKIPPED] = "cost_store_unavailable"
             return None
         budget.spent_usd = spent / shadowstats.NANO
         if not fits:

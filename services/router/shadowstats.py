@@ -30,9 +30,12 @@ from lockgate.subjects import token
 
 NANO = 1_000_000_000  # nano-USD per USD: the stored spend is an integer, so replicas' changes add up exactly
 
-# The budgets every API key's copies share (`Budget.admit`, and `max_cost_usd` in shadow.py): a request left uncopied
-# by one of them may be left so by another key's copies, and its served event says so (SHADOW_SKIPPED).
-SHARED = frozenset({"over_max_requests", "over_max_rps", "over_max_concurrency", "over_max_cost"})
+# Why a copy is not made that every API key's copies share: the budgets (`Budget.admit`, and `max_cost_usd` in
+# shadow.py), and the spend store all of them reserve in by compare-and-set (`cost_store_unavailable`: away, or too
+# contended to answer). A request left uncopied so may be left so by another key's copies, and its served event says
+# so (SHADOW_SKIPPED).
+SHARED = frozenset({"over_max_requests", "over_max_rps", "over_max_concurrency", "over_max_cost",
+                    "cost_store_unavailable"})
 
 _PENDING_MAX = 4096  # unpaired events kept per ledger (served events that were not mirrored age out)
 _RECENT = 20  # pair comparisons kept to show

@@ -342,36 +342,49 @@ async def test_a_request_the_candidates_provider_cannot_take_is_not_copied(
 
 
 @pytest.fixture
-async def picky(context: ServiceContext, run_services: Any, signer: Signer) -> AsyncIterator[Any]:
+async def picky(context: ServiceContext, run_services: Any, signer: Signer, tmp_path: Path) -> AsyncIterator[Any]:
     """The per-key tests' router: a stable that never fails and the candidate `picky`, which fails the prompt
-    `tricky` only (a release that breaks on some of its real users' prompts, on none a caller chooses)."""
+    `tricky` only (a release that breaks on some of its real users' prompts, on none a caller chooses). `picky`
+    answers 2 output tokens at 125 USD per million: a copy costs 0.00025 USD, and reserves as much (max_tokens 2)."""
+    (tmp_path / "prices.yaml").write_text(json.dumps({"version": "t", "currency": "USD", "models": {
+        "m": {"input_per_mtok": 0, "output_per_mtok": 1}, "picky": {"input_per_mtok": 0, "output_per_mtok": 125}}}))
     stable_sim = SimServer(SimConfig(models={"m": ModelSpec(default="stable says hi")}, seed=3))
     async with stable_sim as stable, PickyCanary() as canary:
-        yield await serving(context, run_services, signer, stable.url, canary.url, ("picky",))
+        yield await serving(context, run_services, signer, stable.url, canary.url, ("picky",),
+                            price_book=str(tmp_path / "prices.yaml"))
 
 
-async def _ask(router: Any, key: str, prompts: list[str], tag: str) -> None:
-    """One request per prompt with app key `key`, each from a user of its own, 40 at a time: all served by stable
-    (an app key's requests never reach a preview)."""
+async def _ask(router: Any, key: str, prompts: list[str], tag: str, batch: int) -> None:
+    """One request per prompt with app key `key`, each from a user of its own, a batch at a time: all served by
+    stable (an app key's requests never reach a preview)."""
     url = f"{router.url}/v1/chat/completions"
     async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"}) as session:
         async def one(i: int, prompt: str) -> None:
-            body = {"model": "m", "messages": [{"role": "user", "content": prompt}]}
+            body = {"model": "m", "messages": [{"role": "user", "content": prompt}], "max_tokens": 2}
             async with session.post(url, json=body, headers={"x-lockgate-user": f"{tag}-{i}"}) as resp:
-                assert (resp.status, (await resp.json())["choices"][0]["message"]["content"]) == (200, "stable says hi")
+                assert (resp.status, (await resp.json())["choices"][0]["message"]["content"]) == (200, "stable")
 
-        for start in range(0, len(prompts), 40):
-            await asyncio.gather(*(one(start + i, p) for i, p in enumerate(prompts[start:start + 40])))
+        for start in range(0, len(prompts), batch):
+            await asyncio.gather(*(one(start + i, p) for i, p in enumerate(prompts[start:start + batch])))
 
 
 PREVIEW = {"metrics": [{"name": "error_rate", "max_increase": 0.01}], "min_sample": 100, "failure_limit": 0,
            "inconclusive_limit": 1000, "alpha": 0.1}
 
 
+# Each budget the flooder's 600 requests spend first (400 copies, or 400 copies of 0.00025 USD), the requests sent
+# so many at a time, and the reason the real key's requests are then not copied. One at a time under the cost cap:
+# each copy reserves its cost by compare-and-set on one key of the spend store, and copies that contend for it are
+# not made while it does not answer (`cost_store_unavailable`, which would leave the flooder short of 400).
+BUDGETS = {"max_requests": ({"max_requests": 400}, 40, "over_max_requests"),
+           "max_cost_usd": ({"max_cost_usd": 0.1}, 1, "over_max_cost")}
+
+
+@pytest.mark.parametrize("budget", list(BUDGETS))
 async def test_one_key_spending_the_shadow_budget_first_cannot_get_a_failing_preview_promoted(
-        picky: Any, http: aiohttp.ClientSession, signer: Signer) -> None:
+        picky: Any, http: aiohttp.ClientSession, signer: Signer, budget: str) -> None:
     # Found by a probe (p46 F3): a blue-green preview judged on shadow copies. One app key of the tenant sent 400
-    # good requests first and spent `max_requests`; the real users' 600 requests (10% of which the candidate fails)
+    # good requests first and spent `max_requests` (or `max_cost_usd`); the real users' 600 requests (10% of which the candidate fails)
     # got no copies, and the preview was promoted on the flooder's copies alone ("pre-promotion analysis passed").
     # Now a key whose requests a shared budget left uncopied, short of its own sample of copies, makes every look
     # INCONCLUSIVE: never a pass.
@@ -379,15 +392,20 @@ async def test_one_key_spending_the_shadow_budget_first_cannot_get_a_failing_pre
     real, real_key = store.create("default", "shop", description="the application's real traffic")
     mallory, _ = store.create("default", "shop", description="a caller who spends the shadow budget first")
     await _start(http, picky, "picky", {
-        "interval_s": 0.5, "blue_green": {"auto_promotion_s": 15, "pre_promotion_analysis": PREVIEW},
-        "shadow": {"sample": 1.0, "max_requests": 400, **WIDE}})
+        "interval_s": 0.5, "blue_green": {"auto_promotion_s": 20, "pre_promotion_analysis": PREVIEW},
+        "shadow": {"sample": 1.0, **BUDGETS[budget][0], **WIDE}})
     await _pass(picky, signer, "picky")
     promote_at = picky.rollouts.route("chat").promote_at  # when a passing look promotes the preview
-    await _ask(picky, mallory, ["hi"] * 400, "m")
-    await _ask(picky, real, ["tricky" if i % 10 == 0 else "hi" for i in range(600)], "u")
+    _, batch, over = BUDGETS[budget]
+    await _ask(picky, mallory, ["hi"] * 600, "m", batch)
+    await picky.proxy.shadow.idle()  # its copies made and settled: the budget is spent
+    flooded = picky.rollouts.shadow_summary("chat")
+    assert flooded.mirrored == 400, (flooded.skipped, flooded.spent_usd, flooded.shadow_cost_usd)
+    await _ask(picky, real, ["tricky" if i % 10 == 0 else "hi" for i in range(600)], "u", batch)
     assert time.time() < promote_at, "the traffic took longer than the auto-promotion delay: no test"
+    await picky.proxy.shadow.idle()
     summary = picky.rollouts.shadow_summary("chat")
-    assert (summary.mirrored, summary.skipped) == (400, {"over_max_requests": 600})
+    assert summary.mirrored == 400 and summary.skipped.get(over, 0) >= 600, summary.skipped
 
     def after_promote_at(routes: dict[str, Route]) -> bool:  # promoted (or aborted), else a look past promote_at
         r = routes["chat"]
@@ -399,7 +417,7 @@ async def test_one_key_spending_the_shadow_budget_first_cannot_get_a_failing_pre
     assert (route.phase, route.stable.release) == ("progressing", "r1"), route.reason
     assert route.analysis is not None and route.analysis.last is not None
     last = route.analysis.last
-    assert (last.verdict, last.canary_n, last.stable_n) == ("INCONCLUSIVE", 400, 1000)
+    assert (last.verdict, last.canary_n, last.stable_n) == ("INCONCLUSIVE", 400, 1200)
     culprit = last.failing()
     assert culprit is not None
     assert describe(culprit) == (
