@@ -16,6 +16,7 @@ from typing import Any
 
 from lockgate.contracts import InferenceEvent, InferenceScored, Score
 from lockgate.errors import ConfigError
+from lockgate.ids import derived_id
 from lockgate.onlineeval import JUDGE, SCORERS, JudgeSpec, OnlineEvalSpec, ScorerSpec
 from lockgate.redact import scrub_secrets
 from lockgate.services.evaluator import safety, scorers
@@ -38,6 +39,7 @@ ONLINE: dict[str, Callable[[str, Any, Mapping[str, Any]], float]] = {
 }
 assert tuple(ONLINE) == SCORERS, "lockgate.onlineeval.SCORERS lists the scorers of this table"
 SOURCE = "lockgate-evaluator"
+SCORED = "scorers"  # message_id's kind of the deterministic scorers' scores
 MAX_ERROR = 300  # characters of a scorer error kept
 
 
@@ -125,6 +127,17 @@ def wants_judge(event: InferenceEvent, p: Plan, served: bool) -> bool:
     variant), in the judge's own share of the sample, by event id too."""
     return (served and p.judge is not None and chosen(event, p)
             and sampled(f"{event.id}:{JUDGE}", p.judge.sample))
+
+
+def message_id(result: InferenceScored, kind: str) -> str:
+    """The Nats-Msg-Id of an answer's scores of one `kind` (SCORED: the deterministic scorers', or JUDGE): the same
+    on every re-score, so JetStream drops a repeat, and never another answer's. The answer is its (tenant, app,
+    served, event id), encoded without ambiguity: tenant, app and kind are names, which hold no NUL (derived_id's
+    separator), and the id its producer chose comes last. (Before, probe p47 F1, it was `scored-{tenant}-{id}`:
+    another application's event under the same id, or tenant `acme`'s `corp-x` against tenant `acme-corp`'s `x`,
+    took the message id first and these scores were dropped as its duplicate: never stored nor seen by drift.)"""
+    where = "served" if result.served else "sent"
+    return "scored-" + derived_id("online-scores", result.tenant, result.app, where, kind, result.event_id)
 
 
 def judged(event: InferenceEvent, value: float | None, error: str = "", served: bool = False) -> InferenceScored:

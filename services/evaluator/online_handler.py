@@ -185,7 +185,7 @@ class OnlineEval:
                 continue
             if result.scores:
                 await bus.publish(bus.subjects.eval_scores(result.deployment or result.app), result,
-                                  msg_id=f"scored-{result.tenant}-{result.event_id}")
+                                  msg_id=online.message_id(result, online.SCORED))
                 n += 1
             if plan.judge is not None and online.wants_judge(event, plan, served):
                 await self._enqueue(event, plan.judge, served)
@@ -312,7 +312,7 @@ class OnlineEval:
         bus = self.ctx.bus
         try:
             await bus.publish(bus.subjects.eval_scores(result.deployment or result.app), result,
-                              msg_id=f"scored-{result.tenant}-{result.event_id}-{online.JUDGE}")
+                              msg_id=online.message_id(result, online.JUDGE))
         except LockgateError as exc:
             log.warning("judge outcome of %s not published: %s", result.event_id, exc.message)
             return
