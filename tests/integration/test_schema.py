@@ -75,3 +75,28 @@ def test_an_insert_leaves_nothing_for_the_cyclic_collector(store: Store) -> None
     finally:
         gc.enable()
     assert store.scalar("SELECT count() FROM freed") == 6
+
+
+def test_an_insert_repeated_under_its_token_counts_once_in_every_rollup(store: Store) -> None:
+    """The sink retries an insert whose outcome it did not learn under the same deduplication token: ClickHouse drops
+    the repeat, and every table a materialized view fills from it (cost_hourly, the stored-keys tables, the trace
+    lookup) drops it too. Before, probe p47 F2, cost_hourly counted the dropped block again: 12 calls for 11 billed."""
+    from tests.unit.test_rows import SAMPLE_ROWS
+
+    def counts() -> dict[str, int]:
+        derived = [name for name in DERIVED if not name.endswith("_mv")]
+        return {**{t: store.scalar(f"SELECT count() FROM {t}") for t in derived},
+                "cost_hourly calls": store.scalar("SELECT sum(calls) FROM cost_hourly"),
+                **{t.name: store.scalar(f"SELECT count() FROM {t.name}") for t in TABLES}}
+
+    def insert_all() -> None:
+        for table in TABLES:
+            values, extra = SAMPLE_ROWS[table.name]
+            store.insert_columns(table.name, table.columns, table.data(values, extra), token=f"once-{table.name}")
+
+    insert_all()
+    once = counts()
+    assert once["cost_hourly calls"] == once["cost_ledger"] > 0
+    assert all(once[name] > 0 for name in DERIVED if not name.endswith("_mv")), once
+    insert_all()  # the same blocks under the same tokens
+    assert counts() == once

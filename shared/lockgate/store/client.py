@@ -241,7 +241,10 @@ class Store:
         """Insert column-oriented data; a repeated `token` is a no-op (deduplicated by ClickHouse)."""
         if not data or not len(data[0]):
             return 0
-        settings = {"insert_deduplication_token": token, "insert_deduplicate": 1} if token else None
+        # A repeat dropped by its token is dropped from the tables materialized views fill from this one too (their
+        # own deduplication window: migration 024), or cost_hourly counted it again (probe p47 F2).
+        settings = {"insert_deduplication_token": token, "insert_deduplicate": 1,
+                    "deduplicate_blocks_in_dependent_materialized_views": 1} if token else None
         with self._lock:
             try:
                 types = self._column_types(table)
