@@ -134,7 +134,9 @@ ID_AHEAD_S = 300.0
 
 def id_order(keys: Sequence[tuple[str, ...]]) -> list[str]:
     """Where each row falls in the stored-keys window: its id's first 13 characters, a UUIDv7's milliseconds
-    in hex, which sort as its time. Any other id falls where its text sorts: as sound, but spared fewer lookups."""
+    in hex, which sort as its time. Any other id falls where its text sorts: as sound, but spared fewer lookups.
+    Characters, not bytes: the store reads the same orders back with `substringUTF8` (Writer._new_window); its
+    byte order of UTF-8 text is the code point order Python compares by."""
     return [key[-1][:13] for key in keys]
 
 
