@@ -258,3 +258,19 @@ async def test_a_deployments_document_is_its_own_tenants_plan(monkeypatch: pytes
     document = await plans.get("chat")  # an answer the deployment's own route served
     assert document is not plans.default and await plans.get("chat", "acme") is document
     assert await plans.get("chat", "gitshop") is (plans.default if owner else document)
+
+
+def test_an_answers_scores_message_id_is_its_own_whoever_chose_its_id() -> None:
+    """The Nats-Msg-Id of an answer's scores names its whole (tenant, app, served, event id) and kind, so no other
+    answer's scores take it (probe p47 F1: `scored-{tenant}-{id}` was shared by another app's event under the same id,
+    and by tenant `acme`'s `corp-x` with tenant `acme-corp`'s `x`); the same answer's re-score keeps it."""
+    from lockgate.contracts import InferenceScored
+
+    def scored(tenant: str, app: str, event_id: str, served: bool = False) -> InferenceScored:
+        return InferenceScored(event_id=event_id, tenant=tenant, app=app, served=served)
+
+    answers = [scored("acme", "app1", "order-1"), scored("acme", "app2", "order-1"), scored("acme", "corp", "corp-x"),
+               scored("acme-corp", "app1", "x"), scored("acme", "app1", "order-1", served=True)]
+    ids = [online.message_id(a, kind) for a in answers for kind in (online.SCORED, online.JUDGE)]
+    assert len(set(ids)) == len(ids)
+    assert online.message_id(scored("acme", "app1", "order-1"), online.SCORED) == ids[0]
