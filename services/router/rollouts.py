@@ -606,42 +606,44 @@ class Rollouts:
                 async with asyncio.timeout(timeout):
                     await self._wake.wait()
 
-    async def run_trust_watch(self, every_s: float = TRUST_CHECK_S) -> None:
+    async def run_trust_watch(self, looked: tuple[Keyring | None, float], every_s: float = TRUST_CHECK_S) -> None:
         """Act on a change of the trust roots at once, not at a canary's next step: a canary whose admitting
         decision no longer verifies (its key revoked or retired, an approval it rests on withdrawn) goes back to 0%,
         and a break-glass override whose admin's key is revoked (or who is no admin any more) ends. Before, a canary
         at 10%, or a paused one, kept its traffic until something would raise it, and an override for good. The
         trust file is local and nothing announces its changes, so this looks at it (a stat) every `every_s` seconds.
-        A change it cannot act on (the file malformed, the decisions unreadable) is looked at again at the next.
-        Every serving stable's and every live canary's decision is read again too, at start, on such a change and
-        every `stable_check_s` seconds (`_hold_stables`, `_hold_canaries`), and every live canary's drift reports
-        stored since they last were (`_hold_drifts`)."""
-        seen: Keyring | None = None
-        checked = -math.inf  # at once on start: a route restored from KV may rest on a stable no decision allows now
+        `looked`: the first look's outcome (`trust_look`, which the start awaits before it serves)."""
+        seen, checked = looked
         while True:
-            try:
-                roots = self.verifier.roots()
-                if roots is not seen:
-                    await self._recheck(roots)
-                    seen = roots
-                    checked = -math.inf  # a key trusted or revoked changes which decisions count: look again now
-            except LockgateError as exc:
-                log.error("trust roots changed, not acted on yet: %s", exc.message)
-            if time.monotonic() - checked >= self.stable_check_s:
-                checked = time.monotonic()  # one that failed (the bus away) is tried again at the next period
-                try:
-                    await self._hold_stables()
-                except LockgateError as exc:
-                    log.warning("serving stables not checked again yet: %s", exc.message)
-                try:
-                    await self._hold_canaries()
-                except LockgateError as exc:
-                    log.warning("live canaries not checked again yet: %s", exc.message)
-                try:
-                    await self._hold_drifts()
-                except LockgateError as exc:
-                    log.warning("drift reports of live canaries not read yet: %s", exc.message)
             await asyncio.sleep(every_s)
+            seen, checked = await self.trust_look(seen, checked)
+
+    async def trust_look(self, seen: Keyring | None = None, checked: float = -math.inf) -> tuple[Keyring | None, float]:
+        """One look of `run_trust_watch` (the roots acted on before: `seen`; the last read of the decisions at
+        monotonic `checked`): a change of the roots is acted on, and every serving stable's and every live canary's
+        decision is read again at once after one, and every `stable_check_s` seconds (`_hold_stables`,
+        `_hold_canaries`), with every live canary's drift reports stored since they last were (`_hold_drifts`). A
+        change it cannot act on (the file malformed, the decisions unreadable) is looked at again at the next. The
+        first look, with nothing seen, reads them all: a route restored from KV may rest on a release no decision
+        allows now (one BLOCKed while every replica was down), so the start awaits it before serving. Returns the
+        new (seen, checked)."""
+        try:
+            roots = self.verifier.roots()
+            if roots is not seen:
+                await self._recheck(roots)
+                seen = roots
+                checked = -math.inf  # a key trusted or revoked changes which decisions count: look again now
+        except LockgateError as exc:
+            log.error("trust roots changed, not acted on yet: %s", exc.message)
+        if time.monotonic() - checked >= self.stable_check_s:
+            checked = time.monotonic()  # one that failed (the bus away) is tried again at the next period
+            for hold, what in ((self._hold_stables, "serving stables"), (self._hold_canaries, "live canaries"),
+                               (self._hold_drifts, "drift reports of live canaries")):
+                try:
+                    await hold()
+                except LockgateError as exc:
+                    log.warning("%s not checked again yet: %s", what, exc.message)
+        return seen, checked
 
     async def _hold_canaries(self) -> None:
         """Every live canary's admission (`domain.rests_on_admission`) against its release's current decision, read

@@ -136,7 +136,10 @@ class RouterService(Service):
         self.spawn(self.rollouts.run_timer(), "rollout-timer")
         self.spawn(self.rollouts.run_cut_off(), "bus-cut-off")
         self.spawn(self.rollouts.run_unanswered(), "bus-unanswered")
-        self.spawn(self.rollouts.run_trust_watch(), "trust-watch")
+        # Every restored route's releases against their current decisions before the first request: one BLOCKed
+        # while no replica ran is rolled back now, not served meanwhile (before, probe p50 F2, a replica started
+        # after such a BLOCK served the BLOCKed canary to 7 of its first 20 requests).
+        self.spawn(self.rollouts.run_trust_watch(await self.rollouts.trust_look()), "trust-watch")
         self.spawn(self.admission.run(), "budget-leases")
         self.spawn(self._watch_clock(), "clock-skew")
         # handler_cancellation: a client that closes its connection cancels its request's handler, and

@@ -215,9 +215,29 @@ async def test_a_router_that_starts_rolls_back_a_stored_stable_no_decision_allow
     await store_decision(bus, held)
     assert router.rollouts.route("chat").stable.release == "same"
     restarted = (await run_services("router"))["router"]
-    await restarted.rollouts.wait_for(lambda r: r["chat"].stable.release == "r1", timeout=20)
+    # Rolled back before it serves its first request (probe p50 F2: the look ran beside the first requests).
+    assert restarted.rollouts.route("chat").stable.release == "r1"
+    assert set(await _releases(http, restarted, 40)) == {"r1"}
     await router.rollouts.wait_for(lambda r: r["chat"].stable.release == "r1", timeout=20)
     assert router.rollouts.route("chat").decision_id == held.id
+
+
+async def test_a_router_that_starts_serves_no_request_to_a_canary_blocked_while_no_replica_ran(
+        router: Any, http: aiohttp.ClientSession, signer: Signer, run_services: Any) -> None:
+    # Probe p50 F2: every replica down while the gate BLOCKed the live canary (stored, its message long gone); a
+    # replica that started restored the route at 50% from KV and served the BLOCKed canary to 7 of its first 20
+    # requests before its trust watch, in the background, aborted it. Now the start reads every restored route's
+    # decisions before it serves. The first replica stands for the ones that were down (it never looks again).
+    router.rollouts.stable_check_s = 3600.0
+    await _start(http, router, "same", {"steps": [50, 100], "interval_s": 3600})
+    await _pass(router, signer, "same")
+    bus = router.ctx.bus
+    blocked = signer.sign(GateDecided(release="same", rules=[], decision="BLOCK", reason="toxicity"))
+    await store_decision(bus, blocked)
+    assert router.rollouts.route("chat").weight == 50.0
+    restarted = (await run_services("router"))["router"]
+    route = restarted.rollouts.route("chat")
+    assert (route.phase, route.weight, route.decision_id) == ("aborted", 0.0, blocked.id), route.reason
     assert set(await _releases(http, restarted, 40)) == {"r1"}
 
 
