@@ -165,19 +165,49 @@ def _published_id(value: list[InferenceEvent] | InferenceEvent) -> str:
 # The read-back of the served events is tried until it completes (the deployments it covers wait meanwhile): soon
 # after a blip, then every half minute at most while the query service (or the stream) stays away.
 REPLAY_RETRY = RetryPolicy(attempts=None, initial_s=1.0, max_s=30.0)
-_PENDING = "served evidence before the restart not yet read back from the record ({})"
+_PENDING = "served evidence {} not yet read back from the record ({})"
 
 
-def await_served(rollouts: Rollouts) -> None:
-    """At start, before serving: mark the deployments `replay_served` reads evidence back for, whose looks wait
-    until it completes (`Rollouts.await_replay`)."""
-    rollouts.await_replay(_PENDING.format("reading"))
+def _pending(after: float | None, why: str) -> str:
+    """What the looks of a deployment waiting for the read-back say (`Rollouts.await_replay`)."""
+    return _PENDING.format("before the restart" if after is None else "published while cut off from the bus", why)
 
 
-async def replay_served(rollouts: Rollouts, seen: Seen, retry: RetryPolicy | None = None) -> int:
+def await_served(rollouts: Rollouts, after: float | None = None) -> None:
+    """At start, before serving, and when the bus connection is lost (`after`: from when `read_back` reads): mark
+    the deployments `replay_served` reads evidence back for, whose looks wait until it completes
+    (`Rollouts.await_replay`)."""
+    rollouts.await_replay(_pending(after, "reading"))
+
+
+async def read_back(rollouts: Rollouts, seen: Seen, reconnects: int, retry: RetryPolicy | None = None) -> None:
+    """From the start (after `await_served` and subscribing to live evidence with `seen`, the bus having come back
+    `reconnects` times then) until the router stops, in the background: the served events and online scores from
+    before the start (`replay_served`); then, each time the connection is lost, what the subscriptions miss until it
+    is back, read back the same way from shortly before it was last known to work. (Drift reports are read back on
+    their own after each reconnection: nothing waits for them, and they need not wait for a read-back held by an
+    absent query service.) Before (probe p48 F1), only the drift reports were read back after a reconnection: a
+    replica cut off from the bus for a second (or any nats-server restart) missed for good the events the others
+    served meanwhile, judged its looks on a smaller sample than theirs, and once passed a failing canary's look
+    whose large answers it had not seen."""
+    bus, after = rollouts.ctx.bus, None
+    while True:
+        await replay_served(rollouts, seen, retry, after)
+        # A loss while that read-back was under way is seen now: its deployments stayed marked meanwhile, and the
+        # read-back that follows covers the loss from its start.
+        await bus.lost(reconnects)
+        # From the loss on the looks wait (they would judge part of the evidence), until the read-back completes.
+        after = bus.lost_at(reconnects) - progress.RECONNECT_REPLAY_MARGIN_S
+        await_served(rollouts, after)
+        reconnects = await bus.reconnected(after=reconnects)
+
+
+async def replay_served(rollouts: Rollouts, seen: Seen, retry: RetryPolicy | None = None,
+                        after: float | None = None) -> int:
     """After `await_served` and subscribing to live served events (`evidence_callback` with the same `seen`), in
     the background while the replica serves: the events of requests the routers served since the earliest rollout
-    whose evidence is kept (`progress.served_replay`), as evidence. Evidence lives in memory, so without it a
+    whose evidence is kept (`progress.served_replay`; since `after` at most, for a replica back on the bus), as
+    evidence. Evidence lives in memory, so without it a
     replica that (re)starts mid-canary measures from zero, and one that restarts after a blue-green promotion
     never again has the old release's baseline (it gets no traffic after the promotion): its post-promotion
     analysis could not judge the release. Each deployment keeps what `Rollouts.observe` keeps (its rollout's
@@ -192,7 +222,7 @@ async def replay_served(rollouts: Rollouts, seen: Seen, retry: RetryPolicy | Non
     by `await_served` judge part of their evidence only, and their looks wait (`analysis.incomplete`) saying why,
     so a canary that failed before the restart is not promoted on the healthy traffic after it."""
     now = time.time()
-    since = progress.served_replay(rollouts.routes.values(), now)
+    since = progress.served_replay(rollouts.routes.values(), now, after)
     if since is None:
         rollouts.replay_done()
         return 0
@@ -200,7 +230,7 @@ async def replay_served(rollouts: Rollouts, seen: Seen, retry: RetryPolicy | Non
     # Each deployment's online scores from its own rollout's start (`progress.served_replay` of its route alone), for
     # the rollouts whose evidence is kept (a shadow comparison reads no scores).
     scores = {rollouts.ctx.bus.subjects.eval_scores(r.deployment): start for r in list(rollouts.routes.values())
-              if progress.collecting(r) and (start := progress.served_replay([r], now)) is not None}
+              if progress.collecting(r) and (start := progress.served_replay([r], now, after)) is not None}
     # message id -> True while the record's rows of its batch are taken (a batch may straddle pages), False once it
     # is taken whole (live, or from the stream): across both reads and tries
     taken: dict[str, bool] = {}
@@ -224,19 +254,19 @@ async def replay_served(rollouts: Rollouts, seen: Seen, retry: RetryPolicy | Non
             batches = await _replay(rollouts, "inference", {rollouts.ctx.bus.subjects.served_all: since}, take,
                                     "served events", give_up=False)
         except LockgateError as exc:
-            rollouts.replay_stalled(_PENDING.format(f"inference stream: {exc.message}"))
+            rollouts.replay_stalled(_pending(after, f"inference stream: {exc.message}"))
             log.warning("served events replay from the stream failed (tried again; looks wait): %s", exc)
             raise
         try:
             batches += await _replay_stored(rollouts, seen, taken, stored, since, deployments)
         except LockgateError as exc:
-            rollouts.replay_stalled(_PENDING.format(f"query service: {exc.message}"))
+            rollouts.replay_stalled(_pending(after, f"query service: {exc.message}"))
             log.warning("served events replay from the record failed (tried again; looks wait): %s", exc)
             raise
         try:
             await replay_scores(rollouts, scores)
         except LockgateError as exc:
-            rollouts.replay_stalled(_PENDING.format(f"online scores: {exc.message}"))
+            rollouts.replay_stalled(_pending(after, f"online scores: {exc.message}"))
             log.warning("online scores replay failed (tried again; looks wait): %s", exc)
             raise
         return batches

@@ -88,12 +88,21 @@ def drift_replay(routes: Iterable[Route], now: float) -> dict[str, float]:
 SERVED_REPLAY_MAX_S = 3600.0
 
 
-def served_replay(routes: Iterable[Route], now: float) -> float | None:
+# A replica whose bus connection came back reads the served events back from this long before it was last known
+# connected: events are stamped by the clock of the router that served them (replicas' clocks may be up to
+# clock.MAX_SKEW_S apart, and the stream's by the server's) and published by its outbox a little later (batched).
+# Read twice, an event counts once (handlers.Seen), as long as the replica has not taken thousands of batches since.
+RECONNECT_REPLAY_MARGIN_S = 10.0
+
+
+def served_replay(routes: Iterable[Route], now: float, after: float | None = None) -> float | None:
     """The time (unix seconds) from which the served inference events stored may be evidence for a rollout whose
     evidence is kept (`collecting`) or whose shadow copies are compared (`shadowing`): the earliest rollout start,
-    at most `SERVED_REPLAY_MAX_S` before now (before the promotion, for a release under post-promotion analysis);
-    None when no rollout keeps evidence."""
-    starts = [max(r.started_at, (r.promoted_at if r.phase == "promoted" else now) - SERVED_REPLAY_MAX_S)
+    at most `SERVED_REPLAY_MAX_S` before now (before the promotion, for a release under post-promotion analysis),
+    and not before `after` (a replica back on the bus: what it missed while cut off); None when no rollout keeps
+    evidence."""
+    starts = [max(r.started_at, (r.promoted_at if r.phase == "promoted" else now) - SERVED_REPLAY_MAX_S,
+                  after or 0.0)
               for r in routes if collecting(r) or shadowing(r)]
     return min(starts) if starts else None
 

@@ -184,10 +184,11 @@ class Rollouts:
         # those of the judged releases unanswered past `router_unanswered_s` as failures (`unanswered`).
         self.inflight: InFlight[Underway] = InFlight()
         self.unanswered_s = s.router_unanswered_s
-        # deployment -> why the served events from before this replica started are not all read back yet
-        # (`handlers.replay_served`): its looks judge part of its evidence, so they wait (`analysis.incomplete`).
+        # deployment -> why the served events from before this replica started (or published while it was cut off from
+        # the bus) are not all read back yet (`handlers.read_back`): its looks judge part of its evidence, so they
+        # wait (`analysis.incomplete`).
         self.unreplayed: dict[str, str] = {}
-        self.replayed = asyncio.Event()  # set once the served events from before the start are read back
+        self.replayed = asyncio.Event()  # set while the served events awaited (`await_replay`) are all read back
         self._held: dict[str, float] = {}  # deployment -> when its due step may read its admission again
         # deployment -> since when (wall clock) this replica has seen a DRIFT report able to move its route
         # (`progress.drift_moves`, `_note_drift`), and the stream sequence of the last report `_hold_drifts` read since
@@ -1190,9 +1191,11 @@ class Rollouts:
             changed.set()
 
     def await_replay(self, why: str) -> None:
-        """At start, before serving: every deployment whose analysis reads evidence from before now (`collecting`)
-        waits for the served events from before the start to be read back; `why` says what the looks wait for.
-        (A mirrored deployment's comparison is read back too, but nothing waits for it.)"""
+        """At start, before serving, and when the bus connection is lost: every deployment whose analysis reads
+        evidence from before now (`collecting`) waits for the served events from before the start (or published
+        while cut off) to be read back; `why` says what the looks wait for. (A mirrored deployment's comparison is
+        read back too, but nothing waits for it.)"""
+        self.replayed.clear()
         self.unreplayed = {r.deployment: why for r in self.routes.values() if progress.collecting(r)}
         if progress.served_replay(self.routes.values(), time.time()) is None:
             self.replayed.set()
@@ -1202,7 +1205,7 @@ class Rollouts:
         self.unreplayed = dict.fromkeys(self.unreplayed, why)
 
     def replay_done(self) -> None:
-        """The served events from before the start are all read back: the waiting deployments are judged again,
+        """The served events awaited (`await_replay`) are all read back: the waiting deployments are judged again,
         their next look as soon as it is due."""
         self._fresh.update(self.unreplayed)
         self.unreplayed = {}

@@ -28,8 +28,8 @@ from lockgate.services.router.handlers import (
     await_served,
     drift_callback,
     evidence_callback,
+    read_back,
     replay_drift,
-    replay_served,
     scores_callback,
 )
 from lockgate.services.router.looplag import LoopLag
@@ -107,6 +107,7 @@ class RouterService(Service):
         # Live evidence for canary analysis: the events of requests served by this replica and the others,
         # on the subject only routers may publish to (an application's events could say anything).
         served = Seen()  # shared with the replay below: a batch both live and stored counts once
+        reconnects = self.ctx.bus.reconnects  # what the subscriptions miss from here on is read back
         self._evidence = await self.ctx.bus.nc.subscribe(self.ctx.bus.subjects.served_all,
                                                          cb=evidence_callback(self.rollouts, served))
         # Online evaluation: before the read-back below, so that no score falls between the two (one in both
@@ -122,10 +123,11 @@ class RouterService(Service):
         # in memory, and a restart after a blue-green promotion would otherwise lose the old release's baseline
         # (events and scores) for good. Read in the background (the query service may be away for long: requests
         # are served meanwhile), tried until it completes; until then the deployments it covers are marked, and
-        # their looks wait (never a pass).
+        # their looks wait (never a pass). The same again each time the connection is lost: what the subscriptions
+        # above miss until it is back (events, scores, drift reports) is read back as well.
         await_served(self.rollouts)
-        self.spawn(replay_served(self.rollouts, served), "served-replay")
-        self.spawn(self._replay_after_reconnects(), "drift-replay")
+        self.spawn(read_back(self.rollouts, served, reconnects), "evidence-replay")
+        self.spawn(self._replay_after_reconnects(reconnects), "drift-replay")
         # Timeouts are per endpoint (endpoints.py, applied in upstream.py), so the pool has none of its own.
         self.proxy.upstream.session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=1000, keepalive_timeout=60, ttl_dns_cache=300),
@@ -154,10 +156,9 @@ class RouterService(Service):
         host, port = self._runner.addresses[0][:2]
         self.url = f"http://{host}:{port}"
 
-    async def _replay_after_reconnects(self) -> None:
+    async def _replay_after_reconnects(self, seen: int) -> None:
         # Live reports published while the connection was down never reach the subscription above: each
         # time it comes back, they are read back from the stream as at start.
-        seen = self.ctx.bus.reconnects
         while True:
             seen = await self.ctx.bus.reconnected(after=seen)
             await replay_drift(self.rollouts)

@@ -71,6 +71,8 @@ NACK_BACKOFF = RetryPolicy(initial_s=0.2, max_s=30.0)
 # count: it grows to minutes, so messages that cannot be settled yet come back seldom and leave the consumer's workers
 # to the messages behind them (at 30 s, about 440 of them took every delivery of the sink's inference consumer).
 LETTER_BACKOFF = RetryPolicy(initial_s=0.2, max_s=300.0)
+# Losses of the connection whose times `lost_at` keeps (a reader this many losses behind reads from the oldest kept).
+_LOSSES_KEPT = 64
 # Pause after a failed fetch (reconnecting, consumer gone), by consecutive failures.
 FETCH_BACKOFF = RetryPolicy(initial_s=0.1, max_s=5.0)
 # A pull request lives this long on the server, so one orphaned by a stop expires soon.
@@ -321,6 +323,11 @@ class Bus:
         self._loops: dict[ConsumerSpec, _PullLoop] = {}
         self._state_changed = asyncio.Condition()
         self.reconnects = 0  # times the connection came back after a loss
+        # When the connection was last known to work (unix seconds): made, made again, or a health probe answered.
+        # Kept at each loss, by the reconnections before it (`lost_at`): what a core subscription missed is read back
+        # from then on, not from when nats-py noticed (a silent partition is noticed minutes late, by its pings).
+        self._known_good = time.time()
+        self._lost: OrderedDict[int, float] = OrderedDict()
         # Why nats-py closed the connection for good, if it did (a protocol error: it never reconnects after one);
         # None while open or once closed by `close`.
         self.closed_error: BusClosed | None = None
@@ -347,7 +354,7 @@ class Bus:
             await nc.connect(
                 self.servers, name=self.name, max_reconnect_attempts=-1, connect_timeout=CONNECT_TIMEOUT_S,
                 allow_reconnect=True,
-                error_cb=self._on_error, disconnected_cb=self._on_state, reconnected_cb=self._on_reconnected,
+                error_cb=self._on_error, disconnected_cb=self._on_disconnected, reconnected_cb=self._on_reconnected,
                 closed_cb=self._on_closed, **self.auth.options()
             )
         except NotAllowed:
@@ -358,6 +365,7 @@ class Bus:
         except OSError as exc:
             raise BusUnavailable(f"cannot reach NATS at {shown_url(self.url)}: {exc}") from None
         self.nc = nc  # only now: `_on_error` tells the first connect's errors by its absence
+        self._known_good = time.time()
         self._watch_reader()
         self.js = self.nc.jetstream()
         if self.manage_topology:
@@ -397,10 +405,25 @@ class Bus:
         assert self.closed_error is not None
         return self.closed_error
 
+    async def _on_disconnected(self) -> None:
+        # Called again by each failed attempt to reconnect: the loss is the first call's.
+        self._lost.setdefault(self.reconnects, self._known_good)
+        while len(self._lost) > _LOSSES_KEPT:
+            self._lost.popitem(last=False)
+        await self._on_state()
+
     async def _on_reconnected(self) -> None:
         self._watch_reader()  # each connection has a read loop of its own
+        self._known_good = time.time()
         self.reconnects += 1
         await self._on_state()
+
+    def lost_at(self, after: int) -> float:
+        """When the connection was last known to work (unix seconds) before its first loss once it had come back
+        `after` times (`reconnects`); now if it was not lost since. What a core subscription missed is published
+        from then on."""
+        first = [at for n, at in self._lost.items() if n >= after]
+        return first[0] if first else time.time()
 
     def _watch_reader(self) -> None:
         """Be told when nats-py's read loop of this connection ends (`_on_reader_ended`)."""
@@ -631,11 +654,14 @@ class Bus:
         state = self.state
         if state != "connected":
             return state, []
+        began = time.time()
         try:
             async with asyncio.timeout(deadline_s):
-                return state, await self.full_streams()
+                full = await self.full_streams()
         except TimeoutError:
             return "unresponsive", []
+        self._known_good = max(self._known_good, began)  # answered: it worked when asked
+        return state, full
 
     async def full_streams(self, every: bool = False) -> list[dict[str, Any]]:
         """The streams that refuse publishes now, each {stream, bytes, max_bytes}: discard new and less room left

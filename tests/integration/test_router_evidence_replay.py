@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -25,7 +26,7 @@ from lockgate.signing import Signer, trust_file_path, trust_key
 from lockgate.store import Store
 from lockgate.subjects import Subjects
 from lockgate_dev.sim import ModelSpec, SimConfig, SimServer
-from tests.helpers import Replicas, chat_releases
+from tests.helpers import Relay, Replicas, chat_releases
 from tests.integration.test_rollout_analysis import CANARY, ERRORS, STABLE, _pass, _start, _traffic_until
 
 pytestmark = pytest.mark.timeout(120)
@@ -39,9 +40,10 @@ class Stack(Replicas):
         super().__init__()
         self.context, self.store = context, store
 
-    async def start(self) -> Any:
+    async def start(self, url: str = "") -> Any:
+        """A router on a connection of its own (to `url`, default the test's server)."""
         s = self.context.settings
-        bus = Bus(s.nats_url, Subjects(s.prefix), name=f"router-{len(self.sets)}")
+        bus = Bus(url or s.nats_url, Subjects(s.prefix), name=f"router-{len(self.sets)}")
         await bus.connect()
         return await self.router(bus, s, self.store)
 
@@ -254,3 +256,84 @@ async def test_a_router_restarted_while_the_query_service_is_down_holds_a_canary
         assert route.phase == "aborted" and route.reason.startswith(
             "aborted bad: analysis failed at step 1 (50%): error_rate "), \
             route.reason
+
+
+def _counted(router: Any) -> tuple[int, int]:
+    """The canary's and stable's requests the router's next look of `chat` counts."""
+    m = router.rollouts.measurement(router.rollouts.route("chat"), time.time())
+    return m.canary_n, m.stable_n
+
+
+async def _served_so_far(router: Any) -> int:
+    """The requests of `chat` the routers served so far, as the inference stream holds them once `router`'s outbox
+    has published its own."""
+    await router.batcher.flush()
+    bus = router.ctx.bus
+    return sum(e.deployment == "chat" for _, _, data in [m async for m in bus.stored_since(
+        bus.subjects.streams["inference"].name, bus.subjects.served_all, 0)] for e in _events.decode(data))
+
+
+async def _observed(router: Any, served: int) -> None:
+    """Until `router` counts `served` requests (live, or read back)."""
+    observe, changed = router.rollouts.observe, asyncio.Event()
+
+    def observed(events: list[InferenceEvent]) -> None:
+        observe(events)
+        changed.set()
+
+    router.rollouts.observe = observed
+    try:
+        async with asyncio.timeout(30):
+            while sum(_counted(router)) < served:
+                await changed.wait()
+                changed.clear()
+    finally:
+        router.rollouts.observe = observe
+
+
+async def test_a_replica_cut_off_from_the_bus_reads_back_what_the_others_served_meanwhile_before_it_judges(
+        stack: tuple[Stack, Signer], http: aiohttp.ClientSession, run_services: Callable[..., Any],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Before (probe p48 F1): only drift reports were read back after a reconnection. A replica that lost its
+    # connection for a second missed for good the events the others served meanwhile (its looks judged 22 + 28
+    # requests where the others judged 34 + 46, never catching up), and passed a failing canary's look whose large
+    # answers it had not seen.
+    replicas, signer = stack
+    monkeypatch.setattr(handlers, "REPLAY_RETRY", RetryPolicy(attempts=None, initial_s=0.05, max_s=0.2))
+    query = await run_services("query")  # the record is empty (no sink): the stream holds every served event
+    a = await replicas.start()
+    await _start(http, a, "bad", {"steps": [50, 100], "interval_s": 3600, "analysis": ERRORS})  # no look is due
+    await _pass(a, signer, "bad")
+    relay = Relay(int(replicas.context.settings.nats_url.rpartition(":")[2]))
+    try:
+        b = await replicas.start(f"nats://127.0.0.1:{await relay.start()}")
+        async with asyncio.timeout(30):
+            await b.rollouts.replayed.wait()  # its start's read-back: nothing served yet
+        await _traffic_until(http, a, lambda r: False, limit=40)
+        await _observed(b, await _served_so_far(a))  # live, as every replica
+
+        await query.stop()  # the read-back after the reconnection cannot complete until it is back
+        bus = b.ctx.bus
+        reconnects = bus.reconnects
+        relay.cut()  # b alone loses the server, which stays up for a and everyone else
+        await bus.wait_state("reconnecting", timeout_s=10)
+        await _traffic_until(http, a, lambda r: False, limit=200)
+        served = await _served_so_far(a)
+        await _observed(a, served)
+        relay.heal()
+        async with asyncio.timeout(30):  # nats-py waits about 2 s between reconnect attempts
+            await bus.reconnected(after=reconnects)
+        # Its looks wait (never judged: `analysis.incomplete`) until what it missed is read back, and say why.
+        why = b.rollouts.unreplayed.get("chat", "")
+        assert why.startswith("served evidence published while cut off from the bus not yet read back from the "
+                              "record ("), f"judged while evidence is missing: {b.rollouts.unreplayed}"
+        assert not b.rollouts.replayed.is_set()
+
+        await run_services("query")
+        async with asyncio.timeout(30):
+            await b.rollouts.replayed.wait()
+        assert not b.rollouts.unreplayed
+        # Each request once: the same evidence as the replica that was never cut off, all that was served.
+        assert _counted(b) == _counted(a) and sum(_counted(b)) == served, (_counted(b), _counted(a), served)
+    finally:
+        await relay.close()

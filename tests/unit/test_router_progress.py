@@ -371,6 +371,10 @@ def test_served_events_are_replayed_from_the_earliest_rollout_under_analysis_wit
     verifying = msgspec.structs.replace(domain.promote(_live(strategy=bg), "by operator"), verifying=True,
                                         promoted_at=5000.0)
     assert progress.served_replay([verifying], now=later) == 5000.0 - progress.SERVED_REPLAY_MAX_S
+    # Back on the bus after a loss, a replica reads what it missed (from `after`), never before a rollout's start.
+    assert progress.served_replay([_live(), other], now=200.0, after=150.0) == 150.0
+    assert progress.served_replay([_live(), other], now=200.0, after=20.0) == 40.0
+    assert progress.served_replay([idle], now=200.0, after=150.0) is None
 
 
 def test_a_latency_that_rose_by_less_than_anyone_notices_never_aborts() -> None:
