@@ -178,6 +178,7 @@ class _TopLevel(msgspec.Struct):
 
 
 _top_level = msgspec.json.Decoder(_TopLevel)
+_any = msgspec.json.Decoder()
 
 
 class _ConversationRef(msgspec.Struct):
@@ -277,6 +278,22 @@ def referenced_items(body: bytes, value: Any) -> NamedState:
                                        (item.get("type") is None and "role" not in item and "id" in item)):
             state_id = item.get("id")
             named["input", state_id if isinstance(state_id, str) and state_id else None] = None
+    return tuple(named)
+
+
+def named_containers(tools: msgspec.Raw) -> NamedState:
+    """The code interpreter containers a Responses request's `tools` (as sent) name by their id: each tool's
+    `container` given as a string, as ("tools", its id, or None for ""), each once (`{"type": "auto", ...}` asks for a
+    new one: no id). Tools without `"container"` quoted nor a `\\u` escape (which may spell it) have none: `()` for
+    the cost of a few byte scans."""
+    raw = bytes(tools)
+    if not ((b"\\" in raw and b"\\u" in raw) or b'"container"' in raw):
+        return ()
+    declared = _any.decode(raw)
+    named: dict[tuple[str, str | None], None] = {}
+    for tool in declared if isinstance(declared, list) else ():
+        if isinstance(tool, dict) and isinstance(container := tool.get("container"), str):
+            named["tools", container or None] = None
     return tuple(named)
 
 

@@ -3,9 +3,11 @@
 A provider keeps a response (and a conversation) under its id, for whoever holds the account's key to continue:
 `previous_response_id` or `conversation` in a request brings back every earlier turn, which the model can be asked to
 repeat, and an `item_reference` input brings back one output item of a stored response (an answer, a tool call) by
-the item's own id. Two tenants whose deployments share one endpoint credential share that account, so the router,
-which holds the key for both, decides who may name an id. It claims each response id it relays, and the ids of the
-response's output items, for the caller's tenant before the client can see them, and a request naming an id is
+the item's own id; a code interpreter tool naming a container (`cntr_...`, shown in an answer's
+`output[].container_id`) runs its code among the files earlier code there read and wrote. Two tenants whose
+deployments share one endpoint credential share that account, so the router, which holds the key for both, decides
+who may name an id. It claims each response id it relays, and the ids of the response's output items and their
+containers, for the caller's tenant before the client can see them, and a request naming an id is
 served only to the tenant that owns it. An id the router never
 saw created (made outside it, or before this existed) is owned by the first tenant whose request naming it the
 upstream answers: claimed with that answer, before the client sees any of it, so of two tenants naming it at once the
@@ -53,11 +55,14 @@ Unowned = tuple[tuple[str, str], ...]  # the ids a request names that nobody own
 # OpenAI's answer for an id of each field that does not exist: its status, code and what its message calls the id's.
 _ABSENT = {"previous_response_id": (400, "previous_response_not_found", "Previous response"),
            "conversation": (404, "conversation_not_found", "Conversation"),
-           "input": (404, None, "Item")}  # an item_reference: OpenAI's `code` is null
+           "input": (404, None, "Item"),  # an item_reference: OpenAI's `code` is null
+           # A code interpreter's container id: OpenAI's answer unconfirmed, this shape is the item's (README).
+           "tools": (404, None, "Container")}
 _STORE = "the Responses state owners store"
 UNAVAILABLE = "response_owners_unavailable"  # the refusal's code, and the event's error type
 STORE_TIMEOUT_S = 5.0  # a KV round trip under load, as budgets' store_timeout_s: past it the request is refused
 AT_ONCE = 64  # a request's store round trips in flight at once: a typical request's ids all go in one
+MOST_NAMED = 100  # distinct ids one request may name: each costs a KV read and, answered, a create living the TTL
 RENEW_AFTER = 0.25  # of the TTL: an owner's record older than this is renewed when named (not a write per request)
 
 
@@ -82,6 +87,19 @@ def not_found(field: str, state_id: str) -> web.Response:
 
 def _not_found_message(field: str, state_id: str) -> str:
     return f"{_ABSENT[field][2]} with id '{state_id}' not found."
+
+
+def too_many(api: str, named: NamedState) -> web.Response | None:
+    """The 400 of a request naming more than MOST_NAMED distinct ids (`named`), which names the cap and the field
+    naming the most; None within it. Before any store round trip: 20,000 item references were 20,000 reads and, once
+    answered, 20,000 records kept for the TTL, before rate limits or budgets had a say (probe p49 F3)."""
+    if len(named) <= MOST_NAMED:
+        return None
+    fields = [field for field, _ in named]
+    field = max(dict.fromkeys(fields), key=fields.count)
+    return error_response(400, f"invalid {api} request: it names {len(named)} distinct stored responses, "
+                               f"conversations, items and containers by id; at most {MOST_NAMED} may be named in one "
+                               f"request ({fields.count(field)} in {field!r})", "invalid_request_error", param=field)
 
 
 def refusal(message: str) -> str:

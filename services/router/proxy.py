@@ -39,12 +39,12 @@ from lockgate.server.apikeys import ApiKey, AuthError, Forbidden, KeyStore, bear
 from lockgate.server.body import closing, read_body
 from lockgate.services.router import domain
 from lockgate.services.router.admission import OPEN, OPEN_ADMISSION, Admission, Call
-from lockgate.services.router.budgets import named_state, referenced_items
+from lockgate.services.router.budgets import named_containers, named_state, referenced_items
 from lockgate.services.router.cache import MAX_KEYED_BYTES
 from lockgate.services.router.endpoints import Endpoint, Endpoints, UnknownEndpoint
 from lockgate.services.router.fit import TEXT_BYTES, encode_served
 from lockgate.services.router.h1 import BrokenReply, H1Pool
-from lockgate.services.router.owners import UNAVAILABLE, Claims, Owners, Withheld
+from lockgate.services.router.owners import UNAVAILABLE, Claims, Owners, Withheld, too_many
 from lockgate.services.router.providers import Unsupported, UpstreamStreamError, provider
 from lockgate.services.router.rollouts import Rollouts
 from lockgate.services.router.shadow import Shadow
@@ -93,7 +93,8 @@ _output_limits = msgspec.json.Decoder(OutputLimits)
 # Why a named state's value is refused when it is no id, by its field.
 _NO_ID = {"previous_response_id": "'previous_response_id' must be an id (a string)",
           "conversation": "'conversation' must be an id (a string, or an object with a string id)",
-          "input": "an item_reference in 'input' must name its item by its id (a non-empty string)"}
+          "input": "an item_reference in 'input' must name its item by its id (a non-empty string)",
+          "tools": "a code interpreter tool's 'container' must be a container's id (a non-empty string) or an object"}
 _good_names: set[str] = set()  # names already checked (the same few deployments on every request)
 _model_list = msgspec.json.Decoder(dict[str, Any])
 # The methods of the gateway's own paths, for the 405 of another method (server.py routes them).
@@ -328,16 +329,20 @@ class Proxy:
             req = _api_request.decode(body)
             # The stored state a Responses request names (a few byte scans when none): whose it is decides below.
             named = named_state(body) + referenced_items(body, req.input) if op is RESPONSES else ()
+            # Its containers too (owners.py), though they bring no input for admission's reservation.
+            owned = named + named_containers(req.tools) if op is RESPONSES else ()
         except UnreadableBody as exc:
             return closing(error_response(exc.http_status, f"invalid {op.api} request: {exc.message}",
                                           "invalid_request_error"))
         except UNDECODABLE as exc:
             return error_response(400, f"invalid {op.api} request: {undecodable(exc)}", "invalid_request_error",
                                   param=_param_of(exc))
-        if (bad_state := next((field for field, state_id in named if state_id is None), None)) is not None:
+        if (bad_state := next((field for field, state_id in owned if state_id is None), None)) is not None:
             # Checked as an id or refused: a value the router cannot read as one is never passed on unchecked.
             return error_response(400, f"invalid {op.api} request: {_NO_ID[bad_state]}", "invalid_request_error",
                                   param=bad_state)
+        if (refused := too_many(op.api, owned)) is not None:
+            return refused
         if req.stream and op.chunk is None:  # as OpenAI's embeddings API, which has no stream parameter
             return error_response(400, f"invalid {op.api} request: 'stream' is not a parameter of {op.api}; "
                                        "its answer comes whole", "invalid_request_error", param="stream")
@@ -406,14 +411,6 @@ class Proxy:
                                                  secrets.token_hex(8), deployment, variant, target, model, req, user,
                                                  session, rec, op, by_header)
             return error_response(400, exc.message, "invalid_request_error")
-        claim = None
-        if op is RESPONSES:
-            # Another tenant's stored response or conversation is answered as one that does not exist, before any
-            # upstream call or charge; the answer's own id, and the ids nobody owned yet, are claimed as it comes.
-            unowned = await self.owners.admit(key, named)
-            if isinstance(unowned, web.Response):
-                return unowned
-            claim = Claims(self.owners, key.tenant, unowned)
         # Budgets and rate limits, once the model the upstream will bill is known: 429/503 or a ticket. The input
         # is bounded by the bodies the upstreams get (a release's patch or a translation may lengthen them).
         # The output too: a release's params or a translation may set another max_tokens than the client's.
@@ -424,6 +421,17 @@ class Proxy:
                                             named=named if op is RESPONSES else None)
         if isinstance(ticket, web.Response):
             return ticket
+        claim = None
+        if op is RESPONSES:
+            # Another tenant's stored response, conversation, item or container is answered as one that does not
+            # exist, before any upstream call, its reservation given back; the answer's own ids, and those nobody
+            # owned yet, are claimed as it comes. After admission, so a key over its rate limit or budget costs the
+            # store nothing (probe p49 F3); reading, never writing a claim, so a refused request leaves none.
+            unowned = await self.owners.admit(key, owned)
+            if isinstance(unowned, web.Response):
+                self.admission.release(ticket)
+                return unowned
+            claim = Claims(self.owners, key.tenant, unowned)
 
         call_of = partial(_call_of, hops, sent, req.model)
         # A fallback after calls abandoned once sent takes a further reservation first (Admission.cover).

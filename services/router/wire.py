@@ -24,6 +24,7 @@ from lockgate.llmwire import (
     Choice,
     ErrorDetail,
     Response,
+    ResponseItem,
     TokenUsage,
     decode_completion,
     decode_error,
@@ -283,18 +284,26 @@ def _response(r: Response, rec: _Record) -> None:
 def _stored_as(r: Response, rec: _Record) -> None:
     """Note the ids under which the provider keeps a response and its output items (rec.kept, for owners.py to
     claim), as response objects name them (a stream's `response.created` first), unless the answer says it keeps
-    nothing (`"store": false`)."""
+    nothing (`"store": false`); and the containers its code interpreter calls ran in, whatever it says."""
     if r.store is False:
         rec.unstored = True
     if isinstance(r.id, str):
         _keeps(r.id, rec)
     for item in r.output:
-        _keeps(item.id, rec)
+        _item(item, rec)
 
 
-def _keeps(state_id: Any, rec: _Record) -> None:
-    """Note one id the provider keeps the answer's state under (an output item's, as it appears in a stream)."""
-    if isinstance(state_id, str) and state_id and not rec.unstored and state_id not in rec.kept:
+def _item(item: ResponseItem, rec: _Record) -> None:
+    """Note an output item's id, and its container's: a container outlives the answer (`"store": false` or not) and
+    holds the files its code read and wrote, for whoever names it in a code interpreter tool."""
+    _keeps(item.id, rec)
+    _keeps(item.container_id, rec, always=True)
+
+
+def _keeps(state_id: Any, rec: _Record, always: bool = False) -> None:
+    """Note one id the provider keeps the answer's state under (an output item's, as it appears in a stream); `always`:
+    whatever the answer says of its storage."""
+    if isinstance(state_id, str) and state_id and (always or not rec.unstored) and state_id not in rec.kept:
         rec.kept.append(state_id)
 
 
@@ -313,8 +322,8 @@ def parse_response_event(data: bytes, rec: _Record) -> bool:
         rec.status, rec.error_type = "error", "upstream_stream_error"
     elif e.response is not None and e.type == "response.created":
         _stored_as(e.response, rec)
-    elif e.item is not None:  # an output item as it begins or ends: its id is claimed before the event goes out
-        _keeps(e.item.id, rec)
+    elif e.item is not None:  # an output item as it begins or ends: its ids are claimed before the event goes out
+        _item(e.item, rec)
     elif e.response is not None and e.type in ("response.completed", "response.incomplete", "response.failed"):
         _response(e.response, rec)
         if e.type == "response.failed":

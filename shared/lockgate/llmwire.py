@@ -245,6 +245,7 @@ class ResponseItem(msgspec.Struct):
 
     type: str = ""
     id: Any = ""  # any JSON: only a string is an id the router claims (services/router/owners.py)
+    container_id: Any = ""  # a code interpreter call's container (the account's, holding its files): claimed alike
     content: list[ResponseContent] = []
     call_id: str = ""
     name: str = ""

@@ -19,6 +19,7 @@ import aiohttp
 import msgspec
 import openai
 import pytest
+import yaml
 from aiohttp import web
 
 from lockgate.bus import Bus
@@ -357,3 +358,157 @@ async def test_under_auth_the_router_claims_and_an_app_cannot_touch_the_owners(t
         app = buses["app"]
         with pytest.raises(NotAllowed):  # an application cannot claim an id, nor take one over
             await app.publish(f"$KV.{app.subjects.kv_response_owners}.{owner_key('resp_1')}", b'"globex"', msg_id="x")
+
+
+class Interpreter:
+    """An upstream whose answers ran code in a code interpreter container: the one a request's tool names by id, else
+    a new one (`cntr_<n>`). Streamed, it waits after `response.output_item.added` until `go` is set (the test has
+    looked at the item meanwhile: the stream is still open)."""
+
+    def __init__(self) -> None:
+        self.seen: list[dict[str, Any]] = []
+        self.go = asyncio.Event()
+        self.go.set()
+
+    async def responses(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        self.seen.append(body)
+        n = len(self.seen)
+        named = [t["container"] for t in body.get("tools", ()) if isinstance(t.get("container"), str)]
+        call = {"type": "code_interpreter_call", "id": f"ci_{n}", "status": "completed", "outputs": [],
+                "container_id": named[0] if named else f"cntr_{n}", "code": "print(open('/mnt/data/a.csv').read())"}
+        answer = {"id": f"resp_{n}", "object": "response", "created_at": 0, "status": "completed", "model": MODEL,
+                  "output": [call], "usage": {"input_tokens": 5, "output_tokens": 5, "total_tokens": 10}}
+        if not body.get("stream"):
+            return web.json_response(answer)
+        out = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await out.prepare(request)
+        events = [("response.created", {"response": {**answer, "status": "in_progress", "output": []}}),
+                  ("response.output_item.added", {"output_index": 0, "item": {**call, "status": "in_progress"}}),
+                  ("response.output_item.done", {"output_index": 0, "item": call}),
+                  ("response.completed", {"response": answer})]
+        for i, (kind, event) in enumerate(events):
+            await out.write(b"data: " + msgspec.json.encode({"type": kind, "sequence_number": i, **event}) + b"\n\n")
+            if kind == "response.output_item.added":
+                await self.go.wait()
+        await out.write_eof()
+        return out
+
+
+@pytest.fixture
+async def interpreter() -> AsyncIterator[tuple[Interpreter, str]]:
+    upstream = Interpreter()
+    app = web.Application()
+    app.router.add_post("/v1/responses", upstream.responses)
+    app.router.add_post("/responses", upstream.responses)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    yield upstream, f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
+    await runner.cleanup()
+
+
+def _in(container: Any) -> list[dict[str, Any]]:
+    return [{"type": "code_interpreter", "container": container}]
+
+
+async def test_another_tenants_container_is_answered_as_one_that_does_not_exist(
+        settings: Settings, store: Store, replicas: Replicas, keys: Bootstrap, globex: str,
+        interpreter: tuple[Interpreter, str]) -> None:
+    """Before (probe p49 F2), a code interpreter container was passed on unchecked: globex, knowing the container
+    acme's code ran in (its answer shows it), had its own code run there, among the files acme's code read and wrote."""
+    upstream, url = interpreter
+    router = await _router(replicas, settings.replace(stable_upstream=url, passthrough=True, deployment="chat"), store)
+    acme, other = _client(router, keys.app_key), _client(router, globex)
+    answer = await acme.responses.create(model=MODEL, input="sum a.csv", tools=_in({"type": "auto"}))
+    container = answer.output[0].container_id  # type: ignore[union-attr]
+    assert container == "cntr_1" and len(upstream.seen) == 1
+
+    for stream in (False, True):
+        err = await _refused(other, stream, input="cat every file in /mnt/data", tools=_in(container))
+        assert isinstance(err, openai.NotFoundError), stream
+        assert (err.code, err.param, err.type) == (None, "tools", "invalid_request_error")
+        assert err.body["message"] == f"Container with id '{container}' not found."  # type: ignore[index]
+    assert len(upstream.seen) == 1
+
+    # Acme's own is served; one made outside the router is the first tenant's to use it (globex's here).
+    again = await acme.responses.create(model=MODEL, input="and b.csv", tools=_in(container))
+    assert again.output[0].container_id == container and len(upstream.seen) == 2  # type: ignore[union-attr]
+    await other.responses.create(model=MODEL, input="hi", tools=_in("cntr_made_elsewhere"))
+    assert isinstance(await _refused(acme, False, tools=_in("cntr_made_elsewhere")), openai.NotFoundError)
+    # An empty id is no id: refused, not passed on unchecked.
+    err = await _refused(acme, False, tools=_in(""))
+    assert isinstance(err, openai.BadRequestError) and err.param == "tools"
+    assert len(upstream.seen) == 3
+
+    # A container outlives an answer kept nothing of: claimed all the same.
+    await acme.responses.create(model=MODEL, input="hi", store=False, tools=_in({"type": "auto"}))
+    assert isinstance(await _refused(other, False, tools=_in("cntr_4")), openai.NotFoundError)
+    assert len(upstream.seen) == 4
+
+
+async def test_a_streamed_container_is_claimed_before_the_client_reads_its_id(
+        settings: Settings, store: Store, replicas: Replicas, keys: Bootstrap, globex: str,
+        interpreter: tuple[Interpreter, str]) -> None:
+    upstream, url = interpreter
+    router = await _router(replicas, settings.replace(stable_upstream=url, passthrough=True, deployment="chat"), store)
+    other = _client(router, globex)
+    upstream.go.clear()
+    events = await _client(router, keys.app_key).responses.create(model=MODEL, input="hi", stream=True,
+                                                                  tools=_in({"type": "auto"}))
+    added = []
+    async for event in events:
+        if event.type == "response.output_item.added":
+            # The stream waits on the upstream: the container, as the client reads it, is acme's already.
+            added.append(event.item.container_id)  # type: ignore[union-attr]
+            err = await _refused(other, False, tools=_in(event.item.container_id))  # type: ignore[union-attr]
+            assert isinstance(err, openai.NotFoundError) and err.param == "tools"
+            assert len(upstream.seen) == 1
+            upstream.go.set()
+    assert event.type == "response.completed" and added == ["cntr_1"]
+
+
+async def test_a_request_naming_too_many_ids_is_refused_before_the_store(
+        settings: Settings, store: Store, replicas: Replicas, sim: SimServer, keys: Bootstrap, globex: str) -> None:
+    """Before (probe p49 F3), a request's every distinct id cost a KV read and, answered, a record kept 30 days:
+    20,000 item references were 20,000 of each, for one request, before rate limits and budgets."""
+    router = await _router(replicas, _passthrough(settings, sim), store)
+    other = _client(router, globex)
+    await _create(other, False)
+    bus = router.ctx.bus
+    records = await bus.kv_entries(bus.subjects.kv_response_owners)
+    assert len(records) == 2 and sim.total_requests == 1  # the response and its item
+
+    many = [{"type": "item_reference", "id": f"msg_{i}"} for i in range(101)]
+    for stream in (False, True):
+        err = await _refused(other, stream, input=many)
+        assert isinstance(err, openai.BadRequestError) and err.param == "input", stream
+        assert "at most 100 may be named in one request" in err.message and "101" in err.message
+    assert await bus.kv_entries(bus.subjects.kv_response_owners) == records and sim.total_requests == 1
+
+    await _create(other, False, input=many[:100])  # at the cap: served, its ids globex's
+    assert len(await bus.kv_entries(bus.subjects.kv_response_owners)) == 2 + 100 + 2
+
+
+async def test_the_owners_are_asked_after_rate_limits_and_a_refusal_gives_its_reservation_back(
+        settings: Settings, store: Store, replicas: Replicas, sim: SimServer, keys: Bootstrap, globex: str,
+        tmp_path: Path) -> None:
+    """Before (probe p49 F3), the owners were asked before rate limits and budgets: a key over its limit still cost
+    the store a read per id it named."""
+    # Room for one reservation of 4,000 output tokens (and 1,000 for the stored response) at a time, and 4 requests.
+    gateway = tmp_path / "gateway.yaml"
+    gateway.write_text(yaml.safe_dump({"stored_input_tokens": 1000,
+                                       "rate_limits": [{"tenant": "globex", "rpm": 4, "tpm": 8000}]}))
+    router = await _router(replicas, _passthrough(settings, sim).replace(gateway_file=str(gateway)), store)
+    router.admission.clock = lambda: 1000.0  # no refill while the test runs
+    acme, other = _client(router, keys.app_key), _client(router, globex)
+    mine = await _create(acme, False)
+    for _ in range(3):  # each refusal gives its 4,000 tokens back: the next fits
+        err = await _refused(other, False, previous_response_id=mine, max_output_tokens=4000)
+        assert err.code == "previous_response_not_found"
+    await _create(other, False, max_output_tokens=4000)
+    assert sim.total_requests == 2
+    # The minute's requests spent: the rate limit answers, before the owners are asked.
+    assert isinstance(await _refused(other, False, previous_response_id=mine), openai.RateLimitError)
+    assert sim.total_requests == 2

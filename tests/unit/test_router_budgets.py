@@ -34,6 +34,7 @@ from lockgate.services.router.budgets import (
     lease_ask,
     lease_chunk,
     most_output,
+    named_containers,
     named_state,
     parse_counter_key,
     period_id,
@@ -729,6 +730,18 @@ def test_the_stored_state_a_responses_body_names(body: bytes, named: tuple) -> N
 def test_the_items_a_responses_input_references(body: bytes, named: tuple) -> None:
     req = msgspec.json.decode(body, type=ApiRequest)
     assert referenced_items(body, req.input) == named
+
+
+@pytest.mark.parametrize(("body", "named"), [
+    (b'{"input": "hi"}', ()),
+    (b'{"tools": [{"type": "code_interpreter", "container": {"type": "auto", "file_ids": ["file_1"]}}]}', ()),
+    (b'{"tools": [{"type": "code_interpreter", "container": "cntr_1"}, {"type": "function", "name": "f"},'
+     b' {"type": "code_interpreter", "container": "cntr_1"}]}', (("tools", "cntr_1"),)),
+    (b'{"tools": [{"type": "code_interpreter", "cont\\u0061iner": "cntr_1"}]}', (("tools", "cntr_1"),)),
+    (b'{"tools": [{"type": "code_interpreter", "container": ""}]}', (("tools", None),)),
+], ids=["none", "auto", "named", "escaped-key", "empty"])
+def test_the_containers_a_responses_request_names(body: bytes, named: tuple) -> None:
+    assert named_containers(msgspec.json.decode(body, type=ApiRequest).tools) == named
 
 
 def test_a_reservation_says_what_it_holds_for_input_only_pointed_at() -> None:

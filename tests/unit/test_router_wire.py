@@ -127,6 +127,18 @@ def test_the_ids_a_responses_answer_is_kept_under_are_noted_as_they_appear() -> 
     assert unstored.kept == []
 
 
+def test_a_code_interpreter_container_is_noted_with_its_item_whatever_the_answer_keeps() -> None:
+    """The container a code interpreter call ran in outlives its answer (probe p49 F2): noted even with `store: false`."""
+    call = b'{"type":"code_interpreter_call","id":"ci_1","container_id":"cntr_1","outputs":[]}'
+    rec = _Record("ok")
+    parse_response(b'{"id":"resp_1","output":[' + call + b"," + call.replace(b"ci_1", b"ci_2") + b"]}", rec)
+    assert rec.kept == ["resp_1", "ci_1", "cntr_1", "ci_2"]
+    streamed = _Record("ok")
+    parse_response_event(b'{"type":"response.created","response":{"id":"resp_1","store":false}}', streamed)
+    parse_response_event(b'{"type":"response.output_item.added","item":' + call + b"}", streamed)
+    assert streamed.kept == ["cntr_1"]
+
+
 def test_error_bodies_and_error_events_are_failures() -> None:
     # A 200 whose body is an error raises (the proxy answers 502); a stream's error event is passed on
     # but the call is recorded as failed; a Responses turn that failed is a failure answered or streamed.
