@@ -16,6 +16,9 @@ Three independent layers, so that a gap in one is not a hole:
 Its result is bounded apart from the checks: a SELECT runs as the subquery of one with a LIMIT past the row bound
 (ClickHouse's max_result_rows missed the first part of `... UNION ALL SELECT 0`), and its rows are read block by
 block up to a byte bound (`Store.readonly_rows`; max_result_bytes is checked between blocks only). Probe p44 F1.
+The same outer SELECT counts each row's text in ClickHouse and throws once the running total passes the byte bound,
+so no block past it reaches Python whatever its row count: max_block_size does not split the block an arrayJoin
+makes, and one of 100,000 rows of 10 kB came whole (1 GB of JSON, 4.5 GB of process memory). Probe p49 F1.
 """
 
 from __future__ import annotations
@@ -23,9 +26,10 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from lockgate.codec import to_json
 from lockgate.errors import QueryRefused, StoreUnavailable
 from lockgate.store import Store
-from lockgate.store.client import READONLY_SETTINGS, over_bounds
+from lockgate.store.client import BYTES_PAST_BOUND, READONLY_SETTINGS, over_bounds
 
 MAX_SQL_CHARS = 100_000
 # The most rows an answer holds: the session's max_result_rows, kept again by the LIMIT `bounded` adds (ClickHouse's
@@ -107,12 +111,20 @@ def check_ast(lines: list[str]) -> str:
     return statement
 
 
-def bounded(store: Store, canonical: str) -> str:
+# The running byte count `bounded` adds, and drops again before the rows leave ClickHouse.
+_BYTES_COLUMN = "_lockgate_result_bytes"
+
+
+def bounded(store: Store, canonical: str, max_bytes: int) -> str:
     """A SELECT as it is run: the subquery of one that stops one row past MAX_ROWS, so no more rows than that are
-    ever made, whatever the statement's shape. `canonical` is ClickHouse's printout (no comments; SETTINGS and INTO
-    OUTFILE refused by `check_ast`), on lines of its own; the whole is parsed again, and a FORMAT (Native passes
-    `check_ast`: clickhouse-connect adds it to every query) is refused, as a subquery cannot end in one."""
-    text = f"SELECT * FROM (\n{canonical}\n)\nLIMIT {MAX_ROWS + 1}"
+    ever made, and that throws (BYTES_PAST_BOUND) at the first row whose running total of text passes `max_bytes`,
+    so the block holding it never leaves ClickHouse, whatever the statement's shape. A row's text is its tuple's
+    toString, near its JSON (which adds the column names). `canonical` is ClickHouse's printout (no comments; SETTINGS
+    and INTO OUTFILE refused by `check_ast`), on lines of its own; the whole is parsed again, and a FORMAT (Native
+    passes `check_ast`: clickhouse-connect adds it to every query) is refused, as a subquery cannot end in one."""
+    text = (f"SELECT * EXCEPT ({_BYTES_COLUMN}) FROM (SELECT *, sum(length(toString(tuple(*)))) OVER "
+            f"(ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW) AS {_BYTES_COLUMN} FROM (\n{canonical}\n))\n"
+            f"WHERE throwIf({_BYTES_COLUMN} > {max_bytes}, '{BYTES_PAST_BOUND}') = 0\nLIMIT {MAX_ROWS + 1}")
     try:
         return _canonical(store, text)
     except StoreUnavailable as exc:
@@ -143,9 +155,15 @@ def readonly_sql(store: Store, query: str) -> list[dict[str, Any]]:
     lines = [str(next(iter(row.values()))) for row in explained]
     if check_ast(lines) == "DescribeQuery":
         # One row per column the statement names (its text is at most MAX_SQL_CHARS); ClickHouse takes no DESCRIBE
-        # as a subquery, nor chDB as a stream.
-        return store.readonly_rows(canonical)
-    rows = store.readonly_rows(bounded(store, canonical), max_bytes=store.readonly_result_bytes)
+        # as a subquery, nor chDB as a stream, so it is read whole and then held to the byte bound: a row's type is
+        # as big as the session's max_subquery_depth lets it grow (probe p49 F1: 20 levels made one of 14.7 MB).
+        rows = store.readonly_rows(canonical)
+        size = len(to_json(rows))
+        if size > store.readonly_result_bytes:
+            raise QueryRefused(over_bounds(f"the DESCRIBE is {size:,} bytes of JSON", store.readonly_result_bytes))
+        return rows
+    max_bytes = store.readonly_result_bytes
+    rows = store.readonly_rows(bounded(store, canonical, max_bytes), max_bytes=max_bytes)
     if len(rows) > MAX_ROWS:  # the session's max_result_rows stops most first
         raise QueryRefused(over_bounds(f"more than {MAX_ROWS:,} rows", store.readonly_result_bytes))
     return rows

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import resource
 from collections.abc import AsyncIterator
 
 import pytest
@@ -83,8 +84,74 @@ async def test_a_result_past_the_byte_bound_is_refused_before_it_is_built(stack:
     for sql, rows in (("SELECT repeat('x', 1000) AS s FROM numbers(50000)", 50_000),
                       ("SELECT repeat('x', 10000) AS s FROM numbers(5000) UNION ALL SELECT ''", 5_001)):
         said = refusal(await viewer_sql(stack, sql), max_bytes)
+        # Stopped in ClickHouse at the row past the bound (probe p49 F1), or read block by block and stopped at the
+        # first block past it: either way the rest never became Python objects.
+        if f"stopped by ClickHouse at the row whose running total of text passed {max_bytes:,} bytes" in said:
+            continue
         stopped = re.search(r"stopped at [\d,]+ bytes of JSON after ([\d,]+) rows", said)
         assert stopped, said
-        # Read block by block and stopped at the first block past the bound: the rest never became Python objects.
         read = int(stopped[1].replace(",", ""))
         assert read <= 2 * BLOCK_ROWS < rows, said
+
+
+def _peak_rss_bytes() -> int:
+    """This process's peak resident memory so far (the stack runs in it: chDB and the query service are embedded)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+async def test_an_array_join_block_is_stopped_in_clickhouse_before_python_reads_it(stack: Runtime) -> None:
+    # max_block_size does not split what an arrayJoin makes: 100,000 rows of 1 kB come as one block of 100 MB of JSON.
+    # Before (probe p49 F1): read whole into Python, refused "(stopped at 100,900,001 bytes of JSON after 100,000
+    # rows)" and the process went from 0.4 to 1.1 GB (with rows of 10 kB: 17.9 s and 4.5 GB).
+    max_bytes = stack.ctx.bus.nc.max_payload
+    before = _peak_rss_bytes()
+    for sql in ("SELECT repeat('x', 1000) AS s FROM (SELECT arrayJoin(range(100000)))",
+                "SELECT repeat('x', 1000) AS s FROM (SELECT 1) ARRAY JOIN range(100000) AS r"):
+        said = refusal(await viewer_sql(stack, sql), max_bytes)
+        assert f"stopped by ClickHouse at the row whose running total of text passed {max_bytes:,} bytes" in said, said
+    grown = _peak_rss_bytes() - before
+    assert grown < 64 * 2**20, f"the process's peak memory grew by {grown:,} bytes"
+    # Under the bound the same shape answers, in its own order.
+    result = await viewer_sql(stack, "SELECT arrayJoin([3, 1, 2]) AS n ORDER BY n DESC", "--json")
+    assert json.loads(result.stdout) == [{"n": 3}, {"n": 2}, {"n": 1}], result.output
+
+
+def _nested(levels: int) -> str:
+    """A column whose type doubles at each level: Tuple(Tuple(...), Tuple(...)), 2**levels UInt8s."""
+    sql = "SELECT 1 AS c"
+    for _ in range(levels):
+        sql = f"SELECT (c, c) AS c FROM ({sql})"
+    return sql
+
+
+async def test_a_describe_is_bounded_in_depth_and_bytes(stack: Runtime) -> None:
+    # Before (probe p49 F1): 20 levels (544 characters) made one DESCRIBE row of 14.7 MB, read whole, and 22 levels
+    # ran `toTypeName` 41 s past the 25 s max_execution_time (types are worked out before it is checked).
+    depth = int(READONLY_SETTINGS["max_subquery_depth"])
+    for sql in (f"DESCRIBE ({_nested(20)})", f"SELECT toTypeName(c) AS t FROM ({_nested(20)})"):
+        result = await viewer_sql(stack, sql)
+        assert result.exit_code == 2 and len(result.stderr.splitlines()) == 1, result.output
+        assert result.stderr.startswith(f"error: operator SQL nests subqueries at most {depth} deep"), result.output
+    # Within the depth, a DESCRIBE past the byte bound is refused naming it: (c, c, c, c, c) over 8 levels is 3.4 MB.
+    wide = "SELECT 1 AS c"
+    for _ in range(depth):
+        wide = f"SELECT (c, c, c, c, c) AS c FROM ({wide})"
+    said = refusal(await viewer_sql(stack, f"DESCRIBE ({wide})"), stack.ctx.bus.nc.max_payload)
+    assert re.search(r"\(the DESCRIBE is [\d,]+ bytes of JSON\)$", said), said
+
+
+async def test_legal_queries_still_answer(stack: Runtime) -> None:
+    for sql, expected in (
+        ("WITH 2 AS k SELECT number * k AS n FROM numbers(3)", [{"n": 0}, {"n": 2}, {"n": 4}]),
+        ("SELECT a FROM (SELECT 1 AS a UNION ALL SELECT 2) ORDER BY a DESC", [{"a": 2}, {"a": 1}]),
+        ("SELECT l.n AS n, r.m AS m FROM (SELECT number AS n FROM numbers(2)) AS l "
+         "JOIN (SELECT number AS n, number * 10 AS m FROM numbers(2)) AS r ON l.n = r.n ORDER BY n",
+         [{"n": 0, "m": 0}, {"n": 1, "m": 10}]),
+        ("SELECT number % 2 AS k, number AS n FROM numbers(6) ORDER BY k, n LIMIT 1 BY k",
+         [{"k": 0, "n": 0}, {"k": 1, "n": 1}]),
+        (f"SELECT count() AS n FROM ({_nested(5)})", [{"n": 1}]),
+    ):
+        result = await viewer_sql(stack, sql, "--json")
+        assert result.exit_code == 0 and json.loads(result.stdout) == expected, (sql, result.output)
+    result = await viewer_sql(stack, "DESCRIBE TABLE inference_events", "--json")
+    assert result.exit_code == 0 and "tenant" in [r["name"] for r in json.loads(result.stdout)], result.output

@@ -38,13 +38,22 @@ _DB = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # max_block_size: ClickHouse checks max_result_rows/bytes only between blocks, and a block comes to Python whole;
 # `readonly_rows` counts the bytes block by block, so a block of at most this many rows is what may be read past
 # the byte bound before the query is stopped (ClickHouse's default, 65,409 rows, let one 50 MB block through: probe
-# p44 F1). A row is bounded only by max_memory_usage.
+# p44 F1). max_block_size does not split what an arrayJoin makes (one block of 100,000 rows, probe p49 F1): operator
+# SQL's SELECT also counts its rows' bytes in ClickHouse (`operator_sql.bounded`, BYTES_PAST_BOUND).
+# max_subquery_depth: a statement's types are worked out before max_execution_time is checked, and they double with
+# each `SELECT (c, c) AS c FROM (...)` around the last: 20 of them (544 characters) made a 14.7 MB DESCRIBE row, and 22
+# ran `toTypeName` 41 s past the 25 s bound (probe p49 F1). 8 levels (3 of them `bounded`'s) cap that.
+# max_threads: the running byte count is a window function, after which ClickHouse splits the rows over threads again
+# and a statement's ORDER BY came back in any order; one thread keeps it (and leaves the embedded stack's cores to it).
 READONLY_SETTINGS = {"max_execution_time": "25", "max_memory_usage": "2000000000", "max_result_rows": "100000",
                      "max_result_bytes": "16000000", "result_overflow_mode": "throw", "max_block_size": "1024",
-                     "readonly": "1"}
+                     "max_subquery_depth": "8", "max_threads": "1", "readonly": "1"}
+# The message of the throwIf that stops a SELECT once its rows' running byte total passes the bound in ClickHouse.
+BYTES_PAST_BOUND = "lockgate: operator SQL result past its byte bound"
 # ClickHouse's answers to a query that went past those bounds, final for that text and the operator's to change:
 # TOO_MANY_ROWS, TIMEOUT_EXCEEDED, MEMORY_LIMIT_EXCEEDED, TOO_MANY_BYTES, TOO_MANY_ROWS_OR_BYTES.
 _OVER_BOUNDS = frozenset({158, 159, 241, 307, 396})
+_TOO_DEEP_SUBQUERIES = 162
 
 
 def over_bounds(detail: str, max_bytes: int | None = None) -> str:
@@ -201,6 +210,13 @@ class Store:
                     raise QueryRefused(f"the read-only session refused it: {_first_line(exc)}") from None
                 if _error_code(exc) in _OVER_BOUNDS:
                     raise QueryRefused(over_bounds(_first_line(exc), max_bytes)) from None
+                if _error_code(exc) == _TOO_DEEP_SUBQUERIES:
+                    raise QueryRefused(f"operator SQL nests subqueries at most "
+                                       f"{READONLY_SETTINGS['max_subquery_depth']} deep (3 of them are the bounds "
+                                       f"lockgate puts around a SELECT): {_first_line(exc)}") from None
+                if max_bytes is not None and BYTES_PAST_BOUND in str(exc):
+                    raise QueryRefused(over_bounds(f"stopped by ClickHouse at the row whose running total of text "
+                                                   f"passed {max_bytes:,} bytes", max_bytes)) from None
                 raise StoreUnavailable(f"ClickHouse rejected query: {_first_line(exc)}") from None
             except QueryRefused:
                 self._close_readonly()  # stopped part way, as above
