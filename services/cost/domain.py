@@ -8,7 +8,7 @@ from typing import Any
 import msgspec
 
 from lockgate.contracts import CostEntry, CostRecord, InferenceEvent
-from lockgate.pricebook import ModelPrice, PriceBook, PriceBookError, parse_price_book
+from lockgate.pricebook import ModelPrice, PriceBook, PriceBookError, parse_price_book, priced_model
 
 __all__ = ["FOLDED", "RECORDS_MAX", "ModelPrice", "PriceBook", "PriceBookError", "distinct_events", "event_cost",
            "parse_price_book", "price_events"]
@@ -50,7 +50,7 @@ def price_events(events: Sequence[InferenceEvent], book: PriceBook) -> Priced:
     groups: dict[tuple[str, str, str, str], list[Any]] = {}
     models = book.models
     for e in events:
-        model = e.model if e.model in models else (e.response_model if e.response_model in models else "")
+        model = priced_model(e.model, e.response_model, models)
         price = models.get(model) if model else None
         cost = event_cost(e, price) if price else 0.0
         tokens_in, tokens_out, cached = e.billed_tokens

@@ -547,8 +547,10 @@ class Admission:
                                              f"call's limit of {cap}")
             believed = False
         if believed and (rec.input_tokens or rec.output_tokens):
-            return cost_of(ticket.prices.get(model, ticket.price), rec.input_tokens, rec.output_tokens,
-                           rec.cached_tokens, rec.cache_write_tokens, rec.cache_write_1h_tokens)
+            # `model` may be none the request could reach: another model answered (Proxy._answered_by), at its price.
+            price = ticket.prices[model] if model in ticket.prices else self.prices.get(model, ticket.price)
+            return cost_of(price, rec.input_tokens, rec.output_tokens, rec.cached_tokens, rec.cache_write_tokens,
+                           rec.cache_write_1h_tokens)
         if believed and rec.status != "ok" and (rec.error_type.isdigit() or rec.error_type in NOTHING_GENERATED):
             return ZERO  # refused (an HTTP error status) or no upstream answered: what it abandoned is charged apart
         if call is not None:

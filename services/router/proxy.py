@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import math
 import re
 import secrets
@@ -34,7 +35,9 @@ from lockgate.contracts.inference import CLIENT_DISCONNECTED, REQUEST_DIGEST, RO
 from lockgate.contracts.names import NAME_RULE, is_name
 from lockgate.errors import UnreadableBody
 from lockgate.llmwire import ApiRequest, OutputLimits
+from lockgate.modelnames import same_model
 from lockgate.outbox import Outbox
+from lockgate.pricebook import PriceBookError, load_price_book, priced_model
 from lockgate.server.apikeys import ApiKey, AuthError, Forbidden, KeyStore, bearer
 from lockgate.server.body import closing, read_body
 from lockgate.services.router import domain
@@ -68,6 +71,7 @@ from lockgate.services.router.wire import (
     EMBEDDINGS,
     LIMIT_FIELDS,
     OPERATOR_FIELDS,
+    OTHER_MODEL,
     OUTPUT_MESSAGES,
     RESPONSES,
     SERVICE_TIER,
@@ -96,6 +100,7 @@ _NO_ID = {"previous_response_id": "'previous_response_id' must be an id (a strin
           "input": "an item_reference in 'input' must name its item by its id (a non-empty string)",
           "tools": "a code interpreter tool's 'container' must be a container's id (a non-empty string) or an object"}
 _good_names: set[str] = set()  # names already checked (the same few deployments on every request)
+log = logging.getLogger(__name__)
 _model_list = msgspec.json.Decoder(dict[str, Any])
 # The methods of the gateway's own paths, for the 405 of another method (server.py routes them).
 _METHODS = {"/v1/chat/completions": ("POST",), "/v1/completions": ("POST",), "/v1/embeddings": ("POST",),
@@ -123,6 +128,13 @@ class Proxy:
         self.owners = Owners(settings, None)  # which tenant owns each Responses state: set by the service
         self.shadow = Shadow(rollouts, endpoints, batcher, lambda: self.upstream.session,
                              gateway=lambda: self.admission.file)
+        # The price book the ledger prices events by (settings.price_book), for what an answer of another model is
+        # priced as (_answered_by); an unreadable one is the cost accountant's to report.
+        try:
+            self.prices = load_price_book(settings.price_book).models
+        except PriceBookError:
+            self.prices = {}
+        self._other_models: set[tuple[str, str]] = set()  # (deployment, model) answers already logged
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         """`POST /v1/chat/completions`."""
@@ -377,6 +389,15 @@ class Proxy:
             return self._ungoverned(h, deployment, req.model)
         if route.stable.release and self.rollouts.refusing:
             return self._cut_off(deployment)
+        if route.stable.release and (field := req.routing_field()) is not None:
+            # A governed deployment's release says the model, endpoint and parameters: no client field lets an
+            # aggregator upstream answer with another model (probe p50 F1). Under passthrough the client's model is
+            # served anyway, its routing fields too.
+            return error_response(400, f"invalid {op.api} request: {field!r} is not accepted: it would let an "
+                                       "aggregator upstream (OpenRouter, LiteLLM) choose another model, provider, "
+                                       f"endpoint or key than the release serving deployment {deployment!r} names, "
+                                       "which only the operator chooses; leave it out", "invalid_request_error",
+                                  code="unsupported_parameter", param=field)
         user = req.user or h.get("x-lockgate-user") or ""
         session = h.get("x-lockgate-session") or ""
         # Sticky by user, else session, else the client's own key; never by the client's IP, which
@@ -518,6 +539,7 @@ class Proxy:
             # Calls that failed before the answer (retried, or fallen back from) are events of their own,
             # so a canary's failures count in its analysis even when a retry or stable answered.
             attempts = [_Record.attempt(failed) for failed in rec.earlier]
+            charged = self._answered_by(deployment, model, rec)
             if ticket is not OPEN:
                 # At the price of the model that answered, as the ledger; each call abandoned after its request
                 # went out at its worst case, whatever the last call did (its record, the request's own for the
@@ -525,7 +547,7 @@ class Proxy:
                 abandoned = [(a, call_of(f.hop)) for f, a in zip(rec.earlier, attempts, strict=True) if f.abandoned]
                 if rec.gone is not None:
                     abandoned.append((rec, call_of(rec.gone)))
-                self.admission.settle(ticket, rec, model, call_of(rec.hop) if rec.hop is not None else None,
+                self.admission.settle(ticket, rec, charged, call_of(rec.hop) if rec.hop is not None else None,
                                       abandoned)
             # The event and the span's attributes are bookkeeping: build them on the next loop
             # turn, after aiohttp has handed the response to the socket, not before.
@@ -538,6 +560,30 @@ class Proxy:
                                f_target, f_target.model or req.model, req, user, session, attempt, op, by_header)
         self.admission.remember(ticket, deployment, response, rec, streamed)
         return response
+
+    def _answered_by(self, deployment: str, model: str, rec: _Record) -> str:
+        """The model the call `rec` records is priced as (pricebook.priced_model, as the ledger prices its event). An
+        answer whose `model` names another than the one asked for (`model`: the release's; a version suffix or a
+        provider's prefix is the same model, modelnames.same_model) has its event say so (OTHER_MODEL), logged once
+        per deployment and model: an aggregator upstream answered with a model nobody gated."""
+        answered = rec.response_model
+        if not answered or answered == model or same_model(model, answered):
+            return model
+        priced = priced_model(model, answered, self.prices)
+        if priced == answered:
+            how = f"priced as {answered!r}"
+        elif priced:
+            how = f"priced as {model!r}: the price book has no {answered[:200]!r}"
+        else:
+            how = "the price book has neither"
+        rec.attributes[OTHER_MODEL] = f"answered by {answered[:200]!r}, not {model!r}; {how}"
+        if (deployment, answered) not in self._other_models:
+            if len(self._other_models) > 4096:  # names come from upstreams: keep the memo bounded
+                self._other_models.clear()
+            self._other_models.add((deployment, answered))
+            log.warning("deployment %r asked for model %r and was answered by %r (%s); an upstream that routes "
+                        "(an aggregator) chose another model", deployment, model, answered[:200], how)
+        return priced or model
 
     async def _cover(self, ticket: Any, call_of: Callable[[Hop], Call], hop: Hop, gone: list[Hop]) -> str | None:
         """Upstream.send's Cover: reserve for `hop`'s call what the calls `gone` may have spent beyond the request's

@@ -40,7 +40,7 @@ from lockgate.errors import (
     SignatureError,
     UnreadableValue,
 )
-from lockgate.pricebook import load_price_book
+from lockgate.pricebook import load_price_book, priced_model
 from lockgate.retry import RetryPolicy
 from lockgate.server.service import Progress, ServiceContext
 from lockgate.services.router import analysis, bluegreen, domain, patch, progress, resilience, runs
@@ -1869,7 +1869,7 @@ def _pricer(settings: Settings) -> Callable[[InferenceEvent], float | None]:
     models = book.models
 
     def price(e: InferenceEvent) -> float | None:
-        rates = models.get(e.model) or models.get(e.response_model)
+        rates = models.get(priced_model(e.model, e.response_model, models))
         return None if rates is None else rates.cost(e.input_tokens, e.output_tokens, e.cached_tokens,
                                                      e.cache_write_tokens, e.cache_write_1h_tokens)
 

@@ -49,6 +49,9 @@ USAGE_WARNING = "lockgate.usage_warning"
 # The processing tier the upstream says it served the call at (OpenAI's `service_tier`: `default`, `priority`,
 # `flex`...), named as OpenTelemetry's OpenAI conventions name it.
 SERVICE_TIER = "openai.response.service_tier"
+# An answer whose `model` names another model than the one asked for (an aggregator's fallback): the event attribute
+# saying which, and what it was priced as (Proxy._answered_by); the event's `response_model` is the answer's.
+OTHER_MODEL = "lockgate.other_model"
 # Request fields that choose what the operator pays per token, not what the model does: a client's never reaches
 # an upstream; a release's params may set them (shipped.PARAMS). OpenAI bills `service_tier: priority` at about
 # twice the standard rates, which budgets and the ledger price.

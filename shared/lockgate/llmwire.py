@@ -7,6 +7,7 @@ are declared; everything else in a body is ignored on decode and forwarded untou
 from __future__ import annotations
 
 import math
+import operator
 from typing import Annotated, Any, NamedTuple
 
 import msgspec
@@ -53,7 +54,27 @@ class OutputLimits(msgspec.Struct):
     best_of: Count | None = None  # completions: generated (and billed) server-side
 
 
-class ApiRequest(OutputLimits):
+# Request fields by which an aggregator upstream lets the caller choose another model, provider, base URL or key than
+# the request's `model` names, or answer without one: OpenRouter's fallback `models` (and `route`), `provider`
+# routing, `preset`, `plugins` (its auto-router, paid web search) and `transforms`; a LiteLLM proxy's client-side
+# `fallbacks` (and its context-window and content-policy ones), `model_list`/`user_config` (a whole router),
+# `tags` (tag routing), client-side credentials (`api_key`, `api_base`, `base_url`, `api_version`,
+# `custom_llm_provider`) and its mocks. A release says its model, endpoint and parameters: the router refuses a
+# client's (proxy.py), on every operation. The one list; each is a field of ApiRequest (msgspec.Raw: never built).
+ROUTING_FIELDS = (
+    "models", "route", "provider", "preset", "plugins", "transforms",  # OpenRouter
+    "fallbacks", "context_window_fallback_dict", "content_policy_fallbacks", "model_list", "user_config", "tags",
+    "api_key", "api_base", "base_url", "api_version", "custom_llm_provider", "mock_response",
+    "mock_testing_fallbacks",  # LiteLLM
+)
+# ApiRequest's base: OutputLimits and one Raw field per ROUTING_FIELDS name (empty when absent).
+_Routed = msgspec.defstruct("_Routed", [(name, msgspec.Raw, msgspec.Raw()) for name in ROUTING_FIELDS],
+                            bases=(OutputLimits,))
+_routing_values = operator.attrgetter(*ROUTING_FIELDS)
+_NULL = msgspec.Raw(b"null")
+
+
+class ApiRequest(_Routed):
     """The fields the router reads from a request of any operation (chat: `messages`; completions:
     `prompt`; embeddings and responses: `input`). Admission bounds the input by the body's length, not
     by these fields (llmwire reads only some of what an upstream reads)."""
@@ -75,6 +96,14 @@ class ApiRequest(OutputLimits):
     def declares_tools(self) -> bool:
         """The request declares at least one tool (chat completions' or the Responses API's `tools`)."""
         return len(self.tools) > 4
+
+    def routing_field(self) -> str | None:
+        """The first ROUTING_FIELDS field the request sets (to anything but `null`), else None."""
+        values = _routing_values(self)
+        if not any(values):  # the usual request: one pass in C (an absent field is an empty Raw, which is false)
+            return None
+        return next((name for name, value in zip(ROUTING_FIELDS, values, strict=True) if value and value != _NULL),
+                    None)  # `null` asks for nothing
 
 
 # The most tokens one count of a call's usage may say: far above any real call (the largest context

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -10,6 +11,7 @@ import yaml
 
 from lockgate.errors import ConfigError
 from lockgate.ids import content_hash
+from lockgate.modelnames import same_model
 from lockgate.onereading import TwoReadings, yaml_loads
 
 Rate = Annotated[float, msgspec.Meta(ge=0)]
@@ -66,6 +68,17 @@ class PriceBook(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     models: dict[str, ModelPrice]
     currency: Literal["USD"] = "USD"  # every cost lockgate reports is in USD; there is no conversion
     hash: str = ""
+
+
+def priced_model(model: str, response_model: str, models: Mapping[str, Any]) -> str:
+    """The model whose price a call's tokens are charged at (budgets and the ledger alike), "" when the book prices
+    neither: the model that answered (`response_model`) when it is another model than the one asked for (`model`;
+    modelnames.same_model: not a version of it) and the book prices it, as the provider bills that one; else the one
+    asked for, else the one that answered. (Before, probe p50 F1, the one asked for: an aggregator that fell back
+    to another model was charged at the release's model's price.)"""
+    if response_model in models and not same_model(model, response_model):
+        return response_model
+    return model if model in models else (response_model if response_model in models else "")
 
 
 def parse_price_book(data: Any) -> PriceBook:

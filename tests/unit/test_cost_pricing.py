@@ -231,3 +231,26 @@ def test_the_dearest_input_rate_is_the_highest_the_price_book_gives() -> None:
                       cache_write_1h_per_mtok=2.0).writing().cost(1000, 10) == pytest.approx((2000 + 30) / 1e6)
     # A book whose write rates are below its input rate (none bills so) still reserves the input rate.
     assert ModelPrice(input_per_mtok=1.0, output_per_mtok=3.0, cache_write_1h_per_mtok=0.5).dearest_input_per_mtok == 1.0
+
+
+@pytest.mark.parametrize(
+    ("model", "response_model", "priced_as", "cost"),
+    [
+        ("m-plain", "m-cache", "m-cache", 0.012),  # another model answered (an aggregator's fallback): its price
+        ("m-plain", "openrouter/m-plain", "m-plain", 0.004),  # an aggregator's prefix: the same model
+        ("m-plain", "mystery", "m-plain", 0.004),  # the book has no model that answered: the one asked for
+        ("m-plain", "m-plain-2024-07-18", "m-plain", 0.004),  # a version of the model asked for: the same model
+        ("m-plain", "", "m-plain", 0.004),
+    ],
+    ids=["other", "prefixed", "unknown-answerer", "dated", "none"],
+)
+def test_an_event_answered_by_another_model_is_priced_as_the_model_that_answered(
+        model: str, response_model: str, priced_as: str, cost: float) -> None:
+    # Probe p50 F1: an aggregator upstream answered with another model than the release's; the ledger priced it
+    # as the release's model while the provider billed the other.
+    book = parse_price_book(BOOK)
+    event = InferenceEvent(app="shop", deployment="d", model=model, response_model=response_model,
+                           input_tokens=1000, output_tokens=1000, time=datetime(2025, 3, 1, tzinfo=UTC))
+    entry = price_events([event], book).entries[0]
+    assert (entry.model, entry.priced) == (priced_as, True)
+    assert entry.cost_usd == pytest.approx(cost)
