@@ -43,13 +43,35 @@ def _common(values: np.ndarray, bins: int) -> np.ndarray:
     return distinct[counts * bins >= len(values)]
 
 
+def shift_cuts(reference: np.ndarray, current: np.ndarray) -> np.ndarray:
+    """Edges around where the windows differ: the value at which their cumulative shares part furthest (the KS
+    statistic's point), the first and last values at which they part at least half as far, and the nearest values
+    either side at which they agree (or part the other way). The mass that moved lies between them, so it crosses a
+    bin edge however few bins surround it, also where the shares part evenly across a flood's values."""
+    grid = np.unique(np.concatenate([reference, current]))
+    parted = (np.searchsorted(np.sort(reference), grid, side="right") / len(reference)
+              - np.searchsorted(np.sort(current), grid, side="right") / len(current))
+    peak = int(np.argmax(np.abs(parted)))
+    apart = np.sign(parted[peak]) * parted
+    agree = apart <= 0
+    below, above = np.flatnonzero(agree[:peak]), peak + 1 + np.flatnonzero(agree[peak + 1:])
+    half = np.flatnonzero(apart >= apart[peak] / 2)  # holds the peak
+    return grid[[peak, half[0], half[-1], *below[-1:], *above[:1]]]
+
+
 def cuts(reference: np.ndarray, current: np.ndarray, bins: int = 10) -> np.ndarray:
-    """The reference's deciles (`quantile_cuts`), or `tied_cuts` where ties collapse them. Collapsed deciles put
-    the tied mass and whatever else falls beside it in one bin, so a shift of the other values went unseen: a client
-    sending `max_tokens: 1` as nine requests in ten left two bins, each holding a tenth of both arms' rows whatever
-    the real answers did, and PSI read 0 for a canary whose real answers were 15 times longer (probe p46 F2)."""
+    """The reference's deciles (`quantile_cuts`), or `tied_cuts` where ties collapse them; and `shift_cuts`.
+
+    Collapsed deciles put the tied mass and whatever else falls beside it in one bin, so a shift of the other values
+    went unseen: a client sending `max_tokens: 1` as nine requests in ten left two bins, each holding a tenth of both
+    arms' rows whatever the real answers did, and PSI read 0 for a canary whose real answers were 15 times longer
+    (probe p46 F2). Any bins cut from the windows' quantiles alone hold a tenth of the mass each, so a shift confined
+    to a tenth can stay inside one: the same client drawing `max_tokens` from 40-69 kept the reference's deciles, both
+    arms' real answers fell in the first, and PSI read ~0.09 for a canary whose real answers were three times longer
+    (probe p49 F4). The cuts at the shift put the moved mass in bins of its own."""
     edges = quantile_cuts(reference, bins)
-    return edges if len(edges) >= bins - 1 else tied_cuts(reference, current, bins)
+    edges = edges if len(edges) >= bins - 1 else tied_cuts(reference, current, bins)
+    return np.union1d(edges, shift_cuts(reference, current))
 
 
 def proportions(values: np.ndarray, cuts: np.ndarray) -> np.ndarray:
@@ -66,7 +88,7 @@ def psi_from_proportions(p: np.ndarray, q: np.ndarray) -> float:
 
 
 def psi(reference: np.ndarray, current: np.ndarray, bins: int = 10) -> float:
-    """Population stability index of `current` against bins cut from `reference` (`cuts`)."""
+    """Population stability index of `current` against `reference` over the bins of `cuts`."""
     edges = cuts(reference, current, bins)
     return psi_from_proportions(proportions(reference, edges), proportions(current, edges))
 

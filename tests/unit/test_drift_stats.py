@@ -19,8 +19,12 @@ pytestmark = pytest.mark.timeout(30)
 def test_psi_matches_a_hand_computed_example() -> None:
     ref = np.arange(100, dtype=float)  # deciles put exactly 10 values in each of 10 bins
     cur = np.repeat(np.arange(50, dtype=float), 2)  # bins 0-4 hold 20% each, bins 5-9 are empty
+    # The shares part furthest at 49 and at least half as far from 24 to 74 (`stats.shift_cuts`): those cuts halve
+    # the bins of 20-29 (both shares doubled, as before) and 70-79 (two empty bins of 5% each).
+    assert sorted(stats.shift_cuts(ref, cur)) == [24.0, 49.0, 74.0, 99.0]
     eps = 0.5 / 100  # an empty bin counts as half an observation
-    expected = 5 * (0.2 - 0.1) * math.log(0.2 / 0.1) + 5 * (eps - 0.1) * math.log(eps / 0.1)
+    expected = (5 * (0.2 - 0.1) * math.log(0.2 / 0.1) + 4 * (eps - 0.1) * math.log(eps / 0.1)
+                + 2 * (eps - 0.05) * math.log(eps / 0.05))
     assert stats.psi(ref, cur) == pytest.approx(expected, rel=1e-12)
 
 
