@@ -105,34 +105,39 @@ async def _send(router: Any, key: str, users: list[str], prompts: list[str], var
             await asyncio.gather(*(one(u, p) for u, p in zip(users[i:i + 50], prompts[i:i + 50], strict=True)))
 
 
-async def test_one_key_flooding_the_canary_with_good_requests_cannot_get_a_failing_canary_promoted(
-        router: Any, http: aiohttp.ClientSession, signer: Signer, keys: Bootstrap) -> None:
+async def _flooded(router: Any, http: aiohttp.ClientSession, signer: Signer, flood: int) -> tuple[Any, Any, Any]:
+    """A canary of `picky` judged per key: the real callers' 120 canary requests (12 failing) among stable's first
+    60, then mallory's `flood` good canary requests, then stable's last 60; the route once the first look that judges
+    (no look judges before stable's last 60: until then it has fewer than min_sample) moved it, and both keys."""
     store = KeyStore(router.ctx.settings.home)
     # Of the releases' tenant (chat_releases: `default`), as `keys` is: only its keys are served `chat`.
     real, real_key = store.create("default", "shop", description="the application's real traffic")
     mallory, mallory_key = store.create("default", "shop", description="a caller who floods the canary")
     await _start(http, router, "picky", {"steps": [50, 100], "interval_s": 0.1, "analysis": ANALYSIS})
     await _pass(router, signer, "picky")
-
-    # Looks wait while stable has fewer than min_sample requests, so every canary request below is in the first
-    # look that judges: the real callers' 120, of which 12 fail (10%; pooled with mallory's, 0.74%: under stable's
-    # 0% + 1%), then mallory's 1,500 good ones (12.5x the real canary traffic). Analysis compares the canary's
-    # requests with stable's of the same time, so stable's real traffic comes along with them: half of it among
-    # the real callers' canary requests, the other half after mallory's (no look before it: stable has 60).
     stable_users, canary_users = _users(router, "user", False, 120), _users(router, "user", True, 120)
     for i in range(6):
         await _send(router, real, stable_users[10 * i:10 * i + 10], ["hi"] * 10, "stable")
         await _send(router, real, canary_users[20 * i:20 * i + 20],
                     ["tricky" if j % 10 == 0 else "hi" for j in range(20 * i, 20 * i + 20)], "canary")
-    await _send(router, mallory, _users(router, "mallory", True, 1500), ["hi"] * 1500, "canary")
+    await _send(router, mallory, _users(router, "mallory", True, flood), ["hi"] * flood, "canary")
     await _send(router, real, stable_users[60:], ["hi"] * 60, "stable")
     await router.rollouts.wait_for(lambda r: r["chat"].phase != "progressing" or r["chat"].weight > 50, timeout=30)
-
     route = router.rollouts.route("chat")
     assert route.phase == "aborted", f"not aborted: {route.phase} at {route.weight:g}%: {route.reason}"
     assert route.reason.startswith(f"aborted picky: analysis failed at step 1 (50%): error_rate 0.1 > threshold "
                                    f"0.01 on API key {real_key.id} (stable 0; 120 canary vs ")  # stable's count: however many had arrived
     assert route.analysis is not None and route.analysis.last is not None
+    return route, real_key, mallory_key
+
+
+async def test_one_key_flooding_the_canary_with_good_requests_cannot_get_a_failing_canary_promoted(
+        router: Any, http: aiohttp.ClientSession, signer: Signer, keys: Bootstrap) -> None:
+    # Every canary request is in the first look that judges: the real callers' 120, of which 12 fail (10%; pooled
+    # with mallory's, 0.74%: under stable's 0% + 1%), then mallory's 1,500 good ones (12.5x the real canary
+    # traffic). Analysis compares the canary's requests with stable's of the same time, so stable's real traffic
+    # comes along with them: half of it among the real callers' canary requests, the other half after mallory's.
+    route, real_key, mallory_key = await _flooded(router, http, signer, 1500)
     assert route.analysis.last.canary_n == 1620  # every canary request was in the look, mallory's too
     failed, implied = route.analysis.last.metrics  # client_error_rate judged with error_rate: none refused
     assert (implied.name, implied.canary) == ("client_error_rate", 0.0)
@@ -160,27 +165,8 @@ async def test_one_key_flooding_past_the_evidence_ring_cannot_push_the_others_fa
     # full ring evicts the oldest row of the key holding the most: the flood churns its own.
     router = small_ring_router
     assert router.rollouts.evidence._max == RING
-    store = KeyStore(router.ctx.settings.home)
-    real, real_key = store.create("default", "shop", description="the application's real traffic")
-    mallory, _ = store.create("default", "shop", description="a caller who floods the canary's evidence")
-    await _start(http, router, "picky", {"steps": [50, 100], "interval_s": 0.1, "analysis": ANALYSIS})
-    await _pass(router, signer, "picky")
-    # As above: no look judges before stable's last 60 requests (until then it has fewer than min_sample), so the
-    # first that does sees the real callers' 120 canary requests (12 failing), then mallory's 1,000 (twice the ring).
-    stable_users, canary_users = _users(router, "user", False, 120), _users(router, "user", True, 120)
-    for i in range(6):
-        await _send(router, real, stable_users[10 * i:10 * i + 10], ["hi"] * 10, "stable")
-        await _send(router, real, canary_users[20 * i:20 * i + 20],
-                    ["tricky" if j % 10 == 0 else "hi" for j in range(20 * i, 20 * i + 20)], "canary")
-    await _send(router, mallory, _users(router, "mallory", True, 1000), ["hi"] * 1000, "canary")
-    await _send(router, real, stable_users[60:], ["hi"] * 60, "stable")
-    await router.rollouts.wait_for(lambda r: r["chat"].phase != "progressing" or r["chat"].weight > 50, timeout=30)
-
-    route = router.rollouts.route("chat")
-    assert route.phase == "aborted", f"not aborted: {route.phase} at {route.weight:g}%: {route.reason}"
-    assert route.reason.startswith(f"aborted picky: analysis failed at step 1 (50%): error_rate 0.1 > threshold "
-                                   f"0.01 on API key {real_key.id} (stable 0; 120 canary vs ")
-    assert route.analysis is not None and route.analysis.last is not None
+    # As above, mallory's 1,000 twice the ring.
+    route, real_key, _ = await _flooded(router, http, signer, 1000)
     assert route.analysis.last.canary_n == RING  # the ring full: the real callers' 120 and mallory's newest 380
 
 
