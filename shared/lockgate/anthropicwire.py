@@ -6,7 +6,10 @@ calls it the same way, so the gate judges what the router serves).
 Requests: system and developer messages become `system`; assistant tool calls become `tool_use`
 blocks and `tool` messages `tool_result` blocks in a user turn; consecutive turns of one role are
 merged (Anthropic wants user and assistant to alternate); `max_tokens` is required there, so a
-request without one gets DEFAULT_MAX_TOKENS. Responses: text blocks joined, `tool_use` blocks become
+request without one gets DEFAULT_MAX_TOKENS; `parallel_tool_calls: false` becomes the tool choice's
+`disable_parallel_tool_use`. A field Messages cannot express (a `response_format` schema, `logit_bias`, the legacy
+`functions`; any field not known here) is refused (Untranslatable, answered 400), never dropped: only fields without
+which an answer is as valid and of the same form are (_DROPPED). Responses: text blocks joined, `tool_use` blocks become
 `tool_calls`, stop reasons mapped (STOP_REASONS), usage mapped with `cache_read_input_tokens` as
 `prompt_tokens_details.cached_tokens`, cache writes as its `cache_write_tokens` (of them those kept an hour as
 `cache_write_1h_tokens`: lockgate's names, billed at their own rates), and every input token Anthropic counts apart
@@ -29,10 +32,44 @@ VERSION = "2023-06-01"  # the `anthropic-version` header this translation is wri
 DEFAULT_MAX_TOKENS = 4096
 STOP_REASONS = {"end_turn": "stop", "stop_sequence": "stop", "pause_turn": "stop", "max_tokens": "length",
                 "tool_use": "tool_calls", "refusal": "content_filter"}
-# OpenAI request fields with no Anthropic counterpart that change nothing when dropped.
-_IGNORED = {"stream_options", "n", "presence_penalty", "frequency_penalty", "logit_bias", "seed",
-            "parallel_tool_calls", "service_tier", "store", "response_format"}
-_UNSUPPORTED = {"logprobs": "log probabilities", "top_logprobs": "log probabilities", "audio": "audio output"}
+# The request fields request() carries over (under Anthropic's names where they differ).
+_TRANSLATED = {"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "stop",
+               "stream", "user", "safety_identifier", "tools", "tool_choice", "parallel_tool_calls"}
+# Fields dropped: Messages has none of them, and an answer without them is as valid and of the same form.
+_DROPPED = {
+    "stream_options",  # the stream's usage is read from Anthropic's events whatever it asks (StreamTranslator)
+    # Sampling: OpenAI's seed is best effort (no promise of the same answer twice), the penalties nudge word choice.
+    # A release may fix all three (shipped.PARAMS): refused, they would turn a release serving on Claude into one
+    # refusing all its traffic.
+    "seed", "frequency_penalty", "presence_penalty",
+    "service_tier",  # the operator's price to choose (router wire.OPERATOR_FIELDS), not what is answered
+    "store", "metadata",  # whether and how OpenAI keeps the completion for its dashboard
+    "prediction",  # predicted output: a faster answer, the same answer
+    "prompt_cache_key", "prompt_cache_retention", "prompt_cache_options",  # prompt-cache hints: cost, not answer
+}
+# Fields Messages cannot express, refused (HTTP 400, naming the field) unless they hold a value that asks for
+# nothing (_NEUTRAL): dropping one changes the answer while the client believes it asked for it (a
+# `response_format` json_schema answered in free text, which the SDK's parse() cannot read). Any other field
+# not named here is refused as well: the official SDK sends only the fields its caller set.
+_REFUSED = {
+    "n": "return one choice: n must be 1",
+    "logprobs": "do not return log probabilities",
+    "top_logprobs": "do not return log probabilities",
+    "audio": "do not return audio output",
+    "modalities": "return text only",
+    # Anthropic's own structured outputs (a JSON schema the answer keeps to) are not what this translation asks for.
+    "response_format": "have no JSON mode nor response schema here: only response_format {'type': 'text'} is served",
+    "logit_bias": "have no logit bias",
+    "functions": "take tools, not the legacy functions: send tools and tool_choice",
+    "function_call": "take tools, not the legacy functions: send tools and tool_choice",
+    "web_search_options": "have no web_search_options",
+    "reasoning_effort": "have no reasoning_effort",
+    "verbosity": "have no verbosity setting",
+}
+_NEUTRAL: dict[str, tuple[Any, ...]] = {  # the values of _REFUSED fields that ask for nothing (null: left out)
+    "n": (1,), "logprobs": (False,), "top_logprobs": (0,), "modalities": (["text"],),
+    "response_format": ({"type": "text"},), "logit_bias": ({},), "functions": ([],),
+}
 
 _encode = msgspec.json.encode
 
@@ -95,13 +132,34 @@ def _tool_choice(choice: Any) -> dict[str, Any] | None:
     raise Untranslatable(f"tool_choice {choice!r} has no Anthropic Messages counterpart")
 
 
+def _refuse_untranslated(body: dict[str, Any]) -> None:
+    """Raise Untranslatable for the first field that asks for what the translation would lose (_REFUSED), or
+    that it does not know."""
+    for name, value in body.items():
+        if name in _TRANSLATED or name in _DROPPED or value is None or value in _NEUTRAL.get(name, ()):
+            continue
+        why = _REFUSED.get(name)
+        if why is None:
+            shown = name if len(name) <= 64 else name[:64] + "..."
+            raise Untranslatable(f"Anthropic Messages endpoints have no counterpart of the request field {shown!r}")
+        raise Untranslatable(f"Anthropic Messages endpoints {why} ({name!r})")
+
+
+def _tools(tools: list[Any]) -> list[dict[str, Any]]:
+    """OpenAI function tools as Anthropic tools (another kind of tool is refused, not left out)."""
+    out = []
+    for t in tools:
+        if t.get("type") != "function":
+            raise Untranslatable(f"tools of type {t.get('type')!r} have no Anthropic Messages counterpart")
+        fn = t["function"]
+        out.append({"name": fn["name"], "description": fn.get("description", ""),
+                    "input_schema": fn.get("parameters") or {"type": "object", "properties": {}}})
+    return out
+
+
 def request(body: dict[str, Any]) -> dict[str, Any]:
     """An OpenAI chat-completions request body as an Anthropic Messages request body."""
-    for name, what in _UNSUPPORTED.items():
-        if body.get(name):
-            raise Untranslatable(f"Anthropic Messages endpoints do not return {what} ({name!r})")
-    if (body.get("n") or 1) > 1:
-        raise Untranslatable("Anthropic Messages endpoints return one choice: n must be 1")
+    _refuse_untranslated(body)
     system: list[str] = []
     turns: list[dict[str, Any]] = []
 
@@ -145,14 +203,16 @@ def request(body: dict[str, Any]) -> dict[str, Any]:
         out["stop_sequences"] = [stop] if isinstance(stop, str) else list(stop)
     if body.get("stream"):
         out["stream"] = True
-    if body.get("user"):
-        out["metadata"] = {"user_id": body["user"]}
+    user = body.get("safety_identifier") or body.get("user")  # the newer name of the end user's id first
+    if user:
+        out["metadata"] = {"user_id": user}
     tools = body.get("tools")
     if tools:
-        out["tools"] = [{"name": t["function"]["name"], "description": t["function"].get("description", ""),
-                         "input_schema": t["function"].get("parameters") or {"type": "object", "properties": {}}}
-                        for t in tools if t.get("type") == "function"]
+        out["tools"] = _tools(tools)
     choice = _tool_choice(body.get("tool_choice"))
+    if body.get("parallel_tool_calls") is False and tools and (choice or {}).get("type") != "none":
+        # At most one tool call: Messages says it inside tool_choice (auto, OpenAI's default with tools, if unset).
+        choice = {**(choice or {"type": "auto"}), "disable_parallel_tool_use": True}
     if choice is not None:
         out["tool_choice"] = choice
     return out

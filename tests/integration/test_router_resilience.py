@@ -20,6 +20,7 @@ from urllib.parse import quote
 import aiohttp
 import msgspec
 import openai
+import pydantic
 import pytest
 from aiohttp import web
 
@@ -2154,6 +2155,80 @@ async def test_an_anthropic_answer_of_the_wrong_shape_is_a_bad_response_not_a_cr
             assert error == "stream interrupted: endpoint default sent a stream event that is not a chat.completions chunk"
     assert [(e.status, e.error_type) for e in await events(2)] == [("error", "upstream_bad_response"),
                                                                   ("error", "upstream_bad_chunk")]
+
+
+def _recording_messages(got: list[dict[str, Any]]) -> Callable[[str, Any], web.Response]:
+    """An Anthropic Messages answer (a JSON text) that records each body it was sent."""
+
+    def answer(_auth: str, body: Any) -> web.Response:
+        got.append(body)
+        return web.json_response({"type": "message", "id": "m1", "model": body["model"], "role": "assistant",
+                                  "content": [{"type": "text", "text": '{"city": "Paris"}'}],
+                                  "stop_reason": "end_turn", "usage": {"input_tokens": 1, "output_tokens": 1}})
+
+    return answer
+
+
+class _City(pydantic.BaseModel):
+    city: str
+
+
+_SCHEMA = {"type": "json_schema", "json_schema": {"name": "answer", "strict": True, "schema": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"], "additionalProperties": False}}}
+_WX = [{"type": "function", "function": {"name": "wx", "parameters": {"type": "object", "properties": {}}}}]
+
+
+@pytest.mark.parametrize(("asked", "named"), [
+    ({"response_format": _SCHEMA}, "'response_format'"),
+    ({"response_format": {"type": "json_object"}}, "'response_format'"),
+    ({"logit_bias": {"1734": -100}}, "'logit_bias'"),
+    ({"functions": [{"name": "wx", "parameters": {"type": "object"}}], "function_call": {"name": "wx"}}, "'function"),
+    ({"web_search_options": {}}, "'web_search_options'"),
+    ({"reasoning_effort": "high"}, "'reasoning_effort'"),
+    ({"extra_body": {"guided_json": {"type": "object"}}}, "'guided_json'"),  # a field it does not know
+    ({"tools": [{"type": "custom", "custom": {"name": "sql"}}]}, "tools of type 'custom'"),
+    ("parse", "'response_format'"),  # the SDK's structured-output helper
+], ids=["json_schema", "json_object", "logit_bias", "functions", "web_search", "reasoning", "unknown", "custom_tool",
+        "sdk_parse"])
+async def test_a_field_an_anthropic_endpoint_cannot_serve_is_refused_with_a_400_naming_it(
+        gateway: Gateway, keys: Bootstrap, asked: Any, named: str) -> None:
+    # Found by a probe (p53 F1): the translation copied the fields it knew and dropped the rest, so a
+    # `response_format` json_schema was answered 200 in free text (the SDK's parse() failed on it), the legacy
+    # `functions` were never offered, logit_bias and web_search_options vanished. Now a field Messages cannot express
+    # is refused before any call, as `n: 2` and log probabilities were (README: refused with a 400 that says so).
+    got: list[dict[str, Any]] = []
+    async with FakeLLM("claude", ("answer", _recording_messages(got))) as up:
+        router = await gateway({"default": {"url": up.url, "provider": "anthropic"}})
+        async with client(router, keys) as c:
+            with pytest.raises(openai.BadRequestError, match="Anthropic Messages") as caught:
+                if asked == "parse":
+                    await c.chat.completions.parse(model="m", messages=MESSAGES, response_format=_City)
+                else:
+                    await c.chat.completions.create(model="m", messages=MESSAGES, **asked)
+    assert named in caught.value.body["message"]
+    assert got == []
+
+
+async def test_what_an_anthropic_endpoint_can_serve_of_those_fields_reaches_it_translated(
+        gateway: Gateway, keys: Bootstrap) -> None:
+    # p53 F1: `parallel_tool_calls: false` was dropped (Claude could answer with several tool calls): it is
+    # Anthropic's tool_choice.disable_parallel_tool_use, kept with the tool choice asked (auto when none). A text
+    # response_format and an empty logit_bias ask for nothing; a seed and penalties change no answer's form (a
+    # release may fix them): served, none of them sent.
+    got: list[dict[str, Any]] = []
+    async with FakeLLM("claude", ("answer", _recording_messages(got))) as up:
+        router = await gateway({"default": {"url": up.url, "provider": "anthropic"}})
+        async with client(router, keys) as c:
+            for choice in (openai.NOT_GIVEN, "required", {"type": "function", "function": {"name": "wx"}}, "none"):
+                await c.chat.completions.create(model="m", messages=MESSAGES, tools=_WX, tool_choice=choice,
+                                                parallel_tool_calls=False)
+            done = await c.chat.completions.create(model="m", messages=MESSAGES, response_format={"type": "text"},
+                                                   seed=7, presence_penalty=1.5, logit_bias={})
+    assert done.choices[0].message.content == '{"city": "Paris"}'
+    assert [b["tool_choice"] for b in got[:4]] == [
+        {"type": "auto", "disable_parallel_tool_use": True}, {"type": "any", "disable_parallel_tool_use": True},
+        {"type": "tool", "name": "wx", "disable_parallel_tool_use": True}, {"type": "none"}]
+    assert sorted(got[4]) == ["max_tokens", "messages", "model"]
 
 
 async def test_an_over_budget_refusal_says_the_request_needs_more_than_is_left(

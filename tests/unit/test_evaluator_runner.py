@@ -143,5 +143,13 @@ async def test_an_anthropic_endpoint_is_called_in_anthropic_messages_as_the_rout
         with pytest.raises(Untranslatable, match="log probabilities"):
             await runner.complete(session, sim.url, "c", msgs, FAST, {"logprobs": True}, {"x-api-key": "sk-a"},
                                   "anthropic")
+        # p53 F1: a suite's response_format was dropped, so a JSON-scored case was judged on Claude's free text;
+        # now refused as the router refuses it (a text one asks for nothing and is served).
+        with pytest.raises(Untranslatable, match="'response_format'"):
+            await runner.complete(session, sim.url, "c", msgs, FAST, {"response_format": {"type": "json_object"}},
+                                  {"x-api-key": "sk-a"}, "anthropic")
         assert sim.requests == {"c": 1}
+        await runner.complete(session, sim.url, "c", msgs, FAST, {"response_format": {"type": "text"}},
+                              {"x-api-key": "sk-a"}, "anthropic")
+        assert sim.requests == {"c": 2}
 
