@@ -16,8 +16,8 @@ from typing import Any
 
 import yaml
 
-from lockgate.documents import check_aliases
 from lockgate.errors import ConfigError
+from lockgate.onereading import yaml_loads
 
 
 class ProbeSetError(ConfigError):
@@ -279,8 +279,7 @@ def _probe(raw: Mapping[str, Any], defaults: Mapping[str, Any]) -> Probe:
 def parse_probes(text: str) -> tuple[Probe, ...]:
     """Probes from YAML text: {defaults: {...}, probes: [{id, prompt, ...}, ...]}."""
     try:
-        check_aliases(text)
-        doc = yaml.safe_load(text) or {}
+        doc = yaml_loads(text) or {}  # the one reader, which measures aliases on what it decodes
     except yaml.YAMLError as exc:
         raise ProbeSetError(f"probe set is not valid YAML: {exc}") from None
     except ValueError as exc:

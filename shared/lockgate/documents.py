@@ -4,7 +4,7 @@ A document is declared once, as Structs with `forbid_unknown_fields=True` and `M
 msgspec does the checking and its message already carries the path (`... - at `$.rules[2].threshold``).
 These helpers only prefix the document's name and raise the domain's error type. They read JSON and YAML through
 `lockgate.onereading`, which refuses a document other readers would read another way (a key given twice; a YAML
-scalar YAML 1.1 and 1.2 read differently).
+scalar YAML 1.1 and 1.2 read differently) and a YAML document its aliases expand too far.
 """
 
 from __future__ import annotations
@@ -17,13 +17,9 @@ import msgspec
 import yaml
 
 from lockgate.errors import ConfigError, LockgateError
-from lockgate.onereading import TwoReadings, json_loads, yaml_loads
+from lockgate.onereading import Expands, TwoReadings, json_loads, yaml_loads
 
 T = TypeVar("T")
-
-# A YAML document may name at most this many values once its aliases are expanded (see `check_aliases`).
-MAX_YAML_VALUES = 5_000_000
-_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 # Shared constraint vocabulary, so "non-empty" or "a content hash" means the same in every document.
 NonEmpty = Annotated[str, msgspec.Meta(min_length=1)]
@@ -40,38 +36,6 @@ def convert(raw: Any, type_: type[T], *, name: str, error: type[LockgateError] =
         raise error(f"{name}: {exc}") from None
 
 
-def check_aliases(data: bytes | str, limit: int = MAX_YAML_VALUES) -> None:
-    """Raise ValueError when YAML aliases would make `data` more than `limit` values ("billion laughs": nine
-    lists of nine aliases of the last, nine deep, are 387 million values from 400 bytes). Decoding shares an
-    aliased value, so it is cheap; whatever walks the result (validating, encoding, hashing) is not, and a
-    folder applied in CI took the machine's memory. Counted on the parser's events, before anything is built;
-    text that does not parse is left to the decoder, which says where."""
-    if ("*" if isinstance(data, str) else b"*") not in data:  # no alias, nothing to expand
-        return
-    sizes: dict[str, int] = {}  # values under each anchor, aliases expanded
-    open_: list[list[Any]] = [[0, None]]  # [values so far, anchor] per open collection, the document's first
-    try:
-        for event in yaml.parse(data, Loader=_Loader):
-            if isinstance(event, yaml.AliasEvent):
-                open_[-1][0] += sizes.get(event.anchor, 1)
-            elif isinstance(event, yaml.ScalarEvent):
-                open_[-1][0] += 1
-                if event.anchor:
-                    sizes[event.anchor] = 1
-            elif isinstance(event, yaml.CollectionStartEvent):
-                open_.append([1, event.anchor])
-                continue
-            elif isinstance(event, yaml.CollectionEndEvent):
-                count, anchor = open_.pop()
-                if anchor:
-                    sizes[anchor] = count
-                open_[-1][0] += count
-            if open_[-1][0] > limit:
-                raise ValueError(f"its aliases expand it to more than {limit:,} values")
-    except yaml.YAMLError:
-        return
-
-
 def load_yaml(path: str | Path, type_: type[T], *, name: str, error: type[LockgateError] = ConfigError,
               shown: str | None = None) -> T:
     """A YAML file decoded straight into `type_`; unreadable, not YAML, or invalid each say so (naming the
@@ -83,13 +47,9 @@ def load_yaml(path: str | Path, type_: type[T], *, name: str, error: type[Lockga
     except OSError as exc:
         raise error(f"cannot read {name} {where}: {exc.strerror or exc}") from None
     try:
-        check_aliases(data)
-    except ValueError as exc:
-        raise error(f"{name} {where} is refused: {exc}") from None
-    try:
         # As msgspec.yaml.decode does, but through the reader that refuses what other readers read another way.
         return msgspec.convert(yaml_loads(data, c_parser=True), type_, builtin_types=(datetime.datetime, datetime.date))
-    except TwoReadings as exc:
+    except (TwoReadings, Expands) as exc:
         raise error(f"{name} {where} is refused: {exc}") from None
     except msgspec.ValidationError as exc:
         raise error(f"{name} {where} is invalid: {exc}") from None
@@ -101,7 +61,7 @@ def load_yaml(path: str | Path, type_: type[T], *, name: str, error: type[Lockga
 
 def parse(data: bytes | str, fmt: Literal["json", "yaml", "text"], *, where: str | Path,
           error: type[LockgateError] = ConfigError) -> Any:
-    """`data` as JSON, YAML (aliases checked) or UTF-8 text, or `error("<where>: <why>")` in one line. Every file the
+    """`data` as JSON, YAML (aliases measured) or UTF-8 text, or `error("<where>: <why>")` in one line. Every file the
     CLI reads without a Struct goes through here: before (probe p11), nesting 200,000 deep (RecursionError) or
     Latin-1 text (UnicodeDecodeError) escaped the readers' own `except` and ended the command in a traceback."""
     try:
@@ -109,17 +69,13 @@ def parse(data: bytes | str, fmt: Literal["json", "yaml", "text"], *, where: str
             return data.decode() if isinstance(data, bytes) else data
         if fmt == "json":
             return json_loads(data)
-        try:
-            check_aliases(data)
-        except ValueError as exc:
-            raise error(f"{where} is refused: {exc}") from None
         return yaml_loads(data)
     except UnicodeDecodeError as exc:
         line = exc.object.count(b"\n", 0, exc.start) + 1 if isinstance(exc.object, bytes) else 1
         raise error(f"{where}: not UTF-8 text (line {line})") from None
     except RecursionError:
         raise error(f"{where}: nested too deeply to read") from None
-    except TwoReadings as exc:
+    except (TwoReadings, Expands) as exc:
         raise error(f"{where} is refused: {exc}") from None
     except yaml.YAMLError as exc:
         raise error(f"{where}: not JSON or YAML ({' '.join(str(exc).split())})") from None

@@ -8,6 +8,9 @@ must be what everyone else reads, so a repeated key, at any depth, is refused na
 YAML is read as PyYAML reads it (YAML 1.1); a plain scalar that YAML 1.2's core schema (most other tools, and
 most readers) takes for another number, boolean or text is refused, quoting it: `0300` is 192 to YAML 1.1 and 300 to YAML 1.2,
 `1:30` is 90 or text, `on`/`yes`/`no`/`off` a boolean or text, `1_000` a number or text, `1e3` text or a number.
+
+The same loader measures a YAML document before building it: one whose aliases expand it past MAX_YAML_VALUES values
+or MAX_YAML_BYTES of keys and values is refused (`Expands`), whichever parser reads it.
 """
 
 from __future__ import annotations
@@ -32,6 +35,13 @@ _CORE_INF = re.compile(r"[-+]?\.(inf|Inf|INF)")
 _CORE_NAN = re.compile(r"\.(nan|NaN|NAN)")
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
 
+# What a YAML document with aliases may expand to (see `_expanded`): values, and bytes of its keys' and values' text.
+# Decoding shares an aliased value, so it is cheap; whatever walks the result (validating, encoding, hashing) is not:
+# nine lists of nine aliases of the last, nine deep, are 387 million values from 400 bytes ("billion laughs"), and a
+# folder applied in CI took the machine's memory (probe p11).
+MAX_YAML_VALUES = 5_000_000
+MAX_YAML_BYTES = 64 * 1024 * 1024
+
 
 class TwoReadings(ValueError):
     """A document readers disagree on: a key given twice, or a YAML scalar YAML 1.1 and 1.2 read differently.
@@ -44,6 +54,10 @@ def _step(path: str, key: Any) -> str:
         return f"{path}[{key}]"
     text = str(key)
     return f"{path}.{text}" if _NAME.fullmatch(text) else f"{path}[{json.dumps(text)}]"
+
+
+class Expands(ValueError):
+    """A YAML document whose aliases expand it past MAX_YAML_VALUES values or MAX_YAML_BYTES bytes."""
 
 
 # JSON ----------------------------------------------------------------------------------------------------------
@@ -129,10 +143,48 @@ def _shown(value: Any) -> str:
     return "text"
 
 
+def _expanded(root: yaml.Node) -> tuple[int, int, bool]:
+    """(values, bytes of scalar text, whether any node is named twice) of the document rooted at `root` once its
+    aliases are expanded. An alias shares its anchor's node, so this costs one visit per node however far the
+    aliases expand; an alias inside its own anchor (a cycle) counts as one value, as it is built once."""
+    sizes: dict[int, tuple[int, int]] = {}
+    open_: set[int] = set()  # nodes whose children are being measured
+    shared = False
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, measured = stack.pop()
+        if isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        else:
+            children = node.value if isinstance(node, yaml.SequenceNode) else []
+        if measured:  # its children are: add them up
+            open_.discard(id(node))
+            inner = [sizes.get(id(c), (1, 0)) for c in children]
+            sizes[id(node)] = (1 + sum(v for v, _ in inner), sum(b for _, b in inner))
+        elif id(node) in sizes or id(node) in open_:
+            shared = True
+        elif isinstance(node, yaml.ScalarNode):
+            sizes[id(node)] = (1, len(node.value.encode()))
+        else:
+            open_.add(id(node))
+            stack.append((node, True))
+            stack.extend((c, False) for c in children)
+    values, size = sizes[id(root)]
+    return values, size, shared
+
+
 class _OneReading:
-    """Mixed into PyYAML's safe loaders: checks the composed document before building it."""
+    """Mixed into PyYAML's safe loaders: measures and checks the composed document before building it."""
 
     def construct_document(self, node: yaml.Node) -> Any:
+        # Measured on the nodes this loader's own parser composed, so a document some other parser cannot read
+        # (`%YAML 1.3`, which libyaml refuses and PyYAML reads) is never decoded unmeasured (probe p51 F1).
+        values, size, shared = _expanded(node)
+        if shared and values > MAX_YAML_VALUES:
+            raise Expands(f"its aliases expand it to more than {MAX_YAML_VALUES:,} values")
+        if shared and size > MAX_YAML_BYTES:
+            # Before (probe p51 F2), only values were counted: one 1 MB string aliased 1,500 times was 1.5 GB.
+            raise Expands(f"its aliases expand it to more than {MAX_YAML_BYTES // 2**20} MiB of text")
         self._check(node)
         return super().construct_document(node)
 
@@ -208,5 +260,6 @@ class _CLoader(_OneReading, getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # t
 def yaml_loads(data: bytes | str, *, c_parser: bool = False) -> Any:
     """`data` as `yaml.safe_load` reads it (with `c_parser`, as msgspec.yaml.decode: libyaml's parser, which refuses
     nesting past 1,000 where the pure-Python one runs out of stack); TwoReadings for a key given twice or a plain
-    scalar YAML 1.1 and 1.2 read differently (naming its line and path); yaml.YAMLError for what is not YAML."""
+    scalar YAML 1.1 and 1.2 read differently (naming its line and path); Expands for a document its aliases expand
+    past MAX_YAML_VALUES values or MAX_YAML_BYTES; yaml.YAMLError for what is not YAML."""
     return yaml.load(data, Loader=_CLoader if c_parser else _PyLoader)  # safe loaders: build plain values only

@@ -12,7 +12,7 @@ import yaml
 from lockgate.errors import ConfigError
 from lockgate.ids import content_hash
 from lockgate.modelnames import same_model
-from lockgate.onereading import TwoReadings, yaml_loads
+from lockgate.onereading import Expands, TwoReadings, yaml_loads
 
 Rate = Annotated[float, msgspec.Meta(ge=0)]
 SHIPPED = Path(__file__).with_name("pricebook.yaml")
@@ -105,7 +105,7 @@ def load_price_book(path: str = "") -> PriceBook:
         data = yaml_loads(p.read_text())
     except OSError as exc:
         raise PriceBookError(f"cannot read price book {p}: {exc.strerror or exc}") from None
-    except TwoReadings as exc:  # a model's price given twice: the reviewer's and lockgate's would differ
+    except (TwoReadings, Expands) as exc:  # a model's price given twice: the reviewer's and lockgate's would differ
         raise PriceBookError(f"price book {p} is refused: {exc}") from None
     except yaml.YAMLError as exc:
         raise PriceBookError(f"price book {p} is not valid YAML: {exc}") from None

@@ -169,19 +169,26 @@ def test_defaults_survive_decoding() -> None:
     assert (params.n, params.endpoint, params.temperature, params.pass_mark) == (3, "", 0.7, 0.5)
 
 
-def test_aliases_are_counted_as_expanded_and_a_bomb_is_refused_before_anything_is_built() -> None:
-    from lockgate.documents import check_aliases
+@pytest.mark.parametrize("c_parser", [False, True])
+def test_aliases_are_counted_as_expanded_and_a_bomb_is_refused_before_anything_is_built(
+        c_parser: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lockgate import onereading
+    from lockgate.onereading import Expands, yaml_loads
     from lockgate.services.evaluator.safety import ProbeSetError, parse_probes
 
-    check_aliases("defaults: &d {model: m, retries: 2}\na: *d\nb: *d\nlist: &l [1, 2, 3]\nagain: *l\n")
-    # 16: the document, its two keys, d (a list of two: 3) and a (a list of three copies of d: 10)
-    check_aliases("d: &d [1, 2]\na: [*d, *d, *d]\n", limit=16)
-    with pytest.raises(ValueError, match="more than 15 values"):
-        check_aliases("d: &d [1, 2]\na: [*d, *d, *d]\n", limit=15)
+    shared = "defaults: &d {model: m, retries: 2}\na: *d\nb: *d\nlist: &l [1, 2, 3]\nagain: *l\n"
+    assert yaml_loads(shared, c_parser=c_parser)["b"] == {"model": "m", "retries": 2}
+    looped = yaml_loads("a: &a [1, *a]\n", c_parser=c_parser)  # built once, however deep it is walked
+    assert looped["a"][1] is looped["a"]
     bomb = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
         f"{x}: &{x} [{', '.join([f'*{p}'] * 9)}]\n" for p, x in zip("abcdefgh", "bcdefghi", strict=True))
-    with pytest.raises(ValueError, match="more than 5,000,000 values"):
-        check_aliases(bomb)
+    with pytest.raises(Expands, match="more than 5,000,000 values"):
+        yaml_loads(bomb, c_parser=c_parser)
+    with pytest.raises(Expands, match="more than 64 MiB of text"):
+        yaml_loads(f"a: &a {'x' * 1_000_000}\nb: [{', '.join(['*a'] * 70)}]\n", c_parser=c_parser)
+    monkeypatch.setattr(onereading, "MAX_YAML_BYTES", 100)
+    assert yaml_loads(f"a: {'x' * 200}\n", c_parser=c_parser)  # no alias: nothing bounds a file's own size here
+    with pytest.raises(Expands, match="more than 0 MiB"):
+        yaml_loads(f"a: &a {'x' * 60}\nb: *a\n", c_parser=c_parser)
     with pytest.raises(ProbeSetError, match="probe set is refused: its aliases expand it"):
         parse_probes(bomb + "probes: [*i]\n")
-    check_aliases("not: [valid")  # the decoder says what is wrong, and where

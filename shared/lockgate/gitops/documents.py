@@ -2,7 +2,8 @@
 
 Any `*.yaml` / `*.yml` file under the folder (any case of the suffix) is one document, but for hidden files and
 files in hidden folders (`.github/`, `.pre-commit-config.yaml`: other tools' files), which `hidden_documents` lists
-for `plan` to name; how the folder is arranged into sub-folders is the team's choice. Nothing is read from outside the
+for `plan` to name (a `file:` or a symbolic link to one is refused, so what `plan` names is never read); how the
+folder is arranged into sub-folders is the team's choice. Nothing is read from outside the
 folder: a symbolic link out of it, like a `file:` out of it, is refused. Content kinds (dataset, prompt,
 model_config, tool, suite, policy) become content-addressed artifacts: their content is `spec:`
 inline (a mapping or a list) or `file:` beside the document (a dataset may be a JSONL file). A release names artifacts of
@@ -166,6 +167,11 @@ def _is_yaml(path: Path) -> bool:
     return path.suffix.lower() in (".yaml", ".yml")
 
 
+def _hidden(rel: str | Path) -> bool:
+    """Whether a path relative to the folder is a hidden file or in a hidden folder."""
+    return any(part.startswith(".") for part in Path(rel).parts)
+
+
 def hidden_documents(folder: str | Path) -> list[str]:
     """YAML files under `folder` that `load_folder` does not read, being hidden or in a hidden folder (relative paths,
     sorted; none from version control's own folders): `plan` names them, so a hidden file added in a pull request is
@@ -181,13 +187,23 @@ def hidden_documents(folder: str | Path) -> list[str]:
     return sorted(found)
 
 
+def _refuse_hidden(rel: str, named: str, target: str) -> None:
+    """GitopsError if the `file:` of document `rel` (`named`, relative to the folder, read at `target`) is a hidden
+    file or in a hidden folder. Before (probe p51 F3), its content was applied while `plan` listed it as a hidden YAML
+    file lockgate does not read; refused, the rule a reviewer relies on (hidden files are other tools') holds."""
+    hidden = next((p for p in (named, target) if not p.startswith("..") and _hidden(p)), None)
+    if hidden is not None:
+        raise GitopsError(f"document {rel} is invalid: `file` reaches {hidden}, a hidden file, which lockgate does not "
+                          "read (give the content in `spec:`, or in a visible `.json`, `.jsonl`, `.txt` or `.md` file: "
+                          "a visible `.yaml` file is a document) - at `$.file`")
+
+
 def load_folder(folder: str | Path) -> list[Source]:
     """Every document under `folder`, sorted by path; GitopsError naming the file (and path) if one is bad."""
     root = Path(folder).expanduser()
     if not root.is_dir():
         raise GitopsError(f"{root} is not a folder")
-    files = sorted(p for p in root.rglob("*") if _is_yaml(p) and p.is_file()
-                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    files = sorted(p for p in root.rglob("*") if _is_yaml(p) and p.is_file() and not _hidden(p.relative_to(root)))
     real = root.resolve()
     sources = []
     for path in files:
@@ -197,19 +213,24 @@ def load_folder(folder: str | Path) -> list[Source]:
         if not path.resolve().is_relative_to(real):
             raise GitopsError(f"document {rel} is refused: it is a symbolic link to {path.resolve()}, outside the "
                               "folder (a commit of the folder does not hold that content)")
+        resolved = path.resolve().relative_to(real).as_posix()
+        if _hidden(resolved):  # a link to a hidden file would apply one `plan` lists as not read (probe p51 F3)
+            raise GitopsError(f"document {rel} is refused: it is a symbolic link to {resolved}, a hidden file, which "
+                              "lockgate does not read")
         doc = load_yaml(path, Document, name="document", error=GitopsError, shown=rel)  # type: ignore[arg-type]
         data = None
-        reads = {rel, path.resolve().relative_to(real).as_posix()}
+        reads = {rel, resolved}
         if isinstance(doc, ContentDoc) and doc.file:
             target = (path.parent / doc.file).resolve()
             if not target.is_relative_to(real):
                 raise GitopsError(f"document {rel} is invalid: `file` must stay inside the folder - at `$.file`")
+            named = os.path.relpath(os.path.normpath(path.parent / doc.file), root)  # a link named by `file:`
+            _refuse_hidden(rel, named, target.relative_to(real).as_posix())
             try:
                 data = target.read_bytes()
             except OSError as exc:
                 raise GitopsError(f"document {rel} is invalid: cannot read {doc.file}: "
                                   f"{exc.strerror or exc} - at `$.file`") from None
-            named = os.path.relpath(os.path.normpath(path.parent / doc.file), root)  # a link named by `file:`
             reads |= {target.relative_to(real).as_posix(), *([Path(named).as_posix()] if not
                                                               named.startswith("..") else [])}
         sources.append(Source(path=rel, doc=doc, file_bytes=data, reads=tuple(sorted(reads))))
