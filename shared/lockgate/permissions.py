@@ -373,11 +373,11 @@ def _grant(s: Subjects, identity: str) -> Grant:
             g.add(Grant(
                 publish=[s.eval_requested, s.artifact_registered, s.release_registered, s.gitops_apply("operator")],
                 subscribe=[s.eval_completed, f"{s.prefix}.progress.eval.>", s.gate_decided_all, s.eval_reran]))
-            # Key changes made from the CLI, recorded as itself, and their rows as the chainer appends them (the
-            # command waits for its own; each row is one `audit log` shows any viewer anyway).
+            # Trust-file revocations and retirements made from the CLI (a safety action any operator may take), recorded
+            # as itself, and their rows as the chainer appends them (the command waits for its own; each row is one
+            # `audit log` shows any viewer anyway). Keys and application credentials are admin's
+            # (cli.audit.may_record_admin_change), so it no longer asks the runtime to reload its NATS users (p54 F2).
             g.add(Grant(publish=[s.audit("operator")], subscribe=[s.audit_records]))
-            # `app-credential` asks the embedded runtime to re-read the home's users (which it may not write).
-            g.add(Grant(publish=[s.nats_reload]))
             # `alias set` and `artifact deprecate` append signed records to the provenance stream, on one
             # alias's or one artifact's subject only. nats-server cannot check a signature: what it lets the
             # credential alone publish there, readers skip (lockgate.provenance.chain).

@@ -136,9 +136,10 @@ async def test_a_change_no_gatekeeper_can_chain_fails_and_is_chained_once_one_ca
         again = await lockgate(stack, "gate", "trust", "--person", "mallory", "--role", "approver",
                                str(tmp_path / "mallory.pem"))
         assert again.exit_code == 0, again.output
-        # The operator role waits for its row alike (it may read the rows as they are chained).
-        key = await lockgate(stack, "--role", "operator", "keys", "create", "--tenant", "acme", "--app", "shop")
-        assert key.exit_code == 0, key.output
+        # The operator role waits for its row alike (it may read the rows as they are chained): a revocation, the
+        # change to the trust file it may make.
+        revoked = await lockgate(stack, "--role", "operator", "gate", "revoke", "--person", "mallory")
+        assert revoked.exit_code == 0, revoked.output
     finally:
         await replacement.stop()
         await chained.unsubscribe()

@@ -44,7 +44,7 @@ async def test_a_grant_of_trust_the_audit_log_does_not_take_is_undone(stack: Run
     before = await asyncio.to_thread(path.read_bytes)
     viewer = await lockgate(stack, "--role", "viewer", "gate", "trust", "--person", "bob", "--role", "admin",
                             str(tmp_path / "bob.pem"))
-    assert viewer.exit_code == 5 and "role 'viewer' may not change the trust file" in one_line(viewer), viewer.output
+    assert viewer.exit_code == 5 and "role 'viewer' may not trust a key or a person" in one_line(viewer), viewer.output
     # Probe p3: an operator, who may record in the audit log, trusted a person as approver, whose approval then
     # turned a NEEDS_REVIEW into a PASS. Only admin says whom lockgate trusts.
     operator = await lockgate(stack, "--role", "operator", "gate", "trust", "--person", "bob", "--role", "approver",

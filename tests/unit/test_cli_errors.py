@@ -91,8 +91,8 @@ def test_a_credential_or_key_change_a_role_may_not_audit_is_not_made(home: Path)
     path = credentials.app_path(home, "t", "a")
     refused = invoke(home, "--role", "viewer", "app-credential", "create", "--tenant", "t", "--app", "a")
     assert refused.exit_code == 5, refused.output
-    assert refused.stderr.startswith("error: role 'viewer' may not change application credentials") and \
-        refused.stderr.endswith("use --role operator or admin\n")
+    assert refused.stderr.startswith("error: role 'viewer' may not create or revoke application credentials") and \
+        refused.stderr.endswith("use --role admin\n")
     assert not path.exists() and json.loads(invoke(home, "app-credential", "list", "--json").stdout) == []
 
     made = invoke(home, "app-credential", "create", "--tenant", "t", "--app", "a")  # admin, no stack: not audited
@@ -100,12 +100,12 @@ def test_a_credential_or_key_change_a_role_may_not_audit_is_not_made(home: Path)
     before = path.read_bytes()
     for args in (("revoke",), ("create", "--rotate")):
         again = invoke(home, "--role", "approver", "app-credential", *args, "--tenant", "t", "--app", "a")
-        assert again.exit_code == 5 and "role 'approver' may not change application credentials" in again.stderr
+        assert again.exit_code == 5 and "role 'approver' may not create or revoke application credentials" in again.stderr
         assert path.read_bytes() == before
 
     key = invoke(home, "--role", "viewer", "keys", "create", "--tenant", "t", "--app", "a")
     assert key.exit_code == 5 and key.stdout == "", key.output  # no key printed, none made
-    assert key.stderr.startswith("error: role 'viewer' may not change API keys")
+    assert key.stderr.startswith("error: role 'viewer' may not create, rescope or revoke API keys")
     assert json.loads(invoke(home, "keys", "list", "--json").stdout) == []
 
 

@@ -78,6 +78,8 @@ FACTS = {
     S.audit("operator"): {"operator", "admin"},
     S.audit("viewer"): {"admin"},
     S.audit_records: {"gatekeeper", "admin"},
+    # the embedded runtime reloads its NATS users for `app-credential`, admin's alone (probe p54 F2: the operator's)
+    S.nats_reload: {"admin"},
     "$KV.lg_audit.head": {"gatekeeper", "admin"},
     # the whole originals of cut dead letters: every service that dead-letters keeps them, in their bucket only
     "$O.lg_dlq_originals.C.nuid": {*SERVICES, "admin"},

@@ -22,7 +22,7 @@ import nats.errors
 
 from lockgate import credentials
 from lockgate.cli.access import connect_once
-from lockgate.cli.audit import NotChained, may_record, record_change, record_undone
+from lockgate.cli.audit import NotChained, may_record_admin_change, record_change, record_undone
 from lockgate.cli.render import console, err_console, output, say_with
 from lockgate.cli.root import handle_errors
 from lockgate.config import Settings
@@ -60,8 +60,11 @@ def _change(settings: Settings, tenant: str, app: str, make: Callable[[], Path],
     Returns (path, applied, what to tell the user about applying it)."""
     check_name(tenant, "tenant")
     check_name(app, "app")
-    role = may_record(settings, "change application credentials (record the change in the audit log and have "
-                                "the stack reload its users)", Subjects(settings.prefix).nats_reload)
+    # A credential decides who publishes a tenant's events on the bus: admin's, as API keys are (probe p54 F2).
+    role = may_record_admin_change(settings, "create or revoke application credentials (which say who may publish "
+                                   "a tenant's events on the bus)",
+                                   "change application credentials (record the change in the audit log and have "
+                                   "the stack reload its users)", Subjects(settings.prefix).nats_reload)
     path = credentials.app_path(settings.home, tenant, app)
     before = path.read_bytes() if path.is_file() else None
     made = make()

@@ -23,6 +23,7 @@ from lockgate.cli.render import emit_json, err_console, table
 from lockgate.cli.root import handle_errors, json_option
 from lockgate.config import Settings
 from lockgate.contracts import AuditEntry, AuditRecord
+from lockgate.credentials import NotAllowed
 from lockgate.errors import AuditBroken, BusUnavailable, LockgateError
 from lockgate.permissions import Grant
 from lockgate.queryclient import ask_pages
@@ -103,6 +104,17 @@ def may_record(settings: Settings, doing: str, *also: str) -> str:
     s = Subjects(settings.prefix)
     access.require(settings, role, doing, lambda r: Grant(publish=[s.audit(r), *also]))
     return role
+
+
+def may_record_admin_change(settings: Settings, what: str, doing: str, *also: str) -> str:
+    """`may_record` for a change only admin may make (whom the trust file names, who holds which API key or NATS
+    credential: each decides who may do the rest): any other role is refused first, in one line saying what the
+    change decides (NotAllowed), before anything is changed. Before (probes p3, p54 F2), an operator, who may append
+    to the audit log, trusted approvers, minted admin API keys, lifted any key's scope and revoked the admin's."""
+    role = chosen_role("admin")
+    if role != "admin":
+        raise NotAllowed(f"role {role!r} may not {what}: use --role admin")
+    return may_record(settings, doing, *also)
 
 
 class NotChained(LockgateError):

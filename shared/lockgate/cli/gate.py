@@ -16,7 +16,14 @@ from rich.text import Text
 from lockgate import artifacts, documents
 from lockgate.bus import Bus
 from lockgate.cli.access import with_bus
-from lockgate.cli.audit import NotChained, may_record, read_head, record_change, record_undone
+from lockgate.cli.audit import (
+    NotChained,
+    may_record,
+    may_record_admin_change,
+    read_head,
+    record_change,
+    record_undone,
+)
 from lockgate.cli.identity import chosen_identity
 from lockgate.cli.render import console, emit_json, err_console, say_with, shown, table
 from lockgate.cli.root import fail, handle_errors, json_option
@@ -26,7 +33,6 @@ from lockgate.config import Settings
 from lockgate.contracts import GateAudited, GateDecided, GateReview
 from lockgate.contracts.gates import audit_msg_id, review_key
 from lockgate.contracts.names import check_name
-from lockgate.credentials import NotAllowed
 from lockgate.errors import ConfigError, LockgateError, NotFound, SignatureError
 from lockgate.identity import PERSON_ROLES, Identity, scope_refusal, sign_review
 from lockgate.provenance.attest import other_content
@@ -414,12 +420,10 @@ def register(cli: click.Group) -> None:
         elif roles or tenants:
             raise LockgateError(f"{'--role' if roles else '--tenant'} applies to a person: add --person NAME")
         public = load_public_key(key)
-        role = may_record(settings, "change the trust file (record the change in the audit log)")
-        if role != "admin":
-            # Whom the trust file names decides whose reviews count and whose decisions move traffic: an operator who
-            # trusted a person as approver had that person's approval turn a NEEDS_REVIEW into a PASS (probe p3).
-            raise NotAllowed(f"role {role!r} may not trust a key or a person (whose decisions and reviews then count):"
-                             " use --role admin")
+        # Whom the trust file names decides whose reviews count and whose decisions move traffic: an operator who
+        # trusted a person as approver had that person's approval turn a NEEDS_REVIEW into a PASS (probe p3).
+        may_record_admin_change(settings, "trust a key or a person (whose decisions and reviews then count)",
+                                "change the trust file (record the change in the audit log)")
         before = read_trust_file(path) if path.is_file() else None
         if person:
             kid = trust_person(path, person, public, roles, tenants)

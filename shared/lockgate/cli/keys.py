@@ -10,11 +10,19 @@ import datetime as dt
 
 import click
 
-from lockgate.cli.audit import may_record, record_change
+from lockgate.cli.audit import may_record_admin_change, record_change
 from lockgate.cli.render import console, output, say_with
 from lockgate.cli.root import handle_errors
 from lockgate.errors import ConfigError
 from lockgate.server.apikeys import ROLES, KeyStore
+
+
+def _may_change(ctx: click.Context) -> None:
+    """Refuse a role other than admin before the keys file is touched: a key's role and scope decide who may do
+    what in the router and the gRPC API (before, probe p54 F2, an operator minted admin keys)."""
+    may_record_admin_change(ctx.obj["settings"], "create, rescope or revoke API keys (which say who may call the "
+                            "router and the gRPC API, and as what)",
+                            "change API keys (record the change in the audit log)")
 
 
 def _when(ts: float) -> str:
@@ -50,7 +58,7 @@ def register(cli: click.Group) -> None:
     def create(ctx: click.Context, tenant: str, app: str, role: str, description: str,
                deployments: tuple[str, ...]) -> None:
         """Create a key and print it once (only its hash is kept)."""
-        may_record(ctx.obj["settings"], "change API keys (record the change in the audit log)")
+        _may_change(ctx)
         plain, rec = ctx.obj["keys"].create(tenant, app, role, description, deployments)
         try:
             record_change(ctx.obj["settings"], target=f"apikey:{rec.id}", action="create",
@@ -96,7 +104,7 @@ def register(cli: click.Group) -> None:
         if bool(deployments) == every_deployment:
             raise ConfigError("name the key's deployments with --deployment NAME (repeatable), or lift its scope "
                               "with --every-deployment")
-        may_record(ctx.obj["settings"], "change API keys (record the change in the audit log)")
+        _may_change(ctx)
         before, after = ctx.obj["keys"].rescope(key_id, deployments)
         console.print(f"key {after.id} ({after.role} for {after.tenant}/{after.app}) may use {after.scope} "
                       f"(was: {before.scope})")
@@ -110,7 +118,7 @@ def register(cli: click.Group) -> None:
     @handle_errors
     def revoke(ctx: click.Context, key_id: str) -> None:
         """Revoke a key by id: the router and gRPC API refuse it from their next call."""
-        may_record(ctx.obj["settings"], "change API keys (record the change in the audit log)")
+        _may_change(ctx)
         rec = ctx.obj["keys"].revoke(key_id)
         console.print(f"revoked key {rec.id} ({rec.role} for {rec.tenant}/{rec.app})")
         record_change(ctx.obj["settings"], target=f"apikey:{rec.id}", action="revoke",
