@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -15,6 +15,8 @@ from lockgate.contracts import EvalCaseResult
 from lockgate.documents import ArtifactHash, NonEmpty, NonNegative, at, convert, reroot
 from lockgate.errors import ConfigError, LockgateError
 from lockgate.services.evaluator.scorers import ASYNC_SCORERS, check_scorer, get_scorer
+from lockgate.textbound import STRIPPED_BYTES, TEXT_BYTES, TRUNCATED, cut, marker
+from lockgate.textbound import size as text_size
 
 
 class SuiteError(ConfigError):
@@ -534,12 +536,50 @@ def failure_summary(results: Sequence[CaseResult]) -> str:
     return f"all {len(results)} calls failed; first error: {results[0].error}"
 
 
+# A case's result as one bus message may carry it, encoded: well under the outbox's BATCH_BYTES (what one message of
+# facts carries, itself under NATS' 1 MB max_payload), so a case whose texts were cut still shares its batch.
+FACT_BYTES = 512 * 1024
+# What each text of a case result keeps (`textbound`, as the router's served events): the scores were taken on the
+# whole answer before the cut.
+FACT_TEXT_BYTES = TEXT_BYTES
+
+
 def case_fact(r: CaseResult) -> EvalCaseResult:
-    """One case as published for `eval_cases` (the expected value as text)."""
-    return EvalCaseResult(case_id=r.case_id, repeat=r.repeat, input=r.input, expected=expected_text(r.expected),
-                          output=r.output, scores=dict(r.scores), latency_ms=r.latency_ms,
-                          input_tokens=r.input_tokens, output_tokens=r.output_tokens, error=r.error,
-                          details=dict(r.details))
+    """One case as published for `eval_cases` (the expected value as text), its input, expected and output each cut
+    to FACT_TEXT_BYTES, the cut named in `details` under TRUNCATED with each text's size before it."""
+    sizes: dict[str, int] = {}
+
+    def kept(name: str, text: str) -> str:
+        short = cut(text, FACT_TEXT_BYTES)
+        if short is not text:
+            sizes[name] = text_size(text)
+        return short
+
+    texts = {"input": kept("input", r.input), "expected": kept("expected", expected_text(r.expected)),
+             "output": kept("output", r.output)}
+    details = dict(r.details)
+    if sizes:
+        details[TRUNCATED] = marker(sizes)
+    return EvalCaseResult(case_id=r.case_id, repeat=r.repeat, **texts, scores=dict(r.scores), latency_ms=r.latency_ms,
+                          input_tokens=r.input_tokens, output_tokens=r.output_tokens, error=r.error, details=details)
+
+
+def unpublishable(r: CaseResult, size: int) -> CaseResult:
+    """The case as an error when its result is `size` bytes encoded, over FACT_BYTES even with its texts cut (JSON
+    escapes, a long judge reply in its details): its answer is left out and its input and expected kept in
+    STRIPPED_BYTES each, so that this case alone fails, never the run's batch (probe p52 F1)."""
+    expected = expected_text(r.expected)
+    sizes = {name: text_size(text) for name, text, kept in (("input", r.input, STRIPPED_BYTES),
+                                                            ("expected", expected, STRIPPED_BYTES), ("output", r.output, 0))
+             if text_size(text) > kept}
+    # What a resume checks (the binding asked under) and the flags the summary counts are short: kept.
+    details: dict[str, Any] = {k: v for k, v in r.details.items()
+                               if isinstance(v, bool | int | float) or (isinstance(v, str) and len(v) <= STRIPPED_BYTES)}
+    details[TRUNCATED] = marker(sizes)
+    return replace(r, input=cut(r.input, STRIPPED_BYTES), expected=cut(expected, STRIPPED_BYTES),
+                   output="", scores={}, details=details,
+                   error=f"its result is {size:,} bytes encoded with each text cut to {FACT_TEXT_BYTES:,} bytes, more "
+                         f"than the {FACT_BYTES:,} one case may take in a bus message: its answer was not stored")
 
 
 def fact_case(c: EvalCaseResult) -> CaseResult:

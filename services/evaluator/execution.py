@@ -208,8 +208,8 @@ class Execution:
                                     capacity=max(1, len(keys) - len(finished)))
 
         async def on_result(result: domain.CaseResult) -> None:
-            writer.add(replace(result, details={**result.details, "binding": loaded.binding}))
-            await ticker.step(bool(result.error))
+            recorded = writer.add(replace(result, details={**result.details, "binding": loaded.binding}))
+            await ticker.step(bool(recorded.error))
 
         cache = None
         if self.ctx.settings.eval_cache and req.cache and not req.rerun_of:  # a rerun calls everything afresh
@@ -221,6 +221,8 @@ class Execution:
             await asyncio.shield(writer.close())
             if cache is not None:
                 await cache.flush()
+        # A case whose result was too large to store is summarised as the error it was stored as.
+        new = [writer.refused.get((r.case_id, r.repeat), r) for r in new]
         order = {c.id: i for i, c in enumerate(cases)}
         results = sorted([*finished, *new], key=lambda r: (order[r.case_id], r.repeat))
         outcome = await self._summarise(req, loaded, results)
@@ -259,7 +261,8 @@ class Execution:
         if suite.task.type == "recorded":
             t = suite.task
             events = await persist.recorded_events(self.ctx.bus, t.app, t.release, t.since, loaded.tenant)
-            made = recorded.results(suite, cases, events, skip, tenant=loaded.tenant)
+            # In a thread: each served answer is scored here (runner.scored says why not on the loop).
+            made = await asyncio.to_thread(recorded.results, suite, cases, events, skip, tenant=loaded.tenant)
             return await runner.judge_results(made, judge_hook, concurrency=req.concurrency, on_result=on_result,
                                               stopping=self.stopping, max_run_s=self.ctx.settings.eval_max_run_s)
         bucket = TokenBucket(suite.rate_limit_rps) if suite.rate_limit_rps else None

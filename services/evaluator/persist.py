@@ -13,10 +13,11 @@ import msgspec
 
 from lockgate.batcher import Batcher
 from lockgate.bus import Bus
-from lockgate.codec import Codec
+from lockgate.codec import Codec, encode
 from lockgate.contracts import EvalCaseResult, EvalCasesRecorded
 from lockgate.errors import BusUnavailable, InvalidEvent
 from lockgate.ids import derived_id
+from lockgate.outbox import chunked
 from lockgate.queryclient import ask, ask_pages
 from lockgate.retry import RetryPolicy
 from lockgate.services.evaluator import domain
@@ -42,16 +43,28 @@ class CaseWriter:
         self.release = release
         self.tenant = tenant
         self.written = 0
+        # The cases recorded as errors because their result, even cut, was too large for a bus message (`add`).
+        self.refused: dict[tuple[str, int], domain.CaseResult] = {}
         self._retry = retry or RetryPolicy()
-        # Sized by the caller to the whole run, so no finished case is ever refused.
-        self._batcher: Batcher[EvalCaseResult] = Batcher(
+        # Sized by the caller to the whole run, so no finished case is ever refused. Each case with its encoded size,
+        # measured once, for `_publish` to cut the batch by.
+        self._batcher: Batcher[tuple[EvalCaseResult, int]] = Batcher(
             self._publish, max_items=batch, max_age_s=interval_s, capacity=capacity, name=f"eval-cases:{run_id}")
 
-    def add(self, result: domain.CaseResult) -> None:
-        """Queue one finished case (never waits)."""
-        if not self._batcher.add(domain.case_fact(result)):
+    def add(self, result: domain.CaseResult) -> domain.CaseResult:
+        """Queue one finished case (never waits); returns it as recorded: itself, or an error saying its result
+        was too large for one bus message even with its texts cut (domain.unpublishable), then in `refused`."""
+        fact = domain.case_fact(result)
+        if (size := len(encode(fact))) > domain.FACT_BYTES:
+            result = self.refused[(result.case_id, result.repeat)] = domain.unpublishable(result, size)
+            log.warning("eval %s: case %s/%d recorded as an error: %s", self.run_id, result.case_id, result.repeat,
+                        result.error)
+            fact = domain.case_fact(result)
+            size = len(encode(fact))
+        if not self._batcher.add((fact, size)):
             log.warning("eval %s: case %s/%d not queued (buffer full); a resume runs it again",
                         self.run_id, result.case_id, result.repeat)
+        return result
 
     def fact(self, cases: list[EvalCaseResult]) -> EvalCasesRecorded:
         """The fact one batch is published as; the same cases always give the same id."""
@@ -59,11 +72,17 @@ class CaseWriter:
         return EvalCasesRecorded(id=derived_id("eval-cases", self.run_id, *keys), run_id=self.run_id,
                                  release=self.release, cases=cases, tenant=self.tenant, source="evaluator")
 
-    async def _publish(self, cases: list[EvalCaseResult]) -> None:
-        fact = self.fact(cases)
-        await self._retry.call(lambda: self.bus.publish(self.bus.subjects.eval_cases, fact),
-                               retry_on=BusUnavailable, what=f"publish of eval {self.run_id} cases")
-        self.written += len(cases)
+    async def _publish(self, batch: list[tuple[EvalCaseResult, int]]) -> None:
+        # As many messages as it takes to keep each under a bus message's bytes, as the cost service cuts its ledger
+        # facts and the outbox the router's events: a batch of cases that finished together (a run answered from the
+        # cache) was one message over NATS' max_payload, refused at every retry, and the run dead-lettered
+        # (probe p52 F1: 256 cases of 4 KB answers, 1.1 MB). Each part's id derives from its own cases.
+        parts = chunked([fact for fact, _ in batch], [size + 1 for _, size in batch], max_items=len(batch))
+        for part in parts:
+            fact = self.fact(part)
+            await self._retry.call(lambda fact=fact: self.bus.publish(self.bus.subjects.eval_cases, fact),
+                                   retry_on=BusUnavailable, what=f"publish of eval {self.run_id} cases")
+            self.written += len(part)
 
     async def close(self) -> None:
         """Publish what is left and wait for it; raises BusUnavailable if any case could not be published

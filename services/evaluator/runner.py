@@ -22,6 +22,12 @@ from lockgate.retry import RetryPolicy
 from lockgate.services.evaluator import calibrated, domain
 
 T = TypeVar("T")
+# The most of an answer the evaluator reads, in bytes (decompressed): far above a chat completion of the longest
+# context with its log probabilities (a few MB), so only a broken or hostile endpoint passes it. Unbounded, one
+# answer of 300 MB took an embedded stack from 561 MB to 7 GB and held every tenant's router 15-60 s (probe p52 F2);
+# bounded, a run holds at most its concurrency times this. The judge is read through the same call.
+MAX_ANSWER_BYTES = 16 * 1024 * 1024
+ERROR_TEXT_BYTES = 800  # what is read of an error status's body, for the 200 characters its message quotes
 RETRYABLE_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504, 529})  # 529: Anthropic is overloaded
 
 
@@ -144,9 +150,14 @@ async def _call(session: aiohttp.ClientSession, url: str, shown: str, body: dict
                 raise _Transient(f"HTTP {resp.status} from {shown}", _retry_after(resp.headers.get("Retry-After")),
                                  resp.status)
             if resp.status >= 400:
-                text = _hidden((await resp.text())[:200], headers)
-                raise UpstreamRefused(f"HTTP {resp.status} from {shown}: {text}")
-            data = await resp.read()
+                head = (await _head(resp, ERROR_TEXT_BYTES)).decode("utf-8", "replace")
+                raise UpstreamRefused(f"HTTP {resp.status} from {shown}: {_hidden(head[:200], headers)}")
+            # A length over the bound is believed unread (compressed, the answer is longer still); else at most the
+            # bound and one byte are read, the rest left to the connection closed with the response.
+            if resp.content_length is not None and resp.content_length > MAX_ANSWER_BYTES:
+                raise _too_large(shown)
+            if len(data := await _head(resp, MAX_ANSWER_BYTES)) > MAX_ANSWER_BYTES:
+                raise _too_large(shown)
     except TimeoutError:
         raise _Transient(f"timed out after {timeout_s:g}s calling {shown}") from None
     except aiohttp.ClientError as exc:
@@ -165,6 +176,20 @@ async def _call(session: aiohttp.ClientSession, url: str, shown: str, body: dict
         input_tokens=usage.input_tokens, output_tokens=usage.output_tokens,
         logprobs=first.token_logprobs(),
     )
+
+
+async def _head(resp: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The body if it is at most `limit` bytes, else its first `limit` + 1 (the rest left unread)."""
+    data = bytearray()
+    while len(data) <= limit and (chunk := await resp.content.read(limit + 1 - len(data))):
+        data += chunk
+    return bytes(data)
+
+
+def _too_large(shown: str) -> UpstreamError:
+    # Not retried: the same request gets the same answer.
+    return UpstreamError(f"{shown} answered more than {MAX_ANSWER_BYTES:,} bytes, more than the evaluator reads of "
+                         "one answer: not read")
 
 
 def _hidden(text: str, headers: Mapping[str, str]) -> str:
@@ -284,9 +309,7 @@ async def run_cases(
                                      error=exc.message)
         result = domain.CaseResult(
             case_id=case.id, repeat=repeat, input=prompt, expected=case.expected, output=done.text,
-            scores=calibrated.with_confidence(suite, domain.score(suite, done.text, case.expected, case_id=case.id),
-                                              done.text, done.logprobs),
-            latency_ms=done.latency_ms,
+            scores=await asyncio.to_thread(scored, suite, case, done), latency_ms=done.latency_ms,
             input_tokens=done.input_tokens, output_tokens=done.output_tokens,
             details={domain.CACHED: True} if done.cached else {},
         )
@@ -297,6 +320,14 @@ async def run_cases(
         return result
 
     return await _pool(items, one, concurrency, on_result, stopping, max_run_s, not_run)
+
+
+def scored(suite: domain.Suite, case: domain.Case, done: Completion) -> dict[str, float]:
+    """A case's scores (with their confidences), run in a thread by `run_cases`: a scorer's work grows with the answer
+    (ROUGE-L's above all), and on the event loop the services share it held every tenant's router (probe p52 F3: a
+    100k-word answer held it 13 s, and the router cut its canaries out, its bus silent)."""
+    return calibrated.with_confidence(suite, domain.score(suite, done.text, case.expected, case_id=case.id),
+                                      done.text, done.logprobs)
 
 
 def too_slow(suite: domain.Suite, calls: int, max_run_s: float | None) -> str | None:

@@ -13,6 +13,7 @@ import re
 import unicodedata
 from collections import Counter
 from collections.abc import Callable, Mapping
+from itertools import islice
 from typing import Any
 
 import msgspec
@@ -243,18 +244,28 @@ def token_f1(output: str, expected: Any, params: Mapping[str, Any]) -> float:
 
 
 def _lcs_len(a: list[str], b: list[str]) -> int:
+    """The length of the longest common subsequence of two token lists, bit-parallel (Allison and Dix 1986, in
+    Hyyrö's form): one big-integer step per token of the longer list over a bit per token of the shorter, about
+    len(a) * len(b) / 64 machine words instead of a Python step per pair (probe p52 F3: 13 s for a 100k-word answer)."""
     if len(a) < len(b):
         a, b = b, a
-    prev = [0] * (len(b) + 1)
-    for x in a:
-        cur = [0]
-        for j, y in enumerate(b, 1):
-            cur.append(prev[j - 1] + 1 if x == y else max(prev[j], cur[j - 1]))
-        prev = cur
-    return prev[-1]
+    where: dict[str, int] = {}  # each token of `b`: the bits of its positions
+    for i, token in enumerate(b):
+        where[token] = where.get(token, 0) | (1 << i)
+    full = (1 << len(b)) - 1
+    v = full  # a 0 bit per position that ends a common subsequence one longer than the one before
+    for token in a:
+        if u := v & where.get(token, 0):
+            v = ((v + u) | (v - u)) & full
+    return len(b) - v.bit_count()
 
 
 _WORD = re.compile(r"\w+")
+
+
+def _words(text: str) -> list[str]:
+    """The first ROUGE_L_TOKENS casefolded word tokens of `text`."""
+    return [m.group() for m in islice(_WORD.finditer(_nfkc_fold(text)), ROUGE_L_TOKENS)]
 
 
 def rouge_l_f(pred: list[str], ref: list[str], beta: float = 1.0) -> float:
@@ -269,12 +280,19 @@ def rouge_l_f(pred: list[str], ref: list[str], beta: float = 1.0) -> float:
     return (1 + b2) * p * r / (r + b2 * p)
 
 
+# The tokens of each side ROUGE-L reads: the first ROUGE_L_TOKENS words of the answer and of the reference. Far
+# above a summary's length (ROUGE-L's use), and it bounds one score's work to ROUGE_L_TOKENS² / 64 word operations
+# (about 20 ms), whatever an endpoint answers.
+ROUGE_L_TOKENS = 10_000
+
+
 def rouge_l(output: str, expected: Any, params: Mapping[str, Any]) -> float:
-    """ROUGE-L (LCS) F-measure over casefolded word tokens; params beta (default 1)."""
+    """ROUGE-L (LCS) F-measure over casefolded word tokens, the first ROUGE_L_TOKENS of each side; params beta
+    (default 1)."""
     beta = float(params.get("beta", 1.0))
 
     def one(o: str, e: Any) -> float:
-        return rouge_l_f(_WORD.findall(_nfkc_fold(o)), _WORD.findall(_nfkc_fold(str(e))), beta)
+        return rouge_l_f(_words(o), _words(str(e)), beta)
 
     return _best(output, expected, one)
 

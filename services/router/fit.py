@@ -17,13 +17,14 @@ from lockgate.contracts import InferenceEvent
 from lockgate.encoded import Encoded
 from lockgate.outbox import BATCH_BYTES, encode_event
 from lockgate.redact import scrub_event
+from lockgate.textbound import STRIPPED_BYTES, TEXT_BYTES, TRUNCATED, cut, marker
+from lockgate.textbound import size as _size
 
-TRUNCATED = "lockgate.truncated"  # "field:bytes,..." the fields cut and their sizes (UTF-8 bytes) before the cut
-TEXT_BYTES = 64 * 1024  # what each free-text field and attribute keeps, in UTF-8 bytes
+__all__ = ["EVENT_BYTES", "STRIPPED_BYTES", "TEXT_BYTES", "TRUNCATED", "cut", "cut_event", "encode_served"]
+
 # The encoded event's bound: well under BATCH_BYTES (what the outbox puts in one message, itself under the 1 MB
 # max_payload with room for the message's headers), so a cut event also shares its message with others.
 EVENT_BYTES = 512 * 1024
-STRIPPED_BYTES = 256  # what a text keeps when the cut event is still larger than EVENT_BYTES (see `encode_served`)
 # The free text a client or an upstream chooses, and nothing else: the model (the ledger's price), the status and
 # the names the router sets are never cut (user_hash and key_id have a bound of their own).
 _TEXT = ("prompt", "response", "session_id", "error_type", "finish_reason", "response_model")
@@ -35,21 +36,6 @@ _STRINGS = (*_TEXT, "model", "provider", "operation", "status", "variant", "rele
 _SMALL = (EVENT_BYTES - 4096) // 6
 
 assert EVENT_BYTES < BATCH_BYTES
-
-
-def cut(text: str, limit: int) -> str:
-    """`text` in at most `limit` UTF-8 bytes, cut on a character boundary (the same text when it fits)."""
-    if len(text) * 4 <= limit:  # no character takes more than 4 bytes: no need to encode it to know
-        return text
-    data = text.encode("utf-8", "surrogatepass")
-    if len(data) <= limit:
-        return text
-    # "ignore" leaves out the character the cut split (its first bytes only are kept), nothing else.
-    return data[:limit].decode("utf-8", "ignore")
-
-
-def _size(text: str) -> int:
-    return len(text.encode("utf-8", "surrogatepass"))
 
 
 def _chars(event: InferenceEvent) -> int:
@@ -81,7 +67,7 @@ def cut_event(event: InferenceEvent, limit: int, sizes: dict[str, int], *, drop_
             sizes.setdefault(key, _size(value))
             attributes[key] = short
     if sizes:
-        attributes[TRUNCATED] = ",".join(f"{k}:{n}" for k, n in sizes.items())
+        attributes[TRUNCATED] = marker(sizes)
         changed["attributes"] = attributes
     return msgspec.structs.replace(event, **changed) if changed else event
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -11,7 +12,7 @@ from aiohttp import web
 
 from lockgate.anthropicwire import Untranslatable
 from lockgate.errors import UpstreamError
-from lockgate.services.evaluator import domain, runner
+from lockgate.services.evaluator import domain, runner, scorers
 from lockgate_dev.sim import ModelSpec, SimConfig, SimServer, count_tokens
 
 pytestmark = pytest.mark.timeout(20)
@@ -58,6 +59,26 @@ async def test_upstream_errors_become_case_errors_not_run_failures() -> None:
     results = await runner.run_cases(suite, cases, call, concurrency=8)
     assert [r.error for r in results] == ["", "HTTP 404 from x", ""]
     assert results[1].scores == {}
+
+
+async def test_cases_are_scored_off_the_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Probe p52 F3: scoring ran on the event loop every embedded service shares, and ROUGE-L of a 100k-word answer
+    # held it (and every tenant's router) 13 s. Each case is now scored in a thread.
+    threads: list[int] = []
+
+    def spy(output: str, expected: object, params: object) -> float:
+        threads.append(threading.get_ident())
+        return scorers.exact_match(output, expected, params)  # type: ignore[arg-type]
+
+    monkeypatch.setitem(scorers.SCORERS, "exact_match", spy)
+    suite, cases = make_suite(3)
+
+    async def call(messages: list[dict[str, str]]) -> runner.Completion:
+        return runner.Completion(text=messages[-1]["content"], latency_ms=1.0)
+
+    results = await runner.run_cases(suite, cases, call, concurrency=3)
+    assert [r.scores["exact_match"] for r in results] == [1.0, 1.0, 1.0]
+    assert len(threads) == 3 and threading.get_ident() not in threads
 
 
 @pytest.fixture
