@@ -20,8 +20,6 @@ from lockgate.redact import scrub_event
 from lockgate.textbound import STRIPPED_BYTES, TEXT_BYTES, TRUNCATED, cut, marker
 from lockgate.textbound import size as _size
 
-__all__ = ["EVENT_BYTES", "STRIPPED_BYTES", "TEXT_BYTES", "TRUNCATED", "cut", "cut_event", "encode_served"]
-
 # The encoded event's bound: well under BATCH_BYTES (what the outbox puts in one message, itself under the 1 MB
 # max_payload with room for the message's headers), so a cut event also shares its message with others.
 EVENT_BYTES = 512 * 1024

@@ -45,7 +45,7 @@ from lockgate.services.router.admission import OPEN, OPEN_ADMISSION, Admission, 
 from lockgate.services.router.budgets import named_containers, named_state, referenced_items
 from lockgate.services.router.cache import MAX_KEYED_BYTES
 from lockgate.services.router.endpoints import Endpoint, Endpoints, UnknownEndpoint
-from lockgate.services.router.fit import TEXT_BYTES, encode_served
+from lockgate.services.router.fit import encode_served
 from lockgate.services.router.h1 import BrokenReply, H1Pool
 from lockgate.services.router.owners import UNAVAILABLE, Claims, Owners, Withheld, too_many
 from lockgate.services.router.providers import Unsupported, UpstreamStreamError, provider
@@ -88,6 +88,7 @@ from lockgate.services.router.wire import (
     stream_error,
 )
 from lockgate.subjects import token
+from lockgate.textbound import TEXT_BYTES
 
 # The router reads every body it forwards (usage, finish reason), and auto_decompress is off so
 # bytes pass through untouched: ask upstreams for identity encoding, never what the client accepts.

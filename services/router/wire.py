@@ -34,7 +34,7 @@ from lockgate.llmwire import (
     last_user_text,
 )
 from lockgate.redact import scrub_json, scrub_secrets
-from lockgate.services.router.fit import cut
+from lockgate.textbound import cut
 
 if TYPE_CHECKING:
     from lockgate.services.router.proxy import _Record

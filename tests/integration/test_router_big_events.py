@@ -16,7 +16,8 @@ import pytest
 
 from lockgate.server.apikeys import Bootstrap, bootstrap
 from lockgate.server.service import ServiceContext
-from lockgate.services.router.fit import EVENT_BYTES, TEXT_BYTES, TRUNCATED
+from lockgate.services.router.fit import EVENT_BYTES
+from lockgate.textbound import TEXT_BYTES, TRUNCATED
 from lockgate_dev.sim import ModelSpec, SimConfig, SimServer
 from tests.helpers import sink_stored
 

@@ -6,7 +6,8 @@ import msgspec
 
 from lockgate.contracts import InferenceEvent
 from lockgate.outbox import BATCH_BYTES, encode_event
-from lockgate.services.router.fit import EVENT_BYTES, TEXT_BYTES, TRUNCATED, cut, encode_served
+from lockgate.services.router.fit import EVENT_BYTES, encode_served
+from lockgate.textbound import TEXT_BYTES, TRUNCATED, cut
 
 
 def _event(**fields: object) -> InferenceEvent:
