@@ -28,20 +28,41 @@ def _at(ts: float) -> str:
 
 
 def live(route: Route, now: float, interval_s: float, why: str) -> Route:
-    """The preview goes live (a decision allows it): by header only, never by weight."""
+    """The preview goes live (a decision allows it, or a PATCH swapped it in for a live one): by header only, never
+    by weight; its clocks start now."""
     bg = spec(route)
     assert bg is not None and route.canary is not None
-    promote_at = now + bg.auto_promotion_s if bg.auto_promotion_s else 0.0
-    if not promote_at:
-        then = "promote by hand (lockgate rollout promote)"
-    elif bg.pre_promotion_analysis is not None:
-        then = f"promotes itself from {_at(promote_at)} once its pre-promotion analysis passes"
-    else:
-        then = f"promotes itself at {_at(promote_at)}"
+    promote_at = promotes_at(bg, now)
     return _bump(route, weight=0.0, phase="progressing", step=0, header_route=bg.preview, promote_at=promote_at,
-                 next_step_at=now + interval_s,
+                 live_at=now, next_step_at=now + interval_s,
                  reason=f"{why}; preview {route.canary.release} live by header {bg.preview.header}: "
-                        f"{bg.preview.value} only, from {bg.preview.testers()}; {then}")
+                        f"{bg.preview.value} only, from {bg.preview.testers()}; {plan(bg, promote_at)}")
+
+
+def promotes_at(bg: BlueGreen, live_at: float) -> float:
+    """When a preview live since `live_at` promotes itself (0: by hand only)."""
+    return live_at + bg.auto_promotion_s if bg.auto_promotion_s else 0.0
+
+
+def plan(bg: BlueGreen, promote_at: float) -> str:
+    """What a route's reason says of its preview's promotion."""
+    if not promote_at:
+        return "promote by hand (lockgate rollout promote)"
+    if bg.pre_promotion_analysis is not None:
+        return f"promotes itself from {_at(promote_at)} once its pre-promotion analysis passes"
+    return f"promotes itself at {_at(promote_at)}"
+
+
+def retimed(route: Route, was: float | None) -> Route:
+    """A live preview whose `auto_promotion_s` a PATCH changed (from `was`): it promotes itself the new
+    delay after it went live (already over: at once), or only by hand once none is set, as the stored strategy says.
+    Before (probe p57 F2), the route kept its old time, and a preview patched to promote by hand promoted itself."""
+    bg = spec(route)
+    assert bg is not None and route.canary is not None
+    if route.phase != "progressing" or bg.auto_promotion_s == was:
+        return route
+    promote_at = promotes_at(bg, route.live_at or route.started_at)  # no live_at: a route stored before it was kept
+    return _bump(route, promote_at=promote_at, reason=f"preview {route.canary.release}: {plan(bg, promote_at)}")
 
 
 def promote(route: Route, why: str, now: float, interval_s: float) -> Route:

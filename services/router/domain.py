@@ -105,8 +105,10 @@ class Route(msgspec.Struct, frozen=True, kw_only=True):
     step_pause: bool = False  # paused by a pause step: resume (approval) runs the next step at once
     resume_at: float = 0.0
     header_route: HeaderRoute | None = None
-    # Blue-green (bluegreen.py): when the preview promotes itself; after promotion, the post-promotion
-    # analysis (`verifying`) and the end of the window in which the old release swaps back instantly.
+    # Blue-green (bluegreen.py): when the preview went live and when it promotes itself (`auto_promotion_s` after,
+    # also when a PATCH changes that); after promotion, the post-promotion analysis (`verifying`) and the end of the
+    # window in which the old release swaps back instantly.
+    live_at: float = 0.0
     promote_at: float = 0.0
     promoted_at: float = 0.0
     scale_down_at: float = 0.0
@@ -403,7 +405,7 @@ def default_route(deployment: str) -> Route:
 
 # A finished rollout holds no step, header route, timed pause or running analysis.
 _FINISHED: dict[str, object] = {"header_route": None, "step_pause": False, "resume_at": 0.0, "promote_at": 0.0,
-                                "verifying": False}
+                                "live_at": 0.0, "verifying": False}
 
 
 def _bump(route: Route, **changes: object) -> Route:

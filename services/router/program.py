@@ -39,13 +39,27 @@ def run(route: Route, steps: list[Step], interval_s: float, now: float, why: str
             hold = f"paused {d:g} s" if d else "paused until approved (lockgate rollout approve)"
             notes.append(f"step {i}/{n}: {hold} at {route.weight:g}%")
             return _bump(route, cursor=i, step=i, header_route=header, paused=True, step_pause=True,
-                         resume_at=now + d if d else 0.0, next_step_at=now + interval_s, reason="; ".join(notes))
+                         resume_at=_pause_end(s, now), next_step_at=now + interval_s, reason="; ".join(notes))
         assert s.set_weight is not None
         notes.append(f"step {i}/{n}: canary at {s.set_weight:g}%")
         return _bump(route, **common, cursor=i, step=i, header_route=header, weight=s.set_weight,
                      next_step_at=now + interval_s, reason="; ".join(notes))
     done = msgspec.structs.replace(route, **common, cursor=n)
     return domain.promote(done, "; ".join([*notes, f"all {n} steps done at {route.weight:g}%"]))
+
+
+def restarted(route: Route, steps: list[Step], interval_s: float, now: float) -> Route:
+    """The step the route holds at, begun again at `now` (a new canary took its place): its interval, and a timed
+    pause step's duration, count from now, as `run` sets them when the step begins."""
+    at = steps[route.cursor - 1] if route.step_pause and 0 < route.cursor <= len(steps) else None
+    return msgspec.structs.replace(route, next_step_at=now + interval_s,
+                                   resume_at=_pause_end(at, now) if at is not None else route.resume_at)
+
+
+def _pause_end(step: Step, now: float) -> float:
+    """When a pause step begun at `now` ends by itself (0: when approved)."""
+    d = step.pause.duration_s if step.pause is not None else 0.0
+    return now + d if d else 0.0
 
 
 def pause_over(route: Route, now: float) -> bool:

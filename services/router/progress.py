@@ -656,17 +656,19 @@ def retry(route: Route, actor: str, now: float) -> Route:
                              "again (rolled back to it); start a new rollout with PUT")
     return _bump(route, weight=0.0, phase="idle", step=0, cursor=0, paused=False, analysis=None, admitted="",
                  decision_id="", next_step_at=0.0, started_at=now, header_route=None, step_pause=False,
-                 resume_at=0.0, promote_at=0.0, promoted_at=0.0, scale_down_at=0.0, verifying=False,
+                 resume_at=0.0, promote_at=0.0, live_at=0.0, promoted_at=0.0, scale_down_at=0.0, verifying=False,
                  start_weight=0.0, override=None,
                  reason=domain.override_ended(route, f"retry of {route.canary.release} by {actor or 'operator'}: "
                                                      "from step 0, 0% until its verified gate decision allows it",
                                               "a retry is a new attempt"))
 
 
-def replace_canary(route: Route, canary: domain.Target, decision: GateDecided | None, now: float) -> Route:
+def replace_canary(route: Route, canary: domain.Target, decision: GateDecided | None, now: float,
+                   interval_s: float) -> Route:
     """A PATCH of the canary release: the new release takes the canary's place at the same step. Its analysis
     starts from nothing (the old release's looks say nothing about it); without a verified decision allowing it
-    (or an override covering it) it gets no weight until one does.
+    (or an override covering it) it gets no weight until one does. Taking a live canary's place, its clocks start
+    now (`restarted`); waiting for a decision, it has none until it goes live.
 
     A break-glass override covers the canary it names while it stays the canary, at most at its signed weight:
     swapping another release in ends it, and one it covers comes in at no more than that weight. (Before, a swap
@@ -684,7 +686,8 @@ def replace_canary(route: Route, canary: domain.Target, decision: GateDecided | 
                                   "admitted_by": decision.key_id if admitted and decision is not None else ""}
     if not allowed and not covered:
         reason = f"canary release now {canary.release}: 0% until a verified gate decision allows it"
-        changes.update(weight=0.0, phase="idle", next_step_at=0.0, decision_id="")
+        changes.update(weight=0.0, phase="idle", next_step_at=0.0, decision_id="", resume_at=0.0, promote_at=0.0,
+                       live_at=0.0)
     else:
         if decision is not None:
             changes["decision_id"] = decision.id
@@ -695,16 +698,40 @@ def replace_canary(route: Route, canary: domain.Target, decision: GateDecided | 
     if glass is not None and not covered:
         changes["override"] = None
         reason = domain.override_ended(route, reason, f"{canary.release} took the canary's place")
-    return _bump(route, reason=reason, **changes)
+    new = _bump(route, reason=reason, **changes)
+    return restarted(new, interval_s, now) if new.phase == "progressing" else new
 
 
-def replace_strategy(route: Route, strategy: Strategy | None) -> Route:
+def restarted(route: Route, interval_s: float, now: float) -> Route:
+    """A live rollout whose canary a PATCH replaced, with the clocks its start sets started again at `now`: a
+    blue-green preview's auto-promotion and looks (`bluegreen.live`), the current step's interval and a timed pause
+    step's duration. Before (probe p57 F1), the new release inherited the old one's: a preview swapped in 2 s
+    before its predecessor's auto-promotion was promoted 2 s after it went live, a canary at 100% after 1 s."""
+    if bluegreen.spec(route) is not None:
+        return bluegreen.live(route, now, interval_s, route.reason)
+    if program.programmed(route):
+        assert route.strategy is not None
+        return program.restarted(route, route.strategy.program(), interval_s, now)
+    return msgspec.structs.replace(route, next_step_at=now + interval_s)
+
+
+def replace_strategy(route: Route, strategy: Strategy | None, default_interval_s: float) -> Route:
     """A PATCH of the strategy (steps, interval, analysis ...): the rollout keeps its weight and position; a cursor
-    past the new step list ends at its last step."""
+    past the new step list ends at its last step. Its clocks follow the stored strategy (before, probe p57 F2, they
+    kept the old one's): a new `interval_s` times the step (or look) under way from when it began, a new blue-green
+    `auto_promotion_s` the preview's promotion from when it went live (`bluegreen.retimed`)."""
     _live(route)
     was_bg = route.strategy is not None and route.strategy.blue_green is not None
     if was_bg != (strategy is not None and strategy.blue_green is not None):
         raise InvalidRollout(f"a PATCH cannot switch {route.deployment!r} between canary and blue-green: "
                              "start a new rollout with PUT")
     steps = len(strategy.program()) if strategy is not None else 0
-    return _bump(route, strategy=strategy, cursor=min(route.cursor, steps) if steps else route.cursor)
+    new = _bump(route, strategy=strategy, cursor=min(route.cursor, steps) if steps else route.cursor)
+    if new.phase != "progressing":  # waiting for a decision: its clocks start when it goes live
+        return new
+    was, interval = interval_of(route, default_interval_s), interval_of(new, default_interval_s)
+    if new.next_step_at and interval != was:  # every step and look is due one interval after it began
+        new = msgspec.structs.replace(new, next_step_at=new.next_step_at - was + interval)
+    if route.strategy is not None and route.strategy.blue_green is not None:
+        new = bluegreen.retimed(new, route.strategy.blue_green.auto_promotion_s)
+    return new

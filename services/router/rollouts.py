@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import inspect
 import logging
 import math
@@ -113,6 +114,12 @@ class _Pending:
     revision: int | None = None
     announce: bool = True  # False for analysis bookkeeping that moves no traffic (KV only, no event)
     runs: list[AnalysisRun] = field(default_factory=list)  # signed analysis records, published once KV won
+    lost: bool = False  # dropped unwritten: another replica's write of its deployment won first (`Rollouts._lost`)
+
+
+# The writes (`Rollouts._apply`) of the change `Rollouts._until_won` runs in this task: the change runs again only if
+# one of them was dropped, never because a write of another change (the timer stepping another deployment, say) lost.
+_WRITES: contextvars.ContextVar[list[_Pending] | None] = contextvars.ContextVar("route_writes", default=None)
 
 
 class Rollouts:
@@ -145,7 +152,7 @@ class Rollouts:
         self._watched = 0  # the last KV revision (of any route) the watch has applied or passed over
         self._watch_moved = asyncio.Event()
         self._unpersisted: Counter[str] = Counter()  # outbox entries per deployment
-        self.conflicts = 0  # changes dropped because another replica's write won
+        self.conflicts = 0  # compare-and-sets lost to another replica's write, of every deployment (a count only)
         self._poisoned: dict[str, str] = {}  # deployment -> why its last change was dropped unpersisted
         # deployment -> why its route in KV cannot be read (JetStream's answer aimed at its key, say): the proxy
         # refuses it until a readable route is written. Its last readable revision (KV history, `recover`; or the
@@ -1079,12 +1086,12 @@ class Rollouts:
             refused = self._unadmit(route, admission, actor) if "weight" in fields and raises else ""
             if refused:
                 return refused
-            new = route
+            new, now = route, time.time()
+            if "strategy" in fields:  # first: a canary swapped in with it is timed by the new strategy
+                new = progress.replace_strategy(new, doc_now.strategy, self.interval_s)
             if "canary_release" in fields:
                 assert canary is not None
-                new = progress.replace_canary(new, canary, decision, time.time())
-            if "strategy" in fields:
-                new = progress.replace_strategy(new, doc_now.strategy)
+                new = progress.replace_canary(new, canary, decision, now, progress.interval_of(new, self.interval_s))
             if "weight" in fields:
                 new = progress.set_weight(new, doc_now.weight, actor)
             new = msgspec.structs.replace(new, version=route.version + 1,
@@ -1547,13 +1554,20 @@ class Rollouts:
         # A change that lost to another replica's write is recomputed on the reloaded route, so a
         # decision or operator action is never silently dropped, only re-applied (or found moot). A change that
         # is a coroutine function reads what it checks again on each attempt, never reusing an earlier read.
+        # Only its own writes decide: before (probe p57 F3), any compare-and-set this replica lost during the flush
+        # ran it again, so a pause already written was answered 409 "already paused", and a retry already written
+        # failed as "not aborted" and its canary was never admitted.
         async def attempt() -> None:
-            before = self.conflicts
-            result = change()
-            if inspect.isawaitable(result):
-                await result
+            writes: list[_Pending] = []
+            mark = _WRITES.set(writes)
+            try:
+                result = change()
+                if inspect.isawaitable(result):
+                    await result
+            finally:
+                _WRITES.reset(mark)
             await self.flush()
-            if self.conflicts != before:
+            if any(w.lost for w in writes):
                 raise RouteContended(f"route kept changing under {_CAS_RETRY.attempts} attempts; retrying later")
 
         await _CAS_RETRY.call(attempt, retry_on=RouteContended, what="route compare-and-set")
@@ -1569,7 +1583,11 @@ class Rollouts:
         state = domain.to_state(route, before)
         if actor:
             state = msgspec.structs.replace(state, actor=actor)
-        self._outbox.append(_Pending(route, state, announce=announce, runs=runs or []))
+        pending = _Pending(route, state, announce=announce, runs=runs or [])
+        self._outbox.append(pending)
+        writes = _WRITES.get()
+        if writes is not None:
+            writes.append(pending)
         self._unpersisted[route.deployment] += 1
         self._notify()
 
@@ -1640,6 +1658,8 @@ class Rollouts:
     async def _lost(self, deployment: str) -> None:
         """Another replica's write won: drop our changes to this deployment and take KV's route."""
         self.conflicts += 1
+        for p in self._outbox:
+            p.lost = p.lost or p.route.deployment == deployment
         self._outbox = deque(p for p in self._outbox if p.route.deployment != deployment)
         self._unpersisted.pop(deployment, None)
         log.info("route %s changed by another replica; dropping our change and reloading", deployment)

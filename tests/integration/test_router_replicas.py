@@ -331,3 +331,56 @@ async def test_a_drift_report_made_before_a_canary_could_be_moved_by_one_never_a
     await handled_n(2)  # its message swallowed
     await b.rollouts._hold_drifts()
     assert b.rollouts.route("chat").phase == "aborted" and f"drift report {late.id}" in b.rollouts.route("chat").reason
+
+
+async def test_an_operators_change_that_won_is_answered_once_though_another_deployments_write_lost(
+    replicas: tuple[Any, Any], bus: Bus
+) -> None:
+    """Probe p57 F3: each change of `chat` on replica a is written in the same flush as a's change of `busy`, which
+    loses its compare-and-set to replica b's (b changed `busy` first): a's change of `busy` runs again on the route b
+    wrote, and a's change of `chat`, which won, is answered once. Before, any compare-and-set a lost meanwhile ran it
+    again: a pause that was applied was answered 409 "already paused" (likewise resume, PATCH, abort, promote), and a
+    retry that was applied failed as "not aborted", its canary never admitted (idle at 0% for good)."""
+    a, b = replicas
+    for release in ("r1", "r2", "r3"):
+        await register_model_release(bus, release)
+        await store_pass(bus, release, a.ctx.settings)
+    deployments = "/lockgate/v1/deployments"
+    async with aiohttp.ClientSession(headers=admin_headers(a.ctx.settings.home)) as http:
+        async def call(router: Any, method: str, path: str, body: dict[str, Any] | None = None) -> tuple[int, Any]:
+            async with http.request(method, f"{router.url}{deployments}/{path}", json=body or {}) as resp:
+                return resp.status, await resp.json()
+
+        strategy = {"steps": [10, 50, 100], "interval_s": 3600}  # nothing moves on its own clock
+        for deployment, canary in (("busy", "r2"), ("chat", "r3")):
+            body = {"stable_release": "r1", "canary_release": canary, "strategy": strategy}
+            assert (await call(a, "PUT", deployment, body))[0] == 200
+        for r in (a, b):
+            await r.rollouts.wait_for(lambda routes: all(
+                d in routes and routes[d].phase == "progressing" for d in ("busy", "chat")), timeout=10)
+        conflicts = a.rollouts.conflicts
+
+        async def contended(n: int, method: str, path: str, body: dict[str, Any] | None = None) -> tuple[int, Any]:
+            before = a.rollouts.route("chat")
+            async with a.rollouts._persist_lock:  # replica a writes nothing to KV until both changes are pending
+                ours = asyncio.create_task(call(a, "POST", "busy/set-weight", {"weight": 20 + n}))
+                await a.rollouts.wait_for(lambda routes: routes["busy"].weight == 20 + n, timeout=10)
+                theirs = await call(b, "POST", "busy/set-weight", {"weight": 40 + n})  # b's write wins
+                assert theirs[0] == 200, theirs
+                change = asyncio.create_task(call(a, method, f"chat{path}", body))
+                applied = asyncio.create_task(a.rollouts.wait_for(lambda routes: routes["chat"] is not before, 10))
+                await asyncio.wait([change, applied], return_when=asyncio.FIRST_COMPLETED)  # or refused unwritten
+                applied.cancel()
+            assert (await ours)[0] == 200  # run again on b's route: its own write lost
+            return await change
+
+        answers = [await contended(0, "POST", "/pause"), await contended(1, "POST", "/resume"),
+                   await contended(2, "PATCH", "", {"weight": 30}), await contended(3, "POST", "/abort")]
+        retried = await contended(4, "POST", "/retry")
+        promoted = await contended(5, "POST", "/promote")
+        assert [status for status, _ in [*answers, retried, promoted]] == [200] * 6, [*answers, retried, promoted]
+        assert a.rollouts.conflicts == conflicts + 6  # every round's write of `busy` lost, none of `chat`'s
+        assert (retried[1]["phase"], retried[1]["weight"], retried[1]["admitted"] != "") == ("progressing", 10.0, True)
+        assert (promoted[1]["phase"], promoted[1]["stable"]["release"]) == ("promoted", "r3")
+        for r in (a, b):
+            await r.rollouts.wait_for(lambda routes: routes["busy"].weight == 25.0, timeout=10)  # a's last, run again

@@ -336,7 +336,8 @@ def test_an_override_of_an_earlier_rollout_never_covers_a_later_one_of_the_same_
     live = msgspec.structs.replace(again, phase="progressing")
     with pytest.raises(domain.NotAdmitted, match="no verified gate decision"):
         progress.set_weight(live, 50, "ops")
-    moved = progress.replace_canary(msgspec.structs.replace(live, canary=Target(release="r3")), CANARY, None, 5.0)
+    moved = progress.replace_canary(msgspec.structs.replace(live, canary=Target(release="r3")), CANARY, None, 5.0,
+                                   60.0)
     assert (moved.weight, moved.phase) == (0.0, "idle")
     # A new statement for the new rollout is its own, and says the old one ended.
     fresh = msgspec.structs.replace(GLASS, reason="incident 8", at=2.0)

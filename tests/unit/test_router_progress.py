@@ -8,10 +8,10 @@ import msgspec
 import pytest
 
 from lockgate.contracts import DriftReport, FeatureDrift, GateDecided
-from lockgate.services.router import analysis, domain, drifts, progress
+from lockgate.services.router import analysis, bluegreen, domain, drifts, progress
 from lockgate.services.router.analysis import AnalysisSpec, Measurement, MetricResult, MetricSpec
 from lockgate.services.router.domain import CanaryRequest, InvalidRollout, NotAdmitted, Route, Target
-from lockgate.services.router.strategy import AnalysisStatus, BlueGreen, Strategy
+from lockgate.services.router.strategy import AnalysisStatus, BlueGreen, Pause, Step, Strategy
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -496,3 +496,41 @@ def test_a_release_under_post_promotion_analysis_without_evidence_is_rolled_back
     # A verification that passes after waiting says so, without the wait's note.
     passed = progress.on_measurement(seen[1], _m("SUCCESSFUL"), STEPS, 1.0, now=152.5)
     assert passed is not None and passed.reason == "promoted r2; post-promotion analysis passed"
+
+
+def _preview(auto: float | None, **changes: object) -> Route:
+    """A blue-green preview of r2 live since 200 (promoting itself `auto` s later, if set)."""
+    route = _live(weight=0.0, step=0, strategy=Strategy(interval_s=10.0, blue_green=BlueGreen(auto_promotion_s=auto)))
+    return msgspec.structs.replace(bluegreen.live(route, 200.0, 10.0, "gate PASS"), **changes)
+
+
+@pytest.mark.parametrize(("route", "clocks"), [
+    (_live(100.0, 3, strategy=Strategy(steps=list(STEPS), interval_s=10.0), next_step_at=205.0),
+     {"next_step_at": 310.0}),
+    (_live(25.0, 2, strategy=Strategy(steps=[Step(set_weight=25.0), Step(pause=Pause(duration_s=60.0)),
+                                             Step(set_weight=100.0)], interval_s=10.0),
+           cursor=2, paused=True, step_pause=True, resume_at=250.0, next_step_at=205.0),
+     {"next_step_at": 310.0, "resume_at": 360.0}),
+    (_preview(20.0), {"live_at": 300.0, "promote_at": 320.0, "next_step_at": 310.0}),
+])
+def test_a_canary_swapped_into_a_live_rollout_is_timed_from_the_swap(route: Route, clocks: dict[str, float]) -> None:
+    passed = GateDecided(release="r3", decision="PASS", rules=[])
+    new = progress.replace_canary(route, Target(release="r3"), passed, 300.0, 10.0)
+    assert {k: getattr(new, k) for k in clocks} == clocks and new.started_at == 300.0
+    waiting = progress.replace_canary(route, Target(release="r3"), None, 300.0, 10.0)  # no decision: no clock
+    assert (waiting.phase, waiting.next_step_at, waiting.resume_at, waiting.promote_at) == ("idle", 0.0, 0.0, 0.0)
+
+
+def test_a_patched_strategy_times_the_step_and_the_promotion_under_way() -> None:
+    stepping = _live(strategy=Strategy(steps=list(STEPS), interval_s=10.0), next_step_at=205.0)
+    longer = progress.replace_strategy(stepping, Strategy(steps=list(STEPS), interval_s=60.0), 5.0)
+    assert longer.next_step_at == 255.0  # the step began at 195
+    assert progress.replace_strategy(stepping, Strategy(steps=list(STEPS)), 5.0).next_step_at == 200.0  # the default
+    by_hand = progress.replace_strategy(_preview(20.0, promote_at=400.0), Strategy(interval_s=10.0,
+                                                                              blue_green=BlueGreen()), 5.0)
+    assert by_hand.promote_at == 0.0 and by_hand.reason == "preview r2: promote by hand (lockgate rollout promote)"
+    timed = progress.replace_strategy(_preview(None), Strategy(interval_s=10.0, blue_green=BlueGreen(
+        auto_promotion_s=50.0)), 5.0)
+    assert (timed.live_at, timed.promote_at) == (200.0, 250.0) and "promotes itself at" in timed.reason
+    same = _preview(20.0, promote_at=400.0)  # held by a breaker, say: an unchanged delay keeps the route's time
+    assert progress.replace_strategy(same, same.strategy, 5.0).promote_at == 400.0
