@@ -99,11 +99,15 @@ def plan(spec: OnlineEvalSpec | None, default_rate: float, default_scorers: Sequ
                 judge=spec.judge)
 
 
+def scorable(event: InferenceEvent) -> bool:
+    """Whether any plan could score this event: a generated answer (an error has none to score, a cache hit is an
+    earlier answer again). Needs no plan, so an event that is not one costs no plan's read."""
+    return event.status == "ok" and event.response is not None and not event.cached
+
+
 def chosen(event: InferenceEvent, p: Plan) -> bool:
-    """Whether this event is scored: a generated answer (an error has none to score, a cache hit is an earlier
-    answer again) in its variant's sample."""
-    return (event.status == "ok" and event.response is not None and not event.cached
-            and sampled(event.id, p.rate(event.variant)))
+    """Whether this event is scored: a generated answer (`scorable`) in its variant's sample."""
+    return scorable(event) and sampled(event.id, p.rate(event.variant))
 
 
 def _scored(event: InferenceEvent, values: dict[str, float], results: list[Score], served: bool) -> InferenceScored:

@@ -4,11 +4,15 @@ Per deployment, the plan (rates per variant, scorers, judge) comes from its depl
 last applied (KV gitops, `deployment.<name>`), read again after CONFIG_TTL_S, for the events of the document's
 own tenant (its stable release's) and the answers its own route served (from a release: its tenant's keys' and
 admin keys'); another tenant's events naming the deployment get the global plan, as a deployment nobody
-configured, so they never spend its judge budget (Plans). The deterministic
-scores are published before the message is acked. The judge grades only answers a router served (the
-`served` subject, which only the router identity may publish to) and never a cache hit: its calls cost the
-operator money from a daily budget and feed canary analysis, so an application's own events (which may
-name any deployment and variant) must neither spend nor fill it. Its calls run per (tenant, deployment) in a few
+configured, so they never spend its judge budget (Plans). A deployment without a document is known from one
+listing of the applied documents' keys, also read again after CONFIG_TTL_S: an event naming a made-up deployment
+costs no read. The router's served answers (canary evidence) come on a consumer of their own, apart from
+applications' events (app.py), so no application's flood delays them. The deterministic scores are published
+before the message is acked, a message's scores in flight together; a large answer's scorers run in one thread of
+their own (OFF_LOOP), not on the event loop the router shares under `lockgate up`. The judge grades only answers a
+router served (the `served` subject, which only the router identity may publish to) and never a cache hit: its
+calls cost the operator money from a daily budget and feed canary analysis, so an application's own events (which
+may name any deployment and variant) must neither spend nor fill it. Its calls run per (tenant, deployment) in a few
 workers fed by the deployment's own bounded queue, within the judge's calls per minute and USD per day: a
 flood of one deployment's answers fills only that deployment's queue, the consumer never waits for a
 judge, and neither does any request. A judge that fails (down, 5xx, timeout, a reply without a score)
@@ -29,6 +33,7 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import aiohttp
@@ -55,9 +60,14 @@ log = logging.getLogger("lockgate.evaluator")
 CONFIG_TTL_S = 10.0  # an applied change of a deployment's online_eval takes effect within this
 QUEUE = 256  # judge jobs waiting per deployment; beyond, an answer is not judged (counted in judge_skipped)
 WORKERS = 4  # per deployment: a slow or rate-limited judge of one deployment holds none of another's
-# Plans kept at most, the least recently used going first: an application's events may name any deployment, and
-# each made-up name kept its plan for good. A deployment whose plan went reads it again (one KV get) at its next event.
+# Plans kept at most, the least recently used going first: of deployments with a document (one without any keeps
+# none: Plans._documented). A deployment whose plan went reads it again (one KV get) at its next event.
 PLANS_MAX = 256
+# Characters of an answer from which its scorers run in the evaluator's scoring thread, not on the event loop (as the
+# bus scrubs a dead letter's payload from 64 KiB): probe p55 F2, a 900 KB answer's pii_free, refusal and non_toxic took
+# about 1 s of it, every service's and the router's under `lockgate up`. The whole answer is scored, never a cut: PII
+# past a cut would escape pii_free.
+OFF_LOOP = 64 * 1024
 _entry = msgspec.json.Decoder(StateEntry)
 
 
@@ -75,6 +85,18 @@ class Plans:
         self.default = online.plan(None, ctx.settings.online_eval_sample, ctx.settings.online_eval_scorers)
         # deployment -> (read at, its plan, the tenant whose document it is: "" when not known, every tenant's)
         self._cache: OrderedDict[str, tuple[float, online.Plan, str]] = OrderedDict()  # least recently used first
+        self._listed: tuple[float, frozenset[str]] | None = None  # (listed at, the KV keys of applied deployments)
+
+    async def _documented(self) -> frozenset[str]:
+        """The KV keys of the deployments with an applied document (deleted ones' too), listed again after
+        CONFIG_TTL_S. One request for every name: an application's events may name any deployment, and a made-up
+        name read its missing document each time (probe p55 F1: one KV read per event, past the PLANS_MAX names
+        kept, held every tenant's online scores behind them)."""
+        now = time.monotonic()
+        if self._listed is None or now - self._listed[0] >= CONFIG_TTL_S:
+            bus = self.ctx.bus
+            self._listed = (now, frozenset(await bus.kv_listed(bus.subjects.kv_gitops, under="deployment.")))
+        return self._listed[1]
 
     async def _spec(self, deployment: str) -> tuple[OnlineEvalSpec | None, str]:
         """The deployment's applied online_eval (None without one) and the stable release its document names."""
@@ -107,6 +129,8 @@ class Plans:
         hit = self._cache.get(deployment)
         if hit is not None and now - hit[0] < CONFIG_TTL_S:
             self._cache.move_to_end(deployment)
+        elif state_key("deployment", deployment) not in await self._documented():
+            return self.default  # no document: nothing to read, nor to keep
         else:
             owner = ""
             try:
@@ -167,29 +191,48 @@ class OnlineEval:
         self._closed = False
         self._session: aiohttp.ClientSession | None = None
         self._prices: dict[str, ModelPrice] | None = None
+        # One thread for large answers' scorers (OFF_LOOP): pure Python holding the GIL, so more threads would only
+        # take more of the loop's share. Each consumer awaits its event's scores, so at most one job per consumer is
+        # in it, however many large events come.
+        self._scoring: ThreadPoolExecutor | None = None
         self.budget = JudgeBudget(ctx.bus)  # the day's spend, shared with the other evaluator replicas
 
     async def on_inference(self, value: list[InferenceEvent] | InferenceEvent, delivery: Delivery) -> None:
-        """Score the sampled events of one message and publish each one's scores (a failed publish
-        nacks the message: scores are idempotent by the scored event's id); queue the judge's work."""
+        """Score the sampled events of one message and publish their scores (a failed publish nacks the
+        message: scores are idempotent by the scored event's id); then queue the judge's work."""
         bus = self.ctx.bus
-        n = 0
         served = bus.subjects.is_served(delivery.subject)  # a router's events: its scores are canary evidence
+        results: list[InferenceScored] = []
+        judged: list[tuple[InferenceEvent, JudgeSpec]] = []
         for event in value if isinstance(value, list) else [value]:
+            if not online.scorable(event):  # no plan scores it: none is read
+                continue
             # An answer a router served from a release was served by the deployment's own route, which serves only
             # its tenant's keys and admin keys: the document's. Any other event is its tenant's (Plans.get).
             whose = None if served and event.release else event.tenant
             plan = await self.plans.get(event.deployment or event.app, whose)
-            result = online.score(event, plan, served) if plan.active else None
+            result = await self._score(event, plan, served) if plan.active else None
             if result is None:
                 continue
             if result.scores:
-                await bus.publish(bus.subjects.eval_scores(result.deployment or result.app), result,
-                                  msg_id=online.message_id(result, online.SCORED))
-                n += 1
+                results.append(result)
             if plan.judge is not None and online.wants_judge(event, plan, served):
-                await self._enqueue(event, plan.judge, served)
-        await self.scored.bump(n)
+                judged.append((event, plan.judge))
+        # In flight together, as the cost service's: awaited one after another, a message of 500 events held its
+        # consumer for 500 acknowledgements in turn (probe p55 F1).
+        await asyncio.gather(*(bus.publish(bus.subjects.eval_scores(r.deployment or r.app), r,
+                                           msg_id=online.message_id(r, online.SCORED)) for r in results))
+        for event, spec in judged:
+            await self._enqueue(event, spec, served)
+        await self.scored.bump(len(results))
+
+    async def _score(self, event: InferenceEvent, plan: online.Plan, served: bool) -> InferenceScored | None:
+        """`online.score`; a large answer's (OFF_LOOP) in the scoring thread, whole."""
+        if len(event.response or "") < OFF_LOOP or not online.chosen(event, plan):
+            return online.score(event, plan, served)
+        if self._scoring is None:
+            self._scoring = ThreadPoolExecutor(max_workers=1, thread_name_prefix="online-score")
+        return await asyncio.get_running_loop().run_in_executor(self._scoring, online.score, event, plan, served)
 
     async def _enqueue(self, event: InferenceEvent, spec: JudgeSpec, served: bool) -> None:
         if self._closed:  # stopping: the consumer may still deliver, but no worker may start again
@@ -209,8 +252,10 @@ class OnlineEval:
             await self.judge_skipped.bump()
 
     async def close(self) -> None:
-        """Stop the judge's workers and close its HTTP pool."""
+        """Stop the judge's workers and the scoring thread, and close the judge's HTTP pool."""
         self._closed = True
+        if self._scoring is not None:  # a job cut short is scored again at its message's redelivery
+            self._scoring.shutdown(wait=False, cancel_futures=True)
         workers = [task for lane in self._lanes.values() for task in lane.workers]
         for task in workers:
             task.cancel()

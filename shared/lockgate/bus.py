@@ -638,8 +638,10 @@ class Bus:
     async def _ensure_readers(self, spec: StreamSpec) -> None:
         """Declare the durable consumers an interest stream keeps its messages for (`StreamSpec.readers`), before
         any producer publishes: a message nobody has shown interest in yet would be dropped at once. Each service
-        sets its own consumer's settings when it starts (the same name and filter); an existing one is left as
-        it is."""
+        sets its own consumer's settings when it starts (the same name; a filter that may be narrower, as the
+        evaluator's two, and then what no longer matches it is no longer kept for it); an existing one is left as
+        it is, and one missing (a reader added since the home was made) is made, from the stream's first message
+        still kept."""
         for durable in spec.readers:
             try:
                 await self.js.consumer_info(spec.name, durable)
@@ -731,12 +733,8 @@ class Bus:
         before the messages already on their way were counted (nats-io/nats.py#842), so a full bucket sometimes
         read as empty. A deleted or purged key's get says so: it is left out."""
         kv = await self.kv(bucket)
-        try:
-            keys = await self._unless_refused(f"{_API}.STREAM.INFO.KV_{bucket}", lambda: kv_keys(self.js, bucket))
-        except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
-            raise BusUnavailable(f"cannot list the keys of bucket {bucket}: {exc!r}") from None
         out = {}
-        for key in keys:
+        for key in await self.kv_listed(bucket):
             try:
                 entry = await kv.get(key)
             except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
@@ -745,6 +743,15 @@ class Bus:
                 raise BusUnavailable(f"cannot read key {key} of bucket {bucket}: {exc!r}") from None
             out[key] = entry.value or b""
         return out
+
+    async def kv_listed(self, bucket: str, under: str = "") -> list[str]:
+        """The keys of a KV bucket with a stored message (`kvread.kv_keys`; `under`, ending in ".": those beneath it),
+        deleted ones' markers included, in one request whatever their number."""
+        try:
+            return await self._unless_refused(f"{_API}.STREAM.INFO.KV_{bucket}",
+                                              lambda: kv_keys(self.js, bucket, under))
+        except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+            raise BusUnavailable(f"cannot list the keys of bucket {bucket}: {exc!r}") from None
 
     async def objects(self) -> Any:
         """The content-addressed artifact object store."""

@@ -12,11 +12,12 @@ from __future__ import annotations
 from typing import Any
 
 
-async def kv_keys(js: Any, bucket: str) -> list[str]:
-    """Every key of `bucket` with a stored message (a deleted or purged key keeps its marker, and its get says so).
+async def kv_keys(js: Any, bucket: str, under: str = "") -> list[str]:
+    """Every key of `bucket` with a stored message (a deleted or purged key keeps its marker, and its get says so);
+    with `under` (ending in "."), those whose first tokens are it.
 
     One STREAM.INFO with a subjects filter; the server lists up to 100,000 subjects, and lockgate's buckets hold a
     few hundred keys. Raises what nats-py raises (NotFoundError for a missing bucket)."""
     prefix = f"$KV.{bucket}."
-    info = await js.stream_info(f"KV_{bucket}", subjects_filter=f"{prefix}>")
+    info = await js.stream_info(f"KV_{bucket}", subjects_filter=f"{prefix}{under}>")
     return sorted(subject[len(prefix):] for subject in info.state.subjects or {})

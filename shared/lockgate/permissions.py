@@ -110,7 +110,8 @@ DURABLES: dict[str, dict[str, tuple[str, ...]]] = {
              "facts": ("releases", "lineage_edges", "eval_cases", "gate_decisions", "audit_log", "analysis_runs"),
              "ledger": ("cost_ledger",)},
     "lineage": {"events": ("release", "run", "eval", "gate", "rollout", "eval_start")},  # eval_start: live OpenLineage
-    "evaluator": {"events": ("requests",), "inference": ("online",)},  # online: sampled live traffic scored
+    # online: sampled live traffic scored, applications' events; served: the answers routers served, apart
+    "evaluator": {"events": ("requests",), "inference": ("online", "served")},
     # audit: the chainer; lifecycles: an artifact's sunset BLOCKs what binds it when it passes
     "gatekeeper": {"events": ("evals", "reviews", "drift"), "audit": ("audit",), "provenance": ("lifecycles",)},
     "router": {"events": ("gates", "drift")},

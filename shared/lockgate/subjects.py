@@ -96,11 +96,14 @@ class Subjects:
                 # acknowledged it (the sink's table is the record), so 2 GiB bound only the backlog they have not
                 # consumed yet: hours of it at ordinary rates; past it producers buffer and retry (discard new),
                 # the stream never drops an unconsumed event. Sizes stay small because nats-server reserves them
-                # up front: a developer's `lockgate up` must start on a laptop with a few GB free.
+                # up front: a developer's `lockgate up` must start on a laptop with a few GB free. The evaluator
+                # reads served answers (`evaluator_served`) apart from applications' events (`evaluator_online`);
+                # each narrows its consumer to its subjects when it starts.
                 "inference": StreamSpec(f"{s}_INFERENCE", (f"{p}.inference.>",), max_bytes=2 * GiB,
                                         retention="interest", readers=tuple(
                                             f"{p}_{r}" for r in ("sink_inference", "evaluator_online",
-                                                                 "drift_inference", "cost_inference"))),
+                                                                 "evaluator_served", "drift_inference",
+                                                                 "cost_inference"))),
                 # Discard old: several identities publish here (the operator registrations and eval requests, an
                 # approver reviews), and the stream keeps what they sent for 90 days whoever consumed it. Refusing
                 # at its size let one of them fill it with valid documents (probe p12: about 510 artifact

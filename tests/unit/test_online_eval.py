@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import msgspec
 import pytest
@@ -18,6 +20,7 @@ from lockgate.gitops.resolve import resolve
 from lockgate.onlineeval import OnlineEvalSpec
 from lockgate.services.evaluator import online, online_handler
 from lockgate.services.router.analysis import AnalysisSpec, MetricSpec, VariantSample, describe, measure
+from lockgate.subjects import untoken
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -217,26 +220,55 @@ def test_a_bad_online_eval_is_refused_at_plan_time_naming_file_and_path(tmp_path
         load_folder(_folder(tmp_path, "online_eval:\n  scorers: [{name: regex}]\n"))
 
 
-async def test_the_evaluators_plans_are_bounded_least_recently_used_first(monkeypatch: pytest.MonkeyPatch) -> None:
-    """An application's events may name any deployment: each made-up name kept its plan in the evaluator for good.
-    Now at most PLANS_MAX plans are kept; a deployment in use keeps its plan, and one whose plan went reads it again."""
-    plans = online_handler.Plans(SimpleNamespace(settings=Settings()))  # type: ignore[arg-type]
-    reads: list[str] = []
+def _documents(monkeypatch: pytest.MonkeyPatch, plans: online_handler.Plans, documented: Callable[[str], bool],
+               reads: list[str] | None = None) -> None:
+    """The applied state as `plans` reads it: the deployments `documented` says have a document (listed), and their
+    documents (read one at a time, each read noted in `reads`): chat's samples stable answers, the others are empty."""
+    class Listed:
+        def __contains__(self, key: object) -> bool:
+            return isinstance(key, str) and key.startswith("deployment.") and documented(untoken(key[11:]))
 
-    async def spec(deployment: str) -> tuple[OnlineEvalSpec | None, str]:  # its applied document, from KV
-        reads.append(deployment)
+    async def listed() -> Any:
+        return Listed()
+
+    async def spec(deployment: str) -> tuple[OnlineEvalSpec | None, str]:
+        assert documented(deployment), "read a document the listing does not name"
+        (reads if reads is not None else []).append(deployment)
         return (OnlineEvalSpec(sample={"stable": 1.0}), "") if deployment == "chat" else (None, "")
 
+    monkeypatch.setattr(plans, "_documented", listed)
     monkeypatch.setattr(plans, "_spec", spec)
+
+
+async def test_the_evaluators_plans_are_bounded_least_recently_used_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Deployments with an applied document (their names are the operator's): at most PLANS_MAX plans are kept; a
+    deployment in use keeps its plan, and one whose plan went reads it again."""
+    plans = online_handler.Plans(SimpleNamespace(settings=Settings()))  # type: ignore[arg-type]
+    reads: list[str] = []
+    _documents(monkeypatch, plans, lambda name: True, reads)
     chat = await plans.get("chat")
     for i in range(3 * online_handler.PLANS_MAX):
-        await plans.get(f"made-up-{i}")
+        await plans.get(f"other-{i}")
         if i % 50 == 0:
             assert await plans.get("chat") is chat  # in use: kept (one read in all)
     assert len(plans._cache) == online_handler.PLANS_MAX and reads.count("chat") == 1
-    assert "made-up-0" not in plans._cache
-    await plans.get("made-up-0")  # its plan went: read again
-    assert reads.count("made-up-0") == 2
+    assert "other-0" not in plans._cache
+    await plans.get("other-0")  # its plan went: read again
+    assert reads.count("other-0") == 2
+
+
+async def test_a_deployment_without_a_document_is_neither_read_nor_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An application's events may name any deployment: each made-up name read its missing document, past the
+    PLANS_MAX names kept at every event (probe p55 F1). One without a document (not listed) gets the global plan,
+    with no read and nothing kept."""
+    plans = online_handler.Plans(SimpleNamespace(settings=Settings()))  # type: ignore[arg-type]
+    reads: list[str] = []
+    _documents(monkeypatch, plans, lambda name: name == "chat", reads)
+    for _ in range(2):
+        for i in range(2 * online_handler.PLANS_MAX):
+            assert await plans.get(f"made-up-{i}", "evil") is plans.default
+    assert reads == [] and not plans._cache
+    assert await plans.get("chat") is not plans.default and reads == ["chat"]
 
 
 @pytest.mark.parametrize("owner", ["acme", ""])
@@ -253,6 +285,7 @@ async def test_a_deployments_document_is_its_own_tenants_plan(monkeypatch: pytes
         assert release == "r1"
         return owner
 
+    _documents(monkeypatch, plans, lambda name: True)
     monkeypatch.setattr(plans, "_spec", spec)
     monkeypatch.setattr(plans, "_owner", tenant_of)
     document = await plans.get("chat")  # an answer the deployment's own route served
