@@ -99,10 +99,12 @@ class Route(msgspec.Struct, frozen=True, kw_only=True):
     started_at: float = 0.0  # unix seconds the canary started: analysis and drift look from here on
     paused: bool = False
     analysis: AnalysisStatus | None = None
-    # Step kinds (program.py): the next step to run; a pause step's end (0: until approved); a header
-    # route that sends tagged requests to the canary (or the blue-green preview) whatever the weight.
+    # Step kinds (program.py): the next step to run; when the pause step held at began (a PATCH of its
+    # `duration_s` times it from then) and when it ends (0: until approved); a header route that sends tagged
+    # requests to the canary (or the blue-green preview) whatever the weight.
     cursor: int = 0
     step_pause: bool = False  # paused by a pause step: resume (approval) runs the next step at once
+    step_paused_at: float = 0.0
     resume_at: float = 0.0
     header_route: HeaderRoute | None = None
     # Blue-green (bluegreen.py): when the preview went live and when it promotes itself (`auto_promotion_s` after,
@@ -404,8 +406,8 @@ def default_route(deployment: str) -> Route:
 
 
 # A finished rollout holds no step, header route, timed pause or running analysis.
-_FINISHED: dict[str, object] = {"header_route": None, "step_pause": False, "resume_at": 0.0, "promote_at": 0.0,
-                                "live_at": 0.0, "verifying": False}
+_FINISHED: dict[str, object] = {"header_route": None, "step_pause": False, "step_paused_at": 0.0, "resume_at": 0.0,
+                                "promote_at": 0.0, "live_at": 0.0, "verifying": False}
 
 
 def _bump(route: Route, **changes: object) -> Route:

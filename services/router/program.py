@@ -12,7 +12,7 @@ import msgspec
 
 from lockgate.services.router import domain
 from lockgate.services.router.domain import Route
-from lockgate.services.router.strategy import Step
+from lockgate.services.router.strategy import Pause, Step
 
 
 def programmed(route: Route) -> bool:
@@ -26,7 +26,7 @@ def run(route: Route, steps: list[Step], interval_s: float, now: float, why: str
     notes = [why] if why else []
     n = len(steps)
     i = route.cursor
-    common = {"paused": False, "step_pause": False, "resume_at": 0.0}
+    common = {"paused": False, "step_pause": False, "step_paused_at": 0.0, "resume_at": 0.0}
     while i < n:
         s = steps[i]
         i += 1
@@ -35,11 +35,10 @@ def run(route: Route, steps: list[Step], interval_s: float, now: float, why: str
             notes.append(f"step {i}/{n}: requests with {header.header}: {header.value} go to the canary")
             continue
         if s.pause is not None:
-            d = s.pause.duration_s
-            hold = f"paused {d:g} s" if d else "paused until approved (lockgate rollout approve)"
-            notes.append(f"step {i}/{n}: {hold} at {route.weight:g}%")
+            notes.append(f"step {i}/{n}: {_holds(s.pause)} at {route.weight:g}%")
             return _bump(route, cursor=i, step=i, header_route=header, paused=True, step_pause=True,
-                         resume_at=_pause_end(s, now), next_step_at=now + interval_s, reason="; ".join(notes))
+                         step_paused_at=now, resume_at=_pause_end(s.pause, now), next_step_at=now + interval_s,
+                         reason="; ".join(notes))
         assert s.set_weight is not None
         notes.append(f"step {i}/{n}: canary at {s.set_weight:g}%")
         return _bump(route, **common, cursor=i, step=i, header_route=header, weight=s.set_weight,
@@ -51,15 +50,49 @@ def run(route: Route, steps: list[Step], interval_s: float, now: float, why: str
 def restarted(route: Route, steps: list[Step], interval_s: float, now: float) -> Route:
     """The step the route holds at, begun again at `now` (a new canary took its place): its interval, and a timed
     pause step's duration, count from now, as `run` sets them when the step begins."""
-    at = steps[route.cursor - 1] if route.step_pause and 0 < route.cursor <= len(steps) else None
-    return msgspec.structs.replace(route, next_step_at=now + interval_s,
-                                   resume_at=_pause_end(at, now) if at is not None else route.resume_at)
+    if not route.step_pause:
+        return msgspec.structs.replace(route, next_step_at=now + interval_s)
+    return msgspec.structs.replace(route, next_step_at=now + interval_s, step_paused_at=now,
+                                   resume_at=_pause_end(held(route, steps), now))
 
 
-def _pause_end(step: Step, now: float) -> float:
-    """When a pause step begun at `now` ends by itself (0: when approved)."""
-    d = step.pause.duration_s if step.pause is not None else 0.0
-    return now + d if d else 0.0
+def retimed(route: Route, was: list[Step], steps: list[Step], now: float) -> Route:
+    """A route held at a pause step whose steps a PATCH replaced (`was`: the old ones): the pause now at its place
+    ends its new `duration_s` after the step began (already over: at the next tick), or waits for approval without
+    one. Where the new steps name no pause (the step there is a weight or header route now, or there is none), it
+    waits for approval too: a PATCH keeps the rollout's weight and position, and which step a changed list means to
+    run next is the operator's to say, so only an approval moves the traffic on. Before (probe p58 F1), the route
+    kept the old pause's end: a pause patched to wait for approval ended by itself at the old time and the canary
+    went on to 100% unapproved, and a shorter or longer pause still waited the old time."""
+    pause = held(route, steps)
+    if not route.step_pause or pause == held(route, was):
+        return route
+    began = route.step_paused_at or now  # a route stored before it was kept: the pause counts from the PATCH
+    where = f"step {route.step}/{len(steps)}"
+    if pause is None:
+        return _bump(route, resume_at=0.0, reason=f"{where} is no pause now: held at {route.weight:g}% until "
+                                                  "approved (lockgate rollout approve)")
+    return _bump(route, step_paused_at=began, resume_at=_pause_end(pause, began),
+                 reason=f"{where}: {_holds(pause)} at {route.weight:g}%")
+
+
+def held(route: Route, steps: list[Step]) -> Pause | None:
+    """The pause that the step the route holds at (`step`, 1-based, the one an approval names) has in `steps`
+    (None: none, or the route holds at no pause step)."""
+    at = route.step - 1
+    return steps[at].pause if route.step_pause and 0 <= at < len(steps) else None
+
+
+def _holds(pause: Pause) -> str:
+    """What a route's reason says a pause step holds it for."""
+    d = pause.duration_s
+    return f"paused {d:g} s" if d else "paused until approved (lockgate rollout approve)"
+
+
+def _pause_end(pause: Pause | None, began: float) -> float:
+    """When a pause begun at `began` ends by itself (0: when approved)."""
+    d = pause.duration_s if pause is not None else 0.0
+    return began + d if d else 0.0
 
 
 def pause_over(route: Route, now: float) -> bool:

@@ -615,7 +615,7 @@ def resume(route: Route, actor: str, interval_s: float, now: float) -> Route:
                            interval_s, now, f"approved at {_where(route)} by {actor}")
     # A canary waiting for a decision (a new canary release, NEEDS_REVIEW, an override cleared) runs no step:
     # its program starts again from the first step once a decision allows it.
-    return _bump(route, paused=False, step_pause=False, resume_at=0.0, analysis=st,
+    return _bump(route, paused=False, step_pause=False, step_paused_at=0.0, resume_at=0.0, analysis=st,
                  next_step_at=now + interval_s if live else route.next_step_at,
                  reason=f"resumed at {_where(route)} by {actor}")
 
@@ -656,8 +656,8 @@ def retry(route: Route, actor: str, now: float) -> Route:
                              "again (rolled back to it); start a new rollout with PUT")
     return _bump(route, weight=0.0, phase="idle", step=0, cursor=0, paused=False, analysis=None, admitted="",
                  decision_id="", next_step_at=0.0, started_at=now, header_route=None, step_pause=False,
-                 resume_at=0.0, promote_at=0.0, live_at=0.0, promoted_at=0.0, scale_down_at=0.0, verifying=False,
-                 start_weight=0.0, override=None,
+                 step_paused_at=0.0, resume_at=0.0, promote_at=0.0, live_at=0.0, promoted_at=0.0, scale_down_at=0.0,
+                 verifying=False, start_weight=0.0, override=None,
                  reason=domain.override_ended(route, f"retry of {route.canary.release} by {actor or 'operator'}: "
                                                      "from step 0, 0% until its verified gate decision allows it",
                                               "a retry is a new attempt"))
@@ -686,8 +686,8 @@ def replace_canary(route: Route, canary: domain.Target, decision: GateDecided | 
                                   "admitted_by": decision.key_id if admitted and decision is not None else ""}
     if not allowed and not covered:
         reason = f"canary release now {canary.release}: 0% until a verified gate decision allows it"
-        changes.update(weight=0.0, phase="idle", next_step_at=0.0, decision_id="", resume_at=0.0, promote_at=0.0,
-                       live_at=0.0)
+        changes.update(weight=0.0, phase="idle", next_step_at=0.0, decision_id="", step_paused_at=0.0, resume_at=0.0,
+                       promote_at=0.0, live_at=0.0)
     else:
         if decision is not None:
             changes["decision_id"] = decision.id
@@ -715,11 +715,12 @@ def restarted(route: Route, interval_s: float, now: float) -> Route:
     return msgspec.structs.replace(route, next_step_at=now + interval_s)
 
 
-def replace_strategy(route: Route, strategy: Strategy | None, default_interval_s: float) -> Route:
+def replace_strategy(route: Route, strategy: Strategy | None, default_interval_s: float, now: float) -> Route:
     """A PATCH of the strategy (steps, interval, analysis ...): the rollout keeps its weight and position; a cursor
     past the new step list ends at its last step. Its clocks follow the stored strategy (before, probe p57 F2, they
     kept the old one's): a new `interval_s` times the step (or look) under way from when it began, a new blue-green
-    `auto_promotion_s` the preview's promotion from when it went live (`bluegreen.retimed`)."""
+    `auto_promotion_s` the preview's promotion from when it went live (`bluegreen.retimed`), and a changed pause at
+    the step held at ends as the new step says, timed from when it began (`program.retimed`, probe p58 F1)."""
     _live(route)
     was_bg = route.strategy is not None and route.strategy.blue_green is not None
     if was_bg != (strategy is not None and strategy.blue_green is not None):
@@ -734,4 +735,5 @@ def replace_strategy(route: Route, strategy: Strategy | None, default_interval_s
         new = msgspec.structs.replace(new, next_step_at=new.next_step_at - was + interval)
     if route.strategy is not None and route.strategy.blue_green is not None:
         new = bluegreen.retimed(new, route.strategy.blue_green.auto_promotion_s)
-    return new
+    return program.retimed(new, route.strategy.program() if route.strategy is not None else [],
+                           strategy.program() if strategy is not None else [], now)

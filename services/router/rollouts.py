@@ -1088,7 +1088,7 @@ class Rollouts:
                 return refused
             new, now = route, time.time()
             if "strategy" in fields:  # first: a canary swapped in with it is timed by the new strategy
-                new = progress.replace_strategy(new, doc_now.strategy, self.interval_s)
+                new = progress.replace_strategy(new, doc_now.strategy, self.interval_s, now)
             if "canary_release" in fields:
                 assert canary is not None
                 new = progress.replace_canary(new, canary, decision, now, progress.interval_of(new, self.interval_s))

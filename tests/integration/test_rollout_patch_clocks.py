@@ -1,7 +1,8 @@
 """A PATCH restarts or retimes a live rollout's clocks as the stored strategy says (admin API, the real router on
 nats-server, chDB and the simulator): a canary or blue-green preview swapped in is timed from when it took the place,
 not by its predecessor's clocks; a new `interval_s` or `auto_promotion_s` times the step or promotion under way
-(probe p57 F1, F2). Each clock is read from the route the PATCH answers, never waited for."""
+(probe p57 F1, F2), a changed pause at the step held at the pause (probe p58 F1). Each clock is read from the route the
+PATCH answers, never waited for."""
 
 from __future__ import annotations
 
@@ -89,3 +90,30 @@ async def test_a_patch_of_the_interval_times_the_step_under_way_from_when_it_beg
     assert longer["next_step_at"] == pytest.approx(began + 2 * HOUR, abs=1e-3), longer
     shorter = await _patch(http, router, {"strategy": {"interval_s": HOUR / 4}})
     assert shorter["next_step_at"] == pytest.approx(began + HOUR / 4, abs=1e-3), shorter
+
+
+async def test_a_patch_of_the_pause_held_at_times_it_from_when_it_began_or_leaves_it_to_an_approval(
+        router: Any, http: aiohttp.ClientSession, signer: Signer) -> None:
+    # Before (probe p58 F1) the route kept the old pause's end: a timed pause patched to wait for approval ended by
+    # itself at the old time and the canary went on to 100% with no approval; a changed duration was not retimed.
+    rest = [50, 100]
+    await _start(http, router, "same", {"steps": [{"pause": {"duration_s": HOUR}}, *rest], "interval_s": HOUR})
+    await _pass(router, signer, "same")
+    timed = router.rollouts.route("chat")
+    began = timed.step_paused_at
+    assert (timed.step, timed.step_pause, timed.resume_at) == (1, True, began + HOUR), timed
+    untimed = await _patch(http, router, {"strategy": {"steps": [{"pause": {}}, *rest]}})
+    assert (untimed["step"], untimed["paused"], untimed["step_pause"]) == (1, True, True), untimed
+    assert untimed["resume_at"] == 0.0 and "paused until approved" in untimed["reason"], untimed
+    for duration in (2 * HOUR, HOUR / 2):  # from when the pause began, not from the PATCH
+        longer = await _patch(http, router, {"strategy": {"steps": [{"pause": {"duration_s": duration}}, *rest]}})
+        assert (longer["step_paused_at"], longer["resume_at"]) == (began, began + duration), longer
+    weight = await _patch(http, router, {"strategy": {"steps": [30, *rest]}})  # no pause at step 1 now
+    assert (weight["weight"], weight["step"], weight["paused"], weight["resume_at"]) == (0.0, 1, True, 0.0), weight
+    assert weight["reason"].endswith("step 1/3 is no pause now: held at 0% until approved (lockgate rollout "
+                                     "approve)"), weight
+    async with http.post(f"{router.url}{DEPLOYMENT}/approve", json={"step": 1, "canary": "same",
+                                                                    "started_at": timed.started_at}) as resp:
+        approved = await resp.json()
+        assert resp.status == 200, approved
+    assert (approved["weight"], approved["step"], approved["paused"]) == (50.0, 2, False), approved

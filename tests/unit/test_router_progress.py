@@ -509,8 +509,8 @@ def _preview(auto: float | None, **changes: object) -> Route:
      {"next_step_at": 310.0}),
     (_live(25.0, 2, strategy=Strategy(steps=[Step(set_weight=25.0), Step(pause=Pause(duration_s=60.0)),
                                              Step(set_weight=100.0)], interval_s=10.0),
-           cursor=2, paused=True, step_pause=True, resume_at=250.0, next_step_at=205.0),
-     {"next_step_at": 310.0, "resume_at": 360.0}),
+           cursor=2, paused=True, step_pause=True, step_paused_at=190.0, resume_at=250.0, next_step_at=205.0),
+     {"next_step_at": 310.0, "resume_at": 360.0, "step_paused_at": 300.0}),
     (_preview(20.0), {"live_at": 300.0, "promote_at": 320.0, "next_step_at": 310.0}),
 ])
 def test_a_canary_swapped_into_a_live_rollout_is_timed_from_the_swap(route: Route, clocks: dict[str, float]) -> None:
@@ -523,14 +523,80 @@ def test_a_canary_swapped_into_a_live_rollout_is_timed_from_the_swap(route: Rout
 
 def test_a_patched_strategy_times_the_step_and_the_promotion_under_way() -> None:
     stepping = _live(strategy=Strategy(steps=list(STEPS), interval_s=10.0), next_step_at=205.0)
-    longer = progress.replace_strategy(stepping, Strategy(steps=list(STEPS), interval_s=60.0), 5.0)
+    longer = progress.replace_strategy(stepping, Strategy(steps=list(STEPS), interval_s=60.0), 5.0, 300.0)
     assert longer.next_step_at == 255.0  # the step began at 195
-    assert progress.replace_strategy(stepping, Strategy(steps=list(STEPS)), 5.0).next_step_at == 200.0  # the default
+    default = progress.replace_strategy(stepping, Strategy(steps=list(STEPS)), 5.0, 300.0)
+    assert default.next_step_at == 200.0  # the router's interval
     by_hand = progress.replace_strategy(_preview(20.0, promote_at=400.0), Strategy(interval_s=10.0,
-                                                                              blue_green=BlueGreen()), 5.0)
+                                                                              blue_green=BlueGreen()), 5.0, 300.0)
     assert by_hand.promote_at == 0.0 and by_hand.reason == "preview r2: promote by hand (lockgate rollout promote)"
     timed = progress.replace_strategy(_preview(None), Strategy(interval_s=10.0, blue_green=BlueGreen(
-        auto_promotion_s=50.0)), 5.0)
+        auto_promotion_s=50.0)), 5.0, 300.0)
     assert (timed.live_at, timed.promote_at) == (200.0, 250.0) and "promotes itself at" in timed.reason
     same = _preview(20.0, promote_at=400.0)  # held by a breaker, say: an unchanged delay keeps the route's time
-    assert progress.replace_strategy(same, same.strategy, 5.0).promote_at == 400.0
+    assert progress.replace_strategy(same, same.strategy, 5.0, 300.0).promote_at == 400.0
+
+
+def _at_pause(pause: dict[str, float]) -> Route:
+    """A canary of [10, pause, 50, 100] (interval 10 s) whose pause step began at 210, as the program runs it."""
+    live = progress.on_decision(_live(0.0, 0, phase="idle", admitted="", strategy=_steps(pause)),
+                                GateDecided(release="r2", decision="PASS", rules=[]), STEPS, 10.0, 200.0)
+    assert live is not None and (live.weight, live.step) == (10.0, 1), live
+    held = progress.on_time(live, STEPS, 10.0, 210.0)
+    assert held is not None and (held.step, held.step_pause, held.step_paused_at) == (2, True, 210.0), held
+    return held
+
+
+def _steps(pause: dict[str, float], *, at: object = None) -> Strategy:
+    """[10, pause, 50, 100] at 10 s a step, or with `at` in the pause's place."""
+    return msgspec.convert({"steps": [10, at if at is not None else {"pause": pause}, 50, 100], "interval_s": 10},
+                           Strategy)
+
+
+@pytest.mark.parametrize(("was", "now", "resume_at", "says"), [
+    ({"duration_s": 30.0}, {}, 0.0, "step 2/4: paused until approved (lockgate rollout approve) at 10%"),
+    ({"duration_s": 30.0}, {"duration_s": 60.0}, 270.0, "step 2/4: paused 60 s at 10%"),
+    ({"duration_s": 30.0}, {"duration_s": 5.0}, 215.0, "step 2/4: paused 5 s at 10%"),  # over: at the next tick
+    ({}, {"duration_s": 30.0}, 240.0, "step 2/4: paused 30 s at 10%"),
+])
+def test_a_patched_pause_at_the_step_held_at_ends_as_the_new_step_says(
+        was: dict[str, float], now: dict[str, float], resume_at: float, says: str) -> None:
+    # Before (probe p58 F1), the route kept the old pause's end: a pause patched to wait for approval ended by itself
+    # at the old time, and the canary went on to 100% unapproved; a changed duration still waited the old time.
+    held = _at_pause(was)
+    new = progress.replace_strategy(held, _steps(now), 5.0, 220.0)
+    assert (new.weight, new.step, new.paused, new.step_pause) == (10.0, 2, True, True), new
+    assert (new.step_paused_at, new.resume_at) == (210.0, resume_at) and new.reason == says, new
+    if resume_at:  # the new end, not the old one (240), moves it on
+        assert progress.due_at(new) == resume_at and progress.on_time(new, STEPS, 10.0, resume_at - 1) is None
+        later = progress.on_time(new, STEPS, 10.0, resume_at)
+        assert later is not None and (later.weight, later.step, later.paused) == (50.0, 3, False), later
+    else:  # only an approval of step 2 ends it
+        assert progress.on_time(new, STEPS, 10.0, 10_000.0) is None and progress.due_at(new) is None
+        assert progress.waits_for_approval(new)
+        approved = progress.approve(new, 2, "r2", None, "op", 10.0, 260.0)
+        assert (approved.weight, approved.step, approved.paused) == (50.0, 3, False), approved
+
+
+@pytest.mark.parametrize("instead", [{"set_weight": 30}, {"set_header_route": {"header": "x-t", "value": "1"}}, None])
+def test_a_pause_patched_away_from_the_step_held_at_waits_for_approval(instead: object) -> None:
+    # The step now at the pause's place (or none: a shorter list) says nothing of when the rollout goes on, so
+    # no clock moves it: the PATCH keeps its weight and position, and an approval of the step moves it.
+    held = _at_pause({"duration_s": 30.0})
+    strategy = _steps({}, at=instead) if instead is not None else Strategy(steps=[10.0], interval_s=10.0)
+    new = progress.replace_strategy(held, strategy, 5.0, 220.0)
+    assert (new.weight, new.step, new.paused, new.step_pause, new.resume_at) == (10.0, 2, True, True, 0.0), new
+    assert new.reason.endswith("is no pause now: held at 10% until approved (lockgate rollout approve)"), new
+    assert progress.on_time(new, STEPS, 10.0, 10_000.0) is None and progress.waits_for_approval(new)
+    again = progress.replace_strategy(new, msgspec.structs.replace(strategy, interval_s=20.0), 5.0, 230.0)
+    assert (again.resume_at, again.reason) == (0.0, new.reason), again  # still held by a PATCH that leaves it
+    back = progress.replace_strategy(new, _steps({"duration_s": 30.0}), 5.0, 230.0)  # a pause put back: as begun
+    assert (back.resume_at, back.reason) == (240.0, "step 2/4: paused 30 s at 10%"), back
+
+
+def test_a_patch_that_leaves_the_pause_keeps_its_end() -> None:
+    # An open breaker of the canary put the pause's end off (to 250, say): a PATCH of something else keeps it.
+    held = msgspec.structs.replace(_at_pause({"duration_s": 30.0}), resume_at=250.0, reason="held")
+    new = progress.replace_strategy(held, msgspec.structs.replace(_steps({"duration_s": 30.0}), analysis=SPEC),
+                                    5.0, 220.0)
+    assert (new.resume_at, new.reason) == (250.0, "held"), new
