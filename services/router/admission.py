@@ -218,8 +218,11 @@ class Ticket:
         # The key's router rate limits after admission, as `x-ratelimit-*` headers (RateLimiter.headers).
         self.limits: dict[str, str] = {}
 
+    @property
+    def reserved(self) -> bool:
+        """Something is held on a budget or rate limit (not when no policy applies, nor once settled)."""
+        return self.cost is not ZERO
 
-OPEN = Ticket(None, ZERO, None)  # admitted with nothing to settle (no policy applies)
 
 
 class Admission:
@@ -274,11 +277,13 @@ class Admission:
         an upstream of the request may write the prompt cache, so its input is reserved at a write's rate
         (budgets.reckoned: a write kept an hour is billed 2x input, beyond a reservation at the input rate); `named`:
         the stored state a Responses request names, read already (budgets.named_state)."""
+        pointed = pointed_at(req, body, self.file.media_tokens, self.file.stored_input_tokens, named)
         if not self.active:
-            return OPEN
+            # No policy applies: nothing reserved, but what a call of unknown usage may cost is still its worst case,
+            # on its event and in the cost ledger (settle), so the ticket keeps what that is computed from.
+            return self._described(Ticket(key, ZERO, None), req, pointed.tokens, max_fields, deployment)
         max_out = most_output(req, max_fields, self.file.default_max_tokens, sent)
         lower = partial(to_lower, req, max_fields, self.file.default_max_tokens, sent)  # said on a refusal only
-        pointed = pointed_at(req, body, self.file.media_tokens, self.file.stored_input_tokens, named)
         tokens_in = input_estimate(body_bytes, req, self.file.bytes_per_token, pointed.tokens)
         prices = {m: self.prices.get(m) for m in (model, *also)}
         # An unpriced model among them is named below (a USD budget cannot be enforced on it); else the dearest.
@@ -301,10 +306,9 @@ class Admission:
                                       code="rate_limit_exceeded",
                                       headers={"Retry-After": str(max(1, math.ceil(refused.retry_after_s))),
                                                **limits})
-        ticket = Ticket(key, cost, price, prices)
+        ticket = self._described(Ticket(key, cost, price, prices), req, pointed.tokens, max_fields, deployment)
         if self.limiter:
             ticket.limits = limits
-        ticket.req, ticket.pointed, ticket.max_fields, ticket.deployment = req, pointed.tokens, max_fields, deployment
         now = self.clock()
         wall = self.wall()
         periods = self._periods if self._periods.ordinal == wall.toordinal() else self._new_periods(wall)
@@ -327,6 +331,12 @@ class Admission:
                 return taken._replace(message=_explained(taken.message, pointed)).response()
             if taken:
                 ticket.charges.append((counter, b, need))
+        return ticket
+
+    @staticmethod
+    def _described(ticket: Ticket, req: ApiRequest, pointed: int, max_fields: Sequence[str], deployment: str) -> Ticket:
+        """`ticket` with what its calls' worst cases are computed from (Admission.worst)."""
+        ticket.req, ticket.pointed, ticket.max_fields, ticket.deployment = req, pointed, max_fields, deployment
         return ticket
 
     async def _take(self, b: Budget, counter: str, need: Amount, key: ApiKey, deployment: str, model: str,
@@ -371,7 +381,7 @@ class Admission:
 
     def worst(self, ticket: Ticket, call: Call) -> tuple[int, int, Amount]:
         """A call's worst case (budgets.worst_case): input and output tokens, and their cost at its model's price."""
-        assert ticket.req is not None  # an admitted ticket (OPEN has no calls to price)
+        assert ticket.req is not None  # an admitted ticket (a further reservation's has no calls to price)
         return worst_case(ticket.prices.get(call.model, ticket.price), call.body_bytes, ticket.req, call.limits,
                           ticket.max_fields, self.file.default_max_tokens, self.file.bytes_per_token, ticket.pointed,
                           call.writes)
@@ -525,11 +535,13 @@ class Admission:
         the ledger prices it; nothing when refused (an HTTP error status) or when no upstream answered; its worst
         case when its usage is unknown. Each call `abandoned` after its request went out (a first-byte timeout, a
         broken reply, a call under way when the client left: a record and its call) costs its worst case whatever
-        the last call did. A call charged its worst case has its record say so (`_unknown`)."""
-        if ticket is OPEN or ticket.cost is ZERO:
-            return
+        the last call did. A call charged its worst case has its record say so (`_unknown`), whatever the ticket: the
+        cost ledger books it so when no budget or rate limit covers the key too (before, probe p56 F1, such a call was
+        booked 0 tokens and $0 then, though the provider bills it); only the counters need a reservation."""
         spent = sum((self._unknown(ticket, r, c) for r, c in abandoned), ZERO)
         final = self._final(ticket, rec, model, call)
+        if not ticket.reserved:  # no policy applies, or nothing is held any more (a cache hit released it)
+            return
         # Which call ran, and how far, unknown (the request failed in an unforeseen way): everything reserved stays spent.
         self._finish(ticket, ticket.cost if final is None else spent + final)
 
@@ -564,7 +576,7 @@ class Admission:
 
     def release(self, ticket: Ticket) -> None:
         """Nothing was spent (a cache hit): give the whole reservation back."""
-        if ticket is not OPEN:
+        if ticket.reserved:
             self._finish(ticket, ZERO)
 
     def _finish(self, ticket: Ticket, used: Amount) -> None:
@@ -794,7 +806,7 @@ class Admission:
         """A cached answer for this request to `operation` (its path: one body sent to two operations has
         two answers) with the reservation released and the event marked as a hit, or None.
         `shown_usage`: a stream's client asked for the usage chunk (the upstream body always asks)."""
-        spec = self.cache.spec(deployment) if ticket is not OPEN else None
+        spec = self.cache.spec(deployment)  # None when no gateway file opts the deployment in
         if spec is None or len(body) > MAX_KEYED_BYTES:  # its key would hold the event loop for its size
             return None
         try:

@@ -41,7 +41,7 @@ from lockgate.pricebook import PriceBookError, load_price_book, priced_model
 from lockgate.server.apikeys import ApiKey, AuthError, Forbidden, KeyStore, bearer
 from lockgate.server.body import closing, read_body
 from lockgate.services.router import domain
-from lockgate.services.router.admission import OPEN, OPEN_ADMISSION, Admission, Call
+from lockgate.services.router.admission import OPEN_ADMISSION, Admission, Call
 from lockgate.services.router.budgets import named_containers, named_state, referenced_items
 from lockgate.services.router.cache import MAX_KEYED_BYTES
 from lockgate.services.router.endpoints import Endpoint, Endpoints, UnknownEndpoint
@@ -457,7 +457,7 @@ class Proxy:
 
         call_of = partial(_call_of, hops, sent, req.model)
         # A fallback after calls abandoned once sent takes a further reservation first (Admission.cover).
-        cover = partial(self._cover, ticket, call_of) if ticket is not OPEN else None
+        cover = partial(self._cover, ticket, call_of) if ticket.reserved else None
 
         span = self.spans.start(f"{op.name} {model}", h.get("traceparent"))
         sc = span.get_span_context()
@@ -541,15 +541,13 @@ class Proxy:
             # so a canary's failures count in its analysis even when a retry or stable answered.
             attempts = [_Record.attempt(failed) for failed in rec.earlier]
             charged = self._answered_by(deployment, model, rec)
-            if ticket is not OPEN:
-                # At the price of the model that answered, as the ledger; each call abandoned after its request
-                # went out at its worst case, whatever the last call did (its record, the request's own for the
-                # chosen hop's, says so).
-                abandoned = [(a, call_of(f.hop)) for f, a in zip(rec.earlier, attempts, strict=True) if f.abandoned]
-                if rec.gone is not None:
-                    abandoned.append((rec, call_of(rec.gone)))
-                self.admission.settle(ticket, rec, charged, call_of(rec.hop) if rec.hop is not None else None,
-                                      abandoned)
+            # At the price of the model that answered, as the ledger; each call abandoned after its request went out
+            # at its worst case, whatever the last call did (its record, the request's own for the chosen hop's, says
+            # so). Whatever the ticket: with no policy nothing is counted, but the worst cases are on the events.
+            abandoned = [(a, call_of(f.hop)) for f, a in zip(rec.earlier, attempts, strict=True) if f.abandoned]
+            if rec.gone is not None:
+                abandoned.append((rec, call_of(rec.gone)))
+            self.admission.settle(ticket, rec, charged, call_of(rec.hop) if rec.hop is not None else None, abandoned)
             # The event and the span's attributes are bookkeeping: build them on the next loop
             # turn, after aiohttp has handed the response to the socket, not before.
             loop = asyncio.get_running_loop()

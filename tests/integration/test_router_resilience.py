@@ -1879,6 +1879,47 @@ async def test_a_call_the_client_gives_up_on_before_its_answer_is_charged_its_wo
     assert cost["cost_usd"] == pytest.approx(usd / 1e9, abs=1e-8)
 
 
+async def test_calls_of_unknown_usage_with_no_policy_are_booked_their_worst_case_on_the_event_and_in_the_ledger(
+        gateway: Gateway, keys: Bootstrap, context: ServiceContext, events: Any, tmp_path: Any, run_services: Any,
+        store: Any) -> None:
+    # Found by a probe (p56 F1): with no gateway file (no budget or rate limit covering the key), a stream the client
+    # hung up on mid-answer and a non-streamed call it gave up on were stored with 0 tokens and booked $0 in the
+    # cost ledger, though the provider bills them: the worst case was marked only when settling a reservation. Now
+    # the worst case is on the event whatever the policy; only the counters need one.
+    (tmp_path / "prices.yaml").write_text(json.dumps({"version": "t", "currency": "USD", "models": {
+        "m": {"input_per_mtok": 1.0, "output_per_mtok": 4.0}}}))
+    context.settings = context.settings.replace(price_book=str(tmp_path / "prices.yaml"))  # the cost accountant's
+    svcs = await run_services("sink", "cost")
+    async with FakeLLM("up", "chunks_until_closed", "hang") as up:
+        router = await gateway({"default": {"url": up.url, "timeouts": {"first_byte_s": 30}}})
+        assert router.proxy.admission.active is False  # no policy applies
+        async with client(router, keys) as c:
+            stream = await c.chat.completions.create(model="m", messages=MESSAGES, max_tokens=300, stream=True)
+            await anext(aiter(stream))
+            await stream.close()  # the client goes away mid-answer
+        await asyncio.wait_for(up.hung_up.wait(), 10)
+        (cut,) = await events(1)
+        async with _impatient(router, keys, 0.5) as c:
+            with pytest.raises(openai.APITimeoutError):  # gives up while the upstream generates
+                await c.chat.completions.create(model="m", messages=MESSAGES, max_tokens=300)
+        (gone,) = await events(1)
+        await up.seen(2)
+        worst = [_worst(int(h["Content-Length"]), 300) for h in up.headers]
+    assert [(e.error_type, e.input_tokens, e.output_tokens) for e in (cut, gone)] == [("client_disconnected", 0, 0)] * 2
+    await sink_stored(svcs["sink"].handlers, cost_ledger=2)
+    await svcs["sink"].handlers.rows.wait_for(2)
+    stored = store.rows("SELECT id, attributes['lockgate.usage_unknown'] AS unknown, attributes['lockgate.charged_input_"
+                        "tokens'] AS i, attributes['lockgate.charged_output_tokens'] AS o FROM inference_events")
+    booked = store.rows("SELECT event_id, input_tokens, output_tokens, cost_usd FROM cost_ledger")
+    ids = [cut.id, gone.id]
+    assert sorted((r["id"], r["unknown"], r["i"], r["o"]) for r in stored) == sorted(
+        (i, "worst_case", *map(str, w)) for i, w in zip(ids, worst, strict=True))
+    assert sorted((r["event_id"], r["input_tokens"], r["output_tokens"]) for r in booked) == sorted(
+        (i, *w) for i, w in zip(ids, worst, strict=True))
+    assert sorted(r["cost_usd"] for r in booked) == pytest.approx(sorted((i * 1.0 + o * 4.0) / 1e6 for i, o in worst))
+    assert all(r["cost_usd"] > 0 for r in booked)  # before: 0 tokens, $0
+
+
 @pytest.mark.parametrize("limit", ["budget", "tpm"])
 async def test_a_fallback_is_not_called_when_what_the_abandoned_call_may_have_spent_leaves_no_room_for_it(
         gateway: Gateway, keys: Bootstrap, context: ServiceContext, events: Any, tmp_path: Any, limit: str) -> None:
