@@ -28,8 +28,9 @@ from lockgate.decisionwatch import DecisionWithdrawn, verified, watch_decisions
 from lockgate.encoded import Encoded
 from lockgate.errors import BusUnavailable, InvalidEvent, InvalidName, NotFound, SignatureError
 from lockgate.ids import uuid7_time
+from lockgate.limits import EventLimits
 from lockgate.natsclient import raise_if_cancelled
-from lockgate.outbox import ANSWER_WITHIN_S, encode_event, publish_events
+from lockgate.outbox import ANSWER_WITHIN_S, DEFAULT_LIMITS, encode_event, per_message, publish_events
 from lockgate.server.apikeys import (
     ApiKey,
     AuthError,
@@ -141,9 +142,10 @@ async def authenticate(keys: KeyStore, context: grpc.aio.ServicerContext, *, sen
 class IngestServicer(ingest_pb2_grpc.IngestServicer):
     """Ingest.Send: reject invalid events one by one, publish the rest grouped by app."""
 
-    def __init__(self, bus: Bus, keys: KeyStore) -> None:
+    def __init__(self, bus: Bus, keys: KeyStore, limits: EventLimits = DEFAULT_LIMITS) -> None:
         self.bus = bus
         self.keys = keys
+        self.limits = limits  # the stack's (its consumers'): what Send acknowledges, they keep
 
     async def Send(self, request: ingest_pb2.InferenceBatch, context: grpc.aio.ServicerContext) -> Any:
         """Validate and publish a batch; UNAVAILABLE if JetStream does not acknowledge (safe to retry)."""
@@ -168,8 +170,10 @@ class IngestServicer(ingest_pb2_grpc.IngestServicer):
         rejections = []
         for index, msg in enumerate(request.events):
             try:
-                # Checked as the SDK checks (contract and time window), so a consumer never parks it.
-                events.append(encode_event(event_from_proto(msg, key.tenant, key.app), check=True))
+                # Checked as the SDK checks (contract and time window), but against the stack's own limits, as its
+                # consumers read them: what Send acknowledges, none of them parks.
+                event = event_from_proto(msg, key.tenant, key.app)
+                events.append(encode_event(event, check=True, limits=self.limits))
             except InvalidEvent as exc:
                 rejections.append(ingest_pb2.Rejection(index=index, reason=exc.message))
         headers: dict[str, str] = {}
@@ -183,7 +187,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServicer):
             # msg id = batch_id(chunk): a client retrying the same events is deduplicated. The whole wait is bounded
             # (ANSWER_WITHIN_S): 5 attempts of 5 s answered after 25 s, past a caller's own deadline (probe p4).
             accepted = await publish_events(self.bus.js, self.bus.subjects, events, headers=headers,
-                                            deadline_s=ANSWER_WITHIN_S)
+                                            batch_size=per_message(self.limits), deadline_s=ANSWER_WITHIN_S)
         except BusUnavailable as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, exc.message)
         return ingest_pb2.IngestReply(accepted=accepted, rejected=len(rejections), rejections=rejections)
@@ -326,7 +330,8 @@ class GrpcServer:
     async def start(self) -> None:
         """Bind and serve."""
         server = grpc_server(interceptors=[DecodeErrors()])
-        ingest_pb2_grpc.add_IngestServicer_to_server(IngestServicer(self.bus, self.keys), server)
+        ingest = IngestServicer(self.bus, self.keys, EventLimits.from_settings(self.settings))
+        ingest_pb2_grpc.add_IngestServicer_to_server(ingest, server)
         gates_pb2_grpc.add_GatesServicer_to_server(GatesServicer(self.bus, self.verifier, self.keys), server)
         self.port = await bind_grpc(server, self.host, self.port, grpc_credentials(self.settings), what="gRPC",
                                     flag="--grpc-port")

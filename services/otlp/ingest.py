@@ -34,7 +34,7 @@ from lockgate.bus import Bus
 from lockgate.encoded import Encoded
 from lockgate.errors import BusUnavailable, InvalidEvent
 from lockgate.limits import EventLimits
-from lockgate.outbox import ANSWER_WITHIN_S, encode_event, publish_events
+from lockgate.outbox import ANSWER_WITHIN_S, encode_event, per_message, publish_events
 from lockgate.redact import scrub_secrets
 from lockgate.retry import RetryPolicy
 from lockgate.server.apikeys import ApiKey, KeyStore, bearer
@@ -171,7 +171,7 @@ class Receiver:
             try:
                 # Checked as every producer's are; one the bus can never take is refused here (too large),
                 # else the export would be answered "retry" for ever.
-                encoded = encode_event(event, check=True)
+                encoded = encode_event(event, check=True, limits=self.limits)  # the window its span was checked in
             except InvalidEvent as exc:
                 decoded.no_event += 1
                 decoded.problem(f"span {event.span_id}: its inference event was refused: {exc.message}")
@@ -204,7 +204,8 @@ class Receiver:
 
         publishes = [spans(msg.id, msg.data) for msg in batches]
         if events:
-            publishes.append(publish_events(self.bus.js, self.bus.subjects, events, retry=RETRY))
+            publishes.append(publish_events(self.bus.js, self.bus.subjects, events, retry=RETRY,
+                                            batch_size=per_message(self.limits)))
         try:
             # All attempts of all publishes within ANSWER_WITHIN_S: the standard exporters give an export 10 s, and
             # one given up on is dropped, never sent again. The publishes cut short may still be stored.

@@ -14,7 +14,8 @@ from aiohttp import web
 
 from lockgate import metrics
 from lockgate.config import Settings
-from lockgate.outbox import UNTIL_BACK, Outbox
+from lockgate.limits import EventLimits
+from lockgate.outbox import UNTIL_BACK, Outbox, per_message
 from lockgate.server.apikeys import Forbidden, KeyStore
 from lockgate.server.httpguard import HttpLimits, app_runner
 from lockgate.server.service import Progress, Service, ServiceContext, fewer_collections
@@ -55,7 +56,9 @@ class RouterService(Service):
         # (counted), so the freshest traffic is what drift and cost see. Publishes are retried until
         # the bus is back: an outage costs only what overflows the buffer. The spool keeps them through a
         # kill -9 too: the next router on it publishes them first.
-        self.batcher = Outbox(ctx.bus.subjects, overflow="drop_oldest", max_in_flight=4, retry=UNTIL_BACK,
+        # At most as many events a message as the stack's consumers take (else a full batch is refused whole).
+        self.batcher = Outbox(ctx.bus.subjects, batch_size=per_message(EventLimits.from_settings(ctx.settings)),
+                              overflow="drop_oldest", max_in_flight=4, retry=UNTIL_BACK,
                               via="served", name="router-events", spool=open_spool(ctx.settings),
                               on_sent=metrics.events_out_counter("router"), on_drop=metrics.drop_counter("router"))
         self.keys = KeyStore(ctx.settings.home)  # clients and operators authenticate with these

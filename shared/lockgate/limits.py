@@ -47,7 +47,7 @@ def duration(seconds: float) -> str:
 class EventLimits:
     """Limits on inference messages; the defaults suit producers that send events as they happen."""
 
-    max_events: int = 5000  # per message (the SDK, router and gRPC ingest send at most 500)
+    max_events: int = 5000  # per message (the SDK sends at most 500; the stack's producers 500 or this: per_message)
     past_s: float = 30 * 86400.0  # how old an event's time may be (backfills older than this are refused)
     future_s: float = 3600.0  # how far ahead of this clock an event's time may be (clock skew)
 

@@ -93,7 +93,15 @@ UNTIL_BACK = RetryPolicy(attempts=None, initial_s=0.05, max_s=2.0)
 _check = msgspec.json.Decoder(msgspec.defstruct(
     "InferenceEventCheck", [(f.name, f.type) for f in msgspec.structs.fields(InferenceEvent)], kw_only=True,
     gc=False))
-_LIMITS = EventLimits()
+# What a producer that cannot know the stack's settings (the SDK) checks against; a producer inside the stack (the
+# router, gRPC ingest, the OTLP receiver) passes the stack's own (EventLimits.from_settings), as its consumers read.
+DEFAULT_LIMITS = EventLimits()
+
+
+def per_message(limits: EventLimits) -> int:
+    """How many events a producer puts in one message under `limits`: BATCH_SIZE, or fewer when the consumers
+    take fewer (`max_events`): a message over it is refused whole, so acknowledged it would be lost."""
+    return max(1, min(BATCH_SIZE, limits.max_events))
 
 
 def _kinds(t: mi.Type) -> str | None:
@@ -137,14 +145,16 @@ def event_from_fields(fields: Mapping[str, Any]) -> InferenceEvent:
         raise InvalidEvent(f"invalid inference event: {exc}") from None
 
 
-def encode_event(event: InferenceEvent, *, check: bool | str = False, clock_time: bool = False) -> Encoded:
+def encode_event(event: InferenceEvent, *, check: bool | str = False, clock_time: bool = False,
+                 limits: EventLimits = DEFAULT_LIMITS) -> Encoded:
     """Scrub, then encode. With `check`, raise InvalidEvent naming the field if the sink's decoder
     would refuse the bytes, or if they are more than one bus message carries: one bad event must never
     reach (and poison) a batch of good ones, nor wait for a publish that can never succeed.
     `check="built"` is for an event from `event_from_fields`, whose values convert checked already:
     only what convert cannot see is checked (non-finite floats, text without a UTF-8 form).
     `clock_time`: the event's time is this clock's reading as it was built (no time was given), so it
-    lies inside the time window by construction and is not checked against it."""
+    lies inside the time window by construction and is not checked against it. `limits`: the time window checked,
+    the stack's own for a producer inside it (what it acknowledges, its consumers keep)."""
     event = scrub_event(event)
     try:
         data = encode(event)
@@ -169,9 +179,11 @@ def encode_event(event: InferenceEvent, *, check: bool | str = False, clock_time
         if event.schema_version > SCHEMA_VERSION:  # as the sink's decoder refuses it
             raise InvalidEvent(f"invalid inference event: schema_version {event.schema_version} is newer than "
                                f"this build's {SCHEMA_VERSION} - at `$.schema_version`")
-        # The default window: a consumer configured wider would accept more, never less. The window is
-        # around now, so a time read from the clock just now needs no look (a tenth of `encode_event`).
-        if not clock_time and (reason := _LIMITS.event_error(event)):
+        # The consumers' window when the producer knows it (`limits`); the default one for the SDK, which does not:
+        # a stack configured narrower parks what the SDK let through (before, probe p56 F2, gRPC ingest and OTLP
+        # checked the default window too, and acknowledged events the stack's consumers then dead-lettered). The
+        # window is around now, so a time read from the clock just now needs no look (a tenth of `encode_event`).
+        if not clock_time and (reason := limits.event_error(event)):
             raise InvalidEvent(f"invalid inference event: {reason} - at `$.time`")
     parent = f"00-{event.trace_id}-{event.span_id}-01" if event.trace_id and event.span_id else ""
     return Encoded(event.app, event.id, event.tenant, parent, data)

@@ -755,3 +755,37 @@ async def test_a_watch_ends_when_its_key_is_revoked(
     await gate_decided(context.bus, decision("shop-v3"), "k-shop-v3")
     assert (await asyncio.wait_for(calls["kept"].read(), 10)).release == "shop-v3"
     calls["kept"].cancel()
+
+
+async def test_send_under_the_stacks_own_limits_stores_all_it_accepts_and_refuses_the_rest_at_once(
+    context: ServiceContext, store: Store, keys: Bootstrap, run_services: Callable[..., Any],
+) -> None:
+    # Found by a probe (p56 F2): Send checked events against the default limits, not the stack's. With at most 100
+    # events a message, a Send of 300 went out as one message, acknowledged (accepted: 300) and then dead-lettered
+    # whole by every consumer; with a 7-day window, a 10-day-old event was accepted, then dead-lettered. Now what
+    # Send acknowledges is within the limits its consumers apply: cut to 100 a message, the old event refused.
+    context.settings = context.settings.replace(max_events_per_message=100, event_time_past_s=7 * 86400.0)
+    svcs = await run_services("gateway", "sink", "cost")
+    sink = svcs["sink"].handlers
+    now, old = Timestamp(), Timestamp()
+    now.FromDatetime(datetime.now(UTC))
+    old.FromDatetime(datetime.now(UTC) - timedelta(days=10))
+
+    def batch(*ids: str, when: Timestamp) -> ingest_pb2.InferenceBatch:
+        return ingest_pb2.InferenceBatch(events=[ingest_pb2.InferenceEvent(
+            id=i, app="shop", model="gpt-4o-mini", input_tokens=10, time=when) for i in ids])
+
+    def billed() -> bool:
+        return all(store.scalar(f"SELECT count() FROM {t}") == 300 for t in ("inference_events", "cost_ledger"))
+
+    address = svcs["gateway"].endpoints["grpc"]
+    async with grpc.aio.insecure_channel(address, interceptors=grpc_key(keys.app_key)) as ch:
+        stub = ingest_pb2_grpc.IngestStub(ch)
+        reply = await stub.Send(batch(*(str(uuid7()) for _ in range(300)), when=now), timeout=10)
+        assert (reply.accepted, reply.rejected) == (300, 0)
+        await eventually(billed, [sink.events, sink.progress("cost_ledger")], what="the 300 events stored and billed")
+        stale = await stub.Send(batch(str(uuid7()), when=old), timeout=10)
+    # Refused at once, in the consumers' words (before: accepted 1, then dead-lettered).
+    assert (stale.accepted, stale.rejected) == (0, 1)
+    assert "is more than 7 days before now" in stale.rejections[0].reason
+    assert sink.dead_letters.count == 0

@@ -20,6 +20,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from lockgate.server.apikeys import Bootstrap
+from lockgate.server.service import ServiceContext
 from tests.helpers import metric_points
 from tests.integration import test_otlp
 
@@ -82,3 +83,29 @@ async def test_a_refused_spans_name_is_logged_scrubbed_and_cut(
         assert resp.status == 200 and (await resp.json())["partialSuccess"]["rejectedSpans"] == "1"
     (line,) = [r.getMessage() for r in caplog.records if r.name == "lockgate.otlp"]
     assert secret not in line and "POST /v1/chat Authorization: Bearer [REDACTED]" in line and len(line) < 2_000
+
+
+async def test_a_model_call_inside_the_stacks_wider_window_is_stored_with_its_inference_event(
+        context: ServiceContext, run_services: Any, keys: Bootstrap) -> None:
+    # Found by a probe (p56 F2): with a window of 60 days, a model call 40 days old was stored as a span but its
+    # inference event was refused (checked against the default 30 days, not the stack's): the call never priced.
+    # Now the event is checked against the window its span was.
+    context.settings = context.settings.replace(event_time_past_s=60 * 86_400.0)
+    svcs = await run_services("sink", "cost", "otlp")
+    spans = InMemorySpanExporter()
+    provider = TracerProvider(resource=Resource.create({"service.name": "backfill"}))
+    provider.add_span_processor(SimpleSpanProcessor(spans))
+    call = provider.get_tracer("test-app").start_span("chat gpt-4o-mini", start_time=time.time_ns() - 40 * _DAY_NS,
+                                                      attributes={"gen_ai.operation.name": "chat",
+                                                                  "gen_ai.request.model": "gpt-4o-mini",
+                                                                  "gen_ai.usage.input_tokens": 5})
+    call.end(end_time=time.time_ns() - 40 * _DAY_NS + 10**9)
+    provider.shutdown()
+    exporter = HttpExporter(endpoint=svcs.endpoints["otlp-http"] + "/v1/traces", headers={"x-api-key": keys.app_key})
+    assert await asyncio.to_thread(exporter.export, spans.get_finished_spans()) == SpanExportResult.SUCCESS
+    exporter.shutdown()
+    await svcs["sink"].handlers.rows.wait_for(1, 30)  # before: never (the event refused, the span stored)
+    trace = f"{call.get_span_context().trace_id:032x}"
+    assert context.store.rows("SELECT model, input_tokens FROM inference_events WHERE trace_id = {t:String}",
+                              {"t": trace}) == [{"model": "gpt-4o-mini", "input_tokens": 5}]
+    assert svcs["otlp"].receiver.refused.count == 0

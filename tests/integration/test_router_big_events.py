@@ -7,6 +7,7 @@ budgets were charged. Now its text is cut to fit and the event says so (`lockgat
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -76,3 +77,24 @@ async def test_a_served_answer_over_one_bus_message_is_stored_cut_and_in_the_led
                            "WHERE event_id = {i:String}", {"i": row["id"]})
     assert (ledger["input_tokens"], ledger["output_tokens"]) == (row["input_tokens"], row["output_tokens"])
     assert ledger["priced"] and ledger["cost_usd"] > 0
+
+
+async def test_served_events_go_out_in_messages_the_stacks_consumers_take(
+        context: ServiceContext, run_services: Any, keys: Bootstrap) -> None:
+    # Found by a probe (p56 F2): the router's outbox put up to 500 events in a message whatever the stack's
+    # `max_events_per_message`; under load a message over it was acknowledged, then dead-lettered whole by every
+    # consumer: served events lost. Now the outbox cuts its messages at the stack's limit.
+    async with SimServer(SimConfig(models={MODEL: ModelSpec(default="short")})) as sim:
+        context.settings = context.settings.replace(stable_upstream=sim.url, deployment="chat", app="shop",
+                                                    passthrough=True, max_events_per_message=2)
+        svcs = await run_services("sink", "cost", "router")
+        sink = svcs["sink"].handlers
+        async with openai.AsyncOpenAI(base_url=f"{svcs['router'].url}/v1", api_key=keys.app_key, max_retries=0,
+                                      timeout=20) as client:
+            answers = await asyncio.gather(*(client.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": f"hi {i}"}]) for i in range(20)))
+        assert len(answers) == 20
+        await sink.rows.wait_for(20, 30)  # before: the batches of more than 2 were dead-lettered, never stored
+        await sink_stored(sink, cost_ledger=10)
+    assert context.store.scalar("SELECT count() FROM inference_events") == 20
+    assert sink.dead_letters.count == 0
