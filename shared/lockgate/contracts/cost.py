@@ -13,7 +13,9 @@ class CostRecord(Event, frozen=True, kw_only=True, tag="lockgate.cost.record"):
     """Spend of one (app, deployment, model) group within one batch of inference events, on `lg.cost.<tenant>`
     (stream LG_COST). A batch yields at most 64 (`services/cost/domain.py` RECORDS_MAX): past that, its groups with
     the fewest calls are summed into one record whose deployment and model are both "*". The `cost_ledger` table
-    keeps every event's own cost, deployment and model whatever the records fold."""
+    keeps every event's own cost, deployment and model whatever the records fold. Records are per batch, not per event:
+    an event re-sent in another batch is summed again in its records, while `cost_ledger` stores it once; the ledger
+    is the record of spend, these a feed (README, probe p56 F3)."""
 
     app: str
     deployment: str
