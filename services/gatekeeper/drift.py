@@ -6,13 +6,15 @@ under post-promotion analysis, the deployment's one arm (while a canary has a st
 window is mostly stable's traffic and moves with what clients ask: it never judges the canary). A matching
 feature whose PSI exceeds a rule's `max_psi`, or with `test: true` whose own drift test found drift, fails the
 rule, and a failing rule that is not a dry run blocks the release. A rule limited to one `compare` kind ignores
-the other kind of report.
+the other kind of report. Drift that is no harm (`driftharm.harmless`: an improvement, the canary's own model, a
+latency rise nobody notices) never fails a rule, as it never aborts a canary in the router.
 """
 
 from __future__ import annotations
 
 from fnmatch import fnmatchcase
 
+from lockgate import driftharm
 from lockgate.contracts import DriftReport, FeatureDrift, RuleResult, request_side
 from lockgate.services.gatekeeper.domain import Outcome
 from lockgate.services.gatekeeper.policy import DriftRule, Policy
@@ -27,6 +29,13 @@ def _matches(rule: DriftRule, f: FeatureDrift) -> bool:
     if not rule.features:
         return not request_side(f.feature)
     return any(fnmatchcase(f.feature, g) or fnmatchcase(f.feature.partition(":")[0], g) for g in rule.features)
+
+
+def _judged(f: FeatureDrift) -> bool:
+    # Drift in the answers' favour, or the rollout's own (the canary's model), is what the router's abort and
+    # `drift` metric ignore (driftharm.harmless): a rule blocking on it would roll back a good canary for
+    # answering better. A request-side feature a rule names is judged as the operator asked (`_matches`).
+    return request_side(f.feature) or not driftharm.harmless(f)
 
 
 def _describe(f: FeatureDrift) -> str:
@@ -56,13 +65,21 @@ def applies(rule: DriftRule, report: DriftReport) -> bool:
 
 def drift_result(rule: DriftRule, report: DriftReport) -> RuleResult:
     """One rule's verdict: FAIL naming the worst matching feature over max_psi (or whose test drifted, with
-    `test: true`), NO_DATA when no feature matches."""
+    `test: true`), NO_DATA when no feature matches, PASS when every matching one moved harmlessly."""
     threshold = rule.max_psi if rule.max_psi is not None else 0.0
     matching = [f for f in report.features if _matches(rule, f)]
     if not matching:
         return RuleResult(rule=rule.name, metric="drift_psi", op="<=", threshold=threshold, observed=None,
                           verdict="NO_DATA", dry_run=rule.dry_run,
                           hint=f"drift report {report.id} has no feature matching {', '.join(rule.features)}")
+    harmless = [f for f in matching if not _judged(f)]
+    matching = [f for f in matching if _judged(f)]
+    if not matching:
+        return RuleResult(rule=rule.name, metric="drift_psi", op="<=", threshold=threshold, observed=None,
+                          verdict="PASS", dry_run=rule.dry_run,
+                          hint=f"no harmful drift: {', '.join(_describe(f) for f in harmless)} moved only harmlessly "
+                               f"(an improvement, the canary's own model, or latency up by less than "
+                               f"{driftharm.MATERIAL_LATENCY_MS:g} ms)")
     over = sorted((f for f in matching if _fails(rule, f)), key=lambda f: f.psi, reverse=True)
     worst = over[0] if over else max(matching, key=lambda f: f.psi)
     limits = " or ".join(([f"max_psi {rule.max_psi:g}"] if rule.max_psi is not None else [])

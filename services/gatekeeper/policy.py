@@ -211,7 +211,8 @@ class DriftRule(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     deployment's now-versus-reference one (never a canary that has a stable arm: `driftgate.canary_release`).
     `features` are globs over the report's feature names (categorical ones are `feature:category`); empty
     matches every feature of the answer (request-side ones, input_tokens and prompt_text, which any client moves
-    with what it sends, only when named). `test: true` also fails a feature whose own drift test (KS,
+    with what it sends, only when named); harmless drift (`driftharm.harmless`: an improvement, the canary's own
+    model) never fails a rule. `test: true` also fails a feature whose own drift test (KS,
     chi-squared, Z, Wasserstein, Jensen-Shannon, or the text embedding test) found drift; a rule needs `max_psi`,
     `test` or both. `compare` limits the rule to one kind of report: "now_vs_reference" (the deployment's latest
     window against its reference) or "canary_vs_stable" (a rollout's canary window against the stable

@@ -41,9 +41,9 @@ from typing import Annotated, Literal
 import msgspec
 import numpy as np
 
+from lockgate import driftharm
 from lockgate.contracts import DriftReport
 from lockgate.gatestats import sequential
-from lockgate.services.router import drifts
 
 Verdict = Literal["SUCCESSFUL", "FAILED", "INCONCLUSIVE", "WAITING"]
 MetricName = Literal["error_rate", "client_error_rate", "latency_p50", "latency_p95", "latency_p99", "ttft_p50",
@@ -509,15 +509,15 @@ def _judge_drift(spec: MetricSpec, report: DriftReport | None) -> MetricResult:
     base = {"name": "drift", "canary_n": report.current_n, "stable_n": report.reference_n}
     which = (f"{report.comparison} report {report.id}" + (f" of {report.release} vs {report.reference_release}"
                                                          if report.comparison == "canary_vs_stable" else ""))
-    measured = [f for f in report.features if drifts.named(f, spec.features)]
+    measured = [f for f in report.features if driftharm.named(f, spec.features)]
     if not measured:
         return MetricResult(**base, verdict="WAITING",  # type: ignore[arg-type]
                             why=f"{which} measures none of {', '.join(spec.features)}")
-    found = drifts.harmful(report, spec.features, spec.min_psi)
+    found = driftharm.harmful(report, spec.features, spec.min_psi)
     assert spec.max is not None  # MetricSpec requires it for drift
     verdict: Verdict = "FAILED" if len(found) > spec.max else "SUCCESSFUL"
     if found:
-        why = f"DRIFT in {', '.join(drifts.describe(f) for f in found)} ({which})"
+        why = f"DRIFT in {', '.join(driftharm.describe(f) for f in found)} ({which})"
     else:
         top = max(measured, key=lambda f: f.psi)
         why = f"no harmful drift in {len(measured)} features, largest PSI {top.psi:.3g} ({top.feature}; {which})"

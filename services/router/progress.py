@@ -11,9 +11,10 @@ from collections.abc import Iterable, Mapping
 
 import msgspec
 
+from lockgate import driftharm
 from lockgate.contracts import DriftReport, GateDecided
 from lockgate.contracts.drift import Comparison
-from lockgate.services.router import bluegreen, domain, drifts, program
+from lockgate.services.router import bluegreen, domain, program
 from lockgate.services.router.analysis import AnalysisSpec, Measurement, MetricResult, describe
 from lockgate.services.router.domain import InvalidRollout, NotAdmitted, Route
 from lockgate.services.router.strategy import AnalysisStatus, Strategy
@@ -521,7 +522,7 @@ def on_drift(route: Route, report: DriftReport,
     it is read, never acted on. After a blue-green promotion there is no stable arm left, and the monitor's
     reference restarted with the promoted release, so its now-versus-reference reports are of that release
     alone: they roll it back, on answer-side features only like every report.
-    Only drift that can harm counts (`drifts.harmful`): latency (or cost) that fell is an improvement, and a
+    Only drift that can harm counts (`driftharm.harmful`): latency (or cost) that fell is an improvement, and a
     request-side feature (input tokens, prompt text) is what clients send, so neither ever aborts on its own.
     An analysis with a `drift` metric judges drift itself (its features, its limit, its dry run), so
     then the report is only its evidence and never aborts on its own. A report of events no router served
@@ -534,10 +535,10 @@ def on_drift(route: Route, report: DriftReport,
     verifying = route.phase == "promoted"  # and under post-promotion analysis (`drift_moves`)
     if not verifying and (report.comparison != "canary_vs_stable" or report.release != route.canary.release):
         return None
-    harmful = drifts.harmful(report)
+    harmful = driftharm.harmful(report)
     if report.features and not harmful:  # e.g. a faster canary, or longer prompts: drift, but no harm to roll back for
         return None
-    features = ", ".join(drifts.describe(f) for f in harmful) or "unnamed feature"
+    features = ", ".join(driftharm.describe(f) for f in harmful) or "unnamed feature"
     if verifying:
         why = f"drift report {report.id} during post-promotion analysis: DRIFT in {features}"
         return domain.rollback(route, why, decision_id=route.decision_id, decisions=decisions)

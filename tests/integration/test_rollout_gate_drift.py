@@ -138,6 +138,46 @@ async def test_drift_over_the_policy_threshold_is_a_signed_block_naming_the_feat
     assert [(r.verdict, r.metric) for r in stored.rules] == [("FAIL", "drift_psi:output_tokens"), ("FAIL", "review")]
 
 
+def _moved(comparison: str, *moves: tuple[str, float, float, float, bool]) -> DriftReport:
+    """A report as the drift monitor publishes it whose features (name, PSI, stable's mean or share, the canary's,
+    the monitor's alarm) moved these ways."""
+    report = _report(comparison)
+    feats = [FeatureDrift(feature=f, psi=psi, ks_stat=0.3, ks_pvalue=1e-9, reference_mean=ref, current_mean=cur,
+                          drifted=alarm) for f, psi, ref, cur, alarm in moves]
+    return msgspec.structs.replace(report, features=feats, drifted=any(f.drifted for f in feats))
+
+
+async def test_harmless_drift_never_blocks_a_canary_and_harmful_drift_still_does(
+        stack: tuple[Any, Signer], http: aiohttp.ClientSession) -> None:
+    # Before (probe p61 F2): the README's own rule, or `max_psi: 0.2`, judged a feature whichever way it moved: a
+    # canary serving its own model (`model:sim-good`, PSI 13.8) whose answers ended normally more often
+    # (`finish_reason:stop` 0.698 -> 1.0) got a signed BLOCK and was rolled back on every deployment, while the
+    # router's own abort ignored that report as harmless.
+    router, signer = stack
+    bus = router.ctx.bus
+    rules = [{"max_psi": 0.1, "features": ["output_tokens", "finish_reason:*"]}, {"max_psi": 0.2}]
+    policy = await artifacts.register(bus, "policy", "canary-drift", {**POLICY, "drift": rules})
+    await _canary(http, router, signer, "r1", "r2", policy=policy.hash)
+    better = _moved("canary_vs_stable", ("model:sim-good", 13.8, 0.0, 1.0, True),
+                    ("finish_reason:stop", 1.83, 0.698, 1.0, True), ("error_type:timeout", 0.9, 0.1, 0.0, True),
+                    ("latency_ms", 0.5, 300.0, 180.0, True))
+    await bus.publish(bus.subjects.drift("chat"), better)
+    # Then a report whose answers are cut off more often, under the monitor's alarm (the router alone would not
+    # act on it): the gate takes reports in order, so a BLOCK on it shows the first one was judged and passed.
+    worse = _moved("canary_vs_stable", ("model:sim-good", 13.8, 0.0, 1.0, True),
+                   ("finish_reason:length", 0.15, 0.02, 0.1, False))
+    await bus.publish(bus.subjects.drift("chat"), worse)
+    await router.rollouts.wait_for(lambda r: r["chat"].phase == "aborted", timeout=30)
+    reason = router.rollouts.route("chat").reason
+    assert "DRIFT in finish_reason:length (PSI 0.15, share 0.02 -> 0.1)" in reason, reason
+    assert "model:" not in reason and "finish_reason:stop" not in reason
+    stored = await _blocked(bus)
+    assert stored.id == decision_id(worse.id, signer.id_salt), "BLOCKed on the harmless report"
+    # `max_psi: 0.2` passes it: the model's PSI 13.8 is the rollout itself, and length's 0.15 is within 0.2
+    assert [(r.verdict, r.metric) for r in stored.rules] == [
+        ("FAIL", "drift_psi:finish_reason:length"), ("PASS", "drift_psi:finish_reason:length"), ("FAIL", "review")]
+
+
 async def test_after_a_blue_green_promotion_the_deployments_report_is_judged_by_the_policy(
         stack: tuple[Any, Signer], http: aiohttp.ClientSession) -> None:
     # The promoted release serves everyone: the deployment's window against its reference (restarted at the

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from lockgate.contracts import DriftReport, FeatureDrift, InferenceEvent
+from lockgate.driftharm import harmful
 from lockgate.services.drift import stats
 from lockgate.services.drift.domain import DriftMonitor
-from lockgate.services.router.drifts import harmful
 
 pytestmark = pytest.mark.timeout(60)
 T0 = datetime(2025, 1, 1, tzinfo=UTC)

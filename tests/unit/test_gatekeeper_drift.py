@@ -148,7 +148,7 @@ def test_a_test_rule_fails_on_the_feature_s_own_drift_test() -> None:
     assert (r.verdict, r.metric, r.observed, r.threshold) == ("FAIL", "drift_test:response_text", 0.005, 0.05)
     assert "DRIFT in response_text (PSI 0, mean 10 -> 30; ks p 0.005 < 0.05) over its drift test" in out.reason
     both = policy({"max_psi": 0.5, "test": True})
-    assert decide_drift(both, report(tests={"latency_ms": 0.01}, latency_ms=0.05)) is not None
+    assert decide_drift(both, report(tests={"output_tokens": 0.01}, output_tokens=0.05)) is not None
 
 
 def test_a_canary_versus_stable_report_is_evidence_about_the_release_it_names() -> None:
@@ -171,6 +171,65 @@ def test_a_rule_naming_no_feature_judges_the_answers_not_what_clients_send() -> 
     assert named is not None and named.decision == "BLOCK" and "DRIFT in input_tokens" in named.reason
     texts = decide_drift(policy({"test": True, "features": ["prompt_*"]}), moved)
     assert texts is not None and "prompt_text" in texts.reason
+
+
+def _moved(feature: str, ref: float, cur: float, psi: float = 13.8) -> DriftReport:
+    """A canary-versus-stable report in which one feature moved from `ref` to `cur` (drifted, by PSI and test)."""
+    f = FeatureDrift(feature=feature, psi=psi, ks_stat=0.0, ks_pvalue=1.0, reference_mean=ref, current_mean=cur,
+                     drifted=True, test="chi_squared", statistic=50.0, p_value=1e-12, threshold=0.05, test_drifted=True)
+    return msgspec.structs.replace(report("canary_vs_stable"), features=[f], drifted=True)
+
+
+README_RULE = {"max_psi": 0.1, "features": ["output_tokens", "finish_reason:*"]}  # the README's example
+HARMLESS = [  # (feature, stable's share or mean, the canary's)
+    ("model:sim-good", 0.0, 1.0),  # the canary serves its own model: the rollout itself
+    ("finish_reason:stop", 0.698, 1.0),  # more answers end normally (fewer cut off by max_tokens)
+    ("error_type:timeout", 0.2, 0.0),  # fewer errors
+    ("error_type:(none)", 0.8, 1.0),  # more answers without one
+    ("status:ok", 0.9, 1.0),
+    ("latency_ms", 300.0, 180.0),  # faster
+    ("latency_ms", 300.0, 310.0),  # slower by less than anyone notices
+]
+
+
+@pytest.mark.parametrize(("feature", "ref", "cur"), HARMLESS)
+@pytest.mark.parametrize("rule", [{"max_psi": 0.2}, {"test": True}, README_RULE | {"features": ["*"]}])
+def test_harmless_drift_never_blocks_a_canary(rule: dict, feature: str, ref: float, cur: float) -> None:
+    # Before (probe p61 F2): a rule judged every matching feature whichever way it moved, so a canary differing
+    # from stable only by its model name (PSI 13.8), or whose answers ended normally more often, got a signed BLOCK
+    # and was rolled back, while the router's abort and `drift` metric (driftharm.harmless) let it through.
+    moved = _moved(feature, ref, cur)
+    assert decide_drift(policy(rule), moved) is None
+    (r,) = drift_results(policy(rule), moved)
+    assert r.verdict == "PASS" and r.hint.startswith(f"no harmful drift: {feature} (PSI 13.8")
+
+
+def test_the_readme_rule_passes_a_canary_that_fixes_truncation() -> None:
+    assert decide_drift(policy(README_RULE), _moved("finish_reason:stop", 0.698, 1.0)) is None
+
+
+@pytest.mark.parametrize(("feature", "ref", "cur"), [
+    ("error_type:timeout", 0.0, 0.2),  # more errors
+    ("error_type:(none)", 1.0, 0.8),
+    ("finish_reason:length", 0.02, 0.6),  # answers cut off
+    ("finish_reason:stop", 1.0, 0.698),  # fewer end normally
+    ("status:error", 0.0, 0.1),
+    ("latency_ms", 300.0, 300.0 + 26.0),  # slower than MATERIAL_LATENCY_MS
+    ("output_tokens", 48.0, 151.0),  # either way: no direction is better
+    ("output_tokens", 151.0, 48.0),
+])
+def test_harmful_drift_still_blocks(feature: str, ref: float, cur: float) -> None:
+    out = decide_drift(policy({"max_psi": 0.2}, README_RULE | {"features": ["*"], "test": True}),
+                       _moved(feature, ref, cur))
+    assert out is not None and out.decision == "BLOCK" and f"DRIFT in {feature} (PSI 13.8" in out.reason
+    assert [r.verdict for r in out.rules] == ["FAIL", "FAIL"]
+
+
+def test_harmless_drift_beside_harmful_drift_blocks_naming_only_the_harmful() -> None:
+    both = msgspec.structs.replace(_moved("model:sim-good", 0.0, 1.0), features=[
+        *_moved("model:sim-good", 0.0, 1.0).features, *_moved("finish_reason:length", 0.0, 0.5, psi=2.0).features])
+    out = decide_drift(policy({"max_psi": 0.2}), both)
+    assert out is not None and "DRIFT in finish_reason:length (PSI 2" in out.reason and "model" not in out.reason
 
 
 @pytest.mark.parametrize("shape", sorted(JETSTREAM_JSON))

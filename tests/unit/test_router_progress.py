@@ -7,8 +7,9 @@ from datetime import UTC, datetime
 import msgspec
 import pytest
 
+from lockgate import driftharm
 from lockgate.contracts import DriftReport, FeatureDrift, GateDecided
-from lockgate.services.router import analysis, bluegreen, domain, drifts, progress
+from lockgate.services.router import analysis, bluegreen, domain, progress
 from lockgate.services.router.analysis import AnalysisSpec, Measurement, MetricResult, MetricSpec
 from lockgate.services.router.domain import CanaryRequest, InvalidRollout, NotAdmitted, Route, Target
 from lockgate.services.router.strategy import AnalysisStatus, BlueGreen, Pause, Step, Strategy
@@ -338,7 +339,7 @@ def _moved(feature: str, comparison: str = "canary_vs_stable", ref: float = 6.8,
 def test_what_clients_send_never_aborts_a_canary_nor_rolls_a_release_back(feature: str) -> None:
     # Before: a client sending ~200-word prompts moved input_tokens in the deployment's report and aborted a
     # good canary within seconds. What clients send is no release's doing: reported, never acted on.
-    assert drifts.harmless(_moved(feature).features[0]) and not drifts.harmful(_moved(feature))
+    assert driftharm.harmless(_moved(feature).features[0]) and not driftharm.harmful(_moved(feature))
     assert progress.on_drift(_live(), _moved(feature)) is None
     promoted = msgspec.structs.replace(domain.promote(_live(), "by operator"), verifying=True, promoted_at=150.0)
     assert progress.on_drift(promoted, _moved(feature, "now_vs_reference")) is None
@@ -380,13 +381,11 @@ def test_served_events_are_replayed_from_the_earliest_rollout_under_analysis_wit
 def test_a_latency_that_rose_by_less_than_anyone_notices_never_aborts() -> None:
     # Found by the suite on a busy machine: a healthy canary's arm was 1.2 ms slower than stable's (mean 1.3 -> 2.5
     # ms, PSI 0.6, a distribution test sees milliseconds) and the canary was aborted.
-    from lockgate.services.router import drifts
-
     noise = _moved("latency_ms", ref=1.3, cur=2.5)
-    assert all(drifts.harmless(f) for f in noise.features)
+    assert all(driftharm.harmless(f) for f in noise.features)
     assert progress.on_drift(_live(), noise) is None
-    slow = _moved("latency_ms", ref=5.0, cur=5.0 + drifts.MATERIAL_LATENCY_MS + 1)
-    assert not any(drifts.harmless(f) for f in slow.features)
+    slow = _moved("latency_ms", ref=5.0, cur=5.0 + driftharm.MATERIAL_LATENCY_MS + 1)
+    assert not any(driftharm.harmless(f) for f in slow.features)
 
 
 def test_a_look_on_part_of_the_evidence_holds_the_step_and_is_not_counted() -> None:

@@ -1,5 +1,6 @@
-"""Which drift can harm a canary, shared by the router's direct abort on a DRIFT report (progress.on_drift)
-and the analysis' `drift` metric (analysis.py). Pure, no I/O."""
+"""Which drift can harm a release: the one definition the router's direct abort on a DRIFT report
+(progress.on_drift), its analysis' `drift` metric (analysis.py) and the gatekeeper's drift rules (gatekeeper/drift.py)
+share, so a report never aborts where it passes or blocks where it is harmless. Pure, no I/O."""
 
 from __future__ import annotations
 
