@@ -148,10 +148,15 @@ def _refuse_untranslated(body: dict[str, Any]) -> None:
 def _tools(tools: list[Any]) -> list[dict[str, Any]]:
     """OpenAI function tools as Anthropic tools (another kind of tool is refused, not left out)."""
     out = []
-    for t in tools:
+    for i, t in enumerate(tools):
         if t.get("type") != "function":
             raise Untranslatable(f"tools of type {t.get('type')!r} have no Anthropic Messages counterpart")
         fn = t["function"]
+        # `strict: true` promises arguments that keep to the schema (the SDK's pydantic_function_tool sets it and
+        # parse() relies on it); Messages here gives no such promise, so it is refused as _REFUSED fields are.
+        if fn.get("strict") not in (None, False):
+            raise Untranslatable(f"Anthropic Messages endpoints do not hold a tool's arguments to its schema here: "
+                                 f"only strict false or absent is served ('tools[{i}].function.strict')")
         out.append({"name": fn["name"], "description": fn.get("description", ""),
                     "input_schema": fn.get("parameters") or {"type": "object", "properties": {}}})
     return out

@@ -2229,14 +2229,18 @@ _WX = [{"type": "function", "function": {"name": "wx", "parameters": {"type": "o
     ({"extra_body": {"guided_json": {"type": "object"}}}, "'guided_json'"),  # a field it does not know
     ({"tools": [{"type": "custom", "custom": {"name": "sql"}}]}, "tools of type 'custom'"),
     ("parse", "'response_format'"),  # the SDK's structured-output helper
+    ({"tools": [_WX[0], {"type": "function", "function": {**_WX[0]["function"], "strict": True}}]},
+     "'tools[1].function.strict'"),
+    ("parse_tool", "'tools[0].function.strict'"),  # parse() with the SDK's pydantic_function_tool (strict: true)
 ], ids=["json_schema", "json_object", "logit_bias", "functions", "web_search", "reasoning", "unknown", "custom_tool",
-        "sdk_parse"])
+        "sdk_parse", "strict_tool", "sdk_parse_tool"])
 async def test_a_field_an_anthropic_endpoint_cannot_serve_is_refused_with_a_400_naming_it(
         gateway: Gateway, keys: Bootstrap, asked: Any, named: str) -> None:
     # Found by a probe (p53 F1): the translation copied the fields it knew and dropped the rest, so a
     # `response_format` json_schema was answered 200 in free text (the SDK's parse() failed on it), the legacy
     # `functions` were never offered, logit_bias and web_search_options vanished. Now a field Messages cannot express
     # is refused before any call, as `n: 2` and log probabilities were (README: refused with a 400 that says so).
+    # p58 F5: a tool's `strict: true` was dropped alike (parse() then read arguments nothing held to the schema).
     got: list[dict[str, Any]] = []
     async with FakeLLM("claude", ("answer", _recording_messages(got))) as up:
         router = await gateway({"default": {"url": up.url, "provider": "anthropic"}})
@@ -2244,6 +2248,9 @@ async def test_a_field_an_anthropic_endpoint_cannot_serve_is_refused_with_a_400_
             with pytest.raises(openai.BadRequestError, match="Anthropic Messages") as caught:
                 if asked == "parse":
                     await c.chat.completions.parse(model="m", messages=MESSAGES, response_format=_City)
+                elif asked == "parse_tool":
+                    await c.chat.completions.parse(model="m", messages=MESSAGES,
+                                                   tools=[openai.pydantic_function_tool(_City)])
                 else:
                     await c.chat.completions.create(model="m", messages=MESSAGES, **asked)
     assert named in caught.value.body["message"]
@@ -2265,11 +2272,15 @@ async def test_what_an_anthropic_endpoint_can_serve_of_those_fields_reaches_it_t
                                                 parallel_tool_calls=False)
             done = await c.chat.completions.create(model="m", messages=MESSAGES, response_format={"type": "text"},
                                                    seed=7, presence_penalty=1.5, logit_bias={})
+            await c.chat.completions.create(model="m", messages=MESSAGES, tools=[
+                {"type": "function", "function": {**_WX[0]["function"], "strict": False}}])
     assert done.choices[0].message.content == '{"city": "Paris"}'
     assert [b["tool_choice"] for b in got[:4]] == [
         {"type": "auto", "disable_parallel_tool_use": True}, {"type": "any", "disable_parallel_tool_use": True},
         {"type": "tool", "name": "wx", "disable_parallel_tool_use": True}, {"type": "none"}]
     assert sorted(got[4]) == ["max_tokens", "messages", "model"]
+    # p58 F5: `strict: false` asks for nothing Messages lacks: served, the tool as it is without the flag.
+    assert got[5]["tools"] == [{"name": "wx", "description": "", "input_schema": {"type": "object", "properties": {}}}]
 
 
 async def test_an_over_budget_refusal_says_the_request_needs_more_than_is_left(
