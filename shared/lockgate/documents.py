@@ -79,8 +79,8 @@ def parse(data: bytes | str, fmt: Literal["json", "yaml", "text"], *, where: str
         raise error(f"{where} is refused: {exc}") from None
     except yaml.YAMLError as exc:
         raise error(f"{where}: not JSON or YAML ({' '.join(str(exc).split())})") from None
-    except ValueError as exc:
-        raise error(f"{where}: not valid JSON: {exc}") from None
+    except ValueError as exc:  # json.loads's; before (probe p58 F6) a YAML file's read "not valid JSON" too
+        raise error(f"{where}: not valid {fmt.upper()}: {exc}") from None
 
 
 def decode_json(data: bytes, type_: Any = Any, *, where: str | Path, error: type[LockgateError] = ConfigError) -> Any:

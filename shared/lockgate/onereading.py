@@ -11,6 +11,10 @@ most readers) takes for another number, boolean or text is refused, quoting it: 
 
 The same loader measures a YAML document before building it: one whose aliases expand it past MAX_YAML_VALUES values
 or MAX_YAML_BYTES of keys and values is refused (`Expands`), whichever parser reads it.
+
+A scalar Python cannot build (a number past its 4,300 digits, the date 2024-02-30) and text with a lone surrogate
+(`"\\ud800"`, which libyaml refuses and UTF-8 cannot carry) are a yaml.YAMLError naming their line, which every
+reader words in one line naming the file (probe p58 F6).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ _CORE_FLOAT = re.compile(r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?")
 _CORE_INF = re.compile(r"[-+]?\.(inf|Inf|INF)")
 _CORE_NAN = re.compile(r"\.(nan|NaN|NAN)")
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 # What a YAML document with aliases may expand to (see `_expanded`): values, and bytes of its keys' and values' text.
 # Decoding shares an aliased value, so it is cheap; whatever walks the result (validating, encoding, hashing) is not:
@@ -164,7 +169,9 @@ def _expanded(root: yaml.Node) -> tuple[int, int, bool]:
         elif id(node) in sizes or id(node) in open_:
             shared = True
         elif isinstance(node, yaml.ScalarNode):
-            sizes[id(node)] = (1, len(node.value.encode()))
+            # surrogatepass: a lone surrogate PyYAML's own parser reads (libyaml refuses it) is measured, not a
+            # UnicodeEncodeError here; building it refuses it (_OneReading.construct_object).
+            sizes[id(node)] = (1, len(node.value.encode(errors="surrogatepass")))
         else:
             open_.add(id(node))
             stack.append((node, True))
@@ -173,8 +180,34 @@ def _expanded(root: yaml.Node) -> tuple[int, int, bool]:
     return values, size, shared
 
 
+def _unreadable(node: yaml.Node, exc: ValueError) -> yaml.YAMLError:
+    """A ValueError reading `node` (Python's int() refuses past 4,300 digits, datetime a 30 February) as the YAMLError
+    every reader words in one line, at the node's line: before (probe p58 F6), it escaped them as a traceback."""
+    why = str(exc).split("; use sys.set_int_max_str_digits")[0]  # that advice is for Python programs
+    return yaml.constructor.ConstructorError(None, None, f"a value Python cannot read ({why})", node.start_mark)
+
+
+def _core_of(node: yaml.ScalarNode) -> Any:
+    try:
+        return _core(node.value)
+    except ValueError as exc:  # `0999...` past 4,300 digits: text to YAML 1.1, a number Python cannot build to 1.2
+        raise _unreadable(node, exc) from None
+
+
 class _OneReading:
     """Mixed into PyYAML's safe loaders: measures and checks the composed document before building it."""
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        try:
+            value = super().construct_object(node, deep=deep)
+        except (TwoReadings, Expands):
+            raise
+        except ValueError as exc:
+            raise _unreadable(node, exc) from None
+        if isinstance(value, str) and not value.isascii() and _SURROGATE.search(value):
+            raise yaml.constructor.ConstructorError(None, None, "a lone surrogate (\\ud800-\\udfff) is not text "
+                                                    "UTF-8 can carry (libyaml refuses it too)", node.start_mark)
+        return value
 
     def construct_document(self, node: yaml.Node) -> Any:
         # Measured on the nodes this loader's own parser composed, so a document some other parser cannot read
@@ -231,12 +264,12 @@ class _OneReading:
             return
         text = node.value
         if node.tag == _STR:
-            if not text or text[0] not in "-+.0123456789" or isinstance(_core(text), str):
+            if not text or text[0] not in "-+.0123456789" or isinstance(_core_of(node), str):
                 return  # fast: text to both readers
             here: Any = text
         else:
             here = self.construct_object(node, deep=True)
-        there = _core(text)
+        there = _core_of(node)
         if not _same(here, there):
             if isinstance(here, bool) or isinstance(there, bool):
                 fix = "write true or false"

@@ -102,11 +102,11 @@ def load_price_book(path: str = "") -> PriceBook:
     """Read and validate a YAML price book; an empty path means the one shipped with lockgate."""
     p = Path(path).expanduser() if path else SHIPPED
     try:
-        data = yaml_loads(p.read_text())
+        data = yaml_loads(p.read_bytes())  # bytes: text that is not UTF-8 is a YAMLError too, naming its place
     except OSError as exc:
         raise PriceBookError(f"cannot read price book {p}: {exc.strerror or exc}") from None
     except (TwoReadings, Expands) as exc:  # a model's price given twice: the reviewer's and lockgate's would differ
         raise PriceBookError(f"price book {p} is refused: {exc}") from None
-    except yaml.YAMLError as exc:
-        raise PriceBookError(f"price book {p} is not valid YAML: {exc}") from None
+    except yaml.YAMLError as exc:  # on one line: YAML's message spans several (probe p58 F6)
+        raise PriceBookError(f"price book {p} is not valid YAML: {' '.join(str(exc).split())}") from None
     return parse_price_book(data)

@@ -14,9 +14,11 @@ from lockgate import credentials, documents
 from lockgate.artifacts import canonical_bytes
 from lockgate.cli.main import cli
 from lockgate.errors import ConfigError
+from lockgate.pricebook import PriceBookError, load_price_book
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "gitops"
 DEEP = "[" * 200_000 + "]" * 200_000
+BIG = "1" * 5_000  # past the 4,300 digits Python's int() reads
 
 
 def _bomb(levels: int) -> str:
@@ -37,6 +39,8 @@ def inputs(tmp_path: Path) -> Path:
     (d / "deep.yaml").write_text(f"a: {DEEP}\n")
     (d / "latin1.yaml").write_bytes("weight: 10 # caf\xe9\n".encode("latin-1"))
     (d / "bomb.yaml").write_text(_bomb(10))
+    (d / "bigint.yaml").write_text(f"weight: 10\nsteps: [{BIG}]\n")
+    (d / "surrogate.yaml").write_text('weight: 10\nreason: "\\ud800"\n')
     return d
 
 
@@ -71,6 +75,11 @@ def one_line(result: Result, code: int, said: str) -> None:
     (("budget", "list", "--file", "{in}/deep.yaml"), 2, "nested too deeply"),
     (("attest", "verify", "{in}/deep.json", "--json"), 4, "nested too deeply"),
     (("verify", "{in}/deep.json"), 4, "nested too deeply"),
+    # Before (probe p58 F6): a ValueError traceback; a lone surrogate (which PyYAML's own parser reads, libyaml does
+    # not) a UnicodeEncodeError worded "not valid JSON".
+    (("rollout", "--api-key", "k", "patch", "shop-web", "-f", "{in}/bigint.yaml", "--json"), 2,
+     "a value Python cannot read (Exceeds the limit (4300 digits)"),
+    (("rollout", "--api-key", "k", "patch", "shop-web", "-f", "{in}/surrogate.yaml"), 2, "a lone surrogate"),
 ])
 def test_a_malformed_file_is_refused_in_one_line_naming_it(home: Path, inputs: Path, args: tuple[str, ...],
                                                             code: int, said: str) -> None:
@@ -86,6 +95,34 @@ def test_plan_of_a_folder_with_a_too_deep_dataset_is_one_line(home: Path, inputs
     shutil.copytree(FIXTURE, folder)
     shutil.copy(inputs / "deep.jsonl", folder / "datasets" / "qa.jsonl")
     one_line(invoke(home, "plan", str(folder), "--json"), 1, "nested too deeply")
+
+
+@pytest.mark.parametrize(("document", "said"), [
+    (f"kind: policy\nname: gitshop-gate\nspec: {{name: gitshop-gate, rules: [], no_data: {BIG}}}\n",
+     "a value Python cannot read"),
+    ("kind: policy\nname: gitshop-gate\nspec: {name: gitshop-gate, rules: [], no_data: 2024-02-30}\n",
+     "a value Python cannot read (day is out of range for month)"),
+])
+def test_plan_of_a_folder_with_a_value_python_cannot_read_is_one_line(home: Path, tmp_path: Path, document: str,
+                                                                      said: str) -> None:
+    # Before (probe p58 F6): load_yaml let int()'s ValueError (and datetime's) out, a traceback.
+    folder = tmp_path / "gitops"
+    shutil.copytree(FIXTURE, folder)
+    (folder / "policies" / "default.yaml").write_text(document)
+    result = invoke(home, "plan", str(folder), "--json")
+    one_line(result, 1, said)
+    assert "policies/default.yaml" in result.stderr and "line 3" in result.stderr
+
+
+@pytest.mark.parametrize(("name", "said"), [("bigint.yaml", "a value Python cannot read"),
+                                            ("surrogate.yaml", "a lone surrogate")])
+def test_a_price_book_python_cannot_read_is_one_price_book_error(inputs: Path, name: str, said: str) -> None:
+    # Before (probe p58 F6): ValueError and UnicodeEncodeError escaped load_price_book (the router's and the
+    # evaluator's start), and a YAML error's message spanned several lines.
+    with pytest.raises(PriceBookError) as caught:
+        load_price_book(str(inputs / name))
+    assert caught.value.message.startswith(f"price book {inputs / name} is not valid YAML: {said}")
+    assert "line 2" in caught.value.message and "\n" not in caught.value.message
 
 
 def test_a_router_admin_key_that_is_not_utf8_is_one_line(home: Path) -> None:
@@ -106,6 +143,9 @@ def test_artifact_content_too_deep_or_not_utf8_is_a_config_error(inputs: Path, n
     (b"\xff\n", "text", "not UTF-8 text (line 1)"), (b"ok\n\xe9", "json", "not UTF-8 text (line 2)"),
     ("{", "json", "not valid JSON"), ("a: [", "yaml", "not JSON or YAML"),
     (_bomb(10), "yaml", "is refused: its aliases expand it"),
+    (f"a: {BIG}", "yaml", "not JSON or YAML (a value Python cannot read"),
+    ('a: "\\udc00"', "yaml", "not JSON or YAML (a lone surrogate"),
+    (f"[{BIG}]", "json", "not valid JSON: Exceeds the limit"),
 ])
 def test_parse_turns_every_failure_into_one_config_error(data: str | bytes, fmt: str, said: str) -> None:
     with pytest.raises(ConfigError) as caught:
