@@ -69,9 +69,9 @@ def _kind(exc: HttpProcessingError) -> str:
 def _detail(exc: HttpProcessingError) -> str:
     """What aiohttp gives apart from the request's bytes: a header it names itself (a str; the bytes it
     quotes are bytes, a line without a colon among them), the limit a line passed."""
-    if isinstance(exc, InvalidHeader) and isinstance(exc.args[0], str) and _TOKEN.fullmatch(exc.args[0]):
+    if isinstance(exc, InvalidHeader) and exc.args and isinstance(exc.args[0], str) and _TOKEN.fullmatch(exc.args[0]):
         return f", in header {exc.args[0]}"
-    if isinstance(exc, LineTooLong) and isinstance(exc.args[1], int):
+    if isinstance(exc, LineTooLong) and len(exc.args) > 1 and isinstance(exc.args[1], int):
         return f" (over {exc.args[1]} bytes)"
     return ""
 
