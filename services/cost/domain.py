@@ -23,10 +23,13 @@ FOLDED = "*"
 
 
 def distinct_events(events: Sequence[InferenceEvent]) -> list[InferenceEvent]:
-    """The first event of each (tenant, app, id), in order: an event listed twice in one message is priced once."""
+    """The events the ledger books, each (tenant, app, id)'s first, in order: an event listed twice in one message is
+    priced once, and an application's event of a call a router served and bills (`billed_by_router`: its span named
+    the router's address) not at all, so the call is one ledger row, the router's, as budgets count it."""
     first: dict[tuple[str, str, str], InferenceEvent] = {}
     for e in events:
-        first.setdefault((e.tenant, e.app, e.id), e)
+        if not e.billed_by_router:
+            first.setdefault((e.tenant, e.app, e.id), e)
     return list(first.values())
 
 def event_cost(e: InferenceEvent, price: ModelPrice) -> float:

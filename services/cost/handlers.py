@@ -26,7 +26,8 @@ class CostHandlers:
         at most domain.RECORDS_MAX (the rest folded)."""
         received = value if isinstance(value, list) else [value]
         events = domain.distinct_events(received)
-        if not events:
+        if not events:  # none to book: each was a call a router's event bills
+            await self.events.bump(len(received))
             return
         # Ids derive from the events, not the message: a redelivered message, or the same events
         # re-sent under another message id, republishes duplicates JetStream drops (within its

@@ -11,6 +11,7 @@ from lockgate.server.httpguard import HttpLimits, app_runner
 from lockgate.server.service import Service, ServiceContext
 from lockgate.server.tls import grpc_credentials, listen_http, ssl_context
 from lockgate.services.otlp.bodies import otlp_limits
+from lockgate.services.otlp.genai import Routers
 from lockgate.services.otlp.ingest import Receiver
 from lockgate.services.otlp.transports import HttpApp, serve_grpc
 
@@ -37,6 +38,9 @@ class OtlpService(Service):
         """Bind both ports and serve."""
         s = self.ctx.settings
         tls = ssl_context(s)  # a bad certificate fails the start, before anything binds
+        # A router of this process has bound by now (it starts first: registry.ORDER), on the port it chose.
+        bound = [url for name, url in self.ctx.process_endpoints().items() if name == "router"]
+        self.receiver.routers = Routers.of(s.router_addresses, bound)
         self._grpc, port = await serve_grpc(self.receiver, s.host, s.otlp_grpc_port, grpc_credentials(s))
         self._http = app_runner(self.http.app(), HttpLimits.from_settings(s), shutdown_timeout=2.0)
         await self._http.setup()
@@ -46,6 +50,10 @@ class OtlpService(Service):
         scheme = "https" if tls is not None else "http"
         self._endpoints = {"otlp-grpc": f"{s.host}:{port}", "otlp-http": f"{scheme}://{host}:{http_port}"}
         self.log.info("OTLP receiver on %s (gRPC) and %s (HTTP)", *self._endpoints.values())
+        if self.receiver.routers.endpoints:
+            self.log.info("spans of model calls made through a router at %s are kept out of the cost ledger: the "
+                          "router's events bill them (router_addresses)",
+                          ", ".join(sorted(f"{h}:{p or '*'}" for h, p in self.receiver.routers.endpoints)))
 
     async def stop(self) -> None:
         """Stop taking exports; running ones get two seconds to be acknowledged."""

@@ -91,9 +91,11 @@ class Decoded:
 
 
 def decode(request: ExportTraceServiceRequest, *, tenant: str, app: str,
-           window: tuple[datetime, datetime] | None = None, deployments: tuple[str, ...] = ()) -> Decoded:
+           window: tuple[datetime, datetime] | None = None, deployments: tuple[str, ...] = (),
+           routers: genai.Routers = genai.NO_ROUTERS) -> Decoded:
     """Map a request sent with an API key of `tenant` (whose app is `app`, the app of every event made, and
-    whose scope is `deployments`, empty for every deployment).
+    whose scope is `deployments`, empty for every deployment); a model call made through one of `routers` is
+    marked billed by the router (genai.to_event).
 
     A span starting outside `window` (earliest, latest) is refused: a span dated 1970 or 2299 would
     open a storage partition of its own. Raises Forbidden if any span or resource names another
@@ -176,7 +178,7 @@ def decode(request: ExportTraceServiceRequest, *, tenant: str, app: str,
                     events=events, links=links,
                 )))
                 try:
-                    event = genai.to_event(facts, tenant=tenant, app=app)
+                    event = genai.to_event(facts, tenant=tenant, app=app, routers=routers)
                 except InvalidEvent as exc:
                     out.no_event += 1
                     out.problem(f"span {span_id} stored, but no inference event made of it: {exc.message}")

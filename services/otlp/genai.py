@@ -14,15 +14,18 @@ so the tokens of one call are never billed twice through the spans that wrap it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import ipaddress
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 import msgspec
 
 from lockgate.contracts import InferenceEvent
-from lockgate.errors import InvalidEvent
+from lockgate.contracts.inference import BILLED_BY, ROUTER_BILLED
+from lockgate.errors import ConfigError, InvalidEvent
 from lockgate.ids import derived_id
 from lockgate.redact import scrub_value
 
@@ -50,6 +53,13 @@ TENANT = "lockgate.tenant"
 APP = "lockgate.app"
 DEPLOYMENT, RELEASE, VARIANT = "lockgate.deployment", "lockgate.release", "lockgate.variant"
 
+# The endpoint a client span called: the GenAI conventions' `server.address` and `server.port` (what the
+# OpenTelemetry OpenAI instrumentation sets from the client's base_url, leaving out port 443, and httpx every
+# scheme's default port), the HTTP conventions' `url.full`, OpenLLMetry's `gen_ai.openai.api_base` (the base URL).
+# OpenInference records none: its spans are billed as they come.
+SERVER_ADDRESS, SERVER_PORT = "server.address", "server.port"
+ENDPOINT_URLS = ("url.full", "gen_ai.openai.api_base")
+
 # gen_ai.operation.name values that are a call to a model (the others: agents, tools, workflows)
 MODEL_CALLS = frozenset({"chat", "text_completion", "generate_content", "embeddings", "completion", "embedding",
                          "rerank"})
@@ -73,6 +83,96 @@ class SpanFacts:
     status_message: str
     attributes: Mapping[str, Any]
     resource: Mapping[str, Any]
+
+
+_LOOPBACK = "localhost"  # every loopback name (127.0.0.1, ::1, localhost) as one: the same machine's listener
+_WILDCARD = frozenset({"", "0.0.0.0", "::"})
+_DEFAULT_PORTS = frozenset({80, 443})  # what a span naming no port may have called (the instrumentations leave them out)
+
+
+def _host(name: str) -> str:
+    """A host name as compared: lower case, without IPv6 brackets or a trailing dot, loopback names as one."""
+    host = name.strip().lower().strip("[]").rstrip(".")
+    if host == "localhost":
+        return _LOOPBACK
+    try:
+        return _LOOPBACK if ipaddress.ip_address(host).is_loopback else host
+    except ValueError:
+        return host
+
+
+def _port(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    try:
+        port = int(value)
+    except (TypeError, ValueError):
+        return None
+    return port if 0 < port < 65536 else None
+
+
+def _url_endpoint(url: str) -> tuple[str, int | None] | None:
+    """(host, port) of a URL (its scheme's port when it names none), None if it names no host."""
+    try:
+        parts = urlsplit(url.strip())
+        port = parts.port
+    except ValueError:
+        return None
+    if not parts.hostname:
+        return None
+    return _host(parts.hostname), port or {"http": 80, "https": 443}.get(parts.scheme.lower())
+
+
+@dataclass(frozen=True)
+class Routers:
+    """The endpoints clients reach lockgate's routers at: (host, port) pairs, a port None for any of the host's."""
+
+    endpoints: frozenset[tuple[str, int | None]] = frozenset()
+
+    @classmethod
+    def of(cls, listed: str, bound: Iterable[str] = ()) -> Routers:
+        """From `router_addresses` (comma-separated `host`, `host:port` or URLs) and the URLs routers of this
+        process are bound at (`http://127.0.0.1:8080`; one bound to every interface is reached at loopback names
+        here, any other name must be listed); ConfigError naming an entry that is none of these."""
+        found: set[tuple[str, int | None]] = set()
+        for url in bound:
+            endpoint = _url_endpoint(url)
+            if endpoint is not None:
+                host, port = endpoint
+                found.add((_LOOPBACK if host in _WILDCARD else host, port))
+        for entry in (e.strip() for e in listed.split(",")):
+            if not entry:
+                continue
+            # `host` and `host:port` as the authority of a URL of no scheme: no port is any port of the host
+            endpoint = _url_endpoint(entry if "://" in entry else f"//{entry}")
+            if endpoint is None:
+                raise ConfigError(f"router_addresses: {entry!r} is not a host, host:port or URL (e.g. "
+                                  "router.internal:8080 or https://llm.example.com/v1)")
+            found.add(endpoint)
+        return cls(frozenset(found))
+
+    def called(self, attrs: Mapping[str, Any]) -> bool:
+        """The span says it called one of these endpoints. One naming none is no router's call; one naming a host
+        but no port (the instrumentations leave 80 and 443 out) matches that host listed alone, at 80 or at 443."""
+        if not self.endpoints:
+            return False
+        address = attrs.get(SERVER_ADDRESS)
+        if isinstance(address, str) and address.strip():
+            endpoint: tuple[str, int | None] | None = (_host(address), _port(attrs.get(SERVER_PORT)))
+        else:
+            url = first(attrs, ENDPOINT_URLS)
+            endpoint = _url_endpoint(url) if isinstance(url, str) else None
+        if endpoint is None:
+            return False
+        host, port = endpoint
+        if (host, None) in self.endpoints:
+            return True
+        if port is not None:
+            return (host, port) in self.endpoints
+        return any((host, p) in self.endpoints for p in _DEFAULT_PORTS)
+
+
+NO_ROUTERS = Routers()
 
 
 def first(attrs: Mapping[str, Any], names: tuple[str, ...]) -> Any:
@@ -165,13 +265,17 @@ def event_id(tenant: str, trace_id: str, span_id: str) -> str:
     return derived_id("otlp-span", tenant, trace_id, span_id)
 
 
-def to_event(span: SpanFacts, *, tenant: str, app: str) -> InferenceEvent | None:
+def to_event(span: SpanFacts, *, tenant: str, app: str, routers: Routers = NO_ROUTERS) -> InferenceEvent | None:
     """The inference event of a model-call span (None for other spans); InvalidEvent with the reason
-    when the span is a model call whose values the contract refuses (a bad name, a non-numeric count)."""
+    when the span is a model call whose values the contract refuses (a bad name, a non-numeric count).
+
+    A call the span says went to one of `routers` is marked billed by the router (`lockgate.billed_by`): the
+    router's own event of it bills it, and this one is kept for drift and traces, out of the cost ledger."""
     attrs = span.attributes
     op = operation(attrs)
     if op is None:
         return None
+    marks = {BILLED_BY: ROUTER_BILLED} if routers.called(attrs) else {}
     where = {**span.resource, **attrs}  # lockgate.* names may be set on either, the span's win
     error_type = _text(attrs.get("error.type")) or (span.status_message[:200] if span.error else "")
     try:
@@ -201,7 +305,7 @@ def to_event(span: SpanFacts, *, tenant: str, app: str) -> InferenceEvent | None
             prompt=_content(first(attrs, PROMPT)),
             response=_content(first(attrs, RESPONSE)),
             session_id=_text(first(attrs, SESSION)),
-            attributes={"otel.span.name": span.name},
+            attributes={"otel.span.name": span.name, **marks},
         )
     except ValueError as exc:  # a name breaking the grammar (raised by the contract's __post_init__)
         raise InvalidEvent(str(exc)) from None

@@ -39,7 +39,7 @@ from lockgate.redact import scrub_secrets
 from lockgate.retry import RetryPolicy
 from lockgate.server.apikeys import ApiKey, KeyStore, bearer
 from lockgate.server.service import Progress
-from lockgate.services.otlp import domain, wire
+from lockgate.services.otlp import domain, genai, wire
 from lockgate.spanbatches import Message, span_batches, span_bytes
 
 log = logging.getLogger("lockgate.otlp")
@@ -111,6 +111,9 @@ class Receiver:
         self.retry_asked = Progress()  # exports answered "retry later"; tests await it instead of sleeping
         self.refused = Progress()  # exports answered with a partial success (spans refused, model calls unmade)
         self.refusals = RefusalLog()
+        # Where clients reach lockgate's routers (OtlpService.start): a model call a span says went there is billed
+        # by the router's own event, and its event here is marked so (genai.to_event).
+        self.routers = genai.NO_ROUTERS
 
     def authenticate(self, headers: Mapping[str, str]) -> ApiKey:
         """The API key of `Authorization: Bearer lg-...` or `x-api-key: lg-...` (header names lower-case);
@@ -156,7 +159,8 @@ class Receiver:
             request = request()
         now = datetime.now(UTC)
         window = (now - timedelta(seconds=self.limits.past_s), now + timedelta(seconds=self.limits.future_s))
-        decoded = domain.decode(request, tenant=key.tenant, app=key.app, window=window, deployments=key.deployments)
+        decoded = domain.decode(request, tenant=key.tenant, app=key.app, window=window, deployments=key.deployments,
+                                routers=self.routers)
         received = len(decoded.spans) + decoded.rejected
         # Cut to the NATS server's max_payload, as lockgate's own span exporter cuts (a fixed size was refused whole by
         # a server configured below it).

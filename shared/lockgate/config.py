@@ -106,6 +106,12 @@ class Settings(msgspec.Struct, kw_only=True):
     app: str = "default"
     rollout_steps: tuple[float, ...] = (10.0, 25.0, 50.0, 100.0)
     rollout_step_interval_s: float = 5.0
+    # Where clients reach the routers, as the OTLP receiver compares a GenAI client span's endpoint (`server.address`
+    # and `server.port`, `url.full`, `gen_ai.openai.api_base`): comma-separated `host`, `host:port` or URLs
+    # (`router.internal:8080,https://llm.example.com/v1`; a host alone: any of its ports). A span of a call made
+    # through a router is then kept for drift and traces and left out of the cost ledger: the router's event bills
+    # it. A router in the receiver's own process (`lockgate up`) is known without it, at its bound address.
+    router_addresses: str = ""
     # upstream allow-list (YAML `endpoints: {id: {url, credential}}`); empty: `default` and `canary` from
     # the two upstream settings above. Credentials are looked up by name in the environment, then here:
     endpoints_file: str = ""

@@ -8,6 +8,7 @@ import pytest
 
 from lockgate.anthropicwire import usage as anthropic_usage
 from lockgate.contracts import InferenceEvent
+from lockgate.contracts.inference import BILLED_BY, ROUTER, ROUTER_BILLED
 from lockgate.llmwire import Usage
 from lockgate.pricebook import load_price_book
 from lockgate.services.cost.domain import (
@@ -254,3 +255,13 @@ def test_an_event_answered_by_another_model_is_priced_as_the_model_that_answered
     entry = price_events([event], book).entries[0]
     assert (entry.model, entry.priced) == (priced_as, True)
     assert entry.cost_usd == pytest.approx(cost)
+
+
+def test_an_event_of_a_call_a_router_bills_is_not_booked_again() -> None:
+    # Probe p61 F3: the OTLP receiver marks an application's span of a call made through a router; the router's
+    # own event books it. A router's event saying so is still booked (only an application's event defers to it).
+    marked = {BILLED_BY: ROUTER_BILLED}
+    span = InferenceEvent(app="shop", source="otlp", model="sim-good", input_tokens=10, attributes=marked)
+    served = InferenceEvent(app="shop", source=ROUTER, model="sim-good", input_tokens=10, attributes=marked)
+    plain = InferenceEvent(app="shop", source="otlp", model="sim-good", input_tokens=10)
+    assert distinct_events([span, served, plain]) == [served, plain]

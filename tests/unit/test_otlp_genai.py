@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from lockgate.errors import InvalidEvent
+from lockgate.errors import ConfigError, InvalidEvent
 from lockgate.services.otlp import genai
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -156,3 +156,38 @@ def test_either_claim_naming_another_tenant_is_found() -> None:
     # The span saying the key's tenant used to hide the resource naming another.
     assert genai.other_tenant(span({"lockgate.tenant": "acme"}, {"lockgate.tenant": "globex"}), "acme") == "globex"
     assert genai.other_tenant(span({}), "acme") is None
+
+
+# Probe p61 F3: a GenAI client span of a call made through a lockgate router is that router's call, which its own
+# event bills: the span's event is kept and marked, and the cost ledger leaves it out.
+ROUTERS = genai.Routers.of("router.internal:8080, llm.example.com, https://gw.example.com/v1",
+                           bound=["http://127.0.0.1:41234", "http://0.0.0.0:9090"])
+
+
+@pytest.mark.parametrize(("endpoint", "through_router"), [
+    ({"server.address": "127.0.0.1", "server.port": 41234}, True),  # the bound router, as the client named it
+    ({"server.address": "localhost", "server.port": 41234}, True),  # loopback names are one
+    ({"server.address": "::1", "server.port": 9090}, True),  # a router on every interface, called here
+    ({"server.address": "127.0.0.1", "server.port": 41235}, False),  # another port of the machine
+    ({"server.address": "Router.Internal.", "server.port": "8080"}, True),
+    ({"server.address": "router.internal"}, False),  # no port: 80 or 443, not the listed 8080
+    ({"server.address": "gw.example.com"}, True),  # no port, and the router listed at 443
+    ({"server.address": "llm.example.com", "server.port": 7000}, True),  # a host listed alone: any port
+    ({"url.full": "https://gw.example.com/v1/chat/completions"}, True),
+    ({"gen_ai.openai.api_base": "http://router.internal:8080/v1/"}, True),  # OpenLLMetry's base URL
+    ({"gen_ai.openai.api_base": "https://api.openai.com/v1/"}, False),
+    ({"server.address": "api.openai.com"}, False),
+    ({}, False),  # a span naming no endpoint (OpenInference's) is billed as it comes
+])
+def test_a_call_a_span_says_went_through_a_router_is_marked_billed_by_it(endpoint: dict[str, Any],
+                                                                        through_router: bool) -> None:
+    event = genai.to_event(span(SEMCONV | endpoint), tenant="acme", app="shop", routers=ROUTERS)
+    assert event is not None and event.billed_by_router is through_router
+    assert (event.input_tokens, event.output_tokens) == (100, 20)  # kept whole: drift reads them
+    # Without routers known (no router in the process, none listed) nothing is marked.
+    assert not genai.to_event(span(SEMCONV | endpoint), tenant="acme", app="shop").billed_by_router
+
+
+def test_a_router_address_that_is_none_is_refused_naming_it() -> None:
+    with pytest.raises(ConfigError, match="'router:http' is not a host, host:port or URL"):
+        genai.Routers.of("router:8080, router:http")

@@ -55,6 +55,12 @@ REQUEST_DIGEST = "lockgate.request_digest"
 # share, so one key's copies may have spent them. A blue-green preview judged on copies is no pass while such a key
 # is short of its own sample of copies (analysis.uncopied; probe p46 F3).
 SHADOW_SKIPPED = "lockgate.shadow_skipped"
+# An application's event of a call it made through a lockgate router (`ROUTER_BILLED`), which the router's own served
+# event bills: the OTLP receiver marks a GenAI client span whose endpoint (`server.address`/`server.port`, `url.full`,
+# OpenLLMetry's `gen_ai.openai.api_base`) is a router's. Kept for drift and traces, left out of the cost ledger, so
+# `lockgate cost` counts the call once, as budgets do (probe p61 F3: it was booked twice).
+BILLED_BY = "lockgate.billed_by"
+ROUTER_BILLED = "router"
 # Request fields that do not change what the model answers: how the answer is delivered (stream), who asks
 # (user, metadata, safety_identifier), what the provider keeps (store, prompt_cache_key), the operator's price tier
 # (never sent as the client's), and the model, which a release always sets. The messages are digested on their own.
@@ -146,6 +152,12 @@ class InferenceEvent(Event, frozen=True, kw_only=True, tag="lockgate.inference",
         """Answered from the router's response cache (its `cache: hit`): a replay of an earlier answer, so no
         evidence of what its release does (repeating one request could otherwise fill a canary's sample)."""
         return self.attributes.get("cache") == "hit"
+
+    @property
+    def billed_by_router(self) -> bool:
+        """A call a router's own event bills (`BILLED_BY`): not booked again from this event. The router's events
+        never say so; an application's saying so of calls it made elsewhere only hides its own reported spend."""
+        return self.attributes.get(BILLED_BY) == ROUTER_BILLED and self.source != ROUTER
 
     @property
     def billed_tokens(self) -> tuple[int, int, int]:

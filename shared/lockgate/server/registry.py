@@ -46,6 +46,8 @@ class ServiceSet:
         self.ctx = ctx
         # With NATS auth each service has a context of its own, whose bus connects as that service.
         contexts = contexts or {}
+        for c in (ctx, *contexts.values()):
+            c.process_endpoints = lambda: self.endpoints
         self.services = [factory(n)(contexts.get(n, ctx)) for n in names]
         for svc in self.services:
             svc.ctx.bus.include(svc.consumers)

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import gc
 import logging
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -68,6 +68,9 @@ class ServiceContext:
     # Every bus connection of the process (the runtime's list, as it is now): what one service's health reports for
     # the whole process reads them all, since each service letters on its own connection.
     buses: list[Bus] | None = None
+    # The endpoints the process's services serve, as they are now (its ServiceSet's): the OTLP receiver, started
+    # after the router, knows an embedded router's bound address by it (`--router-port 0` picks one at bind).
+    process_endpoints: Callable[[], dict[str, str]] = dict
 
 
 class Service:
