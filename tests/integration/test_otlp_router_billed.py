@@ -9,7 +9,7 @@ Before (probe p61 F3), the span's event was booked too, and `lockgate cost` coun
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import openai
@@ -23,7 +23,9 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from lockgate.config import Settings
 from lockgate.server.apikeys import bootstrap
 from lockgate.server.runtime import Runtime
+from lockgate.server.service import ServiceContext
 from lockgate.services.otlp.genai import event_id
+from lockgate.store import Store
 from lockgate_dev.sim import ModelSpec, SimConfig, SimServer
 from tests.helpers import eventually, run_cli_json
 
@@ -118,3 +120,39 @@ async def test_a_call_through_the_router_whose_client_span_is_exported_too_is_bi
     rows = await run_cli_json(stack, "cost", "--by", "deployment")
     by_deployment = {r["deployment"]: (r["calls"], r["input_tokens"], r["output_tokens"]) for r in rows}
     assert by_deployment == {"chat": (1, usage.prompt_tokens, usage.completion_tokens), "": (1, *ELSEWHERE)}
+
+
+async def test_a_receiver_apart_from_the_routers_knows_them_by_router_addresses(
+        context: ServiceContext, run_services: Callable[..., Any], store: Store) -> None:
+    # Distributed: the OTLP receiver runs without a router in its process, and is told the names clients reach the
+    # routers by. A span naming one of them is the router's call; the same host at another port is not.
+    context.settings = context.settings.replace(router_addresses="lockgate-router:8080, https://llm.example.com/v1")
+    keys = bootstrap(context.settings.home, tenant="acme", app="shop")
+    stack = await run_services("sink", "cost", "otlp")
+    memory = InMemorySpanExporter()
+    provider = TracerProvider(resource=Resource.create({"service.name": "shop-app"}))
+    provider.add_span_processor(SimpleSpanProcessor(memory))
+    tracer = provider.get_tracer("opentelemetry.instrumentation.openai")
+    endpoints = [{"gen_ai.openai.api_base": "http://lockgate-router:8080/v1/"},  # OpenLLMetry's base URL
+                 {"server.address": "llm.example.com"},  # 443, left out
+                 {"server.address": "lockgate-router", "server.port": 9999}]
+    for endpoint in endpoints:
+        with tracer.start_as_current_span(f"chat {MODEL}") as span:
+            span.set_attributes({"gen_ai.operation.name": "chat", "gen_ai.system": "openai",
+                                 "gen_ai.request.model": MODEL, "gen_ai.usage.input_tokens": 10,
+                                 "gen_ai.usage.output_tokens": 5, **endpoint})
+    provider.shutdown()
+    exporter = OTLPSpanExporter(endpoint=stack.endpoints["otlp-http"] + "/v1/traces",
+                                headers={"x-api-key": keys.app_key})
+    spans = list(memory.get_finished_spans())
+    assert await asyncio.to_thread(exporter.export, spans) == SpanExportResult.SUCCESS
+    exporter.shutdown()
+    ids = [event_id("acme", *_ids(span)) for span in spans]
+    sink = stack["sink"].handlers
+    await eventually(lambda: store.scalar("SELECT count() FROM cost_ledger") >= 1
+                     and store.scalar("SELECT count() FROM inference_events") == 3,
+                     [sink.progress("cost_ledger"), sink.events], what="the events and the ledger stored")
+    assert [r["event_id"] for r in store.rows("SELECT event_id FROM cost_ledger")] == [ids[2]]
+    marked = {r["id"]: r["b"] for r in store.rows("SELECT id, attributes['lockgate.billed_by'] AS b "
+                                                  "FROM inference_events")}
+    assert marked == {ids[0]: "router", ids[1]: "router", ids[2]: ""}
