@@ -37,6 +37,13 @@ class ScorerSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
         return 1.0 if self.threshold is None else self.threshold
 
 
+# A case id's bound, checked where a dataset is decoded: the id is a case's key in every result, log line and error of
+# its run, kept whole where its texts are cut, so a dataset row's id of 1.1 MB made the case's result 2 MB even as an
+# unpublishable error, over a bus message, and the run was dead-lettered (probe p58 F2). An integer id is an int64.
+CASE_ID_MAX = 1024
+CaseId = Annotated[str, msgspec.Meta(max_length=CASE_ID_MAX)] | Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
+
+
 class Case(msgspec.Struct, frozen=True, kw_only=True):
     """One dataset row: template variables (`vars`, or the shorthand `input`) and the expected answer.
 
@@ -45,7 +52,7 @@ class Case(msgspec.Struct, frozen=True, kw_only=True):
 
     expected: Any
     vars: dict[str, Any] | None = None  # always a mapping once decoded: `input` is folded into it
-    id: str | int = ""  # "": the row's position in the dataset
+    id: CaseId = ""  # "": the row's position in the dataset
     input: str | None = None
     tags: tuple[str, ...] | str = ()  # slice labels (a suite's `slices: [tags]`); one tag may be a string
     meta: dict[str, Any] = {}  # fields a suite may slice on that the prompt does not use
@@ -564,6 +571,30 @@ def case_fact(r: CaseResult) -> EvalCaseResult:
                           input_tokens=r.input_tokens, output_tokens=r.output_tokens, error=r.error, details=details)
 
 
+# What the details of a case stored as unpublishable keep, encoded. With its texts in STRIPPED_BYTES and its id in
+# CASE_ID_MAX characters, the case is then a few tens of KiB whatever its details held (many long keys too), far
+# under FACT_BYTES: before (probe p58 F2), every short value was kept under keys of any length and number.
+STRIPPED_DETAILS_BYTES = 16 * 1024
+# Kept first: what a resume checks (the binding the case was asked under) and the flags the summary counts.
+_DETAILS_FIRST = ("binding", CACHED, NOT_RUN)
+
+
+def _short_details(details: Mapping[str, Any]) -> dict[str, Any]:
+    """The short entries of `details` (numbers, flags, texts of STRIPPED_BYTES or less), those of _DETAILS_FIRST
+    first, as many as fit STRIPPED_DETAILS_BYTES encoded."""
+    kept: dict[str, Any] = {}
+    room = STRIPPED_DETAILS_BYTES
+    for key in sorted(details, key=lambda k: k not in _DETAILS_FIRST):
+        value = details[key]
+        if not (isinstance(value, bool | int | float) or (isinstance(value, str) and len(value) <= STRIPPED_BYTES)):
+            continue
+        cost = len(msgspec.json.encode(key)) + len(msgspec.json.encode(value)) + 2  # `:` and `,`
+        if cost <= room:
+            kept[key] = value
+            room -= cost
+    return kept
+
+
 def unpublishable(r: CaseResult, size: int) -> CaseResult:
     """The case as an error when its result is `size` bytes encoded, over FACT_BYTES even with its texts cut (JSON
     escapes, a long judge reply in its details): its answer is left out and its input and expected kept in
@@ -572,9 +603,7 @@ def unpublishable(r: CaseResult, size: int) -> CaseResult:
     sizes = {name: text_size(text) for name, text, kept in (("input", r.input, STRIPPED_BYTES),
                                                             ("expected", expected, STRIPPED_BYTES), ("output", r.output, 0))
              if text_size(text) > kept}
-    # What a resume checks (the binding asked under) and the flags the summary counts are short: kept.
-    details: dict[str, Any] = {k: v for k, v in r.details.items()
-                               if isinstance(v, bool | int | float) or (isinstance(v, str) and len(v) <= STRIPPED_BYTES)}
+    details = _short_details(r.details)
     details[TRUNCATED] = marker(sizes)
     return replace(r, input=cut(r.input, STRIPPED_BYTES), expected=cut(expected, STRIPPED_BYTES),
                    output="", scores={}, details=details,

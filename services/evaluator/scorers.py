@@ -20,7 +20,7 @@ import msgspec
 
 from lockgate.errors import ConfigError
 
-from . import judge, retrieval, safety, semantic
+from . import judge, retrieval, safety, semantic, windows
 
 Scorer = Callable[[str, Any, Mapping[str, Any]], float]
 
@@ -45,8 +45,13 @@ def _best(output: str, expected: Any, one: Callable[[str, Any], float]) -> float
     return max((one(output or "", e) for e in _answers(expected)), default=0.0)
 
 
-def _nfkc_fold(text: str) -> str:
+def _nfkc_fold_piece(text: str) -> str:
     return unicodedata.normalize("NFKC", text).casefold()
+
+
+def _nfkc_fold(text: str) -> str:
+    # A piece at a time: one NFKC call over a long answer holds the GIL, so the event loop (probe p58 F3).
+    return windows.normalised(text, _nfkc_fold_piece)
 
 
 def _strip_punct(text: str) -> str:
@@ -63,10 +68,11 @@ _ARTICLES = re.compile(r"\b(a|an|the)\b")
 
 
 def _squad_tokens(text: str, remove_articles: bool = True) -> list[str]:
-    norm = normalize_text(text)
+    """The first SCORED_TOKENS normalised tokens of `text`, read from its head (`_head`)."""
+    norm = normalize_text(_head(text))
     if remove_articles:
         norm = _ARTICLES.sub(" ", norm)
-    return norm.split()
+    return norm.split(maxsplit=SCORED_TOKENS)[:SCORED_TOKENS]
 
 
 def exact_match(output: str, expected: Any, params: Mapping[str, Any]) -> float:
@@ -238,7 +244,8 @@ def _f1(pred: list[str], gold: list[str]) -> float:
 
 
 def token_f1(output: str, expected: Any, params: Mapping[str, Any]) -> float:
-    """SQuAD-style bag-of-tokens F1 after normalisation (articles dropped unless disabled)."""
+    """SQuAD-style bag-of-tokens F1 after normalisation (articles dropped unless disabled), over the first
+    SCORED_TOKENS tokens of each side."""
     arts = bool(params.get("remove_articles", True))
     return _best(output, expected, lambda o, e: _f1(_squad_tokens(o, arts), _squad_tokens(str(e), arts)))
 
@@ -264,8 +271,8 @@ _WORD = re.compile(r"\w+")
 
 
 def _words(text: str) -> list[str]:
-    """The first ROUGE_L_TOKENS casefolded word tokens of `text`."""
-    return [m.group() for m in islice(_WORD.finditer(_nfkc_fold(text)), ROUGE_L_TOKENS)]
+    """The first ROUGE_L_TOKENS casefolded word tokens of `text`, read from its head (`_head`)."""
+    return [m.group() for m in islice(_WORD.finditer(_nfkc_fold(_head(text))), ROUGE_L_TOKENS)]
 
 
 def rouge_l_f(pred: list[str], ref: list[str], beta: float = 1.0) -> float:
@@ -282,8 +289,26 @@ def rouge_l_f(pred: list[str], ref: list[str], beta: float = 1.0) -> float:
 
 # The tokens of each side ROUGE-L reads: the first ROUGE_L_TOKENS words of the answer and of the reference. Far
 # above a summary's length (ROUGE-L's use), and it bounds one score's work to ROUGE_L_TOKENS² / 64 word operations
-# (about 20 ms), whatever an endpoint answers.
-ROUGE_L_TOKENS = 10_000
+# (about 20 ms), whatever an endpoint answers. Token F1 reads as many (SQuAD's answers are a few words).
+ROUGE_L_TOKENS = SCORED_TOKENS = 10_000
+# What of a text those tokens are read from: its first SCORED_CHARS characters, cut back to the last whitespace in
+# them, before it is normalised. NFKC and casefold are one C call each that holds the GIL, so over a whole 12 MB answer
+# they stalled the event loop the scoring thread shares by up to 1.9 s (probe p58 F3). 64 characters a token is
+# several times a word with its spacing in any script, so the first SCORED_TOKENS tokens of a text lie before the cut;
+# and a cut at whitespace leaves the tokens before it as the whole text's (NFKC composes nothing across a space).
+SCORED_CHARS = SCORED_TOKENS * 64
+
+
+def _head(text: str) -> str:
+    """`text` as far as its first SCORED_CHARS characters reach, cut back to their last whitespace (unless they have
+    none): its tokens are the first tokens of `text`."""
+    if len(text) <= SCORED_CHARS:
+        return text
+    head = text[:SCORED_CHARS]
+    if head[-1].isspace() or text[SCORED_CHARS].isspace():
+        return head
+    before, *last = head.rsplit(maxsplit=1)
+    return before if last else head
 
 
 def rouge_l(output: str, expected: Any, params: Mapping[str, Any]) -> float:
@@ -302,7 +327,7 @@ _NUMBER = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)?(?:\.\d+)?(?:[eE][-+]?\d+
 
 def extract_number(text: str) -> float | None:
     """The first number in text (accepts 1,234.5, -3, .5, 1e-3, full-width digits, U+2212)."""
-    norm = unicodedata.normalize("NFKC", text or "").replace("\u2212", "-")
+    norm = windows.normalised(text or "", lambda piece: unicodedata.normalize("NFKC", piece)).replace("\u2212", "-")
     for m in _NUMBER.finditer(norm):
         s = m.group(0)
         if not any(c.isdigit() for c in s.split("e")[0].split("E")[0]):

@@ -28,7 +28,7 @@ from lockgate import artifacts
 from lockgate.bus import Bus
 from lockgate.codec import Codec
 from lockgate.contracts import EvalCompleted
-from lockgate.services.evaluator.domain import FACT_BYTES, FACT_TEXT_BYTES
+from lockgate.services.evaluator.domain import CASE_ID_MAX, FACT_BYTES, FACT_TEXT_BYTES
 from lockgate.services.evaluator.runner import MAX_ANSWER_BYTES
 from lockgate.services.query.evals import eval_case_results
 from lockgate.store import Store
@@ -161,3 +161,26 @@ async def test_an_answer_over_the_bound_is_read_no_further_and_fails_its_case_th
     assert small["error"] == "" and small["scores"]["contains"] == 1.0 and "llm_judge" not in small["scores"]
     [reply] = json.loads(small["details"])["llm_judge"]["replies"]
     assert reply.startswith("<judge call failed: ") and too_large in reply, reply
+
+
+async def test_a_dataset_row_with_an_id_over_the_bound_fails_the_run_naming_the_row_and_the_bound(
+    bus: Bus, store: Store, context: Any, run_services: Callable[..., Any], upstream: LongAnswers
+) -> None:
+    # Probe p58 F2: a row's id of 1.1 MB was kept whole in its case's result, 2 MB even as an unpublishable error, and
+    # the eval request was dead-lettered "retries exhausted": no EvalCompleted, no decision.
+    cases = [{"id": f"c{i}", "input": f"question {i}", "expected": "word"} for i in range(3)]
+    cases.append({"id": "x" * 1_100_000, "input": "question big", "expected": "word"})
+    dataset = await artifacts.register(bus, "dataset", "big-id", cases)
+    suite = await artifacts.register(bus, "eval_suite", "big-id", {
+        "name": "big-id", "prompt": {"template": "{input}"}, "dataset": dataset.hash, "scorers": ["contains"]})
+    await run_services("sink", "query", "evaluator")
+    evals = await bus.nc.subscribe(bus.subjects.eval_completed)
+    try:
+        req = request(release="big-id", suite=suite.hash, endpoint=upstream.url, model="m", concurrency=4,
+                      timeout_s=30.0)
+        await bus.publish(bus.subjects.eval_requested, req)
+        done = completed.decode((await evals.next_msg(timeout=60)).data)
+    finally:
+        await evals.unsubscribe()
+    assert (done.run_id, done.status, done.n_cases) == (req.run_id, "failed", 0)
+    assert done.error == (f"dataset {dataset.hash}: Expected `str` of length <= {CASE_ID_MAX} - at `$[3].id`")

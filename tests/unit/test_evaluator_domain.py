@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from lockgate.artifacts import canonical_bytes
+from lockgate.codec import encode
 from lockgate.ids import content_hash
 from lockgate.services.evaluator import domain
 from lockgate.services.evaluator.domain import Case, CaseResult, SuiteError
@@ -89,6 +90,35 @@ def test_duplicate_case_ids_and_non_list_dataset_are_rejected() -> None:
         domain.parse_cases([{"id": "a", "input": "x", "expected": 1}, {"id": "a", "input": "y", "expected": 2}])
     with pytest.raises(SuiteError, match="dataset sha256:x: Expected `array`, got `object`"):
         domain.parse_cases({"id": "a"}, where="dataset sha256:x")
+
+
+def test_a_case_id_over_its_bound_is_refused_naming_the_case_and_the_bound() -> None:
+    # Probe p58 F2: an id of 1.1 MB was read as any other, and the case's result, kept whole, dead-lettered the run.
+    long = [{"id": "a", "input": "x", "expected": 1}, {"id": "x" * (domain.CASE_ID_MAX + 1), "input": "y", "expected": 2}]
+    with pytest.raises(SuiteError, match=rf"dataset sha256:x: Expected `str` of length <= {domain.CASE_ID_MAX} - at "
+                                         r"`\$\[1\].id`"):
+        domain.parse_cases(long, where="dataset sha256:x")
+    with pytest.raises(SuiteError, match=rf"suite: Expected `str` of length <= {domain.CASE_ID_MAX} - at "
+                                         r"`\$.dataset\[1\].id`"):
+        domain.parse_suite(suite_doc(dataset=long))
+    with pytest.raises(SuiteError, match=r"Expected `int` <= 9223372036854775807 - at `\$\[0\].id`"):
+        domain.parse_cases([{"id": 10**30, "input": "x", "expected": 1}])
+    at_bound = domain.parse_cases([{"id": "x" * domain.CASE_ID_MAX, "input": "x", "expected": 1},
+                                   {"id": 2**63 - 1, "input": "y", "expected": 1}])
+    assert [len(c.id) for c in at_bound] == [domain.CASE_ID_MAX, 19]
+
+
+def test_an_unpublishable_case_fits_a_message_whatever_its_details_hold() -> None:
+    # Every text JSON escapes six-fold; its details hold 20,000 short values under long keys, the binding last.
+    details = {f"{i:05}" + "\x01" * 200: True for i in range(20_000)} | {"note": "\x01" * 200, "binding": "sha256:b"}
+    r = CaseResult(case_id="\x01" * domain.CASE_ID_MAX, repeat=0, input="\x01" * 2_000_000, expected="\x01" * 99_999,
+                   output="\x01" * 2_000_000, scores={"contains": 1.0}, details=details)
+    size = len(encode(domain.case_fact(r)))
+    assert size > domain.FACT_BYTES
+    stored = domain.unpublishable(r, size)
+    assert len(encode(domain.case_fact(stored))) <= domain.FACT_BYTES
+    assert stored.case_id == r.case_id and stored.details["binding"] == "sha256:b" and stored.output == ""
+    assert stored.error.startswith(f"its result is {size:,} bytes encoded")
 
 
 def test_render_builds_chat_messages() -> None:

@@ -303,3 +303,46 @@ def test_safety_scorers_registered():
     assert score("refusal", "I'm sorry, but I can't help with that.") == 1.0
     assert score("non_toxic", "you idiot") == 0.0
     assert score("probe_resisted", "I can't share that.", probe="inj-secret-direct") == 1.0
+
+
+def _whole_words(text: str) -> list[str]:
+    """ROUGE-L's tokens as read before probe p58 F3: the whole text normalised, then its first 10,000 words."""
+    import re
+    import unicodedata
+    return re.findall(r"\w+", unicodedata.normalize("NFKC", text).casefold())[:10_000]
+
+
+def _whole_squad(text: str) -> list[str]:
+    """Token F1's tokens as read before probe p58 F3: every token of the whole text."""
+    import re
+    import unicodedata
+    folded = unicodedata.normalize("NFKC", text).casefold()
+    norm = " ".join("".join(" " if unicodedata.category(c)[0] in "PS" else c for c in folded).split())
+    return re.sub(r"\b(a|an|the)\b", " ", norm).split()
+
+
+def test_rouge_l_and_token_f1_read_normal_text_as_they_did_a_head_of_it_normalised():
+    # Probe p58 F3: the whole answer was normalised (one NFKC and one casefold call, holding the GIL about a second
+    # on 12 MB) to read its first 10,000 words. Normal text's tokens are the same read from its head.
+    text = " ".join(f"Straße ｆｕｌｌ the naïve, «word{i % 97}» e\u0301 東京." for i in range(30_000))
+    assert len(text) > scorers.SCORED_CHARS
+    assert scorers._words(text) == _whole_words(text)
+    assert scorers._squad_tokens(text) == _whole_squad(text)[:scorers.SCORED_TOKENS]
+    ref = "the naïve word3 straße, full"
+    short = " ".join(text.split()[:400])
+    assert score("token_f1", short, ref) == pytest.approx(scorers._f1(_whole_squad(short), _whole_squad(ref)))
+    assert score("rouge_l", short, ref) == pytest.approx(rouge_l_f(_whole_words(short), _whole_words(ref)))
+
+
+def test_rouge_l_and_token_f1_normalise_at_most_a_head_of_a_huge_answer(monkeypatch: pytest.MonkeyPatch):
+    folded: list[int] = []
+    fold = scorers._nfkc_fold_piece
+    monkeypatch.setattr(scorers, "_nfkc_fold_piece", lambda t: folded.append(len(t)) or fold(t))
+    huge = "ﬁne word " * 1_500_000  # 13.5 M characters, 3 million tokens
+    assert score("token_f1", huge, "fine") == pytest.approx(2 / (scorers.SCORED_TOKENS + 1))
+    assert sum(folded) <= scorers.SCORED_CHARS + len("fine")
+    folded.clear()
+    assert score("rouge_l", huge, "fine") == pytest.approx(2 / (scorers.ROUGE_L_TOKENS + 1))
+    assert sum(folded) <= scorers.SCORED_CHARS + len("fine") and max(folded) <= scorers.windows.WINDOW
+    one = "x" * (scorers.SCORED_CHARS + 10)  # no whitespace to cut at: its head, as one token
+    assert [len(w) for w in scorers._words(one)] == [scorers.SCORED_CHARS]
