@@ -50,3 +50,18 @@ def search(rx: re.Pattern[str], text: str, longest: int, size: int = WINDOW) -> 
         if m is not None and m.start() < start + size:
             return m
     return None
+
+
+def finditer(rx: re.Pattern[str], text: str, longest: int, size: int = WINDOW) -> Iterator[re.Match[str]]:
+    """`rx.finditer(text)` as searches of windows of `size` characters from where the last match ended, each looking
+    `longest` + 1 characters past its window, for a pattern that matches no empty text and none longer than
+    `longest` characters: the same matches (see `search`), the GIL free between one window and the next."""
+    pos = 0
+    while pos < len(text):
+        end = pos + size
+        m = rx.search(text, pos, end + longest + 1)
+        if m is None or m.start() >= end:
+            pos = end
+            continue
+        yield m
+        pos = max(m.end(), m.start() + 1)  # past an empty match, whatever the pattern

@@ -12,6 +12,9 @@ escapes six-fold (its result over a message's share even cut) run on a real nats
 Before F2, the evaluator read an endpoint's answer whole, however long: one answer of 300 MB took the embedded stack
 from 561 MB to 7 GB and held every tenant's router 15-60 s. Here an endpoint streams 64 MB to the evaluated call and
 to the judge's.
+
+Before probe p58 F2, a dataset row's id was any length and kept whole in its case's result: an id of 1.1 MB made the
+case 2 MB even as an unpublishable error, and the run was dead-lettered. Here the run fails at once, naming the row.
 """
 
 from __future__ import annotations
