@@ -307,8 +307,8 @@ def _head(text: str) -> str:
     head = text[:SCORED_CHARS]
     if head[-1].isspace() or text[SCORED_CHARS].isspace():
         return head
-    before, *last = head.rsplit(maxsplit=1)
-    return before if last else head
+    cut = len(head) - len(head.rsplit(maxsplit=1)[-1])  # where its last, unfinished word starts
+    return head[:cut] if cut else head
 
 
 def rouge_l(output: str, expected: Any, params: Mapping[str, Any]) -> float:
