@@ -130,20 +130,20 @@ def test_the_hourly_rollup_answers_as_the_ledger_does(store: Store, by: list[str
 
 
 def test_retention_settings_become_table_ttls(chdb_url: str, unique: str) -> None:
-    store = open_store(chdb_url, unique, retention="inference_events=7,cost_ledger=0")
+    store = open_store(chdb_url, unique, retention="inference_events=40,cost_ledger=0")
     try:
         def ddl(table: str) -> str:
             return store.scalar(f"SHOW CREATE TABLE {table}")
 
-        assert "TTL toDateTime(time) + toIntervalDay(7)" in ddl("inference_events")
-        assert "TTL toDateTime(Timestamp) + toIntervalDay(30)" in ddl("otel_traces")  # the default
+        assert "TTL toDateTime(time) + toIntervalDay(40)" in ddl("inference_events")
+        assert "TTL toDateTime(Timestamp) + toIntervalDay(31)" in ddl("otel_traces")  # the default
         assert "TTL" not in ddl("cost_ledger") and "TTL" not in ddl("audit_log")
         # The stored keys are kept as long as their rows: the sink finds a re-sent event's id there.
-        assert "TTL toDateTime(time) + toIntervalDay(7)" in ddl("inference_event_keys")
+        assert "TTL toDateTime(time) + toIntervalDay(40)" in ddl("inference_event_keys")
         assert "TTL" not in ddl("cost_ledger_keys")
-        again = open_store(chdb_url, unique, retention="inference_events=7,cost_ledger=0")
+        again = open_store(chdb_url, unique, retention="inference_events=40,cost_ledger=0")
         again.close()
-        assert "TTL toDateTime(time) + toIntervalDay(7)" in ddl("inference_events")
+        assert "TTL toDateTime(time) + toIntervalDay(40)" in ddl("inference_events")
         relaxed = open_store(chdb_url, unique, retention="inference_events=0")
         relaxed.close()
         assert "TTL" not in ddl("inference_events") and "TTL toDateTime(time) + toIntervalDay(400)" in ddl("cost_ledger")
@@ -155,4 +155,16 @@ def test_retention_settings_become_table_ttls(chdb_url: str, unique: str) -> Non
 @pytest.mark.parametrize("bad", ["inference_events", "nosuch=3", "otel_traces=-1", "otel_traces=x"])
 def test_a_bad_retention_setting_is_refused_before_any_change(bad: str) -> None:
     with pytest.raises(ConfigError, match="TABLE=DAYS"):
-        parse_retention(bad)
+        parse_retention(bad, 30 * 86400)
+
+
+def test_deduplicated_tables_outlive_the_oldest_accepted_event_by_a_day() -> None:
+    # Probe p61 F1: the bound is event_time_past_s rounded up to days, and one more; 0 keeps rows for ever.
+    assert parse_retention("cost_ledger=31,otel_traces=0", 30 * 86400)["cost_ledger_keys"] == 31
+    assert parse_retention("inference_events=32,otel_traces=32", 30.5 * 86400)["inference_event_keys"] == 32
+    for setting, past_s in (("cost_ledger=30", 30 * 86400), ("inference_events=31", 30.5 * 86400),
+                            ("otel_traces_keys=1", 3600)):
+        with pytest.raises(ConfigError, match=f"retention {setting}"):
+            parse_retention(setting, past_s)
+    # Tables no re-send is looked up in may keep less.
+    assert parse_retention("dead_letters=1,drift_reports=1,otel_traces_trace_id_ts=1", 30 * 86400)["dead_letters"] == 1

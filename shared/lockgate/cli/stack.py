@@ -170,13 +170,16 @@ def embedded_settings(settings: Settings, home: str | None, nats_port: int, rout
 
 def refuse_to_start(settings: Settings, sim_port: int | None = None,
                     advice: Callable[[str], str] = lambda options: "") -> None:
-    """Before `up` (or `dev up`, with its simulator's port) opens anything: ConfigError if a stack already runs
-    from its home, or if a port it is told to use is taken. Else a second stack from one home failed on chDB's lock
+    """Before `up` (or `dev up`, with its simulator's port) opens anything: ConfigError if the retention setting is
+    refused, if a stack already runs from its home, or if a port it is told to use is taken. Else a second stack from one home failed on chDB's lock
     in ClickHouse's words after starting nats-server on the first one's store, and a taken port was found only after
     nats-server, chDB and the services before its listener had started (each listener's bind still says it too).
     `advice` adds to a refusal the form the options that start it take (`dev up` under `make run`: in its ARGS)."""
     from lockgate.server.tls import check_free
+    from lockgate.store.retention import parse_retention
 
+    # A retention the store owner would refuse at start (its TTLs, against how old an accepted event may be).
+    parse_retention(settings.retention_days, settings.event_time_past_s)
     pid = running.owner(settings.home)
     if pid is not None:
         raise ConfigError(f"a stack is already running from {settings.home} (pid {pid}): stop it first, or give "

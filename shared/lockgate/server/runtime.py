@@ -82,7 +82,8 @@ class Runtime:
         if STORE_OWNERS & set(self.names):
             from lockgate.store import open_store
 
-            store = await asyncio.to_thread(open_store, s.clickhouse_url, s.database, retention=s.retention_days)
+            store = await asyncio.to_thread(open_store, s.clickhouse_url, s.database, retention=s.retention_days,
+                                            event_past_s=s.event_time_past_s)
         subjects = Subjects(s.prefix)
         # One connection per identity: each service publishes and subscribes as itself, so the
         # server (not our code) stops the router from publishing a gate decision. Embedded, the

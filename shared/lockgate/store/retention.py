@@ -1,14 +1,16 @@
 """Retention: a TTL per table, from settings, applied when a store owner opens the store.
 
-`LOCKGATE_RETENTION_DAYS` overrides the defaults per table, e.g. `inference_events=30,otel_traces=7`;
+`LOCKGATE_RETENTION_DAYS` overrides the defaults per table, e.g. `inference_events=60,dead_letters=7`;
 0 keeps a table's rows for ever. Rows past their TTL are removed by ClickHouse's merges.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 from lockgate.errors import ConfigError
+from lockgate.limits import duration
 from lockgate.store.client import Store
 
 # The time column each table expires by (tables not listed keep their rows: releases, artifacts,
@@ -34,15 +36,22 @@ TTL_COLUMNS: dict[str, str] = {
 FOLLOWS: dict[str, str] = {"inference_event_keys": "inference_events", "cost_ledger_keys": "cost_ledger",
                            "inference_scores_keys": "inference_scores", "otel_traces_keys": "otel_traces"}
 
+# The tables the sink deduplicates against, and their key tables: each must keep a row longer than an event (or span)
+# may be dated back (`event_time_past_s`), else a re-send of one older than its table's TTL is accepted, finds no
+# key (ClickHouse drops an expired row as it is inserted) and is stored again, and billed again by `cost_hourly`,
+# which keeps every insert. The margin covers the clocks of the edges, the sink and ClickHouse, and a backlog.
+DEDUPLICATED: tuple[str, ...] = tuple(table for keys, rows in FOLLOWS.items() for table in (rows, keys))
+MARGIN_DAYS = 1
+
 # High-volume raw data goes first; the bill (ledger, then its hourly rollup) is kept longest.
 DEFAULT_DAYS: dict[str, int] = {
     "inference_events": 90,
     "inference_event_keys": 90,
     "inference_scores": 90,
     "inference_scores_keys": 90,
-    "otel_traces": 30,
-    "otel_traces_keys": 30,
-    "otel_traces_trace_id_ts": 30,
+    "otel_traces": 31,  # a span may be dated 30 days back (event_time_past_s), plus the margin
+    "otel_traces_keys": 31,
+    "otel_traces_trace_id_ts": 31,
     "dead_letters": 30,
     "drift_reports": 365,
     "rollout_events": 0,
@@ -52,8 +61,9 @@ DEFAULT_DAYS: dict[str, int] = {
 }
 
 
-def parse_retention(text: str) -> dict[str, int]:
-    """Days per table: the defaults, overridden by `table=days,...`."""
+def parse_retention(text: str, event_past_s: float) -> dict[str, int]:
+    """Days per table: the defaults, overridden by `table=days,...`; ConfigError for a deduplicated table kept
+    for less than `event_past_s` (the setting `event_time_past_s`) and a day."""
     given: dict[str, int] = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
         table, sep, value = part.partition("=")
@@ -65,7 +75,20 @@ def parse_retention(text: str) -> dict[str, int]:
     days = {**DEFAULT_DAYS, **given}
     for table, leader in FOLLOWS.items():
         days[table] = given.get(table, days[leader])
+    _check_deduplicated(days, event_past_s)
     return days
+
+
+def _check_deduplicated(days: Mapping[str, int], event_past_s: float) -> None:
+    """Refuse, naming every one, the deduplicated tables whose TTL an accepted re-send can outlive (0: for ever)."""
+    least = math.ceil(event_past_s / 86400) + MARGIN_DAYS
+    short = [f"{table}={days[table]}" for table in DEDUPLICATED if 0 < days[table] < least]
+    if short:
+        raise ConfigError(f"retention {', '.join(short)} (days) is shorter than event_time_past_s "
+                          f"({duration(event_past_s)}: how old an accepted event may be) and {MARGIN_DAYS} day: an event "
+                          "re-sent after its row expired would be stored, and billed, again; keep "
+                          f"{'them' if len(short) > 1 else 'it'} {least} days or more (0 = for ever), or lower "
+                          "LOCKGATE_EVENT_TIME_PAST_S")
 
 
 def ttl_expression(table: str, days: int) -> str:
