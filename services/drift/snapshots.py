@@ -50,7 +50,7 @@ class Snapshot(msgspec.Struct, frozen=True, kw_only=True):
     deployment: str
     app: str
     tenant: str
-    reference: list[list[float]]
+    reference: list[list[float]]  # a value not measured (NaN) is -1 here, and its bit set in reference_nan
     current: list[list[float]]
     current_times: list[float]
     since_report: int
@@ -59,6 +59,10 @@ class Snapshot(msgspec.Struct, frozen=True, kw_only=True):
     # When it was saved (Unix seconds; 0: before this was kept): windows are saved within seconds of their last
     # event, so a start over the per-tenant cap restores the most recently saved first (domain.restorable).
     saved: float = 0.0
+    # Per row, bit j set: column j was not measured. Any float is a score an application may send, -1 too, so no
+    # value stands for NaN (JSON has none); None: saved before these, when -1 did (restored as it was read then).
+    reference_nan: list[int] | None = None
+    current_nan: list[int] | None = None
 
 
 class TextRing(msgspec.Struct, frozen=True, kw_only=True):
@@ -71,14 +75,23 @@ class TextRing(msgspec.Struct, frozen=True, kw_only=True):
     vectors: bytes  # float16 (len(rows), len(TEXTS), dim)
 
 
-def _finite(rows_: np.ndarray) -> list[list[float]]:
-    # JSON has no NaN (msgspec writes null); -1 never occurs as a feature value (counts, codes, scores >= 0).
-    return np.where(np.isnan(rows_), -1.0, rows_).tolist()
+_BITS = 1 << np.arange(len(FEATURES), dtype=np.int64)
 
 
-def _from_json(values: list[list[float]]) -> np.ndarray:
+def _finite(rows_: np.ndarray) -> tuple[list[list[float]], list[int]]:
+    """(the rows with -1 for NaN, as JSON has no NaN and older monitors read -1 as one; a NaN bitmask per row)."""
+    nan = np.isnan(rows_)
+    return np.where(nan, -1.0, rows_).tolist(), (nan @ _BITS).tolist()
+
+
+def _from_json(values: list[list[float]], nan: list[int] | None) -> np.ndarray:
     a = np.asarray(values, dtype=np.float64).reshape(-1, len(FEATURES))
-    return np.where(a == -1.0, math.nan, a)
+    if nan is None:  # saved before the bitmask: -1 was NaN
+        return np.where(a == -1.0, math.nan, a)
+    bits = np.asarray(nan, dtype=np.int64)
+    if bits.shape != a.shape[:1]:
+        raise ValueError(f"{len(a)} rows but {len(bits)} NaN masks")
+    return np.where((bits[:, None] & _BITS) != 0, math.nan, a)
 
 
 def _ring_state(ring: Ring) -> RingState:
@@ -109,9 +122,10 @@ def snapshot(deployment: str, w: Windows, pair: Pair | None = None, labels: Mapp
         rings += [pair.stable.ordered()[0], pair.canary.ordered()[0]]
     codes = {float(c) for r in rings for c in np.unique(r[:, _CATEGORIES]) if c == c}
     names = {str(int(c)): labels[c] for c in codes if labels and c in labels}
-    return Snapshot(deployment=deployment, app=w.app, tenant=w.tenant, reference=_finite(w.ref.values[:w.ref.n]),
-                    current=_finite(cur_values), current_times=cur_times.tolist(), since_report=w.since_report,
-                    pair=state, labels=names, saved=saved)
+    (reference, reference_nan), (current, current_nan) = _finite(w.ref.values[:w.ref.n]), _finite(cur_values)
+    return Snapshot(deployment=deployment, app=w.app, tenant=w.tenant, reference=reference, current=current,
+                    current_times=cur_times.tolist(), since_report=w.since_report, pair=state, labels=names,
+                    saved=saved, reference_nan=reference_nan, current_nan=current_nan)
 
 
 def restore(s: Snapshot, reference_size: int, window_size: int, dim: int = 0) -> Windows:
@@ -119,9 +133,9 @@ def restore(s: Snapshot, reference_size: int, window_size: int, dim: int = 0) ->
     w = Windows(reference_size, window_size, dim, app=s.app, tenant=s.tenant)
     if any(len(row) != len(FEATURES) for row in (*s.reference[:1], *s.current[:1])):
         return w  # stored before the features changed: a fresh reference, never misaligned columns
-    ref = _from_json(s.reference)[:reference_size]
+    ref = _from_json(s.reference, s.reference_nan)[:reference_size]
     w.ref.fill(ref, np.zeros(len(ref)), None)
-    cur = _from_json(s.current)
+    cur = _from_json(s.current, s.current_nan)
     w.cur.push(cur, np.asarray(s.current_times, dtype=np.float64), None)
     w.since_report = min(s.since_report, window_size - 1)
     return w

@@ -108,3 +108,47 @@ def test_text_vectors_keep_the_newest_rows_within_the_byte_budget(monkeypatch: p
     ring = snapshots.text_rings(live.windows["d"], None, text.HASHING.name)["ref"]
     assert ring.n == 40 and ring.rows == list(range(30, 40)) and len(ring.vectors) == 10 * row_bytes
     assert np.frombuffer(ring.vectors, dtype=np.float16).shape == (10 * 2 * text.HASHING.dim,)
+
+
+def _scored(n: int, start: int = 0) -> list[InferenceEvent]:
+    """Events whose application score `length` is -1.0, 1.0, or not sent, in turn."""
+    t0 = datetime(2025, 1, 1, tzinfo=UTC)
+    return [InferenceEvent(app="shop", deployment="d", output_tokens=10, time=t0 + timedelta(seconds=start + i),
+                           scores={0: {"length": -1.0}, 1: {"length": 1.0}, 2: {}}[i % 3]) for i in range(n)]
+
+
+def _column(values: np.ndarray) -> list[float | None]:
+    from lockgate.services.drift.features import FEATURES
+
+    return [None if np.isnan(v) else float(v) for v in values[:, FEATURES.index("score.length")]]
+
+
+def test_a_score_of_minus_one_survives_a_restart_apart_from_a_score_not_sent() -> None:
+    # Probe p61 F4: -1 stood for "not measured" in the saved rows, and any float is a score an application may send:
+    # after a restart its -1.0 scores were gone from the reference (n 20 -> 10 with 1.0 and -1.0 in turn).
+    live = _monitor()
+    live.observe_events(_scored(40) + _scored(25, start=40))  # the reference, and part of the current window
+    w = live.windows["d"]
+    snap = msgspec.json.decode(msgspec.json.encode(snapshots.snapshot("d", w, None, live.labels_of("default"))),
+                               type=snapshots.Snapshot)
+    restored = snapshots.restore(snap, 40, 40, text.HASHING.dim)
+    before_ref, before_cur = _column(w.ref.values[:w.ref.n]), _column(w.cur.ordered()[0])
+    assert before_ref[:3] == [-1.0, 1.0, None] and len(before_cur) == 25
+    assert (_column(restored.ref.values[:restored.ref.n]), _column(restored.cur.ordered()[0])) == (
+        before_ref, before_cur)
+
+
+def test_a_snapshot_saved_before_the_nan_masks_reads_minus_one_as_not_measured() -> None:
+    live = _monitor()
+    live.observe_events(_scored(40) + _scored(6, start=40))
+    new = snapshots.snapshot("d", live.windows["d"])
+    # As an older monitor wrote it: no masks (those fields absent from its JSON), -1 for NaN.
+    doc = msgspec.json.decode(msgspec.json.encode(new))
+    del doc["reference_nan"], doc["current_nan"]
+    old = msgspec.json.decode(msgspec.json.encode(doc), type=snapshots.Snapshot)
+    restored = snapshots.restore(old, 40, 40)
+    assert _column(restored.ref.values[:restored.ref.n])[:3] == _column(restored.cur.ordered()[0])[:3] == [
+        None, 1.0, None]
+    # A mask that does not match its rows is unreadable (the drift service logs and ignores the snapshot).
+    with pytest.raises(ValueError, match="rows but"):
+        snapshots.restore(msgspec.structs.replace(new, current_nan=[0]), 40, 40)
