@@ -154,6 +154,50 @@ async def test_drift_json_names_each_features_own_test_for_what_it_is(
     assert "chi_squared p=0.002" in table and "ks p=" not in table
 
 
+async def test_drift_table_ties_each_row_to_the_releases_and_window_it_compares(
+    run_services: Callable[..., Any], bus: Bus, settings: Settings
+) -> None:
+    """Probe p61 F5: the table had neither the releases a canary-vs-stable row compares nor its window's times (only
+    `--json` did), so with two canaries on one deployment a DRIFT row could not be tied to its canary."""
+    from lockgate.contracts import DriftReport, FeatureDrift
+
+    svcs = await run_services("sink", "query")
+    t0 = datetime(2026, 12, 6, 19, 0, tzinfo=UTC)
+
+    def feature(drifted: bool) -> FeatureDrift:
+        return FeatureDrift(feature="output_tokens", psi=0.9 if drifted else 0.01, ks_stat=0.5, ks_pvalue=0.01,
+                            reference_mean=10.0, current_mean=40.0 if drifted else 10.0, drifted=drifted)
+
+    reports = [  # two canaries of one deployment, one drifting, and the deployment against its reference
+        DriftReport(deployment="multi", window_start=t0, window_end=t0 + timedelta(minutes=5), reference_n=50,
+                    current_n=50, features=[feature(True)], drifted=True, comparison="canary_vs_stable",
+                    release="shop-v2", reference_release="shop-v1", served=True, time=t0 + timedelta(minutes=5)),
+        DriftReport(deployment="multi", window_start=t0 + timedelta(minutes=1), window_end=t0 + timedelta(minutes=6),
+                    reference_n=50, current_n=50, features=[feature(False)], drifted=False,
+                    comparison="canary_vs_stable", release="shop-v3", reference_release="shop-v1", served=True,
+                    time=t0 + timedelta(minutes=6)),
+        DriftReport(deployment="multi", window_start=t0 + timedelta(minutes=2), window_end=t0 + timedelta(minutes=7),
+                    reference_n=50, current_n=50, features=[feature(False)], drifted=False, served=True,
+                    time=t0 + timedelta(minutes=7)),
+    ]
+    for report in reports:
+        await bus.publish(bus.subjects.drift("multi"), report)
+    await sink_stored(svcs["sink"].handlers, drift_reports=3)
+
+    table = await asyncio.to_thread(_cli, settings, "drift", "--deployment", "multi")
+    # One record per row (too wide for a pipe's 160 columns), newest first; each names its releases and window.
+    records = [dict(line.strip().split(None, 1) for line in record.strip().splitlines()[1:])
+               for record in table.split("-[")[1:]]
+    assert [(r["releases"], r["window"], r["n"], r["drifted"]) for r in records] == [
+        ("-", "2026-12-06T19:02:00Z, 2026-12-06T19:07:00Z", "50 vs 50", "-"),
+        ("shop-v3 vs shop-v1", "2026-12-06T19:01:00Z, 2026-12-06T19:06:00Z", "50 vs 50", "-"),
+        ("shop-v2 vs shop-v1", "2026-12-06T19:00:00Z, 2026-12-06T19:05:00Z", "50 vs 50", "DRIFT"),
+    ], table
+    # Read from ClickHouse directly, alike.
+    assert await asyncio.to_thread(_cli, settings, "--clickhouse", settings.clickhouse_url, "drift", "--deployment",
+                                   "multi") == table
+
+
 async def test_errors_come_back_as_the_lockgate_error_they_were(run_services: Callable[..., Any], bus: Bus,
                                                                 store: Store) -> None:
     await run_services("query")

@@ -153,16 +153,25 @@ def drift(ctx: click.Context, deployment: str | None, tenant: str | None, limit:
     if as_json:
         output(reports, True)
         return
+    # Which releases a canary-vs-stable row compares, and its window's start and end (folding between them, so the
+    # table stays narrow): with several canaries of one deployment a DRIFT row is tied to its canary by them (before,
+    # probe p61 F5, only `--json` said). `n`: the reference's and the window's sizes.
     rows = [{"time": r.get("time"), "tenant": r.get("tenant"), "deployment": r.get("deployment"),
-             "window": f"{r.get('reference_n')} vs "
-             f"{r.get('current_n')}", "comparison": r.get("comparison") or "now_vs_reference",
-             "events": "served" if r.get("served") else "app's own",
+             "comparison": r.get("comparison") or "now_vs_reference", "releases": _compared(r),
+             "window": (r.get("window_start"), r.get("window_end")), "n": f"{r.get('reference_n')} vs "
+             f"{r.get('current_n')}", "events": "served" if r.get("served") else "app's own",
              "feature": f.get("feature"), "psi": f.get("psi"), "test": _drift_test(f),
              "reference_mean": f.get("reference_mean"), "current_mean": f.get("current_mean"),
              "drifted": "DRIFT" if f.get("drifted") else "-"}
             for r in reports for f in r.get("features", [])]
     output(rows, False, title="drift reports (DRIFT: the feature's test found drift and PSI >= the threshold; "
                               "only reports of served events move traffic)")
+
+
+def _compared(report: dict) -> str:
+    """`shop-v2 vs shop-v1`: the release whose window a report compares, and the one it compares it with."""
+    release, reference = report.get("release") or "", report.get("reference_release") or ""
+    return f"{release} vs {reference}" if release or reference else "-"
 
 
 def _drift_test(f: dict) -> str:
