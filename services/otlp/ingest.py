@@ -18,10 +18,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import os
 import time
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
@@ -38,6 +36,7 @@ from lockgate.outbox import ANSWER_WITHIN_S, encode_event, per_message, publish_
 from lockgate.redact import scrub_secrets
 from lockgate.retry import RetryPolicy
 from lockgate.server.apikeys import ApiKey, KeyStore, bearer
+from lockgate.server.offloop import OffLoop
 from lockgate.server.service import Progress
 from lockgate.services.otlp import domain, genai, wire
 from lockgate.spanbatches import Message, span_batches, span_bytes
@@ -50,10 +49,6 @@ RETRY = RetryPolicy(attempts=3, initial_s=0.05, max_s=0.5)
 
 
 REFUSED_LOG_S = 60.0  # one key's refusals are logged at most once in this long
-
-
-class Busy(BusUnavailable):
-    """Too many export requests are being published at once; the client is asked to retry later."""
 
 
 class RefusalLog:
@@ -102,12 +97,9 @@ class Receiver:
         self.keys = keys
         self.limits = limits or EventLimits()  # the window of span times, as for inference events
         self.retry_after_s = retry_after_s
-        self._slots = asyncio.Semaphore(max_in_flight)
-        # Its own threads, not the loop's default executor, which the sink's lookups and the store share:
-        # a few large exports decoding must not hold those up. More threads than CPUs would add nothing
-        # but contention for the GIL.
-        self._threads = decode_threads or min(4, os.cpu_count() or 1)
-        self._pool: ThreadPoolExecutor | None = None
+        # Exports being parsed, mapped, scrubbed and published: threads of their own, and at most max_in_flight.
+        self.work = OffLoop("otlp-decode", slots=max_in_flight, threads=decode_threads,
+                            busy="too many OTLP exports in flight; retry shortly")
         self.retry_asked = Progress()  # exports answered "retry later"; tests await it instead of sleeping
         self.refused = Progress()  # exports answered with a partial success (spans refused, model calls unmade)
         self.refusals = RefusalLog()
@@ -129,14 +121,11 @@ class Receiver:
         try:
             # The slot first: parsing, mapping and scrubbing a 16 MiB export costs about a second of CPU,
             # so the exports being worked on, and the memory they hold, are bounded by the slots.
-            if self._slots.locked():
-                raise Busy("too many OTLP exports in flight; retry shortly")
-            async with self._slots:
+            async with self.work.slot():
                 # Off the event loop, which the router and every other service share in embedded mode:
                 # on it, a 15 MB export stalled them all for a second (three at once, for almost four).
-                loop = asyncio.get_running_loop()
-                decoded, received, batches, events = await loop.run_in_executor(
-                    self._decoder(), functools.partial(self._prepare, key, request))
+                decoded, received, batches, events = await self.work.run(
+                    functools.partial(self._prepare, key, request))
                 metrics.events_in("otlp", received)
                 await self._publish(batches, events)
         except BusUnavailable:
@@ -183,16 +172,9 @@ class Receiver:
             events.append(encoded)
         return decoded, received, batches, events
 
-    def _decoder(self) -> ThreadPoolExecutor:
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=self._threads, thread_name_prefix="otlp-decode")
-        return self._pool
-
     def close(self) -> None:
         """Stop the decoding threads (an export decoding still finishes); a later export starts them again."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=False)
-            self._pool = None
+        self.work.close()
 
     async def _publish(self, batches: list[Message], events: list[Encoded]) -> None:
         # At once while the connection is down: nats-py would hold the publishes in its reconnect buffer and each

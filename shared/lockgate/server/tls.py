@@ -20,6 +20,7 @@ from aiohttp import web
 
 from lockgate.config import Settings
 from lockgate.errors import ConfigError, PortInUse
+from lockgate.server.grpcdecode import Requests
 from lockgate.server.httpguard import LIMITS, GuardedSite, listeners
 
 log = logging.getLogger("lockgate.tls")
@@ -54,11 +55,14 @@ def ssl_context(settings: Settings) -> ssl.SSLContext | None:
     return context
 
 
-def grpc_server(*, options: list[tuple[str, object]] | None = None,
-                interceptors: list[grpc.aio.ServerInterceptor] | None = None) -> grpc.aio.Server:
-    """A grpc.aio server that owns its port. gRPC sets SO_REUSEPORT by default: a second stack told a port
-    the first one serves bound it too, started "cleanly", and the kernel split connections between them."""
-    return grpc.aio.server(options=[("grpc.so_reuseport", 0), *(options or [])], interceptors=interceptors)
+def grpc_server(*, options: list[tuple[str, object]] | None = None, requests: Requests | None = None
+                ) -> grpc.aio.Server:
+    """A grpc.aio server that owns its port, taking requests through `requests` (grpcdecode.Requests: a refusal
+    keeps nothing of the request; with `admit`, the key is looked at before the request is decoded). gRPC sets
+    SO_REUSEPORT by default: a second stack told a port the first one serves bound it too, started "cleanly", and
+    the kernel split connections between them."""
+    return grpc.aio.server(options=[("grpc.so_reuseport", 0), *(options or [])],
+                           interceptors=[requests or Requests()])
 
 
 async def bind_grpc(server: grpc.aio.Server, host: str, port: int, credentials: grpc.ServerCredentials | None, *,
