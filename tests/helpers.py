@@ -552,3 +552,25 @@ async def served(app: web.Application) -> AsyncIterator[str]:
         yield f"http://{host}:{port}"
     finally:
         await runner.cleanup()
+
+
+async def rss_growth_mib(call: Callable[[], Any], times: int) -> float:
+    """How much this process's RSS grew (MiB) over `times` awaited `call()`s, with the garbage collector off: what a
+    call leaves only a full collection frees counts too. One call first, so the channel's and buffers' first
+    allocations are not what is measured."""
+    import gc
+
+    def rss() -> float:
+        with open("/proc/self/status") as status:
+            return int(status.read().split("VmRSS:")[1].split()[0]) / 1024
+
+    await call()
+    gc.collect()
+    gc.disable()
+    try:
+        before = rss()
+        for _ in range(times):
+            await call()
+        return rss() - before
+    finally:
+        gc.enable()

@@ -57,6 +57,16 @@ class LongAnswers(ChatUpstream):
                                   "usage": {"prompt_tokens": 1, "completion_tokens": 1}})
 
 
+async def _run(bus: Bus, req: Any) -> Any:
+    """Publish an eval request and wait for its EvalCompleted."""
+    evals = await bus.nc.subscribe(bus.subjects.eval_completed)
+    try:
+        await bus.publish(bus.subjects.eval_requested, req)
+        return completed.decode((await evals.next_msg(timeout=60)).data)
+    finally:
+        await evals.unsubscribe()
+
+
 @pytest.fixture
 async def upstream() -> AsyncIterator[LongAnswers]:
     async with LongAnswers() as server:
@@ -71,14 +81,9 @@ async def test_an_eval_of_large_answers_finishing_together_completes_with_its_ca
     suite = await artifacts.register(bus, "eval_suite", "big-answers", {
         "name": "big-answers", "prompt": {"template": "{input}"}, "dataset": cases, "scorers": ["contains"]})
     sink = (await run_services("sink", "query", "evaluator"))["sink"].handlers
-    evals = await bus.nc.subscribe(bus.subjects.eval_completed)
-    try:
-        req = request(release="big-answers", suite=suite.hash, endpoint=upstream.url, model="m", concurrency=21,
-                      timeout_s=30.0)
-        await bus.publish(bus.subjects.eval_requested, req)
-        done = completed.decode((await evals.next_msg(timeout=60)).data)
-    finally:
-        await evals.unsubscribe()
+    req = request(release="big-answers", suite=suite.hash, endpoint=upstream.url, model="m", concurrency=21,
+                  timeout_s=30.0)
+    done = await _run(bus, req)
 
     # The run completed; the case too large to store even cut is its one error, the others scored on whole answers.
     assert (done.run_id, done.status, done.n_cases, done.n_errors) == (req.run_id, "completed", 21, 1)
@@ -177,13 +182,8 @@ async def test_a_dataset_row_with_an_id_over_the_bound_fails_the_run_naming_the_
     suite = await artifacts.register(bus, "eval_suite", "big-id", {
         "name": "big-id", "prompt": {"template": "{input}"}, "dataset": dataset.hash, "scorers": ["contains"]})
     await run_services("sink", "query", "evaluator")
-    evals = await bus.nc.subscribe(bus.subjects.eval_completed)
-    try:
-        req = request(release="big-id", suite=suite.hash, endpoint=upstream.url, model="m", concurrency=4,
-                      timeout_s=30.0)
-        await bus.publish(bus.subjects.eval_requested, req)
-        done = completed.decode((await evals.next_msg(timeout=60)).data)
-    finally:
-        await evals.unsubscribe()
+    req = request(release="big-id", suite=suite.hash, endpoint=upstream.url, model="m", concurrency=4,
+                  timeout_s=30.0)
+    done = await _run(bus, req)
     assert (done.run_id, done.status, done.n_cases) == (req.run_id, "failed", 0)
     assert done.error == (f"dataset {dataset.hash}: Expected `str` of length <= {CASE_ID_MAX} - at `$[3].id`")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import gc
 import json
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
@@ -27,7 +26,7 @@ from lockgate.signing import Signer, publish_key, retire_key, revoke_key, trust_
 from lockgate.store import Store
 from lockgate.subjects import token
 from lockgate.v1 import gates_pb2, gates_pb2_grpc, ingest_pb2, ingest_pb2_grpc
-from tests.helpers import eventually, gate_decided, grpc_key
+from tests.helpers import eventually, gate_decided, grpc_key, rss_growth_mib
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -797,11 +796,6 @@ async def test_send_under_the_stacks_own_limits_stores_all_it_accepts_and_refuse
 # Probe p62: what a call costs the process before and after its key is looked at, and how many events one Send takes.
 
 
-def _rss_mib() -> float:
-    with open("/proc/self/status") as status:
-        return int(status.read().split("VmRSS:")[1].split()[0]) / 1024
-
-
 async def test_a_call_without_a_key_is_refused_before_its_request_is_decoded(gateway: Any, keys: Bootstrap) -> None:
     # Found by a probe (p62 F1): grpc.aio decoded a request on the event loop the embedded router shares before any key
     # was looked at: a 4 MiB Send of empty events cost 0.36 s of the loop and ~840 MB, for an UNAUTHENTICATED. Bytes
@@ -840,16 +834,7 @@ async def test_refused_sends_leave_nothing_of_their_request_in_memory(gateway: A
                 await send(body, metadata=(("authorization", "Bearer lg-wrong"),), timeout=10)
             assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
-        await refused()  # the first call's allocations (channel, buffers) are not what is measured
-        gc.collect()
-        gc.disable()
-        try:
-            before = _rss_mib()
-            for _ in range(40):
-                await refused()
-            grown = _rss_mib() - before
-        finally:
-            gc.enable()
+        grown = await rss_growth_mib(refused, 40)
     assert grown < 100, f"RSS grew {grown:.0f} MiB over forty refused 4 MiB calls"
 
 

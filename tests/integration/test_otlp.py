@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import gc
 import gzip
 import json
 import time
@@ -42,7 +41,7 @@ from lockgate.server.offloop import OffLoop
 from lockgate.services.otlp.bodies import BodySlots
 from lockgate.services.query.traces import trace
 from lockgate.store import Store
-from tests.helpers import eventually
+from tests.helpers import eventually, rss_growth_mib
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -858,10 +857,6 @@ async def test_refused_grpc_exports_leave_nothing_of_their_request_in_memory(sta
     # refused export may stay: 25 of them kept about 340 MB (the allocator's own keeping stays under 110 MB).
     body = b"\xff" * (16 * 2**20 - 64)
 
-    def rss_mib() -> float:
-        with open("/proc/self/status") as status:
-            return int(status.read().split("VmRSS:")[1].split()[0]) / 1024
-
     async with grpc.aio.insecure_channel(stack.endpoints["otlp-grpc"],
                                          options=[("grpc.max_send_message_length", 32 * 2**20)]) as channel:
         export = channel.unary_unary("/opentelemetry.proto.collector.trace.v1.TraceService/Export",
@@ -872,15 +867,6 @@ async def test_refused_grpc_exports_leave_nothing_of_their_request_in_memory(sta
                 await export(body, metadata=(("x-api-key", "lg-wrong"),), timeout=10)
             assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
-        await refused()  # the first call's allocations (channel, buffers) are not what is measured
-        gc.collect()
-        gc.disable()
-        try:
-            before = rss_mib()
-            for _ in range(25):
-                await refused()
-            grown = rss_mib() - before
-        finally:
-            gc.enable()
+        grown = await rss_growth_mib(refused, 25)
     assert grown < 200, f"RSS grew {grown:.0f} MiB over 25 refused 16 MiB exports"
 
