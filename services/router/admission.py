@@ -105,11 +105,13 @@ from lockgate.services.router.ratelimit import (
     lease,
     refusal,
 )
+from lockgate.services.router.resilience import may_have_generated
 from lockgate.services.router.wire import CHAT, USAGE_WARNING, error_response, own_request_id
 
 log = logging.getLogger("lockgate.router.admission")
 
-# The failures of a request no upstream answered (besides an HTTP error status): never reached, never tried,
+# The failures of a request no upstream answered (besides an HTTP error status other than a gateway's timeout:
+# resilience.MAY_HAVE_GENERATED): never reached, never tried,
 # or given up on. The calls it made that may have generated (abandoned after their request went out) are
 # charged on their own (settle's `abandoned`); nothing else was generated. Every other failure may have
 # followed a 200 and generated tokens the provider bills.
@@ -266,7 +268,7 @@ class Admission:
     async def admit(self, key: ApiKey, deployment: str, model: str, req: ApiRequest, body_bytes: int,
                     sent: Sequence[OutputLimits] = (), body: bytes = b"", also: Sequence[str] = (),
                     max_fields: Sequence[str] = CHAT.max_fields, writes: bool = False,
-                    named: NamedState | None = None) -> Ticket | web.Response:
+                    named: NamedState | None = None, requests: int = 1) -> Ticket | web.Response:
         """Reserve the request's largest cost on every budget that covers it, after its rate limits;
         a Ticket to settle after the call, or the 429/503 answer. `body_bytes`: the length of the longest
         body an upstream of this request may receive (input_estimate); `sent`: the output limits of each
@@ -276,7 +278,8 @@ class Admission:
         `max_fields`: the fields that bound the output of the request's operation (budgets.most_output); `writes`:
         an upstream of the request may write the prompt cache, so its input is reserved at a write's rate
         (budgets.reckoned: a write kept an hour is billed 2x input, beyond a reservation at the input rate); `named`:
-        the stored state a Responses request names, read already (budgets.named_state)."""
+        the stored state a Responses request names, read already (budgets.named_state); `requests`: what it counts
+        against `rpm` (0 for a shadow copy: its tokens count, the caller made no request of it)."""
         pointed = pointed_at(req, body, self.file.media_tokens, self.file.stored_input_tokens, named)
         if not self.active:
             # No policy applies: nothing reserved, but what a call of unknown usage may cost is still its worst case,
@@ -293,7 +296,7 @@ class Admission:
         cost = cost_of(reckoned(price, writes), tokens_in, max_out)
         if self.limiter:
             try:
-                refused = await self._rate_limit(key, cost.tokens)
+                refused = await self._rate_limit(key, cost.tokens, requests)
             except KVUnreadable as exc:
                 return error_response(503, exc.message, "service_unavailable", code="rate_limit_unreadable")
             # The key's own limits as OpenAI reports its: what a client paces itself on (on a 429 and every answer).
@@ -563,8 +566,11 @@ class Admission:
             price = ticket.prices[model] if model in ticket.prices else self.prices.get(model, ticket.price)
             return cost_of(price, rec.input_tokens, rec.output_tokens, rec.cached_tokens, rec.cache_write_tokens,
                            rec.cache_write_1h_tokens)
-        if believed and rec.status != "ok" and (rec.error_type.isdigit() or rec.error_type in NOTHING_GENERATED):
-            return ZERO  # refused (an HTTP error status) or no upstream answered: what it abandoned is charged apart
+        if believed and rec.status != "ok" and ((rec.error_type.isdigit() and not may_have_generated(
+                int(rec.error_type))) or rec.error_type in NOTHING_GENERATED):
+            # Refused (an HTTP error status) or no upstream answered: what it abandoned is charged apart. A gateway's
+            # timeout status (504, 524, 408) is no refusal: the answer may have been generated, and is charged below.
+            return ZERO
         if call is not None:
             # Interrupted streams (cut, or ended by the provider's error event or a bad chunk after content
             # went out), a 200 whose body did not read, answers without usage: the provider may bill tokens

@@ -42,7 +42,7 @@ from lockgate.server.apikeys import ApiKey, AuthError, Forbidden, KeyStore, bear
 from lockgate.server.body import closing, read_body
 from lockgate.services.router import domain
 from lockgate.services.router.admission import OPEN_ADMISSION, Admission, Call
-from lockgate.services.router.budgets import named_containers, named_state, referenced_items
+from lockgate.services.router.budgets import most_output, named_containers, named_state, referenced_items
 from lockgate.services.router.cache import MAX_KEYED_BYTES
 from lockgate.services.router.endpoints import Endpoint, Endpoints, UnknownEndpoint
 from lockgate.services.router.fit import encode_served
@@ -128,7 +128,7 @@ class Proxy:
         self.admission: Admission = OPEN_ADMISSION  # budgets, rate limits, cache: set by the service
         self.owners = Owners(settings, None)  # which tenant owns each Responses state: set by the service
         self.shadow = Shadow(rollouts, endpoints, batcher, lambda: self.upstream.session,
-                             gateway=lambda: self.admission.file)
+                             admission=lambda: self.admission)
         # The price book the ledger prices events by (settings.price_book), for what an answer of another model is
         # priced as (_answered_by); an unreadable one is the cost accountant's to report.
         try:
@@ -437,6 +437,15 @@ class Proxy:
         # is bounded by the bodies the upstreams get (a release's patch or a translation may lengthen them).
         # The output too: a release's params or a translation may set another max_tokens than the client's.
         sent = [req if hop.body is body else _output_limits.decode(hop.body) for hop in hops]
+        if op is RESPONSES and req.background is True and min(most_output(req, op.max_fields, 0, (s,))
+                                                              for s in sent) < 1:
+            # Answered `queued` at once and generated afterwards: the router never sees its usage (it serves no GET
+            # /v1/responses/{id}), so it is charged its worst case, which only its output limit bounds. Before, probe
+            # p60 F3, it was charged default_max_tokens while the provider's generation had no bound at all.
+            return error_response(400, f"invalid {op.api} request: a background response needs 'max_output_tokens': "
+                                       "the router never sees its usage (it is generated after the answer), so it is "
+                                       "charged as if it used all of it, and without it its output has no bound",
+                                  "invalid_request_error", code="missing_required_parameter", param="max_output_tokens")
         ticket = await self.admission.admit(key, deployment, model, req, max(len(hop.body) for hop in hops), sent,
                                             body, also=[t.model or req.model for _, t in starts[1:]],
                                             max_fields=op.max_fields, writes=any(_writes(hop) for hop in hops),

@@ -74,6 +74,17 @@ def retryable_status(status: int) -> bool:
     return status == 429 or status >= 500
 
 
+# Statuses of a gateway in front of the provider that gave up waiting (nginx's proxy_read_timeout 504, Cloudflare's
+# 524) or of a server that timed the request out (408): the request reached the model, which may have generated the
+# whole answer, and the provider bills it. Every other status says nothing was generated (a refusal, an overload).
+MAY_HAVE_GENERATED = frozenset({408, 504, 524})
+
+
+def may_have_generated(status: int) -> bool:
+    """An HTTP error status after which the provider may still bill a whole answer (MAY_HAVE_GENERATED)."""
+    return status in MAY_HAVE_GENERATED
+
+
 def breaker_failure(status: int) -> bool:
     """Server errors count against an endpoint's health; a 429 is throttling, not sickness."""
     return status >= 500

@@ -170,7 +170,8 @@ class Rollouts:
         price = _pricer(s)
         self.evidence = Evidence(price)
         # Shadow traffic: the served-versus-shadow comparison (from events) and this replica's mirror budgets.
-        self.shadows = Ledger(price)
+        # The shadow's cost as the ledger books it: a copy given up on at its worst case (probe p60 F2).
+        self.shadows = Ledger(_pricer(s, billed=True))
         self._budgets: dict[str, tuple[tuple[str, float], Budget]] = {}
         self._ledgers: dict[str, tuple[str, float]] = {}
         self._shadowed = asyncio.Event()  # set after shadow bookkeeping, for `wait_for_shadow`
@@ -1883,14 +1884,19 @@ def _evidence_of(route: Route, tenant: str, release: str) -> bool:
     return not owner or tenant == owner or release in mine
 
 
-def _pricer(settings: Settings) -> Callable[[InferenceEvent], float | None]:
-    """USD of one event by the configured price book (None for a model it does not price)."""
+def _pricer(settings: Settings, billed: bool = False) -> Callable[[InferenceEvent], float | None]:
+    """USD of one event by the configured price book (None for a model it does not price). `billed`: as the cost
+    ledger prices it (cost.domain.event_cost), a call of unknown usage at the worst case its event says was charged."""
     book = load_price_book(settings.price_book)
     models = book.models
 
     def price(e: InferenceEvent) -> float | None:
         rates = models.get(priced_model(e.model, e.response_model, models))
-        return None if rates is None else rates.cost(e.input_tokens, e.output_tokens, e.cached_tokens,
-                                                     e.cache_write_tokens, e.cache_write_1h_tokens)
+        if rates is None:
+            return None
+        if billed:
+            return (rates.writing() if e.billed_dearest else rates).cost(*e.billed_tokens, *e.billed_writes)
+        return rates.cost(e.input_tokens, e.output_tokens, e.cached_tokens, e.cache_write_tokens,
+                          e.cache_write_1h_tokens)
 
     return price

@@ -14,6 +14,12 @@ A copy is made as the candidate's served call of the request would be: streamed 
 candidate endpoint's own timeouts (connect, first byte, between chunks, total), so its failures are the candidate's
 and no bound of the shadow's own decides them. A request the candidate's served call would refuse before any upstream
 (its endpoint not configured, its provider unable to take the body) is not copied: no evidence either way.
+
+A copy is the caller's spend too: it is reserved on the budgets and token rate limits that cover the caller's tenant,
+app and key, as a request of its own (`Admission.admit`, counting no request against `rpm`), and settled after as the
+served call is (`Admission.settle`: its usage, else its worst case on its event). A copy they cannot cover is not made
+(`over_caller_budget`), and the served event says so (SHADOW_SKIPPED): a preview is not judged on fewer copies. Before,
+probe p60 F1, copies were booked to the tenant in the ledger but counted in no budget: a tenant of 10 USD a day spent 20.
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ from lockgate.outbox import Outbox
 from lockgate.pricebook import ModelPrice, load_price_book
 from lockgate.server.apikeys import ApiKey
 from lockgate.services.router import domain, shadowstats
-from lockgate.services.router.admission import GatewayFile
+from lockgate.services.router.admission import OPEN_ADMISSION, Admission, Call, Ticket
 from lockgate.services.router.budgets import cost_of, pointed_at, worst_case
 from lockgate.services.router.cache import MAX_KEYED_BYTES
 from lockgate.services.router.endpoints import Endpoints, UnknownEndpoint
@@ -122,15 +128,16 @@ class Shadow:
     def __init__(self, rollouts: Rollouts, endpoints: Endpoints, batcher: Outbox,
                  session_of: Callable[[], aiohttp.ClientSession | None],
                  draw: Callable[[], float] = random.random,
-                 gateway: Callable[[], GatewayFile] = GatewayFile) -> None:
+                 admission: Callable[[], Admission] = lambda: OPEN_ADMISSION) -> None:
         self.rollouts = rollouts
         self.endpoints = endpoints
         self.batcher = batcher
         self.session_of = session_of
         self.draw = draw
-        # What bounds a copy's worst case (its output without max_tokens, bytes per input token, what a body only
-        # points at) as admission reads them: the gateway file's.
-        self.gateway = gateway
+        # The caller's budgets and rate limits, which each copy is reserved on and settled in; and what bounds a
+        # copy's worst case (its output without max_tokens, bytes per input token, what a body only points at) as
+        # admission reads them: the gateway file's.
+        self.admission = admission
         self.prices: dict[str, ModelPrice] = load_price_book(rollouts.ctx.settings.price_book).models
         self._spend: SpendStore | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -139,7 +146,7 @@ class Shadow:
     def spend(self) -> SpendStore:
         """The rollouts' spend, made at first use: the service sets the gateway file (its store timeout) after this."""
         if self._spend is None:
-            self._spend = SpendStore(self.rollouts.ctx.bus, self.gateway().store_timeout_s)
+            self._spend = SpendStore(self.rollouts.ctx.bus, self.admission().file.store_timeout_s)
         return self._spend
 
     def maybe_mirror(self, route: domain.Route, variant: str, key: ApiKey, deployment: str, body: bytes,
@@ -179,6 +186,8 @@ class Shadow:
         status, error, provider_name = "ok", "", "openai"
         reserved: int | None = None  # nano-USD reserved in the rollout's spend for this copy
         used: int | None = None  # what it cost, once known (None: unknown, its reservation stays spent)
+        ticket: Ticket | None = None  # its reservation on the caller's budgets
+        sent = gone = False  # its request went out; it was given up on before its answer's first byte
         slot = True  # the copy holds its place in the budget (in flight) until done, or until refused
         t0 = time.perf_counter()
         try:
@@ -199,10 +208,17 @@ class Shadow:
             http = self.session_of()
             if http is None:
                 return
+            call = Call(target.model or req.model, len(payload), _output(payload))
+            ticket = await self._admit(budget, call, key, deployment, req, body, marks)
+            if ticket is None:
+                slot = False  # no copy: budget.refused gave its place back
+                return
             if budget.spec.max_cost_usd is not None:
                 reserved = await self._reserve(budget, target, body, payload, req, marks)
                 if reserved is None:
                     slot = False  # no copy: budget.refused gave its place back, counting why
+                    self.admission().release(ticket)
+                    ticket = None
                     return
                 t0 = time.perf_counter()  # the candidate's latency, not the store's
             headers = {**_HEADERS, **prov.headers, "traceparent": f"00-{trace_id}-{os.urandom(8).hex()}-01"}
@@ -215,6 +231,7 @@ class Shadow:
             # event within between_chunks_s of the one before, all within total_s. A hung candidate frees its
             # concurrency slot by them.
             bounds = endpoint.timeouts
+            sent = True  # unless it never connects (below)
             loop = asyncio.get_running_loop()
             deadline = loop.time() + bounds.total_s
             async with asyncio.timeout_at(min(loop.time() + bounds.first_byte_s, deadline)) as bound:
@@ -236,14 +253,15 @@ class Shadow:
                                answer.cached_tokens, answer.cache_write_tokens, answer.cache_write_1h_tokens).usd
         except aiohttp.ClientConnectorError as exc:
             status, error = "error", f"upstream_unreachable:{type(exc).__name__}"
-            used = 0  # never connected: nothing was sent
+            used, sent = 0, False  # never connected: nothing was sent
         except aiohttp.ConnectionTimeoutError:
             status, error = "error", "upstream_timeout"
-            used = 0  # never connected: nothing was sent
+            used, sent = 0, False  # never connected: nothing was sent
         except TimeoutError:
             # As the served call's event says it: no answer within its first byte, else a stream that stalled or was
-            # still sending when its total time ran out.
+            # still sending when its total time ran out. Given up on once sent, it may have generated its whole answer.
             status, error = "error", "upstream_timeout"
+            gone = not answer.lines  # a stream cut later is charged as one (its usage unknown), not given up on
             if answer.lines:
                 late = asyncio.get_running_loop().time() >= deadline
                 error = f"stream_interrupted:{'TotalTimeout' if late else 'ChunkTimeout'}"
@@ -259,6 +277,8 @@ class Shadow:
         latency_ms = (time.perf_counter() - t0) * 1000.0
         if reserved is not None and used is not None and used != reserved:
             await self._settle(budget, reserved, used)
+        if ticket is not None:
+            self._charge(ticket, answer, status, error, call, sent, gone)
         try:
             event = InferenceEvent(
                 tenant=key.tenant, trace_id=trace_id, span_id=os.urandom(8).hex(), source="lockgate-router",
@@ -275,6 +295,34 @@ class Shadow:
             return
         with contextlib.suppress(Exception):  # bookkeeping of a copy never raises into the loop
             self.batcher.add(encode_served(event))  # cut to fit one bus message, as the served request's
+
+    async def _admit(self, budget: Budget, call: Call, key: ApiKey, deployment: str, req: ApiRequest, body: bytes,
+                     marks: dict[str, str]) -> Ticket | None:
+        """Reserve the copy's worst case on the budgets and token rate limits covering the caller (a request of its
+        own to them, not counted against `rpm`): its ticket, or None (the copy is not made; the served event's
+        `marks` say so) when they cannot cover it."""
+        got = await self.admission().admit(key, deployment, call.model, req, call.body_bytes, (call.limits,), body,
+                                           requests=0)
+        if isinstance(got, Ticket):
+            return got
+        if not budget.skipped["over_caller_budget"]:
+            log.info("shadow of %s: a copy not made: the caller's budget or rate limit cannot cover it (%s)",
+                     budget.key, got.status)
+        budget.refused("over_caller_budget")
+        marks[SHADOW_SKIPPED] = "over_caller_budget"
+        return None
+
+    def _charge(self, ticket: Ticket, answer: _Answer, status: str, error: str, call: Call, sent: bool,
+                gone: bool) -> None:
+        """Settle the copy on the caller's budgets as a served call is (Admission.settle): its usage; its worst case
+        when unknown or when it was given up on once sent (the event says so, and the ledger books it: before, probe
+        p60 F2, a copy timed out before its first byte was booked 0); nothing when it never went out."""
+        admission = self.admission()
+        if not sent:
+            admission.release(ticket)
+            return
+        answer.status, answer.error_type = status, error
+        admission.settle(ticket, answer, call.model, call, [(answer, call)] if gone else ())
 
     def _price(self, target: domain.Target, req: ApiRequest) -> ModelPrice | None:
         return self.prices.get(target.model or req.model)
@@ -296,12 +344,8 @@ class Shadow:
                             target.model or req.model)
             budget.refused("model_unpriced")
             return None
-        g = self.gateway()
-        try:
-            limits = _limits.decode(payload)
-        except msgspec.DecodeError:
-            limits = OutputLimits()
-        need = worst_case(price, len(payload), req, limits, CHAT.max_fields, g.default_max_tokens, g.bytes_per_token,
+        g = self.admission().file
+        need = worst_case(price, len(payload), req, _output(payload), CHAT.max_fields, g.default_max_tokens, g.bytes_per_token,
                           pointed_at(req, body, g.media_tokens, g.stored_input_tokens).tokens)[2].usd
         try:
             fits, spent = await self.spend.reserve(budget.key, need, cap)
@@ -324,6 +368,14 @@ class Shadow:
         except KVUnavailable as exc:  # the rollout's spend stays over-counted, never under
             log.warning("shadow spend %s not settled (the copy's worst case stays spent): %s", budget.key,
                         exc.message)
+
+
+def _output(payload: bytes) -> OutputLimits:
+    """The output limits of the body the candidate gets."""
+    try:
+        return _limits.decode(payload)
+    except msgspec.DecodeError:
+        return OutputLimits()
 
 
 def _digested(attributes: dict[str, str], body: bytes, target: domain.Target) -> dict[str, str]:

@@ -355,9 +355,11 @@ class Failed(NamedTuple):
 
     @property
     def abandoned(self) -> bool:
-        """The request went out and its answer was given up on (no first byte in time, a broken reply): the
-        provider may have generated, and bill, the whole answer, which the router never saw."""
-        return self.kind in _ABANDONED
+        """The request went out and its answer was given up on (no first byte in time, a broken reply), or a gateway
+        in front of the provider gave up on it (a 504, 524 or 408: resilience.MAY_HAVE_GENERATED): the provider may
+        have generated, and bill, the whole answer, which the router never saw. Before, probe p60 F4, such a 504 was
+        charged nothing and retried: 9 answers the provider billed against a budget that admitted 5."""
+        return self.kind in _ABANDONED or (self.kind == "http" and resilience.may_have_generated(self.status))
 
 
 class Upstream:
@@ -474,12 +476,16 @@ class Upstream:
                 if failed.status == 429:
                     h.throttled_until = self.clock() + (after if after is not None else hop.endpoint.breaker.cooldown_s)
                 wait = None
-                # An abandoned call is not made again: a hung upstream would have a second wait as long as the first,
-                # and either may have generated (and bill) the answer. Fall back.
-                if not failed.abandoned and breaker.state == "closed":
+                # A call given up on is not made again: a hung upstream would have a second wait as long as the first,
+                # and either may have generated (and bill) the answer. Fall back. A gateway's timeout status is retried
+                # as any 5xx, but only once the request's budgets cover the abandoned calls and the retry (`cover`).
+                if failed.kind not in _ABANDONED and breaker.state == "closed":
                     wait = resilience.retry_wait(hop.endpoint.retry, tries, after, deadline - loop.time(), h.policy)
                 if wait is None or not h.budget.spend(self.clock()):
                     break
+                if failed.abandoned and cover is not None and await cover(hop, [f.hop for f in failures
+                                                                                if f.abandoned]) is not None:
+                    break  # not covered: no retry; a fallback asks again (and is refused), else the 504 is passed on
                 await asyncio.sleep(wait)  # backoff before the retry, not synchronisation
             if deadline <= loop.time():
                 break
@@ -560,7 +566,8 @@ class Upstream:
         own, earlier = self._split(hops, failures)
         gone = ", ".join(dict.fromkeys(f.hop.endpoint.id for f in failures if f.abandoned))
         raise UpstreamUnavailable(f"the call to endpoint {gone} was given up on (no answer within its first-byte "
-                                  "timeout, or a broken reply) and is charged as if it generated its whole answer; "
+                                  "timeout, a broken reply, or a gateway's timeout status: 504, 524 or 408) and is "
+                                  "charged as if it generated its whole answer; "
                                   f"its fallback {hop.endpoint.id} was not called: {why}",
                                   504, "upstream_timeout", earlier, own, code="fallback_not_covered")
 

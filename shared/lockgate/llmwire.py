@@ -92,6 +92,9 @@ class ApiRequest(_Routed):
     # The processing tier the client asked for (UNSET: none), whose price the operator pays: the router sends
     # a release's own instead, or none (wire.OPERATOR_FIELDS, each a field here).
     service_tier: Any = msgspec.UNSET
+    # A Responses request generated after its answer (`true`: answered `queued`, polled by id): its usage never
+    # reaches the router (Proxy.forward refuses one its output limit does not bound).
+    background: Any = None
 
     def declares_tools(self) -> bool:
         """The request declares at least one tool (chat completions' or the Responses API's `tools`)."""

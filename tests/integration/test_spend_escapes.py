@@ -1,0 +1,215 @@
+"""Spend that escaped the caller's budgets or the ledger (probe p60): shadow copies, a shadow copy given up on, a
+background Responses request, and an upstream gateway's timeout after generation. Through the router's HTTP interface
+with the openai client, against an upstream double that prices 1000 input + 1000 output tokens at 2 USD."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+from aiohttp import web
+
+from lockgate.contracts import GateDecided
+from lockgate.contracts.inference import CHARGED_OUTPUT_TOKENS, USAGE_UNKNOWN
+from lockgate.server.apikeys import bootstrap
+from lockgate.signing import Signer, trust_file_path, trust_key
+from tests.helpers import gate_decided, judged, register_model_release, store_decision
+
+pytestmark = pytest.mark.timeout(120)
+
+_USAGE = {"prompt_tokens": 1000, "completion_tokens": 1000, "total_tokens": 2000}
+
+
+class Fake:
+    """The provider: answers chat (1000 + 1000 tokens), hangs past the canary's first-byte bound for model `slowc`,
+    answers 504 after generating for a prompt saying GATEWAY (a proxy in front gave up), 502 for BADGW (nothing
+    generated); a background Responses request is answered `queued`, without usage."""
+
+    def __init__(self) -> None:
+        self.generated: list[str] = []  # answers generated (and billed by the provider)
+        self.bodies: list[dict[str, Any]] = []
+        self.release = asyncio.Event()  # frees the hung calls at the end
+
+    async def chat(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        self.bodies.append(body)
+        text = str(body["messages"][-1]["content"])
+        if body.get("model") == "slowc":
+            await self.release.wait()
+        if "BADGW" in text:
+            return web.json_response({"error": {"message": "bad gateway", "type": "server_error"}}, status=502)
+        self.generated.append(text)
+        if "GATEWAY" in text:
+            return web.json_response({"error": {"message": "upstream request timeout", "type": "server_error"}},
+                                     status=504)
+        return web.json_response({"id": "c1", "object": "chat.completion", "created": 1, "model": body["model"],
+                                  "choices": [{"index": 0, "message": {"role": "assistant", "content": "hello"},
+                                               "finish_reason": "stop"}], "usage": _USAGE})
+
+    async def responses(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        self.bodies.append(body)
+        return web.json_response({"id": "resp_bg1", "object": "response", "created_at": 1, "status": "queued",
+                                  "background": True, "model": body["model"], "output": [], "usage": None})
+
+
+async def _setup(context: Any, run_services: Any, tmp_path: Any, gateway: str,
+                 canaries: tuple[str, ...] = ()) -> tuple[Any, Signer, Fake, web.AppRunner]:
+    fake = Fake()
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", fake.chat)
+    app.router.add_post("/v1/responses", fake.responses)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/v1"  # type: ignore[union-attr]
+    (tmp_path / "endpoints.yaml").write_text(
+        f"endpoints:\n  default: {{url: {url}, retry: {{initial_s: 0, max_s: 0}}, "
+        "breaker: {consecutive_failures: 1000, min_requests: 1000}}\n"
+        f"  canary: {{url: {url}, timeouts: {{first_byte_s: 1}}}}\n")
+    (tmp_path / "prices.yaml").write_text(  # 1 USD per 1000 tokens, in and out
+        "version: p60\nmodels:\n" + "".join(f"  {m}: {{input_per_mtok: 1000, output_per_mtok: 1000}}\n"
+                                            for m in ("m", "c", "slowc")))
+    (tmp_path / "gateway.yaml").write_text(gateway)
+    signer = Signer.generate()
+    trust_key(trust_file_path(context.settings), signer.public)
+    await register_model_release(context.bus, "r1", "m", "default", tenant="acme")
+    for c in canaries:
+        await register_model_release(context.bus, c, c, "canary", tenant="acme")
+    await store_decision(context.bus, signer.sign(GateDecided(release="r1", rules=[], decision="PASS",
+                                                              artifacts=await judged(context.bus, "r1"))))
+    context.settings = context.settings.replace(
+        endpoints_file=str(tmp_path / "endpoints.yaml"), gateway_file=str(tmp_path / "gateway.yaml"),
+        price_book=str(tmp_path / "prices.yaml"), deployment="chat", app="shop")
+    router = (await run_services("sink", "router", "cost", "query"))["router"]
+    return router, signer, fake, runner
+
+
+async def _roll_out(router: Any, signer: Signer, admin: str, body: dict[str, Any], candidate: str = "") -> None:
+    async with aiohttp.ClientSession() as http, http.put(
+            f"{router.url}/lockgate/v1/deployments/chat", json=body, headers={"Authorization": f"Bearer {admin}"}) as r:
+        assert r.status == 200, await r.text()
+    if candidate:
+        await gate_decided(router.ctx.bus, signer.sign(GateDecided(
+            release=candidate, rules=[], decision="PASS", artifacts=await judged(router.ctx.bus, candidate))))
+        await router.rollouts.wait_for(lambda r: r["chat"].phase == "progressing", timeout=10)
+
+
+def _client(router: Any, key: str) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=f"{router.url}/v1", api_key=key, max_retries=0)
+
+
+async def _ask(client: openai.AsyncOpenAI, text: str) -> int:
+    try:
+        await client.chat.completions.create(model="m", max_tokens=1000, messages=[{"role": "user", "content": text}])
+    except openai.APIStatusError as exc:
+        return exc.status_code
+    return 200
+
+
+async def _ledger(store: Any, n: int) -> list[dict[str, Any]]:
+    """The ledger's rows by variant, once it holds `n` entries (bounded by the test's timeout)."""
+    query = ("SELECT e.variant AS variant, count() AS n, sum(l.cost_usd) AS usd, sum(l.output_tokens) AS tout "
+             "FROM cost_ledger l JOIN inference_events e ON l.event_id = e.id GROUP BY variant ORDER BY variant")
+    rows = store.rows(query)
+    while sum(r["n"] for r in rows) < n:
+        await asyncio.sleep(0.1)  # polling the store: the cost service books asynchronously
+        rows = store.rows(query)
+    return rows
+
+
+async def test_shadow_copies_count_in_the_callers_budget(context: Any, run_services: Any, tmp_path: Any,
+                                                         store: Any) -> None:
+    router, signer, fake, runner = await _setup(context, run_services, tmp_path,
+                                                "budgets:\n  acme-daily: {tenant: acme, period: day, usd: 10}\n", ("c",))
+    keys = bootstrap(context.settings.home, tenant="acme", app="shop")
+    await _roll_out(router, signer, keys.admin_key, {
+        "stable_release": "r1", "canary_release": "c",
+        "strategy": {"shadow": {"sample": 1.0, "max_rps": 1000, "max_concurrency": 64}}}, "c")
+    client = _client(router, keys.app_key)
+    statuses = []
+    for i in range(8):
+        statuses.append(await _ask(client, f"q{i}"))
+        await router.proxy.shadow.idle()  # each copy settled before the next request
+    served = statuses.count(200)
+    rows = {r["variant"]: r for r in await _ledger(store, served + 1)}
+    total = sum(r["usd"] for r in rows.values())
+    # Served and copies together within the tenant's 10 USD (before: 5 served + 5 copies = 20 USD).
+    assert total <= 10.0 + 1e-9
+    assert rows["shadow"]["n"] >= 1 and served >= 3
+    budget = router.rollouts.shadow_budget(router.rollouts.routes["chat"])
+    assert budget.skipped["over_caller_budget"] >= 1  # a copy the budget could not cover was not made
+    fake.release.set()
+    await runner.cleanup()
+
+
+async def test_shadow_copy_given_up_on_is_booked_its_worst_case(context: Any, run_services: Any, tmp_path: Any,
+                                                                store: Any) -> None:
+    router, signer, fake, runner = await _setup(context, run_services, tmp_path, "default_max_tokens: 1000\n",
+                                                ("slowc",))
+    keys = bootstrap(context.settings.home, tenant="acme", app="shop")
+    await _roll_out(router, signer, keys.admin_key, {
+        "stable_release": "r1", "canary_release": "slowc",
+        "strategy": {"shadow": {"sample": 1.0, "max_rps": 1000, "max_concurrency": 64, "max_cost_usd": 100}}},
+        "slowc")
+    client = _client(router, keys.app_key)
+    for i in range(3):
+        assert await _ask(client, f"q{i}") == 200
+    await router.proxy.shadow.idle()
+    fake.release.set()
+    rows = {r["variant"]: r for r in await _ledger(store, 6)}
+    budget = router.rollouts.shadow_budget(router.rollouts.routes["chat"])
+    events = store.rows("SELECT error_type, attributes FROM inference_events WHERE variant = 'shadow'")
+    assert [e["error_type"] for e in events] == ["upstream_timeout"] * 3
+    assert all(e["attributes"][USAGE_UNKNOWN] == "worst_case" and e["attributes"][CHARGED_OUTPUT_TOKENS] == "1000"
+               for e in events)
+    # Booked as the rollout's spend holds it (before: 0 USD in the ledger, 3.36 in the spend store).
+    assert rows["shadow"]["tout"] == 3000
+    assert rows["shadow"]["usd"] == pytest.approx(budget.spent_usd)
+    await runner.cleanup()
+
+
+async def test_background_response_needs_max_output_tokens(context: Any, run_services: Any, tmp_path: Any,
+                                                           store: Any) -> None:
+    router, signer, fake, runner = await _setup(context, run_services, tmp_path,
+                                                "budgets:\n  acme-tok: {tenant: acme, period: day, tokens: 100000}\n")
+    keys = bootstrap(context.settings.home, tenant="acme", app="shop")
+    await _roll_out(router, signer, keys.admin_key, {"stable_release": "r1"})
+    client = _client(router, keys.app_key)
+    with pytest.raises(openai.BadRequestError) as refused:
+        await client.responses.create(model="m", input="write a novel", background=True)
+    assert refused.value.body["param"] == "max_output_tokens"  # type: ignore[index]
+    assert "background" in refused.value.message and fake.bodies == []
+    queued = await client.responses.create(model="m", input="write a novel", background=True, max_output_tokens=500)
+    assert queued.status == "queued"
+    rows = await _ledger(store, 1)
+    assert rows[0]["tout"] == 500  # charged its worst case: the usage is never seen
+    (event,) = store.rows("SELECT attributes FROM inference_events")
+    assert event["attributes"][USAGE_UNKNOWN] == "worst_case"
+    await runner.cleanup()
+
+
+async def test_gateway_timeout_after_generation_is_charged_and_retried_within_budget(
+        context: Any, run_services: Any, tmp_path: Any, store: Any) -> None:
+    router, signer, fake, runner = await _setup(context, run_services, tmp_path,
+                                                "budgets:\n  acme-daily: {tenant: acme, period: day, usd: 10}\n")
+    keys = bootstrap(context.settings.home, tenant="acme", app="shop")
+    await _roll_out(router, signer, keys.admin_key, {"stable_release": "r1"})
+    client = _client(router, keys.app_key)
+    # A 502 generates nothing: retried and charged nothing, as before.
+    assert await _ask(client, "BADGW") == 502
+    statuses = [await _ask(client, f"GATEWAY {i}") for i in range(15)]
+    assert statuses[0] == 502 and 429 in statuses  # the 504 passed on as a bad gateway; then over budget
+    rows = await _ledger(store, len(fake.generated))
+    events = store.rows("SELECT error_type, attributes FROM inference_events")
+    charged = [e for e in events if e["error_type"] == "504"]
+    # Every generated answer is booked its worst case (before: each 0, 9 answers of 18 USD against 10 USD) ...
+    assert len(charged) == len(fake.generated) >= 2
+    assert all(e["attributes"].get(USAGE_UNKNOWN) == "worst_case" for e in charged)
+    assert sum(r["usd"] for r in rows) <= 10.0 + 1e-9  # ... and the budget bounds them
+    assert all(USAGE_UNKNOWN not in e["attributes"] for e in events if e["error_type"] == "502")
+    await runner.cleanup()
