@@ -1947,8 +1947,9 @@ async def test_a_fallback_is_not_called_when_what_the_abandoned_call_may_have_sp
         body = caught.value.body
         assert body["code"] == "fallback_not_covered" and body["type"] == "upstream_timeout"
         assert body["message"].startswith(
-            "the call to endpoint default was given up on (no answer within its first-byte timeout, or a broken "
-            "reply) and is charged as if it generated its whole answer; its fallback backup was not called: ")
+            "the call to endpoint default was given up on (no answer within its first-byte timeout, a broken "
+            "reply, or a gateway's timeout status: 504, 524 or 408) and is charged as if it generated its whole "
+            "answer; its fallback backup was not called: ")
         assert (("budget daily (400 tokens per day) has too little left" in body["message"] and
                  "a further reservation for it needs up to" in body["message"]) if limit == "budget"
                 else "rate limit of key" in body["message"]), body["message"]
