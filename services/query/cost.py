@@ -104,6 +104,8 @@ def cost_rollup(
 
 # The served events of a scope and time span: a request a router served is the only spend a budget counter counts
 # (an application's own events of calls it made elsewhere are in the ledger too), and the event holds the API key.
+# A router's shadow copies are among them (sent on the same subject, with the caller's key), as the live counters
+# count them (shadow.py reserves each on the caller's budgets: probe p60 F1).
 _SERVED = ("SELECT tenant, app, id FROM inference_events WHERE served AND time >= {since:DateTime64(6, 'UTC')} "
            "AND time < {until:DateTime64(6, 'UTC')}")
 

@@ -147,6 +147,26 @@ async def test_shadow_copies_count_in_the_callers_budget(context: Any, run_servi
     await runner.cleanup()
 
 
+async def test_shadow_copies_count_in_the_keys_tpm(context: Any, run_services: Any, tmp_path: Any, store: Any) -> None:
+    router, signer, fake, runner = await _setup(context, run_services, tmp_path,
+                                                "rate_limits:\n  - {tenant: acme, tpm: 6000}\n", ("c",))
+    keys = bootstrap(context.settings.home, tenant="acme", app="shop")
+    await _roll_out(router, signer, keys.admin_key, {
+        "stable_release": "r1", "canary_release": "c",
+        "strategy": {"shadow": {"sample": 1.0, "max_rps": 1000, "max_concurrency": 64}}}, "c")
+    client = _client(router, keys.app_key)
+    await client.chat.completions.create(model="m", max_tokens=1000, messages=[{"role": "user", "content": "q1"}])
+    await router.proxy.shadow.idle()
+    raw = await client.chat.completions.with_raw_response.create(
+        model="m", max_tokens=1000, messages=[{"role": "user", "content": "q2"}])
+    # 6000 less the first request's 2000 tokens, its copy's 2000 and this one's reservation (~1100), plus a few
+    # tokens refilled (100 a second). Before: the copy's 2000 were not counted (about 2900 left).
+    assert int(raw.headers["x-ratelimit-remaining-tokens"]) < 2000
+    await router.proxy.shadow.idle()
+    fake.release.set()
+    await runner.cleanup()
+
+
 async def test_shadow_copy_given_up_on_is_booked_its_worst_case(context: Any, run_services: Any, tmp_path: Any,
                                                                 store: Any) -> None:
     router, signer, fake, runner = await _setup(context, run_services, tmp_path, "default_max_tokens: 1000\n",
