@@ -50,6 +50,7 @@ from lockgate.services.router.cache import MAX_KEYED_BYTES
 from lockgate.services.router.endpoints import Endpoints, UnknownEndpoint
 from lockgate.services.router.fit import encode_served
 from lockgate.services.router.providers import Unsupported, UpstreamStreamError, provider
+from lockgate.services.router.resilience import may_have_generated
 from lockgate.services.router.rollouts import Rollouts
 from lockgate.services.router.shadowstats import Budget, Spend
 from lockgate.services.router.wire import (
@@ -240,7 +241,8 @@ class Shadow:
                     if resp.status != 200:
                         await resp.read()
                         status, error = "error", str(resp.status)
-                        used = 0  # refused: a provider bills no answer it did not give
+                        if not may_have_generated(resp.status):  # a gateway's timeout: its worst case stays spent
+                            used = 0  # refused: a provider bills no answer it did not give
                     elif req.stream:
                         await _read_stream(prov.lines(_lines(resp.content, bound, bounds.between_chunks_s, deadline,
                                                              answer), True), answer)
