@@ -16,7 +16,7 @@ from lockgate.contracts import GateDecided
 from lockgate.contracts.inference import CHARGED_OUTPUT_TOKENS, USAGE_UNKNOWN
 from lockgate.server.apikeys import bootstrap
 from lockgate.signing import Signer, trust_file_path, trust_key
-from tests.helpers import gate_decided, judged, register_model_release, store_decision
+from tests.helpers import eventually, gate_decided, judged, register_model_release, store_decision
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -57,7 +57,7 @@ class Fake:
 
 
 async def _setup(context: Any, run_services: Any, tmp_path: Any, gateway: str,
-                 canaries: tuple[str, ...] = ()) -> tuple[Any, Signer, Fake, web.AppRunner]:
+                 canaries: tuple[str, ...] = ()) -> tuple[Any, Signer, Fake, web.AppRunner, Any]:
     fake = Fake()
     app = web.Application()
     app.router.add_post("/v1/chat/completions", fake.chat)
@@ -85,8 +85,8 @@ async def _setup(context: Any, run_services: Any, tmp_path: Any, gateway: str,
     context.settings = context.settings.replace(
         endpoints_file=str(tmp_path / "endpoints.yaml"), gateway_file=str(tmp_path / "gateway.yaml"),
         price_book=str(tmp_path / "prices.yaml"), deployment="chat", app="shop")
-    router = (await run_services("sink", "router", "cost", "query"))["router"]
-    return router, signer, fake, runner
+    services = await run_services("sink", "router", "cost", "query")
+    return services["router"], signer, fake, runner, services["sink"].handlers
 
 
 async def _roll_out(router: Any, signer: Signer, admin: str, body: dict[str, Any], candidate: str = "") -> None:
@@ -111,20 +111,18 @@ async def _ask(client: openai.AsyncOpenAI, text: str) -> int:
     return 200
 
 
-async def _ledger(store: Any, n: int) -> list[dict[str, Any]]:
-    """The ledger's rows by variant, once it holds `n` entries (bounded by the test's timeout)."""
+async def _ledger(store: Any, sink: Any, n: int) -> list[dict[str, Any]]:
+    """The ledger's rows by variant, once it holds `n` entries (the cost service books asynchronously)."""
     query = ("SELECT e.variant AS variant, count() AS n, sum(l.cost_usd) AS usd, sum(l.output_tokens) AS tout "
              "FROM cost_ledger l JOIN inference_events e ON l.event_id = e.id GROUP BY variant ORDER BY variant")
-    rows = store.rows(query)
-    while sum(r["n"] for r in rows) < n:
-        await asyncio.sleep(0.1)  # polling the store: the cost service books asynchronously
-        rows = store.rows(query)
-    return rows
+    await eventually(lambda: sum(r["n"] for r in store.rows(query)) >= n, [sink.progress("cost_ledger"), sink.events],
+                     what=f"{n} ledger entries")
+    return store.rows(query)
 
 
 async def test_shadow_copies_count_in_the_callers_budget(context: Any, run_services: Any, tmp_path: Any,
                                                          store: Any) -> None:
-    router, signer, fake, runner = await _setup(context, run_services, tmp_path,
+    router, signer, fake, runner, sink = await _setup(context, run_services, tmp_path,
                                                 "budgets:\n  acme-daily: {tenant: acme, period: day, usd: 10}\n", ("c",))
     keys = bootstrap(context.settings.home, tenant="acme", app="shop")
     await _roll_out(router, signer, keys.admin_key, {
@@ -136,7 +134,7 @@ async def test_shadow_copies_count_in_the_callers_budget(context: Any, run_servi
         statuses.append(await _ask(client, f"q{i}"))
         await router.proxy.shadow.idle()  # each copy settled before the next request
     served = statuses.count(200)
-    rows = {r["variant"]: r for r in await _ledger(store, served + 1)}
+    rows = {r["variant"]: r for r in await _ledger(store, sink, served + 1)}
     total = sum(r["usd"] for r in rows.values())
     # Served and copies together within the tenant's 10 USD (before: 5 served + 5 copies = 20 USD).
     assert total <= 10.0 + 1e-9
@@ -148,7 +146,7 @@ async def test_shadow_copies_count_in_the_callers_budget(context: Any, run_servi
 
 
 async def test_shadow_copies_count_in_the_keys_tpm(context: Any, run_services: Any, tmp_path: Any, store: Any) -> None:
-    router, signer, fake, runner = await _setup(context, run_services, tmp_path,
+    router, signer, fake, runner, sink = await _setup(context, run_services, tmp_path,
                                                 "rate_limits:\n  - {tenant: acme, tpm: 6000}\n", ("c",))
     keys = bootstrap(context.settings.home, tenant="acme", app="shop")
     await _roll_out(router, signer, keys.admin_key, {
@@ -169,7 +167,7 @@ async def test_shadow_copies_count_in_the_keys_tpm(context: Any, run_services: A
 
 async def test_shadow_copy_given_up_on_is_booked_its_worst_case(context: Any, run_services: Any, tmp_path: Any,
                                                                 store: Any) -> None:
-    router, signer, fake, runner = await _setup(context, run_services, tmp_path, "default_max_tokens: 1000\n",
+    router, signer, fake, runner, sink = await _setup(context, run_services, tmp_path, "default_max_tokens: 1000\n",
                                                 ("slowc",))
     keys = bootstrap(context.settings.home, tenant="acme", app="shop")
     await _roll_out(router, signer, keys.admin_key, {
@@ -181,7 +179,7 @@ async def test_shadow_copy_given_up_on_is_booked_its_worst_case(context: Any, ru
         assert await _ask(client, f"q{i}") == 200
     await router.proxy.shadow.idle()
     fake.release.set()
-    rows = {r["variant"]: r for r in await _ledger(store, 6)}
+    rows = {r["variant"]: r for r in await _ledger(store, sink, 6)}
     budget = router.rollouts.shadow_budget(router.rollouts.routes["chat"])
     events = store.rows("SELECT error_type, attributes FROM inference_events WHERE variant = 'shadow'")
     assert [e["error_type"] for e in events] == ["upstream_timeout"] * 3
@@ -195,7 +193,7 @@ async def test_shadow_copy_given_up_on_is_booked_its_worst_case(context: Any, ru
 
 async def test_background_response_needs_max_output_tokens(context: Any, run_services: Any, tmp_path: Any,
                                                            store: Any) -> None:
-    router, signer, fake, runner = await _setup(context, run_services, tmp_path,
+    router, signer, fake, runner, sink = await _setup(context, run_services, tmp_path,
                                                 "budgets:\n  acme-tok: {tenant: acme, period: day, tokens: 100000}\n")
     keys = bootstrap(context.settings.home, tenant="acme", app="shop")
     await _roll_out(router, signer, keys.admin_key, {"stable_release": "r1"})
@@ -206,7 +204,7 @@ async def test_background_response_needs_max_output_tokens(context: Any, run_ser
     assert "background" in refused.value.message and fake.bodies == []
     queued = await client.responses.create(model="m", input="write a novel", background=True, max_output_tokens=500)
     assert queued.status == "queued"
-    rows = await _ledger(store, 1)
+    rows = await _ledger(store, sink, 1)
     assert rows[0]["tout"] == 500  # charged its worst case: the usage is never seen
     (event,) = store.rows("SELECT attributes FROM inference_events")
     assert event["attributes"][USAGE_UNKNOWN] == "worst_case"
@@ -215,7 +213,7 @@ async def test_background_response_needs_max_output_tokens(context: Any, run_ser
 
 async def test_gateway_timeout_after_generation_is_charged_and_retried_within_budget(
         context: Any, run_services: Any, tmp_path: Any, store: Any) -> None:
-    router, signer, fake, runner = await _setup(context, run_services, tmp_path,
+    router, signer, fake, runner, sink = await _setup(context, run_services, tmp_path,
                                                 "budgets:\n  acme-daily: {tenant: acme, period: day, usd: 10}\n")
     keys = bootstrap(context.settings.home, tenant="acme", app="shop")
     await _roll_out(router, signer, keys.admin_key, {"stable_release": "r1"})
@@ -224,7 +222,7 @@ async def test_gateway_timeout_after_generation_is_charged_and_retried_within_bu
     assert await _ask(client, "BADGW") == 502
     statuses = [await _ask(client, f"GATEWAY {i}") for i in range(15)]
     assert statuses[0] == 502 and 429 in statuses  # the 504 passed on as a bad gateway; then over budget
-    rows = await _ledger(store, len(fake.generated))
+    rows = await _ledger(store, sink, len(fake.generated))
     events = store.rows("SELECT error_type, attributes FROM inference_events")
     charged = [e for e in events if e["error_type"] == "504"]
     # Every generated answer is booked its worst case (before: each 0, 9 answers of 18 USD against 10 USD) ...
