@@ -164,7 +164,7 @@ def _fields(data: bytes, most: int) -> int:
     """How many top-level fields the protobuf message `data` holds, counted no further than `most` (at most `most`
     steps, whatever `data` is); a malformed field ends the count (the parse then says what is wrong)."""
     count, at, end = 0, 0, len(data)
-    try:
+    with contextlib.suppress(IndexError):  # a field cut short ends the count: the count so far stands
         while at < end and count < most:
             tag, at = _varint(data, at)
             kind = tag & 7
@@ -178,8 +178,6 @@ def _fields(data: bytes, most: int) -> int:
             else:
                 break
             count += 1
-    except IndexError:
-        pass
     return count
 
 

@@ -31,7 +31,7 @@ from lockgate.services.router.owners import Owner, Owners, owner_key
 from lockgate.store import Store
 from lockgate.subjects import Subjects
 from lockgate_dev.sim import ModelSpec, SimConfig, SimServer
-from tests.helpers import Replicas, identity_buses
+from tests.helpers import Replicas, identity_buses, served
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -401,12 +401,8 @@ async def interpreter() -> AsyncIterator[tuple[Interpreter, str]]:
     app = web.Application()
     app.router.add_post("/v1/responses", upstream.responses)
     app.router.add_post("/responses", upstream.responses)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    yield upstream, f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
-    await runner.cleanup()
+    async with served(app) as url:
+        yield upstream, url
 
 
 def _in(container: Any) -> list[dict[str, Any]]:

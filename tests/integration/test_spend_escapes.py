@@ -5,6 +5,7 @@ with the openai client, against an upstream double that prices 1000 input + 1000
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -16,7 +17,7 @@ from lockgate.contracts import GateDecided
 from lockgate.contracts.inference import CHARGED_OUTPUT_TOKENS, USAGE_UNKNOWN
 from lockgate.server.apikeys import bootstrap
 from lockgate.signing import Signer, trust_file_path, trust_key
-from tests.helpers import eventually, gate_decided, judged, register_model_release, store_decision
+from tests.helpers import eventually, gate_decided, judged, register_model_release, served, store_decision
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -32,6 +33,7 @@ class Fake:
         self.generated: list[str] = []  # answers generated (and billed by the provider)
         self.bodies: list[dict[str, Any]] = []
         self.release = asyncio.Event()  # frees the hung calls at the end
+        self.url = ""  # its base URL, once served
 
     async def chat(self, request: web.Request) -> web.Response:
         body = await request.json()
@@ -56,17 +58,22 @@ class Fake:
                                   "background": True, "model": body["model"], "output": [], "usage": None})
 
 
-async def _setup(context: Any, run_services: Any, tmp_path: Any, gateway: str,
-                 canaries: tuple[str, ...] = ()) -> tuple[Any, Signer, Fake, web.AppRunner, Any]:
-    fake = Fake()
+@pytest.fixture
+async def fake() -> AsyncIterator[Fake]:
+    """The provider, served on a free loopback port (`fake.url`); its hung calls freed at the end."""
+    upstream = Fake()
     app = web.Application()
-    app.router.add_post("/v1/chat/completions", fake.chat)
-    app.router.add_post("/v1/responses", fake.responses)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/v1"  # type: ignore[union-attr]
+    app.router.add_post("/v1/chat/completions", upstream.chat)
+    app.router.add_post("/v1/responses", upstream.responses)
+    async with served(app) as url:
+        upstream.url = f"{url}/v1"
+        yield upstream
+        upstream.release.set()
+
+
+async def _setup(context: Any, run_services: Any, tmp_path: Any, fake: Fake, gateway: str,
+                 canaries: tuple[str, ...] = ()) -> tuple[Any, Signer, Any]:
+    url = fake.url
     (tmp_path / "endpoints.yaml").write_text(
         f"endpoints:\n  default: {{url: {url}, retry: {{initial_s: 0, max_s: 0}}, "
         "breaker: {consecutive_failures: 1000, min_requests: 1000}}\n"
@@ -86,7 +93,7 @@ async def _setup(context: Any, run_services: Any, tmp_path: Any, gateway: str,
         endpoints_file=str(tmp_path / "endpoints.yaml"), gateway_file=str(tmp_path / "gateway.yaml"),
         price_book=str(tmp_path / "prices.yaml"), deployment="chat", app="shop")
     services = await run_services("sink", "router", "cost", "query")
-    return services["router"], signer, fake, runner, services["sink"].handlers
+    return services["router"], signer, services["sink"].handlers
 
 
 async def _roll_out(router: Any, signer: Signer, admin: str, body: dict[str, Any], candidate: str = "") -> None:
@@ -97,6 +104,15 @@ async def _roll_out(router: Any, signer: Signer, admin: str, body: dict[str, Any
         await gate_decided(router.ctx.bus, signer.sign(GateDecided(
             release=candidate, rules=[], decision="PASS", artifacts=await judged(router.ctx.bus, candidate))))
         await router.rollouts.wait_for(lambda r: r["chat"].phase == "progressing", timeout=10)
+
+
+async def _shadowed(context: Any, router: Any, signer: Signer) -> openai.AsyncOpenAI:
+    """Every request of r1's callers copied to canary `c` (a shadow rollout); the client of acme/shop's app key."""
+    keys = bootstrap(context.settings.home, tenant="acme", app="shop")
+    await _roll_out(router, signer, keys.admin_key, {
+        "stable_release": "r1", "canary_release": "c",
+        "strategy": {"shadow": {"sample": 1.0, "max_rps": 1000, "max_concurrency": 64}}}, "c")
+    return _client(router, keys.app_key)
 
 
 def _client(router: Any, key: str) -> openai.AsyncOpenAI:
@@ -121,38 +137,29 @@ async def _ledger(store: Any, sink: Any, n: int) -> list[dict[str, Any]]:
 
 
 async def test_shadow_copies_count_in_the_callers_budget(context: Any, run_services: Any, tmp_path: Any,
-                                                         store: Any) -> None:
-    router, signer, fake, runner, sink = await _setup(context, run_services, tmp_path,
-                                                "budgets:\n  acme-daily: {tenant: acme, period: day, usd: 10}\n", ("c",))
-    keys = bootstrap(context.settings.home, tenant="acme", app="shop")
-    await _roll_out(router, signer, keys.admin_key, {
-        "stable_release": "r1", "canary_release": "c",
-        "strategy": {"shadow": {"sample": 1.0, "max_rps": 1000, "max_concurrency": 64}}}, "c")
-    client = _client(router, keys.app_key)
+                                                         store: Any, fake: Fake) -> None:
+    router, signer, sink = await _setup(context, run_services, tmp_path, fake,
+                                        "budgets:\n  acme-daily: {tenant: acme, period: day, usd: 10}\n", ("c",))
+    client = await _shadowed(context, router, signer)
     statuses = []
     for i in range(8):
         statuses.append(await _ask(client, f"q{i}"))
         await router.proxy.shadow.idle()  # each copy settled before the next request
-    served = statuses.count(200)
-    rows = {r["variant"]: r for r in await _ledger(store, sink, served + 1)}
+    answered = statuses.count(200)
+    rows = {r["variant"]: r for r in await _ledger(store, sink, answered + 1)}
     total = sum(r["usd"] for r in rows.values())
     # Served and copies together within the tenant's 10 USD (before: 5 served + 5 copies = 20 USD).
     assert total <= 10.0 + 1e-9
-    assert rows["shadow"]["n"] >= 1 and served >= 3
+    assert rows["shadow"]["n"] >= 1 and answered >= 3
     budget = router.rollouts.shadow_budget(router.rollouts.routes["chat"])
     assert budget.skipped["over_caller_budget"] >= 1  # a copy the budget could not cover was not made
-    fake.release.set()
-    await runner.cleanup()
 
 
-async def test_shadow_copies_count_in_the_keys_tpm(context: Any, run_services: Any, tmp_path: Any, store: Any) -> None:
-    router, signer, fake, runner, sink = await _setup(context, run_services, tmp_path,
-                                                "rate_limits:\n  - {tenant: acme, tpm: 6000}\n", ("c",))
-    keys = bootstrap(context.settings.home, tenant="acme", app="shop")
-    await _roll_out(router, signer, keys.admin_key, {
-        "stable_release": "r1", "canary_release": "c",
-        "strategy": {"shadow": {"sample": 1.0, "max_rps": 1000, "max_concurrency": 64}}}, "c")
-    client = _client(router, keys.app_key)
+async def test_shadow_copies_count_in_the_keys_tpm(context: Any, run_services: Any, tmp_path: Any, store: Any,
+                                                  fake: Fake) -> None:
+    router, signer, sink = await _setup(context, run_services, tmp_path, fake,
+                                        "rate_limits:\n  - {tenant: acme, tpm: 6000}\n", ("c",))
+    client = await _shadowed(context, router, signer)
     await client.chat.completions.create(model="m", max_tokens=1000, messages=[{"role": "user", "content": "q1"}])
     await router.proxy.shadow.idle()
     raw = await client.chat.completions.with_raw_response.create(
@@ -161,13 +168,11 @@ async def test_shadow_copies_count_in_the_keys_tpm(context: Any, run_services: A
     # tokens refilled (100 a second). Before: the copy's 2000 were not counted (about 2900 left).
     assert int(raw.headers["x-ratelimit-remaining-tokens"]) < 2000
     await router.proxy.shadow.idle()
-    fake.release.set()
-    await runner.cleanup()
 
 
 async def test_shadow_copy_given_up_on_is_booked_its_worst_case(context: Any, run_services: Any, tmp_path: Any,
-                                                                store: Any) -> None:
-    router, signer, fake, runner, sink = await _setup(context, run_services, tmp_path, "default_max_tokens: 1000\n",
+                                                                store: Any, fake: Fake) -> None:
+    router, signer, sink = await _setup(context, run_services, tmp_path, fake, "default_max_tokens: 1000\n",
                                                 ("slowc",))
     keys = bootstrap(context.settings.home, tenant="acme", app="shop")
     await _roll_out(router, signer, keys.admin_key, {
@@ -188,13 +193,12 @@ async def test_shadow_copy_given_up_on_is_booked_its_worst_case(context: Any, ru
     # Booked as the rollout's spend holds it (before: 0 USD in the ledger, 3.36 in the spend store).
     assert rows["shadow"]["tout"] == 3000
     assert rows["shadow"]["usd"] == pytest.approx(budget.spent_usd)
-    await runner.cleanup()
 
 
 async def test_background_response_needs_max_output_tokens(context: Any, run_services: Any, tmp_path: Any,
-                                                           store: Any) -> None:
-    router, signer, fake, runner, sink = await _setup(context, run_services, tmp_path,
-                                                "budgets:\n  acme-tok: {tenant: acme, period: day, tokens: 100000}\n")
+                                                           store: Any, fake: Fake) -> None:
+    router, signer, sink = await _setup(context, run_services, tmp_path, fake,
+                                        "budgets:\n  acme-tok: {tenant: acme, period: day, tokens: 100000}\n")
     keys = bootstrap(context.settings.home, tenant="acme", app="shop")
     await _roll_out(router, signer, keys.admin_key, {"stable_release": "r1"})
     client = _client(router, keys.app_key)
@@ -208,13 +212,12 @@ async def test_background_response_needs_max_output_tokens(context: Any, run_ser
     assert rows[0]["tout"] == 500  # charged its worst case: the usage is never seen
     (event,) = store.rows("SELECT attributes FROM inference_events")
     assert event["attributes"][USAGE_UNKNOWN] == "worst_case"
-    await runner.cleanup()
 
 
 async def test_gateway_timeout_after_generation_is_charged_and_retried_within_budget(
-        context: Any, run_services: Any, tmp_path: Any, store: Any) -> None:
-    router, signer, fake, runner, sink = await _setup(context, run_services, tmp_path,
-                                                "budgets:\n  acme-daily: {tenant: acme, period: day, usd: 10}\n")
+        context: Any, run_services: Any, tmp_path: Any, store: Any, fake: Fake) -> None:
+    router, signer, sink = await _setup(context, run_services, tmp_path, fake,
+                                        "budgets:\n  acme-daily: {tenant: acme, period: day, usd: 10}\n")
     keys = bootstrap(context.settings.home, tenant="acme", app="shop")
     await _roll_out(router, signer, keys.admin_key, {"stable_release": "r1"})
     client = _client(router, keys.app_key)
@@ -230,4 +233,3 @@ async def test_gateway_timeout_after_generation_is_charged_and_retried_within_bu
     assert all(e["attributes"].get(USAGE_UNKNOWN) == "worst_case" for e in charged)
     assert sum(r["usd"] for r in rows) <= 10.0 + 1e-9  # ... and the budget bounds them
     assert all(USAGE_UNKNOWN not in e["attributes"] for e in events if e["error_type"] == "502")
-    await runner.cleanup()
