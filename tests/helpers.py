@@ -381,7 +381,7 @@ class Relay:
     client partitioned from a server that stays up), `heal` lets connections through again, `hang` holds every
     answer until `release`. `hold_after(subject)`:
     the next publish to a subject starting with `subject` goes through, then the server's bytes to that client wait
-    until `release` (a store that applied a write whose answer comes late)."""
+    until `release` (a store that applied a write whose answer comes late); `held` is set once it went through."""
 
     def __init__(self, port: int) -> None:
         self.port = port
@@ -390,6 +390,7 @@ class Relay:
         self._server: asyncio.Server | None = None
         self._armed: bytes | None = None
         self._flows: list[asyncio.Event] = []
+        self.held = asyncio.Event()
 
     def hang(self) -> None:
         """The server's bytes to every client through the relay wait until `release`: a server that answers
@@ -399,6 +400,7 @@ class Relay:
 
     def hold_after(self, subject: str) -> None:
         self._armed = subject.encode()
+        self.held.clear()
 
     def release(self) -> None:
         for flow in self._flows:
@@ -440,6 +442,7 @@ class Relay:
                                                for line in data.split(b"\r\n") if line.startswith((b"PUB ", b"HPUB "))):
                 self._armed = None
                 flow.clear()
+                self.held.set()
 
         async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, up: bool) -> None:
             try:

@@ -24,10 +24,10 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from datetime import UTC, datetime, timedelta
 from functools import partial
-from typing import Annotated, Any, NamedTuple
+from typing import Annotated, Any, NamedTuple, TypeVar
 
 import msgspec
 from aiohttp import web
@@ -109,6 +109,7 @@ from lockgate.services.router.resilience import may_have_generated
 from lockgate.services.router.wire import CHAT, USAGE_WARNING, error_response, own_request_id
 
 log = logging.getLogger("lockgate.router.admission")
+T = TypeVar("T")
 
 # The failures of a request no upstream answered (besides an HTTP error status other than a gateway's timeout:
 # resilience.MAY_HAVE_GENERATED): never reached, never tried,
@@ -258,6 +259,7 @@ class Admission:
                                  timeout_s=self.file.store_timeout_s, clock=clock, what="the budget store")
         self._shared_kv: Any = None
         self._puts: set[asyncio.Task[None]] = set()
+        self._leasing: set[asyncio.Task[Any]] = set()  # lease writes under way (_unabandoned)
         self._refunding: asyncio.Task[None] | None = None  # giving back what settlements owe shared rate limits
         self._periods = Periods(-1, "", "")
         self.events = Batcher(self._publish, max_items=100, max_age_s=0.2, capacity=1000, name="budget-events",
@@ -474,8 +476,7 @@ class Admission:
             # after it would land above what the KV would hold (and a failed write drops it, as _give_back does).
             back = self.limiter.take_owed(lack.slot)
             try:
-                got, wait = await self._cas_rate(name, lambda state: lease(state, lack.capacity, self.wall_s(), ask,
-                                                                           lack.need, back))
+                got, wait = await self._unabandoned(self._rate_leased(lack, ask, back))
             except KVUnreadable as exc:  # no outage: falling back to this replica's bucket would lift the limit
                 bucket = self.counters.bucket
                 raise KVUnreadable(
@@ -487,8 +488,29 @@ class Admission:
                 return None
             if got is None:
                 return refusal(lack.slot[2], lack.capacity, lack.slot[1], wait)
-            self.limiter.add_share(lack.slot, got, self.clock(), self.file.lease_s)
         return None
+
+    async def _rate_leased(self, lack: Lacking, ask: float, back: float) -> tuple[float | None, float]:
+        """Lease `ask` units of a shared rate-limit bucket (giving back `back`) and add them to this replica's share:
+        (units leased, or None when refused, and the seconds to wait then)."""
+        got, wait = await self._cas_rate(kv_key(lack.slot), lambda state: lease(state, lack.capacity, self.wall_s(),
+                                                                                ask, lack.need, back))
+        if got is not None:
+            self.limiter.add_share(lack.slot, got, self.clock(), self.file.lease_s)
+        return got, wait
+
+    async def _unabandoned(self, write: Coroutine[Any, Any, T]) -> T:
+        """Await a lease's `write` (which adds what it leased to this replica's allowance or share), run to its end
+        even when the request awaiting it is cancelled (its client left): once sent, the store may apply it, and
+        what it granted must reach this replica, which gives back what it does not use, not stay counted in the
+        store for nobody until the period ends. Before, probe p66 F2, a client hanging up on a request while its
+        lease was written left that lease in the counter. A write whose request left releases the lease lock with it:
+        a request queued there may lease once more meanwhile (this replica's excess, given back by the sweep)."""
+        task = asyncio.get_running_loop().create_task(write)
+        self._leasing.add(task)  # held until done: the loop keeps only weak references to tasks
+        task.add_done_callback(self._leasing.discard)
+        task.add_done_callback(_retrieved)
+        return await asyncio.shield(task)
 
     async def _cas_rate(self, name: str, change: Callable[[Level | None], tuple[Level | None, float | None, float]]
                         ) -> tuple[float | None, float]:
@@ -662,8 +684,8 @@ class Admission:
                 if allowance.renew(need, self.clock(), self.file.lease_s):
                     return None
                 lacking = allowance.lacking(need)
-                got, leased = await self._cas(counter, b.limit, lease_ask(chunk, allowance.available, lacking),
-                                              lacking)
+                got, leased = await self._unabandoned(self._leased(counter, b.limit, lease_ask(
+                    chunk, allowance.available, lacking), lacking, chunk))
                 if got is None:
                     # While the store answered, requests here may have settled and given their unused reservations
                     # back: the allowance may now cover the request (the loop takes it), or lack less than the
@@ -673,8 +695,16 @@ class Admission:
                     if grant(Counter(leased=leased), b.limit, lacking, lacking) is not None:
                         continue
                     return leased
-                self._allowance(counter).add(got, self.clock(), self.file.lease_s, chunk)
             return None if self._allowance(counter).take(need, self.clock()) else leased
+
+    async def _leased(self, counter: str, limit: Amount, ask: Amount, minimum: Amount, chunk: Amount
+                      ) -> tuple[Amount | None, Amount]:
+        """Lease a grant of `ask` (at least `minimum`) on the counter (`_cas`) and add it to this replica's allowance:
+        (what was granted or None, the counter after)."""
+        got, leased = await self._cas(counter, limit, ask, minimum)
+        if got is not None:
+            self._allowance(counter).add(got, self.clock(), self.file.lease_s, chunk)
+        return got, leased
 
     async def _cas(self, counter: str, limit: Amount, ask: Amount, minimum: Amount | None) -> tuple[Amount | None,
                                                                                                    Amount]:
@@ -777,6 +807,8 @@ class Admission:
     async def close(self) -> None:
         """Return every allowance and flush budget events (at stop)."""
         await self.shared()
+        # Leases whose requests left land in the allowances first, to be returned with them.
+        await asyncio.gather(*self._leasing, return_exceptions=True)
         if self._refunding is not None:
             await asyncio.gather(self._refunding, return_exceptions=True)
         if self.budgets or self.limiter:
@@ -903,6 +935,13 @@ class Admission:
         if self._shared_kv is None:
             self._shared_kv = await self.bus.kv(self.bus.subjects.kv_response_cache)
         return self._shared_kv
+
+
+def _retrieved(task: asyncio.Task[Any]) -> None:
+    """A lease write's outcome, retrieved: its request may have left, and what it raised is that request's alone (the
+    store's failure is kept by CasStore for the next requests)."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _explained(message: str, pointed: Pointed) -> str:

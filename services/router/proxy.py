@@ -458,7 +458,13 @@ class Proxy:
             # exist, before any upstream call, its reservation given back; the answer's own ids, and those nobody
             # owned yet, are claimed as it comes. After admission, so a key over its rate limit or budget costs the
             # store nothing (probe p49 F3); reading, never writing a claim, so a refused request leaves none.
-            unowned = await self.owners.admit(key, owned)
+            try:
+                unowned = await self.owners.admit(key, owned)
+            except BaseException:
+                # The client left while the store was asked (the server cancels the handler): nothing went upstream,
+                # so nothing was spent. Before, probe p66 F1, the reservation stayed counted until the period ended.
+                self.admission.release(ticket)
+                raise
             if isinstance(unowned, web.Response):
                 self.admission.release(ticket)
                 return unowned

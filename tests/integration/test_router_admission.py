@@ -36,6 +36,7 @@ from lockgate.server.natsserver import NatsServer
 from lockgate.services.router.admission import Admission, Ticket
 from lockgate.services.router.budgets import NANO, Amount, Counter, cost_of, input_estimate
 from lockgate.services.router.cache import MAX_KEYED_BYTES
+from lockgate.services.router.ratelimit import Level
 from lockgate.store import Store
 from lockgate.subjects import Subjects
 from lockgate_dev.sim import ModelSpec, SimConfig, SimServer
@@ -1198,3 +1199,99 @@ async def test_a_request_larger_than_a_whole_limit_is_told_so_and_not_retried(
     assert sim.total_requests == 0
     await c.close()
     # (A request that fits the limit but not what is left keeps its 429 with a Retry-After: the tests above.)
+
+
+async def _hang_up_while(held: asyncio.Event, router: Any, key: str, path: str, body: dict[str, Any]) -> None:
+    """Send `body` to `path` and hang up once `held` is set (the router waits on the store); return once the router
+    has closed its end, as the server does when it cancels the handler of a client that left."""
+    host, port = router.url.split("//", 1)[1].split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    raw = msgspec.json.encode(body)
+    writer.write(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {key}\r\n"
+                 f"x-lockgate-deployment: shop-web\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {len(raw)}\r\n\r\n".encode() + raw)
+    await writer.drain()
+    await held.wait()
+    writer.write_eof()  # the client closes its end: the router reads the end of its connection
+    assert await reader.read() == b""  # no answer: the router closed the connection and cancelled the handler
+    writer.close()
+
+
+async def test_a_client_that_leaves_while_the_owners_of_the_ids_it_names_are_read_is_charged_nothing(
+        settings: Settings, store: Store, stack: Stack, sim: SimServer, bus: Bus, tmp_path: Path) -> None:
+    # Found by a probe (p66 F1). A client that hung up on a Responses request while the router asked the owners store
+    # who owns the ids it names (previous_response_id, item_reference) left the request's whole reservation counted
+    # until the period ended, with no upstream call, event or ledger row: a tenant's app hanging up on requests
+    # worth 1 USD had another app of the tenant refused 429 budget_exceeded, 4.97 of its 5 USD spent or reserved.
+    relay = Relay(int(settings.nats_url.rpartition(":")[2]))  # the router reaches NATS through it
+    s = settings.replace(nats_url=f"nats://127.0.0.1:{await relay.start()}")
+    try:
+        router, keys = await _acme_router(s, store, stack, sim, tmp_path, lease_s=300,
+                                          budgets={"day-tokens": {"tenant": "acme", "tokens": 1_000_000}})
+        # The owner's read goes out; its answer waits while the client hangs up (the budget's lease came before).
+        relay.hold_after(f"$JS.API.STREAM.MSG.GET.KV_{bus.subjects.kv_response_owners}")
+        await _hang_up_while(relay.held, router, keys.app_key, "/v1/responses", {
+            "model": MODEL, "previous_response_id": "resp_abc", "input": "hi", "max_output_tokens": 5})
+        relay.release()
+        assert router.admission.allowances  # it leased (200,000 stored input tokens and more are reserved)
+        await stack.close()  # the router stops: it returns its allowance to the counter
+        assert sim.total_requests == 0
+        assert (await counter(bus, f"day-tokens.{_today()}")).tokens == 0  # before: its reservation, 200,097
+    finally:
+        await stack.close()
+        await relay.close()
+
+
+async def test_a_client_that_leaves_while_its_lease_is_written_leaves_the_counter_at_the_spend(
+        settings: Settings, store: Store, stack: Stack, sim: SimServer, bus: Bus, tmp_path: Path) -> None:
+    # Found by a probe (p66 F2). A client that hung up on a request while its lease's compare-and-set was on its way
+    # left what the store granted counted in the budget's counter, never in the replica's allowance (which returns
+    # what it does not use): stranded until the period ended.
+    relay = Relay(int(settings.nats_url.rpartition(":")[2]))
+    s = settings.replace(nats_url=f"nats://127.0.0.1:{await relay.start()}")
+    name = f"day-tokens.{_today()}"
+    try:
+        router, keys = await _acme_router(s, store, stack, sim, tmp_path, lease_s=300,  # no sweep's give-back meanwhile
+                                          budgets={"day-tokens": {"tenant": "acme", "tokens": 1_000_000}})
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {keys.app_key}"}) as http:
+            status, answered = await _post(http, f"{router.url}/v1/chat/completions", HI)  # leases one chunk
+        assert status == 200
+        used = answered["usage"]["total_tokens"]
+        # A request the chunk cannot cover leases again; the store applies the write, its answer waits.
+        relay.hold_after(f"$KV.{bus.subjects.kv_budgets}.{name}")
+        await _hang_up_while(relay.held, router, keys.app_key, "/v1/chat/completions", {**HI, "max_tokens": 100_000})
+        relay.release()
+        await stack.close()
+        assert sim.total_requests == 1
+        assert (await counter(bus, name)).tokens == used  # before: 50,131, the lease's 50,113 more
+    finally:
+        await stack.close()
+        await relay.close()
+
+
+async def test_a_client_that_leaves_while_its_share_of_a_shared_tpm_limit_is_leased_leaves_the_bucket_at_the_spend(
+        settings: Settings, store: Store, stack: Stack, sim: SimServer, bus: Bus, tmp_path: Path) -> None:
+    # Found by a probe (p66 F2), as a budget's lease above: the units a shared rate limit's bucket leased to a request
+    # whose client hung up while the write was on its way stayed out of the bucket, in no replica's share.
+    relay = Relay(int(settings.nats_url.rpartition(":")[2]))
+    s = settings.replace(nats_url=f"nats://127.0.0.1:{await relay.start()}")
+    tpm = 1_000_000
+    try:
+        router, keys = await _acme_router(s, store, stack, sim, tmp_path, lease_s=300,
+                                          rate_limits=[{"tenant": "acme", "tpm": tpm, "shared": True}])
+        router.admission.wall_s = lambda: 1000.0  # the KV bucket refills on the wall clock: not during this test
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {keys.app_key}"}) as http:
+            status, answered = await _post(http, f"{router.url}/v1/chat/completions", HI)  # leases a share
+        assert status == 200 and router.admission._refunding is not None
+        await router.admission._refunding  # what it did not use is given back to the KV bucket
+        relay.hold_after(f"$KV.{bus.subjects.kv_budgets}._rl.tokens.")  # the next lease's write
+        await _hang_up_while(relay.held, router, keys.app_key, "/v1/chat/completions", {**HI, "max_tokens": 100_000})
+        relay.release()
+        await stack.close()  # the router stops: it gives its share back
+        assert sim.total_requests == 1
+        (level,) = [msgspec.json.decode(v, type=Level) for k, v in
+                    (await bus.kv_entries(bus.subjects.kv_budgets)).items() if k.startswith("_rl.tokens.")]
+        assert level.level == tpm - answered["usage"]["total_tokens"]  # before: 949,776, the lease's 50,206 fewer
+    finally:
+        await stack.close()
+        await relay.close()
