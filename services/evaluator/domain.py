@@ -618,11 +618,10 @@ def fact_case(c: EvalCaseResult) -> CaseResult:
                       output_tokens=c.output_tokens, error=c.error, details=dict(c.details))
 
 
-def finished(stored: Sequence[CaseResult], published: Sequence[CaseResult]) -> list[CaseResult]:
-    """The cases a run has answered, one per (case, repeat): those the sink stored, then those published (oldest
-    first) that it has not stored yet. The stored one wins, and the first published one after it, since the sink
-    keeps the first it stores."""
+def finished(published: Sequence[CaseResult]) -> list[CaseResult]:
+    """The cases a run has answered, one per (case, repeat), from those it published (oldest first): the first
+    published one wins, since the sink keeps the first it stores."""
     out: dict[tuple[str, int], CaseResult] = {}
-    for r in [*stored, *published]:
+    for r in published:
         out.setdefault((r.case_id, r.repeat), r)
     return list(out.values())

@@ -179,16 +179,17 @@ class Execution:
             return None
 
     async def execute(self, req: EvalRequested, loaded: Loaded, cases_after: int = 0) -> Outcome:
-        """Run the cases not answered yet, then summarise all of them. The answered ones are those stored and those
-        published after the facts stream's sequence `cases_after` (the run's record says where its cases start)
-        that the sink has not stored yet: none is asked again. A case asked but not yet published when the
-        evaluator died (its batch not acknowledged by JetStream) is asked again."""
+        """Run the cases not answered yet, then summarise all of them. The answered ones are those this evaluator
+        published after the facts stream's sequence `cases_after` (the run's record says where its cases start): none
+        is asked again. A case asked but not yet published when the evaluator died (its batch not acknowledged by
+        JetStream), or published so long ago that it has left the stream, is asked again."""
         suite, cases = loaded.suite, loaded.cases
         keys = {(c.id, r) for c in cases for r in range(suite.repeats)}
-        # The table first: a case it holds has left the stream after `max_age_s`, or is also in it.
-        stored = await persist.run_cases(self.ctx.bus, req.run_id)
+        # Read back from the facts stream, where nats-server lets no identity but the evaluator's publish a case;
+        # never from the query service's answer, which whoever holds the query credential could give first (probe
+        # p65 F1: 20 made-up perfect cases taken as answered, no call made, and the gate signed a PASS).
         published = await persist.published_cases(self.ctx.bus, req.run_id, cases_after)
-        finished = [r for r in domain.finished(stored, published) if (r.case_id, r.repeat) in keys]
+        finished = [r for r in domain.finished(published) if (r.case_id, r.repeat) in keys]
         # Every case a run stores says which binding it was asked under; the run's is fixed when it starts, so
         # another here was stored by an evaluator that did not record it (or for another binding): resumed, those
         # answers would be judged as this binding's, and asked again, the sink would keep the first (one row per

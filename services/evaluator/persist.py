@@ -1,5 +1,5 @@
-"""Where eval results go: finished cases published as facts for the sink; resume, baseline and recorded
-outputs read through the query service (this process never opens ClickHouse)."""
+"""Where eval results go: finished cases published as facts for the sink, and read back from their stream to resume
+a run; baseline and recorded outputs read through the query service (this process never opens ClickHouse)."""
 
 from __future__ import annotations
 
@@ -116,8 +116,10 @@ async def published_cases(bus: Bus, run_id: str, after: int) -> list[domain.Case
     """The cases of a run published after the facts stream's sequence `after`, oldest first, whether or not the
     sink has stored them: read from the stream, which keeps them for its `max_age_s` (7 days), not from the table.
 
-    A resumed run that read only the table asked again every case the sink had not stored yet (it was behind, or
-    down), and paid the upstream twice for it."""
+    Only the evaluator's identity may publish on the subject (nats-server checks it), so what is read here is its own;
+    the query service's answer is whatever the first responder on the query subject says (probe p65 F1). A resumed run
+    that read the table asked again every case the sink had not stored yet (it was behind, or down), and paid the
+    upstream twice for it."""
     out: list[domain.CaseResult] = []
     named = msgspec.json.encode(run_id)  # other runs' batches are skipped undecoded
     async for _, _, data in bus.stored_after(bus.subjects.streams["facts"].name, bus.subjects.eval_cases, after):

@@ -79,10 +79,11 @@ async def record_request(bus: Any, req: EvalRequested) -> EvalRun:
                     return recorded
                 if recorded != req:
                     _taken(req, recorded.request if isinstance(recorded, EvalRun) else recorded)
-                # The bare request, recorded by an earlier evaluator: the bundle is recorded now. The cases it
-                # stored carry no binding, so none of them is taken as asked under this one (Execution.execute).
-            run = EvalRun(request=req, bundle=await _bundle(bus, req.release),
-                          cases_after=await bus.last_seq(bus.subjects.streams["facts"].name))
+                # The bare request, recorded by an earlier evaluator: the bundle is recorded now, and the cases that
+                # evaluator published are read from the stream's start (those carry no binding, so none of them is
+                # taken as asked under this one: Execution.execute fails the run).
+            after = 0 if entry is not None else await bus.last_seq(bus.subjects.streams["facts"].name)
+            run = EvalRun(request=req, bundle=await _bundle(bus, req.release), cases_after=after)
             try:
                 if entry is None:
                     await kv.create(key, encode(run))

@@ -1,5 +1,5 @@
-"""What a resumed run takes as answered (probe p1): the cases the sink stored, and those the run published that
-the sink has not stored yet, one per (case, repeat), so none is asked again."""
+"""What a resumed run takes as answered (probes p1, p65): the cases the run published, read back from their stream
+whether or not the sink has stored them yet, one per (case, repeat), so none is asked again."""
 
 from __future__ import annotations
 
@@ -27,14 +27,13 @@ def test_a_published_expected_value_reads_back_as_text_as_the_table_stores_it() 
     assert domain.fact_case(domain.case_fact(case)).expected == '{"n": 1}'
 
 
-def test_answered_cases_are_the_stored_ones_then_the_published_ones_the_sink_has_not_stored() -> None:
-    stored = [_case("c1", 0, "stored"), _case("c2", 0, "stored")]
-    published = [_case("c2", 0, "published"), _case("c3", 0, "first"), _case("c3", 1, "first"),
-                 _case("c3", 0, "again")]
-    got = {(r.case_id, r.repeat): r.output for r in domain.finished(stored, published)}
-    # The sink keeps the first answer it stores: the stored one, else the first published.
-    assert got == {("c1", 0): "stored", ("c2", 0): "stored", ("c3", 0): "first", ("c3", 1): "first"}
-    assert domain.finished([], []) == []
+def test_answered_cases_are_the_published_ones_the_first_of_each_winning() -> None:
+    # Not the table's, read through the query service: anyone holding the query credential answered first (p65 F1).
+    published = [_case("c2", 0, "first"), _case("c3", 0, "first"), _case("c3", 1, "first"), _case("c3", 0, "again")]
+    got = {(r.case_id, r.repeat): r.output for r in domain.finished(published)}
+    # The sink keeps the first answer it stores: the first published.
+    assert got == {("c2", 0): "first", ("c3", 0): "first", ("c3", 1): "first"}
+    assert domain.finished([]) == []
 
 
 def test_a_record_says_where_its_published_cases_start_and_an_older_one_reads_from_the_start() -> None:
