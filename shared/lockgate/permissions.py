@@ -280,8 +280,13 @@ def _grant(s: Subjects, identity: str) -> Grant:
         g.add(_read_stream(st["audit"]))
     elif identity == "query":
         # It answers on inboxes only (`is_inbox`), not on any reply subject a requester names (`responses`: a
-        # viewer's request with reply `$KV.<routes>.<deployment>` had the answer stored as that route).
-        g.add(service).add(Grant(subscribe=[s.query, s.query_cli], publish=[f"{INBOX}.>"]))
+        # viewer's request with reply `$KV.<routes>.<deployment>` had the answer stored as that route; nats-server
+        # lets a response through whatever the allow and deny lists say, so it cannot narrow `_INBOX.>` either).
+        # The requests in the replicas' queue group only, as the gateway's reads: a second process holding this
+        # credential, subscribed outside it, was sent every request and answered the evaluator's first (probe p65
+        # F1); in the group it answers its share, and no gate input is taken from this lane's answer any more.
+        g.add(service).add(Grant(subscribe=[f"{s.query} {s.query_group}", f"{s.query_cli} {s.query_group}"],
+                                 publish=[f"{INBOX}.>"]))
     elif identity == "gateway":
         g.add(service).add(_read_kv(s.kv_gates)).add(Grant(publish=[s.inference_sent]))
         # The relay of application users' events (each per-application user's, the shared `app`'s): it answers

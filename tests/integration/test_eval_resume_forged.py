@@ -14,6 +14,7 @@ runs, so every request on the services' subject reaches it, in the query service
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -21,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from lockgate import artifacts, credentials
+from lockgate import artifacts, credentials, natsclient
 from lockgate.bus import Bus
 from lockgate.codec import Codec
 from lockgate.config import Settings
@@ -107,3 +108,25 @@ async def test_a_forged_answer_to_the_resume_query_is_not_taken_as_the_runs_answ
     assert [(r.rule, r.observed) for r in decision.rules if r.verdict == "FAIL"] == [("accuracy", 0.5)]
     assert sim.requests == {"bad": 20}
     assert "eval_case_results" not in asked  # the query lane is not where a run learns what it answered
+
+
+async def test_the_query_credential_is_sent_requests_in_the_query_services_queue_group_only(stack: Runtime) -> None:
+    # Outside the group, the holder of the credential was sent every service's request as well as the query service
+    # was, and its answer came first (probe p65 F1); in it, it is sent its share, and answers nothing a gate rests on.
+    auth = credentials.for_identity(stack.settings, "query")
+    errors: list[str] = []
+    refused = asyncio.Event()
+
+    async def on_error(exc: Exception) -> None:
+        errors.append(str(exc).lower())
+        refused.set()
+
+    rogue = await natsclient.connect(stack.settings.nats_url, user=auth.user, password=auth.password,
+                                     allow_reconnect=False, inbox_prefix=f"_INBOX.{auth.user}", error_cb=on_error)
+    try:
+        await rogue.subscribe(stack.ctx.bus.subjects.query)
+        await rogue.flush()
+        await asyncio.wait_for(refused.wait(), 10)
+        assert f'permissions violation for subscription to "{stack.ctx.bus.subjects.query}"' in errors[0]
+    finally:
+        await rogue.close()

@@ -198,10 +198,17 @@ def test_the_query_service_answers_on_inboxes_only() -> None:
         assert not may_publish("query", subject), subject
 
 
+def test_the_query_service_subscribes_to_requests_in_its_queue_group_only() -> None:
+    # Probe p65 F1: a second process with its credential, subscribed outside the group, was sent every request and
+    # answered the evaluator's first.
+    asked = [p for p in grant(S, "query").subscribe if p.split(" ")[0] in (S.query, S.query_cli)]
+    assert asked == [f"{S.query} {S.query_group}", f"{S.query_cli} {S.query_group}"]
+
+
 def test_only_the_services_ask_on_the_services_query_subject() -> None:
     # Probe p10: the viewer's requests waited in one queue with the gatekeeper's; the roles have a lane of their own,
     # and may not ask in the services' (the lane is the subject, which nats-server checks; a reply inbox is not).
-    assert may_publish("query", S.query) is False and {S.query, S.query_cli} <= set(grant(S, "query").subscribe)
+    assert may_publish("query", S.query) is False
     for identity in ("viewer", "operator", "approver"):
         assert may_publish(identity, S.query_cli) and not may_publish(identity, S.query), identity
     for identity in SERVICES:
