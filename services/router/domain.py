@@ -842,14 +842,16 @@ def manual_promote(route: Route, override: Override | None, now: float = 0.0, ov
 
 
 def rests_on_admission(route: Route) -> bool:
-    """True for a live canary that takes (or may take) traffic on a decision it was admitted by, not on a
-    break-glass override covering it: what raises its traffic must check that admission again first. A progressing
-    canary rests on one even when the route records none (a route stored before admissions were recorded): it is
-    checked all the same, never stepped on unchecked."""
-    if route.canary is None or route.phase not in ("idle", "progressing") or not (
-            route.admitted or route.phase == "progressing"):
-        return False
-    return route.override is None or route.override.release != route.canary.release
+    """True for a live canary that takes (or may take) traffic on a decision it was admitted by: what raises its
+    traffic must check that admission again first. A progressing canary rests on one even when the route records
+    none (a route stored before admissions were recorded): it is checked all the same, never stepped on unchecked.
+
+    A break-glass override covering the canary changes nothing here: it holds a canary no decision admitted at its
+    signed weight (phase idle, no admission), and a decision that admitted it past that is what the steps, the
+    operator's raises and promote rest on from then on. (Before, probe p64 F1, a break-glass canary a PASS then
+    admitted was never checked again: with that PASS's key revoked it stepped on to 100% and was promoted.)"""
+    return route.canary is not None and route.phase in ("idle", "progressing") and bool(
+        route.admitted or route.phase == "progressing")
 
 
 def readmit(route: Route, decision: GateDecided | None, why_not: str = "") -> Route | None:
@@ -871,9 +873,14 @@ def readmit(route: Route, decision: GateDecided | None, why_not: str = "") -> Ro
     else:
         now = f"the current decision {decision.id} is {decision.decision}"
     by = f"gate decision {route.admitted}" if route.admitted else "a gate decision the route does not record"
+    glass = route.override
+    # The override still covers its canary, at no more than its signed weight (an operator may give it that again):
+    # what the revoked or superseded decision gave beyond it is gone.
+    still = f"; the break-glass override by {glass.actor} covers it still, at no more than {glass.weight:g}%" \
+        if glass is not None and glass.release == release else ""
     return _bump(route, phase="idle", weight=0.0, next_step_at=0.0, admitted="", admitted_by="", decision_id="",
                  reason=f"canary {release} back to 0%: admitted by {by}, but {now}; it waits for a decision a trusted "
-                        "key signed")
+                        f"key signed{still}")
 
 
 def clear_override(route: Route, why: str = "") -> Route:

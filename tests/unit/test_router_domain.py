@@ -404,11 +404,20 @@ def test_readmit_takes_back_a_canary_whose_admitting_decision_no_longer_verifies
                            "revoked key id 'k1'); it waits for a decision a trusted key signed")
     held = domain.readmit(admitted, _decision("NEEDS_REVIEW", id_="n1"))
     assert held is not None and held.weight == 0.0 and "the current decision n1 is NEEDS_REVIEW" in held.reason
-    # Nothing to check: a canary not admitted yet, a finished rollout, or one a break-glass override covers.
+    # Nothing to check: a canary not admitted yet (one a break-glass override holds at its weight too), a finished
+    # rollout.
+    glass = domain.Override(release="r2", action="canary", actor="boss", reason="incident", at=1.0, weight=5.0)
     assert domain.readmit(_canary(weight=0), None) is None
+    assert domain.readmit(msgspec.structs.replace(_canary(weight=0), override=glass, weight=5.0), None) is None
     assert domain.readmit(domain.abort(admitted, "x"), None) is None
-    glass = domain.Override(release="r2", action="canary", actor="boss", reason="incident", at=1.0)
-    assert domain.readmit(msgspec.structs.replace(admitted, override=glass), None) is None
+    # A break-glass canary a decision admitted past its signed weight rests on that decision: back to 0%, its
+    # override still covering it at no more than that weight. Before (probe p64 F1), it was never checked again.
+    covered = msgspec.structs.replace(admitted, override=glass)
+    assert domain.rests_on_admission(covered)
+    gone = domain.readmit(covered, None, "signed by revoked key id 'k1'")
+    assert gone is not None and (gone.weight, gone.phase, gone.admitted, gone.override) == (0.0, "idle", "", glass)
+    assert gone.reason.endswith("a trusted key signed; the break-glass override by boss covers it still, at no more "
+                                "than 5%")
 
 
 def test_a_replica_cut_off_from_the_bus_serves_the_stable_release_only() -> None:
