@@ -152,10 +152,11 @@ class Topology:
         return proc
 
     async def start(self, timeout_s: float = 120.0) -> None:
-        """The cluster, the simulator and the store's owner first (the sink declares streams and buckets
-        with their replicas), then every other service together; returns once all serve."""
+        """The cluster, admin's declaration of the topology (`_declare`), the simulator and the store's owner,
+        then every other service together; returns once all serve."""
         try:
             await self.nats.start(timeout_s)
+            await asyncio.to_thread(self._declare, timeout_s)
             first = [self._add("simulator", ["sim", "--port", "0"], ready_text="simulator listening on")]
             if self.clickhouse_url.startswith("chdb://"):
                 first.append(self._add("store", ["serve", *STORE]))
@@ -177,6 +178,17 @@ class Topology:
         except BaseException:
             self.stop()
             raise
+
+    def _declare(self, timeout_s: float) -> None:
+        """Streams, buckets and every interest stream's readers with their replicas, as admin, before any service
+        starts: a deployment's install step (`lockgate --role admin topology apply`). No service may declare another
+        service's consumer (the sink makes its own), and an event sent before a reader's service first starts is
+        kept for it only once its consumer is declared."""
+        done = subprocess.run([*LOCKGATE, "--role", "admin", "topology", "apply", "--json"], env=self.env(),
+                              capture_output=True, text=True, timeout=timeout_s)
+        if done.returncode != 0:
+            raise ConfigError(f"`lockgate --role admin topology apply` exited {done.returncode}: "
+                              f"{(done.stderr or done.stdout).strip()}")
 
     def replicas(self, service: str) -> list[ServiceProcess]:
         """The processes running `service`, in order."""

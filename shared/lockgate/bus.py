@@ -37,7 +37,7 @@ from nats.js.api import (
 from nats.js.object_store import OBJ_DEFAULT_CHUNK_SIZE
 from nats.nuid import NUID
 
-from lockgate import metrics, propagation
+from lockgate import metrics, permissions, propagation
 from lockgate.batcher import Batcher
 from lockgate.codec import Codec, encode
 from lockgate.contracts import DeadLetter, Event, InferenceEvent
@@ -641,13 +641,28 @@ class Bus:
         sets its own consumer's settings when it starts (the same name; a filter that may be narrower, as the
         evaluator's two, and then what no longer matches it is no longer kept for it); an existing one is left as
         it is, and one missing (a reader added since the home was made) is made, from the stream's first message
-        still kept."""
+        still kept.
+
+        Only admin (or an open server) declares another service's: a create of an existing consumer updates it
+        whatever it changes, so no service may create one not its own (permissions `_manage_topology`). A service
+        that declares the topology (the sink) makes its own and names the others missing: each is kept for from
+        admin's declaration (`topology apply`, which compose, k8s and `lockgate dev cluster` run before the sink)
+        or its own service's first start."""
+        own = None if self.update_topology else permissions.own_durables(self.subjects, self.auth.user)
+        missing: list[str] = []
         for durable in spec.readers:
             try:
                 await self.js.consumer_info(spec.name, durable)
             except nats.js.errors.NotFoundError:
+                if own is not None and durable not in own:
+                    missing.append(durable)
+                    continue
                 await self.js.add_consumer(spec.name, ConsumerConfig(
                     name=durable, durable_name=durable, filter_subject=spec.subjects[0], ack_policy=AckPolicy.EXPLICIT))
+        if missing:
+            log.warning("%s: stream %s keeps nothing yet for %s (not this identity's to declare): an event published "
+                        "before its service first starts is not kept for it unless admin declares it first with `%s`",
+                        self.name, spec.name, ", ".join(missing), TOPOLOGY_APPLY)
 
     async def health(self, deadline_s: float = HEALTH_DEADLINE_S) -> tuple[str, list[dict[str, Any]]]:
         """The bus as health checks report it, within `deadline_s` whatever nats-server does: its `state`, or

@@ -120,6 +120,12 @@ DURABLES: dict[str, dict[str, tuple[str, ...]]] = {
 }
 
 
+def own_durables(s: Subjects, identity: str) -> frozenset[str]:
+    """The durable consumers `identity` may create (none for a role or an application): the only ones a service's
+    declaration of the topology makes (Bus._ensure_readers); admin's makes every stream's readers."""
+    return frozenset(s.durable(identity, p) for purposes in DURABLES.get(identity, {}).values() for p in purposes)
+
+
 def _read_stream(stream: str) -> Grant:
     # Reading messages by sequence (and a stream's state); consumers are granted apart.
     api = "$JS.API"
@@ -204,10 +210,12 @@ def _manage_topology(s: Subjects) -> Grant:
                                   s.kv_eval_cache, s.kv_audit, s.kv_gitops, s.kv_budgets,
                                   s.kv_response_cache, s.kv_response_owners, s.kv_vetoes, s.kv_router_secret)]
     names += [f"OBJ_{s.object_store}", f"OBJ_{s.object_dead_letters}"]
-    # And the durable consumers an interest stream keeps its messages for (StreamSpec.readers): declared before
-    # anyone publishes, then each fetched from only by its own service (_durables).
-    readers = [f"$JS.API.CONSUMER.{op}.{spec.name}.{d}{tail}" for spec in s.streams.values() for d in spec.readers
-               for op, tail in (("CREATE", ""), ("CREATE", ".>"), ("INFO", ""))]
+    # And whether the durable consumers an interest stream keeps its messages for (StreamSpec.readers) exist, to name
+    # those missing (Bus._ensure_readers). Only looked up: a create of an existing consumer is an update, which
+    # nats-server applies whatever it changes, so whoever may create another service's durable re-points it (probe
+    # p65 F2: the sink narrowed the drift monitor's filter to a subject nobody publishes, and the stream dropped every
+    # event drift never saw). Each is declared by admin (`topology apply`, `lockgate up`) or by its own service.
+    readers = [f"$JS.API.CONSUMER.INFO.{spec.name}.{d}" for spec in s.streams.values() for d in spec.readers]
     return Grant(publish=[f"$JS.API.STREAM.{op}.{n}" for n in names for op in ("CREATE", "INFO")] + readers)
 
 

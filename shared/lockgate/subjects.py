@@ -56,8 +56,9 @@ class StreamSpec:
     out (streams read back by sequence: histories, drift reports); `interest` keeps it only
     until every durable consumer on the stream has acknowledged it, so `max_bytes` bounds the backlog nobody
     consumed yet, not all traffic within `max_age_s`. An interest stream's `readers` (durable consumer names,
-    filtering on the stream's subject) are declared with it, so an event published before its services first
-    start is kept for them rather than dropped for want of interest.
+    filtering on the stream's subject) are declared with it by admin (a service declares its own only:
+    `Bus._ensure_readers`), so an event published before its services first start is kept for them rather than
+    dropped for want of interest.
 
     At `max_age_s` the oldest messages expire whatever their consumers did. At `max_bytes` the
     `discard` policy decides: `new` refuses the publish (the producer sees the bus as unavailable,

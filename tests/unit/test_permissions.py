@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from lockgate.permissions import IDENTITIES, ROLES, SERVICES, app_of, app_user, grant, query_subject
+from lockgate.permissions import DURABLES, IDENTITIES, ROLES, SERVICES, app_of, app_user, grant, query_subject
 from lockgate.server.natsserver import deploy_auth_config
 from lockgate.subjects import Subjects
 
@@ -166,6 +166,22 @@ def test_only_the_router_publishes_the_events_of_served_requests(identity: str) 
     assert not any(matches(p, S.served("shop")) for p in grant(S, identity).publish)
     assert any(matches(p, S.served("shop")) for p in grant(S, "router").publish)
     assert not any(matches(p, S.inference("shop")) for p in grant(S, "router").publish)
+
+
+def _durables() -> list[tuple[str, str, str]]:
+    # (stream, durable, owner) for every durable consumer a service runs: the readers of interest streams among them
+    return [(S.streams[key].name, S.durable(service, p), service)
+            for service, streams in DURABLES.items() for key, purposes in streams.items() for p in purposes]
+
+
+@pytest.mark.parametrize(("stream", "durable", "owner"), _durables())
+def test_only_a_durables_own_service_may_create_it(stream: str, durable: str, owner: str) -> None:
+    # A create of an existing consumer is an update nats-server applies whatever it changes (probe p65 F2: the sink,
+    # which declared every interest stream's readers, narrowed the drift monitor's filter to a subject nobody
+    # publishes, and the stream dropped every event drift never saw). In every form: plain, with a filter, legacy.
+    for subject in (f"$JS.API.CONSUMER.CREATE.{stream}.{durable}", f"$JS.API.CONSUMER.CREATE.{stream}.{durable}.x.y",
+                    f"$JS.API.CONSUMER.DURABLE.CREATE.{stream}.{durable}"):
+        assert {i for i in IDENTITIES if may_publish(i, subject)} == {owner, "admin"}, subject
 
 
 @pytest.mark.parametrize("identity", ["app", "viewer", "approver", "operator"])

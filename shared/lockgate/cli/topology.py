@@ -25,9 +25,10 @@ def register(cli: click.Group) -> None:
     @click.pass_context
     @handle_errors
     def apply(ctx: click.Context, as_json: bool) -> None:
-        """Create the streams and buckets that are missing and change those that differ to lockgate's
+        """Create the streams and buckets that are missing, with the consumers each interest stream keeps events
+        for (its readers: no service may declare another's), and change those that differ to lockgate's
         configuration (role admin: no service may change one). The sink names those that differ at start (its
-        log, `/readyz` topology_differs). A stream that records who did what (the provenance stream, the releases
+        log, `/readyz` topology_differs) and the readers missing (its log). A stream that records who did what (the provenance stream, the releases
         and audit buckets) is never changed: one that differs is named and left (exit 5, the rest applied)."""
         settings = ctx.obj["settings"]
 
