@@ -648,7 +648,9 @@ class Bus:
         that declares the topology (the sink) makes its own and names the others missing: each is kept for from
         admin's declaration (`topology apply`, which compose, k8s and `lockgate dev cluster` run before the sink)
         or its own service's first start."""
-        own = None if self.update_topology else permissions.own_durables(self.subjects, self.auth.user)
+        # None: every reader (admin, or a server without users, where anyone may)
+        may_all = self.update_topology or not self.auth.enabled
+        own = None if may_all else permissions.own_durables(self.subjects, self.auth.user)
         missing: list[str] = []
         for durable in spec.readers:
             try:
