@@ -68,6 +68,7 @@ from lockgate.services.router.budgets import (
     create_step,
     grant,
     input_estimate,
+    input_guessed,
     lease_ask,
     lease_chunk,
     most_output,
@@ -575,13 +576,8 @@ class Admission:
         # Usage the router did not believe (10^30 tokens, a negative count) is as none: no absurd number reaches
         # the counter (which would refuse everything for the rest of the period).
         believed = USAGE_WARNING not in rec.attributes
-        if believed and call is not None and rec.output_tokens > (cap := most_output(
-                ticket.req, ticket.max_fields, 0, (call.limits,))) > 0:
-            # More output than the call's own limit lets a provider generate (`n` choices of max tokens, reasoning
-            # included): a broken or lying count (a `total_tokens` of 10^8 for `max_tokens: 5` spent a day's budget).
-            # Without a limit the default is only a guess, and the count stands.
-            rec.attributes[USAGE_WARNING] = (f"usage not believed: {rec.output_tokens} output tokens, more than the "
-                                             f"call's limit of {cap}")
+        if believed and call is not None and (doubt := self._doubt(ticket, rec, call)):
+            rec.attributes[USAGE_WARNING] = f"usage not believed: {doubt}"
             believed = False
         if believed and (rec.input_tokens or rec.output_tokens):
             # `model` may be none the request could reach: another model answered (Proxy._answered_by), at its price.
@@ -601,6 +597,23 @@ class Admission:
         if rec.error_type in (CLIENT_DISCONNECTED, UPSTREAM_UNANSWERED):
             return ZERO  # the client left before any call answered: the one under way then is among `abandoned`
         return None
+
+    def _doubt(self, ticket: Ticket, rec: Any, call: Call) -> str:
+        """Why the counts `rec` reports for `call` are beyond what the call can be billed (its worst case), "" when
+        they are not: a broken or lying count, charged the worst case instead (a `total_tokens` of 10^8 for
+        `max_tokens: 5` spent a day's budget, probe p9; a `prompt_tokens` of 10^8 for "hi", probe p66 F3)."""
+        assert ticket.req is not None  # an admitted ticket, whose calls are settled
+        # More output than the call's own limit lets a provider generate (`n` choices of max tokens, reasoning
+        # included). Without a limit the default is only a guess, and the count stands.
+        if rec.output_tokens > (cap := most_output(ticket.req, ticket.max_fields, 0, (call.limits,))) > 0:
+            return f"{rec.output_tokens} output tokens, more than the call's limit of {cap}"
+        # More input than the body the call sent can hold, with what it points at: a token per byte at most, whatever
+        # bytes_per_token a gateway file reserves at. Where the estimate is only a guess (a configured size, a hosted
+        # tool's results: budgets.input_guessed), the count stands.
+        most = input_estimate(call.body_bytes, ticket.req, min(self.file.bytes_per_token, 1.0), ticket.pointed)
+        if rec.input_tokens > most and not input_guessed(ticket.req, ticket.pointed):
+            return f"{rec.input_tokens} input tokens, more than the call's input estimate of {most}"
+        return ""
 
     def release(self, ticket: Ticket) -> None:
         """Nothing was spent (a cache hit): give the whole reservation back."""

@@ -325,9 +325,33 @@ def input_estimate(body_bytes: int, req: ApiRequest, bytes_per_token: float, poi
     reserved as 20 tokens). Plus a few tokens per message for the chat template, TOOLS_TOKENS when tools are
     declared, and `pointed`: what the body only points at (`pointed_at`: images, a stored response,
     conversation or file). Still not bounded: a hosted tool's results (web or file search) and a stored prompt
-    template by id."""
+    template by id (input_guessed says when the estimate may fall short)."""
     tools = TOOLS_TOKENS if req.declares_tools() else 0
     return math.ceil(body_bytes / bytes_per_token) + 8 * len(req.messages) + 3 + tools + pointed
+
+
+# Tool types the application runs itself, its results coming back in the body of its next request; any other (web or
+# file search, a code interpreter, MCP, computer use) the provider runs, and reads its results as input no body carried.
+_APPLICATION_TOOLS = frozenset({"function", "custom"})
+
+
+def input_guessed(req: ApiRequest, pointed: int) -> bool:
+    """Whether a request's input estimate (input_estimate) may be below what its upstream reads: it holds a configured
+    guess for what the body only points at (`pointed`: an image's `media_tokens`, a file's or stored state's
+    `stored_input_tokens`), or nothing for the results of a tool the provider runs (any but a function: web or file
+    search, MCP...; chat's `web_search_options`) or a stored prompt template (a Responses `prompt` object). Elsewhere
+    the estimate bounds the input, and a count above it is not believed (Admission._doubt). Decodes `tools`: for a
+    call whose count is above its estimate only, never on the request path."""
+    if pointed or isinstance(req.prompt, dict) or bytes(req.web_search_options) not in (b"", b"null"):
+        return True
+    if not req.declares_tools():
+        return False
+    try:
+        tools = _any.decode(bytes(req.tools))
+    except msgspec.DecodeError:  # the upstream read something: what, the router cannot say
+        return True
+    return not isinstance(tools, list) or any(not isinstance(t, dict) or t.get("type") not in _APPLICATION_TOOLS
+                                              for t in tools)
 
 
 def most_output(req: ApiRequest, fields: Sequence[str], default_max_tokens: int,

@@ -89,6 +89,8 @@ class ApiRequest(_Routed):
     # Whether tools are declared (a provider then adds instructions of its own to the input). Raw: their
     # JSON as sent, not decoded into objects on every request; absent, `null` and `[]` are at most 4 bytes.
     tools: msgspec.Raw = msgspec.Raw()
+    # Chat's web search (search models): its results are input the body never carried (budgets.input_guessed).
+    web_search_options: msgspec.Raw = msgspec.Raw()
     # The processing tier the client asked for (UNSET: none), whose price the operator pays: the router sends
     # a release's own instead, or none (wire.OPERATOR_FIELDS, each a field here).
     service_tier: Any = msgspec.UNSET

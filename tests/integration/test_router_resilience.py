@@ -34,7 +34,7 @@ from lockgate.server.apikeys import Bootstrap, bootstrap
 from lockgate.server.service import ServiceContext
 from lockgate.services.query.cost import cost_rollup
 from lockgate.services.router.admission import load_gateway_file
-from lockgate.services.router.budgets import Counter, input_estimate, resolve
+from lockgate.services.router.budgets import Counter, cost_of, input_estimate, resolve
 from lockgate.services.router.cache import MAX_KEYED_BYTES
 from tests.helpers import break_glass, register_model_release, sink_stored, store_pass
 
@@ -1494,7 +1494,13 @@ async def test_a_releases_output_limit_bounds_what_a_call_reserves_and_is_charge
     # Output above the call's own limit (max_tokens 300): found by a probe (p9), a total of 10^8 for it was believed.
     ({"prompt_tokens": 5, "completion_tokens": 5, "total_tokens": 99_999_999}, False,
      "99999994 output tokens, more than the call's limit of 300"),
-], ids=["no-prompt", "no-prompt-stream", "total-not-a-count", "output-above-limit"])
+    # Input above what the body sent can hold (probe p66 F3): 10^8 prompt tokens for "hi" was believed.
+    ({"prompt_tokens": 99_999_990, "completion_tokens": 5, "total_tokens": 99_999_995}, False,
+     "99999990 input tokens, more than the call's input estimate of {tokens_in}"),
+    ({"prompt_tokens": 99_999_990, "completion_tokens": 5, "total_tokens": 99_999_995}, True,
+     "99999990 input tokens, more than the call's input estimate of {tokens_in}"),
+], ids=["no-prompt", "no-prompt-stream", "total-not-a-count", "output-above-limit", "input-above-estimate",
+        "input-above-estimate-stream"])
 async def test_usage_missing_a_count_or_with_a_total_that_is_none_is_charged_worst_case_and_booked_alike(
         gateway: Gateway, keys: Bootstrap, context: ServiceContext, events: Any, tmp_path: Any, run_services: Any,
         store: Any, usage: dict[str, Any], stream: bool, why: str) -> None:
@@ -1519,7 +1525,8 @@ async def test_usage_missing_a_count_or_with_a_total_that_is_none_is_charged_wor
         (event,) = await events(1)
         assert {k: v for k, v in event.attributes.items() if k.startswith("lockgate.") and k not in (
             "lockgate.endpoint", REQUEST_DIGEST)} == {
-            "lockgate.usage_warning": f"usage not believed: {why}", "lockgate.usage_unknown": "worst_case",
+            "lockgate.usage_warning": f"usage not believed: {why.format(tokens_in=tokens_in)}",
+            "lockgate.usage_unknown": "worst_case",
             "lockgate.charged_input_tokens": str(tokens_in), "lockgate.charged_output_tokens": str(tokens_out)}
         spent = await _counter(router, context)
     usd = math.ceil((tokens_in * 1.0 + tokens_out * 4.0) / 1e6 * 1e9)
@@ -1530,6 +1537,90 @@ async def test_usage_missing_a_count_or_with_a_total_that_is_none_is_charged_wor
     (cost,) = await asyncio.to_thread(cost_rollup, store, ["tenant"])
     assert (cost["calls"], cost["tokens"]) == (1, tokens_in + tokens_out)
     assert cost["cost_usd"] == pytest.approx(usd / 1e9, abs=1e-8)
+
+
+def _inflating(input_tokens: int) -> Callable[[str, dict[str, Any]], web.Response]:
+    """An upstream's answer to chat, embeddings or a Responses turn alike, reporting `input_tokens` of input."""
+
+    def answer(_auth: str, body: dict[str, Any]) -> web.Response:
+        if "messages" in body:
+            return web.json_response({"id": "c1", "object": "chat.completion", "created": 1, "model": body["model"],
+                                      "choices": [{"index": 0, "message": {"role": "assistant", "content": "x"},
+                                                   "finish_reason": "stop"}],
+                                      "usage": {"prompt_tokens": input_tokens, "completion_tokens": 1,
+                                                "total_tokens": input_tokens + 1}})
+        if "encoding_format" in body:
+            return web.json_response({"object": "list", "model": body["model"], "data": [
+                {"object": "embedding", "index": 0, "embedding": [0.1, 0.2]}],
+                "usage": {"prompt_tokens": input_tokens, "total_tokens": input_tokens}})
+        return web.json_response({"id": "resp_1", "object": "response", "created_at": 1, "model": body["model"],
+                                  "status": "completed", "output": [
+                                      {"type": "message", "id": "msg_1", "role": "assistant", "status": "completed",
+                                       "content": [{"type": "output_text", "text": "x", "annotations": []}]}],
+                                  "usage": {"input_tokens": input_tokens, "output_tokens": 1,
+                                            "total_tokens": input_tokens + 1}})
+
+    return answer
+
+
+async def test_input_above_its_estimate_charges_an_embeddings_call_its_worst_case_and_leaves_the_tpm_open(
+        gateway: Gateway, keys: Bootstrap, context: ServiceContext, events: Any, tmp_path: Any) -> None:
+    # Found by a probe (p66 F3): the input count was believed up to 10^8 whatever the body, and embeddings have no
+    # output limit to check: one "hi" reserved 0.000019 USD was charged 50 USD against a 25 USD budget, and left the
+    # key's tpm bucket 10^8 in debt (about 8 hours refused under tpm 200,000). Now it is charged its worst case.
+    _priced(context, tmp_path, {"m": (0.5, 1.5)}, {"usd": 25.0, "tokens": 50_000_000})
+    gateway_file = json.loads((tmp_path / "gateway.yaml").read_text())
+    (tmp_path / "gateway.yaml").write_text(json.dumps({**gateway_file, "rate_limits": [
+        {"tenant": "acme", "rpm": 1000, "tpm": 200_000}]}))
+    async with FakeLLM("liar", ("answer", _inflating(99_999_999))) as up:
+        router = await gateway({"default": {"url": up.url}})
+        async with client(router, keys) as c:
+            done = await c.embeddings.create(model="m", input="hi", encoding_format="float")
+            assert done.usage.prompt_tokens == 99_999_999  # the answer goes out as it came
+            # The budget and the key's tokens per minute are not in debt: the next request is admitted (before: a 429
+            # for hours).
+            up.actions = [("answer", _inflating(3))]
+            await c.embeddings.create(model="m", input="hi", encoding_format="float")
+        tokens_in = input_estimate(int(up.headers[0]["Content-Length"]), ApiRequest(input="hi"), 1.0)
+        event, _ = await events(2)
+        assert {k: event.attributes.get(k) for k in ("lockgate.usage_warning", "lockgate.usage_unknown",
+                                                     "lockgate.charged_input_tokens")} == {
+            "lockgate.usage_warning": f"usage not believed: 99999999 input tokens, more than the call's input "
+                                      f"estimate of {tokens_in}",
+            "lockgate.usage_unknown": "worst_case", "lockgate.charged_input_tokens": str(tokens_in)}
+        spent = await _counter(router, context)
+        price = router.admission.prices["m"]
+    # The worst case, and the second call's 3 tokens (before: 10^8 tokens and 50 USD).
+    assert (spent.tokens, spent.usd) == (tokens_in + 3, cost_of(price, tokens_in, 0).usd + cost_of(price, 3, 0).usd)
+
+
+@pytest.mark.parametrize(("path", "body"), [
+    # A tool the provider runs: its results are input no body carried.
+    ("/responses", {"model": "m", "input": "news?", "tools": [{"type": "web_search"}], "max_output_tokens": 50}),
+    ("/chat/completions", {"model": "m", "messages": MESSAGES, "web_search_options": {}, "max_tokens": 50}),
+    # A stored prompt template by id.
+    ("/responses", {"model": "m", "prompt": {"id": "pmpt_1", "variables": {"city": "Oslo"}}, "max_output_tokens": 50}),
+    # An image dearer than media_tokens (gpt-4o-mini bills over 25,000 tokens for one).
+    ("/chat/completions", {"model": "m", "max_tokens": 50, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "https://img.example/1.png"}}]}]}),
+], ids=["hosted-tool", "chat-web-search", "prompt-template", "image"])
+async def test_input_above_an_estimate_that_only_guesses_it_stands(
+        gateway: Gateway, keys: Bootstrap, context: ServiceContext, events: Any, tmp_path: Any, path: str,
+        body: dict[str, Any]) -> None:
+    # Where the input estimate holds nothing, or a configured guess, for input the body does not carry, a count above
+    # it may be true: it is believed (up to llmwire.MAX_CALL_TOKENS), not charged a worst case that is no bound.
+    _priced(context, tmp_path, {"m": (1.0, 4.0)}, {"usd": 100.0, "tokens": 1_000_000})
+    async with FakeLLM("searcher", ("answer", _inflating(30_000))) as up:
+        router = await gateway({"default": {"url": up.url}})
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {keys.app_key}"}) as http, \
+                http.post(f"{router.url}/v1{path}", json=body) as resp:
+            assert resp.status == 200, await resp.text()
+        assert int(up.headers[0]["Content-Length"]) + 3000 + 1000 < 30_000  # above any estimate of it
+        (event,) = await events(1)
+        assert (event.input_tokens, event.output_tokens) == (30_000, 1)
+        assert not {k for k in event.attributes if k in ("lockgate.usage_warning", "lockgate.usage_unknown")}
+        spent = await _counter(router, context)
+    assert (spent.tokens, spent.usd) == (30_001, math.ceil((30_000 * 1.0 + 4.0) / 1e6 * 1e9))
 
 
 # An Anthropic answer that wrote a 100,000-token cached prefix for an hour, in the API versions that split the writes by
@@ -1565,6 +1656,11 @@ def _priced_as_anthropic(context: ServiceContext, tmp_path: Any) -> None:
                                                 price_book=str(tmp_path / "prices.yaml"))
 
 
+# The prompt CACHE_WRITE's call read: 100,050 tokens are at least as many bytes (a count above what the body can hold
+# is not believed: probe p66 F3).
+PREFIX = [{"role": "user", "content": "x" * 100_050}]
+
+
 async def _cache_writing_call(gateway: Gateway, keys: Bootstrap, stream: bool) -> Any:
     """The router, after one call of `m` to an Anthropic endpoint that answers with CACHE_WRITE's writes."""
     async with FakeLLM("claude", ("answer", _anthropic_answer)) as up:
@@ -1572,11 +1668,11 @@ async def _cache_writing_call(gateway: Gateway, keys: Bootstrap, stream: bool) -
         async with client(router, keys) as c:
             if stream:
                 chunks, error = await _read(await c.chat.completions.create(
-                    model="m", messages=MESSAGES, max_tokens=300, stream=True))
+                    model="m", messages=PREFIX, max_tokens=300, stream=True))
                 assert error is None
                 assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == "cached"
             else:
-                done = await c.chat.completions.create(model="m", messages=MESSAGES, max_tokens=300)
+                done = await c.chat.completions.create(model="m", messages=PREFIX, max_tokens=300)
                 assert (done.usage.prompt_tokens, done.usage.prompt_tokens_details.cache_write_tokens) == (
                     100_050, 100_000)
     return router

@@ -31,6 +31,7 @@ from lockgate.services.router.budgets import (
     create_step,
     grant,
     input_estimate,
+    input_guessed,
     lease_ask,
     lease_chunk,
     most_output,
@@ -651,6 +652,24 @@ def test_an_escaped_key_or_type_is_pointed_at_too() -> None:
     # Escaped quotes inside a text still name nothing, and a null is no stored response.
     assert _pointed(b'{"input": "say \\u0022image_url\\u0022"}') == Pointed()
     assert _pointed(b'{"input": "hi", "previous_response_id": null, "metadata": {"conversation": "\\u00e9"}}') == Pointed()
+
+
+@pytest.mark.parametrize(("body", "pointed", "guessed"), [
+    ({"messages": [{"role": "user", "content": "hi"}]}, 0, False),
+    ({"input": "hi", "tools": [{"type": "function", "name": "f"}, {"type": "custom", "name": "g"}]}, 0, False),
+    ({"input": "hi", "tools": [{"type": "function", "name": "f"}, {"type": "web_search"}]}, 0, True),
+    ({"input": "hi", "tools": [{"type": "file_search", "vector_store_ids": ["vs_1"]}]}, 0, True),
+    ({"messages": [{"role": "user", "content": "hi"}], "web_search_options": {}}, 0, True),
+    ({"messages": [{"role": "user", "content": "hi"}], "web_search_options": None}, 0, False),
+    ({"prompt": {"id": "pmpt_1"}}, 0, True),
+    ({"prompt": "once upon a time"}, 0, False),  # a completions prompt is in the body
+    ({"input": "hi", "previous_response_id": "resp_1"}, 200_000, True),
+], ids=["chat", "application-tools", "hosted-tool", "file-search", "chat-web-search", "null-web-search",
+        "prompt-template", "completions-prompt", "pointed"])
+def test_an_estimate_only_guesses_the_input_a_body_does_not_carry(body: dict[str, Any], pointed: int,
+                                                                  guessed: bool) -> None:
+    # Where it does not, a usage count above the estimate is not believed (probe p66 F3).
+    assert input_guessed(msgspec.json.decode(msgspec.json.encode(body), type=ApiRequest), pointed) is guessed
 
 
 def test_an_earlier_audio_answer_and_media_named_by_url_are_stored_input() -> None:
