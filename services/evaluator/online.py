@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lockgate.contracts import InferenceEvent, InferenceScored, Score
+from lockgate.contracts.inference import SECRETS_MASKED
 from lockgate.errors import ConfigError
 from lockgate.ids import derived_id
 from lockgate.onlineeval import JUDGE, SCORERS, JudgeSpec, OnlineEvalSpec, ScorerSpec
@@ -117,11 +118,28 @@ def _scored(event: InferenceEvent, values: dict[str, float], results: list[Score
                            release=event.release, scores=values, results=results, served=served)
 
 
+def masked_secrets(event: InferenceEvent) -> int:
+    """How many secrets were masked in the event's answer before it was published (SECRETS_MASKED; 0 without a
+    count). A router's count is of its own scrub (fit.encode_served) and only its served events' scores steer
+    rollouts; an application's count on its own event scores that event alone."""
+    value = event.attributes.get(SECRETS_MASKED, "")
+    return int(value) if value.isascii() and value.isdigit() and len(value) <= 18 else 0
+
+
+def _value(s: ScorerSpec, answer: str, masked: int) -> float:
+    # pii_free also counts the secrets masked out of the answer: it reads the answer after the scrub, which left it
+    # none of them to find (before, probe p63 E, a canary leaking provider keys in every answer scored 1.0).
+    if masked > 0 and s.name == "pii_free" and safety.looks_for_secrets(s.params):
+        return 0.0
+    return ONLINE[s.name](answer, None, s.params)
+
+
 def score(event: InferenceEvent, p: Plan, served: bool = False) -> InferenceScored | None:
     """The deterministic scores of one event if it is chosen, else None (`served`: a router served it)."""
     if not chosen(event, p):
         return None
-    values = {s.label: ONLINE[s.name](event.response or "", None, s.params) for s in p.scorers}
+    masked = masked_secrets(event)
+    values = {s.label: _value(s, event.response or "", masked) for s in p.scorers}
     return _scored(event, values, [Score(scorer=k, value=v) for k, v in values.items()], served)
 
 

@@ -112,6 +112,17 @@ def find_pii(text: str) -> list[Finding]:
     return sorted(found, key=lambda f: (f.start, f.end))
 
 
+SECRET_KINDS = frozenset(kind for kind, _ in _SECRETS)
+
+
+def looks_for_secrets(params: Mapping[str, Any]) -> bool:
+    """Whether pii_free with `params` looks for secrets (no `kinds`, or kinds naming one): a secret masked out of a
+    live answer before it was scored (the router's scrub) is then a finding, as the secret would have been; the mask
+    does not say which kind it was."""
+    kinds = params.get("kinds")
+    return kinds is None or not SECRET_KINDS.isdisjoint(kinds)
+
+
 def pii_free(output: str, expected: Any, params: Mapping[str, Any]) -> float:
     """1.0 when the output has no PII or secrets (params kinds=[...] restricts the kinds)."""
     kinds = params.get("kinds")

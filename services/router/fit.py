@@ -7,6 +7,10 @@ tool call was never canary evidence, drift or score input, nor a cost ledger row
 for it). Here the free text is cut instead, after secrets were scrubbed (a secret cut in half would no longer be
 recognised), on a character boundary, and the event says what was cut and how large it was
 (`lockgate.truncated`). Usage, status, latency and the accounting attributes are never cut.
+
+The scrub runs here, once, and the event says how many secrets it masked in the answer (`lockgate.secrets_masked`):
+online `pii_free` reads the answer after the scrub, and without the count a canary leaking credentials scored as
+clean as stable (probe p63 E).
 """
 
 from __future__ import annotations
@@ -14,9 +18,10 @@ from __future__ import annotations
 import msgspec
 
 from lockgate.contracts import InferenceEvent
+from lockgate.contracts.inference import SECRETS_MASKED
 from lockgate.encoded import Encoded
 from lockgate.outbox import BATCH_BYTES, encode_event
-from lockgate.redact import scrub_event
+from lockgate.redact import MARK, scrub_event
 from lockgate.textbound import STRIPPED_BYTES, TEXT_BYTES, TRUNCATED, cut, marker
 from lockgate.textbound import size as _size
 
@@ -70,19 +75,35 @@ def cut_event(event: InferenceEvent, limit: int, sizes: dict[str, int], *, drop_
     return msgspec.structs.replace(event, **changed) if changed else event
 
 
+def masked(event: InferenceEvent) -> InferenceEvent:
+    """The event scrubbed (`scrub_event`), with SECRETS_MASKED counting the secrets the scrub masked in its answer
+    (none: no such attribute). The count is this scrub's alone: a value the event held before is dropped."""
+    scrubbed = scrub_event(event)
+    raw, clean = event.response, scrubbed.response
+    # Each masked secret is one marker; an answer that held the marker's text itself gains none from it.
+    count = clean.count(MARK) - raw.count(MARK) if raw and clean is not raw else 0
+    if count <= 0 and SECRETS_MASKED not in scrubbed.attributes:
+        return scrubbed  # the usual event: nothing masked in its answer, nothing to say
+    attributes = {k: v for k, v in scrubbed.attributes.items() if k != SECRETS_MASKED}
+    if count > 0:
+        attributes[SECRETS_MASKED] = str(count)
+    return msgspec.structs.replace(scrubbed, attributes=attributes)
+
+
 def encode_served(event: InferenceEvent, sizes: dict[str, int] | None = None) -> Encoded:
-    """The router's event scrubbed and encoded (`encode_event`), its text cut to fit one bus message.
+    """The router's event scrubbed (`masked`: saying how many secrets were masked in its answer) and encoded
+    (`encode_event`), its text cut to fit one bus message.
 
     `sizes`: the fields cut already as the event was built (the output messages, cut part by part so the JSON
     stays whole), with their sizes before the cut. An event still larger than EVENT_BYTES once each text is
     cut to TEXT_BYTES (JSON escapes, many attributes) loses its prompt and response and keeps STRIPPED_BYTES of
     every other text: what the evidence, the ledger and the budgets read is in its numbers and short attributes,
     and an event is never dropped for its size."""
+    event = masked(event)  # first: a cut must never leave half a secret the scrubber would have masked
     if not sizes and _chars(event) <= _SMALL:
-        return encode_event(event)  # the usual event: one scrub, one encode
+        return encode_event(event, scrubbed=True)  # the usual event: one scrub, one encode
     sizes = dict(sizes or {})
-    event = scrub_event(event)  # first: a cut must never leave half a secret the scrubber would have masked
-    encoded = encode_event(cut_event(event, TEXT_BYTES, sizes))
+    encoded = encode_event(cut_event(event, TEXT_BYTES, sizes), scrubbed=True)
     if len(encoded.data) > EVENT_BYTES:
-        encoded = encode_event(cut_event(event, STRIPPED_BYTES, sizes, drop_text=True))
+        encoded = encode_event(cut_event(event, STRIPPED_BYTES, sizes, drop_text=True), scrubbed=True)
     return encoded

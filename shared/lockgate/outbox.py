@@ -146,7 +146,7 @@ def event_from_fields(fields: Mapping[str, Any]) -> InferenceEvent:
 
 
 def encode_event(event: InferenceEvent, *, check: bool | str = False, clock_time: bool = False,
-                 limits: EventLimits = DEFAULT_LIMITS) -> Encoded:
+                 limits: EventLimits = DEFAULT_LIMITS, scrubbed: bool = False) -> Encoded:
     """Scrub, then encode. With `check`, raise InvalidEvent naming the field if the sink's decoder
     would refuse the bytes, or if they are more than one bus message carries: one bad event must never
     reach (and poison) a batch of good ones, nor wait for a publish that can never succeed.
@@ -154,8 +154,10 @@ def encode_event(event: InferenceEvent, *, check: bool | str = False, clock_time
     only what convert cannot see is checked (non-finite floats, text without a UTF-8 form).
     `clock_time`: the event's time is this clock's reading as it was built (no time was given), so it
     lies inside the time window by construction and is not checked against it. `limits`: the time window checked,
-    the stack's own for a producer inside it (what it acknowledges, its consumers keep)."""
-    event = scrub_event(event)
+    the stack's own for a producer inside it (what it acknowledges, its consumers keep). `scrubbed`: the event is
+    `scrub_event`'s already (the router's, which counts what its scrub masked), so it is not scrubbed twice."""
+    if not scrubbed:
+        event = scrub_event(event)
     try:
         data = encode(event)
     except (msgspec.EncodeError, TypeError, UnicodeEncodeError) as exc:  # a non-string attribute value, a lone surrogate

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import aiohttp
@@ -27,14 +28,22 @@ PII = {"metrics": [{"name": "score", "scorer": "pii_free", "max_decrease": 0.02,
        "min_sample": 50, "failure_limit": 0, "inconclusive_limit": 1000}
 
 
-@pytest.fixture
-async def stack(context: ServiceContext, run_services: Any) -> AsyncIterator[tuple[Any, Any, Signer]]:
+@asynccontextmanager
+async def _serving(context: ServiceContext, run_services: Any,
+                   canary_sim: SimConfig) -> AsyncIterator[tuple[Any, Any, Signer]]:
+    """Releases r1 (stable) and `leaky` (`canary_sim`) of deployment `chat`, every answer scored online."""
     signer = Signer.generate()
     trust_key(trust_file_path(context.settings), signer.public)
-    async with SimServer(STABLE) as stable, SimServer(CANARY) as canary:
+    async with SimServer(STABLE) as stable, SimServer(canary_sim) as canary:
         await chat_releases(context, signer, stable.url, canary.url, ("leaky",), online_eval_sample=1.0)
         services = await run_services("router", "evaluator")
         yield services["router"], services["evaluator"], signer
+
+
+@pytest.fixture
+async def stack(context: ServiceContext, run_services: Any) -> AsyncIterator[tuple[Any, Any, Signer]]:
+    async with _serving(context, run_services, CANARY) as serving:
+        yield serving
 
 
 async def test_a_canary_whose_live_online_scores_drop_is_aborted_naming_the_score(
@@ -58,3 +67,28 @@ async def test_a_canary_whose_live_online_scores_drop_is_aborted_naming_the_scor
     left_out = re.search(r"(\d+) canary scores of answers served before the first or after the last", failed.why)
     assert failed.canary_n + (int(left_out[1]) if left_out else 0) >= 30, failed.why
     assert failed.stable_n >= 30 and failed.verdict == "FAILED"
+
+
+# The canary leaks a provider's API key and an AWS access key id in every answer; the users' prompts hold a key too.
+KEY_LEAK = SimConfig(models={"leaky": ModelSpec(
+    default="sure, use the key sk-proj-AbCdEfGhIjKlMnOpQrStUvWx0123456789 and AKIAIOSFODNN7EXAMPLE")}, seed=3)
+PROMPT_WITH_KEY = "my key is sk-proj-ZyXwVuTsRqPoNmLkJiHgFeDc9876543210, is it valid?"
+
+
+async def test_a_canary_leaking_credentials_is_aborted_though_its_answers_are_scored_scrubbed(
+        context: ServiceContext, run_services: Any) -> None:
+    # The router scrubs secrets out of every event before it publishes it, so the evaluator reads the canary's
+    # answers with `[REDACTED]` where the keys were: it scores the count of masked secrets the router recorded
+    # (lockgate.secrets_masked). Before, probe p63 E: pii_free 1.0 for canary and stable, and the canary promoted.
+    async with _serving(context, run_services, KEY_LEAK) as (router, evaluator, signer):
+        keys = bootstrap(context.settings.home, tenant="acme", app="shop")
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {keys.admin_key}"}) as http:
+            await _start(http, router, "leaky", {"steps": [50, 100], "interval_s": 0.2, "analysis": PII})
+            await _pass(router, signer, "leaky")
+            sent = await _traffic_until(http, router, lambda r: r.phase in ("aborted", "paused", "promoted"),
+                                        limit=3000, batch=20, prompt=PROMPT_WITH_KEY)
+    route = router.rollouts.route("chat")
+    assert route.phase == "aborted", f"not aborted after {sent} requests: {route.phase}: {route.reason}"
+    assert (route.weight, route.stable.release) == (0.0, "r1")
+    # Stable scores 1: the key masked in every prompt is not the answer's (only what was masked in the answer counts).
+    assert "analysis failed at step 1 (50%): score:pii_free 0 < threshold 0.98 (stable 1;" in route.reason

@@ -14,12 +14,15 @@ import pytest
 
 from lockgate.config import Settings
 from lockgate.contracts import InferenceEvent
+from lockgate.contracts.inference import SECRETS_MASKED
 from lockgate.errors import ConfigError
 from lockgate.gitops.documents import GitopsError, load_folder
 from lockgate.gitops.resolve import resolve
 from lockgate.onlineeval import OnlineEvalSpec
+from lockgate.redact import scrub_event
 from lockgate.services.evaluator import online, online_handler
 from lockgate.services.router.analysis import AnalysisSpec, MetricSpec, VariantSample, describe, measure
+from lockgate.services.router.fit import encode_served
 from lockgate.subjects import untoken
 
 pytestmark = pytest.mark.timeout(30)
@@ -61,6 +64,36 @@ def test_scores_of_an_answer_and_none_for_errors() -> None:
 
 def _spec(**raw: object) -> OnlineEvalSpec:
     return msgspec.convert(raw, OnlineEvalSpec)
+
+
+KEY = "sk-proj-AbCdEfGhIjKlMnOpQrStUvWx0123456789"
+
+
+def _served(event: InferenceEvent) -> InferenceEvent:
+    """The event as the evaluator reads it from the router: published by `encode_served`, scrubbed at the bus edge."""
+    return scrub_event(msgspec.json.decode(encode_served(event).data, type=InferenceEvent))
+
+
+def test_secrets_the_router_masked_in_an_answer_count_for_pii_free_and_a_prompts_never() -> None:
+    plan = online.plan(_spec(scorers=["pii_free", {"name": "pii_free", "params": {"kinds": ["email"]}, "as": "mail"},
+                                      {"name": "pii_free", "params": {"kinds": ["jwt", "phone"]}, "as": "tokens"}]),
+                       1.0, ())
+    leak = _served(msgspec.structs.replace(_event(1, f"use {KEY} or AKIAIOSFODNN7EXAMPLE"), prompt="hi"))
+    assert KEY not in (leak.response or "") and leak.attributes[SECRETS_MASKED] == "2"  # a count, never the secret
+    # Each masked secret is a finding, unless the scorer's kinds name no secret (the mask does not say which it was).
+    assert online.score(leak, plan).scores == {"pii_free": 0.0, "mail": 1.0, "tokens": 0.0}  # type: ignore[union-attr]
+    # A key in the prompt is masked too, but it is the user's, not the answer's.
+    asked = _served(msgspec.structs.replace(_event(2, "I cannot check keys"), prompt=f"is {KEY} valid?"))
+    assert KEY not in (asked.prompt or "") and SECRETS_MASKED not in asked.attributes
+    assert online.score(asked, plan).scores == {"pii_free": 1.0, "mail": 1.0, "tokens": 1.0}  # type: ignore[union-attr]
+    # The count is the router's scrub's alone: one the event held before is dropped, and an answer holding the
+    # marker's text masks nothing.
+    held = msgspec.structs.replace(_event(3, "it said [REDACTED] there"), attributes={SECRETS_MASKED: "7"})
+    assert SECRETS_MASKED not in _served(held).attributes
+    assert online.masked_secrets(_served(held)) == 0
+    # An application's own count that is no count is none (its own events' scores are all it could change).
+    for value in ("x", "²", "-1", "9" * 40, ""):
+        assert online.masked_secrets(msgspec.structs.replace(_event(4), attributes={SECRETS_MASKED: value})) == 0
 
 
 def test_rates_per_variant_fall_back_to_default_then_the_global_rate() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import msgspec
 
 from lockgate.contracts import InferenceEvent
+from lockgate.contracts.inference import SECRETS_MASKED
 from lockgate.outbox import BATCH_BYTES, encode_event
 from lockgate.services.router.fit import EVENT_BYTES, encode_served
 from lockgate.textbound import TEXT_BYTES, TRUNCATED, cut
@@ -67,3 +68,11 @@ def test_sizes_cut_as_the_event_was_built_are_reported_and_not_cut_again() -> No
                    {"gen_ai.output.messages": 2_000_000})
     assert got["attributes"]["gen_ai.output.messages"] == messages
     assert got["attributes"][TRUNCATED] == "gen_ai.output.messages:2000000"
+
+
+def test_a_cut_event_still_counts_the_secrets_masked_in_its_answer() -> None:
+    # Counted on the whole answer, before the cut: the secret past the cut was masked all the same.
+    key = "sk-proj-" + "B" * 40
+    got = _decoded(_event(prompt=f"mine is {key}", response=f"{key} " + "x" * 700_000 + f" {key}"))
+    assert got["attributes"][SECRETS_MASKED] == "2" and TRUNCATED in got["attributes"]
+    assert key not in got["response"] and key not in got["prompt"]
