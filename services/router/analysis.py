@@ -46,11 +46,11 @@ from lockgate.contracts import DriftReport
 from lockgate.gatestats import sequential
 
 Verdict = Literal["SUCCESSFUL", "FAILED", "INCONCLUSIVE", "WAITING"]
-MetricName = Literal["error_rate", "client_error_rate", "latency_p50", "latency_p95", "latency_p99", "ttft_p50",
+MetricName = Literal["error_rate", "client_error_rate", "hang_up_rate", "latency_p50", "latency_p95", "latency_p99", "ttft_p50",
                      "ttft_p95", "ttft_p99", "tokens_per_request", "cost_per_request", "score", "drift"]
 METRICS: tuple[str, ...] = MetricName.__args__  # type: ignore[attr-defined]
 _QUANTILES = {"p50": 0.50, "p95": 0.95, "p99": 0.99}
-_UNITS = {"error_rate": "", "client_error_rate": "", "latency": " ms", "ttft": " ms", "tokens_per_request": " tokens",
+_UNITS = {"error_rate": "", "client_error_rate": "", "hang_up_rate": "", "latency": " ms", "ttft": " ms", "tokens_per_request": " tokens",
           "cost_per_request": " USD"}
 _NORMAL = NormalDist()
 Positive = Annotated[float, msgspec.Meta(gt=0)]
@@ -66,7 +66,11 @@ class MetricSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     (`VariantSample.refused`, left out of every other metric). Each arm refuses bad bodies alike, so a canary
     refusing more of the same callers' requests at the same time than stable does is the release's fault (a
     smaller context window, a parameter its model does not take); `AnalysisSpec.judged` adds it to every
-    analysis that judges `error_rate`.
+    analysis that judges `error_rate`. `hang_up_rate` is likewise the share of all of a variant's requests whose
+    clients hung up before the answer while its upstream was still answering (`VariantSample.hung_up`,
+    `client_disconnected`: under `router_unanswered_s` of silence, left out of every other metric). Each arm's
+    clients give up alike, so a canary whose clients give up more often than the same callers' on stable at the
+    same time is the release's fault (it stalls, or is slow past their timeouts); added alike.
     `max_ratio`: canary <= max_ratio * stable (latency, tokens, cost). At least one is required.
 
     `score` is the mean of an online evaluation score (`scorer`, e.g. pii_free, refusal, length) of
@@ -157,20 +161,23 @@ class AnalysisSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
 
     @property
     def judged(self) -> list[MetricSpec]:
-        """The metrics a look judges: `metrics`, and when they judge `error_rate` but not `client_error_rate`, the
-        latter with the first error_rate's `max_increase` (its `max` when it has none) as its `max_increase` (its
+        """The metrics a look judges: `metrics`, and when they judge `error_rate`, each of `OF_ALL` they do not list
+        with the first error_rate's `max_increase` (its `max` when it has none) as its `max_increase` (its
         `max_ratio` when it has neither), dry run if that is. Relative only: an application whose clients send many
-        bad bodies has a high share on both arms. Left out, a canary refusing a part of its requests with a 4xx
-        would be judged on the rest and promoted (probe p15 F2)."""
+        bad bodies, or give up early, has a high share on both arms. Left out, a canary refusing a part of its
+        requests with a 4xx (probe p15 F2), or whose clients gave up on a part of them before
+        `router_unanswered_s` (probe p63 A), was judged on the rest and promoted."""
         names = {m.name for m in self.metrics}
         first = next((m for m in self.metrics if m.name == "error_rate"), None)
-        if first is None or "client_error_rate" in names:
+        if first is None:
             return self.metrics
         limit = first.max_increase if first.max_increase is not None else first.max
-        if limit is None:  # error_rate with max_ratio only: the same ratio
-            return [*self.metrics, MetricSpec(name="client_error_rate", max_ratio=first.max_ratio,
-                                              dry_run=first.dry_run)]
-        return [*self.metrics, MetricSpec(name="client_error_rate", max_increase=limit, dry_run=first.dry_run)]
+
+        def alike(name: MetricName) -> MetricSpec:
+            if limit is None:  # error_rate with max_ratio only: the same ratio
+                return MetricSpec(name=name, max_ratio=first.max_ratio, dry_run=first.dry_run)
+            return MetricSpec(name=name, max_increase=limit, dry_run=first.dry_run)
+        return [*self.metrics, *(alike(name) for name in OF_ALL if name not in names)]
 
 
 class MetricResult(msgspec.Struct, frozen=True, kw_only=True):
@@ -217,10 +224,10 @@ class Measurement(msgspec.Struct, frozen=True, kw_only=True):
 class VariantSample:
     """What one variant served in the analysis window."""
 
-    n: int = 0  # requests in analysis: all but those `refused`
+    n: int = 0  # requests in analysis: all but those `refused` or `hung_up`
     errors: int = 0
     # Requests its upstream refused with a 4xx taken for the client's fault (InferenceEvent.client_failed): in no
-    # metric but `client_error_rate`, of which they are the share of all requests (n + refused).
+    # metric but `client_error_rate`, of which they are the share of all requests (`requests`).
     refused: int = 0
     # Answers, and calls that timed out at their time to failure (`from_rows`)
     latency_ms: Sequence[float] = ()
@@ -237,15 +244,27 @@ class VariantSample:
     # Each request as a column of `ROWS` (`from_rows`), for comparing like with like in time (`_in_time`);
     # None: when each request was served is unknown, and stable's are weighted to the canary's callers only.
     rows: np.ndarray | None = field(default=None, compare=False, repr=False)
-    # Requests left out as their clients' hang-ups (`client_disconnected`) in the window: no evidence, but a look
-    # waiting for its sample names them.
+    # Requests its clients hung up on while its upstream was answering (`client_disconnected`, client_failed): in no
+    # metric but `hang_up_rate`, of which they are the share of all requests (`requests`); a look waiting for its
+    # sample names them (a canary with 0 requests and 163 hung up on is not idle).
     hung_up: int = 0
+
+    @property
+    def requests(self) -> int:
+        """All of the variant's requests: those in analysis, refused and hung up on."""
+        return self.n + self.refused + self.hung_up
 
 
 # The columns of `VariantSample.rows`: unix seconds, failed (1.0), latency, ttft (0: not streamed), tokens, cost
 # (-1: unpriced), refused (1.0: `VariantSample.refused`, failed and unpriced too), timed out (1.0: failed because a
-# timeout gave up on the upstream, `evidence.TIMED_OUT`; latency is then the time to failure).
-ROWS = ("time", "failed", "latency_ms", "ttft_ms", "tokens", "cost", "refused", "timed_out")
+# timeout gave up on the upstream, `evidence.TIMED_OUT`; latency is then the time to failure), hung up (1.0:
+# `VariantSample.hung_up`, failed and unpriced too).
+ROWS = ("time", "failed", "latency_ms", "ttft_ms", "tokens", "cost", "refused", "timed_out", "hung_up")
+# The metrics that are a share of all of a variant's requests (`VariantSample.requests`), those the client is blamed
+# for one by one among them: each arm gets the same callers' requests, so a larger share of them on the canary is the
+# release's doing. `AnalysisSpec.judged` adds them to an analysis judging error_rate; `measure` judges them before
+# `min_sample` requests are in analysis.
+OF_ALL: tuple[MetricName, ...] = ("client_error_rate", "hang_up_rate")
 
 
 def from_rows(rows: np.ndarray) -> VariantSample:
@@ -255,21 +274,27 @@ def from_rows(rows: np.ndarray) -> VariantSample:
     out, and judged on its answers alone such a canary looked faster than stable and passed `latency_p95` (probe
     p22 F5), as Flagger's and Argo's latency queries count failed requests. A call that failed fast for another
     reason (a 5xx, a refused connection) says nothing of how fast the release answers: error_rate judges it.
-    Refused requests count in `refused` only."""
-    _, failed, latency, ttft, tokens, cost, refused, _ = rows
-    kept = refused == 0
+    Refused and hung-up requests count in `refused` and `hung_up` only."""
+    _, failed, latency, ttft, tokens, cost, refused, _, hung_up = rows
+    kept = _kept(rows)
     ok = (failed == 0) & kept
     n = int(kept.sum())
     timed = _timed(rows)
-    return VariantSample(n=n, errors=n - int(ok.sum()), refused=rows.shape[1] - n, latency_ms=latency[ok | timed],
+    return VariantSample(n=n, errors=n - int(ok.sum()), refused=int((refused != 0).sum()),
+                         hung_up=int((hung_up != 0).sum()), latency_ms=latency[ok | timed],
                          ttft_ms=np.where(ttft > 0, ttft, latency)[(ok & (ttft > 0)) | timed], tokens=tokens[ok],
                          cost=cost[(cost >= 0) & kept], rows=rows)
 
 
+def _kept(rows: np.ndarray) -> np.ndarray:
+    """Which of `rows` (`ROWS`) are in analysis: neither refused nor hung up on (`VariantSample.n`)."""
+    return (rows[ROWS.index("refused")] == 0) & (rows[ROWS.index("hung_up")] == 0)
+
+
 def _timed(rows: np.ndarray) -> np.ndarray:
     """Which of `rows` (`ROWS`) failed by a timeout (and count in latency and TTFT: `from_rows`)."""
-    _, failed, _, _, _, _, refused, timed_out = rows
-    return (failed != 0) & (refused == 0) & (timed_out != 0)
+    failed, timed_out = rows[ROWS.index("failed")], rows[ROWS.index("timed_out")]
+    return (failed != 0) & _kept(rows) & (timed_out != 0)
 
 
 def z_of(alpha_one_sided: float) -> float:
@@ -584,13 +609,15 @@ def _judge(spec: MetricSpec, canary: VariantSample, stable: VariantSample, z: fl
 
 
 # Metrics that are a share of requests, not of values: (failures, requests) of a sample (`_rate`).
-_RATES = ("error_rate", "client_error_rate")
+_RATES = ("error_rate", *OF_ALL)
 
 
 def _rate(s: VariantSample, name: str) -> tuple[int, int]:
-    """A sample's (failures, requests) for rate metric `name`: failed of those in analysis (error_rate), or
-    refused of all (client_error_rate)."""
-    return (s.errors, s.n) if name == "error_rate" else (s.refused, s.n + s.refused)
+    """A sample's (failures, requests) for rate metric `name`: failed of those in analysis (error_rate), refused
+    of all (client_error_rate), or hung up on of all (hang_up_rate)."""
+    if name == "error_rate":
+        return s.errors, s.n
+    return (s.refused if name == "client_error_rate" else s.hung_up), s.requests
 
 
 def _count(s: VariantSample, name: str) -> int:
@@ -670,16 +697,16 @@ def _baseline(group: Group, name: str) -> tuple[VariantSample, list[tuple[Varian
 def _value_rows(rows: np.ndarray, name: str) -> np.ndarray:
     """The requests of `rows` that have a value of metric `name` (`from_rows`: answers, and for latency and TTFT
     calls that timed out; streamed; priced)."""
-    _, failed, _, ttft, _, cost, refused, _ = rows
-    if name == "client_error_rate":
+    _, failed, _, ttft, _, cost, _, _, _ = rows
+    if name in OF_ALL:
         return rows
     if name == "error_rate":
-        return rows[:, refused == 0]
+        return rows[:, _kept(rows)]
     if name.startswith("ttft"):
         return rows[:, ((failed == 0) & (ttft > 0)) | _timed(rows)]
     if name.startswith("latency"):
         return rows[:, (failed == 0) | _timed(rows)]
-    return rows[:, (cost >= 0) & (refused == 0)] if name == "cost_per_request" else rows[:, failed == 0]
+    return rows[:, (cost >= 0) & _kept(rows)] if name == "cost_per_request" else rows[:, failed == 0]
 
 
 def _in_time(canary: np.ndarray, stable: np.ndarray) -> tuple[np.ndarray, list[tuple[np.ndarray, int]]]:
@@ -795,9 +822,10 @@ def groups(canary: VariantSample, stable: VariantSample, min_sample: int, name: 
     set by another's traffic). A key alone with fewer than `min_sample` stable requests of its own is still judged
     alone (against its own if it has MIN_STRATUM, else against all of stable's) and never pooled: pooled, a key
     with none (every user of it hashed to the canary) would dilute the small callers' failures again."""
-    # A key's refused requests are requests too (client_error_rate's): a key whose every request was refused is kept.
-    c_keys = {k: s for k, s in canary.by_key.items() if s.n or s.refused}
-    s_keys = {k: s for k, s in stable.by_key.items() if s.n or s.refused}
+    # A key's refused and hung-up requests are requests too (`OF_ALL`'s): a key whose every request was refused, or
+    # hung up on, is kept.
+    c_keys = {k: s for k, s in canary.by_key.items() if s.requests}
+    s_keys = {k: s for k, s in stable.by_key.items() if s.requests}
     everything = Group("", canary, stable, c_keys, s_keys)
     count = partial(_count, name=name)
     valued = {k: (s, n) for k, s in c_keys.items() if (n := count(s))}
@@ -819,7 +847,7 @@ def _pool(samples: Sequence[VariantSample]) -> VariantSample:
         return np.concatenate([np.asarray(v, dtype=np.float64) for v in values]) if values else np.empty(0)
     rows = [s.rows for s in samples]
     return VariantSample(n=sum(s.n for s in samples), errors=sum(s.errors for s in samples),
-                         refused=sum(s.refused for s in samples),
+                         refused=sum(s.refused for s in samples), hung_up=sum(s.hung_up for s in samples),
                          latency_ms=cat([s.latency_ms for s in samples]), ttft_ms=cat([s.ttft_ms for s in samples]),
                          tokens=cat([s.tokens for s in samples]), cost=cat([s.cost for s in samples]),
                          rows=np.concatenate(rows, axis=1) if rows and all(r is not None for r in rows) else None)
@@ -907,7 +935,7 @@ def measure(spec: AnalysisSpec, canary: VariantSample, stable: VariantSample, lo
     `step_n`: the canary's requests since the current step began (None: every one is, as after a promotion); a
     look that would pass on fewer than `min_step_sample` of them WAITS for more. `step_at`: when the current step
     began (unix seconds; None: as for `step_n`), for the same rule on online scores (`_step_scores`). The metrics
-    judged are `spec.judged`: with error_rate, client_error_rate too."""
+    judged are `spec.judged`: with error_rate, client_error_rate and hang_up_rate too."""
     metrics = spec.judged
     if canary.n < spec.min_sample or stable.n < spec.min_sample:
         final = baseline_final and canary.n >= spec.min_sample
@@ -918,15 +946,15 @@ def measure(spec: AnalysisSpec, canary: VariantSample, stable: VariantSample, lo
         results = [MetricResult(name=m.label, verdict=verdict, canary_n=canary.n, stable_n=stable.n, why=why)
                    for m in metrics]
         waiting = Measurement(verdict=verdict, look=look, metrics=results, canary_n=canary.n, stable_n=stable.n)
-        if min(canary.n + canary.refused, stable.n + stable.refused) < spec.min_sample:
+        if min(canary.requests, stable.requests) < spec.min_sample:
             return waiting
-        # client_error_rate counts every request: a canary that refuses most of its requests is judged on them,
-        # not left waiting for min_sample answered ones (never, if it refuses them all). Only its failure counts:
-        # the other metrics have no sample yet, so the look passes nothing.
-        found = _judged(spec, metrics, canary, stable, look, drift, baseline_final, only="client_error_rate")
+        # The `OF_ALL` rates count every request: a canary that refuses most of its requests, or whose clients give
+        # up on most of them, is judged on them, not left waiting for min_sample answered ones (never, if it refuses
+        # them all). Only their failure counts: the other metrics have no sample yet, so the look passes nothing.
+        found = _judged(spec, metrics, canary, stable, look, drift, baseline_final, only=OF_ALL)
         if not any(r.verdict == "FAILED" and not r.dry_run for r in found):
             return waiting
-        results = [f if m.name == "client_error_rate" else r for r, f, m in zip(results, found, metrics, strict=True)]
+        results = [f if m.name in OF_ALL else r for r, f, m in zip(results, found, metrics, strict=True)]
         return msgspec.structs.replace(waiting, verdict="FAILED", metrics=results)
     results = _judged(spec, metrics, canary, stable, look, drift, baseline_final)
     if step_at is not None:
@@ -974,15 +1002,15 @@ def _requests(sample: VariantSample) -> str:
 
 
 def _judged(spec: AnalysisSpec, metrics: list[MetricSpec], canary: VariantSample, stable: VariantSample, look: int,
-            drift: DriftReport | None, baseline_final: bool, only: str = "") -> list[MetricResult]:
-    """Each of `metrics` judged (`only`: those of that name; the others' results are placeholders, WAITING)."""
+            drift: DriftReport | None, baseline_final: bool, only: tuple[str, ...] = ()) -> list[MetricResult]:
+    """Each of `metrics` judged (`only`: those of these names; the others' results are placeholders, WAITING)."""
     z = z_of(sequential.look_alpha(spec.alpha, look, len(metrics)))
     canary, stable = _sorted(canary), _sorted(stable)
 
     def judged(name: str) -> list[Group]:  # each metric's own groups: a key is sized on its values of it
         return [replace(g, canary=g.canary if g.canary is canary else _sorted(g.canary), stable=stable,
                         in_time=not baseline_final) for g in groups(canary, stable, spec.min_sample, name)]
-    results = [_judge_groups(m, canary, stable, judged, z, drift, baseline_final) if not only or m.name == only
+    results = [_judge_groups(m, canary, stable, judged, z, drift, baseline_final) if not only or m.name in only
                else MetricResult(name=m.label, verdict="WAITING") for m in metrics]
     return [msgspec.structs.replace(r, dry_run=True) if m.dry_run else r for r, m in zip(results, metrics, strict=True)]
 

@@ -26,6 +26,7 @@ MAX_ROWS = 50_000  # per deployment and release: enough for p99 on any step, bou
 _FIRST = 1024  # buffers start small and double up to MAX_ROWS
 _COLS = len(ROWS) + 1  # and the API key's index
 _REFUSED = ROWS.index("refused")
+_HUNG_UP = ROWS.index("hung_up")
 # The error types of a call a timeout gave up on (the router's upstream.py and proxy.py): no first byte within
 # `first_byte_s` (a hop's own event, and the request's when no hop answered), no connection within `connect_s`, a
 # client gone after `router_unanswered_s` of the upstream's silence, a stream that stalled or outran `total_s`.
@@ -36,7 +37,7 @@ TIMED_OUT = frozenset({"first_byte", "connect_timeout", "upstream_timeout", UPST
 
 def refused_4xx(event: InferenceEvent) -> bool:
     """The event's upstream refused its request with a 4xx taken for the client's fault (client_failed, but not a
-    hang-up): left out of analysis but for client_error_rate."""
+    hang-up): left out of analysis but for client_error_rate (a hang-up: but for hang_up_rate)."""
     return event.client_failed and event.error_type[:1] == "4"
 
 
@@ -84,8 +85,9 @@ class InFlight(Generic[Call]):
 
 class _Ring:
     """One release's rows: time, failed, latency, ttft (0 = not streamed), tokens, cost (-1 = unpriced), refused (1 =
-    its upstream refused it with a 4xx taken for the client's fault), timed out (1 = `TIMED_OUT`), and the index of
-    the request's API key (`Evidence._keys`), in no particular order (every reader masks by time).
+    its upstream refused it with a 4xx taken for the client's fault), timed out (1 = `TIMED_OUT`), hung up (1 = its
+    client hung up while the upstream was answering), and the index of the request's API key (`Evidence._keys`), in
+    no particular order (every reader masks by time).
 
     Full, a new row takes the slot of the oldest row of the API key holding the most rows (its own when it holds as
     many), so a key within its fair share (the limit over the keys holding rows) loses none to another's flood.
@@ -191,9 +193,6 @@ class Evidence:
         # they count as its failures: from its first failed call of its own on (`charge`), which a replica that
         # reads its events back out of time order may come to after them.
         self._diverted: dict[tuple[str, str], _Ring] = {}
-        # The requests left out as their clients' hang-ups, per deployment and release: no evidence, but a look that
-        # waits for its sample says how many there were (a canary with 0 requests and 163 hung up on is not idle).
-        self._hung_up: dict[tuple[str, str], _Ring] = {}
         # Per (deployment, release), the API keys (their indexes) whose requests it served a shadow budget every key
         # shares left uncopied (SHADOW_SKIPPED), each with the latest such request's time (`uncopied`).
         self._uncopied: dict[tuple[str, str], dict[int, float]] = {}
@@ -211,15 +210,19 @@ class Evidence:
         """Record one event under its release (or `release`, for events that name only a variant); one the
         client failed (`InferenceEvent.client_failed`) counts nowhere: not as a request, an error, a latency
         or a cost; but one its upstream refused with a 4xx counts in client_error_rate (`VariantSample.refused`),
-        whose share of each arm's requests analysis compares: a canary that refuses the requests stable answers
-        is at fault, whoever is blamed for one 4xx."""
+        and one its client hung up on while the upstream was answering in hang_up_rate (`VariantSample.hung_up`),
+        whose shares of each arm's requests analysis compares: a canary that refuses the requests stable answers,
+        or keeps its clients waiting until they give up, is at fault, whoever is blamed for one of them. Left out,
+        a canary that never answered 30% of its calls, its clients giving up after 5 s (before
+        `router_unanswered_s`), was judged on its answers and promoted (probe p63 A)."""
         key = (event.deployment or event.app, event.release if release is None else release)
         refused = refused_4xx(event)
-        if event.client_failed and not refused:
-            if event.error_type == CLIENT_DISCONNECTED:
-                _ring(self._hung_up, key, self._max).add(self._row(event))
+        hung_up = event.client_failed and event.error_type == CLIENT_DISCONNECTED
+        if event.client_failed and not (refused or hung_up):  # no call was made (router_busy)
             return
-        _ring(self._rings, key, self._max).add(self._row(event, refused))
+        _ring(self._rings, key, self._max).add(self._row(event, refused, hung_up))
+        if hung_up:
+            return
         if SHADOW_SKIPPED in event.attributes:
             seen, index = self._uncopied.setdefault(key, {}), self._key(event.key_id)
             seen[index] = max(seen.get(index, 0.0), event.time.timestamp())  # read back at a start: any order
@@ -252,16 +255,22 @@ class Evidence:
         for row in rows[:, ~due].T:  # from before `since`: held still
             _ring(self._diverted, (deployment, release), self._max).add(tuple(row))
 
-    def _row(self, event: InferenceEvent, refused: bool = False) -> tuple[float, ...]:
-        cost = None if refused else self._price(event)
+    def _row(self, event: InferenceEvent, refused: bool = False, hung_up: bool = False) -> tuple[float, ...]:
+        """The event's row (`_Ring`). Tokens and cost are what the call is billed for (`InferenceEvent.billed_tokens`,
+        `Evidence`'s price): a call whose upstream reported no usage at the worst case the router charged for it.
+        By its reported usage, such a call read as 0 tokens and $0, and a canary whose upstream reported none while
+        the ledger billed each call 4,096 output tokens passed tokens_per_request and cost_per_request against
+        stable's 41 tokens (probe p63 B)."""
+        cost = None if refused or hung_up else self._price(event)
         index = self._key(event.key_id)
+        tokens_in, tokens_out, _ = event.billed_tokens  # cached input is a part of the input
         return (event.time.timestamp(), float(event.status != "ok"), event.latency_ms, event.ttft_ms,
-                float(event.input_tokens + event.output_tokens), -1.0 if cost is None else cost, float(refused),
-                float(event.status != "ok" and event.error_type in TIMED_OUT), float(index))
+                float(tokens_in + tokens_out), -1.0 if cost is None else cost, float(refused),
+                float(event.status != "ok" and event.error_type in TIMED_OUT), float(hung_up), float(index))
 
     def _unanswered_row(self, call: Unanswered, since: float) -> tuple[float, ...]:
         """A call in flight as the row of its event had its client hung up now (`upstream_unanswered`)."""
-        return (max(call.at, since), 1.0, call.silent_s * 1000.0, 0.0, 0.0, -1.0, 0.0, 1.0,
+        return (max(call.at, since), 1.0, call.silent_s * 1000.0, 0.0, 0.0, -1.0, 0.0, 1.0, 0.0,
                 float(self._key(call.key_id)))
 
     def _key(self, key_id: str) -> int:
@@ -313,7 +322,7 @@ class Evidence:
         which may predate the rollout)."""
         for key in [k for k in self._drift if k[0] == deployment and k[1] not in keep]:
             del self._drift[key]
-        for rings in (self._rings, self._diverted, self._hung_up):
+        for rings in (self._rings, self._diverted):
             for key in [k for k in rings if k[0] == deployment and k[1] not in keep]:
                 del rings[key]
         for key in [k for k in self._scores if k[0] == deployment and k[1] not in keep]:
@@ -329,12 +338,12 @@ class Evidence:
 
     def count(self, deployment: str, release: str, since: float) -> int:
         """How many requests `release` served for `deployment` from `since` (unix seconds) on (in analysis: not
-        those refused, `VariantSample.n`)."""
+        those refused or hung up on, `VariantSample.n`)."""
         ring = self._rings.get((deployment, release))
         if ring is None:
             return 0
         cols = ring.cols[:, :ring.n]
-        return int(((cols[0] >= since) & (cols[_REFUSED] == 0)).sum())
+        return int(((cols[0] >= since) & (cols[_REFUSED] == 0) & (cols[_HUNG_UP] == 0)).sum())
 
     def sample(self, deployment: str, release: str, since: float,
                unanswered: Sequence[Unanswered] = ()) -> VariantSample:
@@ -348,13 +357,11 @@ class Evidence:
                  for name, ring_ in self._scores.get((deployment, release), {}).items()}
         scores = {name: [v for _, v in tv] for name, tv in timed.items()}
         score_times = {name: [t for t, _ in tv] for name, tv in timed.items()}
-        hung = self._hung_up.get((deployment, release))
-        hung_up = int((hung.cols[0, :hung.n] >= since).sum()) if hung is not None else 0
         cols = ring.cols[:, :ring.n] if ring is not None else np.zeros((_COLS, 0))
         if unanswered:
             cols = np.concatenate([cols, np.array([self._unanswered_row(u, since) for u in unanswered]).T], axis=1)
         if not cols.shape[1]:
-            return VariantSample(scores=scores, score_times=score_times, hung_up=hung_up)
+            return VariantSample(scores=scores, score_times=score_times)
         key = cols[_COLS - 1]
         window = cols[0] >= since
 
@@ -366,7 +373,7 @@ class Evidence:
         # Split on every arm, one key too: analysis compares each caller's canary requests with its own stable ones.
         by_key = {self._keys[int(k)]: of(window & (key == k)) for k in keys} if len(keys) > 1 else \
             {self._keys[int(k)]: whole for k in keys}
-        return replace(whole, scores=scores, score_times=score_times, by_key=by_key, hung_up=hung_up)
+        return replace(whole, scores=scores, score_times=score_times, by_key=by_key)
 
 
 def _ring(rings: dict[tuple[str, str], _Ring], key: tuple[str, str], limit: int) -> _Ring:

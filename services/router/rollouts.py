@@ -166,12 +166,14 @@ class Rollouts:
         self.verifier = Verifier(ctx.bus, s)
         # Analysis records are signed with the router's own key (never the gatekeeper's: lockgate.analysisruns).
         self.signer = analysisruns.router_signer(s)
-        # Live evidence per variant for canary analysis, fed by `observe` (priced like the cost service).
+        # Calls priced as the ledger books them: a call of unknown usage at its worst case (`_pricer`).
         price = _pricer(s)
+        # Live evidence per variant for canary analysis, fed by `observe`: at $0, a canary whose upstream reported
+        # no usage was promoted on cost_per_request while each of its calls was billed its worst case (probe p63 B).
         self.evidence = Evidence(price)
         # Shadow traffic: the served-versus-shadow comparison (from events) and this replica's mirror budgets.
-        # The shadow's cost as the ledger books it: a copy given up on at its worst case (probe p60 F2).
-        self.shadows = Ledger(_pricer(s, billed=True))
+        # A copy given up on at its worst case (probe p60 F2).
+        self.shadows = Ledger(price)
         self._budgets: dict[str, tuple[tuple[str, float], Budget]] = {}
         self._ledgers: dict[str, tuple[str, float]] = {}
         self._shadowed = asyncio.Event()  # set after shadow bookkeeping, for `wait_for_shadow`
@@ -1884,9 +1886,9 @@ def _evidence_of(route: Route, tenant: str, release: str) -> bool:
     return not owner or tenant == owner or release in mine
 
 
-def _pricer(settings: Settings, billed: bool = False) -> Callable[[InferenceEvent], float | None]:
-    """USD of one event by the configured price book (None for a model it does not price). `billed`: as the cost
-    ledger prices it (cost.domain.event_cost), a call of unknown usage at the worst case its event says was charged."""
+def _pricer(settings: Settings) -> Callable[[InferenceEvent], float | None]:
+    """USD of one event by the configured price book (None for a model it does not price), as the cost ledger
+    prices it (cost.domain.event_cost): a call of unknown usage at the worst case its event says was charged."""
     book = load_price_book(settings.price_book)
     models = book.models
 
@@ -1894,9 +1896,6 @@ def _pricer(settings: Settings, billed: bool = False) -> Callable[[InferenceEven
         rates = models.get(priced_model(e.model, e.response_model, models))
         if rates is None:
             return None
-        if billed:
-            return (rates.writing() if e.billed_dearest else rates).cost(*e.billed_tokens, *e.billed_writes)
-        return rates.cost(e.input_tokens, e.output_tokens, e.cached_tokens, e.cache_write_tokens,
-                          e.cache_write_1h_tokens)
+        return (rates.writing() if e.billed_dearest else rates).cost(*e.billed_tokens, *e.billed_writes)
 
     return price

@@ -52,8 +52,9 @@ def test_five_percent_errors_against_half_a_percent_fail() -> None:
     canary, stable = _rates(600, 30, 600, 3)
     m = analysis.measure(ERRORS, canary, stable, look=1)
     assert m.verdict == "FAILED"
-    r, implied = m.metrics  # error_rate, and client_error_rate with it (AnalysisSpec.judged)
-    assert implied.name == "client_error_rate" and implied.verdict == "SUCCESSFUL"
+    r, *implied = m.metrics  # error_rate, and client_error_rate and hang_up_rate with it (AnalysisSpec.judged)
+    assert [(i.name, i.verdict) for i in implied] == [("client_error_rate", "SUCCESSFUL"),
+                                                      ("hang_up_rate", "SUCCESSFUL")]
     assert r.canary == pytest.approx(0.05) and r.stable == pytest.approx(0.005) and r.threshold == pytest.approx(0.015)
     assert analysis.describe(r).startswith("error_rate 0.05 > threshold 0.015 (stable 0.005; 600 canary vs 600")
 
@@ -197,6 +198,27 @@ def test_evidence_leaves_out_what_the_client_failed_from_every_metric() -> None:
     assert s.scores == {"s": [1.0, 1.0, 1.0]}
 
 
+def test_evidence_counts_a_call_of_unknown_usage_at_what_it_is_billed() -> None:
+    # Probe p63 B: a call whose upstream reported no usage is billed its worst case (`lockgate.usage_unknown`);
+    # read by its reported usage it was 0 tokens, and priced so, $0: a canary billed 4,096 output tokens a call
+    # passed tokens_per_request and cost_per_request against stable's 41 tokens.
+    from datetime import UTC, datetime
+
+    from lockgate.contracts import InferenceEvent
+    from lockgate.services.router.evidence import Evidence
+
+    priced: list[tuple[int, int, int]] = []
+    ev = Evidence(price=lambda e: priced.append(e.billed_tokens) or 0.5)
+    unknown = {"lockgate.usage_unknown": "worst_case", "lockgate.charged_input_tokens": "93",
+               "lockgate.charged_output_tokens": "4096"}
+    for i, attributes in enumerate([unknown, {}]):
+        ev.add(InferenceEvent(app="shop", deployment="d", release="r", input_tokens=2, output_tokens=39,
+                              attributes=attributes, time=datetime.fromtimestamp(1000 + i, UTC)))
+    s = ev.sample("d", "r", since=0)
+    assert sorted(s.tokens) == [41.0, 4189.0] and list(s.cost) == [0.5, 0.5]
+    assert priced == [(93, 4096, 0), (2, 39, 0)]
+
+
 def test_a_waiting_look_names_the_requests_left_out_as_their_clients_hang_ups() -> None:
     # Probe p15 F1b: a canary all of whose 163 requests clients had hung up on read `canary 0`, as if it got none.
     from datetime import UTC, datetime
@@ -240,7 +262,8 @@ def test_dry_run_metrics_are_shown_but_never_decide() -> None:
     assert m.verdict == "SUCCESSFUL" and m.failing() is None
     assert [(r.name, r.verdict, r.dry_run) for r in m.metrics] == [("error_rate", "SUCCESSFUL", False),
                                                                    ("latency_p50", "FAILED", True),
-                                                                   ("client_error_rate", "SUCCESSFUL", False)]
+                                                                   ("client_error_rate", "SUCCESSFUL", False),
+                                                                   ("hang_up_rate", "SUCCESSFUL", False)]
 
 
 def test_a_baseline_that_can_grow_no_more_is_inconclusive_once_the_canary_has_its_sample() -> None:
@@ -311,8 +334,9 @@ def test_one_key_flooding_the_canary_with_good_requests_cannot_dilute_the_others
     assert analysis.measure(_P4, pooled, _P4_STABLE, look=1).verdict == "SUCCESSFUL"
     m = analysis.measure(_P4, canary, _P4_STABLE, look=1)
     assert m.verdict == "FAILED" and m.canary_n == 200 * (flood + 1)
-    r, implied = m.metrics  # error_rate, and client_error_rate with it (AnalysisSpec.judged)
-    assert implied.name == "client_error_rate" and implied.verdict == "SUCCESSFUL"
+    r, *implied = m.metrics  # error_rate, and client_error_rate and hang_up_rate with it (AnalysisSpec.judged)
+    assert [(i.name, i.verdict) for i in implied] == [("client_error_rate", "SUCCESSFUL"),
+                                                      ("hang_up_rate", "SUCCESSFUL")]
     group = "API key k-real-0" if callers == 1 else "4 other API keys, pooled"
     assert (r.group, r.canary_n, r.canary) == (group, 200, pytest.approx(0.2))
     assert analysis.describe(r).startswith(f"error_rate 0.2 > threshold 0.015 on {group} (stable 0.005; 200 canary")
@@ -328,8 +352,9 @@ def test_a_flooding_key_without_stable_requests_still_cannot_dilute_the_others_f
     stable = _split({f"k-real-{i}": VariantSample(n=2000 // callers, errors=e)
                      for i, e in enumerate([10] if callers == 1 else [3, 3, 2, 2])})
     m = analysis.measure(_P4, canary, stable, look=1)
-    r, implied = m.metrics  # error_rate, and client_error_rate with it (AnalysisSpec.judged)
-    assert implied.name == "client_error_rate" and implied.verdict == "SUCCESSFUL"
+    r, *implied = m.metrics  # error_rate, and client_error_rate and hang_up_rate with it (AnalysisSpec.judged)
+    assert [(i.name, i.verdict) for i in implied] == [("client_error_rate", "SUCCESSFUL"),
+                                                      ("hang_up_rate", "SUCCESSFUL")]
     group = "API key k-real-0" if callers == 1 else "4 other API keys, pooled"
     assert m.verdict == "FAILED" and (r.group, r.canary_n, r.canary) == (group, 200, pytest.approx(0.2))
     assert analysis.describe(r).startswith(f"error_rate 0.2 > threshold 0.015 on {group} (stable 0.005; 200 canary")

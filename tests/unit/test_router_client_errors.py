@@ -53,10 +53,11 @@ def test_an_analysis_judging_error_rate_judges_client_error_rate_with_its_max_in
     # send many bad bodies has a high share on both arms).
     only_max = AnalysisSpec(metrics=[MetricSpec(name="error_rate", max=0.02, dry_run=True)])
     assert [(m.name, m.max, m.max_increase, m.dry_run) for m in only_max.judged] == [
-        ("error_rate", 0.02, None, True), ("client_error_rate", None, 0.02, True)]
+        ("error_rate", 0.02, None, True), ("client_error_rate", None, 0.02, True), ("hang_up_rate", None, 0.02, True)]
     # Listed by the operator: as written, nothing added; nor to an analysis that does not judge error_rate.
     own = AnalysisSpec(metrics=[MetricSpec(name="error_rate", max_increase=0.01),
-                                MetricSpec(name="client_error_rate", max_ratio=2.0)])
+                                MetricSpec(name="client_error_rate", max_ratio=2.0),
+                                MetricSpec(name="hang_up_rate", max_ratio=3.0)])
     assert own.judged == own.metrics
     latency = AnalysisSpec(metrics=[MetricSpec(name="latency_p95", max_ratio=1.5)])
     assert latency.judged == latency.metrics
@@ -69,8 +70,9 @@ def test_refused_requests_count_in_client_error_rate_only() -> None:
         ev.add(InferenceEvent(app="shop", deployment="d", release="r2", status="error" if error else "ok",
                               error_type=error, latency_ms=100.0, time=at))
     s = ev.sample("d", "r2", T0)
-    # 400 and 422 refused; the hang-up nowhere; the 429 (the release's doing) an error; the answer a success.
-    assert (s.n, s.errors, s.refused, len(s.latency_ms), len(s.cost)) == (2, 1, 2, 1, 2)
+    # 400 and 422 refused; the hang-up in hang_up_rate only; the 429 (the release's doing) an error; the answer a
+    # success.
+    assert (s.n, s.errors, s.refused, s.hung_up, len(s.latency_ms), len(s.cost)) == (2, 1, 2, 1, 1, 2)
     assert ev.count("d", "r2", T0) == 2  # a step's requests in analysis, as n
 
 
@@ -121,3 +123,30 @@ def test_the_release_own_4xx_stay_errors() -> None:
     m = _measure(_served({"r2": 0.4}, error="429"))
     assert m.verdict == "FAILED" and _result(m, "error_rate").verdict == "FAILED"
     assert _result(m).canary == 0.0
+
+
+# hang_up_rate (probe p63 A): a client's hang-up while its upstream was answering (`client_disconnected`, before
+# `router_unanswered_s`) is the client's one by one, but each arm's share of them is judged as refusals are.
+
+def test_a_canary_whose_clients_give_up_on_part_of_its_requests_fails() -> None:
+    m = _measure(_served({"r2": 0.3}, error="client_disconnected"))
+    assert m.verdict == "FAILED"
+    assert _result(m, "error_rate").verdict == "SUCCESSFUL"  # what the probe saw: judged on its answers, it passed
+    r = _result(m, "hang_up_rate")
+    assert r.verdict == "FAILED" and r.canary == pytest.approx(0.3, abs=0.08) and r.stable == 0.0
+    assert analysis.describe(r).startswith(f"hang_up_rate {r.canary:.4g} > threshold 0.05 (stable 0; ")
+    assert _result(m).canary == 0.0  # no refusal among them
+
+
+def test_hang_ups_alike_on_both_arms_do_not_fail_the_canary() -> None:
+    # Clients with a short timeout give up on both arms alike: the canary is not at fault.
+    m = _measure(_served({"r1": 0.3, "r2": 0.3}, error="client_disconnected"))
+    assert m.verdict == "SUCCESSFUL", [analysis.describe(r) for r in m.metrics]
+
+
+def test_a_canary_whose_clients_give_up_on_every_request_fails_without_waiting_for_answers() -> None:
+    ev = _served({"r2": 1.0}, error="client_disconnected")
+    m = _measure(ev)
+    assert m.verdict == "FAILED" and _result(m, "hang_up_rate").verdict == "FAILED"
+    assert _result(m, "error_rate").verdict == "WAITING" and "hung up by the client" in _result(m, "error_rate").why
+    assert ev.count("d", "r2", T0) == 0  # none of its requests is in analysis (a step's count, as n)

@@ -88,10 +88,11 @@ def test_retry_restarts_an_aborted_rollout_from_step_zero_only() -> None:
 
 
 def _judged(verdict: str) -> Measurement:
-    """`_m` with the client_error_rate result SPEC's error_rate brings along (AnalysisSpec.judged)."""
+    """`_m` with the client_error_rate and hang_up_rate results SPEC's error_rate brings along (AnalysisSpec.judged)."""
     m = _m(verdict)
-    implied = MetricResult(name="client_error_rate", verdict="SUCCESSFUL", canary=0.0, stable=0.0, threshold=0.01)
-    return msgspec.structs.replace(m, metrics=[*m.metrics, implied])
+    implied = [MetricResult(name=name, verdict="SUCCESSFUL", canary=0.0, stable=0.0, threshold=0.01)
+               for name in ("client_error_rate", "hang_up_rate")]
+    return msgspec.structs.replace(m, metrics=[*m.metrics, *implied])
 
 
 def test_analysis_record_names_values_thresholds_and_outcome() -> None:
@@ -101,10 +102,11 @@ def test_analysis_record_names_values_thresholds_and_outcome() -> None:
     assert run is not None
     assert (run.deployment, run.release, run.baseline, run.template, run.phase, run.outcome, run.failures) == (
         "d", "r2", "r1", "canary", "Failed", "aborted", 1)
-    m, implied = run.metrics
+    m, *implied = run.metrics
     assert (m.name, m.canary, m.threshold, m.condition, m.verdict) == (
         "error_rate", 0.05, 0.015, "<= stable + 0.01", "FAILED")
-    assert (implied.name, implied.condition, implied.verdict) == ("client_error_rate", "<= stable + 0.01", "SUCCESSFUL")
+    assert [(i.name, i.condition, i.verdict) for i in implied] == [
+        ("client_error_rate", "<= stable + 0.01", "SUCCESSFUL"), ("hang_up_rate", "<= stable + 0.01", "SUCCESSFUL")]
     assert runs.record(before, None, _judged("WAITING"), SPEC) is None  # no look taken: nothing to record
 
 
