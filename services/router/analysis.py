@@ -46,12 +46,12 @@ from lockgate.contracts import DriftReport
 from lockgate.gatestats import sequential
 
 Verdict = Literal["SUCCESSFUL", "FAILED", "INCONCLUSIVE", "WAITING"]
-MetricName = Literal["error_rate", "client_error_rate", "hang_up_rate", "latency_p50", "latency_p95", "latency_p99", "ttft_p50",
-                     "ttft_p95", "ttft_p99", "tokens_per_request", "cost_per_request", "score", "drift"]
+MetricName = Literal["error_rate", "client_error_rate", "hang_up_rate", "latency_p50", "latency_p95", "latency_p99",
+                     "ttft_p50", "ttft_p95", "ttft_p99", "tokens_per_request", "cost_per_request", "score", "drift"]
 METRICS: tuple[str, ...] = MetricName.__args__  # type: ignore[attr-defined]
 _QUANTILES = {"p50": 0.50, "p95": 0.95, "p99": 0.99}
-_UNITS = {"error_rate": "", "client_error_rate": "", "hang_up_rate": "", "latency": " ms", "ttft": " ms", "tokens_per_request": " tokens",
-          "cost_per_request": " USD"}
+_UNITS = {"error_rate": "", "client_error_rate": "", "hang_up_rate": "", "latency": " ms", "ttft": " ms",
+          "tokens_per_request": " tokens", "cost_per_request": " USD"}
 _NORMAL = NormalDist()
 Positive = Annotated[float, msgspec.Meta(gt=0)]
 NonNeg = Annotated[float, msgspec.Meta(ge=0)]
