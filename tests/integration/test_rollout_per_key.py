@@ -139,8 +139,8 @@ async def test_one_key_flooding_the_canary_with_good_requests_cannot_get_a_faili
     # comes along with them: half of it among the real callers' canary requests, the other half after mallory's.
     route, real_key, mallory_key = await _flooded(router, http, signer, 1500)
     assert route.analysis.last.canary_n == 1620  # every canary request was in the look, mallory's too
-    failed, implied = route.analysis.last.metrics  # client_error_rate judged with error_rate: none refused
-    assert (implied.name, implied.canary) == ("client_error_rate", 0.0)
+    failed, *implied = route.analysis.last.metrics  # judged with error_rate: none refused, none hung up on
+    assert [(i.name, i.canary) for i in implied] == [("client_error_rate", 0.0), ("hang_up_rate", 0.0)]
     assert (failed.verdict, failed.group, failed.canary_n) == ("FAILED", f"API key {real_key.id}", 120)
 
     # The stored events name the key that sent them, and the signed analysis record the key that failed.
@@ -152,8 +152,9 @@ async def test_one_key_flooding_the_canary_with_good_requests_cannot_get_a_faili
                      "ORDER BY n")
     assert by_key == [{"key_id": real_key.id, "n": 120}, {"key_id": mallory_key.id, "n": 1500}]
     (record,) = db.rows("SELECT metrics FROM analysis_runs WHERE phase = 'Failed'")
-    metric, implied_record = msgspec.json.decode(record["metrics"])  # the record names every metric judged
-    assert (implied_record["name"], implied_record["condition"]) == ("client_error_rate", "<= stable + 0.01")
+    metric, *implied_records = msgspec.json.decode(record["metrics"])  # the record names every metric judged
+    assert [(i["name"], i["condition"]) for i in implied_records] == [("client_error_rate", "<= stable + 0.01"),
+                                                                      ("hang_up_rate", "<= stable + 0.01")]
     assert metric["why"] == f"significantly above threshold; judged on API key {real_key.id}"
 
 
