@@ -203,7 +203,7 @@ class DriftGate:
         vetoes = [r for r in current.rules if r.rule == VETOED and r.verdict == "FAIL"] if current else []
         # The BLOCK binds the content it judged: a re-run of its eval is held for an approver, never a PASS over it.
         vetoes = vetoes or ([domain.drift_veto(release, report.id, outcome.reason)] if current else [])
-        decision = (await self.own.require()).sign(GateDecided(
+        decision = await self.own.sign(GateDecided(
             id=domain.decision_id(report.id, self.signer.id_salt), release=release, decision="BLOCK",
             rules=[*outcome.rules, *vetoes],
             eval_run=current.eval_run if current else "", policy=current.policy if current else "",

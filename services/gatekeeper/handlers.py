@@ -168,7 +168,7 @@ class GateHandlers:
             span.set_attribute("lockgate.decision", outcome.decision)
             arts = {**(done.artifacts or release_arts),
                     **{k: v for k, v in (("eval_suite", done.suite), ("policy", done.policy)) if v}}
-            decision = (await self.own.require()).sign(GateDecided(
+            decision = await self.own.sign(GateDecided(
                 id=decision_id, release=done.release, decision=outcome.decision,
                 rules=list(outcome.rules), eval_run=done.run_id, policy=done.policy, baseline=done.baseline,
                 reason=outcome.reason, artifacts=arts, review_required=outcome.review_required,
@@ -253,7 +253,7 @@ class GateHandlers:
                 await self._refuse(review, current, new_id, key, actor=reviewer, reason=refusal or outcome.reason)
                 return
             # Ordered after the decision it answers by its seq, never by this replica's clock.
-            decision = (await self.own.require()).sign(msgspec.structs.replace(outcome.decision, seq=stored.next_seq))
+            decision = await self.own.sign(msgspec.structs.replace(outcome.decision, seq=stored.next_seq))
             await self.publish_key()
             # Over the decision it answers: an eval's decision stored meanwhile makes it stale (refused when redelivered).
             await self.records.settle(decision, over=stored.revision, action=outcome.action, actor=reviewer, key=key)

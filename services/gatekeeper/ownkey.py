@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import logging
 
+from lockgate.contracts import GateDecided
 from lockgate.errors import Retryable
 from lockgate.server.service import Progress, ServiceContext
+from lockgate.services.gatekeeper.recordable import recordable
 from lockgate.signing import Signer, Verifier
 
 log = logging.getLogger("lockgate.gatekeeper")
@@ -53,3 +55,8 @@ class OwnKey:
             await self.refused.bump()
             raise KeyNotTrusted(problem)
         return self.signer
+
+    async def sign(self, decision: GateDecided) -> GateDecided:
+        """`decision` signed as every reader will decode it (recordable: a BLOCK saying why when it would not
+        decode again); KeyNotTrusted as `require`. Every decision the gatekeeper makes is signed here."""
+        return (await self.require()).sign(recordable(decision))

@@ -23,12 +23,6 @@ Confidence = Annotated[float, msgspec.Meta(ge=0.5, lt=1)]
 Better = Literal["higher", "lower"]
 
 
-def _finite(value: float | None, field: str) -> None:
-    # msgspec has no "finite" constraint, and a NaN threshold would make every comparison False.
-    if value is not None and not math.isfinite(value):
-        raise ValueError(f"{field} must be a finite number, got {value}")
-
-
 class Relative(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """The candidate must improve by >= min_change, or regress by <= max_regression, against the baseline."""
 
@@ -40,7 +34,6 @@ class Relative(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     def __post_init__(self) -> None:
         if (self.min_change is None) == (self.max_regression is None):
             raise ValueError("expected exactly one of min_change or max_regression")
-        _finite(self.min_change, "min_change")
 
 
 class NonInferiority(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -91,7 +84,6 @@ class Rule(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True
             if self.op is None or self.threshold is None:
                 raise ValueError("an absolute rule needs `op` and `threshold` (or use relative, non_inferiority, "
                                  "max_count, max_rate or slices)")
-            _finite(self.threshold, "threshold")
         if not self.name:
             if self.kind == "absolute":
                 name = f"{self.metric} {self.op} {self.threshold:g}"
@@ -229,8 +221,6 @@ class DriftRule(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     def __post_init__(self) -> None:
         if self.max_psi is None and not self.test:
             raise ValueError("a drift rule needs max_psi, test: true, or both")
-        if self.max_psi is not None:
-            _finite(self.max_psi, "max_psi")
         if not self.name:
             what = " or ".join(([f"psi <= {self.max_psi:g}"] if self.max_psi is not None else [])
                                + (["no test drift"] if self.test else []))
@@ -258,10 +248,38 @@ class Policy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
         for rule in self.rules:
             if rule.use_interval is None:
                 msgspec.structs.force_setattr(rule, "use_interval", self.use_interval)
+        if (where := _not_finite(self, "$")) is not None:
+            raise at(*where)
         names = [r.name for r in self.rules] + [r.name for r in self.drift]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise at("$.rules", f"rule names must be unique; repeated: {', '.join(dupes)}")
+
+
+def _not_finite(value: Any, path: str, field: str = "") -> tuple[str, str] | None:
+    """(path, why) of the first number under `value` (the document's `field`, at `path`) that is no finite float, None
+    if every one is.
+
+    Every number of a policy, whatever its field: msgspec has no "finite" constraint and takes `inf` for `ge=0`, a NaN
+    threshold makes every comparison False, and a rule derived from an infinite margin (a slice's `-max_regression`)
+    has a threshold JSON cannot carry: the gatekeeper signed a BLOCK no reader could decode, and every reader kept
+    the PASS before it (probe p68 F1). An integer past a float's range is refused alike: the rules compare it as one."""
+    if isinstance(value, bool | str) or value is None:
+        return None
+    if isinstance(value, int | float):
+        try:
+            finite = math.isfinite(value)
+        except OverflowError:
+            finite = False
+        shown = str(value) if isinstance(value, float) else f"an integer of {len(str(value))} digits"
+        return None if finite else (path, f"{field or 'a number'} must be a finite number, got {shown}")
+    if isinstance(value, tuple | list):
+        items: Any = ((f"{path}[{i}]", field, v) for i, v in enumerate(value))
+    elif isinstance(value, msgspec.Struct):
+        items = ((f"{path}.{f}", f, getattr(value, f)) for f in value.__struct_fields__)
+    else:
+        return None
+    return next((found for p, f, v in items if (found := _not_finite(v, p, f)) is not None), None)
 
 
 def parse_policy(raw: Any, *, name: str = "policy") -> Policy:

@@ -38,7 +38,7 @@ async def remake(own: OwnKey, records: Records, publish_key: Callable[[], Awaita
     the gates bucket by other means (a service credential may) stays what it is, unverifiable and refused by every
     reader, rather than become an authentic decision citing another release's eval (probe p28)."""
     await own.verifier.verify(current, history=True)  # as history: what a key retired since signed is still ours
-    decision = (await own.require()).sign(msgspec.structs.replace(
+    decision = await own.sign(msgspec.structs.replace(
         current, id=decision_id, time=datetime.now(UTC), decision=out.decision, rules=list(out.rules),
         reason=out.reason, review_required=out.review_required, reviewed_by="", approvals=[], approval_keys=[],
         trace_id=trace_id, span_id="", seq=Stored(current, over).next_seq))

@@ -25,7 +25,7 @@ from lockgate.client import get_decision
 from lockgate.config import Settings
 from lockgate.contracts import GateDecided, InferenceEvent
 from lockgate.contracts.names import check_name
-from lockgate.decisionwatch import DecisionWithdrawn, verified, watch_decisions
+from lockgate.decisionwatch import DecisionWithdrawn, Unreadable, verified, watch_decisions
 from lockgate.encoded import Encoded
 from lockgate.errors import BusUnavailable, InvalidEvent, InvalidName, NotFound, SignatureError
 from lockgate.ids import uuid7_time
@@ -352,7 +352,7 @@ class GatesServicer(gates_pb2_grpc.GatesServicer):
             decisions = await watch_decisions(kv, request.release_prefix, nc=self.bus.nc,
                                               subjects=self.bus.subjects, reconnects=self.bus)
 
-        async def owned() -> AsyncIterator[GateDecided]:
+        async def owned() -> AsyncIterator[GateDecided | Unreadable]:  # a value no decision too (verified)
             async for decision in decisions:
                 if await self._owned(key, decision.release, context):
                     yield decision

@@ -56,12 +56,20 @@ def _canonical_jsonl(raw: bytes) -> bytes:
 
 
 def parse(data: bytes, media_type: str) -> Any:
-    """Decode stored artifact bytes (canonical JSON for structured kinds)."""
+    """Decode stored artifact bytes (canonical JSON for structured kinds); ValueError (msgspec.DecodeError) for bytes
+    that are not JSON, or hold a number past a float's range (`1e999`) or `Infinity`/`NaN`, which are not JSON."""
     if media_type in ("application/json", "application/yaml"):
-        return json.loads(data)
+        return _json(data)
     if media_type == "application/jsonl":
-        return [json.loads(ln) for ln in data.decode().splitlines() if ln.strip()]
+        return [_json(ln) for ln in data.splitlines() if ln.strip()]
     return data.decode()
+
+
+def _json(data: bytes) -> Any:
+    # By msgspec, never `json.loads`: that reads `1e999` and `Infinity` as inf, which canonical JSON writes as null.
+    # A file of another suffix is stored as its bytes, and a policy's infinite margin read from it made a decision
+    # whose threshold no reader could decode (probe p68 F1).
+    return msgspec.json.decode(data)
 
 
 def signed_bytes(event: ArtifactRegistered) -> bytes:
@@ -172,14 +180,19 @@ async def load(bus: Bus, digest: str) -> bytes:
 
 async def load_structured(bus: Bus, digest: str) -> Any:
     """An artifact parsed as JSON (YAML and JSON artifacts are stored as canonical JSON), or a JSONL artifact's
-    rows: canonical JSONL ends in a newline and canonical JSON never does, so a one-line dataset is one row."""
+    rows: canonical JSONL ends in a newline and canonical JSON never does, so a one-line dataset is one row.
+    ValueError (`parse`) for one that is neither: the error reading it as one document, when it does not end in a
+    newline (as what was stored as other bytes, a file of another suffix, was most likely meant)."""
     data = await load(bus, digest)
     if data.endswith(b"\n"):
         return parse(data, "application/jsonl")
     try:
-        return json.loads(data)
-    except ValueError:
-        return parse(data, "application/jsonl")
+        return _json(data)
+    except msgspec.DecodeError as exc:
+        try:
+            return parse(data, "application/jsonl")
+        except msgspec.DecodeError:
+            raise exc from None
 
 
 def release_bundle(release: str, app: str, artifacts: dict[str, str], *, parent: str = "",

@@ -29,6 +29,7 @@ from lockgate.decisionwatch import (
     GatewaySource,
     Newest,
     ReconnectCounter,
+    decisions_only,
     follow_decisions,
     verified,
     watch_decisions,
@@ -468,13 +469,12 @@ class Client:
                                                announcements=self._announcements, reconnects=self._reconnects,
                                                relists=self.subjects.app_relist)
         checked = (verified(decisions, self._verifier, refused=self._refused, newest=self._newest) if self.verify
-                   else decisions)
+                   else decisions_only(decisions))
         try:
             async for decision in checked:
                 yield decision
         finally:
-            if checked is not decisions:
-                await checked.aclose()
+            await checked.aclose()
             await decisions.aclose()
 
     def _refused(self, exc: SignatureError) -> None:

@@ -38,6 +38,11 @@ A decision can stop admitting anything with no new one written: its key revoked 
 rests on withdrawn, in the trust file. `verified` checks what a watch yields, and verifies what it yielded again
 whenever the trust roots change (each second it looks): one that no longer verifies ends the watch with
 DecisionWithdrawn naming it, so a subscriber never keeps acting on a PASS that `decision()` now refuses.
+
+A release's newer value that is no decision of it (it does not decode, or names another release) replaces what was
+yielded for it as much as a newer decision does: `decision()` refuses it, and nothing allows the release any more.
+The watch passes it on as `Unreadable` (never to its caller), and `verified` ends with DecisionWithdrawn if it yielded
+a decision of that release. Before (probe p68 F1), it was skipped, and a subscriber kept acting on the PASS before it.
 """
 
 from __future__ import annotations
@@ -47,7 +52,7 @@ import contextlib
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import nats.errors
 import nats.js.errors
@@ -59,7 +64,7 @@ from lockgate.kvread import kv_keys
 from lockgate.natsclient import raise_if_cancelled
 from lockgate.retry import RetryPolicy
 from lockgate.signing import TRUST_CHECK_S, Verifier
-from lockgate.subjects import Subjects, token, untoken
+from lockgate.subjects import Subjects, untoken
 from lockgate.ticks import Idle, ticking
 
 log = logging.getLogger("lockgate.decisions")
@@ -76,7 +81,8 @@ _BACK = RetryPolicy(attempts=None, initial_s=1.0, max_s=15.0)
 
 class DecisionWithdrawn(SignatureError):
     """Decisions a watch yielded that no longer verify by the trust roots as they are now (a key revoked or retired,
-    an approval withdrawn), or whose release's newer value does not: they admit nothing; the watch ends with it."""
+    an approval withdrawn), or whose release's newer value does not, or is no decision of it (`Unreadable`): they admit
+    nothing; the watch ends with it."""
 
     def __init__(self, withdrawn: list[tuple[GateDecided, str]]) -> None:
         #: (release, decision id, why) of each
@@ -86,6 +92,14 @@ class DecisionWithdrawn(SignatureError):
                          for release, did, why in self.withdrawn)
         super().__init__(f"{each}. This watch yielded it earlier: stop acting on it, read the release's decision "
                          "again (decision(), gRPC GetDecision) and watch again")
+
+
+class Unreadable(NamedTuple):
+    """A release's current value in the gates bucket that is no decision of it (`why`): what a watch (`_follow`)
+    passes on in its place, for `verified` to take back what it yielded for the release; never yielded to a caller."""
+
+    release: str
+    why: str
 
 
 class StaleDecision(SignatureError):
@@ -296,18 +310,18 @@ async def _unsubscribe(subs: list[Any]) -> None:
             await sub.unsubscribe()
 
 
-class Watch(AsyncIterator[GateDecided]):
+class Watch(AsyncIterator["GateDecided | Unreadable"]):
     """A watch's decisions (`follow_decisions`), and `aclose()` that unsubscribes whether or not they were read: an
     async generator closed before its first step runs no `finally`, and a gRPC watch cancelled before it streamed
     anything (while it sent its initial metadata) kept its subscriptions."""
 
-    def __init__(self, decisions: AsyncGenerator[GateDecided, None], subs: list[Any]) -> None:
+    def __init__(self, decisions: AsyncGenerator[GateDecided | Unreadable, None], subs: list[Any]) -> None:
         self._decisions, self._subs = decisions, subs
 
     def __aiter__(self) -> Watch:
         return self
 
-    async def __anext__(self) -> GateDecided:
+    async def __anext__(self) -> GateDecided | Unreadable:
         return await self._decisions.__anext__()
 
     async def aclose(self) -> None:
@@ -319,7 +333,8 @@ class Watch(AsyncIterator[GateDecided]):
 
 
 async def _follow(source: Source, subs: list[Any], wake: asyncio.Queue[str | None], release_prefix: str,
-                  reconnects: Reconnects | None, *, closed: Callable[[], bool]) -> AsyncGenerator[GateDecided, None]:
+                  reconnects: Reconnects | None, *, closed: Callable[[], bool]
+                  ) -> AsyncGenerator[GateDecided | Unreadable, None]:
     relist = asyncio.ensure_future(_relist_after_reconnects(reconnects, wake)) if reconnects else None
     seen: dict[str, int] = {}  # key -> the revision last read
     listed = False  # every key read once
@@ -365,14 +380,14 @@ async def _follow(source: Source, subs: list[Any], wake: asyncio.Queue[str | Non
         await _unsubscribe(subs)
 
 
-async def verified(decisions: AsyncIterator[GateDecided], verifier: Verifier, *,
+async def verified(decisions: AsyncIterator[GateDecided | Unreadable], verifier: Verifier, *,
                    refused: Callable[[SignatureError], None], newest: Newest | None = None,
                    every_s: float = TRUST_CHECK_S) -> AsyncIterator[GateDecided]:
     """The decisions of a watch that verify (`refused` is told of each other one, which is skipped), and, with
     `newest`, that are not older than one read for their release before (StaleDecision, skipped alike). What it
     yielded is verified again whenever the trust roots change (looked at every `every_s` seconds, and at each
     decision): if any no longer verifies, or a release's newer decision does not, it raises DecisionWithdrawn naming
-    them."""
+    them; and so it does when a release's newer value is no decision of it (`Unreadable`)."""
     yielded: dict[str, GateDecided] = {}  # release -> the decision last yielded for it
     roots = verifier.roots()
     async with contextlib.aclosing(ticking(decisions, every_s)) as ticks:
@@ -382,6 +397,11 @@ async def verified(decisions: AsyncIterator[GateDecided], verifier: Verifier, *,
                 await _still_verified(yielded, verifier)
             if isinstance(decision, Idle):
                 continue
+            if isinstance(decision, Unreadable):
+                if decision.release in yielded:  # nothing allows the release now: what was yielded for it is gone
+                    raise DecisionWithdrawn([(yielded[decision.release], "its release's newer value in the gates "
+                                                                         f"bucket is no decision of it: {decision.why}")])
+                continue  # logged by the watch (`_decision`)
             if newest is not None:
                 try:
                     newest.check(decision)
@@ -452,18 +472,30 @@ async def _read(call: Any, bucket: str) -> Any:
         raise BusUnavailable(f"cannot read gate decisions from bucket {bucket}: {exc!r}") from None
 
 
-def _decision(entry: Any) -> GateDecided | None:
-    """The decision an entry holds, or None (logged) for one that must not be acted on."""
+def _decision(entry: Any) -> GateDecided | Unreadable | None:
+    """The decision an entry holds; Unreadable (logged) for a value that is no decision of the release its key names;
+    None for an empty value or a key that names none."""
     if not entry.value:
+        return None
+    try:
+        release = untoken(entry.key)
+    except ConfigError:
         return None
     try:
         decision = _decisions.decode(entry.value)
     except InvalidEvent as exc:
-        # One bad value in the bucket must not end every watcher.
-        log.warning("skipping undecodable gate decision %s: %s", entry.key, exc.message)
-        return None
-    if entry.key != token(decision.release):
+        # One bad value in the bucket must not end every watcher: only those that acted on the release (`verified`).
+        log.warning("undecodable gate decision %s: %s", entry.key, exc.message)
+        return Unreadable(release, f"it does not decode ({exc.message})")
+    if decision.release != release:
         # A decision copied under another release's key must not answer for that release.
-        log.warning("skipping gate decision %s for %r stored under key %s", decision.id, decision.release, entry.key)
-        return None
+        log.warning("gate decision %s for %r stored under key %s", decision.id, decision.release, entry.key)
+        return Unreadable(release, f"it is decision {decision.id} of {decision.release!r}")
     return decision
+
+
+async def decisions_only(decisions: AsyncIterator[GateDecided | Unreadable]) -> AsyncGenerator[GateDecided, None]:
+    """A watch's decisions, unverified: a value that is no decision is skipped (logged by the watch)."""
+    async for decision in decisions:
+        if not isinstance(decision, Unreadable):
+            yield decision

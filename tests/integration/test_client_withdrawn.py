@@ -5,6 +5,7 @@ said nothing and a subscriber kept acting on the PASS, while `decision()` refuse
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -15,7 +16,7 @@ from lockgate.bus import Bus
 from lockgate.client import Client, DecisionWithdrawn
 from lockgate.codec import encode
 from lockgate.config import Settings
-from lockgate.contracts import GateDecided
+from lockgate.contracts import GateDecided, RuleResult
 from lockgate.errors import ClientClosed, SignatureError
 from lockgate.signing import Signer, retire_key, revoke_key, revoke_person, trust_file_path, trust_key
 from lockgate.subjects import token
@@ -90,6 +91,44 @@ async def test_a_yielded_decision_replaced_by_one_that_does_not_verify_is_withdr
         with pytest.raises(DecisionWithdrawn, match=f"decision {passed.id} is withdrawn .*newer decision "
                                                     f"{tampered.id} is refused: signature invalid"):
             await asyncio.wait_for(anext(stream), 10)
+
+
+def no_decision(release: str, how: str) -> bytes:
+    """A value under `release`'s key that is no decision of it: a genuinely signed BLOCK whose rule's threshold JSON
+    cannot carry (-inf, written null: probe p68 F1), or another release's decision."""
+    if how == "undecodable":
+        inf = RuleResult(rule="per-slice", metric="m", op=">=", threshold=float("-inf"), observed=None,
+                         verdict="NO_DATA")
+        return encode(SIGNER.sign(GateDecided(release=release, decision="BLOCK", rules=[inf])))
+    return encode(SIGNER.sign(GateDecided(release="shop-v9", decision="PASS", rules=[])))
+
+
+@pytest.mark.parametrize(("how", "why"), [("undecodable", re.escape("it does not decode (Expected `float`, got `null` - "
+                                                                     "at `$.rules[0].threshold`)")),
+                                          ("other release", "it is decision .* of 'shop-v9'")])
+async def test_a_yielded_decision_replaced_by_a_value_that_is_no_decision_is_withdrawn(
+        bus: Bus, settings: Settings, how: str, why: str) -> None:
+    # Before (probe p68 F1): the watch logged "skipping undecodable gate decision" and went on, so its last yield, the
+    # PASS, stood, while decision() refused the release's value as no gate decision.
+    trust_key(trust_file_path(settings), SIGNER.public)
+    passed = SIGNER.sign(GateDecided(release="shop-v1", decision="PASS", rules=[]))
+    await gate_decided(bus, passed, passed.id)
+    async with _client(settings) as c:
+        stream = c.decisions("shop-")
+        assert await asyncio.wait_for(anext(stream), 10) == passed
+        await (await bus.kv(bus.subjects.kv_gates)).put(token("shop-v1"), no_decision("shop-v1", how))
+        await bus.nc.publish(bus.subjects.gate_decided("shop-v1"), b"")
+        with pytest.raises(DecisionWithdrawn, match=f"decision {passed.id} is withdrawn \\(its release's newer value "
+                                                    f"in the gates bucket is no decision of it: {why}"):
+            await asyncio.wait_for(anext(stream), 10)
+        with pytest.raises(SignatureError):
+            await c.decision("shop-v1")
+        # A watch that never yielded the release's decision skips the value and goes on.
+        again = c.decisions("shop-")
+        later = SIGNER.sign(GateDecided(release="shop-v2", decision="PASS", rules=[]))
+        await gate_decided(bus, later, later.id)
+        assert await asyncio.wait_for(anext(again), 10) == later
+        await again.aclose()
 
 
 async def test_a_watch_ends_when_its_client_is_closed(bus: Bus, settings: Settings) -> None:

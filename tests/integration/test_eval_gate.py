@@ -310,6 +310,36 @@ async def test_bad_policy_blocks_naming_the_problem(
     assert latest_decision(store, "v1")["reason"] == decision.reason
 
 
+@pytest.mark.parametrize(("margin", "why"), [("1.0e+999", "Number out of range"),
+                                             ("Infinity", "JSON is malformed: invalid character (byte 194)")])
+async def test_a_stored_policy_with_a_number_json_cannot_carry_blocks_naming_it_in_a_decision_everyone_reads(
+    bus: Bus, store: Store, run_services: Callable[..., Any], subscribe: Callable[[str], Any], tmp_path: Path,
+    margin: str, why: str,
+) -> None:
+    # Before (probe p68 F1): a policy file of another suffix is stored as its bytes, read with `json.loads` (inf), and its
+    # slice rule's threshold, -inf, was written null: the gatekeeper signed and stored a BLOCK no reader could decode
+    # (`Expected float, got null`), the sink dead-lettered its row, and every reader kept the PASS before it.
+    suite, _ = await register_qa(bus)
+    raw = tmp_path / "inf.pol"
+    raw.write_text('{"name": "inf", "no_data": "pass", "rules": [{"name": "acc", "metric": "exact_match", "op": ">=", '
+                   f'"threshold": 1.01}}, {{"name": "per-slice", "metric": "exact_match", "slices": '
+                   f'{{"max_regression": {margin}}}}}]}}')
+    policy = await artifacts.register_file(bus, "policy", raw)
+    gates = await subscribe(bus.subjects.gate_decided_all)
+    async with SimServer(SimConfig(models={"good": ModelSpec(answers=qa_answers())})) as sim:
+        sink = (await run_services("sink", "query", "evaluator", "gatekeeper"))["sink"].handlers
+        await bus.publish(bus.subjects.eval_requested,
+                          request(release="v1", suite=suite, endpoint=sim.url, model="good", policy=policy.hash))
+        decision = await next_decision(gates)
+    assert decision.decision == "BLOCK"
+    assert f"policy {policy.hash} is unusable" in decision.reason
+    assert f"is unusable: not JSON or YAML ({why}" in decision.reason, decision.reason
+    # What KV holds is that decision, and the sink stores its row (none dead-lettered).
+    assert decided.decode((await (await bus.kv(bus.subjects.kv_gates)).get(token("v1"))).value) == decision
+    await sink_stored(sink, gate_decisions=1)
+    assert latest_decision(store, "v1")["reason"] == decision.reason
+
+
 async def test_an_eval_longer_than_ack_wait_is_not_redelivered(
     bus: Bus, settings: Any, context: Any, run_services: Callable[..., Any], subscribe: Callable[[str], Any]
 ) -> None:

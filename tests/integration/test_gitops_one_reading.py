@@ -114,3 +114,30 @@ async def test_eval_run_refuses_a_policy_file_with_a_key_given_twice(bus: Bus, s
     assert result.exit_code == 2, result.output
     assert (f'policy {policy} is refused: key "threshold" is given twice, on lines 6 and 7 (readers differ on which '
             "one counts) - at `$.rules[0].threshold`") in " ".join(result.output.split())
+
+
+@pytest.mark.parametrize(("name", "text", "said"), [
+    ("infcli.pol", '{"name": "p", "rules": [{"metric": "m", "op": ">=", "threshold": 1}, {"name": "per-slice", '
+                   '"metric": "m", "slices": {"max_regression": 1.0e+999}}]}',
+     "max_regression must be a finite number, got inf - at `$.rules[1].slices.max_regression`"),
+    ("policy.json", '{"name": "p", "rules": [{"metric": "m", "non_inferiority": {"margin": 1.0e+999}}]}',
+     "margin must be a finite number, got inf - at `$.rules[0].non_inferiority.margin`"),
+    ("policy.yaml", "name: p\nrules: [{metric: m, relative: {max_regression: .inf}}]\nreview: {require_when: "
+                    "[{metric_moved: m, by: .inf}]}\n",
+     "max_regression must be a finite number, got inf - at `$.rules[0].relative.max_regression`"),
+    ("policy.yaml", "name: p\nrules: [{metric: m, op: '>=', threshold: 1}]\nreview: {require_when: "
+                    "[{metric_moved: m, by: .inf}]}\n",
+     "by must be a finite number, got inf - at `$.review.require_when[0].by`"),
+])
+async def test_eval_run_refuses_a_policy_with_a_number_json_cannot_carry(
+        bus: Bus, settings: Settings, tmp_path: Path, name: str, text: str, said: str) -> None:
+    # Before (probe p68 F1): msgspec took `inf` for a margin that must be >= 0, a file of another suffix was stored as
+    # its bytes, and the gatekeeper signed a decision whose threshold (-inf) was written null, which no reader decoded.
+    suite = tmp_path / "suite.yaml"
+    suite.write_text("name: s\ndataset: sha256:" + "0" * 64 + "\nprompt: {template: '{question}'}\nscorers: [exact_match]\n")
+    policy = tmp_path / name
+    policy.write_text(text)
+    result = await cli(settings, "eval", "run", str(suite), "--candidate", "r1", "--policy", str(policy),
+                       "--timeout", "2")
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines() == [f"error: policy {policy} is invalid: {said}"], result.output

@@ -359,6 +359,30 @@ async def test_a_watch_ends_when_a_decision_it_streamed_stops_verifying(
 
 
 
+async def test_a_watch_ends_when_a_release_it_streamed_holds_a_value_that_is_no_decision(
+    bus: Bus, context: ServiceContext, channel: grpc.aio.Channel, keys: Bootstrap
+) -> None:
+    # Before (probe p68 F1): a signed BLOCK whose rule's threshold was -inf (written null) replaced the PASS; the watch
+    # logged "skipping undecodable gate decision" and its last message, the PASS, stood.
+    passed = decision("shop-v1")
+    await put_decision(bus, passed)
+    stub = gates_pb2_grpc.GatesStub(channel)
+    call = stub.WatchDecisions(gates_pb2.WatchRequest(), metadata=_auth(keys))
+    assert (await asyncio.wait_for(call.read(), 10)).id == passed.id
+    inf = RuleResult(rule="per-slice", metric="m", op=">=", threshold=float("-inf"), observed=None, verdict="NO_DATA")
+    blocked = SIGNER.sign(GateDecided(release="shop-v1", decision="BLOCK", rules=[inf]))
+    await (await bus.kv(bus.subjects.kv_gates)).put(token("shop-v1"), encode(blocked))
+    await context.bus.nc.publish(bus.subjects.gate_decided("shop-v1"), b"")
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await asyncio.wait_for(call.read(), 10)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    details = err.value.details()
+    assert "release 'shop-v1'" in details and passed.id in details and "does not decode" in details, details
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.GetDecision(gates_pb2.GetDecisionRequest(release="shop-v1"), timeout=10)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
 # Identity on the gRPC API: API keys in metadata, tenant-scoped ingest, TLS when configured.
 
 

@@ -21,6 +21,7 @@ from lockgate.decisionwatch import (
     Newest,
     ReconnectCounter,
     StaleDecision,
+    Unreadable,
     follow_decisions,
     verified,
     watch_decisions,
@@ -97,10 +98,15 @@ async def test_current_then_announced_newest_per_release_and_a_relist_after_reco
     bucket, reconnects = Bucket(), ReconnectCounter()
     conn = Connection(bucket)
     first = store(bucket, "shop-1")
-    store(bucket, "shop-2", key=token("shop-x"))  # copied under another release's key: never yielded
-    bucket.put(token("shop-bad"), b"{not json")  # undecodable: skipped, the watch goes on
+    copied = store(bucket, "shop-2", key=token("shop-x"))  # copied under another release's key: never yielded
+    bucket.put(token("shop-bad"), b"{not json")  # undecodable: the watch goes on
     watch = await watch_decisions(bucket, "shop-", nc=conn, subjects=S, reconnects=reconnects)
     assert await next_of(watch) == first
+    # Each passed on as no decision of its key's release, for `verified` to take back what it yielded of it (probe
+    # p68 F1); never as a decision.
+    assert [await next_of(watch), await next_of(watch)] == [
+        Unreadable("shop-x", f"it is decision {copied.id} of 'shop-2'"),
+        Unreadable("shop-bad", "it does not decode (JSON is malformed: object keys must be strings (byte 1))")]
 
     second = store(bucket, "shop-2", "BLOCK")
     await conn.announce("search-1")  # another prefix, and nothing stored under it

@@ -51,7 +51,7 @@ def test_rule_name_defaults_to_the_expression() -> None:
         (policy_doc(rules=[{"metric": "m", "op": ">=", "threshold": "high"}]), "got `str` - at `$.rules[0].threshold`"),
         (policy_doc(rules=[{"metric": "m", "op": ">=", "threshold": True}]), "got `bool` - at `$.rules[0].threshold`"),
         (policy_doc(rules=[{"metric": "m", "op": ">=", "threshold": float("nan")}]),
-         "threshold must be a finite number, got nan - at `$.rules[0]`"),
+         "threshold must be a finite number, got nan - at `$.rules[0].threshold`"),
         (policy_doc(rules=[{"name": "a", "metric": "m", "op": ">=", "threshold": 1},
                            {"name": "a", "metric": "n", "op": ">=", "threshold": 1}]), "repeated: a"),
     ],

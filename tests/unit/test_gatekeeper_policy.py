@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 
 import msgspec
 import pytest
@@ -42,6 +43,31 @@ def test_malformed_policies_name_the_field(raw: dict, message: str) -> None:
     with pytest.raises(PolicyError) as err:
         domain.parse_policy(raw)
     assert message in err.value.message
+
+
+@pytest.mark.parametrize(("raw", "message"), [
+    # Every number of a policy finite (probe p68 F1: msgspec took inf for `ge=0`, and a slice rule's -inf threshold made
+    # a decision no reader decoded), named by its path; an integer past a float's range alike.
+    (doc({"metric": "m", "slices": {"max_regression": math.inf}}),
+     "max_regression must be a finite number, got inf - at `$.rules[0].slices.max_regression`"),
+    (doc({"metric": "m", "relative": {"max_regression": math.inf}}),
+     "max_regression must be a finite number, got inf - at `$.rules[0].relative.max_regression`"),
+    (doc({"metric": "m", "relative": {"min_change": -math.inf}}),
+     "min_change must be a finite number, got -inf - at `$.rules[0].relative.min_change`"),
+    (doc({"metric": "m", "non_inferiority": {"margin": math.inf}}),
+     "margin must be a finite number, got inf - at `$.rules[0].non_inferiority.margin`"),
+    (doc({"metric": "m", "max_count": 10 ** 400}),
+     "max_count must be a finite number, got an integer of 401 digits - at `$.rules[0].max_count`"),
+    (doc(review={"require_when": [{"metric_moved": "m", "by": math.inf}]}),
+     "by must be a finite number, got inf - at `$.review.require_when[0].by`"),
+    (doc(drift=[{"max_psi": math.inf}]), "max_psi must be a finite number, got inf - at `$.drift[0].max_psi`"),
+    (doc(limits={"max_failures": 10 ** 400}),
+     "max_failures must be a finite number, got an integer of 401 digits - at `$.limits.max_failures`"),
+])
+def test_a_number_json_cannot_carry_is_refused_naming_its_path(raw: dict, message: str) -> None:
+    with pytest.raises(PolicyError) as err:
+        parse_policy(raw)
+    assert err.value.message == f"policy: {message}"
 
 
 def test_full_policy_parses() -> None:
