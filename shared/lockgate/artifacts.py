@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import re
 from collections.abc import Mapping
 from datetime import datetime
@@ -30,14 +31,15 @@ _MEDIA = {".json": "application/json", ".jsonl": "application/jsonl", ".yaml": "
 
 
 def canonical_bytes(content: bytes | str | dict | list, media_type: str) -> bytes:
-    """Canonical form for hashing: structured content is re-encoded with sorted keys."""
+    """Canonical form for hashing: structured content is re-encoded with sorted keys. ConfigError for structured
+    content holding a number JSON cannot carry (`_carried`)."""
     if isinstance(content, dict | list):
-        return canonical_json(content)
+        return _carried(content, "artifact")
     raw = content.encode() if isinstance(content, str) else content
-    if media_type == "application/json":
-        return canonical_json(documents.parse(raw, "json", where=f"artifact ({media_type})"))
-    if media_type == "application/yaml":
-        return canonical_json(documents.parse(raw, "yaml", where=f"artifact ({media_type})"))
+    if media_type in ("application/json", "application/yaml"):
+        where = f"artifact ({media_type})"
+        return _carried(documents.parse(raw, "json" if media_type == "application/json" else "yaml", where=where),
+                        where)
     if media_type == "application/jsonl":
         return _canonical_jsonl(raw)
     return raw
@@ -50,9 +52,27 @@ def _canonical_jsonl(raw: bytes) -> bytes:
     for number, ln in enumerate(text.splitlines(), 1):
         if not ln.strip():
             continue
-        lines.append(canonical_json(documents.parse(ln, "json",
-                                                    where=f"artifact is not valid application/jsonl: line {number}")))
+        where = f"artifact is not valid application/jsonl: line {number}"
+        lines.append(_carried(documents.parse(ln, "json", where=where), where))
     return b"\n".join(lines) + b"\n"
+
+
+def _carried(value: Any, where: str) -> bytes:
+    """`value`'s canonical JSON, or ConfigError naming the path of a float it holds that JSON cannot carry.
+
+    Python's JSON and YAML readers take `1e999`, `Infinity`, `.inf` and `NaN` for floats JSON has no form for, and
+    canonical JSON writes them `null`: the content hashed and stored would silently say other than the file (probe
+    p68 F1), and read back (`parse`) they are refused."""
+    stack: list[tuple[Any, str]] = [(value, "$")]
+    while stack:
+        node, path = stack.pop()
+        if isinstance(node, float) and not math.isfinite(node):
+            raise ConfigError(f"{where}: {node} is no number JSON can carry (only finite ones) - at `{path}`")
+        if isinstance(node, dict):
+            stack.extend((v, f"{path}.{k}") for k, v in node.items())
+        elif isinstance(node, list):
+            stack.extend((v, f"{path}[{i}]") for i, v in enumerate(node))
+    return canonical_json(value)
 
 
 def parse(data: bytes, media_type: str) -> Any:

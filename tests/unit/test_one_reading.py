@@ -109,3 +109,24 @@ def test_an_artifact_with_a_key_given_twice_is_refused_at_registration(raw: byte
 
     with pytest.raises(ConfigError, match="is refused: key .* is given twice"):
         canonical_bytes(raw, media)
+
+
+@pytest.mark.parametrize(("raw", "media", "said"), [
+    (b'{"rules": [{"slices": {"max_regression": 1.0e+999}}]}', "application/json",
+     "artifact (application/json): inf is no number JSON can carry (only finite ones) - at "
+     "`$.rules[0].slices.max_regression`"),
+    (b'{"a": -Infinity}', "application/json", "-inf is no number JSON can carry"),
+    (b"a: [1, .nan]\n", "application/yaml",
+     "artifact (application/yaml): nan is no number JSON can carry (only finite ones) - at `$.a[1]`"),
+    (b'{"a": 1}\n{"b": 1e999}\n', "application/jsonl",
+     "artifact is not valid application/jsonl: line 2: inf is no number JSON can carry (only finite ones) - at `$.b`"),
+    ({"a": {"b": float("inf")}}, "application/json", "artifact: inf is no number JSON can carry"),
+])
+def test_an_artifact_with_a_number_json_cannot_carry_is_refused_at_registration(
+        raw: bytes | dict, media: str, said: str) -> None:
+    # Before (probe p68 F1): canonical JSON wrote it `null`, so what was stored and hashed said other than the file.
+    from lockgate.artifacts import canonical_bytes
+
+    with pytest.raises(ConfigError) as err:
+        canonical_bytes(raw, media)
+    assert said in err.value.message
