@@ -75,6 +75,7 @@ from lockgate.services.router.wire import (
     OUTPUT_MESSAGES,
     RESPONSES,
     SERVICE_TIER,
+    TRUNCATED,
     USAGE_WARNING,
     Choices,
     ErrorAnswer,
@@ -721,7 +722,7 @@ class Proxy:
                                               "Cache-Control": "no-cache"})
             await out.prepare(request)
             hiding = False
-            ended = False  # the upstream's end marker came (`data: [DONE]`)
+            ended = False  # the upstream's end marker came (`data: [DONE]`; a Responses stream's is its last event)
             failure = ""  # why the stream broke off, for the error event that ends it
             events = 0  # the upstream's events so far: a Responses stream's next sequence_number (they count from 0)
             # An event's lines go out in one write when the event ends (its blank line): one send for
@@ -737,6 +738,13 @@ class Proxy:
                         payload = line[5:].strip()
                         if payload == b"[DONE]":
                             ended = True
+                            # Chat and completions streams give each choice its finish reason on its last chunk
+                            # (Anthropic's its stop_reason, translated; Responses' terminal event its status): an
+                            # end marker before it closes an answer cut short (a proxy or server ending it as if
+                            # whole). Judged here, before the marker goes out: the openai SDK hangs up as it reads
+                            # it. What the client gets stays as sent. Before, probe p63 C, such a stream was ok.
+                            if rec.status == "ok" and not rec.out.finished():
+                                rec.status, rec.error_type = "error", TRUNCATED
                         else:  # the client's SDK decodes every other data line as JSON: check it does decode
                             events += 1
                             usage_only = chunk(payload, rec)  # UNDECODABLE when it is no chunk
@@ -794,7 +802,7 @@ class Proxy:
                 # A stream that stops before its end marker with a choice unfinished was cut short (a proxy's
                 # timeout, a crashed server): an answer cut off, not a complete one.
                 if rec.status == "ok" and not ended and not rec.out.finished():
-                    rec.status, rec.error_type = "error", "stream_interrupted:truncated"
+                    rec.status, rec.error_type = "error", TRUNCATED
                     failure = f"endpoint {endpoint.id} ended the stream before the answer was complete"
             if rec.error_type != CLIENT_DISCONNECTED and (pending or failure):
                 # What came before the upstream failed, then an OpenAI error event, which the client's SDK

@@ -448,6 +448,11 @@ def error_body(message: str, type_: str, code: str | None = None, param: str | N
     return _encoder.encode({"error": {"message": message, "type": type_, "param": param, "code": code}})
 
 
+# The error type of a stream that ended before the answer did: no end marker with a choice unfinished, or an end
+# marker before a choice's finish reason.
+TRUNCATED = "stream_interrupted:truncated"
+
+
 def interrupted_event(op: Operation, message: str, sequence: int) -> bytes:
     """The event that ends a stream the router cut short, in the shape of the operation's API: a Responses stream
     gets a typed `event: error` (`type`, `code`, `message`, `param`, the next `sequence_number`) as OpenAI sends

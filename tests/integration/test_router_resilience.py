@@ -36,7 +36,9 @@ from lockgate.services.query.cost import cost_rollup
 from lockgate.services.router.admission import load_gateway_file
 from lockgate.services.router.budgets import Counter, cost_of, input_estimate, resolve
 from lockgate.services.router.cache import MAX_KEYED_BYTES
-from tests.helpers import break_glass, register_model_release, sink_stored, store_pass
+from lockgate.services.router.wire import TRUNCATED
+from lockgate_dev.sim import ModelSpec, SimConfig, SimServer
+from tests.helpers import break_glass, register_model_release, served, sink_stored, store_pass
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -55,7 +57,8 @@ class FakeLLM:
     after its first event), "chunk_then_vllm_error" (the same error event as vLLM sends it, `object: error`), "chunk_then_garbage" (a data line that is not JSON after the first event),
     "chunks_until_closed" (a stream that goes on until the router hangs up: then `hung_up` is set),
     "chunks_paced" (the same at a chunk every 50 ms, as a model generating a long answer), "done_then_hold" (a whole
-    stream, `[DONE]` included, whose body's end comes only when the test ends), "answer_when_told" and
+    stream, `[DONE]` included, whose body's end comes only when the test ends), "chunk_then_done_then_hold" (the same
+    after the first event alone: no finish reason), "answer_when_told" and
     "chunk_then_next_when_told" (the answer, or a stream's second event, written as bytes on the connection when the
     test calls `answer_now()`: in the router's socket at once, whatever its event loop is doing),
     ("echo_key", message) and ("chunk_then_echo_key", message) (a 401, or a stream's error event, whose message
@@ -265,6 +268,10 @@ class FakeLLM:
                                "type": "auth_error"}}
             await resp.write(f"data: {json.dumps(error)}\n\n".encode())
             await resp.write_eof()
+            return resp
+        if action == "chunk_then_done_then_hold":  # cut short, ended as if whole, the body's end held back
+            await resp.write(b"data: [DONE]\n\n")
+            await self._release.wait()
             return resp
         if action == "chunk_then_garbage":  # a data line that is not JSON (a proxy's page), then a proper end
             await resp.write(b"data: <html>502 Bad Gateway</html>\n\n")
@@ -483,6 +490,95 @@ async def test_a_stream_cut_short_or_unreadable_ends_with_an_error_and_is_never_
                 assert error == f"stream interrupted: {why}"
     assert up.calls == 2  # the second was not answered from the cache
     assert [(e.status, e.error_type) for e in await events(2)] == [("error", error_type)] * 2
+
+
+class _CutAtEnd:
+    """Between the router and the simulator (the reference for each API's streams): its streams as they come, or,
+    when `cut`, without the event that finishes the answer (a chat or completions choice's finish reason, an
+    Anthropic `message_delta` and its stop_reason, a Responses stream's terminal event, `data: [DONE]` in its place)
+    while the end marker still comes: an answer a proxy or a crashed server ended as if whole."""
+
+    def __init__(self, sim: SimServer) -> None:
+        self.sim, self.cut = sim, False
+        self.app = web.Application()
+        self.app.router.add_post("/v1/{path:.*}", self._relay)
+
+    async def _relay(self, request: web.Request) -> web.StreamResponse:
+        out = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        async with aiohttp.ClientSession() as http, http.post(
+                f"{self.sim.url}/{request.match_info['path']}", data=await request.read(),
+                headers={"Content-Type": "application/json"}) as up:
+            assert up.status == 200 and up.content_type == "text/event-stream"
+            await out.prepare(request)
+            event = b""
+            async for line in up.content:
+                event += line
+                if line.strip():
+                    continue
+                finishing = self.cut and _finishes(event)
+                if not finishing:
+                    await out.write(event)
+                elif b"response.completed" in event:
+                    await out.write(b"data: [DONE]\n\n")
+                event = b""
+        await out.write_eof()
+        return out
+
+
+def _finishes(event: bytes) -> bool:
+    """Whether one SSE event finishes an answer: carries a choice's finish reason, Anthropic's stop_reason or a
+    Responses stream's final status."""
+    data = next((line[5:] for line in event.splitlines() if line.startswith(b"data:")), b"")
+    if not data.strip().startswith(b"{"):
+        return False
+    body = json.loads(data)
+    return body.get("type") in ("message_delta", "response.completed") or any(
+        choice.get("finish_reason") for choice in body.get("choices") or ())
+
+
+async def _streamed_text(c: openai.AsyncOpenAI, api: str) -> str:
+    """The text of one streamed answer of `api` as the openai SDK reads it (raising an error event it meets)."""
+    if api == "responses":
+        events = [e async for e in await c.responses.create(model="m", input="hi", stream=True)]
+        return "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    if api == "completions":
+        chunks = [ch async for ch in await c.completions.create(model="m", prompt="hi", stream=True)]
+        return "".join(ch.choices[0].text for ch in chunks if ch.choices)
+    chunks = [ch async for ch in await c.chat.completions.create(model="m", messages=MESSAGES, stream=True)]
+    return "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+
+
+@pytest.mark.parametrize(("api", "provider"), [("chat", "openai"), ("completions", "openai"),
+                                               ("responses", "openai"), ("chat", "anthropic")])
+async def test_a_stream_whose_end_marker_comes_before_the_answer_finished_is_truncated(
+        gateway: Gateway, keys: Bootstrap, events: Any, api: str, provider: str) -> None:
+    # Found by a probe (p63 C): a stream cut short that still ended with `data: [DONE]` (no finish reason on its
+    # choice, no usage) was recorded ok, so a canary whose every stream was cut was promoted after 1,120 requests.
+    # Chat and completions streams give each choice its finish reason, Anthropic's its stop_reason (translated into
+    # one), before their end marker: one without it is `stream_interrupted:truncated`, the bytes passed as they came.
+    async with SimServer(SimConfig(models={"m": ModelSpec(default="sim says hi")})) as sim:
+        relay = _CutAtEnd(sim)
+        async with served(relay.app) as url:
+            router = await gateway({"default": {"url": f"{url}/v1", "provider": provider}})
+            async with client(router, keys) as c:
+                for cut in (True, False):
+                    relay.cut = cut
+                    assert await _streamed_text(c, api) == "sim says hi"  # no error event: the client's stream
+                    (event,) = await events(1)
+                    assert (event.status, event.error_type) == (("error", TRUNCATED) if cut else ("ok", ""))
+
+
+async def test_a_cut_stream_is_truncated_when_the_client_leaves_at_its_end_marker(
+        gateway: Gateway, keys: Bootstrap, events: Any) -> None:
+    # The openai SDK closes the connection as it reads `[DONE]`, while the router still waits for the upstream's end
+    # of body: a cut answer is judged at its end marker, not when the body ends (else recorded ok, probe p63 C).
+    async with FakeLLM("held", "chunk_then_done_then_hold") as up:
+        router = await gateway({"default": {"url": up.url}})
+        async with client(router, keys) as c:
+            stream = await c.chat.completions.create(model="m", messages=MESSAGES, stream=True)
+            assert [ch.choices[0].delta.content async for ch in stream] == ["held says hi"]
+        (event,) = await events(1)
+        assert (event.status, event.error_type) == ("error", TRUNCATED)
 
 
 async def _read(stream: Any) -> tuple[list[Any], str | None]:
