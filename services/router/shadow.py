@@ -55,6 +55,7 @@ from lockgate.services.router.rollouts import Rollouts
 from lockgate.services.router.shadowstats import Budget, Spend
 from lockgate.services.router.wire import (
     CHAT,
+    TRUNCATED,
     USAGE_WARNING,
     Choices,
     ErrorAnswer,
@@ -413,17 +414,15 @@ async def _lines(content: aiohttp.StreamReader, bound: asyncio.Timeout, stall_s:
 
 async def _read_stream(lines: AsyncIterator[bytes], answer: _Answer) -> None:
     """Fold a chat stream's events into `answer`, as the served call's (proxy): an error event, or a stream that
-    ends before its end marker with a choice unfinished, makes it an error."""
-    ended = False
+    ends with a choice unfinished, before its end marker or after it (probe p63 C), makes it an error."""
     async for line in lines:
         if not line.startswith(b"data:"):
             continue
         data = line[5:].strip()
         if data == b"[DONE]":
-            ended = True
             continue
         parse_chunk(data, answer)  # type: ignore[arg-type]  # duck-typed record
         if answer.status == "ok" and stream_error(data) is not None:
             answer.status, answer.error_type = "error", "upstream_stream_error"
-    if answer.status == "ok" and not ended and not answer.out.finished():
-        answer.status, answer.error_type = "error", "stream_interrupted:truncated"
+    if answer.status == "ok" and not answer.out.finished():
+        answer.status, answer.error_type = "error", TRUNCATED

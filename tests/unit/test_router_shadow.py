@@ -181,8 +181,10 @@ async def _read(lines: list[bytes]) -> _Answer:
 @pytest.mark.parametrize(("lines", "status", "text"), [
     ([_chunk("a "), b"\n", _chunk("b", "stop"), _chunk(usage=True), b"data: [DONE]\n"], ("ok", ""), "a b"),
     ([_chunk("a "), _chunk("b")], ("error", "stream_interrupted:truncated"), "a b"),
+    # Its end marker before the choice's finish reason: cut short all the same (before, probe p63 C, ok).
+    ([_chunk("a "), _chunk("b"), b"data: [DONE]\n"], ("error", "stream_interrupted:truncated"), "a b"),
     ([_chunk("a "), b'data: {"object": "error", "message": "overloaded"}\n'], ("error", "upstream_stream_error"), "a "),
-], ids=["whole", "cut-short", "error-event"])
+], ids=["whole", "cut-short", "cut-before-done", "error-event"])
 async def test_a_streamed_copy_is_read_as_the_served_stream_is(lines: list[bytes], status: tuple[str, str],
                                                                text: str) -> None:
     answer = await _read(lines)
