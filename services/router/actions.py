@@ -26,8 +26,8 @@ from lockgate.services.router.domain import (
     ReleaseNotInScope,
     shown,
 )
-from lockgate.services.router.progress import NotAtStep
-from lockgate.services.router.rollouts import Rollouts
+from lockgate.services.router.progress import NotAtStep, RolloutChanged
+from lockgate.services.router.rollouts import Rollouts, Unpersisted
 from lockgate.services.router.wire import error_response
 
 _encoder = msgspec.json.Encoder()
@@ -69,6 +69,7 @@ _REFUSALS: tuple[tuple[type[LockgateError], int, str, str | None], ...] = (
     (NotAdmitted, 409, "conflict", "not_admitted"),
     (AlreadyServing, 409, "conflict", "already_serving"),
     (NotAtStep, 409, "conflict", "not_at_step"),
+    (RolloutChanged, 409, "conflict", "rollout_changed"),
     (InvalidEvent, 400, "invalid_request_error", None),  # a bad name, an unreadable body
 )
 REFUSED = (IdentityRefused, Forbidden, InvalidEvent, InvalidRollout, DeploymentNotFound, Retryable)  # `refusal`'s
@@ -83,8 +84,12 @@ def refusal(exc: LockgateError, action: str, invalid: int = 409) -> web.Response
     for kind, status, kind_name, code in _REFUSALS:
         if isinstance(exc, kind):
             return error_response(status, exc.message, kind_name, code=code)
+    if isinstance(exc, Unpersisted):  # said only of a change applied (rollouts.Rollouts._settle, audit)
+        return error_response(503, f"{action} {exc.message}", "unavailable")
     if isinstance(exc, Retryable):
-        return error_response(503, f"{action} applied but not yet persisted: {exc.message}", "unavailable")
+        # Before (probe p67 F1), every one was "applied but not yet persisted": an abort that a failed read had kept
+        # from being applied at all was reported applied.
+        return error_response(503, f"{action} not applied: {exc.message}; nothing changed, retry", "unavailable")
     return error_response(invalid, exc.message, "invalid_request_error" if invalid == 400 else "conflict")
 
 
@@ -92,8 +97,9 @@ class ActionRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     """Body of `POST .../{deployment}/pause|resume|approve|set-weight` (empty for resume)."""
 
     weight: Annotated[float, msgspec.Meta(ge=0, le=100)] | None = None  # percent, set-weight only
-    # approve only: the pause step approved (the route's `step`), of the canary of this release (its `canary.release`),
-    # in the rollout attempt that started then (its `started_at`)
+    # approve: the pause step approved (the route's `step`, approve only), of the canary of this release (its
+    # `canary.release`), in the rollout attempt that started then (its `started_at`). Optional for the others: the
+    # rollout they act on, refused (409 `rollout_changed`) once the deployment runs another (progress.expect).
     step: Annotated[int, msgspec.Meta(ge=0)] | None = None
     canary: str = ""
     started_at: float | None = None
@@ -137,9 +143,9 @@ class Actions:
                                      'approved, the canary release it holds and the rollout attempt, as the route '
                                      'shows them (its `step`, `canary.release` and `started_at`); an approval ends '
                                      'that pause only (`resume` ends whichever holds the rollout)')
-            if action != "approve" and (body.step is not None or body.canary or body.started_at is not None):
-                raise InvalidRequest(f'"step", "canary" and "started_at" bind an approval to its pause: {action} '
-                                     'takes none')
+            if action != "approve" and body.step is not None:
+                raise InvalidRequest(f'"step" binds an approval to its pause: {action} takes none ("canary" and '
+                                     '"started_at" name the rollout it acts on)')
         except REFUSED as exc:
             return refusal(exc, action)
         except UNDECODABLE as exc:  # a string that is not UTF-8 too (was a 500)

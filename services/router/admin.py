@@ -381,7 +381,8 @@ class Admin:
             elif action == "clear-override":
                 require_role(request[KEY], "admin")
             route = await self.rollouts.manual(deployment, action, override, actor=request[KEY].label,
-                                               to=body.to or "" if action == "undo" else "")
+                                               to=body.to or "" if action == "undo" else "", canary=body.canary,
+                                               started_at=body.started_at)
             await record_action(self.rollouts.ctx.bus, request[KEY], action, route, override)
         except REFUSED as exc:
             return refusal(exc, action)

@@ -5,8 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from lockgate import auditlog
+from lockgate.errors import Retryable
 from lockgate.server.apikeys import ApiKey
 from lockgate.services.router.domain import Override, Route
+from lockgate.services.router.rollouts import Unpersisted
 
 
 async def record_action(bus: Any, key: ApiKey, action: str, route: Route, override: Override | None) -> None:
@@ -22,7 +24,10 @@ async def record_action(bus: Any, key: ApiKey, action: str, route: Route, overri
                     "override_signature": override.signature, "override_at": override.at}
         if override.action == "canary":  # signed as well
             details["override_weight"] = override.weight
-    await auditlog.record(
-        bus, "router", kind=kind, actor=override.actor if override is not None else key.label,
-        target=route.deployment, action=action, reason=override.reason if override is not None else route.reason,
-        tenant=key.tenant, details=details)
+    try:
+        await auditlog.record(
+            bus, "router", kind=kind, actor=override.actor if override is not None else key.label,
+            target=route.deployment, action=action, reason=override.reason if override is not None else route.reason,
+            tenant=key.tenant, details=details)
+    except Retryable as exc:  # the action took effect: never answered "not applied" (actions.refusal)
+        raise Unpersisted(f"applied and persisted; its audit entry is not recorded: {exc.message}") from None

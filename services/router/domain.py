@@ -194,10 +194,14 @@ class BreakGlass(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
 
 
 class ManualRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """Optional body of `POST .../{deployment}/promote|abort`."""
+    """Optional body of `POST .../{deployment}/promote|abort|retry|undo|clear-override`."""
 
     break_glass: BreakGlass | None = None
     to: Name | None = None  # undo only: the earlier known-good release to go back to
+    # The rollout the operator acts on, as the route showed it (`canary.release`, `started_at`): refused (409
+    # `rollout_changed`) once the deployment runs another (progress.expect); unnamed, whatever it runs then.
+    canary: OptName = ""
+    started_at: float | None = None
 
 
 class CanaryRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

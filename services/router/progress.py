@@ -569,6 +569,26 @@ class NotAtStep(InvalidRollout):
     """An approval of a pause step the rollout no longer (or not yet) waits at (HTTP 409 `not_at_step`)."""
 
 
+class RolloutChanged(InvalidRollout):
+    """An operator's action aimed at a rollout (its canary release, its attempt's `started_at`) that the deployment no
+    longer runs (HTTP 409 `rollout_changed`)."""
+
+
+def expect(route: Route, action: str, canary: str, started_at: float | None) -> None:
+    """RolloutChanged unless `route` still runs the rollout an operator's `action` names: the canary of release
+    `canary` ("": not named), in the attempt that started at `started_at` (None: not named). Unbound, a promote meant
+    for one canary promoted another that a concurrent PUT had just started, to 100% with no step, and an abort
+    aborted it (probe p67 F2)."""
+    current = route.canary.release if route.canary is not None else ""
+    if (not canary or canary == current) and (started_at is None or started_at == route.started_at):
+        return
+    named = f"{canary!r}" if canary else f"the rollout started at {started_at!r}"
+    now = (f"it now canaries {current!r}, started at {route.started_at!r} ({route.phase})" if current
+           else "it runs no canary now")
+    raise RolloutChanged(f"refused: {action} of {named} on {route.deployment!r} not applied: {now}; read the route "
+                         "again (lockgate rollout get) and act on what it shows")
+
+
 def waits_for_approval(route: Route) -> bool:
     """True while the rollout is held by a pause step (untimed, or a timed one not yet over) that an approval ends."""
     return route.paused and route.step_pause and route.phase not in ("promoted", "aborted")

@@ -68,6 +68,9 @@ _drift_decoder = msgspec.json.Decoder(DriftReport)
 # A change that lost a compare-and-set is recomputed on the reloaded route and tried again; the
 # short jittered pause keeps contending replicas from colliding again in step.
 _CAS_RETRY = RetryPolicy(attempts=5, initial_s=0.005, max_s=0.1)
+# An operator's change answered "applied but not yet persisted" (`Rollouts._later`) is persisted on this cadence
+# until the bus answers.
+_LATER_RETRY = RetryPolicy(attempts=None, initial_s=0.1, max_s=2.0)
 # A due step whose canary's decision could not be read (the bus away) waits this long before it is tried again.
 _ADMISSION_RETRY_S = 1.0
 # How long a gate decision waits for this replica's KV watch to apply the route writes made before it
@@ -92,6 +95,11 @@ class RouterNotReady(Retryable):
 
 class RouteContended(Retryable):
     """Other replicas kept changing the route first (the decision is redelivered later)."""
+
+
+class Unpersisted(Retryable):
+    """An operator's change applied (HTTP 503 "ACTION applied ..."), not all of it persisted yet: what is still to
+    come follows in the message."""
 
 
 class _Trip(msgspec.Struct, frozen=True, kw_only=True):
@@ -200,6 +208,7 @@ class Rollouts:
         self.unreplayed: dict[str, str] = {}
         self.replayed = asyncio.Event()  # set while the served events awaited (`await_replay`) are all read back
         self._held: dict[str, float] = {}  # deployment -> when its due step may read its admission again
+        self._later_tasks: set[asyncio.Task[None]] = set()  # operators' changes still being persisted (`_later`)
         # deployment -> since when (wall clock) this replica has seen a DRIFT report able to move its route
         # (`progress.drift_moves`, `_note_drift`), and the stream sequence of the last report `_hold_drifts` read since
         self._drift_from: dict[str, float] = {}
@@ -476,8 +485,10 @@ class Rollouts:
         self._notify()
 
     async def close(self) -> None:
-        """Stop watching KV."""
+        """Stop watching KV, and persisting operators' changes queued while the bus was away."""
         self._refuse_after(0.0)
+        for task in list(self._later_tasks):
+            task.cancel()
         watcher, self._watcher = self._watcher, None
         self._rewatched.set()
         if watcher is not None:
@@ -984,14 +995,18 @@ class Rollouts:
         await self._until_won(lambda: self.apply_decision(decision))  # reads its decisions again on every attempt
 
     async def manual(self, deployment: str, action: str, override: domain.Override | None = None,
-                     actor: str = "", to: str = "") -> Route:
+                     actor: str = "", to: str = "", canary: str = "", started_at: float | None = None) -> Route:
         """Operator abort (always allowed), promote (only an admitted canary, or break-glass), undo (the previous
         release back, within a blue-green scale-down window; with `to`, a named known-good release) or
-        clear-override."""
+        clear-override; with `canary` or `started_at`, only while the deployment runs that rollout
+        (`progress.expect`, checked again on the route each attempt applies to)."""
         await self._await_ready()
         followed: list[str] = []
 
         async def change() -> str:
+            now = self.route(deployment)
+            if action == "abort" and not (now.phase == "promoted" and now.scale_down_at):
+                return await self._abort(deployment, actor, canary, started_at)
             # Read on every attempt, for the route as it is then. `undo`: refused if the release it puts back is not
             # allowed now (its verified current decision: the gate may have BLOCKed it since); `retry`: refused for
             # a release BLOCKed since; `promote`: the canary must still be admitted (`_admission_now`).
@@ -1004,16 +1019,11 @@ class Rollouts:
             # What a break-glass promote goes past: the canary's current decision, which then keeps it serving.
             glassed = await self._stored_decision(before.canary.release) \
                 if action == "promote" and override is not None and before.canary is not None else None
-            rollbacks = await self._known_good_now(before) if action == "abort" and before.scale_down_at else {}
-            # An abort hands all traffic back to the stable: only while its current decision allows it, else on to
-            # the last known-good release one allows (`domain.hold_stable`).
-            held = await self._stored_decision(before.stable.release) \
-                if action == "abort" and not before.scale_down_at and before.stable.release else None
-            if held is not None and not domain.allows(held, held.release):
-                rollbacks = await self._known_good_now(before)
+            rollbacks = await self._known_good_now(before) if action == "abort" else {}
             # The route as it is after the reads; a decision read for another release than the one this change puts
             # back counts as none (domain's checks name the release).
             route = self.route(deployment)
+            progress.expect(route, action, canary, started_at)
             if action == "retry":
                 self._retry(route, decision, actor)
                 assert route.canary is not None
@@ -1034,17 +1044,8 @@ class Rollouts:
                 if route is not before:  # changed while the decisions were read: try again on the route as it is
                     raise RouteContended("route changed while its known-good releases' decisions were read")
                 self._apply(bluegreen.abort_promotion(route, actor, rollbacks), actor=actor)
-            elif action == "abort":
-                if route.phase in ("promoted", "aborted"):
-                    raise domain.InvalidRollout(f"canary of {deployment!r} is already {route.phase}")
-                if rollbacks and route is not before:  # changed while the decisions were read: try again as it is
-                    raise RouteContended("route changed while its known-good releases' decisions were read")
-                aborted = domain.abort(route, f"by operator {actor}" if actor else "by operator")
-                self._apply(aborted, actor=actor)
-                # Applied with the abort, no await between: no request is served by the stable in between.
-                back = domain.hold_stable(aborted, held, rollbacks)
-                if back is not None:
-                    self._apply(back, actor=actor)
+            elif action == "abort":  # its route changed while the known-good releases' decisions were read
+                raise RouteContended("route changed while its known-good releases' decisions were read")
             else:
                 refused = self._unadmit(route, admission, actor) if override is None else ""
                 if refused:
@@ -1061,6 +1062,31 @@ class Rollouts:
             return ""
 
         return await self._settle(deployment, change, followed)
+
+    async def _abort(self, deployment: str, actor: str, canary: str, started_at: float | None) -> str:
+        """An operator's abort of a canary (`manual`), applied before anything is read: all traffic goes back to the
+        stable at once, and only then is the stable's current decision read: one that does not allow it hands all
+        traffic on to the last known-good release one allows (`domain.hold_stable`). Before (probe p67 F1), that read
+        came first: with the bus away it failed, nothing was applied, the operator was told "abort applied but not
+        yet persisted", and the canary went on serving and was promoted. Now a read that fails leaves the abort
+        applied and its write queued (BusUnavailable: `_settle` says so); the stable is checked by `_hold_stables`
+        within `stable_check_s` of the bus answering again."""
+        route = self.route(deployment)
+        progress.expect(route, "abort", canary, started_at)
+        if route.phase in ("promoted", "aborted"):
+            raise domain.InvalidRollout(f"canary of {deployment!r} is already {route.phase}")
+        aborted = domain.abort(route, f"by operator {actor}" if actor else "by operator")
+        self._apply(aborted, actor=actor)
+        held = await self._stored_decision(aborted.stable.release) if aborted.stable.release else None
+        if held is None:
+            return ""
+        rollbacks = await self._known_good_now(aborted) if not domain.allows(held, held.release) else {}
+        if self.routes.get(deployment) is not aborted:
+            return ""  # moved on while the decisions were read: `_hold_stables` looks at the stable it serves
+        back = domain.hold_stable(aborted, held, rollbacks)
+        if back is not None:
+            self._apply(back, actor=actor)
+        return ""
 
     async def patch(self, deployment: str, body: dict[str, Any], actor: str, tenant: str | None = None) -> Route:
         """A JSON merge patch of the deployment (patch.py): only the fields it names change; the rollout keeps
@@ -1124,7 +1150,8 @@ class Rollouts:
     async def operate(self, deployment: str, action: str, actor: str, *, weight: float = 0.0,
                       why: str = "", step: int = 0, canary: str = "", started_at: float | None = None) -> Route:
         """Operator pause, resume, approve (of pause step `step`) or set-weight (progress.py), recorded with the
-        actor's identity."""
+        actor's identity; with `canary` or `started_at`, only while the deployment runs that rollout (an approval
+        names all three, and is checked by `progress.approve`)."""
         await self._await_ready()
 
         async def change() -> str:
@@ -1133,6 +1160,8 @@ class Rollouts:
             raises = action in ("resume", "approve") or (action == "set-weight" and weight > before.weight)
             admission = await self._admission_now(before) if raises else None
             route = self.route(deployment)
+            if action != "approve":  # on the route this attempt applies to: after a lost compare-and-set too
+                progress.expect(route, action, canary, started_at)
             refused = self._unadmit(route, admission, actor) if raises else ""
             if refused:
                 return refused
@@ -1510,6 +1539,7 @@ class Rollouts:
         self._poisoned.pop(deployment, None)
         refused: str | None = None
         restored: list[str] = []
+        made: list[_Pending] = []  # the writes of the change's last attempt
 
         async def attempt() -> None:
             nonlocal refused
@@ -1521,14 +1551,55 @@ class Rollouts:
                 if found else []
             refused = await change()
 
-        await self._until_won(attempt)
+        try:
+            await self._until_won(attempt, made)
+        except Retryable as exc:
+            if not any(not w.lost for w in made):
+                raise  # nothing applied: the operator is told to retry (actions.refusal)
+            # Applied here, its write queued: the operator is told so, and it is written once the bus answers, or run
+            # again on the route that won if another replica's write landed first (before, probe p67 F1, it was
+            # dropped then, after the operator had been told it was applied).
+            self._later(deployment, attempt, made)
+            raise Unpersisted(f"applied but not yet persisted (written once the bus answers): {exc.message}") from None
         self._raise_if_poisoned(deployment)
         if refused:
             raise domain.NotAdmitted(refused)
-        for release in dict.fromkeys([*follow, *restored]):
-            await self._follow(deployment, release)
+        try:
+            for release in dict.fromkeys([*follow, *restored]):
+                await self._follow(deployment, release)
+        except Retryable as exc:
+            raise Unpersisted(f"applied and persisted; the current gate decision of the releases it serves is read "
+                              f"again within {self.stable_check_s:g} s of the bus answering: {exc.message}") from None
         self._raise_if_poisoned(deployment)
         return self.route(deployment)
+
+    def _later(self, deployment: str, attempt: Callable[[], Awaitable[None]], made: list[_Pending]) -> None:
+        """An operator's change applied here whose write `made` is queued: persisted in the background once the bus
+        answers, and `attempt` run again (until it wins) if another replica's write of the deployment won first.
+        One the route that won refuses (already aborted, another rollout named) is logged and dropped."""
+
+        again = False  # the change is to run again: its write was lost, and no attempt since applied it
+
+        async def settle() -> None:
+            nonlocal again
+            await self.flush()
+            if again or any(w.lost for w in made):
+                again = True
+                try:
+                    await self._until_won(attempt, made)
+                finally:
+                    again = not made  # applied again: the next flush settles its write
+
+        async def run() -> None:
+            try:
+                await _LATER_RETRY.call(settle, retry_on=Retryable, what=f"operator's change of {deployment!r}")
+            except LockgateError as exc:
+                log.warning("operator's change of %r not applied on the route another replica wrote first: %s",
+                            deployment, exc.message)
+
+        task = asyncio.create_task(run())
+        self._later_tasks.add(task)
+        task.add_done_callback(self._later_tasks.discard)
 
     async def _follow(self, deployment: str, release: str) -> None:
         """`release`'s current decision, read now that the route holds what an operator's change made of it, acted on
@@ -1553,7 +1624,7 @@ class Rollouts:
         if reason is not None:
             raise domain.InvalidRollout(f"route change for {deployment!r} was dropped: {reason}")
 
-    async def _until_won(self, change: Callable[[], object]) -> None:
+    async def _until_won(self, change: Callable[[], object], made: list[_Pending] | None = None) -> None:
         # A change that lost to another replica's write is recomputed on the reloaded route, so a
         # decision or operator action is never silently dropped, only re-applied (or found moot). A change that
         # is a coroutine function reads what it checks again on each attempt, never reusing an earlier read.
@@ -1562,6 +1633,9 @@ class Rollouts:
         # failed as "not aborted" and its canary was never admitted.
         async def attempt() -> None:
             writes: list[_Pending] = []
+            if made is not None:  # the caller's view of this attempt's writes, whatever it raises
+                made[:] = []
+                writes = made
             mark = _WRITES.set(writes)
             try:
                 result = change()

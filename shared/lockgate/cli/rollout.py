@@ -414,6 +414,27 @@ def watch_line(v: dict[str, Any]) -> str:
     return " | ".join(parts)
 
 
+def rollout_options(f: Any) -> Any:
+    """`--canary` and `--started-at`: the rollout an action is aimed at."""
+    f = click.option("--started-at", "started_at", type=float, default=None, metavar="T",
+                     help="Act only on the rollout attempt that started then (its `started_at`, as `rollout get` "
+                          "showed it).")(f)
+    return click.option("--canary", "canary", default=None, metavar="RELEASE",
+                        help="Act only while the deployment canaries this release (default: the canary and attempt "
+                             "the route shows now, read first); refused (exit 4) once it runs another.")(f)
+
+
+def aimed(client: Any, deployment: str, canary: str | None, started_at: float | None) -> dict[str, Any]:
+    """The rollout an operator's action names (`canary`, `started_at`): those given, else the route's now, read first.
+    The router refuses the action (409 `rollout_changed`) once the deployment runs another: before (probe p67 F2),
+    a promote meant for one canary promoted the one a concurrent start had just put in its place."""
+    if canary is None and started_at is None:
+        now = client.call("GET", _at(deployment))
+        canary = (now.get("canary") or {}).get("release") or ""
+        started_at = now.get("started_at") if canary else None
+    return {k: v for k, v in (("canary", canary), ("started_at", started_at)) if v}
+
+
 def finished(route: dict[str, Any]) -> bool:
     """True once a rollout completed (promoted, post-promotion analysis done; a first release at once) or
     aborted."""
@@ -618,21 +639,26 @@ def register(cli: click.Group) -> None:
             (err_console if as_json else console).print(said, highlight=False, soft_wrap=True)
         show(route, as_json)
 
-    def action(name: str, doc: str, *, reason: bool = False) -> None:
+    def action(name: str, doc: str, *, reason: bool = False, bound: bool = True) -> None:
         @click.argument("deployment")
         @json_option
         @click.pass_context
         @handle_errors
         def run(ctx: click.Context, deployment: str, as_json: bool, **kw: Any) -> None:
             may_change()
-            body = {"reason": kw["reason"]} if kw.get("reason") else None
-            route = admin(ctx).call("POST", _at(deployment, f"/{name}"), body)
+            client = admin(ctx)
+            body = {"reason": kw["reason"]} if kw.get("reason") else {}
+            if bound:
+                body |= aimed(client, deployment, kw["canary"], kw["started_at"])
+            route = client.call("POST", _at(deployment, f"/{name}"), body or None)
             if as_json:
                 emit_json(route)
             else:
                 console.print(route.get("reason", ""), highlight=False, soft_wrap=True)
 
         run.__doc__ = doc
+        if bound:
+            run = rollout_options(run)
         if reason:
             run = click.option("--reason", default="", help="Why (recorded with your identity).")(run)
         if name == "promote":
@@ -650,7 +676,8 @@ def register(cli: click.Group) -> None:
     action("promote", "Make the canary stable now, skipping its steps left (`--full` says so): only a canary a "
                       "verified decision allows.")
     action("retry", "Restart an aborted rollout from step 0 with the same spec and canary release (refused unless "
-                    "aborted; the canary's verified decision starts it again, a release BLOCKed since is refused).")
+                    "aborted; the canary's verified decision starts it again, a release BLOCKed since is refused).",
+           bound=False)
 
     @rollout.command("approve")
     @click.argument("deployment")
@@ -793,13 +820,17 @@ def register(cli: click.Group) -> None:
     @rollout.command("set-weight")
     @click.argument("deployment")
     @click.argument("weight", type=click.FloatRange(0, 100))
+    @rollout_options
     @json_option
     @click.pass_context
     @handle_errors
-    def set_weight(ctx: click.Context, deployment: str, weight: float, as_json: bool) -> None:
+    def set_weight(ctx: click.Context, deployment: str, weight: float, canary: str | None, started_at: float | None,
+                   as_json: bool) -> None:
         """Change only the canary's weight (percent); a release no decision allows gets none."""
         may_change()
-        route = admin(ctx).call("POST", _at(deployment, "/set-weight"), {"weight": weight})
+        client = admin(ctx)
+        body = {"weight": weight} | aimed(client, deployment, canary, started_at)
+        route = client.call("POST", _at(deployment, "/set-weight"), body)
         if as_json:
             emit_json(route)
         else:
