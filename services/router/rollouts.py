@@ -1075,8 +1075,8 @@ class Rollouts:
         progress.expect(route, "abort", canary, started_at)
         if route.phase in ("promoted", "aborted"):
             raise domain.InvalidRollout(f"canary of {deployment!r} is already {route.phase}")
-        aborted = domain.abort(route, f"by operator {actor}" if actor else "by operator")
-        self._apply(aborted, actor=actor)
+        self._apply(domain.abort(route, f"by operator {actor}" if actor else "by operator"), actor=actor)
+        aborted = self.route(deployment)  # as applied (`_apply` unpauses a finished canary)
         held = await self._stored_decision(aborted.stable.release) if aborted.stable.release else None
         if held is None:
             return ""

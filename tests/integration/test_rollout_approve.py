@@ -85,7 +85,7 @@ async def test_a_stale_or_unbound_approval_is_refused_and_moves_nothing(
         assert status == 400 and 'approve needs {"step": N, "canary": RELEASE, "started_at": T}' in \
             body["error"]["message"], body
     async with http.post(f"{paused.url}{DEPLOYMENT}/resume", json={"step": 2}) as resp:
-        assert resp.status == 400 and '"step", "canary" and "started_at" bind an approval' in \
+        assert resp.status == 400 and '"step" binds an approval to its pause: resume takes none' in \
             (await resp.json())["error"]["message"]
     assert paused.rollouts.route("chat") == held
     # `resume` stays the operator's override: it ends whichever pause holds the rollout, unbound.

@@ -1,6 +1,6 @@
 """An operator's rollout action is applied, or said not to be, truthfully; and it acts on the rollout the operator
 saw, never on one that replaced it. Through the real admin API and CLI of two router replicas on a nats-server with
-auth on: one replica's bus hung by a relay (probe p67 F1), a PUT on one replica racing an action on the other (F2)."""
+auth on: one replica cut off from the bus by a relay (probe p67 F1), a PUT on one replica racing an action on the other (F2)."""
 
 from __future__ import annotations
 
@@ -55,11 +55,11 @@ def _same(route: Any, seen: dict[str, Any]) -> bool:
         and route.started_at == seen["started_at"]
 
 
-async def test_an_abort_while_the_bus_hangs_is_applied_at_once_and_persisted_after_and_one_not_applied_says_so(
+async def test_an_abort_while_the_bus_is_away_is_applied_at_once_and_persisted_after_and_one_not_applied_says_so(
         stack: Stack) -> None:
     # Before (probe p67 F1): the abort read the stable's decision first; with the bus hung that read failed, nothing
     # was applied, the answer said "abort applied but not yet persisted", and the canary went on serving and was
-    # promoted at its next step. A promote that could not read its admission said "promote applied" too.
+    # promoted at its next step (all nats-servers frozen; here one replica loses the server). A promote that could not read its admission said "promote applied" too.
     a = await stack.replica("router-a")
     await _first(stack, a)
     seen = await _canary(stack, a, "r2")
@@ -71,7 +71,8 @@ async def test_an_abort_while_the_bus_hangs_is_applied_at_once_and_persisted_aft
         b = await partitioned.router(bus, stack.settings, stack.store)
         await b.rollouts.wait_for(lambda r: "chat" in r and _same(r["chat"], seen), timeout=10)
         aimed = {"canary": "r2", "started_at": seen["started_at"]}
-        relay.hang()
+        relay.cut()  # router-b alone loses the server (a hang would still let its writes through)
+        await bus.wait_state("reconnecting", timeout_s=10)
 
         before = b.rollouts.route("chat")
         status, body = await _call(b, "POST", "/promote", aimed)
@@ -79,6 +80,11 @@ async def test_an_abort_while_the_bus_hangs_is_applied_at_once_and_persisted_aft
         message = body["error"]["message"]
         assert message.startswith("promote not applied: ") and message.endswith("nothing changed, retry"), message
         assert b.rollouts.route("chat") is before  # said so, and so
+        # The CLI reads the route (this replica's, in memory) and sends the rollout it shows: the same line, exit 4.
+        said = await asyncio.to_thread(CliRunner().invoke, cli, ["--home", stack.settings.home, "rollout", "--router",
+                                                                 b.url, "promote", "chat"])
+        assert said.exit_code == 4 and "router refused (503): promote not applied: " in said.output, said.output
+        assert b.rollouts.route("chat") is before
 
         status, body = await _call(b, "POST", "/abort", aimed)
         assert status == 503, body
@@ -90,7 +96,7 @@ async def test_an_abort_while_the_bus_hangs_is_applied_at_once_and_persisted_aft
         # on the route that won (the same rollout, paused), not dropped.
         status, paused = await _call(a, "POST", "/pause", {"reason": "looking"})
         assert status == 200 and paused["paused"], paused
-        relay.release()
+        relay.heal()
         for replica in (a, b):
             await replica.rollouts.wait_for(lambda r: r["chat"].phase == "aborted", timeout=30)
         await b.rollouts.flush()
