@@ -14,6 +14,7 @@ import msgspec
 from lockgate.contracts import EvalCaseResult
 from lockgate.documents import ArtifactHash, NonEmpty, NonNegative, at, convert, reroot
 from lockgate.errors import ConfigError, LockgateError
+from lockgate.ids import content_hash
 from lockgate.services.evaluator.scorers import ASYNC_SCORERS, check_scorer, get_scorer
 from lockgate.textbound import STRIPPED_BYTES, TEXT_BYTES, TRUNCATED, cut, marker
 from lockgate.textbound import size as text_size
@@ -616,6 +617,20 @@ def fact_case(c: EvalCaseResult) -> CaseResult:
     return CaseResult(case_id=c.case_id, repeat=c.repeat, input=c.input, expected=c.expected, output=c.output,
                       scores=dict(c.scores), latency_ms=c.latency_ms, input_tokens=c.input_tokens,
                       output_tokens=c.output_tokens, error=c.error, details=dict(c.details))
+
+
+def cases_digest(results: Sequence[CaseResult]) -> str:
+    """The digest of a run's cases as a comparison with them reads them (each case's scores, latency, tokens and
+    error), whatever their order: the evaluator records it as the run completes, and checks against it the query
+    service's answer for those cases when another run compares with them. Numbers as their repr, so one NaN or
+    infinity digests too (and a store's answer carrying it as null does not match)."""
+    rows = sorted([r.case_id, r.repeat, sorted([k, _number(v)] for k, v in r.scores.items()), _number(r.latency_ms),
+                   r.input_tokens, r.output_tokens, r.error] for r in results)
+    return content_hash(rows)
+
+
+def _number(v: object) -> str:
+    return repr(float(v)) if isinstance(v, int | float) else repr(v)
 
 
 def finished(published: Sequence[CaseResult]) -> list[CaseResult]:

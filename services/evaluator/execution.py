@@ -12,7 +12,7 @@ from typing import Any
 import aiohttp
 import msgspec
 
-from lockgate import artifacts, shipped
+from lockgate import artifacts, evalruns, shipped
 from lockgate.contracts import EvalCompleted, EvalRequested, EvalReran, LineageRun, ReleaseBinding
 from lockgate.endpoints import Access
 from lockgate.errors import ConfigError, NotFound
@@ -327,7 +327,13 @@ class Execution:
             outcome.warnings.append(f"baseline {req.baseline!r} has no completed run of suite {req.suite}; "
                                     "nothing was compared")
             return
-        base = await persist.run_cases(self.ctx.bus, base_run)
+        # Which run is the query service's word, checked: a run the evaluator recorded of this suite for the baseline
+        # (and the gatekeeper takes only the run the baseline's PASS judged); its cases are the evaluator's own.
+        base, why = await persist.compared_cases(self.ctx.bus, base_run, suite=req.suite, release=req.baseline)
+        if base is None:
+            # No run named, nothing compared: the gatekeeper refuses the baseline (baseline_allowed), as with none.
+            outcome.warnings.append(f"baseline {req.baseline!r}: {why}; nothing was compared")
+            return
         outcome.baseline_run = base_run
         price = loaded.prices.get(loaded.model)
         # The baseline's tokens are priced like the candidate's: the comparison is of usage at today's prices.
@@ -347,7 +353,8 @@ class Execution:
         n_stored = 0
         if loaded is not None:
             keys = {(c.id, r) for c in loaded.cases for r in range(loaded.suite.repeats)}
-            cases = [r for r in await persist.run_cases(self.ctx.bus, req.rerun_of) if (r.case_id, r.repeat) in keys]
+            stored_cases, why = await persist.compared_cases(self.ctx.bus, req.rerun_of, suite=req.suite)
+            cases = [r for r in stored_cases or [] if (r.case_id, r.repeat) in keys]
             order = {c.id: i for i, c in enumerate(loaded.cases)}
             cases.sort(key=lambda r: (order[r.case_id], r.repeat))
             n_stored = len(cases)
@@ -358,7 +365,8 @@ class Execution:
         # off) has none, and is not to disagree for that.
         stored.metrics.pop(domain.N_CACHED, None)
         if loaded is not None and not n_stored:
-            warnings.append(f"run {req.rerun_of} has no stored cases of suite {req.suite}: nothing to compare")
+            warnings.append(f"run {req.rerun_of} has no stored cases of suite {req.suite}"
+                            f"{f' ({why})' if why else ''}: nothing to compare")
         done = EvalReran(
             run_id=req.run_id, rerun_of=req.rerun_of, release=req.release, suite=req.suite, status=outcome.status,
             n_cases=len(outcome.results), n_errors=sum(1 for r in outcome.results if r.error), error=outcome.error,
@@ -401,6 +409,9 @@ class Execution:
             ratios=outcome.ratios, environment=env, binding=binding,
             tenant=req.tenant, source="evaluator", **({"id": event_id} if event_id else {}),
         )
+        # The digest of its cases, before the result: any run compared with this one later takes the query service's
+        # answer for its cases only when it matches (persist.compared_cases).
+        await evalruns.record_cases(self.ctx.bus, req.run_id, domain.cases_digest(outcome.results))
         await self.publish(done, inputs)
         if outcome.status == "failed":
             log.warning("eval %s for %s failed: %s", req.run_id, req.release, outcome.error)

@@ -1,5 +1,6 @@
 """Where eval results go: finished cases published as facts for the sink, and read back from their stream to resume
-a run; baseline and recorded outputs read through the query service (this process never opens ClickHouse)."""
+a run or compare with it; baseline and recorded outputs read through the query service (this process never opens
+ClickHouse), a run's cases checked against the digest the evaluator recorded them with."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any
 
 import msgspec
 
+from lockgate import evalruns
 from lockgate.batcher import Batcher
 from lockgate.bus import Bus
 from lockgate.codec import Codec, encode
@@ -105,8 +107,34 @@ def _result(row: dict[str, Any]) -> domain.CaseResult:
         details=details)
 
 
+async def compared_cases(bus: Bus, run_id: str, *, suite: str,
+                         release: str | None = None) -> tuple[list[domain.CaseResult] | None, str]:
+    """The cases of a run of `suite` (of `release`, if given) another run compares with, as the evaluator published
+    them, or None and why they cannot be had.
+
+    The query service's answer is taken only when it is the cases the evaluator recorded the run completing with
+    (their digest, in the run's record in the eval_runs bucket, which only the evaluator's identity may write);
+    else the cases are read back from the facts stream, when it still holds all the run published. The query lane
+    is whatever its first responder says: before (probe p65), a made-up answer for the baseline's cases (every one
+    wrong) let a "no worse than baseline" rule pass a worse candidate, and the gatekeeper signed the PASS."""
+    run = await evalruns.run_record(bus, run_id)
+    if run is None or run.request.suite != suite or (release is not None and run.request.release != release):
+        return None, (f"run {run_id} is no run the evaluator recorded of suite {suite}"
+                      + (f" for release {release!r}" if release is not None else ""))
+    if run.cases_digest and domain.cases_digest(answered := await run_cases(bus, run_id)) == run.cases_digest:
+        return answered, ""
+    facts = bus.subjects.streams["facts"].name
+    if await bus.first_seq(facts) <= run.cases_after + 1:
+        return domain.finished(await published_cases(bus, run_id, run.cases_after)), ""
+    why = ("the query service's answer is not the cases the evaluator recorded it completing with"
+           if run.cases_digest else "it completed before the evaluator recorded a run's cases")
+    return None, (f"the cases of run {run_id} cannot be checked: {why}, and they have left the facts stream "
+                  f"{facts}")
+
+
 async def run_cases(bus: Bus, run_id: str) -> list[domain.CaseResult]:
-    """Stored per-case results of a run, one per (case, repeat), in (case_id, repeat) order."""
+    """Stored per-case results of a run, one per (case, repeat), in (case_id, repeat) order, as the query service
+    answers (no authority: `compared_cases` checks them)."""
     rows = await ask_pages(bus, "eval_case_results", {"run_id": run_id},
                            after=lambda r: {"after_case": r["case_id"], "after_repeat": r["repeat"]})
     return [_result(r) for r in rows]

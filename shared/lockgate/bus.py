@@ -917,12 +917,20 @@ class Bus:
 
     async def last_seq(self, stream: str) -> int:
         """The sequence of the last message `stream` stored (0 if it never stored one)."""
+        return int((await self._state(stream)).last_seq or 0)
+
+    async def first_seq(self, stream: str) -> int:
+        """The sequence of the oldest message `stream` still holds (past its last if it holds none): those before it
+        are gone (its age or size limits, a purge)."""
+        state = await self._state(stream)
+        return int(state.first_seq or (state.last_seq or 0) + 1)
+
+    async def _state(self, stream: str) -> Any:
         try:
-            state = (await self._unless_refused(f"{_API}.STREAM.INFO.{stream}",
-                                                lambda: self.js.stream_info(stream))).state
+            return (await self._unless_refused(f"{_API}.STREAM.INFO.{stream}",
+                                               lambda: self.js.stream_info(stream))).state
         except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
             raise BusUnavailable(f"cannot read the state of stream {stream}: {exc!r}") from None
-        return int(state.last_seq or 0)
 
     async def last_stored(self, stream: str, subject: str) -> tuple[int, float] | None:
         """The sequence and stored time (unix seconds) of the last message stored on `subject` (no wildcards), or

@@ -36,6 +36,10 @@ class EvalRun(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag="
     # so a resumed run reads the cases it published from there (those the sink has not stored yet included).
     # 0 in a record an older evaluator wrote: the stream is read from its start.
     cases_after: int = 0
+    # The digest of the run's cases as it completed (`cases_digest`), written by the evaluator as it finishes the run;
+    # "" until then, and in a record an older evaluator completed. What checks the query service's answer for the
+    # run's cases when another run compares with them (the query lane is no authority: probe p65).
+    cases_digest: str = ""
 
     @property
     def binding(self) -> ReleaseBinding:
@@ -116,15 +120,54 @@ async def _bundle(bus: Any, release: str) -> dict[str, Any] | None:
 
 async def requested_run(bus: Any, run_id: str) -> EvalRequested | None:
     """The recorded request of a run, or None if no evaluator accepted one."""
+    recorded = await _read(bus, run_id)
+    return recorded.request if isinstance(recorded, EvalRun) else recorded
+
+
+async def run_record(bus: Any, run_id: str) -> EvalRun | None:
+    """A run as the evaluator recorded it (a bare request, recorded by an older evaluator, as a record of it
+    whose cases start at the stream's start and carry no digest), or None if no evaluator accepted it."""
+    recorded = await _read(bus, run_id)
+    return EvalRun(request=recorded) if isinstance(recorded, EvalRequested) else recorded
+
+
+async def record_cases(bus: Any, run_id: str, digest: str) -> None:
+    """Write the digest of a finished run's cases into its record (compare-and-set: the evaluator alone writes it).
+    A run nobody recorded is left so; BusUnavailable if the bucket cannot be written."""
+    try:
+        kv = await bus.kv(bus.subjects.kv_eval_runs)
+        for _ in range(3):
+            entry = await kv.get(token(run_id))
+            recorded = _records.decode(entry.value) if entry.value else None
+            if recorded is None:
+                return
+            run = recorded if isinstance(recorded, EvalRun) else EvalRun(request=recorded)
+            if run.cases_digest == digest:
+                return
+            try:
+                await kv.update(token(run_id), encode(msgspec.structs.replace(run, cases_digest=digest)),
+                                last=entry.revision)
+                return
+            except nats.js.errors.KeyWrongLastSequenceError:
+                continue
+    except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
+        return
+    except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+        raise BusUnavailable(f"cannot record the cases of eval run {run_id} in KV {bus.subjects.kv_eval_runs}: "
+                             f"{exc!r}") from None
+    raise BusUnavailable(f"cannot record the cases of eval run {run_id} in KV {bus.subjects.kv_eval_runs}: its entry "
+                         "kept changing while it was written")
+
+
+async def _read(bus: Any, run_id: str) -> EvalRun | EvalRequested | None:
     try:
         kv = await bus.kv(bus.subjects.kv_eval_runs)
         entry = await kv.get(token(run_id))
-    except nats.js.errors.KeyNotFoundError:
+    except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
         return None
     except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
         raise BusUnavailable(f"cannot read eval run {run_id} from KV {bus.subjects.kv_eval_runs}: {exc!r}") from None
-    recorded = _records.decode(entry.value) if entry.value else None
-    return recorded.request if isinstance(recorded, EvalRun) else recorded
+    return _records.decode(entry.value) if entry.value else None
 
 
 def check_result(done: EvalCompleted, req: EvalRequested | None) -> None:

@@ -142,6 +142,29 @@ async def test_intervals_baseline_comparison_cost_and_cache(
     assert cached[0]["n"] == N
 
 
+async def test_a_baseline_whose_cases_left_the_stream_is_compared_with_the_stored_cases_its_digest_checks(
+    bus: Bus, store: Store, run_services: Callable[..., Any], results: Callable[[str], Any]
+) -> None:
+    # The query service's answer for the baseline's cases is taken only when it is the cases the run completed
+    # with (their digest in the run's record): here the true answer, through ClickHouse, once the facts stream no
+    # longer holds them (its 7-day age limit; a purge here), is taken (test_eval_baseline_forged: a forged one is not).
+    suite = await register_suite(bus)
+    config = SimConfig(models={"good": ModelSpec(answers=answers()), "bad": ModelSpec(answers=answers(wrong={0, 1}))})
+    async with SimServer(config) as sim:
+        sink = (await run_services("sink", "query", "evaluator"))["sink"].handlers
+        base = request(release="base", suite=suite, endpoint=sim.url, model="good")
+        await bus.publish(bus.subjects.eval_requested, base)
+        await results(base.run_id)
+        await stored(store, sink, base.run_id, N, run=True)
+        await bus.js.purge_stream(bus.subjects.streams["facts"].name)
+        cand = request(release="cand", suite=suite, endpoint=sim.url, model="bad", baseline="base")
+        await bus.publish(bus.subjects.eval_requested, cand)
+        done = await results(cand.run_id)
+    assert done.baseline_run == base.run_id, done.warnings
+    em = done.comparisons["exact_match"]
+    assert (em.n_pairs, em.baseline, em.diff) == (N, 1.0, pytest.approx(-2 / N))
+
+
 async def test_missing_baseline_is_a_warning_not_a_failure(
     bus: Bus, run_services: Callable[..., Any], results: Callable[[str], Any]
 ) -> None:

@@ -3,6 +3,8 @@ whether or not the sink has stored them yet, one per (case, repeat), so none is 
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import msgspec
 
 from lockgate.codec import Codec, encode
@@ -43,3 +45,17 @@ def test_a_record_says_where_its_published_cases_start_and_an_older_one_reads_fr
     older = msgspec.json.decode(encode(EvalRun(request=req, cases_after=42)))
     del older["cases_after"]
     assert records.decode(msgspec.json.encode(older)) == EvalRun(request=req, cases_after=0)
+
+
+def test_the_digest_a_compared_run_is_checked_by_is_of_what_a_comparison_reads_in_any_order() -> None:
+    # The query service answers a run's cases in (case, repeat) order, its numbers as floats, without the details the
+    # run kept: the same cases digest the same. A score or an error changed is another digest (probe p65: a baseline's
+    # cases made up by whoever holds the query credential).
+    ran = [_case("c2"), _case("c1", 1), domain.CaseResult(case_id="c1", repeat=0, input="q", expected="a",
+                                                           scores={"exact_match": 1}, latency_ms=3)]
+    answered = [replace(r, details={}, scores={k: float(v) for k, v in r.scores.items()},
+                                        latency_ms=float(r.latency_ms)) for r in reversed(ran)]
+    assert domain.cases_digest(answered) == domain.cases_digest(ran)
+    assert domain.cases_digest([replace(ran[0], scores={"exact_match": 0.0}), *ran[1:]]) \
+        != domain.cases_digest(ran)
+    assert domain.cases_digest([replace(ran[0], error="timeout"), *ran[1:]]) != domain.cases_digest(ran)
