@@ -133,16 +133,16 @@ async def run_record(bus: Any, run_id: str) -> EvalRun | None:
 
 async def record_cases(bus: Any, run_id: str, digest: str) -> None:
     """Write the digest of a finished run's cases into its record (compare-and-set: the evaluator alone writes it).
-    A run nobody recorded is left so; BusUnavailable if the bucket cannot be written."""
+    A run nobody recorded is left so (then nothing is compared with it but the cases its stream holds);
+    BusUnavailable if the bucket cannot be written."""
     try:
         kv = await bus.kv(bus.subjects.kv_eval_runs)
         for _ in range(3):
             entry = await kv.get(token(run_id))
-            recorded = _records.decode(entry.value) if entry.value else None
-            if recorded is None:
-                return
-            run = recorded if isinstance(recorded, EvalRun) else EvalRun(request=recorded)
-            if run.cases_digest == digest:
+            run = _records.decode(entry.value) if entry.value else None
+            # A bare request (an older evaluator's, which record_request replaces as the run starts) is left as it is:
+            # a record without the bundle would have a redelivery evaluate the release as unregistered.
+            if not isinstance(run, EvalRun) or run.cases_digest == digest:
                 return
             try:
                 await kv.update(token(run_id), encode(msgspec.structs.replace(run, cases_digest=digest)),
