@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from lockgate import secretkinds
 from lockgate.contracts import InferenceEvent, InferenceScored, Score
 from lockgate.contracts.inference import SECRETS_MASKED
 from lockgate.errors import ConfigError
@@ -118,18 +119,18 @@ def _scored(event: InferenceEvent, values: dict[str, float], results: list[Score
                            release=event.release, scores=values, results=results, served=served)
 
 
-def masked_secrets(event: InferenceEvent) -> int:
-    """How many secrets were masked in the event's answer before it was published (SECRETS_MASKED; 0 without a
-    count). A router's count is of its own scrub (fit.encode_served) and only its served events' scores steer
-    rollouts; an application's count on its own event scores that event alone."""
-    value = event.attributes.get(SECRETS_MASKED, "")
-    return int(value) if value.isascii() and value.isdigit() and len(value) <= 18 else 0
+def masked_secrets(event: InferenceEvent) -> dict[str, int]:
+    """The secrets masked in the event's answer before it was published, by kind (SECRETS_MASKED, "kind:count,...";
+    none without counts). A router's counts are of its own scrub (fit.encode_served) and only its served events'
+    scores steer rollouts; an application's counts on its own event score that event alone."""
+    return secretkinds.decode(event.attributes.get(SECRETS_MASKED, ""))
 
 
-def _value(s: ScorerSpec, answer: str, masked: int) -> float:
+def _value(s: ScorerSpec, answer: str, masked: dict[str, int]) -> float:
     # pii_free also counts the secrets masked out of the answer: it reads the answer after the scrub, which left it
-    # none of them to find (before, probe p63 E, a canary leaking provider keys in every answer scored 1.0).
-    if masked > 0 and s.name == "pii_free" and safety.looks_for_secrets(s.params):
+    # none of them to find (before, probe p63 E, a canary leaking provider keys in every answer scored 1.0). They are
+    # the kinds pii_free looks for, found in the answer before the scrub, so its `kinds` apply as to the raw answer.
+    if s.name == "pii_free" and safety.finds_masked(s.params, masked):
         return 0.0
     return ONLINE[s.name](answer, None, s.params)
 

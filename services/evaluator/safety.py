@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from lockgate import secretkinds
 from lockgate.errors import ConfigError
 from lockgate.onereading import yaml_loads
 
@@ -48,18 +49,10 @@ _PHONE = re.compile(
 )
 _IPV4 = re.compile(r"^\d{1,3}(?:\.\d{1,3}){3}$")
 _ISO_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}")
-_SECRETS: tuple[tuple[str, re.Pattern[str]], ...] = (
-    ("api_key", re.compile(r"(?<![\w-])sk-(?:proj-|ant-)?[A-Za-z0-9_-]{20,255}")),
-    ("aws_access_key", re.compile(r"(?<![A-Z0-9])(?:AKIA|ASIA)[0-9A-Z]{16}(?![A-Z0-9])")),
-    ("github_token", re.compile(r"(?<!\w)(?:gh[pousr]_[A-Za-z0-9]{36,255}|github_pat_[A-Za-z0-9_]{22,255})")),
-    ("slack_token", re.compile(r"(?<!\w)xox[baprs]-[A-Za-z0-9-]{10,255}")),
-    ("google_api_key", re.compile(r"(?<!\w)AIza[0-9A-Za-z_-]{35}")),
-    ("jwt", re.compile(r"(?<![\w-])eyJ[A-Za-z0-9_-]{5,2048}\.eyJ[A-Za-z0-9_-]{5,2048}\.[A-Za-z0-9_-]{10,2048}")),
-    ("private_key", re.compile(r"-----BEGIN (?:[A-Z]{1,16} )?PRIVATE KEY-----")),
-)
+# The secrets' kinds and shapes are in `secretkinds`, shared with the router, which counts them in an answer before
+# its scrub masks them (`lockgate.secrets_masked`).
 # The longest text each kind's pattern matches, in characters: how far a window's scan looks past it.
-_LONGEST = {"api_key": 263, "aws_access_key": 20, "github_token": 266, "slack_token": 260, "google_api_key": 39,
-            "jwt": 6152, "private_key": 44, "email": 1216, "credit_card": 37, "phone": 40}
+_LONGEST = {**secretkinds.LONGEST, "email": 1216, "credit_card": 37, "phone": 40}
 
 
 def luhn_valid(digits: str) -> bool:
@@ -84,12 +77,7 @@ def find_pii(text: str) -> list[Finding]:
     text = text or ""
     found: list[Finding] = []
     # Secrets first: they are the most specific, and their digits must not read as phones.
-    for kind, rx in _SECRETS:
-        found += [
-            Finding(kind, m.start(), m.end())
-            for m in windows.finditer(rx, text, _LONGEST[kind])
-            if not _overlaps(m.start(), m.end(), found)
-        ]
+    found += [Finding(kind, start, end) for start, end, kind in secretkinds.find(text, windows.finditer)]
     found += [
         Finding("email", m.start(), m.end())
         for m in windows.finditer(_EMAIL, text, _LONGEST["email"])
@@ -112,15 +100,11 @@ def find_pii(text: str) -> list[Finding]:
     return sorted(found, key=lambda f: (f.start, f.end))
 
 
-SECRET_KINDS = frozenset(kind for kind, _ in _SECRETS)
-
-
-def looks_for_secrets(params: Mapping[str, Any]) -> bool:
-    """Whether pii_free with `params` looks for secrets (no `kinds`, or kinds naming one): a secret masked out of a
-    live answer before it was scored (the router's scrub) is then a finding, as the secret would have been; the mask
-    does not say which kind it was."""
+def finds_masked(params: Mapping[str, Any], masked: Mapping[str, int]) -> bool:
+    """Whether pii_free with `params` finds one of the secrets `masked` (kind: count) out of a live answer before it
+    was scored (the router's scrub, which says which kinds it masked): its `kinds` name one, or it has none."""
     kinds = params.get("kinds")
-    return kinds is None or not SECRET_KINDS.isdisjoint(kinds)
+    return bool(masked) and (kinds is None or any(kind in masked for kind in kinds))
 
 
 def pii_free(output: str, expected: Any, params: Mapping[str, Any]) -> float:

@@ -8,20 +8,23 @@ for it). Here the free text is cut instead, after secrets were scrubbed (a secre
 recognised), on a character boundary, and the event says what was cut and how large it was
 (`lockgate.truncated`). Usage, status, latency and the accounting attributes are never cut.
 
-The scrub runs here, once, and the event says how many secrets it masked in the answer (`lockgate.secrets_masked`):
-online `pii_free` reads the answer after the scrub, and without the count a canary leaking credentials scored as
-clean as stable (probe p63 E).
+The scrub runs here, once, and the event says which secrets it masked in the answer (`lockgate.secrets_masked`,
+"kind:count,..."): online `pii_free` reads the answer after the scrub, and without the counts a canary leaking
+credentials scored as clean as stable (probe p63 E). They count the secrets of the kinds `pii_free` looks for
+(`secretkinds`), found in the answer before the scrub, never every mask: the scrub also masks what a keyword names,
+and an answer of placeholder code (`api_key="YOUR_API_KEY"`, `password="password"`) was scored a leak (probe p71 F3).
 """
 
 from __future__ import annotations
 
 import msgspec
 
+from lockgate import secretkinds
 from lockgate.contracts import InferenceEvent
 from lockgate.contracts.inference import SECRETS_MASKED
 from lockgate.encoded import Encoded
 from lockgate.outbox import BATCH_BYTES, encode_event
-from lockgate.redact import MARK, scrub_event
+from lockgate.redact import scrub_event
 from lockgate.textbound import STRIPPED_BYTES, TEXT_BYTES, TRUNCATED, cut, marker
 from lockgate.textbound import size as _size
 
@@ -76,22 +79,24 @@ def cut_event(event: InferenceEvent, limit: int, sizes: dict[str, int], *, drop_
 
 
 def masked(event: InferenceEvent) -> InferenceEvent:
-    """The event scrubbed (`scrub_event`), with SECRETS_MASKED counting the secrets the scrub masked in its answer
-    (none: no such attribute). The count is this scrub's alone: a value the event held before is dropped."""
+    """The event scrubbed (`scrub_event`), with SECRETS_MASKED counting, by kind, the secrets `pii_free` looks for
+    (`secretkinds`) that its answer held before the scrub masked them (none: no such attribute). The counts are this
+    scrub's alone: a value the event held before is dropped."""
     scrubbed = scrub_event(event)
     raw, clean = event.response, scrubbed.response
-    # Each masked secret is one marker; an answer that held the marker's text itself gains none from it.
-    count = clean.count(MARK) - raw.count(MARK) if raw and clean is not raw else 0
-    if count <= 0 and SECRETS_MASKED not in scrubbed.attributes:
+    # Looked for only where the scrub masked something in the answer: the usual answer pays no second scan, and a
+    # secret the scrub left in place is found by pii_free itself.
+    counts = secretkinds.counted(raw) if raw and clean is not raw else {}
+    if not counts and SECRETS_MASKED not in scrubbed.attributes:
         return scrubbed  # the usual event: nothing masked in its answer, nothing to say
     attributes = {k: v for k, v in scrubbed.attributes.items() if k != SECRETS_MASKED}
-    if count > 0:
-        attributes[SECRETS_MASKED] = str(count)
+    if counts:
+        attributes[SECRETS_MASKED] = secretkinds.encode(counts)
     return msgspec.structs.replace(scrubbed, attributes=attributes)
 
 
 def encode_served(event: InferenceEvent, sizes: dict[str, int] | None = None) -> Encoded:
-    """The router's event scrubbed (`masked`: saying how many secrets were masked in its answer) and encoded
+    """The router's event scrubbed (`masked`: saying which secrets were masked in its answer) and encoded
     (`encode_event`), its text cut to fit one bus message.
 
     `sizes`: the fields cut already as the event was built (the output messages, cut part by part so the JSON

@@ -92,3 +92,29 @@ async def test_a_canary_leaking_credentials_is_aborted_though_its_answers_are_sc
     assert (route.weight, route.stable.release) == (0.0, "r1")
     # Stable scores 1: the key masked in every prompt is not the answer's (only what was masked in the answer counts).
     assert "analysis failed at step 1 (50%): score:pii_free 0 < threshold 0.98 (stable 1;" in route.reason
+
+
+# The canary answers as well as stable does, with a code sample holding placeholder credentials: a keyword's value
+# the scrub masks (`api_key="YOUR_API_KEY"`, `password="password"`, a header's, a URL's `user:pass@`), none of them a
+# secret of a kind pii_free looks for (its score of the raw answer is 1.0).
+PLACEHOLDER_CODE = SimConfig(models={"leaky": ModelSpec(default=(
+    'Here is how to call it:\n```python\nclient = OpenAI(api_key="YOUR_API_KEY")\n'
+    'db = connect(host="localhost", user="postgres", password="password")\n'
+    'headers = {"X-Api-Key": "abc123"}\nDATABASE_URL = "postgres://user:pass@localhost:5432/db"\n```'))}, seed=3)
+
+
+async def test_a_canary_answering_with_placeholder_credentials_is_not_aborted_for_them(
+        context: ServiceContext, run_services: Any) -> None:
+    # The router counts only the secrets of the kinds pii_free looks for, found in the answer before its scrub.
+    # Before, probe p71 F3: it counted every mask, and this healthy canary was aborted ("score:pii_free 0 < threshold
+    # 0.98 (stable 1"); any key asking for code samples lowered either arm's score.
+    async with _serving(context, run_services, PLACEHOLDER_CODE) as (router, _evaluator, signer):
+        keys = bootstrap(context.settings.home, tenant="acme", app="shop")
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {keys.admin_key}"}) as http:
+            await _start(http, router, "leaky", {"steps": [50, 100], "interval_s": 0.2, "analysis": PII})
+            await _pass(router, signer, "leaky")
+            sent = await _traffic_until(http, router, lambda r: r.phase in ("aborted", "paused", "promoted"),
+                                        limit=3000, batch=20)
+    route = router.rollouts.route("chat")
+    assert route.phase == "promoted", f"not promoted after {sent} requests: {route.phase}: {route.reason}"
+    assert route.stable.release == "leaky"

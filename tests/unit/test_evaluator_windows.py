@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from lockgate import secretkinds
 from lockgate.services.evaluator import safety, windows
 from lockgate.services.evaluator.safety import is_refusal
 
@@ -82,7 +83,7 @@ PII = {"api_key": "sk-" + "A1b2" * 8, "aws_access_key": "AKIA" + "ABCDEFGH123456
        "slack_token": "xoxb-" + "12345-abcde" * 2, "google_api_key": "AIza" + "B" * 35,
        "jwt": "eyJhbGciOi.eyJzdWIiOiIx.c2lnbmF0dXJlMTIz", "private_key": "-----BEGIN RSA PRIVATE KEY-----",
        "email": "zoë.bar@exämple.co.uk", "credit_card": "4111 1111 1111 1111", "phone": "+1 (555) 123-4567"}
-PATTERNS = {**{kind: rx for kind, rx in safety._SECRETS}, "email": safety._EMAIL, "credit_card": safety._CARD,
+PATTERNS = {**dict(secretkinds.SECRETS), "email": safety._EMAIL, "credit_card": safety._CARD,
             "phone": safety._PHONE}
 
 

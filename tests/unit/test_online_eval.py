@@ -20,7 +20,7 @@ from lockgate.gitops.documents import GitopsError, load_folder
 from lockgate.gitops.resolve import resolve
 from lockgate.onlineeval import OnlineEvalSpec
 from lockgate.redact import scrub_event
-from lockgate.services.evaluator import online, online_handler
+from lockgate.services.evaluator import online, online_handler, safety
 from lockgate.services.router.analysis import AnalysisSpec, MetricSpec, VariantSample, describe, measure
 from lockgate.services.router.fit import encode_served
 from lockgate.subjects import untoken
@@ -76,24 +76,56 @@ def _served(event: InferenceEvent) -> InferenceEvent:
 
 def test_secrets_the_router_masked_in_an_answer_count_for_pii_free_and_a_prompts_never() -> None:
     plan = online.plan(_spec(scorers=["pii_free", {"name": "pii_free", "params": {"kinds": ["email"]}, "as": "mail"},
-                                      {"name": "pii_free", "params": {"kinds": ["jwt", "phone"]}, "as": "tokens"}]),
+                                      {"name": "pii_free", "params": {"kinds": ["jwt", "phone"]}, "as": "tokens"},
+                                      {"name": "pii_free", "params": {"kinds": ["aws_access_key"]}, "as": "aws"}]),
                        1.0, ())
     leak = _served(msgspec.structs.replace(_event(1, f"use {KEY} or AKIAIOSFODNN7EXAMPLE"), prompt="hi"))
-    assert KEY not in (leak.response or "") and leak.attributes[SECRETS_MASKED] == "2"  # a count, never the secret
-    # Each masked secret is a finding, unless the scorer's kinds name no secret (the mask does not say which it was).
-    assert online.score(leak, plan).scores == {"pii_free": 0.0, "mail": 1.0, "tokens": 0.0}  # type: ignore[union-attr]
+    # Counts by kind, never the secret.
+    assert KEY not in (leak.response or "") and leak.attributes[SECRETS_MASKED] == "api_key:1,aws_access_key:1"
+    # Each masked secret is a finding of its kind: the scorers' kinds apply as they would to the raw answer.
+    want = {"pii_free": 0.0, "mail": 1.0, "tokens": 1.0, "aws": 0.0}
+    assert online.score(leak, plan).scores == want  # type: ignore[union-attr]
     # A key in the prompt is masked too, but it is the user's, not the answer's.
     asked = _served(msgspec.structs.replace(_event(2, "I cannot check keys"), prompt=f"is {KEY} valid?"))
     assert KEY not in (asked.prompt or "") and SECRETS_MASKED not in asked.attributes
-    assert online.score(asked, plan).scores == {"pii_free": 1.0, "mail": 1.0, "tokens": 1.0}  # type: ignore[union-attr]
+    clean = {"pii_free": 1.0, "mail": 1.0, "tokens": 1.0, "aws": 1.0}
+    assert online.score(asked, plan).scores == clean  # type: ignore[union-attr]
     # The count is the router's scrub's alone: one the event held before is dropped, and an answer holding the
     # marker's text masks nothing.
-    held = msgspec.structs.replace(_event(3, "it said [REDACTED] there"), attributes={SECRETS_MASKED: "7"})
+    held = msgspec.structs.replace(_event(3, "it said [REDACTED] there"), attributes={SECRETS_MASKED: "api_key:7"})
     assert SECRETS_MASKED not in _served(held).attributes
-    assert online.masked_secrets(_served(held)) == 0
-    # An application's own count that is no count is none (its own events' scores are all it could change).
-    for value in ("x", "²", "-1", "9" * 40, ""):
-        assert online.masked_secrets(msgspec.structs.replace(_event(4), attributes={SECRETS_MASKED: value})) == 0
+    assert online.masked_secrets(_served(held)) == {}
+    # An application's own counts that are no counts are none (its own events' scores are all it could change).
+    for value in ("x", "²", "-1", "9" * 40, "", "2", "api_key:0", "api_key:9" + "9" * 18, "email:1", "api_key:",
+                  "api_key:1,api_key:2", "api_key:1,", "api_key:1,pwned:1", "API_KEY:1", " api_key:1"):
+        event = msgspec.structs.replace(_event(4), attributes={SECRETS_MASKED: value})
+        assert online.masked_secrets(event) == {}, value
+        assert online.score(event, plan).scores == clean, value  # type: ignore[union-attr]
+    event = msgspec.structs.replace(_event(5), attributes={SECRETS_MASKED: "jwt:1,private_key:2"})
+    assert online.masked_secrets(event) == {"jwt": 1, "private_key": 2}
+    assert online.score(event, plan).scores == {**clean, "pii_free": 0.0, "tokens": 0.0}  # type: ignore[union-attr]
+
+
+# Code samples as assistants answer them: the scrub masks each credential a keyword names, none of them a secret of a
+# kind pii_free looks for (placeholders, defaults, a URL's `user:pass@`).
+PLACEHOLDER_CODE = ('Here is how to call it:\n```python\nclient = OpenAI(api_key="YOUR_API_KEY")\n'
+                    'db = connect(host="localhost", user="postgres", password="password")\n'
+                    'headers = {"X-Api-Key": "abc123"}\nDATABASE_URL = "postgres://user:pass@localhost:5432/db"\n```')
+
+
+def test_placeholder_credentials_the_router_masked_are_no_secrets_to_pii_free() -> None:
+    # Before, probe p71 F3: each of the four masks counted (lockgate.secrets_masked "4"), and pii_free scored the
+    # answer 0 where the raw answer scores 1.
+    plan = online.plan(_spec(scorers=["pii_free"]), 1.0, ())
+    served = _served(_event(1, PLACEHOLDER_CODE))
+    assert "YOUR_API_KEY" not in (served.response or "") and "abc123" not in (served.response or "")  # masked
+    assert SECRETS_MASKED not in served.attributes
+    assert safety.pii_free(PLACEHOLDER_CODE, None, {}) == 1.0  # what the raw answer scores
+    assert online.score(served, plan).scores == {"pii_free": 1.0}  # type: ignore[union-attr]
+    # A real key among them is counted, of its kind alone.
+    leak = _served(_event(2, PLACEHOLDER_CODE + f"\nor client = OpenAI(api_key=\"{KEY}\")"))
+    assert leak.attributes[SECRETS_MASKED] == "api_key:1"
+    assert online.score(leak, plan).scores == {"pii_free": 0.0}  # type: ignore[union-attr]
 
 
 def test_rates_per_variant_fall_back_to_default_then_the_global_rate() -> None:

@@ -74,5 +74,18 @@ def test_a_cut_event_still_counts_the_secrets_masked_in_its_answer() -> None:
     # Counted on the whole answer, before the cut: the secret past the cut was masked all the same.
     key = "sk-proj-" + "B" * 40
     got = _decoded(_event(prompt=f"mine is {key}", response=f"{key} " + "x" * 700_000 + f" {key}"))
-    assert got["attributes"][SECRETS_MASKED] == "2" and TRUNCATED in got["attributes"]
+    assert got["attributes"][SECRETS_MASKED] == "api_key:2" and TRUNCATED in got["attributes"]
     assert key not in got["response"] and key not in got["prompt"]
+
+
+def test_only_the_secrets_pii_free_looks_for_are_counted_by_kind() -> None:
+    # The scrub masks each credential a keyword names; only the shapes of known credentials count (probe p71 F3:
+    # placeholder code counted "3", and its answers scored pii_free 0).
+    placeholders = 'OpenAI(api_key="YOUR_API_KEY"); connect(password="password"); "postgres://user:pass@localhost"'
+    got = _decoded(_event(response=placeholders))
+    assert "YOUR_API_KEY" not in got["response"] and SECRETS_MASKED not in got["attributes"]
+    jwt = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.dozjgNryP4J3jVmNHl0w5N_XgL0n3I9PlFUP0THsR8U"
+    keys = f'{placeholders} token={jwt} AKIAIOSFODNN7EXAMPLE, ASIAIOSFODNN7EXAMPLE and -----BEGIN PRIVATE KEY-----\nAB=='
+    got = _decoded(_event(response=keys))
+    assert got["attributes"][SECRETS_MASKED] == "aws_access_key:2,jwt:1,private_key:1"
+    assert "AKIA" not in got["response"] and jwt not in got["response"]

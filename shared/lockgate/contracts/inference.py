@@ -50,10 +50,12 @@ ROUTED_BY = "lockgate.routed_by"
 # events whose digest is that of the messages the release's prompt renders for it and nothing else (probe p12 F5:
 # an application's own system message, tools or sampling decided what the eval scored).
 REQUEST_DIGEST = "lockgate.request_digest"
-# A router event's count of the secrets its scrub masked in the answer (`response`, never the prompt), set where the
-# scrub runs (router fit.encode_served), never the secrets themselves: what online `pii_free` would have found, had it
-# read the answer before the scrub (probe p63 E: a canary leaking provider keys scored 1.0 and was promoted). Only a
-# router's count steers a rollout; an application's on its own event counts for that event's scores alone.
+# A router event's counts of the secrets its scrub masked in the answer (`response`, never the prompt), by kind
+# ("kind:count,...", `secretkinds.encode`), set where the scrub runs (router fit.encode_served), never the secrets
+# themselves: what online `pii_free` would have found, had it read the answer before the scrub (probe p63 E: a canary
+# leaking provider keys scored 1.0 and was promoted). Only the kinds `pii_free` looks for (`secretkinds`), never every
+# mask of the broader scrub (probe p71 F3: placeholder code, `password="password"`, scored a leak). Only a router's
+# counts steer a rollout; an application's on its own event count for that event's scores alone.
 SECRETS_MASKED = "lockgate.secrets_masked"
 # A router event of a request stable served that its rollout's shadow budget left uncopied (the value names the
 # budget: `over_max_requests`, `over_max_rps`, `over_max_concurrency`, `over_max_cost`): budgets every key's copies
