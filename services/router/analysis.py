@@ -67,8 +67,9 @@ class MetricSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     refusing more of the same callers' requests at the same time than stable does is the release's fault (a
     smaller context window, a parameter its model does not take); `AnalysisSpec.judged` adds it to every
     analysis that judges `error_rate`. `hang_up_rate` is likewise the share of all of a variant's requests whose
-    clients hung up before the answer while its upstream was still answering (`VariantSample.hung_up`,
-    `client_disconnected`: under `router_unanswered_s` of silence, left out of every other metric). Each arm's
+    clients hung up before the answer while its upstream kept them waiting (`VariantSample.hung_up`,
+    `client_disconnected` with `KEPT_WAITING`: silent for `router_hang_up_s` up to `router_unanswered_s`, left out
+    of every other metric; a hang-up while the answer flowed counts nowhere, probe p71). Each arm's
     clients give up alike, so a canary whose clients give up more often than the same callers' on stable at the
     same time is the release's fault (it stalls, or is slow past their timeouts); added alike.
     `max_ratio`: canary <= max_ratio * stable (latency, tokens, cost). At least one is required.
@@ -244,8 +245,8 @@ class VariantSample:
     # Each request as a column of `ROWS` (`from_rows`), for comparing like with like in time (`_in_time`);
     # None: when each request was served is unknown, and stable's are weighted to the canary's callers only.
     rows: np.ndarray | None = field(default=None, compare=False, repr=False)
-    # Requests its clients hung up on while its upstream was answering (`client_disconnected`, client_failed): in no
-    # metric but `hang_up_rate`, of which they are the share of all requests (`requests`); a look waiting for its
+    # Requests its clients hung up on while its upstream kept them waiting (`client_disconnected` with KEPT_WAITING,
+    # client_failed): in no metric but `hang_up_rate`, of which they are the share of all requests (`requests`); a look waiting for its
     # sample names them (a canary with 0 requests and 163 hung up on is not idle).
     hung_up: int = 0
 

@@ -19,7 +19,12 @@ import numpy as np
 
 from lockgate.contracts import DriftReport, InferenceEvent
 from lockgate.contracts.drift import Comparison
-from lockgate.contracts.inference import CLIENT_DISCONNECTED, SHADOW_SKIPPED, UPSTREAM_UNANSWERED
+from lockgate.contracts.inference import (
+    CLIENT_DISCONNECTED,
+    KEPT_WAITING,
+    SHADOW_SKIPPED,
+    UPSTREAM_UNANSWERED,
+)
 from lockgate.services.router.analysis import ROWS, VariantSample, from_rows
 
 MAX_ROWS = 50_000  # per deployment and release: enough for p99 on any step, bounded memory; full, see `_Ring`
@@ -210,15 +215,17 @@ class Evidence:
         """Record one event under its release (or `release`, for events that name only a variant); one the
         client failed (`InferenceEvent.client_failed`) counts nowhere: not as a request, an error, a latency
         or a cost; but one its upstream refused with a 4xx counts in client_error_rate (`VariantSample.refused`),
-        and one its client hung up on while the upstream was answering in hang_up_rate (`VariantSample.hung_up`),
-        whose shares of each arm's requests analysis compares: a canary that refuses the requests stable answers,
+        and one its client hung up on after the upstream kept it waiting (`KEPT_WAITING`: silent for router_hang_up_s
+        or longer, the answer not yet whole) in hang_up_rate (`VariantSample.hung_up`), whose shares of each arm's requests analysis compares: a canary that refuses the requests stable answers,
         or keeps its clients waiting until they give up, is at fault, whoever is blamed for one of them. Left out,
         a canary that never answered 30% of its calls, its clients giving up after 5 s (before
-        `router_unanswered_s`), was judged on its answers and promoted (probe p63 A)."""
+        `router_unanswered_s`), was judged on its answers and promoted (probe p63 A). A hang-up while the answer flowed
+        is the client's choice and counts nowhere: an app key closing the streams whose first chunk named the canary's
+        model could abort any healthy canary (probe p71 F2)."""
         key = (event.deployment or event.app, event.release if release is None else release)
         refused = refused_4xx(event)
-        hung_up = event.client_failed and event.error_type == CLIENT_DISCONNECTED
-        if event.client_failed and not (refused or hung_up):  # no call was made (router_busy)
+        hung_up = event.client_failed and event.error_type == CLIENT_DISCONNECTED and KEPT_WAITING in event.attributes
+        if event.client_failed and not (refused or hung_up):  # no call was made (router_busy), or the client's choice
             return
         _ring(self._rings, key, self._max).add(self._row(event, refused, hung_up))
         if hung_up:

@@ -31,7 +31,13 @@ from lockgate import metrics, telemetry
 from lockgate.codec import UNDECODABLE, undecodable
 from lockgate.config import Settings
 from lockgate.contracts import InferenceEvent
-from lockgate.contracts.inference import CLIENT_DISCONNECTED, REQUEST_DIGEST, ROUTED_BY, UPSTREAM_UNANSWERED
+from lockgate.contracts.inference import (
+    CLIENT_DISCONNECTED,
+    KEPT_WAITING,
+    REQUEST_DIGEST,
+    ROUTED_BY,
+    UPSTREAM_UNANSWERED,
+)
 from lockgate.contracts.names import NAME_RULE, is_name
 from lockgate.errors import UnreadableBody
 from lockgate.llmwire import ApiRequest, OutputLimits
@@ -517,8 +523,7 @@ class Proxy:
                     # was there: any hold of the loop may have kept it unread (probe p18 F4), none is the upstream's.
                     lag = self.upstream.lag
                     since = rec.reply.since if rec.reply is not None else None
-                    rec.hung_up(lag.silent_s(since, lag.held_s()) if since is not None else 0.0,
-                                self.settings.router_unanswered_s)
+                    rec.hung_up(lag.silent_s(since, lag.held_s()) if since is not None else 0.0, self.settings)
         except asyncio.CancelledError:
             # The client closed its connection (the server cancels the handler, server.py): the upstream
             # call was cancelled with it and its connection closed. A stream's provider stops generating then; a
@@ -538,7 +543,9 @@ class Proxy:
                     silent_s = self.upstream.lag.silent_s(underway.since, underway.heard.at)
                 elif reply is not None and reply.waiting is not None and reply.heard is not None:
                     silent_s = self.upstream.lag.silent_s(reply.waiting, reply.heard.at)
-                rec.hung_up(silent_s, self.settings.router_unanswered_s)
+                # A stream whose every choice has its finish reason reached its client whole: it may stop reading
+                # there (`if choice.finish_reason: break`) before the usage chunk and end marker (probe p71 F1).
+                rec.hung_up(silent_s, self.settings, whole=stream and rec.out.finished())
                 if hop is not None and rec.error_type == UPSTREAM_UNANSWERED and hop.tag[0] != variant:
                     # Stable, called after the canary failed, kept the client waiting: stable's failure, timed from
                     # its own call (the canary's failed call is an event of its own).
@@ -787,9 +794,12 @@ class Proxy:
                     pending.clear()
             except _ClientGone:
                 # Stop reading and drop the upstream connection: the provider stops generating (and billing). The
-                # client left as the router wrote it the upstream's latest line: never the upstream's silence.
-                rec.status, rec.error_type = "error", CLIENT_DISCONNECTED
+                # client left as the router wrote it the upstream's latest line: never the upstream's silence (a
+                # hang-up during a silence cancels the handler: `forward`), so never one hang_up_rate counts. One
+                # leaving once every choice has its finish reason had the whole answer (probe p71 F1).
+                rec.hung_up(0.0, self.settings, whole=rec.out.finished())
                 reply.close()
+                return out  # nobody to write the rest to
             except (BrokenReply, TimeoutError) as exc:
                 rec.status, rec.error_type = "error", f"stream_interrupted:{type(exc).__name__}"
                 failure = str(exc) if isinstance(exc, TimeoutError) else f"the connection to endpoint {endpoint.id} broke"
@@ -940,16 +950,27 @@ class _Record:
         rec.superseded = True
         return rec
 
-    def hung_up(self, silent_s: float, limit_s: float) -> None:
+    def hung_up(self, silent_s: float, settings: Settings, whole: bool = False) -> None:
         """The client left before its answer. The release's failure (`upstream_unanswered`) when the upstream had by
-        then kept the router waiting (`silent_s`, timed with looplag; 0: it was not waiting) for longer than `limit_s`
-        (router_unanswered_s); else the client's own (`client_disconnected`), no evidence of the release. Before, every
+        then kept the router waiting (`silent_s`, timed with looplag; 0: it was not waiting) for longer than
+        router_unanswered_s. Else, an answer the client had `whole` (a stream whose every choice has its finish
+        reason: it may stop reading there, before the usage chunk and end marker) stays as it was, answered; any other
+        is the client's own (`client_disconnected`), in no metric but its arm's hang_up_rate, and there only when the
+        upstream had kept it waiting router_hang_up_s or longer (`KEPT_WAITING`). A client leaving while the answer
+        flowed chose to, whichever arm served it: counted, an app key closing each stream whose first chunk named
+        the canary's model aborted a healthy canary, and so did clients stopping at the finish reason of a canary
+        whose usage chunk came 50 ms after it (probe p71 F1/F2). Before, every
         hang-up was the client's: a canary that hung (no first byte, or a stream stalled) below the client's timeout
         lost its failures from its evidence and was promoted with an error rate of 0 (probe p15). And the wait was
         timed on the loop's clock, so the time the loop was held by other work (another request's large body) was the
         upstream's silence: such stalls failed the arms of a good canary (probe p18). Then every hold was left out,
         also where no answer had come that it could hide (probe p21)."""
-        self.status, self.error_type = "error", UPSTREAM_UNANSWERED if silent_s > limit_s else CLIENT_DISCONNECTED
+        if silent_s > settings.router_unanswered_s:
+            self.status, self.error_type = "error", UPSTREAM_UNANSWERED
+        elif not whole:
+            self.status, self.error_type = "error", CLIENT_DISCONNECTED
+            if silent_s >= settings.router_hang_up_s:
+                self.attributes[KEPT_WAITING] = f"{silent_s:.3f}"
 
     def unavailable(self, exc: UpstreamUnavailable, headers: dict[str, str]) -> web.Response:
         """No upstream answered: the calls made are evidence, and the error goes to the client."""

@@ -90,6 +90,13 @@ class Settings(msgspec.Struct, kw_only=True):
     # endpoints' first_byte_s (60 s) and between_chunks_s (30 s), which would otherwise never fire; an endpoint timeout
     # below it ends such a call first, as that timeout's own failure.
     router_unanswered_s: Annotated[float, msgspec.Meta(ge=0)] = 10.0
+    # A client's own hang-up (`client_disconnected`) counts in its arm's `hang_up_rate` only when the upstream had kept
+    # it waiting at least this long (seconds) when it left: for a non-streamed answer the whole call, for a stream the
+    # silence since its latest event with data; never once every choice of a stream has its finish reason (the client
+    # has the whole answer). A hang-up sooner left while the answer flowed, the client's choice: it is left out of
+    # every metric. Counted, an app key hanging up on each stream whose first chunk named the canary's model, or a
+    # client stopping at the finish reason before a canary's usage chunk, aborted a healthy canary (probe p71).
+    router_hang_up_s: Annotated[float, msgspec.Meta(ge=0)] = 1.0
     # The router's upstream calls in flight, per endpoint: at most router_endpoint_slots on one endpoint at once, and of
     # those at most the fraction router_tenant_slot_share for one tenant's requests (at least one), so neither a slow
     # endpoint nor one busy tenant takes the connections of the others. A call that finds no slot waits for one for its

@@ -2,7 +2,9 @@
 a scripted canary upstream (probe p63): a canary whose clients give up on a share of its calls before
 `router_unanswered_s` (their hang-ups are `client_disconnected`, the clients' own one by one) fails `hang_up_rate`,
 and one whose upstream reports no usage is judged at the worst case each of its calls is billed, not at 0 tokens
-and $0. Before, both were promoted."""
+and $0. Before, both were promoted. A hang-up counts only when the upstream kept its client waiting
+(`router_hang_up_s`) before the answer was whole: clients leaving at the finish reason, or an app key closing the
+canary's streams as their first chunk names its model, leave a healthy canary unharmed (probe p71 F1/F2)."""
 
 from __future__ import annotations
 
@@ -89,10 +91,11 @@ async def test_a_canary_whose_clients_give_up_before_the_unanswered_bound_is_abo
     clients giving up after 0.5 s, under the router's `router_unanswered_s` of 10 s: each hang-up was
     `client_disconnected`, the client's own, left out of every metric, and the canary was promoted on its answers
     with `error_rate 0.0` (stable's clients hung up on none). Now each arm's share of hang-ups is judged as
-    `hang_up_rate`, which an analysis judging error_rate judges too, and the canary is aborted on it."""
+    `hang_up_rate`, which an analysis judging error_rate judges too, and the canary is aborted on it. (The clients'
+    0.5 s against a `router_hang_up_s` of 0.2 s, as the probe's 5 s against the default 1 s.)"""
     async with SimServer(STABLE) as stable, Canary("stally", "stable says hi", stall=0.3) as canary:
         router = await serving(context, run_services, signer, stable.url, canary.url, ("stally",),
-                               router_unanswered_s=10.0)
+                               router_unanswered_s=10.0, router_hang_up_s=0.2)
         analysis = {"metrics": [{"name": "error_rate", "max_increase": 0.05}], "min_sample": 30, "failure_limit": 0}
         await _start(http, router, "stally", {"steps": [50, 100], "interval_s": 0.2, "analysis": analysis})
         await _pass(router, signer, "stally")
@@ -151,3 +154,100 @@ async def _streams_until(http: aiohttp.ClientSession, router: Any, done: Any, li
         await asyncio.gather(*(one(sent + i) for i in range(40)))
         sent += 40
     return sent
+
+
+class Paced(ChatUpstream):
+    """A healthy upstream for model `model`: a stream of 10 words 15 ms apart, then its finish chunk, then after
+    `tail_s` (a provider totting up the usage) the usage chunk, when asked for, and `[DONE]`."""
+
+    def __init__(self, model: str, tail_s: float = 0.0) -> None:
+        super().__init__()
+        self.model, self.tail_s = model, tail_s
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        out = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await out.prepare(request)
+        await out.write(self._chunk({"role": "assistant", "content": "w"}))
+        for _ in range(9):
+            await asyncio.sleep(0.015)
+            await out.write(self._chunk({"content": " w"}))
+        await out.write(self._chunk({}, "stop"))
+        await asyncio.sleep(self.tail_s)
+        if (body.get("stream_options") or {}).get("include_usage"):
+            await out.write(self._chunk(None, usage={"prompt_tokens": 2, "completion_tokens": 10, "total_tokens": 12}))
+        await out.write(b"data: [DONE]\n\n")
+        await out.write_eof()
+        return out
+
+    def _chunk(self, delta: dict[str, Any] | None, finish: str | None = None, **extra: Any) -> bytes:
+        choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish}]
+        chunk = {"id": "c1", "object": "chat.completion.chunk", "created": 0, "model": self.model, "choices": choices}
+        return b"data: " + json.dumps(chunk | extra).encode() + b"\n\n"
+
+
+async def _streams_read_until(app: aiohttp.ClientSession, router: Any, stop: Any, done: Any,
+                              limit: int) -> tuple[int, int]:
+    """Streamed requests from distinct users, 20 at a time, each read line by line until `stop(chunk)` holds for a
+    chunk (then closed: a hang-up) or to its end, until `done(route)` or `limit` requests: (sent, hung up)."""
+    url = f"{router.url}/v1/chat/completions"
+    sent = hung = 0
+
+    async def one(i: int) -> bool:
+        body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "user": f"user-{i}", "stream": True}
+        async with app.post(url, json=body) as resp:
+            async for line in resp.content:
+                if line.startswith(b"data: {") and stop(json.loads(line[6:])):
+                    resp.close()
+                    return True
+        return False
+
+    while not done(router.rollouts.route("chat")) and sent < limit:
+        hung += sum(await asyncio.gather(*(one(sent + i) for i in range(20))))
+        sent += 20
+    return sent, hung
+
+
+async def test_clients_leaving_at_the_finish_reason_leave_a_healthy_canary_to_be_promoted(
+        context: Any, run_services: Any, signer: Signer, http: aiohttp.ClientSession, keys: Any) -> None:
+    """Probe p71 F1: both arms healthy with the same answer, the canary's upstream sending its usage chunk and
+    `[DONE]` 50 ms after its finish chunk (as real providers do), its clients stopping at the finish reason
+    (`if choice.finish_reason: break`). Each was recorded `client_disconnected` and counted in hang_up_rate: the
+    canary was aborted with `hang_up_rate 0.931 > threshold 0.05`. Now a client leaving once every choice has its
+    finish reason had the whole answer: recorded as answered, and the canary is promoted."""
+    async with Paced("m") as stable, Paced("twin", tail_s=0.05) as canary:
+        router = await serving(context, run_services, signer, stable.url, canary.url, ("twin",))
+        analysis = {"metrics": [{"name": "error_rate", "max_increase": 0.05}], "min_sample": 30, "failure_limit": 0}
+        await _start(http, router, "twin", {"steps": [50, 100], "interval_s": 0.2, "analysis": analysis})
+        await _pass(router, signer, "twin")
+
+        def finished(chunk: dict[str, Any]) -> bool:
+            return bool(chunk["choices"] and chunk["choices"][0].get("finish_reason"))
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {keys.app_key}"}) as app:
+            sent, hung = await _streams_read_until(app, router, finished, lambda r: r.phase != "progressing", 600)
+        route = router.rollouts.route("chat")
+        assert route.phase == "promoted", f"{route.phase} after {sent} requests ({hung} left): {route.reason}"
+        assert hung == sent  # every client left at the finish reason
+
+
+async def test_an_app_key_closing_the_canary_streams_cannot_abort_a_healthy_canary(
+        context: Any, run_services: Any, signer: Signer, http: aiohttp.ClientSession, keys: Any) -> None:
+    """Probe p71 F2: identical healthy arms but for their `model` field; an app key, knowing nothing of the split,
+    read each stream's first chunk and closed it when it named the canary's model. Each was `client_disconnected`
+    and counted in hang_up_rate: the canary was aborted within 80 requests (`hang_up_rate 1 > threshold 0.05`), and
+    any app key could stop every canary of its tenant's deployments. Now a hang-up counts only when the upstream had
+    kept its client waiting for `router_hang_up_s` (its stream silent since its latest chunk): these left while the
+    answer flowed, count nowhere, and the canary is never judged on them."""
+    async with Paced("m") as stable, Paced("twin") as canary:
+        router = await serving(context, run_services, signer, stable.url, canary.url, ("twin",))
+        analysis = {"metrics": [{"name": "error_rate", "max_increase": 0.05}], "min_sample": 30, "failure_limit": 0}
+        await _start(http, router, "twin", {"steps": [50, 100], "interval_s": 0.2, "analysis": analysis})
+        await _pass(router, signer, "twin")
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {keys.app_key}"}) as app:
+            sent, hung = await _streams_read_until(app, router, lambda chunk: chunk["model"] == "twin",
+                                                   lambda r: r.phase != "progressing", 240)
+        route = router.rollouts.route("chat")
+        assert route.phase == "progressing", f"{route.phase} after {sent} requests ({hung} hung up): {route.reason}"
+        assert hung >= 60 and sent - hung >= 60  # the canary's streams closed, stable's read whole
+        assert route.analysis is not None
+        assert route.analysis.last.verdict == "WAITING", route.analysis.last  # none of its requests is evidence

@@ -224,13 +224,15 @@ def test_a_waiting_look_names_the_requests_left_out_as_their_clients_hang_ups() 
     from datetime import UTC, datetime
 
     from lockgate.contracts import InferenceEvent
+    from lockgate.contracts.inference import KEPT_WAITING
     from lockgate.services.router.evidence import Evidence
 
     ev = Evidence(price=lambda e: None)
     for i, (release, error_type) in enumerate([("c", "client_disconnected")] * 3 + [("c", "upstream_unanswered"),
                                                                                     ("c", "400"), ("s", "")]):
         ev.add(InferenceEvent(app="shop", deployment="d", release=release, status="error" if error_type else "ok",
-                              error_type=error_type, time=datetime.fromtimestamp(1000 + i, UTC)))
+                              error_type=error_type, time=datetime.fromtimestamp(1000 + i, UTC),
+                              attributes={KEPT_WAITING: "2.000"} if error_type == "client_disconnected" else {}))
     canary, stable = ev.sample("d", "c", since=1001), ev.sample("d", "s", since=0)
     assert (canary.n, canary.errors, canary.hung_up, stable.hung_up) == (1, 1, 2, 0)  # in the window only
     m = analysis.measure(ERRORS, canary, stable, look=1)

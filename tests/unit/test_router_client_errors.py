@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 import pytest
 
 from lockgate.contracts import InferenceEvent
+from lockgate.contracts.inference import KEPT_WAITING
 from lockgate.services.router import analysis
 from lockgate.services.router.analysis import AnalysisSpec, MetricSpec
 from lockgate.services.router.evidence import Evidence
@@ -25,7 +26,7 @@ SPEC = AnalysisSpec(metrics=[MetricSpec(name="error_rate", max_increase=0.05, ma
 def _served(refuse: dict[str, float], n: int = 600, keys: tuple[str, ...] = ("k-app",), error: str = "400",
             seed: int = 3) -> Evidence:
     """`n` requests over 60 s split evenly between stable r1 and canary r2, from `keys` in turn; `refuse`: the share
-    of each release's requests its upstream refuses with `error`."""
+    of each release's requests its upstream refuses with `error` (a hang-up: after the upstream kept it waiting)."""
     rng = random.Random(seed)
     ev = Evidence(price=lambda e: None)
     for i in range(n):
@@ -34,8 +35,13 @@ def _served(refuse: dict[str, float], n: int = 600, keys: tuple[str, ...] = ("k-
         ev.add(InferenceEvent(app="shop", deployment="d", release=release, key_id=keys[i % len(keys)],
                               status="error" if refused else "ok", error_type=error if refused else "",
                               output_tokens=0 if refused else 50, latency_ms=5.0 if refused else 100.0,
-                              time=datetime.fromtimestamp(T0 + i * 60 / n, UTC)))
+                              time=datetime.fromtimestamp(T0 + i * 60 / n, UTC), attributes=_kept_waiting(error)))
     return ev
+
+
+def _kept_waiting(error: str) -> dict[str, str]:
+    """A hang-up's attributes as the router records one after the upstream kept its client waiting 1.5 s."""
+    return {KEPT_WAITING: "1.500"} if error == "client_disconnected" else {}
 
 
 def _measure(ev: Evidence, spec: AnalysisSpec = SPEC) -> analysis.Measurement:
@@ -68,10 +74,13 @@ def test_refused_requests_count_in_client_error_rate_only() -> None:
     at = datetime.fromtimestamp(T0, UTC)
     for error in ("400", "422", "client_disconnected", "429", ""):
         ev.add(InferenceEvent(app="shop", deployment="d", release="r2", status="error" if error else "ok",
-                              error_type=error, latency_ms=100.0, time=at))
+                              error_type=error, latency_ms=100.0, time=at, attributes=_kept_waiting(error)))
+    # A hang-up while the answer flowed (no KEPT_WAITING): the client's choice, in no metric (probe p71).
+    ev.add(InferenceEvent(app="shop", deployment="d", release="r2", status="error", error_type="client_disconnected",
+                          latency_ms=100.0, time=at))
     s = ev.sample("d", "r2", T0)
-    # 400 and 422 refused; the hang-up in hang_up_rate only; the 429 (the release's doing) an error; the answer a
-    # success.
+    # 400 and 422 refused; the hang-up that waited in hang_up_rate only; the 429 (the release's doing) an error; the
+    # answer a success.
     assert (s.n, s.errors, s.refused, s.hung_up, len(s.latency_ms), len(s.cost)) == (2, 1, 2, 1, 1, 2)
     assert ev.count("d", "r2", T0) == 2  # a step's requests in analysis, as n
 
@@ -125,8 +134,8 @@ def test_the_release_own_4xx_stay_errors() -> None:
     assert _result(m).canary == 0.0
 
 
-# hang_up_rate (probe p63 A): a client's hang-up while its upstream was answering (`client_disconnected`, before
-# `router_unanswered_s`) is the client's one by one, but each arm's share of them is judged as refusals are.
+# hang_up_rate (probe p63 A): a client's hang-up while its upstream kept it waiting (`client_disconnected` with
+# KEPT_WAITING, before `router_unanswered_s`) is the client's one by one, but each arm's share of them is judged as refusals are.
 
 def test_a_canary_whose_clients_give_up_on_part_of_its_requests_fails() -> None:
     m = _measure(_served({"r2": 0.3}, error="client_disconnected"))

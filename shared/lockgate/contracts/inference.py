@@ -35,6 +35,10 @@ DEAREST = "dearest"
 # answer's first byte or a stream's next line (`UPSTREAM_UNANSWERED`): the release kept its client waiting, a failure
 # of its variant. The router measures that silence itself, so a client can neither fake it nor aim it at an arm.
 CLIENT_DISCONNECTED = "client_disconnected"
+# On a `client_disconnected` event: the upstream had kept its client waiting (silent) this many seconds, at least the
+# router's `router_hang_up_s`, when it hung up before the answer was whole: a hang-up its arm's `hang_up_rate`
+# counts. One without it left while the answer flowed (or had it whole), by its own choice: it counts nowhere.
+KEPT_WAITING = "lockgate.kept_waiting_s"
 UPSTREAM_UNANSWERED = "upstream_unanswered"
 # A request the router answered 503 because its own connections to the endpoint were all in use, or its tenant's share
 # of them (services/router/h1.py Slots): the router's capacity, no call was made, so no evidence of the release (as a
