@@ -11,6 +11,8 @@ import json
 import logging
 import ssl
 import time
+import types
+import typing
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -18,6 +20,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import msgspec
 import msgspec.inspect as mi
 import nats
 import nats.aio.client
@@ -39,7 +42,7 @@ from nats.nuid import NUID
 
 from lockgate import metrics, permissions, propagation
 from lockgate.batcher import Batcher
-from lockgate.codec import Codec, encode
+from lockgate.codec import UNDECODABLE, Codec, encode
 from lockgate.contracts import DeadLetter, Event, InferenceEvent
 from lockgate.credentials import NatsAuth, NotAllowed
 from lockgate.errors import (
@@ -1354,6 +1357,8 @@ def consume(
     # Found by a probe (p10): an app's event with a key in its model, provider or error kept it in seven columns of
     # `inference_events`, in the cost ledger and rollups, the cost events and the drift snapshots.
     clean = scrub_events if _inference_only(wire_type) else None
+    # An array whose whole decoding fails is decoded again event by event, so its bad events are refused alone.
+    each = _EventByEvent(wire_type) if clean is not None else None
 
     async def refuse(msg: Msg, headers: dict[str, str], deliveries: int, reason: str, error: str) -> None:
         if records_refusals:
@@ -1369,11 +1374,20 @@ def consume(
         headers = dict(msg.headers or {})
         body = msg.data
         refused: list[tuple[int, str]] = []  # (index, reason) of the message's events refused, for one letter
+        undecoded: list[tuple[int, str]] = []  # those of an array that do not decode alone
+        items: list[Any] | None = None  # that array's items: its events, and the msgspec.Raw of those
         try:
             # An id left out is derived from the message, the same for every consumer and redelivery.
-            with derived_ids(headers.get("Nats-Msg-Id") or f"{meta.stream}:{meta.sequence.stream}",
-                             int(meta.timestamp.timestamp() * 1000)):
-                value = codec.decode(body)
+            seed = (headers.get("Nats-Msg-Id") or f"{meta.stream}:{meta.sequence.stream}",
+                    int(meta.timestamp.timestamp() * 1000))
+            try:
+                with derived_ids(*seed):
+                    value = codec.decode(body)
+            except InvalidEvent:
+                if each is None or (split := each.decode(body, *seed)) is None:
+                    raise  # not an array of events: the message is lettered whole
+                items, undecoded = split
+                value = [item for item in items if not isinstance(item, msgspec.Raw)]
             if clean is not None:
                 value, refused = clean(value)
         except InvalidEvent as exc:
@@ -1396,6 +1410,9 @@ def consume(
             # Against the message's stored time, not this clock at read time: a consumer reading it later
             # (behind, or redelivered) must not refuse an edge event another one stored.
             _, over = limits.split(value, now=meta.timestamp, sender=sender)
+        if items is not None:
+            # Indexed as in the message, with the events that did not decode: the letter lists them all by `$[i]`.
+            refused, over, events = _in_message(items, undecoded, value, refused, over)
         if refused or over:
             # An event the scrub refused (its id reads as a credential) is refused alone, as one over limits is: its
             # neighbours are handled (probe p16: the whole message was lettered). Its own reason is the one lettered.
@@ -1468,6 +1485,65 @@ def consume(
     )
     consumers.add(spec)
     return spec
+
+
+class _EventByEvent:
+    """Decodes a message's JSON array one event at a time, when the decoding of the whole array failed: a bad
+    event is then refused alone, as a scrub or the limits refuse one, and its neighbours are handled (probe p72 F1:
+    one event's `input_tokens` of 2**32, a nested attribute or an unknown `type` lettered all its neighbours, which
+    were never stored nor billed). Only a message that failed pays for this."""
+
+    def __init__(self, wire_type: Any) -> None:
+        # The array is split by msgspec alone: the Codec checks the UTF-8 of the whole body, and one event's bad
+        # bytes must be refused in that event. Each event is decoded by the Codec, as the whole message was.
+        self._array = msgspec.json.Decoder(list[msgspec.Raw])
+        self._event: Codec[Any] = Codec(_item_type(wire_type))
+
+    def decode(self, body: bytes, seed: str, ms: int) -> tuple[list[Any], list[tuple[int, str]]] | None:
+        """(the array's items in order: each event decoded, or the msgspec.Raw of one that does not decode, and
+        [(index, reason)] of those), or None if `body` is no JSON array."""
+        try:
+            raws = self._array.decode(body)
+        except UNDECODABLE:
+            return None
+        items: list[Any] = []
+        failed: list[tuple[int, str]] = []
+        # A fresh derivation, run in order as the whole decoding runs: every consumer derives the same ids.
+        with derived_ids(seed, ms):
+            for i, raw in enumerate(raws):
+                try:
+                    items.append(self._event.decode(bytes(raw)))
+                except InvalidEvent as exc:
+                    items.append(raw)
+                    failed.append((i, _at_index(exc.message, i)))
+        return items, failed
+
+
+def _item_type(wire_type: Any) -> Any:
+    """The item type of the list among `wire_type` (`list[X] | X` or `list[X]`)."""
+    members = typing.get_args(wire_type) if isinstance(wire_type, types.UnionType) else (wire_type,)
+    return next(typing.get_args(t)[0] for t in members if typing.get_origin(t) is list)
+
+
+def _at_index(reason: str, i: int) -> str:
+    """An event's decoding error (its paths from `$`, the event) worded for the array it came in (`$[i]`)."""
+    return reason.replace("`$", f"`$[{i}]") if "`$" in reason else f"{reason} - at `$[{i}]`"
+
+
+def _in_message(items: list[Any], undecoded: list[tuple[int, str]], value: list[Any], refused: list[tuple[int, str]],
+                over: list[tuple[int, str]]) -> tuple[list[tuple[int, str]], list[tuple[int, str]], list[Any]]:
+    """The refusals of the decoded events (`value`, indexed among themselves) reindexed as in the message's `items`,
+    with those of the `undecoded` ones, and the items with the decoded events as scrubbed."""
+    at = [i for i, item in enumerate(items) if not isinstance(item, msgspec.Raw)]
+    events = list(items)
+    for j, event in enumerate(value):
+        events[at[j]] = event
+
+    def moved(pairs: list[tuple[int, str]]) -> list[tuple[int, str]]:
+        # -1 (the whole message, too many events) stays; an event's path `$[j]` becomes its own in the message.
+        return [(i, r) if i < 0 else (at[i], r.replace(f"`$[{i}]", f"`$[{at[i]}]")) for i, r in pairs]
+
+    return undecoded + moved(refused), moved(over), events
 
 
 def _inference_only(wire_type: Any) -> bool:
