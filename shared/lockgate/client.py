@@ -116,7 +116,8 @@ class Client:
 
     While the bus is away, publishes are retried until it is back (or `max_attempts` times, if
     given), and the buffer (`max_buffer` events) takes what is emitted meanwhile; `close()` waits
-    at most `close_timeout_s` for a bus still away, then counts what is left in `failed`.
+    at most `close_timeout_s` for a bus still away, then counts what is left in `failed` (never stored) or
+    `unconfirmed` (sent, never acknowledged: may be stored).
     """
 
     def __init__(
@@ -222,9 +223,15 @@ class Client:
 
     @property
     def failed(self) -> int:
-        """Events given up on: after `max_attempts` publishes if set, else those the bus had not taken
-        when `close()` stopped waiting for it."""
+        """Events given up on that were not stored: after `max_attempts` publishes if set, else those the bus
+        had not taken when `close()` stopped waiting for it. Re-sending them is safe under new ids too."""
         return self._outbox.failed
+
+    @property
+    def unconfirmed(self) -> int:
+        """Events given up on that were sent and never acknowledged (the bus hung, or `close()` stopped waiting):
+        they may be stored. Re-send them, if at all, as they were (the same ids): the bus keeps one copy."""
+        return self._outbox.unconfirmed
 
     @property
     def pending(self) -> int:
@@ -259,8 +266,12 @@ class Client:
             raise BusUnavailable(f"cannot reach NATS at {shown_url(self.nats_url)}: {exc}") from None
         self._js = self._nc.jetstream()
         self._loop, self._loop_thread = asyncio.get_running_loop(), threading.get_ident()
-        self._outbox.start(_Publishes(self._js, self._no_stream))
+        self._outbox.start(_Publishes(self._js, self._no_stream), connected=self._connected)
         self._started = True
+
+    def _connected(self) -> bool:
+        """The connection is up: a publish made now goes out (one made while it reconnects waits in its buffer)."""
+        return self._nc is not None and self._nc.is_connected
 
     def _bad_credentials(self) -> NotAllowed:
         return NotAllowed(f"NATS at {shown_url(self.nats_url)} refused this application's credentials "
@@ -330,7 +341,8 @@ class Client:
     async def close(self) -> None:
         """Publish everything buffered, wait for the acks, then disconnect.
 
-        Never raises for a bus that went away: what could not be published is counted in `failed`.
+        Never raises for a bus that went away: what could not be published is counted in `failed`, or in
+        `unconfirmed` if it was sent and its acknowledgement never came.
         Closing again does nothing."""
         deadline = time.monotonic() + self._outbox.close_timeout_s
         if not self._closed:

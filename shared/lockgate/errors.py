@@ -161,12 +161,15 @@ class ReplyTooLarge(LockgateError):
 
 
 class PublishFailed(BusUnavailable):
-    """JetStream did not acknowledge some events even after retries; `sent` of them were published."""
+    """JetStream did not acknowledge some events even after retries; `sent` of them were published. `failed` counts
+    those not acknowledged, of which `unconfirmed` were sent and their acknowledgement never came: those may be
+    stored (a re-send of the same events is deduplicated)."""
 
-    def __init__(self, message: str, *, sent: int, failed: int) -> None:
+    def __init__(self, message: str, *, sent: int, failed: int, unconfirmed: int = 0) -> None:
         super().__init__(message)
         self.sent = sent
         self.failed = failed
+        self.unconfirmed = unconfirmed
 
 
 class ReleaseConflict(LockgateError):

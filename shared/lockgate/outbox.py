@@ -240,12 +240,14 @@ async def publish_events(
     on_acked: Callable[[list[Encoded]], None] | None = None,
     stop: asyncio.Event | None = None,
     deadline_s: float | None = None,
+    connected: Callable[[], bool] | None = None,
 ) -> int:
     """Publish events, one message per tenant, app and chunk; returns how many JetStream acknowledged.
 
-    Raises PublishFailed (carrying `sent` and `failed`) when any chunk was not acknowledged after
+    Raises PublishFailed (carrying `sent`, `failed` and `unconfirmed`) when any chunk was not acknowledged after
     the retries (`retry`'s attempts, or until `give_up()`); the other chunks are published all the
-    same. `headers` go on every message; a chunk without a `traceparent` there gets its first event's trace.
+    same. A chunk one of whose attempts went out and timed out is unconfirmed: it may be stored. `connected()`
+    says whether the connection is up (an attempt made while it is down did not go out; None: it went out). `headers` go on every message; a chunk without a `traceparent` there gets its first event's trace.
     `via`: "sent" on `subjects.inference`; "served", the router's events of requests it served, on
     `subjects.served`; "relay", an application NATS user's (its own or the shared `app`), on `subjects.ingest`
     (see there).
@@ -266,13 +268,14 @@ async def publish_events(
     try:
         errors = await asyncio.gather(
             *(_publish_chunk(js, subject(c[0].app, c[0].tenant), c, headers, retry, give_up, timeout_s, on_acked,
-                             stop)
+                             stop, connected)
               for c in chunks)
         )
     finally:
         if timer is not None:
             timer.cancel()
     failed = sum(len(c) for c, exc in zip(chunks, errors, strict=True) if exc is not None)
+    unconfirmed = sum(len(c) for c, exc in zip(chunks, errors, strict=True) if isinstance(exc, Unconfirmed))
     sent = len(events) - failed
     if failed:
         first = next(exc for exc in errors if exc is not None)
@@ -285,13 +288,14 @@ async def publish_events(
         # A publish whose acknowledgement did not come may have been stored all the same (it reached the server, or
         # sits in the client's reconnect buffer): "failed" would be untrue, and a sender must know its retry is safe.
         retry_safe = "a retry of the same events (the same ids) is deduplicated"
-        fate = (f"they may have been stored all the same (sent, but not acknowledged): {retry_safe}"
-                if isinstance(first, TimeoutError) else retry_safe if isinstance(first, TRANSIENT)
-                else "they were not stored")
+        fate = (f"{'they' if unconfirmed == failed else f'{unconfirmed} of them'} may have been stored all the same "
+                f"(sent, but not acknowledged): {retry_safe}" if unconfirmed
+                else retry_safe if isinstance(first, TRANSIENT) else "they were not stored")
         raise PublishFailed(
             f"JetStream did not acknowledge {failed} of {len(events)} inference events {tries}: {first!r}; {fate}",
             sent=sent,
             failed=failed,
+            unconfirmed=unconfirmed,
         )
     return sent
 
@@ -306,7 +310,12 @@ async def _publish_chunk(
     timeout_s: float,
     on_acked: Callable[[list[Encoded]], None] | None = None,
     stop: asyncio.Event | None = None,
+    connected: Callable[[], bool] | None = None,
 ) -> Exception | None:
+    # Set once an attempt went out and its acknowledgement never came: the server may have stored the batch (a probe
+    # saw JetStream store it), whatever a later attempt met. Such a batch is Unconfirmed, never counted `failed`
+    # (probe p72 F2: an SDK with max_attempts=2 counted 500 stored events failed and logged them "not published").
+    unacked = False
     try:
         # The JSON array the sink decodes, made in one copy of the events' bytes: the brackets go on the
         # first and last event's (small) bytes, not around the joined batch (two more copies of ~200 kB).
@@ -319,21 +328,35 @@ async def _publish_chunk(
             hdrs["traceparent"] = chunk[0].traceparent
         # The same events always give the same id, so a retry after a lost ack is deduplicated.
         hdrs["Nats-Msg-Id"] = batch_id(chunk)
+
+        async def attempt() -> Any:
+            nonlocal unacked
+            # Made while the connection is down, a publish waits in nats-py's reconnect buffer, which a close drops:
+            # it went out only if the connection was up (or nothing says it was not).
+            out = connected is None or connected()
+            try:
+                return await _unless(stop, lambda: js.publish(subject, data, headers=hdrs, timeout=timeout_s))
+            except TimeoutError as exc:
+                unacked = unacked or (out and not isinstance(exc, _Unsent))
+                raise
+
         await retry.call(
-            lambda: _unless(stop, lambda: js.publish(subject, data, headers=hdrs, timeout=timeout_s)),
+            attempt,
             retry_on=TRANSIENT,
             what=f"publish of {len(chunk)} events to {subject}",
             give_up=give_up,
             sleep=asyncio.sleep if stop is None else lambda s: _until_set(stop, s),
         )
     except Exception as exc:  # counted by the caller, never lost silently
-        if isinstance(exc, Unconfirmed):
-            # Counted failed all the same: the publisher cannot tell; a probe saw JetStream store such a batch.
-            log.warning("%d inference events for %s not confirmed: sent, but the deadline came before their "
-                        "acknowledgement, so they may be stored (a re-send of them is deduplicated by its message "
-                        "id)", len(chunk), subject)
-        else:
-            log.warning("%d inference events for %s not published: %r", len(chunk), subject, exc)
+        if unacked:
+            log.warning("%d inference events for %s not confirmed: sent, but %s, so they may be stored (a re-send of "
+                        "them is deduplicated by its message id)", len(chunk), subject,
+                        "the deadline came before their acknowledgement" if isinstance(exc, Unconfirmed)
+                        else f"no acknowledgement came ({exc!r})")
+            return exc if isinstance(exc, Unconfirmed) else Unconfirmed(f"sent, but not acknowledged: {exc!r}")
+        if isinstance(exc, Unconfirmed):  # the deadline came while the connection was down: it never went out
+            exc = TimeoutError(f"not sent (the connection was down): {exc}")
+        log.warning("%d inference events for %s not published: %r", len(chunk), subject, exc)
         return exc
     if on_acked is not None:  # outside the try: what it does is no publish failure
         on_acked(chunk)
@@ -345,7 +368,7 @@ async def _unless(stop: asyncio.Event | None, publish: Callable[[], Awaitable[T]
     if stop is None:
         return await publish()
     if stop.is_set():
-        raise TimeoutError("the publisher stopped waiting for acknowledgements")
+        raise _Unsent("the publisher stopped waiting for acknowledgements")
     task = asyncio.ensure_future(publish())
     stopped = asyncio.ensure_future(stop.wait())
     try:
@@ -362,7 +385,12 @@ async def _unless(stop: asyncio.Event | None, publish: Callable[[], Awaitable[T]
 
 
 class Unconfirmed(TimeoutError):
-    """A publish under way when the publisher stopped waiting (close()'s deadline): it may have been stored."""
+    """A publish sent whose acknowledgement never came (its attempts timed out, or the publisher stopped waiting at
+    close()'s deadline): it may have been stored."""
+
+
+class _Unsent(TimeoutError):
+    """An attempt not made: the publisher had stopped waiting before it (nothing went out)."""
 
 
 async def _until_set(stop: asyncio.Event, seconds: float) -> None:
@@ -377,10 +405,11 @@ class Outbox:
 
     `add` never blocks and never raises: when the buffer refuses an event (full under
     `drop_newest`, evicted under `drop_oldest`, or the outbox closed) it counts in `dropped`.
-    `sent` counts events JetStream acknowledged, `failed` those given up after the retries. With
-    `retry=UNTIL_BACK` a publish is retried until the bus is back, however long (the bounded buffer
-    takes the events meanwhile), and only once `close()` has waited `close_timeout_s` is what is left
-    counted failed. Nothing is published before `start(js)`. A server process passes `on_sent(n)` and
+    `sent` counts events JetStream acknowledged, `failed` those given up after the retries that were never
+    stored, `unconfirmed` those given up that were sent and never acknowledged: they may be stored (a re-send
+    is deduplicated by its message id). With `retry=UNTIL_BACK` a publish is retried until the bus is back,
+    however long (the bounded buffer takes the events meanwhile), and only once `close()` has waited
+    `close_timeout_s` is what is left counted failed or unconfirmed. Nothing is published before `start(js)`. A server process passes `on_sent(n)` and
     `on_drop(n, reason)` to count the same in its metrics (the SDK passes none: no OpenTelemetry).
 
     With a `spool` (lockgate.spool), each event accepted is appended to it before it enters the buffer,
@@ -419,8 +448,10 @@ class Outbox:
         self._give_up_at: float | None = None  # set by close(): when publishes still failing are given up
         self._stop: asyncio.Event | None = None  # set at _give_up_at: ends the attempts (and backoffs) in flight
         self.js: Any = None
+        self._connected: Callable[[], bool] | None = None
         self.sent = 0
         self.failed = 0
+        self.unconfirmed = 0
         self._refused_closed = 0
         self._on_sent = on_sent
         self._on_drop = on_drop
@@ -455,9 +486,12 @@ class Outbox:
         """True once close() began: events are refused from then on."""
         return self._batcher.closed
 
-    def start(self, js: Any) -> None:
-        """Publish through this JetStream context from now on (events added before wait for it)."""
+    def start(self, js: Any, connected: Callable[[], bool] | None = None) -> None:
+        """Publish through this JetStream context from now on (events added before wait for it). `connected`
+        says whether its connection is up: a publish that timed out while it was down never went out, and is
+        counted failed, not unconfirmed."""
         self.js = js
+        self._connected = connected
         self._stop = asyncio.Event()
         self._batcher.start()
 
@@ -491,7 +525,7 @@ class Outbox:
 
     async def close(self) -> None:
         """Flush what is left and wait for the acks (publishes still failing after `close_timeout_s` are
-        counted failed); later events are refused. Never started, nothing can
+        counted failed, or unconfirmed if sent); later events are refused. Never started, nothing can
         publish what is buffered: it is counted dropped ("closed") rather than kept unseen."""
         if self.js is None:
             self._batcher.abandon("closed" if self.spool is None else "spooled")
@@ -526,15 +560,19 @@ class Outbox:
             sent = await publish_events(self.js, self.subjects, events, batch_size=self.batch_size, retry=self.retry,
                                         give_up=self._give_up, timeout_s=self.publish_timeout_s,
                                         via=self.via, on_acked=None if self.spool is None else self.spool.settle,
-                                        stop=self._stop)
+                                        stop=self._stop, connected=self._connected)
         except PublishFailed as exc:
+            failed = exc.failed - exc.unconfirmed
             self.sent += exc.sent
-            self.failed += exc.failed
-            if self._cause is not None and (why := self._cause()):
-                log.error("%d inference events counted failed: %s", exc.failed, why)
+            self.failed += failed
+            self.unconfirmed += exc.unconfirmed
+            if failed and self._cause is not None and (why := self._cause()):
+                log.error("%d inference events counted failed: %s", failed, why)
             self._report(self._on_sent, exc.sent)
             # Spooled, they are published by the next start on the spool: not lost, but not published by this one.
-            self._report(self._on_drop, exc.failed, "publish_failed" if self.spool is None else "spooled")
+            for n, reason in ((failed, "publish_failed"), (exc.unconfirmed, "unconfirmed")):
+                if n:
+                    self._report(self._on_drop, n, reason if self.spool is None else "spooled")
         else:
             self.sent += sent
             self._report(self._on_sent, sent)
