@@ -1358,7 +1358,7 @@ def consume(
     # `inference_events`, in the cost ledger and rollups, the cost events and the drift snapshots.
     clean = scrub_events if _inference_only(wire_type) else None
     # An array whose whole decoding fails is decoded again event by event, so its bad events are refused alone.
-    each = _EventByEvent(wire_type) if clean is not None else None
+    each = _EventByEvent(item_type) if clean is not None and (item_type := _item_type(wire_type)) is not None else None
 
     async def refuse(msg: Msg, headers: dict[str, str], deliveries: int, reason: str, error: str) -> None:
         if records_refusals:
@@ -1387,7 +1387,7 @@ def consume(
                 if each is None or (split := each.decode(body, *seed)) is None:
                     raise  # not an array of events: the message is lettered whole
                 items, undecoded = split
-                value = [item for item in items if not isinstance(item, msgspec.Raw)]
+                value = [event for event in items if not isinstance(event, msgspec.Raw)]
             if clean is not None:
                 value, refused = clean(value)
         except InvalidEvent as exc:
@@ -1493,11 +1493,11 @@ class _EventByEvent:
     one event's `input_tokens` of 2**32, a nested attribute or an unknown `type` lettered all its neighbours, which
     were never stored nor billed). Only a message that failed pays for this."""
 
-    def __init__(self, wire_type: Any) -> None:
+    def __init__(self, item_type: Any) -> None:
         # The array is split by msgspec alone: the Codec checks the UTF-8 of the whole body, and one event's bad
         # bytes must be refused in that event. Each event is decoded by the Codec, as the whole message was.
         self._array = msgspec.json.Decoder(list[msgspec.Raw])
-        self._event: Codec[Any] = Codec(_item_type(wire_type))
+        self._event: Codec[Any] = Codec(item_type)
 
     def decode(self, body: bytes, seed: str, ms: int) -> tuple[list[Any], list[tuple[int, str]]] | None:
         """(the array's items in order: each event decoded, or the msgspec.Raw of one that does not decode, and
@@ -1520,9 +1520,10 @@ class _EventByEvent:
 
 
 def _item_type(wire_type: Any) -> Any:
-    """The item type of the list among `wire_type` (`list[X] | X` or `list[X]`)."""
-    members = typing.get_args(wire_type) if isinstance(wire_type, types.UnionType) else (wire_type,)
-    return next(typing.get_args(t)[0] for t in members if typing.get_origin(t) is list)
+    """The item type of the list among `wire_type` (`list[X] | X` or `list[X]`), None if it takes no list."""
+    members = typing.get_args(wire_type) if typing.get_origin(wire_type) in (typing.Union, types.UnionType) \
+        else (wire_type,)
+    return next((typing.get_args(t)[0] for t in members if typing.get_origin(t) is list), None)
 
 
 def _at_index(reason: str, i: int) -> str:
