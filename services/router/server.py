@@ -256,6 +256,8 @@ class RouterService(Service):
                                              "stable_only" if cut_off else "all",
                                   "events_dropped": self.batcher.dropped,
                                   "events_failed": self.batcher.failed,
+                                  # Given up on after they were sent: they may be stored (outbox.Outbox.unconfirmed).
+                                  "events_unconfirmed": self.batcher.unconfirmed,
                                   "events_spooled": spool.pending if (spool := self.batcher.spool) else 0,
                                   "events_not_spooled": spool.refused if spool else 0,
                                   # The process's own spans lost on their way to the bus (lockgate.spans.dropped).

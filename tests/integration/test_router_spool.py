@@ -76,7 +76,9 @@ async def test_events_a_killed_router_left_are_published_once_by_the_next_on_its
             answer = await client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": f"q{i}"}])
             assert answer.choices[0].message.content
         await client.close()
-        assert (await _health(first.endpoints["router"]))["events_spooled"] == N  # written down, not published
+        health = await _health(first.endpoints["router"])
+        # Written down, not published; none given up on (failed), nor sent and given up on (unconfirmed).
+        assert (health["events_spooled"], health["events_failed"], health["events_unconfirmed"]) == (N, 0, 0)
         first.kill()  # kill -9: the in-memory outbox is gone
         assert first.proc is not None and first.proc.returncode == -9
         left = Path(settings.home) / "left-by-the-kill"
