@@ -43,6 +43,20 @@ def store_url(settings: Settings) -> str:
     return f"chdb://{(Path(settings.home) / 'clickhouse').resolve()}"
 
 
+def _network_reason(exc: BaseException) -> str | None:
+    """Why a connection failed, as the OS said it (`connection refused`), from the chain of errors under `exc`
+    (clickhouse-connect wraps urllib3's, which keeps the socket's as `reason`); None if no socket error is in it."""
+    seen: set[int] = set()
+    cause: Any = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, OSError) and not cause.__class__.__module__.startswith("urllib3"):
+            return (cause.strerror or str(cause) or "timed out").lower()
+        reason = getattr(cause, "reason", None)
+        cause = cause.__cause__ or cause.__context__ or (reason if isinstance(reason, BaseException) else None)
+    return None
+
+
 def _direct(settings: Settings, name: str, args: dict[str, Any], asked: bool) -> Any:
     # The query service's own registry, so both paths check arguments and build rows alike.
     from lockgate.services.query import registry
@@ -64,6 +78,9 @@ def _direct(settings: Settings, name: str, args: dict[str, Any], asked: bool) ->
     try:
         store = open_store(url, settings.database)
     except StoreUnavailable as exc:
+        refused = _network_reason(exc)
+        if refused:  # the socket's own words, not urllib3's pool and retry text around them (probe p70 F8)
+            raise StoreUnavailable(f"{why}cannot reach ClickHouse at {shown_url(url)}: {refused}") from None
         raise StoreUnavailable(
             f"{why}ClickHouse at {url} could not be opened ({exc.message}); start one with `lockgate up`"
         ) from None

@@ -25,6 +25,7 @@ from lockgate.cli.audit import (
     record_undone,
 )
 from lockgate.cli.identity import chosen_identity
+from lockgate.cli.params import TIMEOUT
 from lockgate.cli.render import console, emit_json, err_console, say_with, shown, table
 from lockgate.cli.root import fail, handle_errors, json_option
 from lockgate.client import get_decision
@@ -329,7 +330,8 @@ def register(cli: click.Group) -> None:
         @click.argument("release")
         @click.option("--reason", required=True, help="Why (kept in the audit log).")
         @click.option("--actor", hidden=True, help="Removed: the reviewer is the signing identity (--as NAME).")
-        @click.option("--timeout", "timeout_s", default=30.0, show_default=True)
+        @click.option("--timeout", "timeout_s", type=TIMEOUT, default=30.0, show_default=True,
+                      help="Seconds to wait.")
         @json_option
         @click.pass_context
         @handle_errors
@@ -373,7 +375,7 @@ def register(cli: click.Group) -> None:
         approver)."""
         settings: Settings = ctx.obj["settings"]
         if bool(release) == bool(path):
-            raise LockgateError("give exactly one of RELEASE or --file")
+            raise click.UsageError("give exactly one of RELEASE or --file", ctx)
         d, ring, why = _verify(settings, release, path, keys)
         retired = ring.retired.get(d.key_id)
         doc: dict[str, Any] = {"id": d.id, "release": d.release, "decision": d.decision, "key_id": d.key_id,
@@ -416,9 +418,9 @@ def register(cli: click.Group) -> None:
             for tenant in tenants:
                 check_name(tenant, "tenant")
             if not roles:
-                raise LockgateError("--person needs at least one --role (approver, admin or operator)")
+                raise click.UsageError("--person needs at least one --role (approver, admin or operator)", ctx)
         elif roles or tenants:
-            raise LockgateError(f"{'--role' if roles else '--tenant'} applies to a person: add --person NAME")
+            raise click.UsageError(f"{'--role' if roles else '--tenant'} applies to a person: add --person NAME", ctx)
         public = load_public_key(key)
         # Whom the trust file names decides whose reviews count and whose decisions move traffic: an operator who
         # trusted a person as approver had that person's approval turn a NEEDS_REVIEW into a PASS (probe p3).
@@ -448,7 +450,7 @@ def register(cli: click.Group) -> None:
         refused from then on, its decisions and audit rows included. A key rotated out is `gate retire`d."""
         path = trust_file_path(ctx.obj["settings"])
         if bool(key_id) == bool(person):
-            raise LockgateError("give exactly one of KEY_ID or --person NAME")
+            raise click.UsageError("give exactly one of KEY_ID or --person NAME", ctx)
         if person:
             key_id = revoke_person(path, person)
             click.echo(f"revoked {person}'s key {key_id} in {path}")

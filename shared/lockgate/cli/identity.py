@@ -14,6 +14,7 @@ import time
 
 import click
 
+from lockgate.cli.params import FiniteFloat
 from lockgate.cli.render import console, emit_json
 from lockgate.cli.root import handle_errors, json_option
 from lockgate.errors import ConfigError
@@ -125,7 +126,7 @@ def register(cli: click.Group) -> None:
     @click.option("--action", type=click.Choice(["promote", "canary"]), required=True,
                   help="promote: POST .../DEPLOYMENT/promote; canary: PUT .../DEPLOYMENT with RELEASE as canary.")
     @click.option("--reason", required=True, help="Why admission is overridden (recorded and shown until cleared).")
-    @click.option("--weight", type=click.FloatRange(0, 100, min_open=True), default=None,
+    @click.option("--weight", type=FiniteFloat(0, 100, min_open=True), default=None,
                   help="With --action canary (required): the percent of traffic RELEASE takes, and the most it may "
                        "get without a gate decision allowing it.")
     @click.pass_context

@@ -36,6 +36,24 @@ def post_events(url: str, events: list[dict[str, Any]], timeout_s: float = 10.0)
             raise LineageSendFailed(f"cannot send OpenLineage events to {shown_url(url)}: {getattr(exc, 'reason', exc)}") from None
 
 
+def _endpoint_url(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """`--url` as an http(s) URL, checked before anything is read or printed: before, a URL urllib cannot open
+    (`notaurl`, `http://[::1`) failed with a traceback after every event was printed (probe p70 F1)."""
+    import urllib.parse
+
+    if not value:
+        return value
+    try:
+        parts = urllib.parse.urlsplit(value)
+        parts.port  # noqa: B018 - reading it checks the port
+    except ValueError as exc:
+        raise click.BadParameter(f"{shown_url(value)!r} is not a URL ({exc})") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise click.BadParameter(f"{shown_url(value)!r} is not an http:// or https:// URL with a host "
+                                 "(e.g. http://host:5000/api/v1/lineage)")
+    return value
+
+
 def _bound(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, int | float) else "?"
 
@@ -105,7 +123,7 @@ def register(cli: click.Group) -> None:
                   help="At most this many runs and decisions each.")
     @click.option("--namespace", default="", help="OpenLineage namespace (default lockgate://PREFIX).")
     @click.option("--facet-schemas", is_flag=True, help="Print the JSON Schemas of lockgate's facets instead.")
-    @click.option("--url", default="", help="Also POST each event to this OpenLineage HTTP endpoint (Marquez: "
+    @click.option("--url", default="", callback=_endpoint_url, help="Also POST each event to this OpenLineage HTTP endpoint (Marquez: "
                                             "http://host:5000/api/v1/lineage).")
     @click.pass_context
     @handle_errors

@@ -149,6 +149,12 @@ def decisions(ctx: click.Context, release: str | None, limit: int, as_json: bool
 @handle_errors
 def drift(ctx: click.Context, deployment: str | None, tenant: str | None, limit: int, as_json: bool) -> None:
     """Drift reports per deployment and feature, each of one tenant's events."""
+    from lockgate.contracts.names import check_name
+
+    # A name no event can carry is a mistake, refused as `rollout get` refuses it: before, an empty listing, exit 0.
+    for value, kind in ((deployment, "deployment"), (tenant, "tenant")):
+        if value is not None:
+            check_name(value, kind)
     reports = _query(ctx, "drift_reports", deployment=deployment, limit=limit, **({"tenant": tenant} if tenant else {}))
     if as_json:
         output(reports, True)
@@ -276,11 +282,20 @@ def dlq(ctx: click.Context, origin: str | None, limit: int, original: str | None
         raise NotFound(f"dead-letter original {original} is no longer stored (kept {days:g} days, or no letter "
                        "names it): its letter's payload holds the first 256 KiB")
     if out:
-        with open(out, "wb") as fh:
-            fh.write(data)
+        _write_out(out, data)
     else:
         click.get_binary_stream("stdout").write(data)
 
+
+
+def _write_out(out: str, data: bytes) -> None:
+    """Write `--out`: a missing directory or no permission is a usage error in one line, as `--out` naming a directory
+    is (click's check); before, a traceback (probe p70 F3)."""
+    try:
+        with open(out, "wb") as fh:
+            fh.write(data)
+    except OSError as exc:
+        raise click.BadParameter(f"cannot write {out}: {exc.strerror or exc}", param_hint="'--out'") from None
 
 
 @cli.command()
@@ -302,8 +317,7 @@ def schema(out: str | None) -> None:
 
     text = json.dumps(json_schema(), indent=2)
     if out:
-        with open(out, "w") as fh:
-            fh.write(text + "\n")
+        _write_out(out, (text + "\n").encode())
     else:
         click.echo(text)
 

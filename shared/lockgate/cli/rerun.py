@@ -19,6 +19,7 @@ from rich.text import Text
 
 from lockgate.bus import Bus
 from lockgate.cli.access import with_bus
+from lockgate.cli.params import TIMEOUT
 from lockgate.cli.render import console, emit_json, output
 from lockgate.cli.root import handle_errors, json_option
 from lockgate.errors import LockgateError, NotFound
@@ -101,7 +102,7 @@ def register(eval_group: click.Group) -> None:
     @click.option("--endpoint", default="", help="Call this base URL instead of the stored one (to test a changed "
                                                  "upstream).")
     @click.option("--model", default="", help="Send this model name instead of the stored one.")
-    @click.option("--timeout", "timeout_s", default=600.0, show_default=True, help="Seconds to wait.")
+    @click.option("--timeout", "timeout_s", type=TIMEOUT, default=600.0, show_default=True, help="Seconds to wait.")
     @click.option("--timing", is_flag=True, help="Also require latency metrics to agree (they depend on load).")
     @json_option
     @click.pass_context

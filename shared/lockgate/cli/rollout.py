@@ -29,6 +29,7 @@ from rich.text import Text
 
 from lockgate import documents
 from lockgate.cli import access, running
+from lockgate.cli.params import PERCENT, TIME, WEEK_S, FiniteFloat
 from lockgate.cli.render import console, emit_json, err_console, output, shown, table
 from lockgate.cli.root import handle_errors, json_option
 from lockgate.contracts.names import check_name
@@ -416,7 +417,7 @@ def watch_line(v: dict[str, Any]) -> str:
 
 def rollout_options(f: Any) -> Any:
     """`--canary` and `--started-at`: the rollout an action is aimed at."""
-    f = click.option("--started-at", "started_at", type=float, default=None, metavar="T",
+    f = click.option("--started-at", "started_at", type=TIME, default=None, metavar="T",
                      help="Act only on the rollout attempt that started then (its `started_at`, as `rollout get` "
                           "showed it).")(f)
     return click.option("--canary", "canary", default=None, metavar="RELEASE",
@@ -585,13 +586,13 @@ def register(cli: click.Group) -> None:
                   help="The stable release: alone, the deployment's first release (it serves 100% at once).")
     @click.option("--canary", "canary", default=None, metavar="RELEASE",
                   help="A new release to roll out as a canary from --stable (it waits at 0% for a decision).")
-    @click.option("--initial-weight", type=click.FloatRange(0, 100), default=None,
+    @click.option("--initial-weight", type=PERCENT, default=None,
                   help="The canary's first weight (percent) once a decision allows it; default the first step.")
     @click.option("--strategy", "kind", type=click.Choice(["canary", "blue_green", "shadow"]), default=None,
                   help="The rollout's kind, over the applied deployment document's `rollout.strategy`.")
     @click.option("--steps", callback=_weights, default=None, metavar="W,W,...",
                   help="A canary's weights in percent (10,50,100), over the applied document's `rollout.steps`.")
-    @click.option("--interval-s", "interval_s", type=click.FloatRange(min=0, min_open=True), default=None,
+    @click.option("--interval-s", "interval_s", type=FiniteFloat(min=0, min_open=True), default=None,
                   metavar="SECONDS", help="Seconds between steps, over the applied document's `rollout.interval_s`.")
     @json_option
     @click.pass_context
@@ -686,7 +687,7 @@ def register(cli: click.Group) -> None:
                        "(default: all three as the route shows them now, read first).")
     @click.option("--canary", "canary", default=None, metavar="RELEASE",
                   help="The canary release whose pause you approve, as `rollout get` showed it.")
-    @click.option("--started-at", "started_at", type=float, default=None, metavar="T",
+    @click.option("--started-at", "started_at", type=TIME, default=None, metavar="T",
                   help="The rollout attempt whose pause you approve: its `started_at`, as `rollout get` showed it.")
     @json_option
     @click.pass_context
@@ -720,7 +721,7 @@ def register(cli: click.Group) -> None:
 
     @rollout.command("watch")
     @click.argument("deployment")
-    @click.option("--timeout", "timeout_s", type=click.FloatRange(min=0.1), default=600.0, show_default=True,
+    @click.option("--timeout", "timeout_s", type=FiniteFloat(min=0.1, max=WEEK_S), default=600.0, show_default=True,
                   help="Give up after this many seconds (exit code 5).")
     @click.option("--release", "release", default=None, metavar="RELEASE",
                   help="The release whose rollout to follow (a pipeline's own): exit 6 if the deployment rolls out "
@@ -819,7 +820,7 @@ def register(cli: click.Group) -> None:
 
     @rollout.command("set-weight")
     @click.argument("deployment")
-    @click.argument("weight", type=click.FloatRange(0, 100))
+    @click.argument("weight", type=PERCENT)
     @rollout_options
     @json_option
     @click.pass_context
@@ -838,7 +839,7 @@ def register(cli: click.Group) -> None:
 
     @rollout.command("patch")
     @click.argument("deployment")
-    @click.option("--weight", type=click.FloatRange(0, 100), default=None, help="The canary's weight (percent).")
+    @click.option("--weight", type=PERCENT, default=None, help="The canary's weight (percent).")
     @click.option("--canary-release", default=None, metavar="RELEASE",
                   help="A new canary release at the same step (it needs a verified decision allowing it).")
     @click.option("-f", "--filename", "file", type=click.Path(exists=True, dir_okay=False, allow_dash=True), default=None,

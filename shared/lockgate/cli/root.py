@@ -58,6 +58,7 @@ def fail(message: str, code: int, *, as_json: bool = False) -> NoReturn:
 
 
 _JSON = "lockgate.json"  # ctx.meta: the command line asked for --json
+_ARGS = "lockgate.args"  # ctx.meta: the arguments after the root's own options
 
 
 class _Root(click.Group):
@@ -72,13 +73,31 @@ class _Root(click.Group):
         except click.UsageError as exc:
             _usage_failed(exc, "--json" in args)
         ctx.meta[_JSON] = "--json" in args
+        ctx.meta[_ARGS] = [*ctx._protected_args, *ctx.args]  # invoke consumes them before a subcommand parses
         return ctx
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)  # a subcommand's usage error is raised in here, as its arguments are parsed
         except click.UsageError as exc:
+            if exc.ctx is None:  # click's parser names no command for some errors (an option given too few values)
+                exc.ctx = _innermost(ctx)
             _usage_failed(exc, ctx.meta.get(_JSON, False))
+
+
+def _innermost(ctx: click.Context) -> click.Context:
+    """The context of the (sub)command the command line names, without parsing its arguments: its usage error is
+    then said with `lockgate CMD --help`, as every other, not `lockgate --help` (probe p70 F9)."""
+    args = list(ctx.meta.get(_ARGS, []))
+    while isinstance(ctx.command, click.Group) and args:
+        try:
+            name, cmd, args = ctx.command.resolve_command(ctx, args)
+        except click.UsageError:
+            break
+        if cmd is None or name is None:
+            break
+        ctx = click.Context(cmd, info_name=name, parent=ctx)
+    return ctx
 
 
 def _usage_failed(exc: click.UsageError, as_json: bool) -> NoReturn:
@@ -123,6 +142,12 @@ def cli(ctx: click.Context, nats_url: str | None, clickhouse_url: str | None, pr
             signal.signal(sig, _interrupted)
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not verbose:
+        # Their warnings repeat, timestamped, the error the command then says in its one line (an unreachable
+        # ClickHouse: urllib3's retries, clickhouse-connect's "Unexpected Http Driver Exception"); -v shows them.
+        # urllib3's pool logger by name: clickhouse-connect sets the `urllib3` logger's own level when imported.
+        for noisy in ("urllib3.connectionpool", "clickhouse_connect"):
+            logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
         settings = from_env().replace(nats_url=nats_url, clickhouse_url=clickhouse_url, prefix=prefix,
                                       database=database, home=home)

@@ -8,8 +8,10 @@ from typing import Any
 import click
 
 from lockgate.cli import access
+from lockgate.cli.params import FiniteFloat
 from lockgate.cli.render import output
 from lockgate.cli.root import handle_errors, json_option
+from lockgate.contracts.names import ID_RULE, check_name
 
 
 def register(cli: click.Group) -> None:
@@ -17,7 +19,7 @@ def register(cli: click.Group) -> None:
 
     @cli.command("scores")
     @click.argument("deployment")
-    @click.option("--since", "since_min", type=click.FloatRange(min=0, min_open=True), default=60.0,
+    @click.option("--since", "since_min", type=FiniteFloat(min=0, min_open=True, max=10 * 366 * 24 * 60), default=60.0,
                   show_default=True, help="Minutes back.")
     @click.option("--scorer", help="Only this scorer (e.g. pii_free, llm_judge).")
     @click.option("--event", "event_id", help="One answer's scores (its inference event id).")
@@ -31,6 +33,13 @@ def register(cli: click.Group) -> None:
                    tenant: str | None, everyone: bool, as_json: bool) -> None:
         """Scores per tenant, release, variant and scorer (answers scored, scorer errors, mean), or one answer's: by
         default of the answers a router served for the deployment's own tenant."""
+        # A name or an event id no event can carry is a mistake, refused as `rollout get` refuses a bad name:
+        # before, an empty listing and exit 0 (probe p70 F10).
+        check_name(deployment, "deployment")
+        if tenant is not None:
+            check_name(tenant, "tenant")
+        if event_id is not None and not (0 < len(event_id) <= 128 and event_id.isprintable() and " " not in event_id):
+            raise click.BadParameter(f"{event_id!r} is not an event id: {ID_RULE}", param_hint="'--event'")
         since = None if event_id else datetime.now(UTC) - timedelta(minutes=since_min)
         args: dict[str, Any] = {"deployment": deployment, "since": since, "scorer": scorer, "event_id": event_id,
                                 "tenant": tenant, "everyone": everyone}

@@ -14,6 +14,7 @@ from rich.text import Text
 
 from lockgate.bus import Bus
 from lockgate.cli.access import with_bus
+from lockgate.cli.params import TIMEOUT
 from lockgate.cli.render import console, emit_json, output, shown
 from lockgate.cli.root import handle_errors, json_option
 from lockgate.contracts.artifacts import ARTIFACT_KINDS
@@ -116,7 +117,7 @@ def register(cli: click.Group) -> None:
                   help="Have the gate judge a candidate with a PASS anew under another policy or suite than that "
                        "PASS was decided under (a BLOCK then rolls back a deployment serving it).")
     @click.option("--concurrency", default=8, show_default=True)
-    @click.option("--timeout", "timeout_s", default=600.0, show_default=True, help="Seconds to wait.")
+    @click.option("--timeout", "timeout_s", type=TIMEOUT, default=600.0, show_default=True, help="Seconds to wait.")
     @click.option("--no-cache", is_flag=True, help="Call the endpoint and the judge afresh, bypassing the eval "
                                                    "cache (e.g. to rule out cached judge replies).")
     @json_option
