@@ -24,6 +24,7 @@ from lockgate.services.router.domain import (
     OverrideExceeded,
     OverrideReplayed,
     ReleaseNotInScope,
+    decode_json,
     shown,
 )
 from lockgate.services.router.progress import NotAtStep, RolloutChanged
@@ -132,7 +133,7 @@ class Actions:
         try:
             deployment = check_name(request.match_info["deployment"], "deployment")
             raw = await read_body(request)
-            body = _decoder.decode(raw) if raw.strip() else ActionRequest()
+            body = decode_json(_decoder, raw) if raw.strip() else ActionRequest()
             if action == "set-weight" and body.weight is None:
                 raise InvalidRequest('set-weight needs {"weight": PERCENT}')
             if action == "approve" and (body.step is None or not body.canary or body.started_at is None):

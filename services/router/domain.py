@@ -10,7 +10,7 @@ import hmac
 import random
 from collections.abc import Mapping
 from types import MappingProxyType
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 
@@ -19,6 +19,8 @@ from lockgate.contracts import GateDecided, RolloutState
 from lockgate.contracts.names import Name, OptName, check_names
 from lockgate.errors import LockgateError
 from lockgate.services.router.strategy import AnalysisStatus, HeaderRoute, Strategy
+
+T = TypeVar("T")
 
 Phase = Literal["idle", "progressing", "promoted", "aborted"]
 Variant = Literal["stable", "canary"]
@@ -242,12 +244,22 @@ _canary_decoder = msgspec.json.Decoder(CanaryRequest)
 _manual_decoder = msgspec.json.Decoder(ManualRequest)
 
 
+def decode_json(decoder: msgspec.json.Decoder[T], body: bytes) -> T:
+    """`body` decoded by `decoder`; a body that is no JSON at all raises its DecodeError (`Input data was truncated`),
+    not the field error msgspec meets first: `{"x":` was refused for its unknown field `x` (probe p70 H2)."""
+    try:
+        return decoder.decode(body)
+    except msgspec.ValidationError:
+        msgspec.json.decode(body)  # raises when the syntax is what is wrong
+        raise
+
+
 def decode_manual(body: bytes) -> ManualRequest:
     """A promote/abort/undo body (empty means no override), or InvalidRequest."""
     if not body.strip():
         return ManualRequest()
     try:
-        return _manual_decoder.decode(body)
+        return decode_json(_manual_decoder, body)
     except UNDECODABLE as exc:  # a string that is not UTF-8 too (was a 500)
         raise InvalidRequest(f"invalid request: {undecodable(exc)}") from None
 
@@ -323,7 +335,7 @@ def require_allowed(release: str, decision: GateDecided | None, what: str, also:
 def decode_canary(body: bytes) -> CanaryRequest:
     """A canary request from its JSON body, or InvalidRequest naming the path of what is wrong."""
     try:
-        return _canary_decoder.decode(body)
+        return decode_json(_canary_decoder, body)
     except UNDECODABLE as exc:  # ValidationError included, and a string that is not UTF-8 (was a 500)
         raise InvalidRequest(f"invalid canary request: {undecodable(exc)}") from None
 
