@@ -404,22 +404,6 @@ async def test_a_body_that_is_not_the_gzip_it_claims_is_a_400_saying_so(
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []  # a client's mistake, no traceback
 
 
-@pytest.mark.parametrize(("method", "path"), [
-    ("POST", "/v1/chat/completions"), ("POST", "/lockgate/v1/deployments/chat/pause")])
-async def test_a_body_in_an_encoding_the_router_cannot_decode_is_a_415_in_openais_error_shape(
-        router: Any, http: aiohttp.ClientSession, method: str, path: str, caplog: pytest.LogCaptureFixture) -> None:
-    # Before (probe p70 H1): aiohttp's own HTTP/1.0 400 in plain text, "Please install `Brotli`".
-    headers = {"Content-Type": "application/json", "Content-Encoding": "br"}
-    async with http.request(method, router.url + path, data=b"\x0b\x02\x80{}\x03", headers=headers) as resp:
-        assert (resp.status, resp.content_type) == (415, "application/json")
-        assert resp.headers["Accept-Encoding"].startswith("gzip, deflate")
-        error = (await resp.json())["error"]
-    assert (error["type"], error["code"]) == ("invalid_request_error", "unsupported_content_encoding")
-    assert error["message"].startswith("Content-Encoding br is not supported: send the body uncompressed or as gzip, "
-                                       "deflate"), error
-    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []  # a client's mistake
-
-
 async def test_a_body_over_the_size_limit_is_a_413_in_openais_error_shape(
         router: Any, http: aiohttp.ClientSession) -> None:
     body = b'{"model": "m", "messages": [{"role": "user", "content": "' + b"a" * (33 * 2**20) + b'"}]}'

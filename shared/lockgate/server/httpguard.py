@@ -30,9 +30,7 @@ import weakref
 from typing import Any
 
 import msgspec
-from aiohttp import compression_utils, web
-from aiohttp.http_exceptions import ContentEncodingError
-from aiohttp.web_protocol import RequestHandler
+from aiohttp import web
 
 from lockgate.config import Settings
 from lockgate.server.httplog import SERVER_LOG
@@ -139,43 +137,10 @@ class GuardedSite(web.SockSite):
         _SERVERS.add(server)
 
         def protocol() -> asyncio.BaseProtocol:
-            if open_connections() >= self.cap:
-                return _Refused(self.cap, self.refused)
-            handler = server()
-            # aiohttp's handler as aiohttp made it (its arguments, its fallbacks), answering one more error in JSON;
-            # the subclass adds no slots, so the instance's layout is the same.
-            handler.__class__ = _EncodingRefusals
-            return handler
+            return _Refused(self.cap, self.refused) if open_connections() >= self.cap else server()
 
         self._server = await asyncio.get_running_loop().create_server(
             protocol, sock=self._sock, ssl=self._ssl_context, backlog=self._backlog)
-
-
-_DECODED = ("gzip", "deflate", *(("br",) if compression_utils.HAS_BROTLI else ()),
-            *(("zstd",) if compression_utils.HAS_ZSTD else ()))
-
-
-class _EncodingRefusals(RequestHandler):
-    """aiohttp's request handler, answering a body in a Content-Encoding it cannot decode (br without Brotli) with a
-    415 in the API's JSON error shape naming the encodings it takes. aiohttp refuses such a request as its head is
-    parsed, before any application code runs, with a plain-text 400 "Please install `Brotli`" (probe p70 H1)."""
-
-    __slots__ = ()
-
-    def handle_error(self, request: Any, status: int = 500, exc: BaseException | None = None,
-                     message: str | None = None) -> web.StreamResponse:
-        answer = super().handle_error(request, status, exc, message)  # logs it (httplog) as aiohttp does
-        if not isinstance(exc, ContentEncodingError):
-            return answer
-        # The error's head is aiohttp's, not the client's: the encoding is the one it names in parentheses.
-        named = exc.message.partition("(")[2].partition(")")[0] if "(" in exc.message else ""
-        body = {"error": {"message": f"Content-Encoding {named or 'of the request'} is not supported: send the body "
-                                     f"uncompressed or as {', '.join(_DECODED)}",
-                          "type": "invalid_request_error", "param": None, "code": "unsupported_content_encoding"}}
-        refused = web.Response(status=415, body=msgspec.json.encode(body), content_type="application/json",
-                               headers={"Accept-Encoding": ", ".join(_DECODED)})
-        refused.force_close()
-        return refused
 
 
 class Listener(socket.socket):
