@@ -1,8 +1,9 @@
 """Pure drift monitoring: per-deployment windows of feature rows (features.py) in numpy arrays, no I/O.
 
 Two comparisons, each a DriftReport:
-- now_vs_reference: the first `reference_size` rows (after a promotion) are the reference; every
-  `window_size` rows after it, the latest `window_size` rows are compared with it;
+- now_vs_reference: the first `reference_size` rows (after a promotion: the promoted release's, observed after
+  it, see `DriftMonitor.restart`) are the reference; every `window_size` rows after it, the latest `window_size` rows are
+  compared with it;
 - canary_vs_stable: during a rollout, every `window_size` canary rows, the canary's latest window is
   compared with the stable variant's window of the same deployment (once that holds as many), both of rows of
   the same time: the busier arm keeps one row per row of the other (windows.Pair.admit), and windows whose
@@ -162,6 +163,9 @@ class DriftMonitor:
         # held, and its reports named them by code (probe p13). Only an app holding window sets keeps a table, so a
         # tenant holds at most 1 + max_windows of them.
         self.labels: dict[tuple[str, str], OrderedDict[float, str]] = {}
+        # Per deployment, the release its now-versus-reference windows are of and from when (Unix seconds) its served
+        # events count: its promotion's (see `restart`).
+        self.serving: dict[str, tuple[str, float]] = {}
         self.text_stride = max(1, self.window_size // TEXT_ROWS)
         self._rows_seen = 0  # rows offered for embedding, to pick every text_stride-th
 
@@ -180,6 +184,28 @@ class DriftMonitor:
             tenant, _, served, app = windows_of(key)
             if not served and (tenant, app) not in held:
                 self.labels.pop((tenant, app), None)
+
+    def restart(self, deployment: str, release: str, since: float) -> None:
+        """A promotion (or a rollback): forget the deployment's windows; from now on its served events observed
+        before `since` are no one's, and its now-versus-reference windows take only `release`'s. The old release's
+        answers (in flight at the promotion, or a batch this monitor reads after the promotion's message, which it
+        reads on another consumer) filled the promoted release's new reference otherwise, and a steady release
+        drifted against its predecessor and was rolled back (probe p69 F2)."""
+        self.reset(deployment)
+        self.serving[deployment] = (release, since)
+
+    def _since(self, e: InferenceEvent | InferenceScored) -> bool:
+        """A served event observed since its deployment's promotion (a score's time is its answer's)."""
+        return e.time.timestamp() >= self.serving.get(deployment_of(e), ("", 0.0))[1]
+
+    def _serving(self, group: Sequence[InferenceEvent | InferenceScored], deployment: str) -> np.ndarray | None:
+        """Which of a deployment's served events are of its promoted release (None: all): a new canary's fill its
+        own window, not the deployment's. An event naming no release is kept (events of routers before they did)."""
+        release = self.serving.get(deployment, ("", 0.0))[0]
+        if not release:
+            return None
+        keep = np.array([not e.release or e.release == release for e in group], dtype=bool)
+        return None if keep.all() else keep
 
     def end_rollout(self, deployment: str) -> set[str]:
         """A rollout ended (promoted or aborted): no canary window until the next canary's traffic, in any
@@ -224,13 +250,19 @@ class DriftMonitor:
         stable's window, and their now-versus-reference windows are their own app's)."""
         groups: dict[tuple[str, str, str], list[InferenceEvent | InferenceScored]] = {}
         for e in events:
-            groups.setdefault((e.tenant, deployment_of(e), "" if served else e.app), []).append(e)
+            if not served or self._since(e):
+                groups.setdefault((e.tenant, deployment_of(e), "" if served else e.app), []).append(e)
         reports: list[DriftReport] = []
         for (tenant, deployment, app), group in groups.items():
             batch = rows(group, self.labels_of(tenant, app))
             vectors = self.vectors(batch)
-            reports += self.observe(deployment, batch.values, batch.times, app=group[-1].app, tenant=tenant,
-                                    vectors=vectors, served=served)
+            keep = self._serving(group, deployment) if served else None
+            if keep is None:
+                reports += self.observe(deployment, batch.values, batch.times, app=group[-1].app, tenant=tenant,
+                                        vectors=vectors, served=served)
+            elif keep.any():
+                reports += self.observe(deployment, batch.values[keep], batch.times[keep], app=group[-1].app,
+                                        tenant=tenant, vectors=None if vectors is None else vectors[keep], served=True)
             if served:
                 reports += self.observe_variants(deployment, group, batch, vectors, tenant=tenant)
         return reports
@@ -356,11 +388,15 @@ class DriftMonitor:
 
     def report(self, deployment: str, w: Windows, *, served: bool = True) -> DriftReport:
         """Compare the current window with the reference, feature by feature."""
-        ref_values = w.ref.values[:w.ref.n]
+        ref_values, ref_times = w.ref.values[:w.ref.n], w.ref.times[:w.ref.n]
         cur_values, cur_times, cur_text = w.cur.ordered()
         features = self.compare(ref_values, cur_values, w.text_ref.ordered()[2], cur_text, tenant=w.tenant,
                                 app="" if served else w.app)
-        return self._report(deployment, w.app, w.tenant, ref_values, cur_values, cur_times, features, served=served)
+        # The reference's span too: the router and the gate act after a promotion only on a report whose
+        # reference (and window) are all of the promoted release's traffic.
+        return self._report(deployment, w.app, w.tenant, ref_values, cur_values, cur_times, features, served=served,
+                            reference_window_start=_time(ref_times.min()),
+                            reference_window_end=_time(ref_times.max()))
 
     def _report(self, deployment: str, app: str, tenant: str, ref: np.ndarray, cur: np.ndarray, times: np.ndarray,
                 features: list[FeatureDrift], **kw: str | bool | datetime) -> DriftReport:

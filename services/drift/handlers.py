@@ -19,6 +19,8 @@ from lockgate.subjects import token
 _SEEN_MAX = 4096
 _snapshots = msgspec.json.Decoder(snapshots.Snapshot)
 _texts = msgspec.json.Decoder(snapshots.TextRing)
+_promotions = msgspec.json.Decoder(snapshots.Promotion)
+PROMOTION = ".promotion"  # the KV key of a deployment's Promotion: its windows' key and this
 SNAPSHOT_S = 2.0  # windows are saved at most this often (and on a clean stop): a crash loses at most this much
 log = logging.getLogger("lockgate.drift")
 
@@ -34,6 +36,7 @@ class DriftHandlers:
         self.events = Progress()
         self.reports = Progress()
         self.resets = Progress()
+        self.rollouts = Progress()  # route changes read (each may restart windows: `resets` counts those that did)
         self.evictions = Progress()  # window sets the per-tenant cap evicted (or dropped at a start)
         # Reports computed but not yet published (a failed emit is retried on redelivery),
         # and recently observed message tokens, so a redelivered message is not counted twice.
@@ -53,6 +56,8 @@ class DriftHandlers:
         self._capped: set[str] = set()
         self._saving = asyncio.Lock()
         self._restoring = asyncio.Lock()
+        # Per deployment, the promotion (or rollback) its windows were last restarted for (kept in KV beside them).
+        self.promotions: dict[str, snapshots.Promotion] = {}
 
     async def _restore(self) -> None:
         """Load saved windows before the first event, so a restart keeps its reference, its current and rollout
@@ -71,6 +76,8 @@ class DriftHandlers:
         entries = await self.ctx.bus.kv_entries(self.ctx.bus.subjects.kv_drift)
         snaps: dict[str, tuple[str, snapshots.Snapshot]] = {}  # windows -> its KV key, its snapshot
         for key in entries:
+            if key.endswith(PROMOTION):
+                self._restore_promotion(key, entries[key])
             if "." in key:  # text rings are read with their deployment
                 continue
             try:
@@ -99,6 +106,15 @@ class DriftHandlers:
             self._evicted |= set(drop)
             await self.evictions.bump(len(drop))
         self._restored = True
+
+    def _restore_promotion(self, key: str, value: bytes) -> None:
+        try:
+            p = _promotions.decode(value)
+        except msgspec.DecodeError as exc:  # the next promotion's message restarts the windows (once more)
+            log.warning("ignoring unreadable drift promotion %s: %s", key, exc)
+            return
+        self.promotions[p.deployment] = p
+        self.monitor.serving[p.deployment] = (p.release, p.since)
 
     def _restore_one(self, entries: dict[str, bytes], key: str, snap: snapshots.Snapshot) -> None:
         m = self.monitor
@@ -236,18 +252,37 @@ class DriftHandlers:
             await self.evictions.bump(len(evicted))
 
     async def on_rollout(self, state: RolloutState, delivery: Delivery) -> None:
-        """A promotion makes the new traffic the reference; an abort ends the canary's window."""
-        if state.phase not in ("aborted", "promoted"):
-            return
+        """A promotion makes the promoted release's traffic the reference, and a rollback the restored release's
+        (once a promotion restarted the windows); an abort ends the canary's window.
+
+        Only once per promotion: the router announces the promoted route again on any change while the release is
+        under post-promotion analysis (a BLOCK of an old known-good release, the analysis's progress deadline), and
+        each of those restarted the windows, whose reference then refilled from the release's degraded traffic: its
+        drift was never reported (probe p69). So the windows restart when the stable release or its promotion
+        differs from the one they last restarted for (`promotions`, kept in KV, so a restart agrees)."""
         await self._restore()  # before changing windows that a restore would otherwise put back
+        await self._restart(state)
+        await self.rollouts.bump()
+
+    async def _restart(self, state: RolloutState) -> None:
+        last = self.promotions.get(state.deployment)
         if state.phase == "aborted":
             self._dirty |= self.monitor.end_rollout(state.deployment)
-            return
+        if state.phase == "promoted":
+            if last is not None and (last.release, last.promoted_at) == (state.stable_release, state.promoted_at):
+                return  # the same promotion announced again
+        elif last is None or last.release == state.stable_release:
+            return  # a canary's change or abort: stable's traffic, and its reference, stand
+        # Else another release serves since the last restart (a rollback, an operator's new stable release): its
+        # windows only take that release's events (DriftMonitor.restart), so they restart with it.
+        since = state.promoted_at or state.time.timestamp()
+        promotion = snapshots.Promotion(deployment=state.deployment, release=state.stable_release,
+                                        promoted_at=state.promoted_at, since=since)
         async with self._saving:  # a save in flight must not put the old windows back after the delete
             # Every tenant's windows of the deployment, and the default tenant's served key whatever this replica holds.
             keys = self.monitor.keys_of(state.deployment) | {domain.window_key(domain.DEFAULT_TENANT, state.deployment,
                                                                                True)}
-            self.monitor.reset(state.deployment)
+            self.monitor.restart(state.deployment, state.stable_release, since)
             kv = await self.ctx.bus.kv(self.ctx.bus.subjects.kv_drift)
             for windows in sorted(keys):
                 self._dirty.discard(windows)
@@ -255,6 +290,8 @@ class DriftHandlers:
                 key = token(windows)
                 for k in (key, *(f"{key}.text.{part}" for part in snapshots.TEXT_PARTS)):
                     await kv.delete(k)
+            await kv.put(token(state.deployment) + PROMOTION, msgspec.json.encode(promotion))
+            self.promotions[state.deployment] = promotion
         await self.resets.bump()
 
     async def _emit(self, report: DriftReport) -> None:

@@ -63,6 +63,21 @@ class Snapshot(msgspec.Struct, frozen=True, kw_only=True):
     # value stands for NaN (JSON has none); None: saved before these, when -1 did (restored as it was read then).
     reference_nan: list[int] | None = None
     current_nan: list[int] | None = None
+    # When each reference row was observed (Unix seconds; None: saved before they were kept, restored as 0): a
+    # now-versus-reference report names its reference's span, which the router and the gate check is all of the
+    # promoted release's traffic.
+    reference_times: list[float] | None = None
+
+
+class Promotion(msgspec.Struct, frozen=True, kw_only=True):
+    """The route a deployment's windows were last restarted for (stored beside its windows, as `<key>.promotion`):
+    its stable release, when the router promoted it (0: not known), and from when (Unix seconds) its served events
+    fill the windows. Only a route change naming another stable release or promotion restarts them again."""
+
+    deployment: str
+    release: str
+    promoted_at: float = 0.0
+    since: float = 0.0
 
 
 class TextRing(msgspec.Struct, frozen=True, kw_only=True):
@@ -125,7 +140,8 @@ def snapshot(deployment: str, w: Windows, pair: Pair | None = None, labels: Mapp
     (reference, reference_nan), (current, current_nan) = _finite(w.ref.values[:w.ref.n]), _finite(cur_values)
     return Snapshot(deployment=deployment, app=w.app, tenant=w.tenant, reference=reference, current=current,
                     current_times=cur_times.tolist(), since_report=w.since_report, pair=state, labels=names,
-                    saved=saved, reference_nan=reference_nan, current_nan=current_nan)
+                    saved=saved, reference_nan=reference_nan, current_nan=current_nan,
+                    reference_times=w.ref.times[:w.ref.n].tolist())
 
 
 def restore(s: Snapshot, reference_size: int, window_size: int, dim: int = 0) -> Windows:
@@ -134,7 +150,10 @@ def restore(s: Snapshot, reference_size: int, window_size: int, dim: int = 0) ->
     if any(len(row) != len(FEATURES) for row in (*s.reference[:1], *s.current[:1])):
         return w  # stored before the features changed: a fresh reference, never misaligned columns
     ref = _from_json(s.reference, s.reference_nan)[:reference_size]
-    w.ref.fill(ref, np.zeros(len(ref)), None)
+    times = np.zeros(len(ref)) if s.reference_times is None else np.asarray(s.reference_times, dtype=np.float64)
+    if len(times) < len(ref):
+        raise ValueError(f"{len(ref)} reference rows but {len(times)} times")
+    w.ref.fill(ref, times[:len(ref)], None)
     cur = _from_json(s.current, s.current_nan)
     w.cur.push(cur, np.asarray(s.current_times, dtype=np.float64), None)
     w.since_report = min(s.since_report, window_size - 1)

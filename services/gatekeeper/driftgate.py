@@ -92,18 +92,19 @@ def canary_release(route: _Route | None, report: DriftReport) -> str:
     A canary_vs_stable report: the canary it names (its window is that release's own traffic, whatever the
     route's phase since: a canary the router already aborted still earns its BLOCK), or, naming none, the live
     canary (or preview). A now_vs_reference report: only a release under post-promotion analysis, the one arm
-    left, whose traffic its window is. Never a canary that has a stable arm: the deployment's window is then
-    mostly stable's traffic and moves with what clients ask (a probe had a healthy canary BLOCKed, for good,
-    by asking other questions), and the same-time canary-versus-stable comparison is what judges it."""
+    left, whose traffic its window and reference are (both begun after its promotion). Never a canary that has a
+    stable arm: the deployment's window is then mostly stable's traffic and moves with what clients ask (a probe had
+    a healthy canary BLOCKed, for good, by asking other questions), and the same-time canary-versus-stable comparison is what judges it."""
     if report.comparison == "canary_vs_stable" and report.release:
         return report.release
     if route is None or route.canary is None:
         return ""
     if report.comparison == "canary_vs_stable":
         live, since = route.phase == "progressing", route.started_at
-    else:
-        live, since = route.phase == "promoted" and route.verifying, route.promoted_at
-    return route.canary.release if live and report.window_end.timestamp() >= since else ""
+        return route.canary.release if live and report.window_end.timestamp() >= since else ""
+    # After a promotion, only a report whose reference and window are both the promoted release's traffic (p69).
+    live = route.phase == "promoted" and route.verifying
+    return route.canary.release if live and report.observed_since(route.promoted_at) else ""
 
 
 class DriftGate:

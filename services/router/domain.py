@@ -955,4 +955,5 @@ def to_state(route: Route, before: Route | None = None) -> RolloutState:
         decision_id=route.decision_id,
         started_at=started_at,
         began=began,
+        promoted_at=route.promoted_at if route.phase == "promoted" else 0.0,
     )

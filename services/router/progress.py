@@ -520,8 +520,10 @@ def on_drift(route: Route, report: DriftReport,
     same time, so what moves the whole deployment (a client's long prompts, load that slows every answer) moves
     both and cancels out. A now-versus-reference report compares the deployment with its past: during a canary
     it is read, never acted on. After a blue-green promotion there is no stable arm left, and the monitor's
-    reference restarted with the promoted release, so its now-versus-reference reports are of that release
-    alone: they roll it back, on answer-side features only like every report.
+    reference restarted with the promoted release, so its now-versus-reference reports whose reference and window
+    both began after the promotion are of that release alone: they roll it back, on answer-side features only like
+    every report. (Before, probe p69 F2, any report whose window ended after the promotion did: one built on the
+    old release's windows, or on a reference its late events filled, rolled a steady release back in seconds.)
     Only drift that can harm counts (`driftharm.harmful`): latency (or cost) that fell is an improvement, and a
     request-side feature (input tokens, prompt text) is what clients send, so neither ever aborts on its own.
     An analysis with a `drift` metric judges drift itself (its features, its limit, its dry run), so
@@ -533,6 +535,8 @@ def on_drift(route: Route, report: DriftReport,
             or report.window_end.timestamp() < since):
         return None
     verifying = route.phase == "promoted"  # and under post-promotion analysis (`drift_moves`)
+    if verifying and not report.observed_since(since):
+        return None  # its reference or window holds the previous release's traffic (probe p69 F2)
     if not verifying and (report.comparison != "canary_vs_stable" or report.release != route.canary.release):
         return None
     harmful = driftharm.harmful(report)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -256,3 +257,79 @@ async def test_each_tenants_windows_survive_a_restart_and_windows_saved_mixed_re
         assert (report.tenant, report.reference_n, report.drifted) == ("acme", 50, True)
         out = next(f for f in report.features if f.feature == "output_tokens")
         assert out.reference_mean < 150 < out.current_mean
+
+
+def _served(n: int, output: float, seed: int, release: str, at: float) -> list[InferenceEvent]:
+    """Answers a router served of `release`, observed at `at` (unix seconds)."""
+    when = datetime.fromtimestamp(at, UTC)
+    return [msgspec.structs.replace(e, variant="stable", release=release, time=when)
+            for e in _events(n, output=output, seed=seed)]
+
+
+def _promoted(release: str, promoted_at: float, reason: str = "") -> RolloutState:
+    return RolloutState(deployment="checkout", stable_release=release, canary_release=release, phase="promoted",
+                        promoted_at=promoted_at, reason=reason)
+
+
+async def test_a_promotion_announced_again_keeps_the_promoted_releases_reference(
+        context: ServiceContext, bus: Bus, settings: Settings) -> None:
+    # Probe p69 F1: while a blue-green release is under post-promotion analysis the router announces its promoted
+    # route again on other changes: a BLOCK of an old known-good release not serving, the analysis's progress
+    # deadline passing. Each restarted the windows, whose reference refilled from the now degraded traffic: the
+    # release was never rolled back for drift. Only the promotion itself restarts them.
+    sub = await bus.nc.subscribe(bus.subjects.drift("checkout"))
+    first = ServiceSet(context, ["drift"])
+    await first.start()
+    handlers = first["drift"].handlers
+    subject, now = bus.subjects.served("shop"), time.time()
+    await bus.publish(bus.subjects.rollout("checkout"), _promoted("rel-2", now - 60))
+    await handlers.rollouts.wait_for(1)
+    assert handlers.resets.count == 1
+    await bus.publish(subject, _served(50, 100, 1, "rel-2", now - 50))  # the promoted release's reference
+    await bus.publish(subject, _served(20, 400, 2, "rel-2", now - 40))  # then it degrades
+    await handlers.events.wait_for(70)
+    for reason in ("gate BLOCK of known-good rel-1", "score:pii_free: past the progress deadline (7 s)"):
+        await bus.publish(bus.subjects.rollout("checkout"), _promoted("rel-2", now - 60, reason))
+    await handlers.rollouts.wait_for(3)
+    await bus.publish(subject, _served(30, 400, 3, "rel-2", now - 30))
+    report = report_codec.decode((await sub.next_msg(timeout=15)).data)
+    out = next(f for f in report.features if f.feature == "output_tokens")
+    assert report.drifted and out.drifted and out.reference_mean < 150 < 300 < out.current_mean
+    assert report.reference_window_start == datetime.fromtimestamp(now - 50, UTC)
+    assert handlers.resets.count == 1
+    # A monitor started anew agrees (the promotion its windows restarted for is kept beside them).
+    await first.stop()  # saves the windows
+    await bus.stop_consumers()
+    async with restarted(context, settings) as bus2:
+        await bus2.publish(bus2.subjects.rollout("checkout"), _promoted("rel-2", now - 60, "again"))
+        await bus2.publish(subject, _served(50, 400, 4, "rel-2", now - 20))
+        report = report_codec.decode((await sub.next_msg(timeout=15)).data)
+        assert report.drifted and report.reference_window_start == datetime.fromtimestamp(now - 50, UTC)
+
+
+async def test_after_a_promotion_the_windows_take_only_the_promoted_releases_answers(run_services, bus: Bus) -> None:
+    # Probe p69 F2: the monitor reads answers and route changes on two consumers: the old release's answers it read
+    # after the promotion (and those in flight at it) filled the promoted release's new reference, and a steady
+    # release drifted against its predecessor and was rolled back within seconds of its promotion.
+    sub = await bus.nc.subscribe(bus.subjects.drift("checkout"))
+    handlers = (await run_services("drift"))["drift"].handlers
+    subject, now = bus.subjects.served("shop"), time.time()
+    await bus.publish(bus.subjects.rollout("checkout"), _promoted("rel-2", now - 60))
+    await handlers.rollouts.wait_for(1)
+    await bus.publish(subject, _served(30, 100, 1, "rel-1", now - 61))  # served before the promotion, read after
+    await bus.publish(subject, _served(30, 100, 2, "rel-1", now - 59))  # the old release's, answered after it
+    await bus.publish(subject, _served(100, 400, 3, "rel-2", now - 50))  # the promoted release's: its reference
+    report = report_codec.decode((await sub.next_msg(timeout=15)).data)
+    out = next(f for f in report.features if f.feature == "output_tokens")
+    assert not report.drifted and out.reference_mean > 300 and (report.reference_n, report.current_n) == (50, 50)
+    assert report.reference_window_start == datetime.fromtimestamp(now - 50, UTC)
+    # A rollback puts the earlier release back: its answers are the reference again, the failed one's are not.
+    await bus.publish(bus.subjects.rollout("checkout"), RolloutState(
+        deployment="checkout", stable_release="rel-1", canary_release="rel-2", phase="aborted"))
+    await handlers.rollouts.wait_for(2)
+    assert handlers.resets.count == 2
+    await bus.publish(subject, _served(50, 400, 4, "rel-2", now + 1))
+    await bus.publish(subject, _served(100, 100, 5, "rel-1", now + 1))
+    report = report_codec.decode((await sub.next_msg(timeout=15)).data)
+    out = next(f for f in report.features if f.feature == "output_tokens")
+    assert not report.drifted and out.reference_mean < 150 and out.current_mean < 150

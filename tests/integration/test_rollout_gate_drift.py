@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aiohttp
@@ -19,6 +19,7 @@ from lockgate import artifacts
 from lockgate.cli.main import cli
 from lockgate.codec import Codec
 from lockgate.contracts import DriftReport, FeatureDrift, GateDecided
+from lockgate.ids import uuid7
 from lockgate.server.apikeys import Bootstrap, bootstrap
 from lockgate.server.service import ServiceContext
 from lockgate.services.gatekeeper.domain import (
@@ -101,7 +102,7 @@ def _report(comparison: str, **psi: float) -> DriftReport:
                        current_n=500, drifted=False, source="lockgate-drift", comparison=comparison,  # type: ignore[arg-type]
                        features=[FeatureDrift(feature=f, psi=v, ks_stat=0.3, ks_pvalue=1e-4, reference_mean=12,
                                               current_mean=20, drifted=f == "latency_ms") for f, v in psi.items()],
-                       **arms)
+                       reference_window_start=now, reference_window_end=now, **arms)
 
 
 async def _blocked(bus: Any) -> GateDecided:
@@ -198,6 +199,39 @@ async def test_after_a_blue_green_promotion_the_deployments_report_is_judged_by_
     stored = await _blocked(bus)
     assert stored.id == decision_id(report.id, signer.id_salt) and stored.decision == "BLOCK"
     assert "drift policy 'canary-drift' of deployment 'chat' (now vs reference)" in stored.reason
+
+
+async def test_after_a_blue_green_promotion_only_reports_of_the_promoted_releases_traffic_act(
+        stack: tuple[Any, Signer], http: aiohttp.ClientSession) -> None:
+    # Probe p69 F2: a report whose window ended after the promotion, but whose reference began before it (built on
+    # the old windows, or on a reference the old release's late answers filled), compares the promoted release with
+    # its predecessor: a steady release was rolled back (by the router, or BLOCKed by the gate) within seconds.
+    router, signer = stack
+    bus = router.ctx.bus
+    policy = await artifacts.register(bus, "policy", "canary-drift", POLICY)
+    analysis = {"metrics": [{"name": "error_rate", "max_increase": 0.01}], "min_sample": 100}
+    await _canary(http, router, signer, "r1", "r2", policy=policy.hash,
+                  strategy={"interval_s": 3600, "blue_green": {"post_promotion_analysis": analysis}})
+    await _promote(http, router)
+    await router.rollouts.flush()
+    promoted_at = datetime.fromtimestamp(router.rollouts.route("chat").promoted_at, UTC)
+    before = promoted_at - timedelta(seconds=1)
+    old = _report("now_vs_reference", output_tokens=0.15)  # the gate's policy BLOCKs on it ...
+    moved = msgspec.structs.replace(old.features[0], drifted=True)  # ... and the router rolls back on this one
+    stale = [msgspec.structs.replace(old, reference_window_start=before),
+             msgspec.structs.replace(old, id=str(uuid7()), reference_window_start=None, reference_window_end=None),
+             msgspec.structs.replace(old, id=str(uuid7()), reference_window_start=before, drifted=True,
+                                     features=[moved])]
+    decided = await bus.nc.subscribe(bus.subjects.gate_decided("r2"))
+    for report in stale:
+        await bus.publish(bus.subjects.drift("chat"), report)
+    fresh = _report("now_vs_reference", output_tokens=0.15)
+    await bus.publish(bus.subjects.drift("chat"), fresh)
+    await router.rollouts.wait_for(lambda r: r["chat"].stable.release == "r1", timeout=30)
+    assert router.rollouts.route("chat").reason.startswith("rolled back r2: gate BLOCK after promotion")
+    # The gate's first decision since is the fresh report's: the stale ones, judged before it, decided nothing.
+    first = _decided.decode((await decided.next_msg(timeout=10)).data)
+    assert first.id == decision_id(fresh.id, signer.id_salt) and first.decision == "BLOCK"
 
 
 async def test_block_after_promotion_and_undo_to_go_to_known_good_releases(

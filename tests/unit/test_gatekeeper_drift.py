@@ -28,8 +28,10 @@ def _record(route: dict) -> bytes:
                                 "version": 3, **route})
 
 
-def report(comparison: str = "now_vs_reference", tests: dict[str, float] | None = None, **psi: float) -> DriftReport:
-    """A report whose features have these PSIs; `tests` gives some a drift test's p-value (KS, alpha 0.05)."""
+def report(comparison: str = "now_vs_reference", tests: dict[str, float] | None = None,
+           reference_start: datetime | None = None, **psi: float) -> DriftReport:
+    """A report whose features have these PSIs; `tests` gives some a drift test's p-value (KS, alpha 0.05); its
+    reference begins at `reference_start` (None: when its window does)."""
     now = datetime.now(UTC)
     tests = tests or {}
     feats = [FeatureDrift(feature=name.replace("__", ":"), psi=v, ks_stat=0.0, ks_pvalue=1.0, reference_mean=10.0,
@@ -40,7 +42,7 @@ def report(comparison: str = "now_vs_reference", tests: dict[str, float] | None 
     extra = {"release": "r2", "reference_release": "r1"} if comparison == "canary_vs_stable" else {}
     return DriftReport(served=True, deployment="chat", window_start=now, window_end=now, reference_n=500, current_n=500,
                        features=feats, drifted=any(f.drifted for f in feats), comparison=comparison,  # type: ignore[arg-type]
-                       **extra)
+                       reference_window_start=reference_start or now, reference_window_end=now, **extra)
 
 
 def test_feature_over_max_psi_blocks_naming_the_feature_and_rule() -> None:
@@ -110,6 +112,19 @@ def test_malformed_drift_rules_name_the_field(rule: dict, message: str) -> None:
 def test_a_now_vs_reference_report_is_evidence_about_a_release_under_post_promotion_analysis_only(
         route: dict, release: str) -> None:
     assert canary_release(decode_route(_record(route)), report(output_tokens=0.5)) == release
+
+
+@pytest.mark.parametrize("reference_start", [datetime.fromtimestamp(999, UTC), None])
+def test_a_now_vs_reference_report_whose_reference_predates_the_promotion_is_no_evidence(
+        reference_start: datetime | None) -> None:
+    """Its reference holds the previous release's traffic, or it names none (probe p69 F2: a steady release was
+    BLOCKed or rolled back against its predecessor's answers)."""
+    route = decode_route(_record({"canary": {"release": "r2"}, "phase": "promoted", "verifying": True,
+                                  "promoted_at": 1000}))
+    r = report(output_tokens=0.5, reference_start=reference_start)
+    if reference_start is None:
+        r = msgspec.structs.replace(r, reference_window_start=None)
+    assert canary_release(route, r) == ""
 
 
 @pytest.mark.parametrize(("route", "release"), [

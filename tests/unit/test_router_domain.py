@@ -470,6 +470,15 @@ def test_each_change_names_the_rollout_attempt_it_is_part_of_and_none_after_the_
     assert (domain.to_state(aborted, again).started_at, domain.to_state(aborted, again).began) == (2000.25, False)
     retried = progress.retry(aborted, "ann", now=3000.0)  # a retry is a new attempt of the same rollout
     assert (domain.to_state(retried, aborted).started_at, domain.to_state(retried, aborted).began) == (3000.0, True)
+
+
+def test_a_promoted_route_names_its_promotion_in_every_announcement() -> None:
+    # The drift monitor restarts its windows once per promotion: a later change of the promoted route (a BLOCK of
+    # an old release, an analysis's deadline) repeats `promoted_at` (before, probe p69 F1, each restarted them).
+    promoted = msgspec.structs.replace(domain.promote(_canary(weight=10), "held"), promoted_at=1234.5)
+    again = msgspec.structs.replace(promoted, reason="gate BLOCK of known-good r0", version=promoted.version + 1)
+    assert domain.to_state(promoted).promoted_at == domain.to_state(again, promoted).promoted_at == 1234.5
+    assert domain.to_state(_canary(weight=10)).promoted_at == 0.0
     # A first release is no rollout; a route restored already finished begins nothing.
     released = domain.first_release(domain.default_route("d"), STABLE, _decision("PASS", release="r1"))
     assert domain.to_state(released, None).started_at == 0.0

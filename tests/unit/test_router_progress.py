@@ -165,9 +165,11 @@ def test_an_open_breaker_holds_what_the_clock_alone_moves(kind: str) -> None:
 _ARMS: dict[str, str] = {"comparison": "canary_vs_stable", "release": "r2", "reference_release": "r1"}
 
 
-def _report(drifted: bool = True, end: float = 200.0) -> DriftReport:
+def _report(drifted: bool = True, end: float = 200.0, reference_start: float | None = None) -> DriftReport:
     when = datetime.fromtimestamp(end, UTC)
+    ref = datetime.fromtimestamp(end if reference_start is None else reference_start, UTC)
     return DriftReport(served=True, deployment="d", window_start=when, window_end=when, reference_n=50, current_n=50, **_ARMS,
+                       reference_window_start=ref, reference_window_end=ref,
                        drifted=drifted, features=[
                            FeatureDrift(feature="output_tokens", psi=0.9, ks_stat=0.5, ks_pvalue=0.001,
                                         reference_mean=10, current_mean=30, drifted=drifted),
@@ -290,6 +292,11 @@ def test_drift_during_post_promotion_analysis_rolls_back() -> None:
     assert back is not None and back.stable.release == "r1" and back.phase == "aborted"
     assert back.reason.startswith("rolled back r2: drift report ") and "during post-promotion analysis" in back.reason
     assert progress.on_drift(msgspec.structs.replace(promoted, promoted_at=250.0), _report()) is None  # older window
+    # A reference begun before the promotion holds the previous release's traffic: a steady release drifted against
+    # it and was rolled back seconds after its promotion (probe p69 F2). So does one naming no reference.
+    assert progress.on_drift(promoted, _report(reference_start=140.0), decisions=_ok(promoted)) is None
+    unnamed = msgspec.structs.replace(_report(), reference_window_start=None)
+    assert progress.on_drift(promoted, unnamed, decisions=_ok(promoted)) is None
 
 
 @pytest.mark.parametrize(("case", "since"), [
@@ -330,7 +337,7 @@ def _moved(feature: str, comparison: str = "canary_vs_stable", ref: float = 6.8,
     when = datetime.fromtimestamp(200.0, UTC)
     arms = _ARMS if comparison == "canary_vs_stable" else {"comparison": comparison}
     return DriftReport(served=True, deployment="d", window_start=when, window_end=when, reference_n=50, current_n=50,
-                       drifted=True, **arms,  # type: ignore[arg-type]
+                       drifted=True, reference_window_start=when, reference_window_end=when, **arms,  # type: ignore[arg-type]
                        features=[FeatureDrift(feature=feature, psi=3.4, ks_stat=0.9, ks_pvalue=1e-9,
                                               reference_mean=ref, current_mean=cur, drifted=True, test_drifted=True)])
 

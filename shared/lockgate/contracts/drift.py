@@ -65,7 +65,8 @@ class DriftReport(Event, frozen=True, kw_only=True, tag="lockgate.drift.report")
     a router served (events on `Subjects.served`); only such a report moves traffic or gates a release,
     since an application may report any event of its own deployment (always true of canary_vs_stable).
     `window_start`/`window_end` span the current (a canary's) window; `reference_window_start`/`_end` span
-    stable's window of a canary_vs_stable report (the two cover the same time), None for now_vs_reference.
+    stable's window of a canary_vs_stable report (the two cover the same time), the reference of a now_vs_reference
+    one (None from a monitor before it named it; a restored reference saved before then starts at 0).
     """
 
     deployment: str
@@ -83,3 +84,9 @@ class DriftReport(Event, frozen=True, kw_only=True, tag="lockgate.drift.report")
     served: bool = False
     reference_window_start: datetime | None = None
     reference_window_end: datetime | None = None
+
+    def observed_since(self, t: float) -> bool:
+        """Both windows hold only what was observed at or after `t` (unix seconds): after a promotion at `t`, only
+        such a report is of the promoted release alone (one naming no reference span may hold its predecessor's)."""
+        ref = self.reference_window_start
+        return self.window_start.timestamp() >= t and ref is not None and ref.timestamp() >= t

@@ -30,6 +30,10 @@ class RolloutState(Event, frozen=True, kw_only=True, tag="lockgate.rollout.state
     # rollback of a promoted release). `began`: this change began it. OpenLineage makes each attempt one run.
     started_at: float = 0.0
     began: bool = False
+    # While `phase` is promoted: when the router promoted `stable_release` (unix seconds; 0 for a route promoted
+    # before it was kept). Every later announcement of the same promotion (a BLOCK of an old release, an analysis's
+    # progress deadline) repeats it, so the drift monitor restarts its reference once per promotion, not per message.
+    promoted_at: float = 0.0
 
 
 AnalysisPhase = Literal["Successful", "Failed", "Inconclusive", "Error"]
