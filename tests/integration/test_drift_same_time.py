@@ -59,4 +59,6 @@ async def test_a_workload_change_during_a_10_percent_canary_is_no_drift_and_both
         assert (utc(row["reference_window_start"]), utc(row["reference_window_end"]), utc(row["window_start"])) == (
             r.reference_window_start, r.reference_window_end, r.window_start)
     now = next(r for r in reports if r.comparison == "now_vs_reference")
-    assert stored[now.id]["reference_window_start"] is None  # a reference has no such time
+    # A reference's span too: the router and the gate act after a promotion only on a reference begun after it.
+    assert now.reference_window_start is not None and now.reference_window_start <= now.window_start
+    assert utc(stored[now.id]["reference_window_start"]) == now.reference_window_start
