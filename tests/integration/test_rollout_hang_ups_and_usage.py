@@ -170,10 +170,10 @@ class Paced(ChatUpstream):
         await out.prepare(request)
         await out.write(self._chunk({"role": "assistant", "content": "w"}))
         for _ in range(9):
-            await asyncio.sleep(0.015)
+            await asyncio.sleep(0.015)  # the provider's pace (the answer flowing), not synchronisation
             await out.write(self._chunk({"content": " w"}))
         await out.write(self._chunk({}, "stop"))
-        await asyncio.sleep(self.tail_s)
+        await asyncio.sleep(self.tail_s)  # the provider's tail after the finish chunk (probe p71 F1), not synchronisation
         if (body.get("stream_options") or {}).get("include_usage"):
             await out.write(self._chunk(None, usage={"prompt_tokens": 2, "completion_tokens": 10, "total_tokens": 12}))
         await out.write(b"data: [DONE]\n\n")
