@@ -74,6 +74,24 @@ async def aim_jetstream_reply(nc: Any, stream: str, subject: str, bucket: str, k
         await watcher.stop()
 
 
+async def answer_queries(holder: Bus, rows: Callable[[str, dict[str, Any]], Any]) -> list[str]:
+    """Answer named queries on the services' subject in the query service's queue group, as whoever holds the `query`
+    NATS credential may: `rows(query, args)` is the answer's rows, None says "not answered here". The names asked are
+    returned as they come."""
+    asked: list[str] = []
+
+    async def answer(msg: Any) -> None:
+        query = json.loads(msg.data)
+        asked.append(query["query"])
+        got = rows(query["query"], query["args"])
+        reply = {"error": "not answered here", "kind": "QueryUnavailable"} if got is None else {"rows": got}
+        await holder.nc.publish(msg.reply, json.dumps(reply).encode())
+
+    await holder.nc.subscribe(holder.subjects.query, queue=holder.subjects.query_group, cb=answer)
+    await holder.nc.flush()
+    return asked
+
+
 async def eventually(check: Callable[[], bool], progress: Sequence[Progress], timeout_s: float = 30.0,
                      what: str | Callable[[], str] = "condition") -> None:
     """Re-check `check()` each time one of the services reports progress, until true or timeout

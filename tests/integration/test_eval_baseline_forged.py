@@ -22,7 +22,7 @@ from lockgate.bus import Bus
 from lockgate.evalruns import binding_digest, binding_of
 from lockgate.server.runtime import Runtime
 from lockgate.subjects import Subjects
-from tests.helpers import register_model_release
+from tests.helpers import answer_queries, register_model_release
 from tests.integration.test_eval_gate import register_qa, request
 from tests.integration.test_eval_resume_binding import _operator
 from tests.integration.test_eval_resume_forged import _perfect, decided, sim, stack  # noqa: F401 (the fixtures)
@@ -55,20 +55,11 @@ async def test_a_forged_answer_for_the_baseline_cases_does_not_pass_a_worse_cand
         await register_model_release(operator, "v-weak", "bad")  # right on half: 0.5 below v-good
         forged = _all_wrong(binding_digest(binding_of(await artifacts.release_of(operator, "v-good"))))
 
-        async def answer(msg: Any) -> None:
-            query = json.loads(msg.data)
-            if query["query"] == "baseline_run":  # the run v-good's PASS judged, as the query service would say
-                reply: dict[str, Any] = {"rows": base_run[0]}
-            elif query["query"] == "eval_case_results":
-                reply = {"rows": [] if "after_case" in query["args"] else forged}
-            elif query["query"] == "consecutive_errors":  # the gatekeeper's, as the query service would answer
-                reply = {"rows": 0}
-            else:
-                reply = {"error": "not answered here", "kind": "QueryUnavailable"}
-            await holder.nc.publish(msg.reply, json.dumps(reply).encode())
-
-        await holder.nc.subscribe(holder.subjects.query, queue=holder.subjects.query_group, cb=answer)
-        await holder.nc.flush()
+        await answer_queries(holder, lambda query, args: {
+            "baseline_run": base_run[0] if base_run else None,  # the run v-good's PASS judged, as the query service says
+            "eval_case_results": [] if "after_case" in args else forged,
+            "consecutive_errors": 0,  # the gatekeeper's, as the query service would answer
+        }.get(query))
         base = request(release="v-good", suite=suite, policy=policy, endpoint="", model="")
         base_run.append(base.run_id)
         await operator.publish(operator.subjects.eval_requested, base)

@@ -31,7 +31,7 @@ from lockgate.evalruns import binding_digest, binding_of
 from lockgate.server.runtime import Runtime
 from lockgate.subjects import Subjects
 from lockgate_dev.sim import SimServer
-from tests.helpers import register_model_release
+from tests.helpers import answer_queries, register_model_release
 from tests.integration.test_eval_gate import good_and_bad, register_qa, request
 from tests.integration.test_eval_resume_binding import _operator
 
@@ -75,25 +75,14 @@ async def test_a_forged_answer_to_the_resume_query_is_not_taken_as_the_runs_answ
     holder = Bus(stack.settings.nats_url, Subjects(stack.settings.prefix), name="query-credential-holder",
                  auth=credentials.for_identity(stack.settings, "query"), manage_topology=False)
     await holder.connect()
-    asked: list[str] = []
     try:
         suite, policy = await register_qa(operator)
         await register_model_release(operator, "v-weak", "bad")  # right on half the cases: a genuine eval BLOCKs
         forged = _perfect(binding_digest(binding_of(await artifacts.release_of(operator, "v-weak"))))
-
-        async def answer(msg: Any) -> None:
-            query = json.loads(msg.data)
-            asked.append(query["query"])
-            if query["query"] == "eval_case_results":
-                reply = {"rows": [] if "after_case" in query["args"] else forged}
-            elif query["query"] == "consecutive_errors":  # the gatekeeper's, as the query service would answer
-                reply = {"rows": 0}
-            else:
-                reply = {"error": "not answered here", "kind": "QueryUnavailable"}
-            await holder.nc.publish(msg.reply, json.dumps(reply).encode())
-
-        await holder.nc.subscribe(holder.subjects.query, queue=holder.subjects.query_group, cb=answer)
-        await holder.nc.flush()
+        asked = await answer_queries(holder, lambda query, args: {
+            "eval_case_results": [] if "after_case" in args else forged,
+            "consecutive_errors": 0,  # the gatekeeper's, as the query service would answer
+        }.get(query))
         req = request(release="v-weak", suite=suite, policy=policy, endpoint="", model="")  # as the release ships
         await operator.publish(operator.subjects.eval_requested, req)
         decision = decided.decode((await gates.next_msg(timeout=60)).data)
