@@ -8,7 +8,8 @@ legacy completions, embeddings, responses; JSON and SSE streaming, `usage`, `fin
 the evaluator and the SDKs to be exercised end to end without network access or keys.
 
 Deterministic rules the tests rely on: choice i > 0 answers "<answer> [i]"; a request with `tools`
-(and a tool choice other than "none") calls its first tool with `{"q": <last user text>}`;
+(and a tool choice other than "none") calls its first tool with `{"q": <last user text>}` (a chat completion's
+with its model's `tool_arguments`, when set);
 embeddings are `dimensions` floats derived from a hash of each input; `cached_tokens` of a model is
 reported as cached prompt tokens (OpenAI) or `cache_read_input_tokens` (Anthropic). Given a seed, the same sequence of
 requests to a model gets the same latencies and the same injected errors.
@@ -55,6 +56,9 @@ class ModelSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # When set, a text asked again gets the next of these (cycling) in place of `answers`/`default`: a model
     # sampled at a temperature answers the same question differently (an LLM judge asked n times).
     turns: list[str] = []
+    # When set, the arguments of every chat tool call it makes, in place of `{"q": <last user text>}`: a model that
+    # leaks through its tool calls what it never says in its text (a key in an e-mail it sends).
+    tool_arguments: str = ""
 
 
 class SimConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -331,7 +335,7 @@ class SimServer:
         if body.stream:
             include_usage = bool((body.stream_options or {}).get("include_usage"))
             return await self._stream(request, model, meta, answers, finish, usage, delay, failed, include_usage,
-                                      logprob, tool, user_text)
+                                      logprob, tool, self._tool_arguments(model, user_text))
         if delay:
             await asyncio.sleep(delay)
             if request.transport is None:  # the client closed its connection while it waited: count it
@@ -344,11 +348,16 @@ class SimServer:
             if tool is not None:
                 message = {"role": "assistant", "content": None, "tool_calls": [
                     {"id": f"call_{i}", "type": "function",
-                     "function": {"name": tool, "arguments": msgspec.json.encode({"q": user_text}).decode()}}]}
+                     "function": {"name": tool, "arguments": self._tool_arguments(model, user_text)}}]}
             choices.append({"index": i, "message": message,
                             "logprobs": None if logprob is None else _logprobs(_pieces(text), logprob),
                             "finish_reason": finish})
         return web.json_response({**meta, "object": "chat.completion", "choices": choices, "usage": usage})
+
+    @staticmethod
+    def _tool_arguments(model: _Model, user_text: str) -> str:
+        """The arguments of a chat tool call `model` makes, as JSON text."""
+        return model.spec.tool_arguments or msgspec.json.encode({"q": user_text}).decode()
 
     async def _open_stream(self, request: web.Request, model: _Model) -> web.StreamResponse:
         ttft = model.spec.ttft_ms / 1000.0
@@ -375,7 +384,7 @@ class SimServer:
         include_usage: bool,
         logprob: float | None,
         tool: str | None,
-        user_text: str,
+        args: str,
     ) -> web.StreamResponse:
         if failed:
             if model.spec.ttft_ms:
@@ -393,7 +402,6 @@ class SimServer:
             for i in range(len(answers)):
                 await send([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
             if tool is not None:
-                args = msgspec.json.encode({"q": user_text}).decode()
                 for i in range(len(answers)):  # the arguments in two pieces, as real streams split them
                     await send([{"index": i, "delta": {"tool_calls": [{"index": 0, "id": f"call_{i}", "type": "function",
                                                                        "function": {"name": tool, "arguments": ""}}]},

@@ -111,13 +111,15 @@ async def _pass(router: Any, signer: Signer, release: str) -> None:
 
 
 async def _traffic_until(http: aiohttp.ClientSession, router: Any, done: Callable[[Route], bool],
-                         limit: int = 6000, batch: int = 40, prompt: str = "hi") -> int:
-    """Send requests from distinct users, a batch at a time, until `done(route)` or `limit` requests."""
+                         limit: int = 6000, batch: int = 40, prompt: str = "hi",
+                         extra: dict[str, Any] | None = None) -> int:
+    """Send requests from distinct users, a batch at a time, until `done(route)` or `limit` requests (`extra`: more
+    fields of each request's body)."""
     sent = 0
     url = f"{router.url}/v1/chat/completions"
 
     async def one(i: int) -> None:
-        body = {"model": "m", "messages": [{"role": "user", "content": prompt}], "user": f"user-{i}"}
+        body = {"model": "m", "messages": [{"role": "user", "content": prompt}], "user": f"user-{i}", **(extra or {})}
         async with http.post(url, json=body) as resp:
             await resp.read()
 
