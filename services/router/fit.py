@@ -13,9 +13,15 @@ The scrub runs here, once, and the event says which secrets it masked in the ans
 credentials scored as clean as stable (probe p63 E). They count the secrets of the kinds `pii_free` looks for
 (`secretkinds`), found in the answer before the scrub, never every mask: the scrub also masks what a keyword names,
 and an answer of placeholder code (`api_key="YOUR_API_KEY"`, `password="password"`) was scored a leak (probe p71 F3).
+The answer is all of it: choice 0's text (`response`) and the output messages' other choices' texts and tool calls,
+scrubbed as the event is built (`Tally`), whose counts join the response's; before, a key leaked in a tool call's
+arguments was masked uncounted, and a canary e-mailing it scored as clean as stable (probe p71 residual).
 """
 
 from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping
 
 import msgspec
 
@@ -24,7 +30,7 @@ from lockgate.contracts import InferenceEvent
 from lockgate.contracts.inference import SECRETS_MASKED
 from lockgate.encoded import Encoded
 from lockgate.outbox import BATCH_BYTES, encode_event
-from lockgate.redact import scrub_event
+from lockgate.redact import scrub_event, scrub_secrets
 from lockgate.textbound import STRIPPED_BYTES, TEXT_BYTES, TRUNCATED, cut, marker
 from lockgate.textbound import size as _size
 
@@ -78,15 +84,36 @@ def cut_event(event: InferenceEvent, limit: int, sizes: dict[str, int], *, drop_
     return msgspec.structs.replace(event, **changed) if changed else event
 
 
-def masked(event: InferenceEvent) -> InferenceEvent:
+class Tally:
+    """A scrub (`scrub_secrets`) that counts, by kind, the secrets `pii_free` looks for that the texts it masked held
+    (`secretkinds`): the output messages' texts and tool calls, scrubbed as the event is built (wire.Choices)."""
+
+    __slots__ = ("counts",)
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+
+    def scrub(self, text: str) -> str:
+        """`text` scrubbed, its secrets counted (looked for only when the scrub masked something: no second scan of
+        the usual text, and a secret the scrub left in place is in the event for pii_free to find)."""
+        clean = scrub_secrets(text)
+        if clean != text:  # by value: the scrub may return an equal string that is another object
+            self.counts.update(secretkinds.counted(text))
+        return clean
+
+
+def masked(event: InferenceEvent, more: Mapping[str, int] | None = None) -> InferenceEvent:
     """The event scrubbed (`scrub_event`), with SECRETS_MASKED counting, by kind, the secrets `pii_free` looks for
-    (`secretkinds`) that its answer held before the scrub masked them (none: no such attribute). The counts are this
-    scrub's alone: a value the event held before is dropped."""
+    (`secretkinds`) that its answer held before the scrub masked them (none: no such attribute): those of its
+    `response` and `more` (a `Tally`'s of the rest of the answer, its output messages but choice 0's text, which is
+    the response). The counts are this router's alone: a value the event held before is dropped."""
     scrubbed = scrub_event(event)
     raw, clean = event.response, scrubbed.response
     # Looked for only where the scrub masked something in the answer: the usual answer pays no second scan, and a
     # secret the scrub left in place is found by pii_free itself.
-    counts = secretkinds.counted(raw) if raw and clean is not raw else {}
+    counts = Counter(secretkinds.counted(raw)) if raw and clean is not raw else Counter()
+    counts.update(more or {})
+    counts = +counts  # a kind counted none is no count (`secretkinds.decode` refuses one)
     if not counts and SECRETS_MASKED not in scrubbed.attributes:
         return scrubbed  # the usual event: nothing masked in its answer, nothing to say
     attributes = {k: v for k, v in scrubbed.attributes.items() if k != SECRETS_MASKED}
@@ -95,16 +122,18 @@ def masked(event: InferenceEvent) -> InferenceEvent:
     return msgspec.structs.replace(scrubbed, attributes=attributes)
 
 
-def encode_served(event: InferenceEvent, sizes: dict[str, int] | None = None) -> Encoded:
-    """The router's event scrubbed (`masked`: saying which secrets were masked in its answer) and encoded
-    (`encode_event`), its text cut to fit one bus message.
+def encode_served(event: InferenceEvent, sizes: dict[str, int] | None = None,
+                  masked_more: Mapping[str, int] | None = None) -> Encoded:
+    """The router's event scrubbed (`masked`: saying which secrets were masked in its answer, `masked_more` those
+    masked in its output messages as they were built) and encoded (`encode_event`), its text cut to fit one bus
+    message.
 
     `sizes`: the fields cut already as the event was built (the output messages, cut part by part so the JSON
     stays whole), with their sizes before the cut. An event still larger than EVENT_BYTES once each text is
     cut to TEXT_BYTES (JSON escapes, many attributes) loses its prompt and response and keeps STRIPPED_BYTES of
     every other text: what the evidence, the ledger and the budgets read is in its numbers and short attributes,
     and an event is never dropped for its size."""
-    event = masked(event)  # first: a cut must never leave half a secret the scrubber would have masked
+    event = masked(event, masked_more)  # first: a cut must never leave half a secret the scrubber would have masked
     if not sizes and _chars(event) <= _SMALL:
         return encode_event(event, scrubbed=True)  # the usual event: one scrub, one encode
     sizes = dict(sizes or {})

@@ -51,7 +51,7 @@ from lockgate.services.router.admission import OPEN_ADMISSION, Admission, Call
 from lockgate.services.router.budgets import most_output, named_containers, named_state, referenced_items
 from lockgate.services.router.cache import MAX_KEYED_BYTES
 from lockgate.services.router.endpoints import Endpoint, Endpoints, UnknownEndpoint
-from lockgate.services.router.fit import encode_served
+from lockgate.services.router.fit import Tally, encode_served
 from lockgate.services.router.h1 import BrokenReply, H1Pool
 from lockgate.services.router.owners import UNAVAILABLE, Claims, Owners, Withheld, too_many
 from lockgate.services.router.providers import Unsupported, UpstreamStreamError, provider
@@ -631,8 +631,9 @@ class Proxy:
             if by_header:  # a tester's request sent to the candidate by its header route, not by weight (README)
                 attributes[ROUTED_BY] = "header"
             cut: dict[str, int] = {}  # the fields cut to fit one bus message, and their sizes before (fit.py)
+            tally = Tally()  # the secrets masked in the output messages: online pii_free counts them (fit.masked)
             if rec.out.has_more_than_text():
-                attributes[OUTPUT_MESSAGES], size = rec.out.output_messages(TEXT_BYTES)
+                attributes[OUTPUT_MESSAGES], size = rec.out.output_messages(TEXT_BYTES, tally.scrub)
                 if size is not None:
                     cut[OUTPUT_MESSAGES] = size
             text = rec.text
@@ -670,7 +671,7 @@ class Proxy:
             span.end()
             raise
         # Scrubbed, cut to fit one bus message (a larger one is never published) and encoded, after the answer was sent.
-        self.batcher.add(encode_served(event, cut))
+        self.batcher.add(encode_served(event, cut, tally.counts))
         if not rec.superseded:  # a request, not a call it went past (those are events, not requests)
             metrics.router_request(variant, rec.status, rec.latency_ms / 1000.0)
         _end_span(span, event, tuple(r for _, r in sorted(rec.out.finish.items()) if r))

@@ -143,10 +143,15 @@ class Choices:
         """Whether the event needs the output-messages attribute: a second choice or any tool call."""
         return bool(self.tools) or any(c > 0 for c in (*self.parts, *self.finish))
 
-    def output_messages(self, limit: int | None = None) -> tuple[str, int | None]:
+    def output_messages(self, limit: int | None = None,
+                        scrub: Callable[[str], str] = scrub_secrets) -> tuple[str, int | None]:
         """Every choice in the GenAI output-messages shape, as JSON, its text scrubbed of secrets; and, when their
         texts and tool-call arguments together were over `limit` UTF-8 bytes, the size the JSON had before each of
         them was cut to an equal share of `limit` (else None).
+
+        `scrub` scrubs what the event holds only here, every tool call and the texts of choices after the first
+        (the router's counts what it masked: fit.Tally); choice 0's text is the event's `response` too, scrubbed
+        and counted with the event (fit.masked), so it is scrubbed here uncounted, never counted twice.
 
         Each string is scrubbed before it is encoded (a tool call's arguments as the JSON they hold): in the JSON
         text a newline before a key is `\n`, and a credential the arguments name (`{"api_key": ...}`) sits in a
@@ -158,11 +163,11 @@ class Choices:
         for c in sorted({*self.parts, *self.tools, *self.finish}):
             parts: list[dict[str, Any]] = []
             if self.parts.get(c):
-                parts.append({"type": "text", "content": scrub_secrets(self.text(c))})
+                parts.append({"type": "text", "content": (scrub if c else scrub_secrets)(self.text(c))})
                 long.append((parts[-1], "content"))
             for _, call in sorted(self.tools.get(c, {}).items()):
-                parts.append({"type": "tool_call", "id": scrub_secrets(call[0]), "name": scrub_secrets(call[1]),
-                              "arguments": scrub_json("".join(call[2:]))})
+                parts.append({"type": "tool_call", "id": scrub(call[0]), "name": scrub(call[1]),
+                              "arguments": scrub_json("".join(call[2:]), scrub)})
                 long.append((parts[-1], "arguments"))
             out.append({"role": "assistant", "parts": parts, "finish_reason": scrub_secrets(self.finish.get(c, ""))})
         if limit is None or sum(len(p[k]) for p, k in long) * 4 <= limit:  # within it whatever the characters

@@ -1,7 +1,8 @@
 """The secrets online `pii_free` looks for, by kind: the shapes of known credentials (provider key prefixes, AWS key
 ids, GitHub and Slack tokens, JWTs, private keys). One definition for the evaluator, which finds them in an answer,
-and the router, which counts them in the answer it serves before its scrub masks them (`lockgate.secrets_masked`,
-"kind:count,..."), so the count is what `pii_free` would have found in the answer.
+and the router, which counts them in the answer it serves (its every choice's text and tool call) before its scrub
+masks them (`lockgate.secrets_masked`, "kind:count,..."), so the count is what `pii_free` would have found in the
+answer.
 
 The scrub (`redact`) is broader on purpose: it also masks whatever a keyword names (`password="password"`,
 `api_key="YOUR_API_KEY"`, a URL's `user:pass@`), so that no credential of any shape reaches a log or a table. A count

@@ -94,6 +94,31 @@ async def test_a_canary_leaking_credentials_is_aborted_though_its_answers_are_sc
     assert "analysis failed at step 1 (50%): score:pii_free 0 < threshold 0.98 (stable 1;" in route.reason
 
 
+# The canary answers every request offering tools with a tool call sending an e-mail whose body holds a provider's
+# API key and an AWS access key id, in its arguments alone: its text is empty, as stable's (whose call is {"q": "hi"}).
+TOOL_KEY_LEAK = SimConfig(models={"leaky": ModelSpec(tool_arguments=(
+    '{"to": "ops", "body": "the key:\\nsk-proj-AbCdEfGhIjKlMnOpQrStUvWx0123456789 and AKIAIOSFODNN7EXAMPLE"}'))},
+    seed=3)
+SEND_EMAIL = {"tools": [{"type": "function", "function": {"name": "send_email", "parameters": {"type": "object"}}}]}
+
+
+async def test_a_canary_leaking_credentials_through_its_tool_calls_is_aborted(
+        context: ServiceContext, run_services: Any) -> None:
+    # The router counts the secrets masked in every tool call's arguments (and every choice's text), not only in
+    # choice 0's text. Before, probe p71 residual: the tool calls were scrubbed uncounted, both arms scored pii_free
+    # 1.0 on their empty texts, and this canary was promoted.
+    async with _serving(context, run_services, TOOL_KEY_LEAK) as (router, _evaluator, signer):
+        keys = bootstrap(context.settings.home, tenant="acme", app="shop")
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {keys.admin_key}"}) as http:
+            await _start(http, router, "leaky", {"steps": [50, 100], "interval_s": 0.2, "analysis": PII})
+            await _pass(router, signer, "leaky")
+            sent = await _traffic_until(http, router, lambda r: r.phase in ("aborted", "paused", "promoted"),
+                                        limit=3000, batch=20, extra=SEND_EMAIL)
+    route = router.rollouts.route("chat")
+    assert route.phase == "aborted", f"not aborted after {sent} requests: {route.phase}: {route.reason}"
+    assert "analysis failed at step 1 (50%): score:pii_free 0 < threshold 0.98 (stable 1;" in route.reason
+
+
 # The canary answers as well as stable does, with a code sample holding placeholder credentials: a keyword's value
 # the scrub masks (`api_key="YOUR_API_KEY"`, `password="password"`, a header's, a URL's `user:pass@`), none of them a
 # secret of a kind pii_free looks for (its score of the raw answer is 1.0).

@@ -7,7 +7,8 @@ import msgspec
 from lockgate.contracts import InferenceEvent
 from lockgate.contracts.inference import SECRETS_MASKED
 from lockgate.outbox import BATCH_BYTES, encode_event
-from lockgate.services.router.fit import EVENT_BYTES, encode_served
+from lockgate.services.router.fit import EVENT_BYTES, Tally, encode_served
+from lockgate.services.router.wire import Choices
 from lockgate.textbound import TEXT_BYTES, TRUNCATED, cut
 
 
@@ -89,3 +90,32 @@ def test_only_the_secrets_pii_free_looks_for_are_counted_by_kind() -> None:
     got = _decoded(_event(response=keys))
     assert got["attributes"][SECRETS_MASKED] == "aws_access_key:2,jwt:1,private_key:1"
     assert "AKIA" not in got["response"] and jwt not in got["response"]
+
+
+def test_the_secrets_masked_in_tool_calls_and_other_choices_are_counted_with_the_response() -> None:
+    # Every choice's text and every tool call's arguments, name and id, counted before the scrub; choice 0's text is
+    # the response, counted once. Before, probe p71 residual: only the response's ("api_key:1"), the rest masked
+    # uncounted.
+    key, aws = "sk-proj-" + "C" * 40, "AKIAIOSFODNN7EXAMPLE"
+    out = Choices()
+    out.add_text(0, f"here: {key}")
+    out.add_text(1, f"and {key}")
+    out.add_tool(0, 0, aws, "send_email", '{"to": "ops", "body": "the key:\\n' + key + '"}')
+    out.add_tool(1, 0, "call_1", aws, '{"q": "hi"}')
+    tally = Tally()
+    messages, _ = out.output_messages(TEXT_BYTES, tally.scrub)
+    assert key not in messages and aws not in messages
+    event = _event(response=out.text(0), attributes={"gen_ai.output.messages": messages, SECRETS_MASKED: "jwt:9"})
+    got = msgspec.json.decode(encode_served(event, None, tally.counts).data)
+    assert got["attributes"][SECRETS_MASKED] == "api_key:3,aws_access_key:2"
+
+
+def test_output_messages_with_nothing_masked_cost_no_count() -> None:
+    out = Choices()
+    out.add_text(1, "no secret here, only words of an answer well over forty characters long")
+    out.add_tool(0, 0, "call_0", "send_email", '{"to": "ops", "body": "nothing to hide"}')
+    tally = Tally()
+    out.output_messages(TEXT_BYTES, tally.scrub)
+    assert not tally.counts
+    got = _decoded(_event(response="hi", attributes={"gen_ai.output.messages": "[]", SECRETS_MASKED: "api_key:1"}))
+    assert SECRETS_MASKED not in got["attributes"]  # an earlier value is never the router's count

@@ -54,7 +54,8 @@ ROUTED_BY = "lockgate.routed_by"
 # events whose digest is that of the messages the release's prompt renders for it and nothing else (probe p12 F5:
 # an application's own system message, tools or sampling decided what the eval scored).
 REQUEST_DIGEST = "lockgate.request_digest"
-# A router event's counts of the secrets its scrub masked in the answer (`response`, never the prompt), by kind
+# A router event's counts of the secrets its scrub masked in the answer (`response`, every other choice's text and
+# every tool call in `gen_ai.output.messages`, never the prompt; probe p71 residual: tool calls' went uncounted), by kind
 # ("kind:count,...", `secretkinds.encode`), set where the scrub runs (router fit.encode_served), never the secrets
 # themselves: what online `pii_free` would have found, had it read the answer before the scrub (probe p63 E: a canary
 # leaking provider keys scored 1.0 and was promoted). Only the kinds `pii_free` looks for (`secretkinds`), never every
