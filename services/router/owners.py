@@ -1,4 +1,4 @@
-"""Which tenant owns each Responses API state, so no tenant continues another's through a shared upstream account.
+"""Which tenant and app own each Responses API state, so no app continues another's through a shared upstream account.
 
 A provider keeps a response (and a conversation) under its id, for whoever holds the account's key to continue:
 `previous_response_id` or `conversation` in a request brings back every earlier turn, which the model can be asked to
@@ -7,17 +7,20 @@ the item's own id; a code interpreter tool naming a container (`cntr_...`, shown
 `output[].container_id`) runs its code among the files earlier code there read and wrote. Two tenants whose
 deployments share one endpoint credential share that account, so the router, which holds the key for both, decides
 who may name an id. It claims each response id it relays, and the ids of the response's output items and their
-containers, for the caller's tenant before the client can see them, and a request naming an id is
-served only to the tenant that owns it. An id the router never
-saw created (made outside it, or before this existed) is owned by the first tenant whose request naming it the
-upstream answers: claimed with that answer, before the client sees any of it, so of two tenants naming it at once the
+containers, for the caller's tenant and app (and the deployment it went to) before the client can see them, and a
+request naming an id is served only to a key of the app that owns it whose deployment scope holds that deployment: the
+app is the isolation unit elsewhere too (the response cache, gate decisions, deployment scopes). An id the router never
+saw created (made outside it, or before this existed) is owned by the first app whose request naming it the
+upstream answers: claimed with that answer, before the client sees any of it, so of two apps naming it at once the
 loser gets nothing (and an id that does not exist yet, named to guess a provider's next one, is claimed by nobody).
 A claim is a KV create (atomic across replicas) in `lg_response_owners`, keyed by the id's sha256, expiring after
 `router_response_owner_ttl_s`. Its owner naming the id renews it (a compare-and-set rewrite whose life begins again),
-once it has lived a quarter of that: a conversation in use stays its tenant's, at one write per quarter TTL.
+once it has lived a quarter of that: a conversation in use stays its app's, at one write per quarter TTL.
 
-Another tenant's id gets the answer the provider gives for an id that does not exist, so it tells nothing; the store
-unreachable refuses (503), as budgets fail closed: unchecked, the state would be served to anyone.
+Another tenant's or app's id gets the answer the provider gives for an id that does not exist, so it tells nothing;
+the store unreachable refuses (503), as budgets fail closed: unchecked, the state would be served to anyone. A record
+written before apps were recorded names its tenant alone: it serves any app of that tenant, as it did, and the first
+of them to name it has it rewritten as its own (a renewal), after which it is that app's.
 """
 
 from __future__ import annotations
@@ -43,11 +46,20 @@ T = TypeVar("T")
 
 
 class Owner(msgspec.Struct, frozen=True):
-    """An owner record: the tenant, and when its life (Nats-TTL) last began, in epoch seconds (wall clock: replicas and
-    restarts compare it)."""
+    """An owner record: the tenant, when its life (Nats-TTL) last began, in epoch seconds (wall clock: replicas and
+    restarts compare it), the app and the deployment the id was created (or first named) through. `app` "": written
+    before apps were recorded (probe p74 F1), the tenant's every app's until one names it (`_renew`)."""
 
     tenant: str
     at: float = 0.0
+    app: str = ""
+    deployment: str = ""
+
+    def serves(self, key: ApiKey) -> bool:
+        """Whether `key` may name the id: a key of its tenant and app (any, for a record without one) that may use
+        the deployment it was created through (a key scoped elsewhere is refused it as it is the deployment)."""
+        return (self.tenant == key.tenant and self.app in ("", key.app)
+                and (not self.deployment or key.may_use(self.deployment)))
 
 
 _owner = msgspec.json.Decoder(str | Owner)
@@ -129,12 +141,14 @@ class Owners:
         self.store = CasStore(bus, bus.subjects.kv_response_owners if bus is not None else "",
                               timeout_s=STORE_TIMEOUT_S, what=_STORE)
 
-    async def admit(self, key: ApiKey, named: NamedState) -> web.Response | Unowned:
+    async def admit(self, key: ApiKey, deployment: str, named: NamedState) -> web.Response | Unowned:
         """Before a Responses request's upstream call: the refusal when `key` may not name the state `named`
-        (another tenant's id, answered as one that does not exist; an admin key may name any), else the ids nobody
+        (another tenant's or app's id, or one created through a deployment outside the key's scope, answered as one
+        that does not exist: Owner.serves; an admin key may name any), else the ids nobody
         owns yet, for `claim` to claim with the answer. The store is asked for every request, as its answer's ids
         will be claimed: while it is unreachable the 503 comes before any upstream call (with the bucket's handle
-        held and the bus connected, a request naming no state costs no round trip). The ids named are read at once
+        held and the bus connected, a request naming no state costs no round trip). `deployment`: the request's, which
+        a record without an app renewed now records. The ids named are read at once
         (a request may reference many items): one round trip, not one per id."""
         try:
             await self.store.kv()
@@ -143,22 +157,25 @@ class Owners:
             ids = [(field, state_id) for field, state_id in dict.fromkeys(named) if state_id is not None]
             owners = await _together(self._owner(state_id) for _, state_id in ids)
             for (field, state_id), owner in zip(ids, owners, strict=True):
-                if owner is not None and owner.tenant != key.tenant:
+                if owner is not None and not owner.serves(key):
                     return not_found(field, state_id)
-            await _together(self._renew(key.tenant, state_id) for (_, state_id), owner in zip(ids, owners, strict=True)
+            await _together(self._renew(key, deployment, state_id)
+                            for (_, state_id), owner in zip(ids, owners, strict=True)
                             if owner is not None and self._due(owner))
         except KVUnavailable as exc:  # KVUnreadable too: a value that is no tenant's name is no owner to trust
             return unavailable(exc.message)
         return tuple(named_id for named_id, owner in zip(ids, owners, strict=True) if owner is None)
 
-    async def claim(self, tenant: str, unowned: Unowned, kept: Sequence[str]) -> Withheld | None:
-        """Once the upstream answered a Responses request, before the client sees any of it: claim for `tenant`
+    async def claim(self, key: ApiKey, deployment: str, unowned: Unowned, kept: Sequence[str]) -> Withheld | None:
+        """Once the upstream answered a Responses request, before the client sees any of it: claim for `key`'s tenant
+        and app, and the `deployment` the request went to,
         the ids it named that nobody owned (`admit`), and the ids the provider keeps its answer under (`kept`: the
         response's and its output items', none when it keeps nothing), all at once (one round trip, not one per id).
-        None when all are `tenant`'s, else the answer to give instead: another tenant's claim of a named id won
-        meanwhile (that tenant's state, answered as an id that does not exist), or the store failed."""
+        None when all are `key`'s, else the answer to give instead: another app's claim of a named id won meanwhile
+        (that app's state, answered as an id that does not exist), or the store failed."""
+        record = Owner(key.tenant, 0.0, key.app, deployment)
         try:
-            won = await _together(self._claimed(tenant, state_id) for state_id in
+            won = await _together(self._claimed(key, record, state_id) for state_id in
                                   (*(state_id for _, state_id in unowned), *kept))
         except KVUnavailable as exc:
             return Withheld(unavailable(exc.message), refusal(exc.message))
@@ -166,43 +183,52 @@ class Owners:
             if not mine:
                 return Withheld(not_found(field, state_id), _not_found_message(field, state_id))
         if lost := [state_id for state_id, mine in zip(kept, won[len(unowned):], strict=True) if not mine]:
-            # Only a provider whose ids can be guessed, and another tenant naming one in the instant between its
-            # creation and this claim: that tenant was served it, so this answer is not passed on.
-            log.warning("ids %s of an answer created for tenant %s were claimed first by another tenant", lost, tenant)
-            return Withheld(unavailable("an id of its answer is another tenant's"),
-                            "an id of its answer is another tenant's")
+            # Only a provider whose ids can be guessed, and another app naming one in the instant between its
+            # creation and this claim: that app was served it, so this answer is not passed on.
+            log.warning("ids %s of an answer created for %s were claimed first by another app", lost, key.label)
+            return Withheld(unavailable("an id of its answer is another app's"),
+                            "an id of its answer is another app's")
         return None
 
     async def _owner(self, state_id: str) -> Owner | None:
-        """The record of the tenant that owns `state_id`, None when nobody does (read, never written)."""
+        """The record of the app that owns `state_id`, None when nobody does (read, never written)."""
         def step(owner: Owner | None) -> tuple[None, Owner | None]:
             return None, owner
 
         return await self.store.update(owner_key(state_id), _decode_owner, step, f"the owner of {state_id!r}")
 
     def _due(self, owner: Owner) -> bool:
-        return time.time() - owner.at >= self.ttl_s * RENEW_AFTER
+        """Whether `owner` is renewed when named: it has lived a quarter of its TTL, or names no app (written before
+        apps were recorded: the app naming it has it, so the tenant's other apps are refused it from then on)."""
+        return not owner.app or time.time() - owner.at >= self.ttl_s * RENEW_AFTER
 
-    async def _renew(self, tenant: str, state_id: str) -> None:
-        """Begin again the life of `tenant`'s record of `state_id`, which `tenant` named: an id in use stays its
-        owner's (else it expired a TTL after its claim however often named, and another tenant naming it then took
-        it). A failure is logged, not the request's: the record still stands."""
+    async def _renew(self, key: ApiKey, deployment: str, state_id: str) -> None:
+        """Begin again the life of the record of `state_id`, which `key` (served it) named: an id in use stays its
+        owner's (else it expired a TTL after its claim however often named, and another app naming it then took
+        it); a record without an app becomes `key`'s app's, through `deployment`. A failure is logged, not the
+        request's: the record still stands."""
         def step(owner: Owner | None) -> tuple[Owner | None, None]:
-            still = owner is not None and owner.tenant == tenant and self._due(owner)  # no other replica renewed it
-            return (Owner(tenant, time.time()) if still else None), None
+            # Not renewed meanwhile by another replica, nor taken over since it was read.
+            if owner is None or not owner.serves(key) or not self._due(owner):
+                return None, None
+            now = time.time()
+            renewed = msgspec.structs.replace(owner, at=now) if owner.app else Owner(key.tenant, now, key.app, deployment)
+            return renewed, None
 
         try:
             await self.store.update(owner_key(state_id), _decode_owner, step, f"the owner of {state_id!r}",
                                     ttl_s=self.ttl_s)
         except KVUnavailable as exc:
-            log.warning("the owner record of %r (tenant %s) was not renewed: %s; it stands until it expires",
-                        state_id, tenant, exc.message)
+            log.warning("the owner record of %r (%s) was not renewed: %s; it stands until it expires",
+                        state_id, key.label, exc.message)
 
-    async def _claimed(self, tenant: str, state_id: str) -> bool:
-        """Whether `tenant` owns `state_id` now: it did, or nobody did and its create won (another replica's
-        concurrent create makes the store read again)."""
+    async def _claimed(self, key: ApiKey, record: Owner, state_id: str) -> bool:
+        """Whether `key` may name `state_id` now: it could, or nobody owned it and its create (of `record`, now) won
+        (another replica's concurrent create makes the store read again)."""
         def step(owner: Owner | None) -> tuple[Owner | None, bool]:
-            return (Owner(tenant, time.time()), True) if owner is None else (None, owner.tenant == tenant)
+            if owner is None:
+                return msgspec.structs.replace(record, at=time.time()), True
+            return None, owner.serves(key)
 
         return bool(await self.store.update(owner_key(state_id), _decode_owner, step, f"the owner of {state_id!r}",
                                             ttl_s=self.ttl_s))
@@ -229,16 +255,16 @@ class Claims:
     first event) claims the ids its request named that nobody owned, with the ids shown so far; each later one the
     ids shown since (a stream's output items, as each appears), before the client sees the event naming them."""
 
-    def __init__(self, owners: Owners, tenant: str, unowned: Unowned) -> None:
-        self.owners, self.tenant, self.unowned = owners, tenant, unowned
+    def __init__(self, owners: Owners, key: ApiKey, deployment: str, unowned: Unowned) -> None:
+        self.owners, self.key, self.deployment, self.unowned = owners, key, deployment, unowned
         self.begun = False
         self.done = 0  # how many of the answer's ids are claimed
 
     async def __call__(self, kept: Sequence[str]) -> Withheld | None:
         """Claim those of `kept` (the ids the provider keeps the answer under so far, in the order shown) not claimed
-        yet: None when they are the caller's tenant's now, else what to give instead (Owners.claim)."""
+        yet: None when they are the caller's app's now, else what to give instead (Owners.claim)."""
         if self.begun and len(kept) == self.done:
             return None
         unowned, self.unowned, self.begun = self.unowned, (), True
         fresh, self.done = kept[self.done:], len(kept)
-        return await self.owners.claim(self.tenant, unowned, fresh)
+        return await self.owners.claim(self.key, self.deployment, unowned, fresh)

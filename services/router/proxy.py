@@ -461,12 +461,12 @@ class Proxy:
             return ticket
         claim = None
         if op is RESPONSES:
-            # Another tenant's stored response, conversation, item or container is answered as one that does not
-            # exist, before any upstream call, its reservation given back; the answer's own ids, and those nobody
+            # Another tenant's or app's stored response, conversation, item or container (or one created through a
+            # deployment outside the key's scope) is answered as one that does not exist, before any upstream call, its reservation given back; the answer's own ids, and those nobody
             # owned yet, are claimed as it comes. After admission, so a key over its rate limit or budget costs the
             # store nothing (probe p49 F3); reading, never writing a claim, so a refused request leaves none.
             try:
-                unowned = await self.owners.admit(key, owned)
+                unowned = await self.owners.admit(key, deployment, owned)
             except BaseException:
                 # The client left while the store was asked (the server cancels the handler): nothing went upstream,
                 # so nothing was spent. Before, probe p66 F1, the reservation stayed counted until the period ended.
@@ -475,7 +475,7 @@ class Proxy:
             if isinstance(unowned, web.Response):
                 self.admission.release(ticket)
                 return unowned
-            claim = Claims(self.owners, key.tenant, unowned)
+            claim = Claims(self.owners, key, deployment, unowned)
 
         call_of = partial(_call_of, hops, sent, req.model)
         # A fallback after calls abandoned once sent takes a further reservation first (Admission.cover).

@@ -312,7 +312,8 @@ async def test_a_claim_is_keyed_by_the_ids_hash_and_expires(settings: Settings, 
     kv = await bus.kv(bus.subjects.kv_response_owners)
     entry = await kv.get(owner_key(mine))
     record = msgspec.json.decode(entry.value, type=Owner)
-    assert record.tenant == "acme" and time.time() - 60 < record.at <= time.time()
+    assert (record.tenant, record.app, record.deployment) == ("acme", "shop", "chat")
+    assert time.time() - 60 < record.at <= time.time()
     msg = await bus.js.get_msg(f"KV_{bus.subjects.kv_response_owners}", entry.revision)
     assert (msg.headers or {}).get("Nats-TTL") in ("3600", "3600s")
     # Named by its owner while young: no write (a record is renewed once it has lived a quarter of its TTL).
@@ -327,6 +328,17 @@ async def test_a_claim_is_keyed_by_the_ids_hash_and_expires(settings: Settings, 
     assert entry.revision != old and msgspec.json.decode(entry.value, type=Owner).tenant == "acme"
     msg = await bus.js.get_msg(f"KV_{bus.subjects.kv_response_owners}", entry.revision)
     assert (msg.headers or {}).get("Nats-TTL") in ("3600", "3600s")
+
+    # A record written before apps were recorded (its tenant alone, however young) serves any app of that tenant, as
+    # it did, and the first to name it has it rewritten as its own: the tenant's other apps are refused it since.
+    await kv.create(owner_key("resp_tenants"), msgspec.json.encode({"tenant": "acme", "at": time.time()}),
+                    msg_ttl=3600)
+    other = _client(router, KeyStore(s.home).create("acme", "other")[0])
+    await _create(other, False, previous_response_id="resp_tenants", extra_headers={"x-lockgate-deployment": "web2"})
+    record = msgspec.json.decode((await kv.get(owner_key("resp_tenants"))).value, type=Owner)
+    assert (record.tenant, record.app, record.deployment) == ("acme", "other", "web2")
+    err = await _refused(_client(router, keys.app_key), False, previous_response_id="resp_tenants")
+    assert err.code == "previous_response_not_found"
 
 
 async def test_an_id_in_use_stays_its_owners_past_the_ttl(settings: Settings, store: Store, replicas: Replicas,
@@ -351,9 +363,9 @@ async def test_under_auth_the_router_claims_and_an_app_cannot_touch_the_owners(t
         owners = Owners(settings, buses["router"])
         store = KeyStore(settings.home)
         acme, globex = store.create("acme", "shop")[1], store.create("globex", "books")[1]
-        assert await owners.claim("acme", (), ("resp_1",)) is None  # the router identity creates claims
-        assert await owners.admit(acme, (("previous_response_id", "resp_1"),)) == ()
-        refused = await owners.admit(globex, (("previous_response_id", "resp_1"),))
+        assert await owners.claim(acme, "chat", (), ("resp_1",)) is None  # the router identity creates claims
+        assert await owners.admit(acme, "chat", (("previous_response_id", "resp_1"),)) == ()
+        refused = await owners.admit(globex, "chat", (("previous_response_id", "resp_1"),))
         assert isinstance(refused, web.Response) and refused.status == 400
         app = buses["app"]
         with pytest.raises(NotAllowed):  # an application cannot claim an id, nor take one over
@@ -508,3 +520,40 @@ async def test_the_owners_are_asked_after_rate_limits_and_a_refusal_gives_its_re
     # The minute's requests spent: the rate limit answers, before the owners are asked.
     assert isinstance(await _refused(other, False, previous_response_id=mine), openai.RateLimitError)
     assert sim.total_requests == 2
+
+
+def _on(deployment: str) -> dict[str, Any]:
+    return {"extra_headers": {"x-lockgate-deployment": deployment}}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+async def test_another_apps_ids_are_answered_as_ones_that_do_not_exist(
+        settings: Settings, store: Store, replicas: Replicas, sim: SimServer, keys: Bootstrap, globex: str,
+        stream: bool) -> None:
+    """Before (probe p74 F1), owners were recorded by tenant alone: a key of app `other` (scoped to deployment `web2`)
+    named a response, an output item or a conversation app `shop` created through `shop-web` (a deployment the key is
+    refused), and the shared upstream account continued shop's conversation for it."""
+    router = await _router(replicas, _passthrough(settings, sim), store)
+    made = KeyStore(settings.home)
+    shop = _client(router, made.create("acme", "shop", deployments=["shop-web"])[0])
+    apps = {"another app": _client(router, made.create("acme", "other", deployments=["web2"])[0]),
+            "its app's key scoped elsewhere": _client(router, made.create("acme", "shop", deployments=["web2"])[0])}
+    mine, item = await _answer(shop, stream, **_on("shop-web"))
+    await _create(shop, stream, conversation="conv_shop", **_on("shop-web"))  # named first by shop: shop's
+    assert sim.total_requests == 2
+
+    # Each is answered exactly as another tenant's id (and as an id that does not exist): nothing tells it exists.
+    asks = {"previous_response_id": {"previous_response_id": mine}, "input": {"input": _referring(item)},
+            "conversation": {"conversation": "conv_shop"}}
+    for field, ask in asks.items():
+        unknown = await _refused(_client(router, globex), stream, **ask, **_on("web2"))
+        for who, client in apps.items():
+            err = await _refused(client, stream, **ask, **_on("web2"))
+            assert (err.status_code, err.body) == (unknown.status_code, unknown.body), (who, field, err.body)
+            assert err.param == field
+    assert sim.total_requests == 2
+
+    # The app's key of every deployment is served on any of them, and an admin key may name any app's.
+    await _create(_client(router, keys.app_key), stream, previous_response_id=mine, **_on("web2"))
+    await _create(_client(router, keys.admin_key), stream, input=_referring(item), **_on("web2"))
+    assert sim.total_requests == 4
