@@ -155,6 +155,9 @@ class _Request(msgspec.Struct):
     encoding_format: str | None = None
     dimensions: int | None = None
     tools: list[dict[str, Any]] | None = None
+    # Echoed back in a Response object, as OpenAI's Responses API does.
+    user: str | None = None
+    metadata: dict[str, str] | None = None
 
 
 _decode_other = msgspec.json.Decoder(_Request).decode
@@ -520,7 +523,8 @@ class SimServer:
                     "content": [{"type": "output_text", "text": answer, "annotations": []}]}
         base = {"id": rid, "object": "response", "created_at": int(time.time()), "model": model.name,
                 "instructions": body.instructions, "tools": body.tools or [], "tool_choice": "auto",
-                "parallel_tool_calls": True, "metadata": {}, "error": None, "incomplete_details": None}
+                "parallel_tool_calls": True, "metadata": body.metadata or {}, "user": body.user, "error": None,
+                "incomplete_details": None}
         status = "completed" if finish == "stop" else "incomplete"
         done = {**base, "status": status, "output": [item], "usage": usage}
         if finish != "stop":

@@ -202,7 +202,7 @@ class Ticket:
     """One admitted request: what it reserved where, settled once after its calls."""
 
     __slots__ = ("app", "cache_key", "charges", "cost", "deployment", "key", "key_id", "limits", "max_fields",
-                 "pointed", "price", "prices", "req", "tenant")
+                 "pointed", "price", "prices", "req", "spent", "tenant")
 
     def __init__(self, key: ApiKey | None, cost: Amount, price: ModelPrice | None,
                  prices: dict[str, ModelPrice | None] | None = None) -> None:
@@ -213,6 +213,9 @@ class Ticket:
         self.prices = prices or {}  # every model it may reach (a canary's, stable's on fallback), for settling
         self.charges: list[tuple[str, Budget, Amount]] = []  # counter, budget, amount reserved
         self.cache_key: str | None = None
+        # What settle charged for the call that answered (None until settled, or when it is unknown which call ran):
+        # what a hit on its cached answer saves.
+        self.spent: Amount | None = None
         # What a call's worst case is computed from (Admission.worst): the request, what its body points at and
         # the fields that bound its output; and its deployment, for budget events.
         self.req: ApiRequest | None = None
@@ -565,7 +568,7 @@ class Admission:
         cost ledger books it so when no budget or rate limit covers the key too (before, probe p56 F1, such a call was
         booked 0 tokens and $0 then, though the provider bills it); only the counters need a reservation."""
         spent = sum((self._unknown(ticket, r, c) for r, c in abandoned), ZERO)
-        final = self._final(ticket, rec, model, call)
+        final = ticket.spent = self._final(ticket, rec, model, call)
         if not ticket.reserved:  # no policy applies, or nothing is held any more (a cache hit released it)
             return
         # Which call ran, and how far, unknown (the request failed in an unforeseen way): everything reserved stays spent.
@@ -878,11 +881,15 @@ class Admission:
             rec.attributes["cache"] = "miss"
             return None
         self.release(ticket)
-        saved = cost_of(self.prices.get(entry.model), entry.input_tokens, entry.output_tokens, entry.cached_tokens)
+        # What settlement charged for the miss, as the ledger booked it (before, probe p76 F3, its raw counts priced at
+        # the name of the model that answered: a dated model's answer saved 0, a lying count 50 USD). An entry a replica
+        # from before shared (no cost_nano) is priced from its counts, as then, for the rest of its TTL.
+        saved = (entry.cost_nano if entry.cost_nano is not None else cost_of(
+            self.prices.get(entry.model), entry.input_tokens, entry.output_tokens, entry.cached_tokens).usd)
         # Nothing was generated: the event carries no usage (so cost accounting charges nothing) and
         # says what the hit saved.
         rec.response_model = entry.model  # what it answered: the caller reads it from the body (rec.replayed)
-        rec.attributes.update({"cache": "hit", "cost_saved": f"{saved.usd / NANO:.9f}"})
+        rec.attributes.update({"cache": "hit", "cost_saved": f"{saved / NANO:.9f}"})
         headers["x-lockgate-cache"] = "hit"
         # An id of its own, as every answer has one (the SDK's `request_id`, what a user quotes): not the stored
         # answer's, which named another request to its upstream.
@@ -911,7 +918,7 @@ class Admission:
             return
         entry = Entry(body=body, expires=self.clock() + spec.ttl_s, model=rec.response_model,
                       input_tokens=rec.input_tokens, output_tokens=rec.output_tokens, cached_tokens=rec.cached_tokens,
-                      content_type=content_type)
+                      content_type=content_type, cost_nano=(ticket.spent or ZERO).usd)
         if self.cache.put(ticket.cache_key, entry) and spec.shared and len(body) < _SHARED_MAX:
             task = asyncio.get_running_loop().create_task(self._shared_put(ticket.cache_key, entry))
             self._puts.add(task)  # held until done: the loop keeps only weak references to tasks

@@ -335,6 +335,14 @@ def input_estimate(body_bytes: int, req: ApiRequest, bytes_per_token: float, poi
 _APPLICATION_TOOLS = frozenset({"function", "custom"})
 
 
+def provider_runs(tools: Any) -> bool:
+    """Whether a request's decoded `tools` declare one the provider runs (any but the application's own functions), or
+    are not a list of tools the router can read: the answer then rests on what such a tool found or did on the
+    provider's side (input_guessed; cache.request_key never caches it)."""
+    return not isinstance(tools, list) or any(not isinstance(t, dict) or t.get("type") not in _APPLICATION_TOOLS
+                                              for t in tools)
+
+
 def input_guessed(req: ApiRequest, pointed: int) -> bool:
     """Whether a request's input estimate (input_estimate) may be below what its upstream reads: it holds a configured
     guess for what the body only points at (`pointed`: an image's `media_tokens`, a file's or stored state's
@@ -350,8 +358,7 @@ def input_guessed(req: ApiRequest, pointed: int) -> bool:
         tools = _any.decode(bytes(req.tools))
     except msgspec.DecodeError:  # the upstream read something: what, the router cannot say
         return True
-    return not isinstance(tools, list) or any(not isinstance(t, dict) or t.get("type") not in _APPLICATION_TOOLS
-                                              for t in tools)
+    return provider_runs(tools)
 
 
 def most_output(req: ApiRequest, fields: Sequence[str], default_max_tokens: int,

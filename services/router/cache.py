@@ -3,14 +3,15 @@ in an in-process LRU bounded in bytes. Pure: the clock is passed in, nothing her
 
 The key is a hash of the canonical JSON (sorted keys) of the request as the upstream would receive it
 (the release's model and parameters applied), without the fields that do not change the answer
-(`user`, `stream_options`, `metadata`), together with the operation (its path), whether it streams,
-the tenant and app of the caller's API key, the deployment and release: an answer is shared by the keys and users
-of one app, never with another app or tenant (whose keys could otherwise tell from `x-lockgate-cache: hit` what
+(`user`, `stream_options`, `metadata`; but for `/responses`, whose answer echoes `user` and `metadata`: _ECHOING),
+together with the operation (its path), whether it streams, the tenant and app of the caller's API key, the
+deployment and release: an answer is shared by the keys and users of one app, never with another app or tenant (whose keys could otherwise tell from `x-lockgate-cache: hit` what
 this app's users asked), a promoted release never serves its predecessor's, and one body sent to two operations
 (an embeddings request, then the same body to `/v1/responses`) never gets the other operation's answer. A
 request to an operation that samples (all but embeddings) with a temperature above 0 (absent means the provider's
 default of 1) is not cached unless the deployment asks for it (`any_temperature`). A body over MAX_KEYED_BYTES is
-not cached at all, nor one naming state the provider keeps that changes (`_names_changing_state`).
+not cached at all, nor one naming state the provider keeps that changes or a tool the provider runs
+(`_names_changing_state`).
 
 Streams are cached too: the entry is the stream as the client received it (its SSE bytes, the
 hidden usage chunk left out), replayed as one `text/event-stream` body on a hit. A streamed request
@@ -27,11 +28,20 @@ from typing import Annotated, Any
 
 import msgspec
 
+from lockgate.services.router.budgets import provider_runs
+
 Seconds = Annotated[float, msgspec.Meta(gt=0)]
 # Fields that change nothing in the answer: who asks, how usage is streamed, the caller's tags.
 # `stream` is keyed on its own, as a bool: `"stream": false` and no `stream` are the same request.
 _IGNORED = frozenset({"user", "stream_options", "metadata", "stream"})
 _IGNORED_STREAMED = frozenset({"user", "metadata", "stream"})
+# Operations whose answer echoes who asks and the caller's tags: OpenAI's Response object carries the request's `user`
+# and `metadata` back (its `safety_identifier` and `prompt_cache_key` too, which no key ignores). There they are part
+# of the key, so a hit never hands one caller's identity and tags to another (probe p76 F1: bob got alice's answer,
+# `"user": "alice@example.com"` and her metadata in it); rewriting them in a stored body (and in a stream's events)
+# would be a second encoder of the answer. Chat, completions and embeddings answers echo neither: shared by all users.
+_ECHOING = frozenset({"/responses"})
+_ECHOED = frozenset({"user", "metadata"})
 EVENT_STREAM = "text/event-stream"
 # Operations that do not sample: the same input has the same answer whatever the temperature (embeddings take none:
 # wire.as_released sends them no release temperature, and an absent one is not the provider's 1 there). Before
@@ -47,12 +57,17 @@ _canonical = msgspec.json.Encoder(order="sorted")
 def _names_changing_state(body: dict[str, Any]) -> bool:
     """Whether the answer depends on state the provider keeps that changes between two such requests: a Responses
     `conversation` (each turn adds to it), a stored `prompt` template without its version (its latest one is used),
-    a `background` response (answered by an id to poll, each request a new one). A hit would skip the call: the
-    user's turn never added to the conversation, an old answer to its history as it was (probe p38 F2: the same
-    `conversation` request was answered from the cache, with the first answer's response id and usage)."""
+    a `background` response (answered by an id to poll, each request a new one), a tool the provider runs
+    (budgets.provider_runs: code in a named container, an MCP server's actions, a vector store or the live web read;
+    chat's `web_search_options`). A hit would skip the call: the user's turn never added to the conversation, an old
+    answer to its history as it was (probe p38 F2: the same `conversation` request was answered from the cache, with
+    the first answer's response id and usage), the tool never run (probe p76 F2: the second identical request with a
+    code interpreter, an MCP server or file search was a hit, and never reached the provider)."""
     prompt = body.get("prompt")
     return (body.get("conversation") is not None or body.get("background") is True
-            or (isinstance(prompt, dict) and prompt.get("version") is None))
+            or (isinstance(prompt, dict) and prompt.get("version") is None)
+            or (body.get("tools") is not None and provider_runs(body["tools"]))
+            or body.get("web_search_options") is not None)
 
 
 class CacheSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -83,13 +98,15 @@ def request_key(tenant: str, app: str, deployment: str, release: str, operation:
     streamed = bool(body.get("stream"))
     # A stream's bytes say whether usage was included: its stream_options are part of the key.
     ignored = _IGNORED_STREAMED if streamed else _IGNORED
+    if operation in _ECHOING:
+        ignored = ignored - _ECHOED
     kept = {k: v for k, v in body.items() if k not in ignored}
     scope = [tenant, app, deployment, release, operation, streamed]
     return hashlib.sha256(_canonical.encode([*scope, kept])).hexdigest()
 
 
 class Entry(msgspec.Struct, frozen=True):
-    """A cached response body, when it expires, and the usage it cost when it was made."""
+    """A cached response body, when it expires, and the usage and cost it was charged when it was made."""
 
     body: bytes
     expires: float
@@ -98,6 +115,9 @@ class Entry(msgspec.Struct, frozen=True):
     output_tokens: int = 0
     cached_tokens: int = 0
     content_type: str = "application/json"  # EVENT_STREAM: a stream's SSE bytes, replayed as they were sent
+    # What settlement charged for the answer, in nano-USD: its price and the counts it believed (a worst case for usage
+    # it did not), as the ledger books it; what a hit saves (probe p76 F3). None in one a replica from before shared.
+    cost_nano: int | None = None
 
 
 class Shared(msgspec.Struct, frozen=True, array_like=True):

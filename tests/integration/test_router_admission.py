@@ -33,6 +33,7 @@ from lockgate.llmwire import ApiRequest
 from lockgate.pricebook import load_price_book
 from lockgate.server.apikeys import Bootstrap, KeyStore, bootstrap
 from lockgate.server.natsserver import NatsServer
+from lockgate.services.cost.domain import price_events
 from lockgate.services.router.admission import Admission, Ticket
 from lockgate.services.router.budgets import NANO, Amount, Counter, cost_of, input_estimate
 from lockgate.services.router.cache import MAX_KEYED_BYTES
@@ -40,7 +41,7 @@ from lockgate.services.router.ratelimit import Level
 from lockgate.store import Store
 from lockgate.subjects import Subjects
 from lockgate_dev.sim import ModelSpec, SimConfig, SimServer
-from tests.helpers import ChatUpstream, Relay, Replicas, identity_buses
+from tests.helpers import ChatUpstream, Relay, Replicas, identity_buses, served_events
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -621,8 +622,8 @@ async def test_a_cached_answer_is_shared_within_one_app_never_with_another_app_o
     assert sim.requests[MODEL] == 2
 
 
-async def _caching(settings: Settings, store: Store, stack: Stack, sim: SimServer, tmp_path: Path, deployment: str,
-                   ttl_s: float) -> tuple[Any, Any, Any]:
+async def _caching(settings: Settings, store: Store, stack: Stack, sim: SimServer | ChatUpstream, tmp_path: Path,
+                   deployment: str, ttl_s: float) -> tuple[Any, Any, Any]:
     """A router caching `deployment`'s answers for `ttl_s`, an app key of acme/shop, and a subscription to the
     events it serves them."""
     s = settings.replace(stable_upstream=sim.url, passthrough=True, deployment=deployment, app="shop",
@@ -763,6 +764,111 @@ async def test_a_responses_turn_of_a_conversation_is_never_answered_from_the_cac
     plain = [await c.responses.with_raw_response.create(model=MODEL, input="and then?", temperature=0,
                                                         max_output_tokens=MAX_TOKENS) for _ in range(2)]
     assert [t.headers.get("x-lockgate-cache") for t in plain] == ["miss", "hit"] and sim.requests[MODEL] == 3
+
+
+async def test_a_cached_responses_answer_never_echoes_another_callers_user_or_metadata(
+        settings: Settings, store: Store, stack: Stack, sim: SimServer, tmp_path: Path) -> None:
+    # Before (probe p76 F1): `user` and `metadata` were in no key, but a Response object echoes both: bob's request
+    # was a hit whose body said `"user": "alice@example.com"` and carried alice's metadata.
+    router, keys, sub = await _caching(settings, store, stack, sim, tmp_path, "faq", 60)
+    await sub.unsubscribe()
+    c = client(router, keys.app_key)
+
+    async def ask_as(who: str, stream: bool = False) -> tuple[str | None, str | None, dict[str, str] | None]:
+        raw = await c.responses.with_raw_response.create(
+            model=MODEL, input="what is my balance?", temperature=0, max_output_tokens=MAX_TOKENS, user=who,
+            metadata={"customer_email": who}, stream=stream)
+        answer = raw.parse()
+        if stream:  # the Response object of its `response.completed` event
+            answer = [e async for e in answer if e.type == "response.completed"][0].response
+        return raw.headers.get("x-lockgate-cache"), answer.user, answer.metadata
+
+    for stream in (False, True):
+        assert await ask_as("alice@example.com", stream) == (
+            "miss", "alice@example.com", {"customer_email": "alice@example.com"})
+        assert await ask_as("bob@example.com", stream) == (
+            "miss", "bob@example.com", {"customer_email": "bob@example.com"})
+        # The same caller again is a hit, with its own fields.
+        assert await ask_as("alice@example.com", stream) == (
+            "hit", "alice@example.com", {"customer_email": "alice@example.com"})
+    assert sim.requests[MODEL] == 4
+
+
+async def test_a_responses_request_with_tools_the_provider_runs_is_never_answered_from_the_cache(
+        settings: Settings, store: Store, stack: Stack, sim: SimServer, tmp_path: Path) -> None:
+    # Before (probe p76 F2): cached at temperature 0, so the second request never reached the provider: no code ran in
+    # the container, no ticket was opened on the MCP server, a changed vector store or web page was never read.
+    router, keys, sub = await _caching(settings, store, stack, sim, tmp_path, "faq", 60)
+    await sub.unsubscribe()
+    c = client(router, keys.app_key)
+    hosted: list[dict[str, Any]] = [
+        {"type": "code_interpreter", "container": "cntr_abc"},
+        {"type": "mcp", "server_label": "tickets", "server_url": "https://mcp.example/sse",
+         "require_approval": "never"},
+        {"type": "file_search", "vector_store_ids": ["vs_1"]},
+        {"type": "web_search_preview"},
+        {"type": "image_generation"},
+    ]
+    calls = 0
+    for tool in hosted:
+        seen = [(await c.responses.with_raw_response.create(
+            model=MODEL, input="append a row to data.csv", temperature=0, max_output_tokens=MAX_TOKENS,
+            tools=[tool])).headers.get("x-lockgate-cache") for _ in range(2)]
+        calls += 2
+        assert (tool["type"], seen, sim.requests[MODEL]) == (tool["type"], [None, None], calls)
+    # Chat's own web search reads the live web too.
+    for _ in range(2):
+        raw = await c.chat.completions.with_raw_response.create(
+            model=MODEL, messages=[{"role": "user", "content": "news?"}], max_tokens=MAX_TOKENS, temperature=0,
+            extra_body={"web_search_options": {}})
+        assert raw.headers.get("x-lockgate-cache") is None
+    assert sim.requests[MODEL] == calls + 2
+    # A function the application runs itself (its results come back in the next body) is cached as ever.
+    function = {"type": "function", "name": "lookup", "parameters": {"type": "object", "properties": {}}}
+    seen = [(await c.responses.with_raw_response.create(
+        model=MODEL, input="look it up", temperature=0, max_output_tokens=MAX_TOKENS,
+        tools=[function])).headers.get("x-lockgate-cache") for _ in range(2)]
+    assert seen == ["miss", "hit"] and sim.requests[MODEL] == calls + 3
+
+
+class _Answering(ChatUpstream):
+    """An upstream answering every chat request as `model`, with the usage `usage`."""
+
+    def __init__(self, model: str, usage: dict[str, int]) -> None:
+        super().__init__()
+        self.model, self.usage = model, usage
+        self.calls = 0
+
+    async def chat(self, request: web.Request) -> web.Response:
+        self.calls += 1
+        return web.json_response({
+            "id": f"chatcmpl-{self.calls}", "object": "chat.completion", "created": 1, "model": self.model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": ANSWER}, "finish_reason": "stop"}],
+            "usage": self.usage})
+
+
+@pytest.mark.parametrize(("answered", "usage"), [
+    # OpenAI answers with the model's dated version: the price book prices it as the model asked for.
+    (MODEL + "-2024-08-06", {"prompt_tokens": 8, "completion_tokens": 12, "total_tokens": 20}),
+    # Usage the router does not believe (10^8 input tokens for "hi"): the call was charged its worst case.
+    (MODEL, {"prompt_tokens": 99_999_999, "completion_tokens": 5, "total_tokens": 100_000_004}),
+], ids=["dated-model", "unbelieved-usage"])
+async def test_a_cache_hit_saves_what_the_ledger_booked_for_its_miss(
+        settings: Settings, store: Store, stack: Stack, tmp_path: Path, answered: str, usage: dict[str, int]) -> None:
+    # Before (probe p76 F3): the hit priced the stored answer's raw counts at the answering model's name: a dated
+    # model saved 0, and the 10^8 tokens an upstream claimed for "hi" (charged ~111 tokens) saved 50 USD.
+    async with _Answering(answered, usage) as up:
+        router, keys, sub = await _caching(settings, store, stack, up, tmp_path, "faq", 60)
+        c = client(router, keys.app_key)
+        for want in ("miss", "hit"):
+            raw = await c.chat.completions.with_raw_response.create(
+                model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=MAX_TOKENS, temperature=0)
+            assert raw.headers["x-lockgate-cache"] == want
+        miss, hit = await served_events(sub, 2)
+        booked = price_events([miss], load_price_book()).entries[0]
+        assert booked.priced and booked.cost_usd > 0
+        assert hit.attributes["cache"] == "hit" and up.calls == 1
+        assert float(hit.attributes["cost_saved"]) == pytest.approx(booked.cost_usd, abs=1e-9)
 
 
 class _HoldingUpstream(ChatUpstream):

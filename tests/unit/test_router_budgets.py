@@ -520,12 +520,34 @@ def test_the_temperature_rule_is_for_operations_that_sample(operation: str, cach
     ({"background": True}, False), ({"background": False}, True),
     ({"prompt": {"id": "pmpt_1"}}, False), ({"prompt": {"id": "pmpt_1", "version": "2"}}, True),
     ({"previous_response_id": "resp_1"}, True),  # a stored response does not change: the same answer
+    # Tools the provider runs act on or read what changes (probe p76 F2); the application's own functions do not.
+    ({"tools": [{"type": "code_interpreter", "container": "cntr_1"}]}, False),
+    ({"tools": [{"type": "mcp", "server_label": "t", "server_url": "https://mcp.example"}]}, False),
+    ({"tools": [{"type": "file_search", "vector_store_ids": ["vs_1"]}]}, False),
+    ({"tools": [{"type": "web_search_preview"}]}, False), ({"tools": [{"type": "computer_use_preview"}]}, False),
+    ({"tools": [{"type": "function", "name": "f"}, {"type": "local_shell"}]}, False), ({"tools": "?"}, False),
+    ({"web_search_options": {}}, False),
+    ({"tools": [{"type": "function", "name": "f"}, {"type": "custom", "name": "g"}]}, True), ({"tools": None}, True),
 ])
 def test_a_request_naming_state_the_provider_changes_is_not_cached(extra: dict, cached: bool) -> None:
     """Before (probe p38 F2): the same `conversation` request was answered from the cache, so the user's turn was
     never added to the conversation and the answer was to its history as it was at the first request."""
     body = {"model": "m", "input": "and then?", "temperature": 0, **extra}
     assert (request_key("t", "a", "d", "r", "/responses", body, ZERO_T) is not None) is cached
+
+
+def test_a_responses_key_holds_the_user_and_metadata_its_answer_echoes() -> None:
+    """Before (probe p76 F1): neither was keyed, and a Response object echoes both: bob's hit said alice's `user` and
+    carried her metadata. Other operations' answers echo neither, so their users share one entry."""
+    for streamed in (False, True):
+        alice = {"model": "m", "input": "balance?", "temperature": 0, "user": "alice", "metadata": {"k": "a"},
+                 "stream": streamed}
+        key = partial(request_key, "t", "a", "d", "r")
+        assert key("/responses", alice, ZERO_T) == key("/responses", dict(alice), ZERO_T)
+        assert key("/responses", {**alice, "user": "bob"}, ZERO_T) != key("/responses", alice, ZERO_T)
+        assert key("/responses", {**alice, "metadata": {"k": "b"}}, ZERO_T) != key("/responses", alice, ZERO_T)
+        assert key("/completions", {**alice, "user": "bob", "metadata": {}}, ZERO_T) == key("/completions", alice,
+                                                                                             ZERO_T)
 
 
 def test_one_body_sent_to_two_operations_has_two_keys() -> None:
@@ -568,6 +590,16 @@ def test_shared_entries_carry_their_expiry_across_clocks() -> None:
     assert got is not None and got.expires == pytest.approx(13.0) and got.input_tokens == 3
     assert from_shared(data, now=7.0, wall=5010.0) is None  # expired meanwhile
     assert from_shared(b"not msgpack", now=0.0, wall=0.0) is None
+
+
+def test_a_shared_entry_keeps_what_its_answer_was_charged_and_old_ones_still_read() -> None:
+    entry = Entry(body=b"{}", expires=110.0, model="m", cost_nano=83_500)
+    got = from_shared(to_shared(entry, now=100.0, wall=5000.0), now=0.0, wall=5000.0)
+    assert got is not None and got.cost_nano == 83_500
+    # As a replica from before probe p76 F3 wrote it: an Entry without the field.
+    old = msgspec.msgpack.encode([{"body": b"{}", "expires": 110.0, "model": "m", "input_tokens": 3}, 5010.0])
+    got = from_shared(old, now=0.0, wall=5000.0)
+    assert got is not None and (got.input_tokens, got.cost_nano) == (3, None)
 
 
 def test_the_most_output_is_the_largest_any_upstream_of_the_request_may_generate() -> None:
