@@ -1,9 +1,10 @@
 """Canary step kinds run in order: set_weight, pause (timed or until approved), set_header_route. Pure, no I/O.
 
 `route.cursor` is the next step to run. Header routes take effect at once and the program goes
-on; a pause holds the weight (a timed one ends by itself, an untimed one when an operator
-approves it with `rollout approve`); a weight step moves traffic and waits one interval (or its
-analysis). Past the last step the canary is promoted, as after the last weight of plain steps.
+on; a pause holds the weight (a timed one ends by itself, or with an analysis on the first passing look
+once over, `progress.holds`; an untimed one when an operator approves it with `rollout approve`); a weight
+step moves traffic and waits one interval (or its analysis). Past the last step the canary is promoted, as
+after the last weight of plain steps.
 """
 
 from __future__ import annotations

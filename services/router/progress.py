@@ -182,7 +182,7 @@ def due_at(route: Route) -> float | None:
         times.append(route.promote_at)  # without a pre-promotion analysis only the clock promotes
     elif not route.paused and not (s is not None and s.shadow_only()):
         times.append(route.next_step_at)
-    if program.pause_over(route, float("inf")):
+    if program.pause_over(route, float("inf")) and not analysed(route):  # else its looks end it (`holds`)
         times.append(route.resume_at)
     times = [t for t in times if t > 0]
     return min(times) if times else None
@@ -211,14 +211,15 @@ def on_decision(route: Route, decision: GateDecided, steps: tuple[float, ...], i
 
 def on_time(route: Route, steps: tuple[float, ...], interval_s: float, now: float,
             tripped: Tripped | None = None) -> Route | None:
-    """Changes the clock alone makes: a timed pause step ends, a blue-green preview promotes itself (without a
-    pre-promotion analysis), its old release scales down, or a plain step falls due.
+    """Changes the clock alone makes: a timed pause step ends (without an analysis), a blue-green preview promotes
+    itself (without a pre-promotion analysis), its old release scales down, or a plain step falls due. An analysed
+    rollout's timed pause ends on a passing look at or after its end (`holds`, `on_measurement`), never here.
 
     While the canary's endpoint breaker is open (`tripped`), no next step begins and no promotion happens: the
     route waits one interval more and says why. Its requests are then answered by stable, and a promotion made
     meanwhile left the promoted release without that fallback, answering 502 to every request until the breaker's
     cooldown ended."""
-    if program.pause_over(route, now) and route.strategy is not None:
+    if program.pause_over(route, now) and route.strategy is not None and not analysed(route):
         if tripped is not None:  # the look on its own schedule (`next_step_at`) still judges an analysed canary
             return _hold_tripped(route, tripped, resume_at=now + interval_s)
         return program.run(stepped(route, now), route.strategy.program(), interval_s, now,
@@ -246,6 +247,8 @@ def on_time(route: Route, steps: tuple[float, ...], interval_s: float, now: floa
 def _advance(route: Route, st: AnalysisStatus, steps: tuple[float, ...], interval_s: float, now: float) -> Route:
     """The next step after a passing analysis (program, plain weights, or blue-green's promotion)."""
     where = f"analysis passed at {_where(route)}"
+    if route.step_pause:  # only a timed pause over lets a look advance (`holds`)
+        where = f"timed pause at {_where(route)} over; {where}"
     bg = bluegreen.spec(route)
     if bg is not None:
         if route.promote_at and now >= route.promote_at:
@@ -266,6 +269,16 @@ def _advance(route: Route, st: AnalysisStatus, steps: tuple[float, ...], interva
         return msgspec.structs.replace(domain.promote(route, f"analysis passed at {route.weight:g}%"), analysis=st)
     return _bump(route, analysis=st, weight=steps[following], step=following + 1, next_step_at=now + interval_s,
                  reason=f"{where}; step {following + 1}/{len(steps)}: canary at {steps[following]:g}%")
+
+
+def holds(route: Route, now: float) -> bool:
+    """True while the route is paused and its looks advance nothing: by an operator, a pause step waiting for
+    approval, or a timed pause step not yet over. A timed pause over is no hold for an analysed rollout: its next
+    step (or promotion) waits for a passing look that judged the evidence of the pause (its step began with it),
+    and a look that waits for that evidence waits toward the progress deadline as any step's does. Before (probe
+    p75 F2), the clock ended it before the look due at the same moment: a canary with no request at all, or one
+    that turned slow once the pause began, was promoted on the pause's end with nothing of the pause judged."""
+    return route.paused and not (analysed(route) and program.pause_over(route, now))
 
 
 def stepped(route: Route, now: float) -> Route:
@@ -334,7 +347,8 @@ def on_measurement(route: Route, m: Measurement, steps: tuple[float, ...], inter
     st = route.analysis or AnalysisStatus()
     # A look of a paused rollout never waits toward the deadline: an operator (or a pause step) holds it, not
     # missing evidence. Any look that does not wait ends the wait.
-    waits = m.verdict == "WAITING" and not route.paused
+    paused = holds(route, now)
+    waits = m.verdict == "WAITING" and not paused
     m = overdue(route, m, interval_s, now)
     conclusive = m.verdict != "WAITING"
     st = msgspec.structs.replace(st, look=st.look + conclusive, last=m, at=now, consecutive_errors=0,
@@ -369,12 +383,13 @@ def on_measurement(route: Route, m: Measurement, steps: tuple[float, ...], inter
             return msgspec.structs.replace(
                 domain.rollback(route, f"post-promotion analysis inconclusive {st.inconclusives} times: {why}",
                                 decision_id=route.decision_id, decisions=decisions), analysis=st, paused=False)
-        if st.inconclusives > spec.inconclusive_limit and not route.paused:
-            return _bump(route, analysis=st, paused=True, next_step_at=nxt,
+        if st.inconclusives > spec.inconclusive_limit and not paused:
+            # The operator's hold now (a timed pause step over no longer ends by itself): `resume` ends it.
+            return _bump(route, analysis=st, paused=True, step_pause=False, resume_at=0.0, next_step_at=nxt,
                          reason=f"paused at {_where(route)}: analysis inconclusive {st.inconclusives} times "
                                 f"({why}); resume or abort")
         return hold(st)
-    if m.verdict == "WAITING" or route.paused:
+    if m.verdict == "WAITING" or paused:
         return hold(st)
     st = msgspec.structs.replace(st, successes=min(st.successes + 1, spec.count))
     if st.successes < spec.count or (tripped is not None and not held(route)):
@@ -418,7 +433,7 @@ def overdue(route: Route, m: Measurement, interval_s: float, now: float) -> Meas
     held its weight, and a release under post-promotion analysis all the traffic, unverified and silently."""
     spec = spec_of(route)
     st = route.analysis
-    if spec is None or st is None or not st.waiting_since or m.verdict != "WAITING" or route.paused:
+    if spec is None or st is None or not st.waiting_since or m.verdict != "WAITING" or holds(route, now):
         return m
     waited, deadline = now - st.waiting_since, deadline_of(spec, interval_s)
     if waited < deadline:

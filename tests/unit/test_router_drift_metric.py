@@ -222,8 +222,9 @@ def test_a_step_after_a_pause_counts_reports_from_the_pause_s_end() -> None:
     route = msgspec.structs.replace(_live(DRIFT), strategy=program, cursor=1)
     paused = _passed(route, at=150.0)
     assert paused.paused and paused.step_pause and paused.analysis.step_at == 150.0  # type: ignore[union-attr]
-    over = progress.on_time(paused, (50.0, 100.0), 1.0, now=161.0)
-    assert over is not None and over.weight == 100.0 and not over.paused
+    assert progress.on_time(paused, (50.0, 100.0), 1.0, now=161.0) is None  # its look ends it (probe p75 F2)
+    over = _passed(paused, at=161.0)
+    assert over.weight == 100.0 and not over.paused
     assert progress.drift_evidence(over, since=100.0)[2] == 161.0
     approved = progress.resume(msgspec.structs.replace(paused, resume_at=0.0), "ops", 1.0, now=170.0)
     assert approved.weight == 100.0 and progress.drift_evidence(approved, since=100.0)[2] == 170.0

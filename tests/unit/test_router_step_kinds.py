@@ -76,6 +76,47 @@ def test_timed_pause_holds_the_weight_then_continues_on_its_own() -> None:
     assert done.phase == "promoted" and "all 3 steps done at 50%" in done.reason
 
 
+ANALYSED = msgspec.to_builtins(msgspec.structs.replace(SPEC, inconclusive_limit=1, progress_deadline_s=30.0))
+
+
+@pytest.mark.parametrize("steps", [
+    [{"pause": {"duration_s": 20}}],
+    [{"set_header_route": {"header": "x-lockgate-canary", "value": "always"}}, {"pause": {"duration_s": 20}}],
+    [20, {"pause": {"duration_s": 20}}],
+])
+def test_an_analysed_timed_pause_ends_only_on_a_passing_look(steps: list[Any]) -> None:
+    # Probe p75 F2: the clock ended the pause (and, past the last step, promoted the canary) before the look due then.
+    r = _pass(_route({"steps": steps, "interval_s": 10, "analysis": ANALYSED}))
+    if not r.paused:  # the weight step first, passed on its look
+        r = progress.on_measurement(r, _m("SUCCESSFUL"), DEFAULT, 10.0, now=110.0)
+        assert r is not None
+    began = r.step_paused_at
+    assert r.step_pause and r.resume_at == began + 20.0 and progress.step_began(r) == began
+    assert progress.due_at(r) == began + 10.0  # its looks, not the pause's end, wake it
+    assert progress.on_time(r, DEFAULT, 10.0, 1e12) is None  # the clock alone never ends it
+    early = progress.on_measurement(r, _m("SUCCESSFUL"), DEFAULT, 10.0, now=began + 10.0)
+    assert early is not None and early.paused and early.phase == "progressing"  # a pass during the pause holds
+    waiting = progress.on_measurement(early, _m("WAITING"), DEFAULT, 10.0, now=began + 20.0)
+    assert waiting is not None and waiting.paused and waiting.phase == "progressing"  # no data never passes
+    assert waiting.analysis is not None and waiting.analysis.waiting_since == began + 20.0  # toward the deadline
+    overdue = progress.on_measurement(waiting, _m("WAITING"), DEFAULT, 10.0, now=began + 50.0)
+    overdue = progress.on_measurement(overdue, _m("WAITING"), DEFAULT, 10.0, now=began + 60.0)  # type: ignore[arg-type]
+    assert overdue is not None and overdue.paused and not overdue.step_pause and overdue.resume_at == 0.0
+    assert "analysis inconclusive 2 times" in overdue.reason  # an operator's hold now: the next pass moves nothing
+    assert progress.on_measurement(overdue, _m("SUCCESSFUL"), DEFAULT, 10.0, now=began + 70.0).paused  # type: ignore[union-attr]
+    failed = progress.on_measurement(waiting, _m("FAILED"), DEFAULT, 10.0, now=began + 30.0)
+    assert failed is not None and failed.phase == "aborted"
+    done = progress.on_measurement(waiting, _m("SUCCESSFUL"), DEFAULT, 10.0, now=began + 30.0)
+    assert done is not None and done.phase == "promoted" and not done.paused
+    assert f"timed pause at step {len(steps)} ({r.weight:g}%) over; analysis passed" in done.reason
+
+
+def test_a_timed_pause_without_analysis_still_ends_on_the_clock() -> None:
+    r = _tick(_pass(_route({"steps": [20, {"pause": {"duration_s": 20}}], "interval_s": 10})), 110.0)
+    assert progress.due_at(r) == 130.0
+    assert _tick(r, 130.0).phase == "promoted"
+
+
 def test_pause_without_duration_holds_until_approved() -> None:
     r = _pass(_route({"steps": [20, {"pause": {}}, 100], "interval_s": 10}))
     r = _tick(r, 110.0)
