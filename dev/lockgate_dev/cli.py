@@ -24,8 +24,9 @@ from lockgate.cli.stack import (
     up_options,
 )
 from lockgate.config import Settings
+from lockgate.errors import ConfigError
 from lockgate.redact import shown_url
-from lockgate.server.apikeys import FILE, KeyStore, read_credential
+from lockgate.server.apikeys import FILE, AuthError, KeyStore, read_credential
 from lockgate_dev import sim as simulator
 from lockgate_dev.demo import APP, demo_sim_config, run_demo, write_demo_gates
 
@@ -81,10 +82,23 @@ def _refuse_to_start(settings: Settings, sim_port: int) -> None:
 
 
 def _demo_keys(home: str) -> tuple[str, str]:
-    """The admin key `up` made, and an app key for the demo's app (made once if the first is another app's)."""
+    """The admin key `up` made, and an app key for the demo's app (made once if the first is another app's).
+    A key in those files an operator revoked (`up` does not make it again) stops the demo before it starts, in one
+    line saying which and what to do (before, probe p77 F1, the demo took a revoked app key as far as an AuthError)."""
     creds = f"{home}/credentials"
-    admin_key, app_key = read_credential(f"{creds}/router-admin.key"), read_credential(f"{creds}/router-app.key")
     store = KeyStore(home)
+    live: list[str] = []
+    for name, role in (("router-admin.key", "admin"), ("router-app.key", "app")):
+        path = f"{creds}/{name}"
+        key = read_credential(path)
+        try:
+            store.authenticate(key)
+        except AuthError:
+            raise ConfigError(f"the {role} key in {path} is revoked (or unknown to {home}), and the demo sends with "
+                              f"it: write a new one there (`lockgate keys create --tenant default --app {APP} "
+                              f"--role {role}` prints it), or run the demo on a new --home") from None
+        live.append(key)
+    admin_key, app_key = live
     if store.authenticate(app_key).app != APP:
         app_key, _ = store.create("default", APP, description="demo traffic")
     return admin_key, app_key

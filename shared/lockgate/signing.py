@@ -495,7 +495,12 @@ def trust_key(path: str | Path, public: Ed25519PublicKey) -> str:
         data = read_trust_file(p)
         kid = key_id(public)
         if kid in data.revoked:
-            raise ConfigError(f"key {kid} is revoked in {p}; remove it from `revoked` first if that was a mistake")
+            # Revoked because it leaked: a gatekeeper holding it (`lockgate up` trusts the home's key) needs a key of
+            # its own, the rotation step, never the leaked key trusted again (before, probe p77 F4, this said to
+            # take it out of `revoked`).
+            raise ConfigError(f"key {kid} is revoked in {p}: it signs nothing again; give the gatekeeper a new key "
+                              "(LOCKGATE_SIGNING_KEY, or move {home}/keys/gatekeeper.pem aside and `lockgate up` "
+                              "makes one)")
         if kid in data.retired:
             # Trusted again it would sign new decisions and audit rows past its retirement; a gatekeeper holding it
             # (`lockgate up` trusts the home's key) needs a key of its own.

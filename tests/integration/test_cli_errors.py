@@ -89,7 +89,7 @@ async def test_a_router_url_that_is_not_the_router_is_one_line(stack: Runtime) -
         assert got.stdout == (json.dumps({"error": said, "exit_code": 1}) + "\n" if "--json" in args else "")
 
 
-async def test_a_credential_change_whose_audit_row_fails_is_undone(stack: Runtime) -> None:
+async def test_a_credential_grant_whose_audit_row_fails_is_undone_and_a_revocation_stays(stack: Runtime) -> None:
     # Before: the credential file was written (or deleted) first, then the stack reloaded it, then the audit row was
     # recorded: when the row failed the command failed, but the user stayed, applied, and no audit row said so.
     made = await lockgate(stack, "app-credential", "create", "--tenant", "acme", "--app", "shop", "--json")
@@ -101,20 +101,27 @@ async def test_a_credential_change_whose_audit_row_fails_is_undone(stack: Runtim
     # The audit log's stream gone: every audit row fails from here on.
     bus = stack.ctx.bus
     await bus.js.delete_stream(bus.subjects.streams["audit"].name)
-    rotated = await lockgate(stack, "app-credential", "create", "--tenant", "acme", "--app", "shop", "--rotate")
-    assert rotated.exit_code == 1 and await asyncio.to_thread(path.read_bytes) == before, rotated.output
-    assert one_line(rotated).endswith(f"; the credential of acme/shop was left as it was ({path}): nothing changed\n")
-    # and the stack serves the old password again (it had taken the new one before the row failed)
-    nc = await nats.connect(stack.settings.nats_url, user=secret["user"], password=secret["password"],
-                            allow_reconnect=False, max_reconnect_attempts=0, connect_timeout=5)
-    await nc.close()
-
-    revoked = await lockgate(stack, "app-credential", "revoke", "--tenant", "acme", "--app", "shop")
-    assert revoked.exit_code == 1 and await asyncio.to_thread(path.read_bytes) == before, revoked.output
     other = await lockgate(stack, "app-credential", "create", "--tenant", "acme", "--app", "other")
     assert other.exit_code == 1 and not credentials.app_path(stack.settings.home, "acme", "other").exists()
+    assert one_line(other).endswith("; the credential of acme/other was left as it was "
+                                    f"({credentials.app_path(stack.settings.home, 'acme', 'other')}): nothing changed\n")
+    # A rotation takes a possibly leaked password away: it stays in force, the old password refused (before, probe
+    # p77 F2, it was undone and the old password served again).
+    rotated = await lockgate(stack, "app-credential", "create", "--tenant", "acme", "--app", "shop", "--rotate")
+    assert rotated.exit_code == 1 and await asyncio.to_thread(path.read_bytes) != before, rotated.output
+    assert one_line(rotated).endswith("; the rotation of the credential of acme/shop is in force (the running stack "
+                                      "applied it) but not in the audit log\n")
+    with pytest.raises(nats.errors.Error):
+        await nats.connect(stack.settings.nats_url, user=secret["user"], password=secret["password"],
+                           allow_reconnect=False, max_reconnect_attempts=0, connect_timeout=5, error_cb=_quiet)
+    revoked = await lockgate(stack, "app-credential", "revoke", "--tenant", "acme", "--app", "shop")
+    assert revoked.exit_code == 1 and not path.exists(), revoked.output
     listed = await lockgate(stack, "app-credential", "list", "--json")
-    assert [c["user"] for c in json.loads(listed.stdout)] == [secret["user"]]
+    assert json.loads(listed.stdout) == []
+
+
+async def _quiet(exc: Exception) -> None:
+    """A refused connection is the answer sought (nats-py would log its traceback)."""
 
 
 async def test_json_errors_and_exit_codes_a_script_reads(stack: Runtime, tmp_path: Path) -> None:

@@ -1,5 +1,6 @@
 """The key files `lockgate up` writes hold the key alone (what `Authorization: Bearer $(cat FILE)` sends), and a
-home made before, whose files hold `<id> <key>`, keeps its keys: read as before, rewritten to the key alone."""
+home made before, whose files hold `<id> <key>`, keeps its keys: read as before, rewritten to the key alone. A first
+key an operator revoked stays revoked: `up` does not make it again."""
 
 from __future__ import annotations
 
@@ -29,11 +30,26 @@ def test_a_home_made_before_keeps_its_keys_and_its_files_become_the_key_alone(tm
     assert len(store.keys()) == 2  # no key made anew
 
 
-def test_a_revoked_or_unknown_key_in_a_file_is_replaced(tmp_path: Path) -> None:
+def test_an_unknown_key_in_a_file_or_a_lost_file_of_a_live_key_is_made_again(tmp_path: Path) -> None:
     keys = bootstrap(tmp_path)
     store = KeyStore(tmp_path)
-    store.revoke(store.authenticate(keys.app_key).id)
     Path(keys.admin_file).write_text("lg-not-a-key-of-this-home\n")
+    Path(keys.app_file).unlink()
     again = bootstrap(tmp_path)
-    assert again.app_key != keys.app_key and again.admin_key != keys.admin_key
+    assert again.app_key != keys.app_key and again.admin_key != keys.admin_key and again.withheld == ()
     assert store.authenticate(again.app_key).role == "app" and store.authenticate(again.admin_key).role == "admin"
+
+
+def test_a_revoked_first_key_is_never_made_again(tmp_path: Path) -> None:
+    # Before (probe p77 F1), the next `up` replaced a revoked first key: a new admin key, with no audit row.
+    keys = bootstrap(tmp_path)
+    store = KeyStore(tmp_path)
+    admin, app = (store.authenticate(k).id for k in (keys.admin_key, keys.app_key))
+    store.revoke(admin)
+    store.revoke(app)
+    Path(keys.app_file).unlink()  # revoked, then its file removed: still revoked
+    again = bootstrap(tmp_path)
+    assert (again.admin_key, again.app_key) == ("", "") and len(store.keys()) == 2
+    assert [line.split(" was revoked")[0] for line in again.withheld] == [
+        f"the first admin key `up` made ({admin}, in {keys.admin_file})",
+        f"the demo app key `up` made ({app}, in {keys.app_file})"]

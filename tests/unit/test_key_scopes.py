@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from lockgate.cli.main import cli
 from lockgate.errors import ConfigError, NotFound
-from lockgate.server.apikeys import ApiKey, AuthError, Forbidden, KeyStore, in_scope, owns_release
+from lockgate.server.apikeys import ApiKey, AuthError, Forbidden, KeyStore, in_scope, owns_release, widens
 from lockgate.services.router.admin import reads_router_wide, require_router_wide
 
 # Nothing listens on port 1: the CLI's audit record of a key change says so at once instead of waiting.
@@ -32,6 +32,19 @@ NO_STACK = {"LOCKGATE_NATS_URL": "nats://127.0.0.1:1"}
 def test_the_scope_rule(scope: tuple[str, ...], deployment: str, allowed: bool) -> None:
     assert in_scope(scope, deployment) is allowed
     assert ApiKey(id="k", hash="h", tenant="acme", app="shop", deployments=scope).may_use(deployment) is allowed
+
+
+@pytest.mark.parametrize(("before", "after", "widens_"), [
+    (("a", "b"), ("a",), False),  # a narrowing: stays in force in an audit outage, as a revocation
+    (("a",), ("a",), False),
+    ((), ("a",), False),
+    (("a",), (), True),  # lifted to every deployment: a grant, undone in an audit outage (probe p77 F3)
+    (("a",), ("b",), True),  # another deployment: a grant of it, whatever it takes away
+    (("a",), ("a", "b"), True),
+    ((), (), False),
+])
+def test_which_rescoping_grants(before: tuple[str, ...], after: tuple[str, ...], widens_: bool) -> None:
+    assert widens(before, after) is widens_
 
 
 @pytest.mark.parametrize(("bundle", "owned"), [

@@ -52,12 +52,20 @@ async def _reload(settings: Settings, role: str) -> tuple[bool, str]:
     return True, "the running stack applied it"
 
 
+# Changes that take a credential's access away: a leaked password must stop working whether or not the audit log
+# takes the entry, so these stay in force when it does not (as `keys revoke` and `gate revoke` do).
+_TAKES_AWAY = {"revoke": "revocation", "rotate": "rotation"}
+
+
 def _change(settings: Settings, tenant: str, app: str, make: Callable[[], Path], *, action: str) -> tuple[Path, bool, str]:
-    """Make one credential change (`make`), apply it to a running stack and record it in the audit log, or leave
-    the home as it was: the role is checked before anything is touched, and if the reload or the audit row fails
-    the file is put back (and the stack reloaded again if it had taken the change). Before, the file was written
-    (or deleted) first, and a failing reload or audit row left a user the next `up` loads with no audit row.
-    Returns (path, applied, what to tell the user about applying it)."""
+    """Make one credential change (`make`), apply it to a running stack and record it in the audit log. The role
+    is checked before anything is touched. A grant (`create`) whose reload or audit row fails is undone, the file
+    put back (and the stack reloaded again if it had taken it): before, the file was written first, and a failing
+    reload or audit row left a user the next `up` loads with no audit row. A revocation or rotation stays in force
+    and the command fails saying so (its entry queued: chained once a gatekeeper with a trusted key runs). Before
+    (probe p77 F2), those were undone too: during an audit outage, such as right after `gate revoke` of a leaked
+    gatekeeper key, the leaked credential was put back and kept connecting. Returns (path, applied, what to tell
+    the user about applying it)."""
     check_name(tenant, "tenant")
     check_name(app, "app")
     # A credential decides who publishes a tenant's events on the bus: admin's, as API keys are (probe p54 F2).
@@ -74,6 +82,15 @@ def _change(settings: Settings, tenant: str, app: str, make: Callable[[], Path],
         applied, said = asyncio.run(_reload(settings, role))
         record_change(settings, target=target, action=action, details=details)
     except BaseException as exc:
+        if action in _TAKES_AWAY:
+            stack = "the running stack applied it" if applied else "a nats-server applies it at its next reload"
+            kept = f"the {_TAKES_AWAY[action]} of the credential of {tenant}/{app} is in force ({stack})"
+            if isinstance(exc, NotChained):  # its entry is chained later: running it again would record it twice
+                kept += " but not in the audit log yet"
+            else:
+                kept += " but not in the audit log"
+            say_with(exc, kept)
+            raise
         _restore(path, before)
         if applied:
             with contextlib.suppress(Exception):  # the error said is the one that undid the change

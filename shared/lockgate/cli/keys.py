@@ -10,11 +10,11 @@ import datetime as dt
 
 import click
 
-from lockgate.cli.audit import may_record_admin_change, record_change
+from lockgate.cli.audit import NotChained, may_record_admin_change, record_change, record_undone
 from lockgate.cli.render import console, output, say_with
 from lockgate.cli.root import handle_errors
-from lockgate.errors import ConfigError
-from lockgate.server.apikeys import ROLES, KeyStore
+from lockgate.errors import ConfigError, LockgateError
+from lockgate.server.apikeys import ROLES, KeyStore, widens
 
 
 def _may_change(ctx: click.Context) -> None:
@@ -66,9 +66,13 @@ def register(cli: click.Group) -> None:
                                    "deployments": rec.scope})
         except BaseException as exc:
             # A key the audit log does not record works nowhere: revoked before it is shown (before, it was shown
-            # and kept working with no row; probe p6).
+            # and kept working with no row; probe p6). Its entry queued (or perhaps): the undoing is queued after it,
+            # as a trust grant's (before, probe p77 F3, the log showed the key created and never its revocation).
             ctx.obj["keys"].revoke(rec.id)
             kept = f"key {rec.id} was not recorded in the audit log, so it is revoked and was not shown"
+            if isinstance(exc, (NotChained, KeyboardInterrupt)):
+                kept += record_undone(ctx.obj["settings"], target=f"apikey:{rec.id}", action="create",
+                                      details={"role": role, "tenant": tenant, "app": app})
             say_with(exc, kept)
             raise
         console.print(f"created key [bold]{rec.id}[/bold] ({role} for {tenant}/{app}, may use {rec.scope}); "
@@ -105,12 +109,37 @@ def register(cli: click.Group) -> None:
             raise ConfigError("name the key's deployments with --deployment NAME (repeatable), or lift its scope "
                               "with --every-deployment")
         _may_change(ctx)
-        before, after = ctx.obj["keys"].rescope(key_id, deployments)
-        console.print(f"key {after.id} ({after.role} for {after.tenant}/{after.app}) may use {after.scope} "
-                      f"(was: {before.scope})")
-        record_change(ctx.obj["settings"], target=f"apikey:{after.id}", action="scope",
-                      details={"role": after.role, "tenant": after.tenant, "app": after.app,
-                               "deployments": after.scope, "previous": before.scope})
+        store = ctx.obj["keys"]
+        before, after = store.rescope(key_id, deployments)
+        said = (f"key {after.id} ({after.role} for {after.tenant}/{after.app}) may use {after.scope} "
+                f"(was: {before.scope})")
+        target = f"apikey:{after.id}"
+        details = {"role": after.role, "tenant": after.tenant, "app": after.app, "deployments": after.scope,
+                   "previous": before.scope}
+        if not widens(before.deployments, after.deployments):
+            # A narrowing takes access away, so it stays in force when the audit log does not take it, as a
+            # revocation does (said first: the error that may follow is about its audit row only).
+            console.print(said)
+            record_change(ctx.obj["settings"], target=target, action="scope", details=details)
+            return
+        try:
+            record_change(ctx.obj["settings"], target=target, action="scope", details=details)
+        except BaseException as exc:
+            # A widening is a grant: undone when the audit log does not take it, as `keys create` and `gate trust`
+            # are (before, probe p77 F3, it failed but stayed in force: the key went from 403 to 200).
+            try:
+                store.rescope(after.id, before.deployments)
+            except LockgateError as undo:
+                kept = (f"the widening of key {after.id} to {after.scope} is not in the audit log and could not be "
+                        f"undone ({undo.message}): revoke it or scope it again")
+            else:
+                kept = (f"the widening of key {after.id} was not recorded in the audit log, so it was undone: it may "
+                        f"use {before.scope}")
+                if isinstance(exc, (NotChained, KeyboardInterrupt)):
+                    kept += record_undone(ctx.obj["settings"], target=target, action="scope", details=details)
+            say_with(exc, kept)
+            raise
+        console.print(said)
 
     @keys.command("revoke")
     @click.argument("key_id")

@@ -128,10 +128,14 @@ async def serve_stack(settings: Settings, *, extra: dict[str, str] | None = None
         # are (files 0600; the keys themselves are never printed or logged).
         keys = bootstrap(settings.home, app=settings.app)
         # A key file holds the key alone, so what the banner says to send works as written.
-        console.print(f"  [bold]{'admin key':<11}[/bold] {keys.admin_file}  (role admin: router admin API, "
-                      "`lockgate keys`; the file holds the key alone)")
-        console.print(f"  [bold]{'app key':<11}[/bold] {keys.app_file}  (the key alone: send "
-                      f"`Authorization: Bearer $(cat {keys.app_file})`)", soft_wrap=True)
+        if keys.admin_key:
+            console.print(f"  [bold]{'admin key':<11}[/bold] {keys.admin_file}  (role admin: router admin API, "
+                          "`lockgate keys`; the file holds the key alone)")
+        if keys.app_key:
+            console.print(f"  [bold]{'app key':<11}[/bold] {keys.app_file}  (the key alone: send "
+                          f"`Authorization: Bearer $(cat {keys.app_file})`)", soft_wrap=True)
+        for said in keys.withheld:  # a key an operator revoked is not made again behind their back
+            console.print(f"  [bold]{'revoked':<11}[/bold] {said}", highlight=False, soft_wrap=True)
         _print_people(runtime.settings)
         if on_ready is not None:
             await on_ready(runtime)

@@ -267,6 +267,14 @@ def deployment_scope(role: str, deployments: Iterable[str]) -> tuple[str, ...]:
     return scope
 
 
+def widens(before: tuple[str, ...], after: tuple[str, ...]) -> bool:
+    """Whether a key scoped to `after` may use a deployment it could not use scoped to `before` (empty: every
+    deployment): a grant, which the CLI undoes when the audit log does not take it; a narrowing is a revocation."""
+    if not before:
+        return False
+    return not after or not set(after) <= set(before)
+
+
 _T = TypeVar("_T")
 
 
@@ -310,39 +318,54 @@ def require_sender(key: ApiKey) -> None:
 
 
 class Bootstrap(msgspec.Struct, frozen=True):
-    """The first keys of a home: an admin key and an app key for the demo, with where they are."""
+    """The first keys of a home: an admin key and an app key for the demo, with where they are. A key an operator
+    revoked is not made again: its field is "" and `withheld` says, in one line each, which and how to make one."""
 
     admin_key: str
     app_key: str
     admin_file: str
     app_file: str
+    withheld: tuple[str, ...] = ()
 
 
 def bootstrap(home: str | Path, *, tenant: str = "default", app: str = "default") -> Bootstrap:
     """Create the first admin key and an app key once (plaintext in 0600 files under home/credentials).
 
     A file holds the key alone (`lg-...`), what `Authorization: Bearer $(cat FILE)` sends; its id is in `lockgate
-    keys list`. Homes made before hold `<id> <key>`: such a file of a live key is rewritten to the key alone."""
+    keys list`. Homes made before hold `<id> <key>`: such a file of a live key is rewritten to the key alone.
+    A key is made when none was (a new home), or when its file is lost or holds a key this home does not know while
+    the last one `up` made is live; once an operator revoked the last one `up` made, it stays revoked and none is
+    made in its place (a new one is `lockgate keys create`, which the audit log records). Before (probe p77 F1), a
+    revoked one was replaced by the next `up`, a new admin key in the same file, with no audit row."""
     home = Path(home)
     creds = home / "credentials"
     admin_file, app_file = creds / "router-admin.key", creds / "router-app.key"
     store = KeyStore(home)
     keys: dict[Path, str] = {}
+    withheld: list[str] = []
     for path, role, who in ((admin_file, "admin", "first admin"), (app_file, "app", "demo app")):
+        description = f"{who} key made by `lockgate up`"
         with contextlib.suppress(FileNotFoundError):
             text = path.read_text()
             plain = _key_of(text)
             with contextlib.suppress(AuthError):
-                store.authenticate(plain)  # live: kept (a revoked or unknown one is replaced)
+                store.authenticate(plain)  # live: kept
                 if text.strip() != plain:
                     _write_key(creds, path, plain)
                 keys[path] = plain
                 continue
-        plain, _ = store.create(tenant, app, role, description=f"{who} key made by `lockgate up`")
+        made = [k for k in store.keys() if k.role == role and k.description == description]
+        if made and made[-1].revoked_at:
+            last = made[-1]
+            keys[path] = ""
+            withheld.append(f"the {who} key `up` made ({last.id}, in {path}) was revoked and stays so: make a new "
+                            f"one with `lockgate keys create --tenant {last.tenant} --app {last.app} --role {role}`")
+            continue
+        plain, _ = store.create(tenant, app, role, description=description)
         _write_key(creds, path, plain)
         keys[path] = plain
     return Bootstrap(admin_key=keys[admin_file], app_key=keys[app_file], admin_file=str(admin_file),
-                     app_file=str(app_file))
+                     app_file=str(app_file), withheld=tuple(withheld))
 
 
 def _key_of(text: str) -> str:
