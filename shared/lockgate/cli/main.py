@@ -195,9 +195,9 @@ def _drift_test(f: dict) -> str:
 
 @cli.command()
 @click.option("--by", default="tenant,app,deployment,day", show_default=True,
-              help="Comma-separated grouping: tenant, app, deployment, release, model, day. A release is grouped "
-                   "with the app whose calls named it, and an app or a release with its tenant (an event names any "
-                   "release: another app's calls naming a release are that app's row).")
+              help="Comma-separated grouping: tenant, app, deployment, release, model, day. A deployment or release "
+                   "is grouped with the app whose calls named it, and an app, deployment or release with its tenant "
+                   "(an event names any: another tenant's or app's calls naming one are that sender's row).")
 @click.option("--tenant", help="Only this tenant.")
 @json_option
 @click.pass_context
@@ -207,7 +207,8 @@ def cost(ctx: click.Context, by: str, tenant: str | None, as_json: bool) -> None
     groups = [g.strip() for g in by.split(",") if g.strip()]
     rows = _query(ctx, "cost_rollup", by=groups, tenant=tenant)
     figures = ["calls", "input_tokens", "output_tokens", "cost_usd", "unpriced_calls"]
-    # The groups as the query made them: `tenant` is added before an app or a release, `app` before a release.
+    # The groups as the query made them: `tenant` is added before an app, deployment or release, `app` before a
+    # deployment or release.
     made = [c for c in rows[0] if c not in {*figures, "cached_tokens", "tokens"}] if rows else groups
     output(rows, as_json, title="cost (USD)", columns=None if as_json else [*made, *figures])
 
