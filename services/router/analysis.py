@@ -259,8 +259,9 @@ class VariantSample:
 # The columns of `VariantSample.rows`: unix seconds, failed (1.0), latency, ttft (0: not streamed), tokens, cost
 # (-1: unpriced), refused (1.0: `VariantSample.refused`, failed and unpriced too), timed out (1.0: failed because a
 # timeout gave up on the upstream, `evidence.TIMED_OUT`; latency is then the time to failure), hung up (1.0:
-# `VariantSample.hung_up`, failed and unpriced too).
-ROWS = ("time", "failed", "latency_ms", "ttft_ms", "tokens", "cost", "refused", "timed_out", "hung_up")
+# `VariantSample.hung_up`, failed and unpriced too), unit (the sampling unit the request was split to an arm by, its
+# user's or session's hash as an exact float, `evidence.unit`; -1.0: none, a unit of its own: `design_effect`).
+ROWS = ("time", "failed", "latency_ms", "ttft_ms", "tokens", "cost", "refused", "timed_out", "hung_up", "unit")
 # The metrics that are a share of all of a variant's requests (`VariantSample.requests`), those the client is blamed
 # for one by one among them: each arm gets the same callers' requests, so a larger share of them on the canary is the
 # release's doing. `AnalysisSpec.judged` adds them to an analysis judging error_rate; `measure` judges them before
@@ -276,7 +277,7 @@ def from_rows(rows: np.ndarray) -> VariantSample:
     p22 F5), as Flagger's and Argo's latency queries count failed requests. A call that failed fast for another
     reason (a 5xx, a refused connection) says nothing of how fast the release answers: error_rate judges it.
     Refused and hung-up requests count in `refused` and `hung_up` only."""
-    _, failed, latency, ttft, tokens, cost, refused, _, hung_up = rows
+    _, failed, latency, ttft, tokens, cost, refused, _, hung_up, _ = rows
     kept = _kept(rows)
     ok = (failed == 0) & kept
     n = int(kept.sum())
@@ -337,21 +338,89 @@ def _quantile_sorted(s: np.ndarray, q: float) -> float:
     return float(s[min(len(s) - 1, max(0, math.ceil(q * len(s)) - 1))])
 
 
-def _bounds_sorted(s: np.ndarray, q: float, z: float) -> tuple[float, float]:
+def _bounds_sorted(s: np.ndarray, q: float, z: float, deff: float = 1.0) -> tuple[float, float]:
+    """`quantile_bounds` of sorted values; `deff`: their design effect (`design_effect`), which widens the ranks'
+    spread as n / deff independent values would."""
     n = len(s)
-    spread = z * math.sqrt(n * q * (1 - q))
+    spread = z * math.sqrt(n * q * (1 - q) * deff)
     lo = max(0, math.floor(n * q - spread) - 1)
     hi = min(n - 1, math.ceil(n * q + spread) - 1)
     return float(s[lo]), float(s[max(lo, hi)])
 
 
-def mean_bounds(values: Sequence[float], z: float) -> tuple[float, float, float]:
-    """Mean and its normal-approximation bounds."""
+def mean_bounds(values: Sequence[float], z: float, deff: float = 1.0) -> tuple[float, float, float]:
+    """Mean and its normal-approximation bounds; `deff`: the values' design effect (`design_effect`), the variance
+    of their mean being deff times that of independent values."""
     v = np.asarray(values, dtype=np.float64)
     mean = float(v.mean())
     sd = float(v.std(ddof=1)) if len(v) > 1 else 0.0
-    half = z * sd / math.sqrt(len(v))
+    half = z * sd / math.sqrt(len(v)) * math.sqrt(deff)
     return mean, mean - half, mean + half
+
+
+def design_effect(residuals: np.ndarray, units: np.ndarray) -> float:
+    """How many times the variance of an estimate is what it would be if its values were independent, when the
+    values of one sampling unit (`units`: a user, as `evidence.unit` records it; a negative one: a unit of its own)
+    are not: the standard cluster-robust ("sandwich") variance over the units, C / (C - 1) sum over units of the
+    square of the sum of their `residuals`, over the same estimator with every value a unit of its own,
+    n / (n - 1) sum of the squared residuals. `residuals` are each value's share of the estimate's error: its
+    deviation from the mean (of its stratum, times its weight, for a weighted estimate: `_deff`).
+
+    Traffic is split by user (sticky), and a user's requests are alike (prompt lengths, habits): a canary's 880
+    requests of a few users are a few draws, not 880, and counted as 880 an identical canary aborted on which users
+    landed on its arm (probe p75 F1). Every unit of its own (a user sending one request, or requests naming none):
+    exactly 1, the bounds as they were. Never below 1 (a few units' chance agreement never narrows a bound below the
+    independent one) nor above n: one unit (C = 1, its variance between units unknown) counts as one value."""
+    n = len(residuals)
+    shared = units >= 0
+    _, inverse = np.unique(units[shared], return_inverse=True)
+    singles = n - int(shared.sum())
+    c = int(inverse.max(initial=-1)) + 1 + singles
+    if c == n:  # every value its own unit: exactly the independent variance
+        return 1.0
+    if c < 2:
+        return float(n)
+    alone = float((residuals * residuals).sum())
+    if alone <= 0.0:  # no spread at all: nothing to widen (a rate of 0 keeps Wilson's bound)
+        return 1.0
+    sums = np.bincount(inverse, weights=residuals[shared])
+    clustered = float((sums * sums).sum()) + float((residuals[~shared] ** 2).sum())
+    return min(float(n), max(1.0, (c / (c - 1) * clustered) / (n / (n - 1) * alone)))
+
+
+def _unit_values(rows: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """The values of metric `name` in `rows` (`ROWS`), as `from_rows` makes them (rates: 1.0 for each failure, 0.0
+    else), with the unit of each (`design_effect`)."""
+    r = _value_rows(rows, name)
+    column = {"error_rate": "failed", "client_error_rate": "refused", "hang_up_rate": "hung_up",
+              "tokens_per_request": "tokens", "cost_per_request": "cost"}.get(name, "latency_ms")
+    values = r[ROWS.index(column)]
+    if name.startswith("ttft"):
+        ttft = r[ROWS.index("ttft_ms")]
+        values = np.where(ttft > 0, ttft, values)
+    return (values != 0).astype(np.float64) if name in _RATES else values, r[ROWS.index("unit")]
+
+
+def _deff(cells: Sequence[tuple[VariantSample, float]], name: str, at: float | None = None) -> float:
+    """The design effect (`design_effect`) of metric `name` estimated from `cells` (a sample with the weight of each
+    of its values; one sample: its own mean), each value's residual being its weight times its deviation from its
+    cell's mean (a stratified estimate's variance is within its cells; a user's values in several cells add up).
+    `at`: of a quantile at `at`, whose residuals are those of the share of values at or below it. 1.0 when a sample
+    does not say which request is whose (`VariantSample.rows` None)."""
+    residuals, units = [], []
+    for sample, w in cells:
+        if sample.rows is None:
+            return 1.0
+        values, unit = _unit_values(sample.rows, name)
+        if not len(values):
+            continue
+        if at is not None:
+            values = (values <= at).astype(np.float64)
+        residuals.append(w * (values - values.mean()))
+        units.append(unit)
+    if not residuals:
+        return 1.0
+    return design_effect(np.concatenate(residuals), np.concatenate(units))
 
 
 def _threshold(spec: MetricSpec, stable: float | None) -> float | None:
@@ -553,9 +622,11 @@ def _judge_drift(spec: MetricSpec, report: DriftReport | None) -> MetricResult:
 
 def _judge(spec: MetricSpec, canary: VariantSample, stable: VariantSample, z: float,
            drift: DriftReport | None = None, baseline_final: bool = False,
-           weights: list[tuple[VariantSample, float]] | None = None) -> MetricResult:
+           weights: list[tuple[VariantSample, float]] | None = None, min_sample: int = 0) -> MetricResult:
     """One metric of `canary` against `stable`; `weights` (`_weights`): stable's keys and the weight of each of their
-    requests or values, stable's statistics then being weighted ones (None: every stable request weighs the same)."""
+    requests or values, stable's statistics then being weighted ones (None: every stable request weighs the same).
+    Every bound counts a user's requests as one unit's (`design_effect`), and with `min_sample` a look that would
+    not fail WAITS until each arm's values count as that many independent ones (`_enough`)."""
     if spec.name == "score":
         return _judge_score(spec, canary, stable, z, baseline_final)
     if spec.name == "drift":
@@ -572,6 +643,11 @@ def _judge(spec: MetricSpec, canary: VariantSample, stable: VariantSample, z: fl
         x_s, n_s = _weighted_rate(weights, name) if weights is not None else (float(_rate(stable, name)[0]),
                                                                              float(_rate(stable, name)[1]))
         p_c, p_s = x_c / n_c, x_s / n_s if n_s else None
+        # Each arm as its effective number of independent requests (`design_effect`); its rate stays.
+        d_c, d_s = _deff([(canary, 1.0)], name), _deff(weights or [(stable, 1.0)], name)
+        sized = (n_c, d_c), (_rate(stable, name)[1] if weights is None else sum(_rate(s, name)[1] for s, _ in weights),
+                             d_s)
+        x_c, n_c, x_s, n_s = x_c / d_c, n_c / d_c, x_s / d_s, n_s / d_s
         threshold = _threshold(spec, p_s)
         assert threshold is not None  # stable has a rate here, or an absolute max applies
         lo_c, _ = wilson(x_c, n_c, z)
@@ -581,32 +657,68 @@ def _judge(spec: MetricSpec, canary: VariantSample, stable: VariantSample, z: fl
                   or (spec.max_increase is not None and n_s
                       and diff_lower(x_c, n_c, x_s, n_s, z) > spec.max_increase)
                   or (spec.max_ratio is not None and n_s and lo_c > spec.max_ratio * hi_s))
-        return _verdict(base, p_c, p_s, threshold, lo_c, bool(failed))
+        return _enough(_verdict(base, p_c, p_s, threshold, lo_c, bool(failed)), min_sample, sized, relative,
+                       baseline_final)
     values, stable_values = _values(canary, name), _values(stable, name)
     if not len(values) or (relative and not len(stable_values)):
         return MetricResult(**base, verdict="INCONCLUSIVE", why="no data: never a pass")
+    d_s = 1.0
     if name in ("tokens_per_request", "cost_per_request"):
-        c, c_lo, _ = mean_bounds(values, z)
+        d_c = _deff([(canary, 1.0)], name)
+        c, c_lo, _ = mean_bounds(values, z, d_c)
         if weights is not None:
-            s, s_hi = _weighted_mean(weights, name, z)
+            s, s_hi, d_s = _weighted_mean(weights, name, z)
+        elif len(stable_values):
+            d_s = _deff([(stable, 1.0)], name)
+            s, _, s_hi = mean_bounds(stable_values, z, d_s)
         else:
-            s, _, s_hi = mean_bounds(stable_values, z) if len(stable_values) else (None, None, None)
+            s = s_hi = None
     else:
         q = _QUANTILES[name.rsplit("_", 1)[1]]
         # `measure` sorted the latency and ttft values once, so each quantile is an index.
         c = _quantile_sorted(values, q)  # type: ignore[arg-type]
-        c_lo, _ = _bounds_sorted(values, q, z)  # type: ignore[arg-type]
+        d_c = _deff([(canary, 1.0)], name, c)
+        c_lo, _ = _bounds_sorted(values, q, z, d_c)  # type: ignore[arg-type]
         if weights is not None:
-            s, s_hi = _weighted_quantile(weights, name, q, z)
+            s, s_hi, d_s = _weighted_quantile(weights, name, q, z)
+        elif len(stable_values):
+            s = _quantile_sorted(stable_values, q)  # type: ignore[arg-type]
+            d_s = _deff([(stable, 1.0)], name, s)
+            s_hi = _bounds_sorted(stable_values, q, z, d_s)[1]  # type: ignore[arg-type]
         else:
-            s = _quantile_sorted(stable_values, q) if len(stable_values) else None  # type: ignore[arg-type]
-            s_hi = _bounds_sorted(stable_values, q, z)[1] if len(stable_values) else None  # type: ignore[arg-type]
+            s = s_hi = None
     threshold = _threshold(spec, s)
     lenient = _threshold(spec, s_hi)
     assert threshold is not None and lenient is not None
     # Failing needs the canary's lower bound past the threshold that stable's upper bound sets.
     failed = c_lo > lenient
-    return _verdict(base, c, s, threshold, c_lo, failed)
+    stable_n = len(stable_values) if weights is None else sum(len(_values(w, name)) for w, _ in weights)
+    return _enough(_verdict(base, c, s, threshold, c_lo, failed), min_sample, ((len(values), d_c), (stable_n, d_s)),
+                   relative, baseline_final)
+
+
+def _enough(result: MetricResult, min_sample: int, sized: tuple[tuple[int, float], tuple[int, float]],
+            relative: bool, baseline_final: bool) -> MetricResult:
+    """`result` WAITING (INCONCLUSIVE when only the baseline is short and `baseline_final`: it grows no more) while
+    an arm's values, (count, design effect) in `sized` (canary's, stable's; stable's only with a `relative` limit),
+    count as fewer than `min_sample` independent ones: a pass on the point estimate needs `min_sample` users' worth
+    of evidence, not `min_sample` requests of a few users (a canary 16% costlier than stable was promoted on which
+    users landed on it, probe p75 F1). A failure stands: its bound already counts users (`design_effect`). A design
+    effect of 1 (every user's requests as unalike as anyone's, or one request a user) leaves `result` as it was."""
+    if result.verdict == "FAILED" or not min_sample:
+        return result
+    arms = (("canary", *sized[0]), ("stable", *sized[1])) if relative else (("canary", *sized[0]),)
+    short = [(arm, n, d) for arm, n, d in arms if d > 1.0 and n / d < min_sample]
+    if not short:
+        return result
+    counted = "; ".join(f"{arm}'s {n} count as {n / d:.0f} independent ones (design effect {d:.3g})"
+                        for arm, n, d in short)
+    final = baseline_final and all(arm == "stable" for arm, _, _ in short)
+    why = (f"{'no longer' if final else 'not yet'} judged: {counted}, short of min_sample "
+           f"{min_sample}: each user's requests are alike and all on one arm, so a comparison of a few users is "
+           "of which users landed on which arm" + ("; the baseline gets no more: no data is never a pass"
+                                                   if final else ""))
+    return msgspec.structs.replace(result, verdict="INCONCLUSIVE" if final else "WAITING", why=why, canary=None)
 
 
 # Metrics that are a share of requests, not of values: (failures, requests) of a sample (`_rate`).
@@ -698,7 +810,7 @@ def _baseline(group: Group, name: str) -> tuple[VariantSample, list[tuple[Varian
 def _value_rows(rows: np.ndarray, name: str) -> np.ndarray:
     """The requests of `rows` that have a value of metric `name` (`from_rows`: answers, and for latency and TTFT
     calls that timed out; streamed; priced)."""
-    _, failed, _, ttft, _, cost, _, _, _ = rows
+    _, failed, _, ttft, _, cost, _, _, _, _ = rows
     if name in OF_ALL:
         return rows
     if name == "error_rate":
@@ -730,7 +842,8 @@ def _in_time(canary: np.ndarray, stable: np.ndarray) -> tuple[np.ndarray, list[t
 
 
 def _weighted_rate(weights: list[tuple[VariantSample, float]], name: str = "error_rate") -> tuple[float, float]:
-    """A weighted baseline's error rate as (effective errors, effective size) (`_stratified_rate`)."""
+    """A weighted baseline's error rate as (effective errors, effective size) (`_stratified_rate`; `_judge` divides
+    both by the design effect of its users, `_deff`)."""
     return _stratified_rate([(*_rate(s, name), w) for s, w in weights])
 
 
@@ -746,10 +859,13 @@ def _stratified_rate(cells: list[tuple[float, int, float]]) -> tuple[float, floa
     return rate * n_eff, n_eff
 
 
-def _weighted_mean(weights: list[tuple[VariantSample, float]], name: str, z: float) -> tuple[float, float]:
-    """A weighted baseline's mean of `name` and its upper bound (`_stratified_mean`)."""
+def _weighted_mean(weights: list[tuple[VariantSample, float]], name: str,
+                   z: float) -> tuple[float, float, float]:
+    """A weighted baseline's mean of `name`, its upper bound (`_stratified_mean`, its variance times its design
+    effect: `_deff`) and that design effect."""
     mean, se = _stratified_mean([(np.asarray(_values(s, name), dtype=np.float64), w) for s, w in weights])
-    return mean, mean + z * se
+    deff = _deff(weights, name)
+    return mean, mean + z * se * math.sqrt(deff), deff
 
 
 def _stratified_mean(cells: list[tuple[np.ndarray, float]]) -> tuple[float, float]:
@@ -764,11 +880,12 @@ def _stratified_mean(cells: list[tuple[np.ndarray, float]]) -> tuple[float, floa
 
 
 def _weighted_quantile(weights: list[tuple[VariantSample, float]], name: str, q: float,
-                       z: float) -> tuple[float, float]:
+                       z: float) -> tuple[float, float, float]:
     """A weighted baseline's q-quantile (the first value whose cumulative weight reaches q: nearest rank, an
     observed value) and its upper bound, the quantile at q + z sqrt(q (1 - q) / n_eff) with Kish's effective size
     n_eff = 1 / sum(w^2). Approximation: the order-statistic bound of `_bounds_sorted` (which is this with equal
-    weights) applied to the weighted distribution as if it were n_eff equally weighted values."""
+    weights) applied to the weighted distribution as if it were n_eff equally weighted values; n_eff over the
+    design effect of the share of values at or below the quantile (`_deff`), which is returned third."""
     values = np.concatenate([np.asarray(_values(s, name), dtype=np.float64) for s, _ in weights])
     each = np.concatenate([np.full(len(_values(s, name)), w) for s, w in weights])
     order = np.argsort(values, kind="stable")
@@ -778,7 +895,9 @@ def _weighted_quantile(weights: list[tuple[VariantSample, float]], name: str, q:
     def at(p: float) -> float:
         return float(values[min(len(values) - 1, int(np.searchsorted(cum, p - 1e-12 * cum[-1])))])
 
-    return at(q), at(min(1.0, q + z * math.sqrt(q * (1 - q) / n_eff)))
+    point = at(q)
+    deff = _deff(weights, name, point)
+    return point, at(min(1.0, q + z * math.sqrt(q * (1 - q) / (n_eff / deff)))), deff
 
 
 def _verdict(base: dict[str, object], canary: float, stable: float | None, threshold: float, bound: float,
@@ -868,17 +987,19 @@ def _deciding(results: list[MetricResult]) -> MetricResult:
 
 def _judge_groups(spec: MetricSpec, canary: VariantSample, stable: VariantSample,
                   judged: Callable[[str], list[Group]], z: float, drift: DriftReport | None,
-                  baseline_final: bool) -> MetricResult:
+                  baseline_final: bool, min_sample: int = 0) -> MetricResult:
     """A metric judged once per group of requests, `judged(name)` (scores and drift, not per request key: on the
-    whole canary)."""
+    whole canary); each group's arms in `min_sample` independent values (`_enough`)."""
     if spec.name in ("score", "drift"):
         return _judge(spec, canary, stable, z, drift, baseline_final)
     def against(spec: MetricSpec, canary: VariantSample,
                 weights: list[tuple[VariantSample, float]] | None) -> MetricResult:
         if weights is not None and len(weights) == 1:  # one sample weighted evenly: compared as it is
             base = weights[0][0]
-            return _judge(spec, canary, base if base is stable else _sorted(base), z)
-        result = _judge(spec, canary, stable, z, weights=weights)
+            return _judge(spec, canary, base if base is stable else _sorted(base), z, baseline_final=baseline_final,
+                          min_sample=min_sample)
+        result = _judge(spec, canary, stable, z, baseline_final=baseline_final, weights=weights,
+                        min_sample=min_sample)
         if weights is not None:  # the stable requests the baseline is made of
             result = msgspec.structs.replace(result, stable_n=sum(s.n for s, _ in weights))
         return result
@@ -1011,7 +1132,8 @@ def _judged(spec: AnalysisSpec, metrics: list[MetricSpec], canary: VariantSample
     def judged(name: str) -> list[Group]:  # each metric's own groups: a key is sized on its values of it
         return [replace(g, canary=g.canary if g.canary is canary else _sorted(g.canary), stable=stable,
                         in_time=not baseline_final) for g in groups(canary, stable, spec.min_sample, name)]
-    results = [_judge_groups(m, canary, stable, judged, z, drift, baseline_final) if not only or m.name in only
+    results = [_judge_groups(m, canary, stable, judged, z, drift, baseline_final, spec.min_sample)
+               if not only or m.name in only
                else MetricResult(name=m.label, verdict="WAITING") for m in metrics]
     return [msgspec.structs.replace(r, dry_run=True) if m.dry_run else r for r, m in zip(results, metrics, strict=True)]
 

@@ -5,11 +5,13 @@ only routers may publish to: an application's events are stored, priced and watc
 never steer a rollout), so replicas see the same evidence and reach the same verdicts; the routes KV's
 compare-and-set decides which replica's verdict is written. Rows live in columnar ring buffers, so
 summarising a window is a few vectorised masks, not a Python loop on the router's event loop. Each row
-keeps the API key that sent its request (an index into the keys seen), so a window splits by caller.
+keeps the API key that sent its request (an index into the keys seen), so a window splits by caller, and the unit
+its request was split to an arm by (`unit`), so analysis counts a user's alike requests as one user's.
 """
 
 from __future__ import annotations
 
+import hashlib
 from array import array
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import replace
@@ -44,6 +46,19 @@ def refused_4xx(event: InferenceEvent) -> bool:
     """The event's upstream refused its request with a 4xx taken for the client's fault (client_failed, but not a
     hang-up): left out of analysis but for client_error_rate (a hang-up: but for hang_up_rate)."""
     return event.client_failed and event.error_type[:1] == "4"
+
+
+def unit(event: InferenceEvent) -> float:
+    """The sampling unit of the event's request (`analysis.ROWS`' `unit`): the sticky key the proxy split it to an
+    arm by, as the event records it (its user's hash, else its session), as a float that holds it exactly (52 bits
+    of a hash: two of a deployment's users share one with a negligible chance); -1.0 for a request that names
+    neither, which drew its own arm and is a unit of its own. A user's requests are alike (prompt lengths, habits)
+    and all on one arm: counted as independent draws, a few heavy users on the canary aborted an identical release
+    (probe p75 F1)."""
+    sticky = event.user_hash or event.session_id
+    if not sticky:
+        return -1.0
+    return float(int.from_bytes(hashlib.blake2b(sticky.encode(), digest_size=8).digest(), "big") >> 12)
 
 
 class Unanswered(NamedTuple):
@@ -91,8 +106,8 @@ class InFlight(Generic[Call]):
 class _Ring:
     """One release's rows: time, failed, latency, ttft (0 = not streamed), tokens, cost (-1 = unpriced), refused (1 =
     its upstream refused it with a 4xx taken for the client's fault), timed out (1 = `TIMED_OUT`), hung up (1 = its
-    client hung up while the upstream was answering), and the index of the request's API key (`Evidence._keys`), in
-    no particular order (every reader masks by time).
+    client hung up while the upstream was answering), its unit (`unit`), and the index of the request's API key
+    (`Evidence._keys`), in no particular order (every reader masks by time).
 
     Full, a new row takes the slot of the oldest row of the API key holding the most rows (its own when it holds as
     many), so a key within its fair share (the limit over the keys holding rows) loses none to another's flood.
@@ -273,11 +288,12 @@ class Evidence:
         tokens_in, tokens_out, _ = event.billed_tokens  # cached input is a part of the input
         return (event.time.timestamp(), float(event.status != "ok"), event.latency_ms, event.ttft_ms,
                 float(tokens_in + tokens_out), -1.0 if cost is None else cost, float(refused),
-                float(event.status != "ok" and event.error_type in TIMED_OUT), float(hung_up), float(index))
+                float(event.status != "ok" and event.error_type in TIMED_OUT), float(hung_up), unit(event),
+                float(index))
 
     def _unanswered_row(self, call: Unanswered, since: float) -> tuple[float, ...]:
         """A call in flight as the row of its event had its client hung up now (`upstream_unanswered`)."""
-        return (max(call.at, since), 1.0, call.silent_s * 1000.0, 0.0, 0.0, -1.0, 0.0, 1.0, 0.0,
+        return (max(call.at, since), 1.0, call.silent_s * 1000.0, 0.0, 0.0, -1.0, 0.0, 1.0, 0.0, -1.0,
                 float(self._key(call.key_id)))
 
     def _key(self, key_id: str) -> int:

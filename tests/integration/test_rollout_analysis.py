@@ -641,3 +641,49 @@ async def test_two_replicas_measure_the_same_evidence_and_abort_once(settings: S
                 await b.close()
     states = await _states_of(sub)
     assert [s.phase for s in states].count("aborted") == 1
+
+
+TOKENS = {"metrics": [{"name": "tokens_per_request", "max_ratio": 1.5}],
+          "min_sample": 100, "failure_limit": 0, "inconclusive_limit": 1000}
+
+
+async def test_a_few_heavy_users_on_an_identical_canary_never_abort_it(router: Any, http: aiohttp.ClientSession,
+                                                                        signer: Signer) -> None:
+    """Found by a probe: one app key, 20 users each sending prompts of one length, an identical canary (`echo`
+    answers as stable does) was aborted in 3 of 8 rollouts (`tokens_per_request 190.6 tokens > threshold 145.8
+    tokens (stable 97.22 tokens; 880 canary vs 1150 stable requests compared)`): counted as independent requests,
+    the longer prompts of the users who landed on the canary were "significant". Here, fixed: the canary's three
+    users send long prompts, stable's four short ones, 70 requests each. Traffic is split by user and a user's requests
+    are alike: analysis counts users (probe p75 F1)."""
+    await _start(http, router, "echo", {"steps": [50, 100], "interval_s": 0.1, "analysis": TOKENS})
+    await _pass(router, signer, "echo")
+    salt = router.rollouts.sticky_salt(router.rollouts.route("chat"))
+    names = [f"user-{i}" for i in range(100)]
+    canary = [u for u in names if bucket("chat", u, salt) < 5000][:3]
+    stable = [u for u in names if bucket("chat", u, salt) >= 5000][:4]
+    words = dict(zip(canary, (300, 100, 300), strict=True)) | dict(zip(stable, (3, 30, 100, 10), strict=True))
+    url = f"{router.url}/v1/chat/completions"
+
+    async def one(user: str) -> str:
+        body = {"model": "m", "messages": [{"role": "user", "content": " ".join(["word"] * words[user])}],
+                "user": user}
+        async with http.post(url, json=body) as resp:
+            assert resp.status == 200, await resp.text()
+            return resp.headers["x-lockgate-variant"]
+
+    # Before any look (fewer than min_sample requests): each user on its arm.
+    assert await asyncio.gather(*(one(u) for u in words)) == ["canary"] * 3 + ["stable"] * 4
+    for _ in range(69):  # interleaved: both arms' requests of the same time
+        await asyncio.gather(*(one(u) for u in words))
+    await router.rollouts.wait_for(
+        lambda r: r["chat"].phase != "progressing" or (
+            r["chat"].analysis is not None and r["chat"].analysis.last is not None
+            and r["chat"].analysis.last.canary_n >= 3 * 70), timeout=30)
+    route = router.rollouts.route("chat")
+    assert route.phase == "progressing", route.reason
+    assert route.weight == 50.0
+    assert route.analysis is not None and route.analysis.last is not None and route.analysis.failures == 0
+    tokens = route.analysis.last.metrics[0]
+    # Seven users: not enough of them to tell the arms apart, nor to pass (min_sample reads in independent values).
+    assert tokens.verdict == "WAITING", tokens
+    assert "count as" in tokens.why and "design effect" in tokens.why and "min_sample 100" in tokens.why

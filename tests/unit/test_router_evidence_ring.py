@@ -75,7 +75,7 @@ def test_a_full_ring_evicts_the_oldest_row_of_the_key_holding_the_most(seed: int
     for seq in range(1500):
         key = 0 if rng.random() < 0.6 else rng.randrange(1, 5)  # key 0 floods
         before = {k: len(v) for k, v in _held(ring).items()}
-        ring.add((T0 + seq, 0.0, float(seq), 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, float(key)))
+        ring.add((T0 + seq, 0.0, float(seq), 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, -1.0, float(key)))
         sent.setdefault(key, []).append(float(seq))
         after = _held(ring)
         assert ring.n == min(seq + 1, limit)
