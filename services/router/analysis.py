@@ -711,8 +711,8 @@ def _enough(result: MetricResult, min_sample: int, sized: tuple[tuple[int, float
     short = [(arm, n, d) for arm, n, d in arms if d > 1.0 and n / d < min_sample]
     if not short:
         return result
-    counted = "; ".join(f"{arm}'s {n} count as {n / d:.0f} independent ones (design effect {d:.3g})"
-                        for arm, n, d in short)
+    counted = "; ".join(f"{arm}'s {n} count as {n / d:.0f} independent {'one' if round(n / d) == 1 else 'ones'} "
+                        f"(design effect {d:.3g})" for arm, n, d in short)
     final = baseline_final and all(arm == "stable" for arm, _, _ in short)
     why = (f"{'no longer' if final else 'not yet'} judged: {counted}, short of min_sample "
            f"{min_sample}: each user's requests are alike and all on one arm, so a comparison of a few users is "
