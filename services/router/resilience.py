@@ -74,6 +74,13 @@ def retryable_status(status: int) -> bool:
     return status == 429 or status >= 500
 
 
+def told_not_to_retry(headers: Mapping[str, str] | None) -> bool:
+    """Whether an upstream's answer says the same call would fail again (`x-should-retry: false`, any case), which
+    overrides its status: the router then makes it no more on that endpoint."""
+    return any(name.lower() == "x-should-retry" and value.strip().lower() == "false"
+               for name, value in (headers or {}).items())
+
+
 # Statuses of a gateway in front of the provider that gave up waiting (nginx's proxy_read_timeout 504, Cloudflare's
 # 524) or of a server that timed the request out (408): the request reached the model, which may have generated the
 # whole answer, and the provider bills it. Every other status says nothing was generated (a refusal, an overload).

@@ -46,8 +46,10 @@ _FORWARD_LOWER = frozenset(n.lower() for n in _FORWARD)
 _SHAPING = ("OpenAI-Beta", "Idempotency-Key")
 # Response headers the client needs to pace itself and to quote to the provider's support (OpenAI's
 # processing time, API version and organization: what its SDK's users log next to the request id).
-# Not `openai-organization`: the operator's provider account is none of an application's business.
-_RETURN = ("Retry-After", "retry-after-ms", "x-request-id", "openai-processing-ms", "openai-version")
+# Not `openai-organization`: the operator's provider account is none of an application's business. `x-should-retry`:
+# the provider's word on whether the call is worth making again (OpenAI's and Anthropic's SDKs obey it before their
+# own status rules): dropped before, a client retried an upstream's "don't" (probe p79 F2).
+_RETURN = ("Retry-After", "retry-after-ms", "x-request-id", "openai-processing-ms", "openai-version", "x-should-retry")
 _RETURN_PREFIX = "x-ratelimit-"
 _RETURN_LOWER = frozenset(n.lower() for n in _RETURN)
 
@@ -479,7 +481,10 @@ class Upstream:
                 # A call given up on is not made again: a hung upstream would have a second wait as long as the first,
                 # and either may have generated (and bill) the answer. Fall back. A gateway's timeout status is retried
                 # as any 5xx, but only once the request's budgets cover the abandoned calls and the retry (`cover`).
-                if failed.kind not in _ABANDONED and breaker.state == "closed":
+                # Nor one the upstream said is not worth making again (`x-should-retry: false`: an exhausted quota, a
+                # failure the same call repeats); another endpoint is another call, so the fallback still is.
+                if (failed.kind not in _ABANDONED and breaker.state == "closed"
+                        and not resilience.told_not_to_retry(failed.headers)):
                     wait = resilience.retry_wait(hop.endpoint.retry, tries, after, deadline - loop.time(), h.policy)
                 if wait is None or not h.budget.spend(self.clock()):
                     break

@@ -30,6 +30,7 @@ from lockgate.services.router.resilience import (
     retry_after_s,
     retry_wait,
     retryable_status,
+    told_not_to_retry,
 )
 from lockgate.services.router.upstream import (
     Lane,
@@ -379,3 +380,11 @@ def test_a_breaker_counts_one_lanes_calls_only() -> None:
     assert up.health(ep).breaker(canary).allow(now[0]) and up.health(ep).breaker(Lane("turns")).allow(now[0])
     now[0] += 5
     assert up.refused_for(["shared"], acme) == 5.0
+
+
+@pytest.mark.parametrize(("headers", "told"), [({"x-should-retry": "false"}, True), ({"X-Should-Retry": " False"}, True),
+                                              ({"x-should-retry": "true"}, False), ({}, False), (None, False)])
+def test_an_upstreams_no_retry_is_read_in_any_case(headers: dict[str, str] | None, told: bool) -> None:
+    """Probe p79 F2: ignored, and the call was made again; it is passed on to the client too."""
+    assert told_not_to_retry(headers) is told
+    assert returned_headers(headers or {}) == (headers or {})
