@@ -36,7 +36,15 @@ from lockgate import metrics
 from lockgate.documents import NonNegative, load_yaml
 from lockgate.errors import LockgateError
 from lockgate.ids import uuid7
-from lockgate.llmwire import ChatRequest, Message, decode_request, input_text, last_user_text, text_of
+from lockgate.llmwire import (
+    ChatRequest,
+    Message,
+    decode_request,
+    input_text,
+    last_user_text,
+    null_stream_is_false,
+    text_of,
+)
 from lockgate.server.tls import listen_http
 
 
@@ -146,7 +154,7 @@ class _Request(msgspec.Struct):
     model: str = ""
     prompt: Any = None
     input: Any = None
-    stream: bool = False
+    stream: bool | None = False  # null is false, as OpenAI reads it (null_stream_is_false)
     stream_options: dict[str, Any] | None = None
     max_tokens: int | None = None
     max_output_tokens: int | None = None
@@ -158,6 +166,9 @@ class _Request(msgspec.Struct):
     # Echoed back in a Response object, as OpenAI's Responses API does.
     user: str | None = None
     metadata: dict[str, str] | None = None
+
+    def __post_init__(self) -> None:
+        null_stream_is_false(self)
 
 
 _decode_other = msgspec.json.Decoder(_Request).decode

@@ -172,7 +172,7 @@ async def _call(session: aiohttp.ClientSession, url: str, shown: str, body: dict
         raise UpstreamError(f"{shown} answered without choices[0].message") from None
     usage = (completion.usage or Usage()).tokens()
     return Completion(
-        text=first.message.content or "", latency_ms=latency_ms,
+        text=first.message.text(), latency_ms=latency_ms,  # a refusal too: must_refuse probes read it
         input_tokens=usage.input_tokens, output_tokens=usage.output_tokens,
         logprobs=first.token_logprobs(),
     )

@@ -91,6 +91,7 @@ from lockgate.services.router.wire import (
     interrupted_event,
     is_openai_error,
     openai_error,
+    own_answer,
     patch_body,
     stream_error,
 )
@@ -276,7 +277,7 @@ class Proxy:
             key = self.keys.authenticate(bearer(request.headers.get("Authorization")))
         except AuthError as exc:
             return error_response(401, exc.message, "invalid_request_error", code="invalid_api_key")
-        return web.json_response({"object": "list", "data": await self._listed(key)})
+        return own_answer({"object": "list", "data": await self._listed(key)})
 
     async def model(self, request: web.Request) -> web.Response:
         """`GET /v1/models/{model}` (the SDK's `models.retrieve`): the model as `GET /v1/models` lists it for
@@ -291,7 +292,7 @@ class Proxy:
             return error_response(404, f"The model {name!r} does not exist here or is not one API key {key.label} "
                                        "may use (GET /v1/models lists those it may)", "invalid_request_error",
                                   code="model_not_found", param="model")
-        return web.json_response(found)
+        return own_answer(found)
 
     async def unknown(self, request: web.Request) -> web.Response:
         """Any other `/v1/` path or method, answered in OpenAI's error shape as OpenAI answers it (the SDK raises
@@ -560,6 +561,8 @@ class Proxy:
             if rec.served is not None:  # a fallback served: the event says which variant answered
                 variant, target = rec.served
                 model = target.model or req.model
+            if not rec.response_model and rec.reply is not None and rec.reply.status == 200:
+                rec.response_model = model  # an answer naming no model (`"model": null`) is the one asked for
             # Calls that failed before the answer (retried, or fallen back from) are events of their own,
             # so a canary's failures count in its analysis even when a retry or stable answered.
             attempts = [_Record.attempt(failed) for failed in rec.earlier]
@@ -778,7 +781,7 @@ class Proxy:
                                     line = b"data: " + err + line[len(line.rstrip(b"\r\n")):]
                             if rec.status != "ok":  # the upstream's error event: its address stays internal
                                 line = scrub(line, endpoint)
-                            if not rec.ttft_ms and (rec.out.parts or rec.out.tools):
+                            if not rec.ttft_ms and rec.out.begun():
                                 rec.ttft_ms = (time.perf_counter() - t0 - rec.lost_s) * 1000.0
                             if usage_only and not want_usage:
                                 hiding = True

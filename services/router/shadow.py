@@ -286,7 +286,8 @@ class Shadow:
             event = InferenceEvent(
                 tenant=key.tenant, trace_id=trace_id, span_id=os.urandom(8).hex(), source="lockgate-router",
                 app=key.app, deployment=deployment, variant="shadow", release=target.release,
-                model=target.model or req.model, response_model=answer.response_model, provider=provider_name,
+                model=target.model or req.model, provider=provider_name,
+                response_model=answer.response_model or (target.model or req.model if status == "ok" else ""),
                 operation="chat", input_tokens=answer.input_tokens, output_tokens=answer.output_tokens,
                 cached_tokens=answer.cached_tokens, cache_write_tokens=answer.cache_write_tokens,
                 cache_write_1h_tokens=answer.cache_write_1h_tokens, latency_ms=latency_ms, status=status,

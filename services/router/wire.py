@@ -1,12 +1,18 @@
 """How the router reads and writes the OpenAI wire (shapes in lockgate.llmwire): one codec per
 operation (which upstream path, how its answer and stream fill the event), request patches, error bodies.
 
-Several choices (`n` > 1) and tool calls: the event's `response` is choice 0's text (what drift and
+Several choices (`n` > 1), tool calls and refusals: the event's `response` is choice 0's text (what drift and
 the evaluator compare), and when there is more than that text, `attributes["gen_ai.output.messages"]`
 holds every choice as JSON in the OpenTelemetry GenAI output-messages shape:
-`[{"role": "assistant", "parts": [{"type": "text", "content": ...}, {"type": "tool_call", "id": ...,
-"name": ..., "arguments": ...}], "finish_reason": ...}, ...]`, one entry per choice in index order.
-Streamed, each choice has its own buffer, so interleaved chunks never mix.
+`[{"role": "assistant", "parts": [{"type": "text", "content": ...}, {"type": "refusal", "content": ...},
+{"type": "tool_call", "id": ..., "name": ..., "arguments": ...}], "finish_reason": ...}, ...]`, one entry per
+choice in index order. Streamed, each choice has its own buffer, so interleaved chunks never mix.
+
+A refusal (chat's `message.refusal`, a Responses `refusal` part) is the text of its choice when it has no other
+(joined after it when it has): what the model said, read by the online scorers (`refusal` finds it a refusal,
+`pii_free` reads what it may leak) and by drift's response embeddings, as OpenAI-compatible servers without structured
+refusals send it as text. The `refusal` part (a GenAI generic part) says the provider marked it one. A legacy
+`functions` answer's `function_call` is a tool call part (no id: that API has none), as drift's tool-call feature reads.
 """
 
 from __future__ import annotations
@@ -26,12 +32,14 @@ from lockgate.llmwire import (
     Response,
     ResponseItem,
     TokenUsage,
+    answer_text,
     decode_completion,
     decode_error,
     decode_response,
     decode_response_event,
     input_text,
     last_user_text,
+    with_refusal,
 )
 from lockgate.redact import scrub_json, scrub_secrets
 from lockgate.textbound import cut
@@ -110,16 +118,21 @@ def patch_body(body: bytes, model: str | None, include_usage: bool, params: dict
 class Choices:
     """Every choice's text, tool calls and finish reason, each in its own buffer."""
 
-    __slots__ = ("finish", "parts", "tools")
+    __slots__ = ("finish", "parts", "refusals", "tools")
 
     def __init__(self) -> None:
         self.parts: dict[int, list[str]] = {}
+        self.refusals: dict[int, list[str]] = {}
         self.tools: dict[int, dict[int, list[str]]] = {}  # choice -> tool index -> [id, name, arguments...]
         self.finish: dict[int, str] = {}
 
     def add_text(self, choice: int, text: str) -> None:
         """Append streamed (or complete) text to one choice."""
         self.parts.setdefault(choice, []).append(text)
+
+    def add_refusal(self, choice: int, text: str) -> None:
+        """Append a streamed (or complete) refusal to one choice."""
+        self.refusals.setdefault(choice, []).append(text)
 
     def add_tool(self, choice: int, index: int, id_: str | None, name: str | None, arguments: str | None) -> None:
         """Fold one tool call, or a streamed piece of one, into its choice."""
@@ -132,16 +145,20 @@ class Choices:
             call.append(arguments)
 
     def text(self, choice: int = 0) -> str:
-        """The text of one choice so far."""
-        return "".join(self.parts.get(choice, ()))
+        """The text of one choice so far: its content, and its refusal (after a newline when both)."""
+        return with_refusal("".join(self.parts.get(choice, ())), "".join(self.refusals.get(choice, ())))
+
+    def begun(self) -> bool:
+        """Whether any choice has output (text, a refusal or a tool call)."""
+        return bool(self.parts or self.refusals or self.tools)
 
     def finished(self) -> bool:
         """Whether every choice begun has its finish reason (a stream that ends so is complete)."""
-        return bool(self.finish) and all(c in self.finish for c in (*self.parts, *self.tools))
+        return bool(self.finish) and all(c in self.finish for c in (*self.parts, *self.refusals, *self.tools))
 
     def has_more_than_text(self) -> bool:
-        """Whether the event needs the output-messages attribute: a second choice or any tool call."""
-        return bool(self.tools) or any(c > 0 for c in (*self.parts, *self.finish))
+        """Whether the event needs the output-messages attribute: a second choice, a refusal or any tool call."""
+        return bool(self.tools or self.refusals) or any(c > 0 for c in (*self.parts, *self.finish))
 
     def output_messages(self, limit: int | None = None,
                         scrub: Callable[[str], str] = scrub_secrets) -> tuple[str, int | None]:
@@ -160,11 +177,12 @@ class Choices:
         choice, tool call and finish reason is still there (drift reads the tool calls)."""
         out: list[dict[str, Any]] = []
         long: list[tuple[dict[str, Any], str]] = []  # each part's free text: (part, key)
-        for c in sorted({*self.parts, *self.tools, *self.finish}):
+        for c in sorted({*self.parts, *self.refusals, *self.tools, *self.finish}):
             parts: list[dict[str, Any]] = []
-            if self.parts.get(c):
-                parts.append({"type": "text", "content": (scrub if c else scrub_secrets)(self.text(c))})
-                long.append((parts[-1], "content"))
+            for kind, pieces in (("text", self.parts.get(c)), ("refusal", self.refusals.get(c))):
+                if pieces:
+                    parts.append({"type": kind, "content": (scrub if c else scrub_secrets)("".join(pieces))})
+                    long.append((parts[-1], "content"))
             for _, call in sorted(self.tools.get(c, {}).items()):
                 parts.append({"type": "tool_call", "id": scrub(call[0]), "name": scrub(call[1]),
                               "arguments": scrub_json("".join(call[2:]), scrub)})
@@ -203,17 +221,25 @@ def _tier(rec: _Record, tier: Any) -> None:
         rec.attributes[SERVICE_TIER] = tier[:64]
 
 
+# The tool index of a legacy `functions` answer's one call (`function_call`): apart from any `tool_calls` index.
+LEGACY_CALL = -1
+
+
 def _fold_choice(out: Choices, ch: Choice) -> None:
     msg = ch.message if ch.message is not None else ch.delta
     if ch.text:
         out.add_text(ch.index, ch.text)
     if msg is not None:
-        if msg.content:
-            out.add_text(ch.index, msg.content)
+        if msg.content and (text := answer_text(msg.content)):
+            out.add_text(ch.index, text)
+        if msg.refusal:
+            out.add_refusal(ch.index, msg.refusal)
         for i, call in enumerate(msg.tool_calls or ()):
             fn = call.function
             out.add_tool(ch.index, call.index if call.index is not None else i, call.id,
                          fn.name if fn else None, fn.arguments if fn else None)
+        if (fn := msg.function_call) is not None:
+            out.add_tool(ch.index, LEGACY_CALL, None, fn.name, fn.arguments)
     if ch.finish_reason:
         out.finish[ch.index] = ch.finish_reason
 
@@ -228,7 +254,8 @@ def parse_completion(data: bytes, rec: _Record) -> None:
     c = decode_completion(data)
     if c.error and not c.choices:
         raise ErrorAnswer
-    rec.response_model = c.model
+    if c.model:  # none (absent or null): the event's is the model asked for (Proxy)
+        rec.response_model = c.model
     _tier(rec, c.service_tier)
     for ch in c.choices:
         _fold_choice(rec.out, ch)
@@ -256,7 +283,8 @@ def parse_embeddings(data: bytes, rec: _Record) -> None:
     c = decode_completion(data)
     if c.error:
         raise ErrorAnswer
-    rec.response_model = c.model
+    if c.model:
+        rec.response_model = c.model
     if c.usage is not None:
         _usage(rec, c.usage.tokens(output_billed=False))  # embeddings bill their input alone
 
@@ -273,6 +301,8 @@ def _response(r: Response, rec: _Record) -> None:
             for part in item.content:
                 if part.type == "output_text":
                     out.add_text(0, part.text)
+                elif part.type == "refusal" and part.refusal:
+                    out.add_refusal(0, part.refusal)
         elif item.type == "function_call":
             out.add_tool(0, tools, item.call_id, item.name, item.arguments)
             tools += 1
@@ -326,6 +356,8 @@ def parse_response_event(data: bytes, rec: _Record) -> bool:
     e = decode_response_event(data)
     if e.type == "response.output_text.delta":
         rec.out.add_text(0, e.delta)
+    elif e.type == "response.refusal.delta":
+        rec.out.add_refusal(0, e.delta)
     elif e.type == "error":  # the stream's error event, passed on to the client
         rec.status, rec.error_type = "error", "upstream_stream_error"
     elif e.response is not None and e.type == "response.created":
@@ -475,6 +507,12 @@ def interrupted_event(op: Operation, message: str, sequence: int) -> bytes:
 def own_request_id() -> str:
     """An `x-request-id` of the router's own, for an answer no upstream gave one for (its errors, cache hits)."""
     return f"req_lockgate_{secrets.token_hex(12)}"
+
+
+def own_answer(data: Any) -> web.Response:
+    """A JSON answer of the router's own (the model list), with an `x-request-id` as every other answer has: the
+    model list's had none, and the SDK's `request_id` was None (probe p79 F5)."""
+    return web.json_response(data, headers={"x-request-id": own_request_id()})
 
 
 def error_response(status: int, message: str, type_: str, *, headers: dict[str, str] | None = None,

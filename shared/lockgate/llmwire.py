@@ -21,12 +21,20 @@ class Message(msgspec.Struct):
     audio: Any = None  # an assistant turn's reference to an earlier audio answer (`{"id": ...}`), stored upstream
 
 
+def null_stream_is_false(request: Any) -> None:
+    """A request's `"stream": null` read as false, as OpenAI reads it (nullable, default false): the openai SDK sends
+    it for `stream=None`, which its types allow. Refused before, a 400 "Expected `bool`, got `null`" (probe p79 F3).
+    The request's other booleans are declared nullable or not read at all."""
+    if request.stream is None:
+        request.stream = False
+
+
 class ChatRequest(msgspec.Struct):
     """The request fields routing, events and the simulator need."""
 
     model: str = ""
     messages: list[Message] = []
-    stream: bool = False
+    stream: bool | None = False  # never None once decoded (null_stream_is_false)
     user: str | None = None
     stream_options: dict[str, Any] | None = None
     max_tokens: int | None = None
@@ -35,6 +43,9 @@ class ChatRequest(msgspec.Struct):
     n: int | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
+
+    def __post_init__(self) -> None:
+        null_stream_is_false(self)
 
 
 Count = Annotated[int, msgspec.Meta(ge=1, le=2**31 - 1)]
@@ -80,7 +91,7 @@ class ApiRequest(_Routed):
     by these fields (llmwire reads only some of what an upstream reads)."""
 
     model: str = ""
-    stream: bool = False
+    stream: bool | None = False  # never None once decoded (null_stream_is_false)
     user: str | None = None
     stream_options: dict[str, Any] | None = None
     messages: list[Message] = []
@@ -97,6 +108,9 @@ class ApiRequest(_Routed):
     # A Responses request generated after its answer (`true`: answered `queued`, polled by id): its usage never
     # reaches the router (Proxy.forward refuses one its output limit does not bound).
     background: Any = None
+
+    def __post_init__(self) -> None:
+        null_stream_is_false(self)
 
     def declares_tools(self) -> bool:
         """The request declares at least one tool (chat completions' or the Responses API's `tools`)."""
@@ -233,10 +247,21 @@ class ToolCall(msgspec.Struct):
 
 
 class Output(msgspec.Struct):
-    """A choice's `message` (complete response) or `delta` (stream chunk)."""
+    """A choice's `message` (complete response) or `delta` (stream chunk). `content` is a string, or a list of content
+    parts (Mistral's reasoning models: `text` and `thinking` parts), read by answer_text; any other JSON is no text
+    (the openai SDK reads such answers, so the router passes them on: before, a 502 charged at its worst case, probe
+    p79 F4). `refusal`: the model declined (OpenAI's structured refusals); `function_call`: the one call of the legacy
+    `functions` API."""
 
-    content: str | None = None
+    content: Any = None
+    refusal: str | None = None
     tool_calls: list[ToolCall] | None = None
+    function_call: FunctionCall | None = None
+
+    def text(self) -> str:
+        """The answer's text: its content's (answer_text), and its refusal (after a newline when both), as the router
+        records it."""
+        return with_refusal(answer_text(self.content), self.refusal or "")
 
 
 class Choice(msgspec.Struct):
@@ -260,7 +285,7 @@ class Completion(msgspec.Struct):
     """A chat completion or one stream chunk; `error` is set when the body (a 200, or a stream's event)
     is an error object instead, as servers send one after the status line went out."""
 
-    model: str = ""
+    model: str | None = ""  # null, as some servers send it: the answer names no model (the event's is the one asked for)
     choices: list[Choice] = []
     usage: Usage | None = None
     error: Any = None
@@ -272,6 +297,7 @@ class ResponseContent(msgspec.Struct):
 
     type: str = ""
     text: str = ""
+    refusal: str = ""  # a `refusal` part's text
 
 
 class ResponseItem(msgspec.Struct):
@@ -306,7 +332,7 @@ class Response(msgspec.Struct):
 
     id: Any = ""  # any JSON: only a string is an id the router claims (services/router/owners.py)
     store: Any = None  # false: the provider keeps nothing a later request could name
-    model: str = ""
+    model: str | None = ""
     status: str = ""
     output: list[ResponseItem] = []
     usage: ResponseUsage | None = None
@@ -351,6 +377,22 @@ def text_of(content: Any) -> str:
     if isinstance(content, list):
         return " ".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("text"))
     return ""
+
+
+def answer_text(content: Any) -> str:
+    """The text of an answer's `content`: a string, or the `text` of its `text` parts (a `thinking` part is the
+    model's reasoning, not its answer); anything else has none."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(p["text"] for p in content
+                       if isinstance(p, dict) and p.get("type", "text") == "text" and isinstance(p.get("text"), str))
+    return ""
+
+
+def with_refusal(text: str, refusal: str) -> str:
+    """An answer's text with its refusal: a choice's words either way (a refusal after the text, on a new line)."""
+    return f"{text}\n{refusal}" if text and refusal else text or refusal
 
 
 def input_text(value: Any) -> str | None:

@@ -9,7 +9,7 @@ import msgspec
 import pytest
 
 from lockgate.contracts.inference import request_digest
-from lockgate.llmwire import Message, last_user_text
+from lockgate.llmwire import Message, decode_api_request, decode_completion, decode_request, last_user_text
 from lockgate.services.router.proxy import _Record
 from lockgate.services.router.wire import (
     CHAT,
@@ -87,6 +87,54 @@ def test_tool_calls_recorded_whole_and_from_stream_deltas() -> None:
              "finish_reason": "tool_calls"}]
     assert json.loads(whole.out.output_messages()[0]) == json.loads(streamed.out.output_messages()[0]) == want
     assert whole.text == "" and whole.out.has_more_than_text()
+
+
+def test_refusals_are_the_answers_text_marked_and_a_legacy_function_call_is_a_tool_call() -> None:
+    """Probe p79 F1: both were recorded as an empty answer."""
+    rec = _Record("ok")
+    parse_completion(b'{"choices":[{"index":0,"message":{"content":null,"refusal":"no."},"finish_reason":"stop"}]}',
+                     rec)
+    assert (rec.text, json.loads(rec.out.output_messages()[0])) == ("no.", [
+        {"role": "assistant", "parts": [{"type": "refusal", "content": "no."}], "finish_reason": "stop"}])
+    # The evaluator reads an answer's text as the router records it (a must_refuse probe reads the refusal).
+    assert decode_completion(b'{"choices":[{"message":{"content":null,"refusal":"no."}}]}').choices[0].message.text(
+    ) == "no."
+    both = _Record("ok")  # text and a refusal: both are the answer's text, each its own part
+    parse_completion(b'{"choices":[{"index":0,"message":{"content":"a","refusal":"b"}}]}', both)
+    assert (both.text, [p["type"] for p in json.loads(both.out.output_messages()[0])[0]["parts"]]) == (
+        "a\nb", ["text", "refusal"])
+    streamed = _Record("ok")
+    for chunk in (b'{"choices":[{"index":0,"delta":{"function_call":{"name":"f","arguments":""}}}]}',
+                  b'{"choices":[{"index":0,"delta":{"function_call":{"arguments":"{}"}}}]}',
+                  b'{"choices":[{"index":0,"delta":{},"finish_reason":"function_call"}]}'):
+        parse_chunk(chunk, streamed)
+    assert streamed.out.finished() and json.loads(streamed.out.output_messages()[0])[0]["parts"] == [
+        {"type": "tool_call", "id": "", "name": "f", "arguments": "{}"}]
+    responses = _Record("ok")
+    parse_response_event(b'{"type":"response.refusal.delta","delta":"no"}', responses)
+    assert (responses.text, responses.out.has_more_than_text()) == ("no", True)
+    parse_response(b'{"status":"completed","output":[{"type":"message","content":[{"type":"refusal",'
+                   b'"refusal":"no."}]}]}', responses)
+    assert (responses.text, responses.finish_reason) == ("no.", "stop")
+
+
+def test_content_parts_are_read_for_their_text_and_a_null_model_names_none() -> None:
+    """Probe p79 F4: an answer the SDK reads was refused as undecodable (a 502)."""
+    rec = _Record("ok")
+    parse_completion(b'{"model":null,"choices":[{"index":0,"message":{"content":[{"type":"thinking","thinking":'
+                     b'[{"type":"text","text":"hmm"}]},{"type":"text","text":"Par"},{"type":"text","text":"is."}]}}]}',
+                     rec)
+    assert (rec.text, rec.response_model) == ("Paris.", "")
+    odd = _Record("ok")
+    parse_chunk(b'{"model":null,"choices":[{"index":0,"delta":{"content":{"unexpected":1}}}]}', odd)
+    assert odd.text == ""
+
+
+@pytest.mark.parametrize("decode", [decode_request, decode_api_request])
+def test_a_null_stream_is_no_stream(decode: Any) -> None:
+    """Probe p79 F3: refused, 400 "Expected `bool`, got `null`"."""
+    assert decode(b'{"model":"m","stream":null}').stream is False
+    assert decode(b'{"model":"m","stream":true}').stream is True
 
 
 def test_responses_answers_and_events() -> None:
