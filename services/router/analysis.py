@@ -73,6 +73,9 @@ class MetricSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     clients give up alike, so a canary whose clients give up more often than the same callers' on stable at the
     same time is the release's fault (it stalls, or is slow past their timeouts); added alike.
     `max_ratio`: canary <= max_ratio * stable (latency, tokens, cost). At least one is required.
+    `tokens_per_request` and `cost_per_request` are per answered request: what the variant's calls were billed in
+    all (failed ones too: a retried or fallen-back call, a request that failed in the end) over the requests it
+    answered (`_answers`); error_rate counts every call, each failed one a failure.
 
     `score` is the mean of an online evaluation score (`scorer`, e.g. pii_free, refusal, length) of
     sampled live traffic: lower is better with the limits above, higher is better with `min`
@@ -233,8 +236,10 @@ class VariantSample:
     # Answers, and calls that timed out at their time to failure (`from_rows`)
     latency_ms: Sequence[float] = ()
     ttft_ms: Sequence[float] = ()  # streamed answers only, and calls that timed out
+    # Per answered request (priced ones, for cost), with what the variant's failed calls were billed spread evenly
+    # over them (`_answers`): the mean is what an answer cost in all.
     tokens: Sequence[float] = ()
-    cost: Sequence[float] = ()  # priced requests only
+    cost: Sequence[float] = ()
     scores: Mapping[str, Sequence[float]] = field(default_factory=dict)  # online evaluation, by scorer
     # When each of `scores` was served (unix seconds of the scored answer, in the same order), for comparing like
     # with like in time; a scorer without them: unknown, and its scores are compared with all of stable's.
@@ -270,22 +275,45 @@ OF_ALL: tuple[MetricName, ...] = ("client_error_rate", "hang_up_rate")
 
 
 def from_rows(rows: np.ndarray) -> VariantSample:
-    """The sample of the requests `rows` (`ROWS` by request). Tokens describe answers. Latency and TTFT describe
+    """The sample of the requests `rows` (`ROWS` by request). Tokens and cost are per answered request, what the
+    variant's calls in analysis were billed in all over the requests it answered (`_answers`). Latency and TTFT describe
     answers and the calls that timed out, each at its time to failure (its TTFT too, when no first token came
     before it; the event does not say whether it was streamed): the slower a canary's tail, the more of it times
     out, and judged on its answers alone such a canary looked faster than stable and passed `latency_p95` (probe
     p22 F5), as Flagger's and Argo's latency queries count failed requests. A call that failed fast for another
     reason (a 5xx, a refused connection) says nothing of how fast the release answers: error_rate judges it.
     Refused and hung-up requests count in `refused` and `hung_up` only."""
-    _, failed, latency, ttft, tokens, cost, refused, _, hung_up, _ = rows
+    _, failed, latency, ttft, _, _, refused, _, hung_up, _ = rows
     kept = _kept(rows)
     ok = (failed == 0) & kept
     n = int(kept.sum())
     timed = _timed(rows)
     return VariantSample(n=n, errors=n - int(ok.sum()), refused=int((refused != 0).sum()),
                          hung_up=int((hung_up != 0).sum()), latency_ms=latency[ok | timed],
-                         ttft_ms=np.where(ttft > 0, ttft, latency)[(ok & (ttft > 0)) | timed], tokens=tokens[ok],
-                         cost=cost[(cost >= 0) & kept], rows=rows)
+                         ttft_ms=np.where(ttft > 0, ttft, latency)[(ok & (ttft > 0)) | timed],
+                         tokens=_answers(rows, _TOKENS)[_TOKENS], cost=_answers(rows, _COST)[_COST], rows=rows)
+
+
+_TOKENS, _COST = ROWS.index("tokens"), ROWS.index("cost")
+
+
+def _answers(rows: np.ndarray, column: int) -> np.ndarray:
+    """The answered requests of `rows` (`ROWS`; in analysis, with a value in `column`: priced, for cost), with what
+    the failed calls in analysis were billed (`column`: tokens or cost; often nothing, a call abandoned after it went
+    out at its worst case) spread evenly over them: a request's calls a retry or fallback went past (each an event of
+    its own, `lockgate.attempt: superseded`), and the requests that failed in the end, are what getting the answers
+    cost. So the mean is the variant's bill over the requests it answered: a failed call, billed nothing, never
+    counts as a cheap request, and a retried request counts once. Spread over them, not joined to its own request
+    (its event says not which): the mean is exact, its spread that of the answers alone. Before, each failed call
+    was a request of $0 and 0 tokens, and a stable failing 30% of its calls (retried) made an identical canary read
+    1.47x dearer and be aborted, a canary 1.38x dearer failing 35% was promoted (probe p78 F1). O(rows)."""
+    value, failed = rows[column], rows[ROWS.index("failed")]
+    held = _kept(rows) & (value >= 0)  # cost -1: unpriced
+    answered = rows[:, held & (failed == 0)]  # a copy: the sample's own rows stay as they are
+    spent = float(value[held & (failed != 0)].sum())
+    if spent and answered.shape[1]:
+        answered[column] += spent / answered.shape[1]
+    return answered
 
 
 def _kept(rows: np.ndarray) -> np.ndarray:
@@ -809,8 +837,9 @@ def _baseline(group: Group, name: str) -> tuple[VariantSample, list[tuple[Varian
 
 def _value_rows(rows: np.ndarray, name: str) -> np.ndarray:
     """The requests of `rows` that have a value of metric `name` (`from_rows`: answers, and for latency and TTFT
-    calls that timed out; streamed; priced)."""
-    _, failed, _, ttft, _, cost, _, _, _, _ = rows
+    calls that timed out; streamed; for tokens and cost, answers priced, with the failed calls' bill spread over
+    them)."""
+    _, failed, _, ttft, _, _, _, _, _, _ = rows
     if name in OF_ALL:
         return rows
     if name == "error_rate":
@@ -819,7 +848,7 @@ def _value_rows(rows: np.ndarray, name: str) -> np.ndarray:
         return rows[:, ((failed == 0) & (ttft > 0)) | _timed(rows)]
     if name.startswith("latency"):
         return rows[:, (failed == 0) | _timed(rows)]
-    return rows[:, (cost >= 0) & _kept(rows)] if name == "cost_per_request" else rows[:, failed == 0]
+    return _answers(rows, _COST if name == "cost_per_request" else _TOKENS)
 
 
 def _in_time(canary: np.ndarray, stable: np.ndarray) -> tuple[np.ndarray, list[tuple[np.ndarray, int]]]:
@@ -926,7 +955,7 @@ class Group:
 def groups(canary: VariantSample, stable: VariantSample, min_sample: int, name: str) -> list[Group]:
     """The canary's requests as metric `name` judges them: all of them together (named ""), then each API key with
     at least `min_sample` values of the metric (`_count`: requests for rates, streamed answers for TTFT, answers
-    for latency and tokens, priced requests for cost) alone (most values first), then the keys under it that have
+    for latency, answered requests for tokens, answered priced ones for cost) alone (most values first), then the keys under it that have
     values pooled (if the pool has `min_sample`), each against the same callers' stable requests (`_weights`).
     Judged only all together, one key's successful requests aimed at the canary would dilute every other caller's
     failures; judged only per key, the same key's `min_sample` good requests would leave the failures of callers

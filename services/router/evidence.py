@@ -259,7 +259,7 @@ class Evidence:
         later; None: not yet). Its row only: the scores of stable's answer are no evidence of `release`."""
         key = (event.deployment or event.app, release)
         held = counted_from is None or event.time.timestamp() < counted_from
-        _ring(self._diverted if held else self._rings, key, self._max).add(self._row(event))
+        _ring(self._diverted if held else self._rings, key, self._max).add(self._row(event, called=False))
 
     def charge(self, deployment: str, release: str, since: float) -> None:
         """Count the diversions held for `release` (`divert`) from `since` (unix seconds) on as its requests."""
@@ -277,15 +277,18 @@ class Evidence:
         for row in rows[:, ~due].T:  # from before `since`: held still
             _ring(self._diverted, (deployment, release), self._max).add(tuple(row))
 
-    def _row(self, event: InferenceEvent, refused: bool = False, hung_up: bool = False) -> tuple[float, ...]:
+    def _row(self, event: InferenceEvent, refused: bool = False, hung_up: bool = False,
+             called: bool = True) -> tuple[float, ...]:
         """The event's row (`_Ring`). Tokens and cost are what the call is billed for (`InferenceEvent.billed_tokens`,
         `Evidence`'s price): a call whose upstream reported no usage at the worst case the router charged for it.
         By its reported usage, such a call read as 0 tokens and $0, and a canary whose upstream reported none while
         the ledger billed each call 4,096 output tokens passed tokens_per_request and cost_per_request against
-        stable's 41 tokens (probe p63 B)."""
-        cost = None if refused or hung_up else self._price(event)
+        stable's 41 tokens (probe p63 B). A failed call's are added to its arm's answers' (`analysis._answers`).
+        Not `called` (a request an open breaker diverted, `event` stable's answer): the arm made no call, billed
+        nothing; stable's answer is priced on stable's own row."""
+        cost = None if refused or hung_up else self._price(event) if called else 0.0
         index = self._key(event.key_id)
-        tokens_in, tokens_out, _ = event.billed_tokens  # cached input is a part of the input
+        tokens_in, tokens_out, _ = event.billed_tokens if called else (0, 0, 0)  # cached input is a part of the input
         return (event.time.timestamp(), float(event.status != "ok"), event.latency_ms, event.ttft_ms,
                 float(tokens_in + tokens_out), -1.0 if cost is None else cost, float(refused),
                 float(event.status != "ok" and event.error_type in TIMED_OUT), float(hung_up), unit(event),

@@ -32,10 +32,12 @@ from lockgate.codec import UNDECODABLE, undecodable
 from lockgate.config import Settings
 from lockgate.contracts import InferenceEvent
 from lockgate.contracts.inference import (
+    ATTEMPT,
     CLIENT_DISCONNECTED,
     KEPT_WAITING,
     REQUEST_DIGEST,
     ROUTED_BY,
+    SUPERSEDED,
     UPSTREAM_UNANSWERED,
 )
 from lockgate.contracts.names import NAME_RULE, is_name
@@ -950,7 +952,7 @@ class _Record:
         rec = cls(status="error", provider=failed.hop.endpoint.provider)
         rec.error_type = failed.reason()
         rec.latency_ms = failed.elapsed_s * 1000.0
-        rec.attributes = {"lockgate.endpoint": failed.hop.endpoint.id, "lockgate.attempt": "superseded"}
+        rec.attributes = {"lockgate.endpoint": failed.hop.endpoint.id, ATTEMPT: SUPERSEDED}
         rec.superseded = True
         return rec
 

@@ -6,6 +6,7 @@ import random
 from dataclasses import replace
 
 import msgspec
+import numpy as np
 import pytest
 
 from lockgate.gatestats import sequential
@@ -149,8 +150,9 @@ def test_evidence_summarises_a_window_per_release() -> None:
     ev.add(event(25, "r1"))
     s = ev.sample("d", "r2", since=15)
     assert (s.n, s.errors) == (3, 1)  # 10 fell out of the bounded buffer anyway; 20, 30, 40 remain
-    assert sorted(s.latency_ms) == [30, 40] and list(s.ttft_ms) == [5.0] and list(s.tokens) == [10.0, 10.0]
-    assert list(s.cost) == [0.01] * 3
+    # Per answered request: the failed call's bill (10 tokens, $0.01) is spread over the two answers (probe p78).
+    assert sorted(s.latency_ms) == [30, 40] and list(s.ttft_ms) == [5.0] and list(s.tokens) == [15.0, 15.0]
+    assert list(s.cost) == pytest.approx([0.015] * 2)
     assert ev.sample("d", "r2", since=35).n == 1 and ev.sample("d", "r1", since=0).n == 1
     ev.forget("d", keep={"r1"})
     assert ev.sample("d", "r2", since=0).n == 0 and ev.sample("d", "r1", since=0).n == 1
@@ -194,7 +196,8 @@ def test_evidence_leaves_out_what_the_client_failed_from_every_metric() -> None:
                               time=datetime.fromtimestamp(1000 + i, UTC)))
     s = ev.sample("d", "r", since=0)
     assert (s.n, s.errors) == (3, 2)  # the answer, the 503 and the 429; neither the hang-up nor the 400
-    assert list(s.latency_ms) == [100.0] and list(s.tokens) == [7.0] and list(s.cost) == [0.01] * 3
+    # The 503 and the 429 are billed (7 tokens, $0.01 each here) on top of the one answer's (probe p78).
+    assert list(s.latency_ms) == [100.0] and list(s.tokens) == [21.0] and list(s.cost) == pytest.approx([0.03])
     assert s.scores == {"s": [1.0, 1.0, 1.0]}
 
 
@@ -657,3 +660,43 @@ def test_a_preview_whose_shared_shadow_budget_left_a_keys_requests_uncopied_is_n
             100 + i, UTC), attributes={SHADOW_SKIPPED: why} if why else {}))
     assert (ev.uncopied("d", "r1", 0), ev.uncopied("d", "r1", 102), ev.uncopied("d", "r2", 0)) == (
         ["k-b", "k-c"], ["k-c"], [])
+
+
+def _billed_calls(n: int, every: int, tokens: float, cost: float, billed: float = 0.0) -> np.ndarray:
+    """`n` calls (`analysis.ROWS`), one a second, every `every`-th (0: none) a fast failure billed `billed` (tokens
+    and $), the others answers of `tokens` tokens costing `cost`."""
+    rows = np.zeros((len(analysis.ROWS), n))
+    rows[0] = np.arange(n, dtype=np.float64)
+    failed = (np.arange(1, n + 1) % every == 0) if every else np.zeros(n, dtype=bool)
+    rows[1], rows[2] = failed, 10.0
+    rows[4], rows[5] = np.where(failed, billed, tokens), np.where(failed, billed, cost)
+    return rows
+
+
+@pytest.mark.parametrize("metric", ["cost_per_request", "tokens_per_request"])
+def test_failed_calls_never_make_an_arm_cheaper_per_request(metric: str) -> None:
+    # Probe p78 F1: each failed call a retry went past is an event of its own (status error, $0, 0 tokens). Taken as
+    # requests, a stable failing every 3rd call read a third cheaper than an identical canary, which was aborted; a
+    # canary 1.4x dearer, failing every 3rd call, read as cheap as stable and passed.
+    from lockgate.services.router.analysis import from_rows
+
+    spec = AnalysisSpec(metrics=[MetricSpec(name=metric, max_ratio=1.2)], min_sample=30)  # type: ignore[arg-type]
+    flaky = from_rows(_billed_calls(600, 3, 10.0, 1e-4))
+    assert flaky.n == 600 and flaky.errors == 200  # error_rate still counts every call
+    assert len(flaky.cost) == len(flaky.tokens) == 400 and float(np.mean(flaky.cost)) == pytest.approx(1e-4)
+    steady = from_rows(_billed_calls(400, 0, 10.0, 1e-4))
+    assert analysis.measure(spec, steady, flaky, look=1).verdict == "SUCCESSFUL"
+    dear = from_rows(_billed_calls(600, 3, 14.0, 1.4e-4))
+    assert analysis.measure(spec, dear, steady, look=1).verdict == "FAILED"
+
+
+def test_a_failed_calls_bill_counts_on_its_arms_answers() -> None:
+    # A failed call billed its worst case (abandoned after it went out) makes the answers dearer: what they cost in
+    # all over the requests answered, so a failing arm only ever reads dearer. Unpriced rows (-1) count nowhere.
+    from lockgate.services.router.analysis import from_rows
+
+    rows = _billed_calls(6, 3, 10.0, 1.0, billed=4.0)  # 4 answers of $1, 2 failed calls of $4
+    rows[5, 0] = -1.0  # one answer unpriced: 3 priced answers carry the $8
+    s = from_rows(rows)
+    assert list(s.tokens) == [12.0] * 4 and list(s.cost) == pytest.approx([1.0 + 8.0 / 3] * 3)
+    assert rows[5, 1] == 1.0  # the sample's rows stay as they came

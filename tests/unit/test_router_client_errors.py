@@ -80,8 +80,8 @@ def test_refused_requests_count_in_client_error_rate_only() -> None:
                           latency_ms=100.0, time=at))
     s = ev.sample("d", "r2", T0)
     # 400 and 422 refused; the hang-up that waited in hang_up_rate only; the 429 (the release's doing) an error; the
-    # answer a success.
-    assert (s.n, s.errors, s.refused, s.hung_up, len(s.latency_ms), len(s.cost)) == (2, 1, 2, 1, 1, 2)
+    # answer a success, which carries the 429's bill (cost per answered request, probe p78).
+    assert (s.n, s.errors, s.refused, s.hung_up, len(s.latency_ms), list(s.cost)) == (2, 1, 2, 1, 1, [2.0])
     assert ev.count("d", "r2", T0) == 2  # a step's requests in analysis, as n
 
 

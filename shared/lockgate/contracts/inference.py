@@ -67,6 +67,12 @@ SECRETS_MASKED = "lockgate.secrets_masked"
 # share, so one key's copies may have spent them. A blue-green preview judged on copies is no pass while such a key
 # is short of its own sample of copies (analysis.uncopied; probe p46 F3).
 SHADOW_SKIPPED = "lockgate.shadow_skipped"
+# A router event of a failed call that a request went past (`ATTEMPT: SUPERSEDED`): retried, or fallen back from to
+# another endpoint or arm, the request's own event following it. A call, not a request nor an answer: per-call
+# error_rate counts it, cost analysis adds its charge to its arm's requests', the drift monitor leaves it out
+# (probe p78).
+ATTEMPT = "lockgate.attempt"
+SUPERSEDED = "superseded"
 # An application's event of a call it made through a lockgate router (`ROUTER_BILLED`), which the router's own served
 # event bills: the OTLP receiver marks a GenAI client span whose endpoint (`server.address`/`server.port`, `url.full`,
 # OpenLLMetry's `gen_ai.openai.api_base`) is a router's. Kept for drift and traces, left out of the cost ledger, so
@@ -164,6 +170,11 @@ class InferenceEvent(Event, frozen=True, kw_only=True, tag="lockgate.inference",
         """Answered from the router's response cache (its `cache: hit`): a replay of an earlier answer, so no
         evidence of what its release does (repeating one request could otherwise fill a canary's sample)."""
         return self.attributes.get("cache") == "hit"
+
+    @property
+    def superseded(self) -> bool:
+        """A failed call its request went past (`ATTEMPT`): a retry or a fallback followed it."""
+        return self.attributes.get(ATTEMPT) == SUPERSEDED
 
     @property
     def billed_by_router(self) -> bool:
