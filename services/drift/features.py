@@ -98,6 +98,16 @@ def rows(items: Sequence[InferenceEvent | InferenceScored],
             prompts.append(None)
             responses.append(None)
             continue
+        if e.status != "ok":
+            # A failure is no answer: it counts in `status` and `error_type` (its share of the requests) and in
+            # what was asked (the prompt), never in the answers' shape. Its 0 tokens (no usage reported), its time to
+            # failure and its missing finish reason went in as an answer's, and a stable whose calls failed fast
+            # drifted from an identical canary (`output_tokens`, mean 6 -> 10: probe p78 F2).
+            cats = (None, e.error_type, e.model, e.status, None, None)
+            out.append(_row((NAN,) * len(NUMERIC), {}, cats, seen))
+            prompts.append(e.prompt)
+            responses.append(None)
+            continue
         cats = (e.finish_reason, e.error_type, e.model, e.status, _refusal(e.scores), _tool_call(e))
         out.append(_row((e.output_tokens, e.latency_ms, e.input_tokens), e.scores, cats, seen))
         prompts.append(e.prompt)

@@ -30,7 +30,7 @@ from lockgate.contracts import (
     InferenceScored,
     RolloutState,
 )
-from lockgate.contracts.inference import SHADOW_SKIPPED
+from lockgate.contracts.inference import ATTEMPT, SHADOW_SKIPPED
 from lockgate.errors import (
     BusUnavailable,
     ConfigError,
@@ -58,9 +58,10 @@ log = logging.getLogger("lockgate.router")
 # The attributes of a served event `observe` reads (`InferenceEvent.cached`, `_diverted`, `_note_trip`): the only ones
 # a starting router reads back from the record (handlers.replay_served), as the others (an answer's tool calls, up to
 # 64 kB) made its pages too large for one NATS message (probe p36 F1). A key read there must be named here (and
-# `Evidence.add`'s, SHADOW_SKIPPED: a restarted router must not judge a preview on the copies of one key alone).
+# `Evidence.add`'s, SHADOW_SKIPPED: a restarted router must not judge a preview on the copies of one key alone; the
+# shadow ledger's, ATTEMPT: a failed call a retry went past pairs with no shadow).
 EVIDENCE_ATTRIBUTES = ("cache", "lockgate.fallback_from", "lockgate.fallback_from_release",
-                       "lockgate.fallback_reason", SHADOW_SKIPPED)
+                       "lockgate.fallback_reason", SHADOW_SKIPPED, ATTEMPT)
 
 _route_decoder = msgspec.json.Decoder(Route)
 _gate_codec: Codec[GateDecided] = Codec(GateDecided)

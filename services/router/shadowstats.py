@@ -202,7 +202,9 @@ class Ledger:
     def add(self, deployment: str, event: InferenceEvent) -> None:
         """One event of a deployment whose rollout mirrors: a shadow one, or a served one it may pair with."""
         c = self._by.get(deployment)
-        if c is None or not event.trace_id:
+        # A failed call a retry or fallback went past shares its request's trace: it is no answer to compare, and
+        # pending in the answer's place (`two of a kind`) it took the shadow's pair (probe p78).
+        if c is None or not event.trace_id or event.superseded:
             return
         if event.variant == "shadow":
             if event.release != c.candidate:

@@ -193,3 +193,26 @@ def test_of_two_categories_that_moved_alike_the_one_that_rose_is_named() -> None
         current = np.array([none] * 58 + [error] * 42)
         *_, code, share_ref, share_cur = stats.categorical(reference, current)
         assert (code, share_ref, share_cur) == (error, 0.0, 0.42)
+
+
+def test_failed_requests_count_in_status_never_in_the_answers_shape() -> None:
+    # Probe p78 F2: a failed call went in as an answer of 0 output tokens, no finish reason and its time to failure
+    # as latency: a stable whose calls failed fast drifted in output_tokens from an identical canary.
+    from lockgate.services.drift.features import rows
+
+    t0 = datetime(2025, 1, 1, tzinfo=UTC)
+    failed = [InferenceEvent(app="shop", deployment="d1", status="error", error_type="503", latency_ms=5.0,
+                             model="m", prompt="hi", time=t0 + timedelta(seconds=300 + i)) for i in range(30)]
+    row = rows(failed[:1])
+    at = {f: i for i, f in enumerate(FEATURES)}
+    assert all(math.isnan(row.values[0, at[f]]) for f in ("output_tokens", "latency_ms", "input_tokens",
+                                                           "finish_reason", "refusal", "tool_call"))
+    assert not any(math.isnan(row.values[0, at[f]]) for f in ("status", "error_type", "model"))
+    assert (row.prompts, row.responses) == (["hi"], [None])  # what was asked, and no answer
+    m = DriftMonitor(reference_size=200, window_size=100, psi_threshold=0.2)
+    m.observe_events(_answers(200, "stop"))
+    [report] = m.observe_events(_answers(70, "stop", start=200) + failed)
+    drifted = {f.feature for f in report.features if f.drifted}
+    assert "status:error" in drifted and "error_type:503" in drifted  # the failures' share is judged
+    assert not drifted & {"output_tokens", "latency_ms", "input_tokens"}
+    assert not any(f.startswith(("finish_reason", "tool_call")) for f in drifted)

@@ -127,6 +127,23 @@ def test_pairs_the_client_failed_are_not_compared() -> None:
     assert s.shadow_cost_usd == pytest.approx(0.006)  # every shadow call cost, compared or not
 
 
+def test_a_failed_call_a_retry_went_past_pairs_with_no_shadow() -> None:
+    """Probe p78: a stable call the router retried is an event of its own sharing its request's trace (`superseded`):
+    pending in the answer's place, it was compared with the shadow as stable's answer (an error of 0 tokens)."""
+    from msgspec.structs import replace
+
+    from lockgate.contracts.inference import ATTEMPT, SUPERSEDED
+
+    ledger = Ledger(lambda e: 0.002 if e.variant == "shadow" else None)
+    ledger.start("chat", "cand")
+    failed = replace(_event("1" * 32, "stable", "", status="error", error_type="503", out=0),
+                     attributes={ATTEMPT: SUPERSEDED})
+    for event in (_event("1" * 32, "stable", "same"), failed, _event("1" * 32, "shadow", "same")):
+        ledger.add("chat", event)
+    s = ledger.summary("chat")
+    assert (s.pairs, s.served_error_rate, s.exact_match_rate) == (1, 0.0, 1.0)
+
+
 def test_pairs_read_back_from_the_record_compare_all_but_the_answers_it_does_not_keep() -> None:
     """The record (the `served_events` query a starting router reads back) keeps no answer: such a pair counts for
     errors, tokens, latency and cost, not for exact match or length (an empty answer on both sides would match)."""
