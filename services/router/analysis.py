@@ -276,8 +276,8 @@ OF_ALL: tuple[MetricName, ...] = ("client_error_rate", "hang_up_rate")
 
 def from_rows(rows: np.ndarray) -> VariantSample:
     """The sample of the requests `rows` (`ROWS` by request). Tokens and cost are per answered request, what the
-    variant's calls in analysis were billed in all over the requests it answered (`_answers`). Latency and TTFT describe
-    answers and the calls that timed out, each at its time to failure (its TTFT too, when no first token came
+    variant's calls in analysis were billed in all over the requests it answered (`_answers`). Latency and TTFT
+    describe answers and the calls that timed out, each at its time to failure (its TTFT too, when no first token came
     before it; the event does not say whether it was streamed): the slower a canary's tail, the more of it times
     out, and judged on its answers alone such a canary looked faster than stable and passed `latency_p95` (probe
     p22 F5), as Flagger's and Argo's latency queries count failed requests. A call that failed fast for another
@@ -955,8 +955,9 @@ class Group:
 def groups(canary: VariantSample, stable: VariantSample, min_sample: int, name: str) -> list[Group]:
     """The canary's requests as metric `name` judges them: all of them together (named ""), then each API key with
     at least `min_sample` values of the metric (`_count`: requests for rates, streamed answers for TTFT, answers
-    for latency, answered requests for tokens, answered priced ones for cost) alone (most values first), then the keys under it that have
-    values pooled (if the pool has `min_sample`), each against the same callers' stable requests (`_weights`).
+    for latency, answered requests for tokens, answered priced ones for cost) alone (most values first), then the
+    keys under it that have values pooled (if the pool has `min_sample`), each against the same callers' stable
+    requests (`_weights`).
     Judged only all together, one key's successful requests aimed at the canary would dilute every other caller's
     failures; judged only per key, the same key's `min_sample` good requests would leave the failures of callers
     under `min_sample` unjudged. With one key with values, or none with `min_sample` alone: all together, as before.
