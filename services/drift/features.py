@@ -99,13 +99,15 @@ def rows(items: Sequence[InferenceEvent | InferenceScored],
             responses.append(None)
             continue
         if e.status != "ok":
-            # A failure is no answer: it counts in `status` and `error_type` (its share of the requests) and in
-            # what was asked (the prompt), never in the answers' shape. Its 0 tokens (no usage reported), its time to
-            # failure and its missing finish reason went in as an answer's, and a stable whose calls failed fast
-            # drifted from an identical canary (`output_tokens`, mean 6 -> 10: probe p78 F2).
+            # A failure is no answer: it counts in `status` and `error_type` (its share of the arm's calls), never in
+            # the answers' shape. Its 0 tokens (no usage reported), its time to failure and its missing finish
+            # reason went in as an answer's, and a stable whose calls failed fast (retried to answers) drifted from
+            # an identical canary (`output_tokens`, mean 6 -> 10: probe p78 F2). A failed call a retry or fallback
+            # went past (`superseded`) stays in status: a canary's calls fallen back from leave no other trace in
+            # its arm's window (the request's answer is stable's); its prompt is its request's, counted there.
             cats = (None, e.error_type, e.model, e.status, None, None)
             out.append(_row((NAN,) * len(NUMERIC), {}, cats, seen))
-            prompts.append(e.prompt)
+            prompts.append(None if e.superseded else e.prompt)
             responses.append(None)
             continue
         cats = (e.finish_reason, e.error_type, e.model, e.status, _refusal(e.scores), _tool_call(e))

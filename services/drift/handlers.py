@@ -217,12 +217,10 @@ class DriftHandlers:
         await self._restore()
         # Shadow calls answered nobody: they are the candidate's, not the deployment's traffic. Cached answers
         # are replays of earlier ones: one request repeated would otherwise fill (and dilute) a window. Failures
-        # the client caused (a hang-up, a refused body) are the client's doing, which it may aim at one arm. A
-        # failed call a retry or fallback went past (`superseded`) is no request of the deployment's: the request's
-        # own event says what its client got (an answer, or the failure), and analysis' error_rate judges the calls.
-        # Counted, each was one more answer of 0 tokens in its arm's window (probe p78 F2).
+        # the client caused (a hang-up, a refused body) are the client's doing, which it may aim at one arm.
+        # Failed calls a retry or fallback went past stay: they count in status and error_type only (features.rows).
         events = [e for e in events if e.variant != "shadow"
-                  and not (isinstance(e, InferenceEvent) and (e.cached or e.client_failed or e.superseded))]
+                  and not (isinstance(e, InferenceEvent) and (e.cached or e.client_failed))]
         token = delivery.msg_id or f"{delivery.subject}-seq-{delivery.stream_seq}"
         if token not in self._seen:
             reports = self.monitor.observe_events(events, served=served)

@@ -198,6 +198,7 @@ def test_of_two_categories_that_moved_alike_the_one_that_rose_is_named() -> None
 def test_failed_requests_count_in_status_never_in_the_answers_shape() -> None:
     # Probe p78 F2: a failed call went in as an answer of 0 output tokens, no finish reason and its time to failure
     # as latency: a stable whose calls failed fast drifted in output_tokens from an identical canary.
+    from lockgate.contracts.inference import ATTEMPT, SUPERSEDED
     from lockgate.services.drift.features import rows
 
     t0 = datetime(2025, 1, 1, tzinfo=UTC)
@@ -209,6 +210,10 @@ def test_failed_requests_count_in_status_never_in_the_answers_shape() -> None:
                                                            "finish_reason", "refusal", "tool_call"))
     assert not any(math.isnan(row.values[0, at[f]]) for f in ("status", "error_type", "model"))
     assert (row.prompts, row.responses) == (["hi"], [None])  # what was asked, and no answer
+    # A call a retry went past is in status too (a canary's calls fallen back from have no other trace in its
+    # window); its prompt is its request's, counted once there.
+    retried = rows([msgspec.structs.replace(failed[0], attributes={ATTEMPT: SUPERSEDED})])
+    assert retried.prompts == [None] and not math.isnan(retried.values[0, at["status"]])
     m = DriftMonitor(reference_size=200, window_size=100, psi_threshold=0.2)
     m.observe_events(_answers(200, "stop"))
     [report] = m.observe_events(_answers(70, "stop", start=200) + failed)

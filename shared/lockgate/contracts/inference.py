@@ -69,8 +69,8 @@ SECRETS_MASKED = "lockgate.secrets_masked"
 SHADOW_SKIPPED = "lockgate.shadow_skipped"
 # A router event of a failed call that a request went past (`ATTEMPT: SUPERSEDED`): retried, or fallen back from to
 # another endpoint or arm, the request's own event following it. A call, not a request nor an answer: per-call
-# error_rate counts it, cost analysis adds its charge to its arm's requests', the drift monitor leaves it out
-# (probe p78).
+# error_rate counts it, cost analysis adds its charge to its arm's answers', the drift monitor counts it in status
+# and error_type only, the shadow ledger pairs it with no shadow (probe p78).
 ATTEMPT = "lockgate.attempt"
 SUPERSEDED = "superseded"
 # An application's event of a call it made through a lockgate router (`ROUTER_BILLED`), which the router's own served
