@@ -670,6 +670,7 @@ def _billed_calls(n: int, every: int, tokens: float, cost: float, billed: float 
     failed = (np.arange(1, n + 1) % every == 0) if every else np.zeros(n, dtype=bool)
     rows[1], rows[2] = failed, 10.0
     rows[4], rows[5] = np.where(failed, billed, tokens), np.where(failed, billed, cost)
+    rows[analysis.ROWS.index("unit")] = -1.0  # no user named: each call a unit of its own
     return rows
 
 
