@@ -13,18 +13,17 @@ import openai
 import pytest
 from aiohttp import web
 
-from lockgate.codec import Codec
 from lockgate.contracts import InferenceEvent
 from lockgate.server.apikeys import Bootstrap, bootstrap
 from lockgate.server.service import ServiceContext
 from tests.helpers import served
+from tests.integration.test_gateway_surface import events, next_event  # noqa: F401 (the fixture)
 
 pytestmark = pytest.mark.timeout(90)
 
 OUTPUT = "gen_ai.output.messages"
 REFUSAL = "I'm sorry, I can't help with that."
 USAGE = {"prompt_tokens": 5, "completion_tokens": 9, "total_tokens": 14}
-_events: Codec[list[InferenceEvent]] = Codec(list[InferenceEvent])
 
 
 def _answer(message: dict[str, Any], finish: str = "stop", model: Any = "fake-model") -> dict[str, Any]:
@@ -132,24 +131,6 @@ async def router(context: ServiceContext, run_services: Any, upstream: Upstream,
     return (await run_services("router"))["router"]
 
 
-@pytest.fixture
-async def events(router: Any) -> AsyncIterator[asyncio.Queue[InferenceEvent]]:
-    bus = router.ctx.bus
-    queue: asyncio.Queue[InferenceEvent] = asyncio.Queue()
-
-    async def on_message(msg: Any) -> None:
-        for e in _events.decode(msg.data):
-            queue.put_nowait(e)
-
-    sub = await bus.nc.subscribe(bus.subjects.served("shop", "acme"), cb=on_message)
-    yield queue
-    await sub.unsubscribe()
-
-
-async def next_event(queue: asyncio.Queue[InferenceEvent]) -> InferenceEvent:
-    return await asyncio.wait_for(queue.get(), timeout=15)
-
-
 def client(router: Any, keys: Bootstrap, retries: int = 0) -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(base_url=f"{router.url}/v1", api_key=keys.app_key, max_retries=retries, timeout=60)
 
@@ -159,7 +140,7 @@ def _user(text: str) -> list[dict[str, str]]:
 
 
 async def test_refusals_and_legacy_function_calls_are_recorded(
-        router: Any, keys: Bootstrap, events: asyncio.Queue[InferenceEvent]) -> None:
+        router: Any, keys: Bootstrap, events: asyncio.Queue[InferenceEvent]) -> None:  # noqa: F811
     """A refusal is the answer's text, marked a refusal part; a legacy function call is a tool call (probe p79 F1)."""
     via = client(router, keys)
     got = await via.chat.completions.create(model="fake-model", messages=_user("refuse"))
@@ -195,7 +176,7 @@ async def test_refusals_and_legacy_function_calls_are_recorded(
 
 
 async def test_content_parts_and_a_null_model_are_passed_on(
-        router: Any, keys: Bootstrap, events: asyncio.Queue[InferenceEvent]) -> None:
+        router: Any, keys: Bootstrap, events: asyncio.Queue[InferenceEvent]) -> None:  # noqa: F811
     """A 200 the SDK reads is passed on and recorded, not turned into a 502 (probe p79 F4)."""
     via = client(router, keys)
     got = await via.chat.completions.create(model="fake-model", messages=_user("listcontent"))
