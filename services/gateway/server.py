@@ -272,6 +272,23 @@ def _no_decision(release: str) -> str:
 # What the bus not answering raises: nats-py's errors, the connection lost (OSError), lockgate's BusUnavailable.
 _BUS_FAILED = (BusUnavailable, nats.errors.Error, nats.js.errors.Error, TimeoutError, OSError)
 
+# The least interval between a client's keepalive pings the gateway takes (the README's WatchDecisions part tells
+# clients to ping every 5 s): gRPC's default, 5 minutes, answered the third faster ping with a GOAWAY
+# `too_many_pings`, which ended a quiet watch UNAVAILABLE with nothing wrong, so no client could notice a silent
+# partition sooner than that (probe p80 F2).
+CLIENT_PING_MIN_MS = 500
+
+
+def keepalive(cut_off_s: float) -> list[tuple[str, int]]:
+    """The gateway's gRPC keepalive: it takes clients' pings as often as CLIENT_PING_MIN_MS, with or without a call or
+    data, and pings each client itself after `cut_off_s` (router_cut_off_s, at least 1 s) of silence, dropping one
+    that does not answer within as long: a watch whose client is gone behind a partition ends, and its subscriptions
+    with it, instead of lasting until a write to it fails."""
+    ms = max(1000, int(cut_off_s * 1000))
+    return [("grpc.keepalive_time_ms", ms), ("grpc.keepalive_timeout_ms", ms),
+            ("grpc.keepalive_permit_without_calls", 1), ("grpc.http2.max_pings_without_data", 0),
+            ("grpc.http2.min_ping_interval_without_data_ms", CLIENT_PING_MIN_MS)]
+
 
 @contextlib.asynccontextmanager
 async def _bus_answers(context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
@@ -293,10 +310,11 @@ class GatesServicer(gates_pb2_grpc.GatesServicer):
     signature verifies are served: a client in any language can act on what it receives (and still verify
     it again with the key from `lockgate gate keys`)."""
 
-    def __init__(self, bus: Bus, verifier: Verifier, keys: KeyStore) -> None:
+    def __init__(self, bus: Bus, verifier: Verifier, keys: KeyStore, *, cut_off_s: float) -> None:
         self.bus = bus
         self.verifier = verifier
         self.keys = keys
+        self.cut_off_s = cut_off_s  # a watch whose bus connection answers nothing this long ends UNAVAILABLE
 
     async def _owned(self, key: ApiKey, release: str, context: grpc.aio.ServicerContext) -> bool:
         """Whether `release` is bound to the key's tenant and app; UNAVAILABLE if the binding cannot be read
@@ -350,7 +368,7 @@ class GatesServicer(gates_pb2_grpc.GatesServicer):
         async with _bus_answers(context):
             kv = await self.bus.kv(self.bus.subjects.kv_gates)
             decisions = await watch_decisions(kv, request.release_prefix, nc=self.bus.nc,
-                                              subjects=self.bus.subjects, reconnects=self.bus)
+                                              subjects=self.bus.subjects, reconnects=self.bus, cut_off=self.cut_off_s)
 
         async def owned() -> AsyncIterator[GateDecided | Unreadable]:  # a value no decision too (verified)
             async for decision in decisions:
@@ -407,11 +425,12 @@ class GrpcServer:
     async def start(self) -> None:
         """Bind and serve."""
         # The key is looked at before a request is decoded, and a large one decoded in the server's threads.
-        server = grpc_server(requests=Requests(self._admit, self.work))
+        server = grpc_server(options=keepalive(self.settings.router_cut_off_s), requests=Requests(self._admit, self.work))
         limits = EventLimits.from_settings(self.settings)
         ingest = IngestServicer(self.bus, self.keys, self.work, limits)
         server.add_generic_rpc_handlers((ingest_handler(ingest, SEND_MAX_EVENTS),))
-        gates_pb2_grpc.add_GatesServicer_to_server(GatesServicer(self.bus, self.verifier, self.keys), server)
+        gates = GatesServicer(self.bus, self.verifier, self.keys, cut_off_s=self.settings.router_cut_off_s)
+        gates_pb2_grpc.add_GatesServicer_to_server(gates, server)
         self.port = await bind_grpc(server, self.host, self.port, grpc_credentials(self.settings), what="gRPC",
                                     flag="--grpc-port")
         await server.start()

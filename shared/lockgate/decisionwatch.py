@@ -43,6 +43,14 @@ A release's newer value that is no decision of it (it does not decode, or names 
 yielded for it as much as a newer decision does: `decision()` refuses it, and nothing allows the release any more.
 The watch passes it on as `Unreadable` (never to its caller), and `verified` ends with DecisionWithdrawn if it yielded
 a decision of that release. Before (probe p68 F1), it was skipped, and a subscriber kept acting on the PASS before it.
+
+A connection that answers nothing (a one-sided partition, a hung server: the socket stays open) brings no
+announcement and no error, and nats-py calls it stale only once two of its pings, two minutes apart, went unanswered.
+So while a watch waits it asks the server itself (`Liveness`: a PING each second, answered by a PONG), the router's
+probe (`Rollouts.run_unanswered`) under the router's bound: unanswered for longer than `router_cut_off_s`, the watch
+ends with CutOff (a BusUnavailable), and its caller stops acting on what it yielded and watches again, which reads
+every current decision once the bus answers. Before (probe p80 F2), a subscriber behind a partition kept acting on
+its last PASS for as long as it lasted (425 s), with no error and no warning, while a direct one got the BLOCK.
 """
 
 from __future__ import annotations
@@ -50,6 +58,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from datetime import UTC, datetime
 from typing import Any, NamedTuple, Protocol
@@ -58,8 +68,17 @@ import nats.errors
 import nats.js.errors
 
 from lockgate.codec import Codec, encode
+from lockgate.config import from_env
 from lockgate.contracts import DecisionsPage, DecisionsRead, GateDecided, StoredDecision
-from lockgate.errors import BusUnavailable, ClientClosed, ConfigError, InvalidEvent, NotFound, SignatureError
+from lockgate.errors import (
+    BusUnavailable,
+    ClientClosed,
+    ConfigError,
+    CutOff,
+    InvalidEvent,
+    NotFound,
+    SignatureError,
+)
 from lockgate.kvread import kv_keys
 from lockgate.natsclient import raise_if_cancelled
 from lockgate.retry import RetryPolicy
@@ -77,6 +96,56 @@ _READ_RETRY = RetryPolicy(attempts=6, initial_s=0.2, max_s=3.0)
 _READ_FAILED = (nats.errors.Error, nats.js.errors.Error, TimeoutError)
 # A watch whose reads still fail (each one retried by _READ_RETRY) reads again after this, or at the next wake.
 _BACK = RetryPolicy(attempts=None, initial_s=1.0, max_s=15.0)
+_PROBE_DEADLINE_S = 0.8  # one PONG: as the health check's probe (bus.HEALTH_DEADLINE_S), answered at once by a live server
+
+
+def cut_off_s() -> float:
+    """The router's bound (`router_cut_off_s`, LOCKGATE_ROUTER_CUT_OFF_S) that a watch's silent connection is given,
+    read alone: another LOCKGATE_* variable an application's process carries is no business of its watches."""
+    raw = os.environ.get("LOCKGATE_ROUTER_CUT_OFF_S")
+    return from_env({} if raw is None else {"LOCKGATE_ROUTER_CUT_OFF_S": raw}).router_cut_off_s
+
+
+class Liveness:
+    """Whether a watch's NATS connection answers, asked while the watch waits (nothing else would tell: see the
+    module's docstring): a PING every `every` s at most (min(1 s, half the bound)); CutOff once probes went unanswered
+    for `bound` s, two of them at least (one slow answer on a loaded machine is no partition), as the router's."""
+
+    def __init__(self, nc: Any, bound_s: float) -> None:
+        self.nc, self.bound_s = nc, bound_s
+        self.every_s = max(0.05, min(1.0, bound_s / 2))
+        self._since: float | None = None  # when probes began to go unanswered
+        self._unanswered = 0
+
+    async def next_wake(self, wake: asyncio.Queue[str | None], timeout_s: float | None = None) -> str | None:
+        """The next item of `wake`, probing the connection while none comes; TimeoutError after `timeout_s`."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            left = self.every_s if deadline is None else min(self.every_s, deadline - time.monotonic())
+            if left <= 0:
+                raise TimeoutError
+            with contextlib.suppress(TimeoutError):  # a wake, or the probe's cadence: not synchronisation
+                return await asyncio.wait_for(wake.get(), left)
+            await self.probe()
+
+    async def probe(self) -> None:
+        """Ask the server for a PONG; CutOff if none has come for longer than the bound."""
+        began = time.monotonic()
+        try:
+            await self.nc.flush(timeout=_PROBE_DEADLINE_S)
+        except Exception:  # unanswered however it fails: timed out, reconnecting, written to no socket
+            raise_if_cancelled()
+            if self.nc.is_closed:  # ended by its client: the watch's wake says ClientClosed
+                return
+            self._since, self._unanswered = (began if self._since is None else self._since), self._unanswered + 1
+            silent = time.monotonic() - self._since
+            if self._unanswered >= 2 and silent >= self.bound_s:
+                raise CutOff(f"the NATS connection of this decisions watch has answered nothing for {silent:.0f} s "
+                             f"(more than router_cut_off_s, {self.bound_s:g} s): a decision made meanwhile cannot "
+                             "reach it. Stop acting on the decisions it yielded (fail closed) and watch again: a new "
+                             "watch reads every current decision once the bus answers") from None
+            return
+        self._since, self._unanswered = None, 0
 
 
 class DecisionWithdrawn(SignatureError):
@@ -263,19 +332,21 @@ class GatewaySource:
 
 
 async def watch_decisions(kv: Any, release_prefix: str = "", *, nc: Any, subjects: Subjects,
-                          reconnects: Reconnects | None = None) -> Watch:
+                          reconnects: Reconnects | None = None, cut_off: float | None = None) -> Watch:
     """Start a watch on the gates bucket `kv`; returns an iterator of current decisions, then every new one.
 
     Once this returns the watch is subscribed, so any decision announced afterwards is seen. Announcements made
     while the connection is down are lost to a subscription: after each reconnection (`reconnects`) every key is
     read again. The iterator raises BusUnavailable if the bucket cannot be read at first, or once the connection is
-    closed; a read that fails later is tried again (the module's docstring)."""
+    closed; a read that fails later is tried again (the module's docstring); CutOff once the connection has answered
+    nothing for `cut_off` s (default: `router_cut_off_s`)."""
     return await follow_decisions(KvSource(kv, nc.jetstream(), subjects.kv_gates), release_prefix, nc=nc,
-                                  announcements=subjects.gate_decided_all, reconnects=reconnects)
+                                  announcements=subjects.gate_decided_all, reconnects=reconnects, cut_off=cut_off)
 
 
 async def follow_decisions(source: Source, release_prefix: str = "", *, nc: Any, announcements: str,
-                           reconnects: Reconnects | None = None, relists: str = "") -> Watch:
+                           reconnects: Reconnects | None = None, relists: str = "",
+                           cut_off: float | None = None) -> Watch:
     """`watch_decisions` reading `source`, woken by the announcements on `announcements` (a subject ending in a
     wildcard whose token is the release's KV key: `gate.decided.>`, or the gateway's `decided.<tenant>.<app>.*`),
     and reading every key again on any message on `relists` (the gateway's `decided.relist`), if given."""
@@ -299,7 +370,8 @@ async def follow_decisions(source: Source, release_prefix: str = "", *, nc: Any,
         # each queueing every tenant's announcements for no one (probe p39 F1: 4 left per 400 watches cancelled).
         await _unsubscribe(subs)
         raise
-    return Watch(_follow(source, subs, wake, release_prefix, reconnects, closed=lambda: nc.is_closed), subs)
+    live = Liveness(nc, cut_off_s() if cut_off is None else cut_off)
+    return Watch(_follow(source, subs, wake, release_prefix, reconnects, live, closed=lambda: nc.is_closed), subs)
 
 
 async def _unsubscribe(subs: list[Any]) -> None:
@@ -333,7 +405,7 @@ class Watch(AsyncIterator["GateDecided | Unreadable"]):
 
 
 async def _follow(source: Source, subs: list[Any], wake: asyncio.Queue[str | None], release_prefix: str,
-                  reconnects: Reconnects | None, *, closed: Callable[[], bool]
+                  reconnects: Reconnects | None, live: Liveness, *, closed: Callable[[], bool]
                   ) -> AsyncGenerator[GateDecided | Unreadable, None]:
     relist = asyncio.ensure_future(_relist_after_reconnects(reconnects, wake)) if reconnects else None
     seen: dict[str, int] = {}  # key -> the revision last read
@@ -354,7 +426,7 @@ async def _follow(source: Source, subs: list[Any], wake: asyncio.Queue[str | Non
                                 exc.message, _BACK.max_s)
                 raise_if_cancelled()
                 with contextlib.suppress(TimeoutError):  # a wake, or the backoff's end: not synchronisation
-                    _woken(await asyncio.wait_for(wake.get(), _BACK.delay(failed)))
+                    _woken(await live.next_wake(wake, _BACK.delay(failed)))
                 key = None  # whatever was to be read: every key is read next, one announced meanwhile with the rest
                 continue
             if failed:
@@ -373,7 +445,7 @@ async def _follow(source: Source, subs: list[Any], wake: asyncio.Queue[str | Non
                 if decision is not None and decision.release.startswith(release_prefix):
                     yield decision
             raise_if_cancelled()  # its reads may have lost a cancellation: it would wait here for good
-            key = _woken(await wake.get())
+            key = _woken(await live.next_wake(wake))
     finally:
         if relist is not None:
             relist.cancel()

@@ -88,6 +88,12 @@ class BusUnreachable(BusUnavailable):
         self.reason = reason
 
 
+class CutOff(BusUnavailable):
+    """A decisions watch whose NATS connection answered nothing for longer than its bound (`router_cut_off_s`): a
+    silent partition hides every decision made meanwhile, so the watch ends rather than leave its caller acting on
+    the last one it yielded."""
+
+
 class StoreNotCreated(BusUnavailable):
     """nats-server failed to create a stream's or bucket's store (full or unwritable disk, too many open files)."""
 
