@@ -60,6 +60,7 @@ import contextlib
 import logging
 import os
 import time
+import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from datetime import UTC, datetime
 from typing import Any, NamedTuple, Protocol
@@ -107,15 +108,19 @@ def cut_off_s() -> float:
 
 
 class Liveness:
-    """Whether a watch's NATS connection answers, asked while the watch waits (nothing else would tell: see the
-    module's docstring): a PING every `every` s at most (min(1 s, half the bound)); CutOff once probes went unanswered
-    for `bound` s, two of them at least (one slow answer on a loaded machine is no partition), as the router's."""
+    """Whether a NATS connection answers, asked while its watches wait (nothing else would tell: see the module's
+    docstring): a PING every `every` s at most (min(1 s, half the bound)); CutOff once probes went unanswered for
+    `bound` s, two of them at least (one slow answer on a loaded machine is no partition), as the router's. One per
+    connection and bound (`liveness`): the gateway's watches share its connection, and each asking on its own was one
+    PING a second per watch."""
 
     def __init__(self, nc: Any, bound_s: float) -> None:
         self.nc, self.bound_s = nc, bound_s
         self.every_s = max(0.05, min(1.0, bound_s / 2))
         self._since: float | None = None  # when probes began to go unanswered
         self._unanswered = 0
+        self._answered_at = 0.0  # monotonic time of the last PONG
+        self._asking: asyncio.Future[None] | None = None  # the probe under way, which every watch waits on
 
     async def next_wake(self, wake: asyncio.Queue[str | None], timeout_s: float | None = None) -> str | None:
         """The next item of `wake`, probing the connection while none comes; TimeoutError after `timeout_s`."""
@@ -129,7 +134,21 @@ class Liveness:
             await self.probe()
 
     async def probe(self) -> None:
-        """Ask the server for a PONG; CutOff if none has come for longer than the bound."""
+        """Ask the server for a PONG, unless one came within the cadence (another watch asked) or a probe is under
+        way (then its answer is this one's); CutOff if none has come for longer than the bound."""
+        if time.monotonic() - self._answered_at < self.every_s:
+            return
+        if self._asking is None:
+            self._asking = asyncio.ensure_future(self._ask())
+            self._asking.add_done_callback(self._asked)
+        await asyncio.shield(self._asking)  # one watch cancelled leaves the probe to the others
+
+    def _asked(self, done: asyncio.Future[None]) -> None:
+        self._asking = None
+        if not done.cancelled():
+            done.exception()  # retrieved here too: a CutOff no watch awaited is not "never retrieved"
+
+    async def _ask(self) -> None:
         began = time.monotonic()
         try:
             await self.nc.flush(timeout=_PROBE_DEADLINE_S)
@@ -145,7 +164,18 @@ class Liveness:
                              "reach it. Stop acting on the decisions it yielded (fail closed) and watch again: a new "
                              "watch reads every current decision once the bus answers") from None
             return
-        self._since, self._unanswered = None, 0
+        self._since, self._unanswered, self._answered_at = None, 0, time.monotonic()
+
+
+_LIVENESS: weakref.WeakKeyDictionary[Any, dict[float, Liveness]] = weakref.WeakKeyDictionary()
+
+
+def liveness(nc: Any, bound_s: float) -> Liveness:
+    """The connection's probe under `bound_s`, shared by its watches."""
+    bounds = _LIVENESS.setdefault(nc, {})
+    if bound_s not in bounds:
+        bounds[bound_s] = Liveness(nc, bound_s)
+    return bounds[bound_s]
 
 
 class DecisionWithdrawn(SignatureError):
@@ -370,7 +400,7 @@ async def follow_decisions(source: Source, release_prefix: str = "", *, nc: Any,
         # each queueing every tenant's announcements for no one (probe p39 F1: 4 left per 400 watches cancelled).
         await _unsubscribe(subs)
         raise
-    live = Liveness(nc, cut_off_s() if cut_off is None else cut_off)
+    live = liveness(nc, cut_off_s() if cut_off is None else cut_off)
     return Watch(_follow(source, subs, wake, release_prefix, reconnects, live, closed=lambda: nc.is_closed), subs)
 
 
