@@ -20,6 +20,7 @@ permanent error, not retried.
 from __future__ import annotations
 
 import logging
+from datetime import UTC, datetime
 
 import msgspec
 import nats.errors
@@ -27,6 +28,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from lockgate.bus import Bus
+from lockgate.clock import TIME_HEADER
 from lockgate.natsclient import wire_size
 from lockgate.permissions import app_reader
 from lockgate.server.service import Progress
@@ -88,7 +90,10 @@ class Relay:
             # No answer: the sender's publish times out too and is retried, as if it had published itself.
             log.warning("relay: events of %s/%s not acknowledged by JetStream: %r", tenant, app, exc)
             return
-        await self.bus.nc.publish(msg.reply, ack.data, headers=ack.headers)
+        # With this gateway's time (lockgate.clock): the application's user may ask JetStream nothing, and an SDK whose
+        # host clock ran ahead had every event dead-lettered, counted sent, told nothing (probe p80 F4).
+        headers = {**(ack.headers or {}), TIME_HEADER: datetime.now(UTC).isoformat()}
+        await self.bus.nc.publish(msg.reply, ack.data, headers=headers)
         await self.relayed.bump()
 
 

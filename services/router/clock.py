@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from datetime import datetime
+
+from lockgate.clock import Offset as Measured
+from lockgate.clock import offset as measure
 
 MAX_SKEW_S = 2.0  # beyond this a replica's rollout times are wrong enough to skip a short step or delay
 PROBE_EVERY_S = 30.0  # a clock that jumps (a VM resumed from suspend) is seen within this
@@ -20,25 +22,16 @@ now = time.time  # the replica's own clock (a test skews it)
 
 
 @dataclass(frozen=True)
-class Offset:
-    """This replica's clock minus the server's, in seconds (positive: ahead), known within `error_s` (half the
-    round trip of the request that read the server's time)."""
-
-    seconds: float
-    error_s: float
+class Offset(Measured):
+    """This replica's clock minus the server's (lockgate.clock.Offset), with the router's bound."""
 
     @property
     def skewed(self) -> bool:
         """True when the offset is surely past MAX_SKEW_S, whichever way."""
-        return abs(self.seconds) - self.error_s > MAX_SKEW_S
+        return self.beyond(MAX_SKEW_S)
 
 
 def offset(sent: float, received: float, server_ts: str) -> Offset | None:
-    """The offset from a request sent and answered at local times `sent` and `received` whose answer says the
-    server's time `server_ts` (RFC 3339, as JetStream's `ts`); None when the answer has no readable time (a
-    server older than 2.10)."""
-    try:
-        server = datetime.fromisoformat(server_ts).timestamp()
-    except (TypeError, ValueError):
-        return None
-    return Offset(seconds=(sent + received) / 2 - server, error_s=max(0.0, received - sent) / 2)
+    """`lockgate.clock.offset`, as this replica's Offset."""
+    measured = measure(sent, received, server_ts)
+    return None if measured is None else Offset(measured.seconds, measured.error_s)

@@ -7,6 +7,8 @@ dependencies. The streams and buckets are created by the running stack (`Bus.ens
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import json
 import logging
 import os
 import threading
@@ -17,8 +19,10 @@ from typing import Any, Self
 import nats
 import nats.errors
 import nats.js.errors
+from nats.js.api import PubAck
 
 from lockgate import natsclient
+from lockgate.clock import TIME_HEADER, Offset, offset
 from lockgate.codec import Codec
 from lockgate.config import Settings
 from lockgate.contracts import GateDecided, InferenceEvent
@@ -38,7 +42,14 @@ from lockgate.decisionwatch import (
     StaleDecision as StaleDecision,  # what decision() raises for a superseded one
 )
 from lockgate.errors import BusUnavailable, ClientClosed, ConfigError, InvalidEvent, NotFound, SignatureError
-from lockgate.outbox import UNTIL_BACK, Outbox, encode_event, event_from_fields
+from lockgate.outbox import (
+    DEFAULT_LIMITS,
+    UNTIL_BACK,
+    Outbox,
+    checked_unscrubbed,
+    encode_event,
+    event_from_fields,
+)
 from lockgate.permissions import APP, app_of
 from lockgate.redact import shown_url
 from lockgate.retry import RetryPolicy
@@ -54,6 +65,28 @@ FIRST_CONNECT_TRIES = 2
 CONNECT_TIMEOUT_S = 5
 # The least pause between nats-py's reconnection attempts that close() leaves (see close()).
 RECONNECT_WAIT_MIN_S = 0.25
+
+# An event whose prompt and response hold this many characters or more is scrubbed and encoded on the client's own
+# worker thread, not in emit(): scrubbing 600 KB held an asyncio application's loop 175 ms (548 ms for text shaped
+# like keys), against README's "emit() never blocks the request path" (probe p80 F3). The bus's threshold for
+# scrubbing a dead letter off its loop, for the same cost.
+SCRUB_OFF_CALLER = 64 * 1024
+
+# How many times this process has forked (os.register_at_fork): a client started before a fork finds itself in a
+# child when the count it started under differs. Its loop's thread did not survive the fork and its connection's
+# socket is the parent's, so nothing it holds can publish there (probe p80 F1: a gunicorn --preload worker's events
+# were handed to the parent's stopped loop, emit() True, counted nowhere).
+_forks = 0
+FORKED_HINT = ("its loop's thread and its connection stay with the parent process: create the Client in each worker "
+               "after the fork, e.g. in gunicorn's post_fork hook or Celery's worker_process_init")
+
+
+def _forked() -> None:
+    global _forks
+    _forks += 1
+
+
+os.register_at_fork(after_in_child=_forked)
 
 _decisions: Codec[GateDecided] = Codec(GateDecided)
 async def get_decision(kv: Any, release: str) -> GateDecided | None:
@@ -88,21 +121,33 @@ def _stored_decision(value: bytes | None, release: str) -> GateDecided | None:
 
 
 class _Publishes:
-    """The JetStream context the SDK's Outbox publishes through, telling its client of each publish that found
-    no stream (NoStreamResponseError: nothing answers on the subject) and of each acknowledged one."""
+    """The JetStream publishes the SDK's Outbox makes, telling its client of each publish that found no stream
+    (NoStreamResponseError: nothing answers on the subject), of each acknowledged one, and of the stack's time an
+    acknowledgement gave (the gateway's relay stamps it: lockgate.clock).
 
-    def __init__(self, js: Any, no_stream: Callable[[str | None], None]) -> None:
-        self._js = js
+    nats-py's `js.publish` made as it makes it (a request, its answer read as a PubAck or an API error), keeping the
+    answer's headers, which `js.publish` drops."""
+
+    def __init__(self, nc: Any, no_stream: Callable[[str | None], None],
+                 answered: Callable[[float, float, Any], None], clock: Callable[[], float]) -> None:
+        self._nc = nc
         self._no_stream = no_stream
+        self._answered = answered
+        self._clock = clock
 
-    async def publish(self, subject: str, *args: Any, **kw: Any) -> Any:
+    async def publish(self, subject: str, payload: bytes, *, timeout: float, headers: dict[str, str]) -> PubAck:
+        sent = self._clock()
         try:
-            ack = await self._js.publish(subject, *args, **kw)
-        except nats.js.errors.NoStreamResponseError:
+            msg = await self._nc.request(subject, payload, timeout=timeout, headers=headers)
+        except nats.errors.NoRespondersError:
             self._no_stream(subject)
-            raise
+            raise nats.js.errors.NoStreamResponseError from None
+        self._answered(sent, self._clock(), msg.headers)
+        answer = json.loads(msg.data)
+        if "error" in answer:
+            raise nats.js.errors.APIError.from_error(answer["error"])
         self._no_stream(None)
-        return ack
+        return PubAck.from_response(answer)
 
 
 class Client:
@@ -142,8 +187,13 @@ class Client:
         tls_cert: str = "",
         tls_key: str = "",
         trust_file: str | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.nats_url = nats_url
+        # This host's clock, as events are stamped with: compared with the stack's time its acknowledgements give.
+        self._clock = clock
+        self.clock_offset: Offset | None = None  # its last measure (None: not known yet, or no gateway says it)
+        self._clock_off = False  # whether the last measure put this host's events outside the stack's window
         # The application's NATS identity (`app` in `{home}/credentials/app.json`, or your own user).
         self._auth = NatsAuth(user=user, password=password, creds_file=creds_file, tls_ca=tls_ca,
                               tls_cert=tls_cert, tls_key=tls_key)
@@ -189,7 +239,13 @@ class Client:
         # The loop (and its thread) start() ran on: emits from other threads are handed to it.
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
+        self._forks = _forks  # this process's fork count when it started (see _forks)
+        # The worker thread that scrubs and encodes large events (SCRUB_OFF_CALLER), made with the first, and the
+        # events it holds: flush() and close() wait for them, and `pending` counts them.
+        self._scrubber: concurrent.futures.ThreadPoolExecutor | None = None
+        self._scrubbing: set[concurrent.futures.Future[None]] = set()
         self._warned_closed = False
+        self._warned_fork = False
         # Why the bus refuses this client since it last reconnected (its credential revoked or rotated), or None:
         # logged once, and the reason given for the events counted failed and for BusUnavailable from calls.
         self._refusal: str | None = None
@@ -235,8 +291,8 @@ class Client:
 
     @property
     def pending(self) -> int:
-        """Events buffered and not yet handed to a publish."""
-        return len(self._outbox)
+        """Events buffered (or being scrubbed) and not yet handed to a publish."""
+        return len(self._outbox) + len(self._scrubbing)
 
     async def start(self) -> None:
         """Connect to NATS and start publishing (events emitted before are sent now).
@@ -247,6 +303,8 @@ class Client:
             # would be refused while the application believed it was sending.
             raise self._closed_error()
         if self._started:
+            if self._forks != _forks:
+                raise self._forked_error()
             return  # a second connection would replace the first and leave it open for good
         # A cluster is given as comma-separated URLs (as LOCKGATE_NATS_URL): nats-py takes a list.
         servers = [u.strip() for u in self.nats_url.split(",") if u.strip()]
@@ -266,7 +324,9 @@ class Client:
             raise BusUnavailable(f"cannot reach NATS at {shown_url(self.nats_url)}: {exc}") from None
         self._js = self._nc.jetstream()
         self._loop, self._loop_thread = asyncio.get_running_loop(), threading.get_ident()
-        self._outbox.start(_Publishes(self._js, self._no_stream), connected=self._connected)
+        self._forks = _forks
+        self._outbox.start(_Publishes(self._nc, self._no_stream, self._answered_at, self._clock),
+                           connected=self._connected)
         self._started = True
 
     def _connected(self) -> bool:
@@ -279,6 +339,9 @@ class Client:
 
     def _closed_error(self) -> ClientClosed:
         return ClientClosed("this lockgate client is closed: a Client is started once; make a new one")
+
+    def _forked_error(self) -> ClientClosed:
+        return ClientClosed(f"this lockgate client was started before this process forked ({FORKED_HINT})")
 
     async def _on_error(self, exc: Exception) -> None:
         # Raised while connecting, it ends nats-py's connect loop, which retries bad credentials forever,
@@ -331,6 +394,33 @@ class Client:
                     "max_attempts=N gives up after N tries)", subject, shown_url(self.nats_url), what,
                     self.subjects.prefix)
 
+    def _answered_at(self, sent: float, received: float, headers: dict[str, str] | None) -> None:
+        # Each acknowledgement through the gateway's relay says the stack's time: a host clock off by more than the
+        # window the stack accepts (its events dead-lettered as "more than 1 hour after now", all counted `sent`:
+        # probe p80 F4) is said once it is seen, and again once it is back.
+        measured = offset(sent, received, (headers or {}).get(TIME_HEADER))
+        if measured is None:
+            return
+        self.clock_offset = measured
+        ahead, behind = measured.seconds > 0, measured.seconds < 0
+        off = ((ahead and measured.beyond(DEFAULT_LIMITS.future_s))
+               or (behind and measured.beyond(DEFAULT_LIMITS.past_s)))
+        if off and not self._clock_off:
+            log.warning("lockgate-sdk: this host's clock is %+.0f s off the lockgate stack's (%s): the events it stamps "
+                        "are outside the window the stack accepts and are dead-lettered, though counted `sent`; "
+                        "synchronise its clock (NTP), or give each event its `time`", measured.seconds,
+                        shown_url(self.nats_url))
+        elif self._clock_off and not off:
+            log.warning("lockgate-sdk: this host's clock is within the lockgate stack's window again (%+.0f s off)",
+                        measured.seconds)
+        self._clock_off = off
+
+    @property
+    def clock_skewed(self) -> bool:
+        """True while the last measure of this host's clock (`clock_offset`) puts the events it stamps outside the
+        window the stack accepts: they are dead-lettered, though counted `sent`."""
+        return self._clock_off
+
     async def _on_reconnected(self) -> None:
         if self._refusal is not None:
             log.warning("lockgate-sdk: NATS at %s accepts this application's credentials again",
@@ -343,14 +433,21 @@ class Client:
 
         Never raises for a bus that went away: what could not be published is counted in `failed`, or in
         `unconfirmed` if it was sent and its acknowledgement never came.
-        Closing again does nothing."""
+        Closing again does nothing. In a process forked after it started, it only marks it closed: its buffer and
+        connection are the parent's, which publishes and closes them."""
+        if self._forks != _forks and self._loop is not None:
+            self._closed = True  # the socket is shared with the parent: a word on it here would corrupt its stream
+            return
         deadline = time.monotonic() + self._outbox.close_timeout_s
         if not self._closed:
+            await self._scrubbed()  # the large events emitted before close() are published with the rest
             await self._handed_over()  # what other threads emitted before close() is published with the rest
             # Closed without ever starting, its buffered events are counted dropped, and later emits refused.
             await self._outbox.close()
         self._started = False
         self._closed = True
+        if self._scrubber is not None:
+            self._scrubber.shutdown(wait=False)
         await self._reconnects.close()  # its decisions() watches end (ClientClosed), not wait for good
         if self._nc is not None and not self._nc.is_closed:
             # nats-py's close() waits up to `reconnect_time_wait` (2 s) for a reconnection in progress, which ends
@@ -378,20 +475,31 @@ class Client:
     def emit(self, event: InferenceEvent | None = None, **fields: Any) -> bool:
         """Buffer one event (given, or built from fields with this client's app and tenant); an event of
         another tenant or app is refused (InvalidEvent)."""
+        if self._forks != _forks and self._loop is not None:
+            return self._refused_in_fork()
         if event is None:
             fields.setdefault("app", self.app)
             fields.setdefault("tenant", self.tenant)
+            event = event_from_fields(fields)
             # Built and checked in one step, so the bytes need no decoding to be known good; without a
             # given time the event is timed by this clock as it is built, so it is inside the time window.
-            encoded = encode_event(event_from_fields(fields), check="built", clock_time="time" not in fields)
+            check: bool | str = "built"
+            clock_time = "time" not in fields
         else:
-            encoded = encode_event(event, check=True)
-        if encoded.tenant != self.tenant or encoded.app != self.app:
+            check, clock_time = True, False
+        if event.tenant != self.tenant or event.app != self.app:
             # Its subject names this client's tenant and app, and consumers refuse another's event on it (a
             # per-application NATS user may publish on its own subject only): refused here, not lost there.
-            raise InvalidEvent(f"invalid inference event: tenant {encoded.tenant!r}, app {encoded.app!r}; this client "
+            raise InvalidEvent(f"invalid inference event: tenant {event.tenant!r}, app {event.app!r}; this client "
                                f"sends tenant {self.tenant!r}, app {self.app!r}: make a Client for each - at `$.app`")
         loop = self._loop
+        if (loop is not None and not self._closed
+                and len(event.prompt or "") + len(event.response or "") >= SCRUB_OFF_CALLER):
+            # Checked here, as any event (InvalidEvent is the caller's), from its unscrubbed bytes (one encode, a
+            # millisecond for 900 KB); scrubbed and encoded again off the caller, the slow part.
+            checked_unscrubbed(event, check=check, clock_time=clock_time)
+            return self._scrub_off_caller(loop, event)
+        encoded = encode_event(event, check=check, clock_time=clock_time)
         if loop is not None and not self._closed:
             if threading.get_ident() != self._loop_thread:
                 # The buffer and its flush task belong to the client's loop: added from here, an item started no
@@ -404,6 +512,48 @@ class Client:
             if asyncio._get_running_loop() is not loop:  # its own thread, after its loop ended (or in another)
                 return self._loop_gone()
         return self._add(encoded)
+
+    def _scrub_off_caller(self, loop: asyncio.AbstractEventLoop, event: InferenceEvent) -> bool:
+        if loop.is_closed() or (threading.get_ident() == self._loop_thread
+                                and asyncio._get_running_loop() is not loop):
+            return self._loop_gone()
+        if self._scrubber is None:
+            # One thread: the scrub is pure Python holding the GIL, so more would only take the loop's share of it;
+            # the loop still runs between the thread's switch intervals instead of waiting for the whole scrub.
+            self._scrubber = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="lockgate-scrub")
+        done: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._scrubbing.add(done)
+        self._scrubber.submit(self._scrub_and_hand_over, loop, event, done)
+        return True
+
+    def _scrub_and_hand_over(self, loop: asyncio.AbstractEventLoop, event: InferenceEvent,
+                             done: concurrent.futures.Future[None]) -> None:
+        try:
+            encoded = encode_event(event)  # checked in emit(): scrubbed and encoded only
+            loop.call_soon_threadsafe(self._add, encoded)
+        except RuntimeError:  # its loop closed meanwhile: nothing would ever publish it
+            self._loop_gone()
+        except Exception:  # counted, never lost silently
+            log.exception("lockgate-sdk: a large event could not be scrubbed and encoded; counted in `dropped`")
+            self._outbox.refuse()
+        finally:
+            self._scrubbing.discard(done)
+            done.set_result(None)
+
+    async def _scrubbed(self) -> None:
+        """Return once the large events emitted before the call are handed to this loop."""
+        for done in list(self._scrubbing):
+            await asyncio.wrap_future(done)
+
+    def _refused_in_fork(self) -> bool:
+        # Counted in this process's `dropped` (its counters were the parent's at the fork: they say what this one
+        # refused on top).
+        self._outbox.refuse()
+        if not self._warned_fork:
+            self._warned_fork = True
+            log.warning("lockgate-sdk: emit() in a process forked after this client started: events are refused and "
+                        "counted in `dropped` (%s)", FORKED_HINT)
+        return False
 
     def _loop_gone(self) -> bool:
         self._outbox.refuse()
@@ -440,6 +590,9 @@ class Client:
             raise self._closed_error()
         if not self._started:
             raise BusUnavailable("the lockgate client is not started; call start() or use `async with`")
+        if self._forks != _forks:
+            raise self._forked_error()
+        await self._scrubbed()  # the large events emitted before this call are "before" it too
         await self._handed_over()  # the events other threads emitted before this call are "before" it too
         await self._outbox.flush()
 
@@ -503,6 +656,8 @@ class Client:
     def _started_or_raise(self) -> None:
         if self._closed:
             raise self._closed_error()
+        if self._forks != _forks and self._js is not None:
+            raise self._forked_error()
         if self._js is None:
             raise BusUnavailable("the lockgate client is not started; call start() or use `async with`")
         if self._refusal is not None and not self._nc.is_connected:

@@ -463,9 +463,14 @@ def scrub_event(event: InferenceEvent) -> InferenceEvent:
     scores = event.scores
     if scores and any(len(k) >= MIN_SECRET and scrub_secrets(k) != k for k in scores):
         changed["scores"] = {scrub_secrets(k): v for k, v in scores.items()}
+    refuse_credentials(event)
+    return msgspec.structs.replace(event, **changed) if changed else event
+
+
+def refuse_credentials(event: InferenceEvent) -> None:
+    """Raise InvalidEvent, as `scrub_event` does, if the event's id or names read as a credential (none scrubbed)."""
     if error := _refused(event, "$"):
         raise InvalidEvent(error)
-    return msgspec.structs.replace(event, **changed) if changed else event
 
 
 def _refused(event: InferenceEvent, at: str) -> str:

@@ -182,7 +182,7 @@ async def test_a_full_buffer_drops_and_counts(bus: Bus, settings: Settings) -> N
 
 async def test_a_lost_ack_is_retried_without_a_duplicate(bus: Bus, settings: Settings) -> None:
     async with client(settings, flush_interval_s=60) as c:
-        real = c._js.publish
+        real = c._nc.request  # the SDK's publishes are JetStream requests (client._Publishes)
         calls = 0
 
         async def publish_then_lose_the_ack(*args: Any, **kw: Any) -> Any:
@@ -193,7 +193,7 @@ async def test_a_lost_ack_is_retried_without_a_duplicate(bus: Bus, settings: Set
                 raise nats.errors.TimeoutError
             return ack
 
-        c._js.publish = publish_then_lose_the_ack
+        c._nc.request = publish_then_lose_the_ack
         for _ in range(5):
             c.emit()
         await c.flush()
@@ -208,7 +208,7 @@ async def test_publish_that_keeps_failing_is_counted_not_hung(settings: Settings
         async def unavailable(*args: Any, **kw: Any) -> Any:
             raise nats.errors.NoRespondersError
 
-        c._js.publish = unavailable
+        c._nc.request = unavailable
         c.emit()
         c.emit()
         await c.flush()
