@@ -16,10 +16,11 @@ import nats.errors
 import nats.js.errors
 
 from lockgate import documents
-from lockgate.bus import Bus, object_digest
+from lockgate.bus import Bus
 from lockgate.contracts import ArtifactKind, ArtifactRegistered, ReleaseRegistered
 from lockgate.contracts.artifacts import ARTIFACT_KINDS
 from lockgate.contracts.names import NAME_RULE, check_name, is_name
+from lockgate.credentials import NotAllowed
 from lockgate.errors import ArtifactCorrupt, BusUnavailable, ConfigError, NotFound, ReleaseConflict
 from lockgate.identity import Identity, bundle_content, sign_bundle
 from lockgate.ids import canonical_json, content_hash, derived_id
@@ -119,7 +120,9 @@ async def register(
         raise ConfigError(f"invalid artifact name {name!r}: {NAME_RULE}")
     data = canonical_bytes(content, media_type)
     digest = content_hash(data)
-    await _store_once(bus, digest, data)
+    # Put unless the store holds these very bytes under the hash, read back (`Bus.holds`), so registering the
+    # content again repairs whatever else is there; never purges (`Bus.put_object`): replaced chunks stay, unread.
+    await bus.put_unless_held(bus.subjects.object_store, digest, data)
     stored_type = "application/json" if media_type == "application/yaml" else media_type
     fixed = {"id": derived_id("artifact", tenant, kind, name, digest)} if once else {}
     event = ArtifactRegistered(
@@ -133,23 +136,6 @@ async def register(
     return event
 
 
-async def _store_once(bus: Bus, digest: str, data: bytes) -> None:
-    """Put `data` under its hash unless the store already holds it: an object under the same hash is the same
-    content, so a second put would only churn chunks. Put again when the stored object's own digest says other
-    bytes (altered in the store), which repairs it; `load` refuses such bytes either way. Never purges
-    (`Bus.put_object`): the altered object's chunks stay, which nobody reads."""
-    store = await bus.objects()
-    try:
-        info = await store.get_info(digest)
-    except (nats.js.errors.ObjectNotFoundError, nats.js.errors.ObjectDeletedError):
-        info = None
-    except nats.errors.Error as exc:
-        raise BusUnavailable(f"cannot look up artifact {digest}: {exc!r}") from None
-    if info is not None and info.digest == object_digest(data):
-        return
-    await bus.put_object(bus.subjects.object_store, digest, data)
-
-
 async def register_file(bus: Bus, kind: ArtifactKind, path: str | Path, *, name: str | None = None,
                         tenant: str = "default", signer: Identity | None = None) -> ArtifactRegistered:
     """Register a file; the media type follows the extension."""
@@ -161,22 +147,22 @@ async def register_file(bus: Bus, kind: ArtifactKind, path: str | Path, *, name:
     media = _MEDIA.get(p.suffix.lower(), "application/octet-stream")
     try:
         return await register(bus, kind, name or p.stem, data, media_type=media, tenant=tenant, signer=signer)
+    except NotAllowed:
+        # The identity's refusal (a ConfigError too), not the file's: it keeps its own exit code and words. The
+        # store's look-up is a message get (`Bus.holds`), which the server refuses at once to an identity without it.
+        raise
     except ConfigError as exc:
         raise ConfigError(f"{p}: {exc.message}") from None
 
 
 async def require(bus: Bus, digest: str) -> None:
-    """NotFound unless an artifact is stored under `digest`, read from its metadata alone.
+    """NotFound unless an artifact is stored under `digest`, ArtifactCorrupt if other bytes are (`load`).
 
-    A message get, where `load` reads the bytes through a consumer, which the operator role may not create
-    (permissions.py `_ephemeral`)."""
-    store = await bus.objects()
-    try:
-        await store.get_info(digest)
-    except (nats.js.errors.ObjectNotFoundError, nats.js.errors.ObjectDeletedError):
-        raise NotFound(f"artifact {digest} is not in the object store") from None
-    except nats.errors.Error as exc:
-        raise BusUnavailable(f"cannot look up artifact {digest}: {exc!r}") from None
+    Its bytes are read and hashed, never taken from the store's metadata, which whoever may write the store writes
+    (probe p82 F1: metadata claiming the real digest over other bytes passed for the artifact). Made where a record
+    is written about an artifact for good (a lifecycle, a release binding: `check_references`), not on each read of
+    it: every reader reads and checks the bytes it uses anyway (`load`)."""
+    await load(bus, digest)
 
 
 async def load(bus: Bus, digest: str) -> bytes:
@@ -193,7 +179,7 @@ async def load(bus: Bus, digest: str) -> bytes:
     stored = content_hash(data)
     if stored != digest:
         raise ArtifactCorrupt(f"artifact {digest} is corrupt: the object store holds other bytes under its hash "
-                              f"(their hash is {stored}), altered after it was registered; it is refused "
+                              f"(their hash is {stored}), written by another writer of the store; it is refused "
                               "wherever it is used: register its content again to repair it")
     return data
 
@@ -383,8 +369,8 @@ def bound_bundle(release: str, value: bytes | None,
 async def check_references(bus: Bus, artifacts: dict[str, str]) -> None:
     """Refuse a release's artifact map unless each entry is `kind/name` -> the hash of a registered
     artifact: a release name binds once, so a mistyped hash would otherwise take the name for ever with
-    a release that can never be evaluated or served."""
-    store = None
+    a release that can never be evaluated or served. Nor to unreadable content (`require` reads the bytes): one
+    whose hash was claimed before it was ever registered (probe p82 F1) is refused until its content is."""
     for ref, digest in artifacts.items():
         kind, _, name = ref.partition("/")
         if kind not in ARTIFACT_KINDS:
@@ -393,14 +379,13 @@ async def check_references(bus: Bus, artifacts: dict[str, str]) -> None:
             raise ConfigError(f"invalid artifact name in {ref!r}: {NAME_RULE}")
         if not isinstance(digest, str) or not _HASH.match(digest):
             raise ConfigError(f"artifact {ref!r}: {digest!r} is not a content hash (sha256: and 64 hex digits)")
-        store = store or await bus.objects()
         try:
-            await store.get_info(digest)
-        except nats.js.errors.ObjectNotFoundError:
+            await require(bus, digest)
+        except ArtifactCorrupt as exc:
+            raise ArtifactCorrupt(f"release artifact {ref}: {exc.message}") from None
+        except NotFound:
             raise NotFound(f"artifact {ref}={digest} is not registered: register it first "
                            "(`lockgate artifact register`)") from None
-        except nats.errors.Error as exc:
-            raise BusUnavailable(f"cannot look up artifact {digest}: {exc!r}") from None
 
 
 async def check_parent(bus: Bus, release: str, parent: str) -> None:

@@ -10,6 +10,8 @@ router admitted the new content with the old PASS.
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,7 @@ import nats.errors
 import nats.js.errors
 import pytest
 import yaml
+from nats.nuid import NUID
 
 from lockgate import artifacts
 from lockgate.bus import KEPT_BY_OPERATOR, Bus, original_name, topology
@@ -316,3 +319,87 @@ async def test_a_releases_bucket_made_before_is_left_named_and_made_write_once_b
         await kv.put(token("r0"), b"{}")
     assert (await kv.get(token("r0"))).value == b'{"release": "r0"}'
     assert await bus.ensure_topology() == [] and bus.topology_differs == []  # nothing left to change
+
+
+async def _claim(bus: Bus, bucket: str, name: str, sha256_hex: str, junk: bytes = b'{"poisoned": true}') -> None:
+    """Other bytes under `name` whose metadata claims the digest of the content `sha256_hex` names (the digest is
+    computable from the hash alone): new chunks, then a metadata record pointing at them, published straight on the
+    store's subjects as any identity that may write it can."""
+    nuid = NUID().next().decode()
+    await bus.js.publish(f"$O.{bucket}.C.{nuid}", junk)
+    info = {"name": name, "bucket": bucket, "nuid": nuid, "size": len(junk), "chunks": 1,
+            "mtime": "2026-01-01T00:00:00+00:00", "options": {"max_chunk_size": 131072},
+            "digest": "SHA-256=" + base64.urlsafe_b64encode(bytes.fromhex(sha256_hex)).decode()}
+    await bus.js.publish(f"$O.{bucket}.M.{base64.urlsafe_b64encode(name.encode()).decode()}",
+                         json.dumps(info).encode())
+
+
+async def test_registering_again_repairs_bytes_whose_metadata_claims_the_real_digest(secured) -> None:  # noqa: F811
+    # Before (probe p82 F1): registering again skipped its put when the stored metadata's digest matched the
+    # content's, which the operator identity can write over any bytes: the artifact stayed unreadable for good.
+    _, settings, admin = secured
+    operator = await _bus(settings, "operator")
+    try:
+        strict = await artifacts.register(operator, "policy", "strict", STRICT)
+        await _claim(operator, operator.subjects.object_store, strict.hash, strict.hash[7:])
+        with pytest.raises(ArtifactCorrupt, match=f"artifact {strict.hash} is corrupt"):
+            await artifacts.load_structured(admin, strict.hash)
+        await artifacts.register(operator, "policy", "strict", STRICT)
+        assert await artifacts.load_structured(admin, strict.hash) == STRICT
+    finally:
+        await operator.close()
+
+
+async def test_bytes_that_are_not_an_artifacts_content_are_not_reported_present(secured) -> None:  # noqa: F811
+    # Before (probe p82 F1), `require` (a deprecation's check) and `check_references` (a release's, before its name
+    # binds for good) read the metadata alone: an artifact no reader can use passed for present.
+    _, settings, _ = secured
+    operator = await _bus(settings, "operator")
+    try:
+        strict = await artifacts.register(operator, "policy", "strict", STRICT)
+        await _claim(operator, operator.subjects.object_store, strict.hash, strict.hash[7:])
+        with pytest.raises(ArtifactCorrupt, match=f"artifact {strict.hash} is corrupt"):
+            await artifacts.require(operator, strict.hash)
+        with pytest.raises(ArtifactCorrupt, match=f"release artifact policy/strict: artifact {strict.hash} is corrupt"):
+            await artifacts.check_references(operator, {"policy/strict": strict.hash})
+        await artifacts.register(operator, "policy", "strict", STRICT)
+        await artifacts.require(operator, strict.hash)
+        await artifacts.check_references(operator, {"policy/strict": strict.hash})
+    finally:
+        await operator.close()
+
+
+async def test_a_hash_claimed_before_its_content_is_registered_is_repaired_by_registering_it(
+        secured) -> None:  # noqa: F811
+    # The pre-emptive variant: a hash known before its owner registers the content (a file in their Git folder).
+    # Before, their registration "succeeded" over the claim, and `release create` bound the name to unreadable content.
+    _, settings, admin = secured
+    operator = await _bus(settings, "operator")
+    try:
+        config = {"model": "good", "endpoint": "stable"}
+        digest = artifacts.content_hash(canonical_json(config))
+        await _claim(operator, operator.subjects.object_store, digest, digest[7:], b"[]")
+        assert (await artifacts.register(operator, "model_config", "c", config)).hash == digest
+        await artifacts.register_release(operator, "pre1", "shop", {"model_config/c": digest})
+        bound = (await artifacts.release_of(admin, "pre1"))["artifacts"]["model_config/c"]
+        assert await artifacts.load_structured(admin, bound) == config
+    finally:
+        await operator.close()
+
+
+async def test_keeping_an_original_again_repairs_bytes_whose_metadata_claims_the_real_digest(
+        secured) -> None:  # noqa: F811
+    # `Bus.keep_original` skipped its put on the metadata's word alike, and the sink deleted a cut letter's message
+    # (the one other copy of its bytes) on the same word (`kept_original`).
+    _, settings, admin = secured
+    sink = await _bus(settings, "sink")
+    try:
+        body = b"\xfe" * 1000
+        name = original_name(body)
+        await _claim(sink, sink.subjects.object_dead_letters, name, name.rpartition(".")[2])
+        assert not await sink.kept_original(name)
+        assert await sink.keep_original(name, body) == ""
+        assert await admin.original(name) == body
+        assert await sink.kept_original(name)
+    finally:
+        await sink.close()

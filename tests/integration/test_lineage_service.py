@@ -24,15 +24,18 @@ from tests.helpers import sink_stored
 
 pytestmark = pytest.mark.timeout(60)
 
-DATA = "sha256:" + "d1" * 32
-PROMPT = "sha256:" + "a7" * 32
+# Contents found for hashes that read as their names (`d1d1d1`, `a7`): a release names only artifacts whose bytes
+# are stored under their hashes (artifacts.check_references reads them). RAW is a build's input, never stored.
+DATA = "sha256:d1d1d189515ac1e43a1f6d823b23d6cb9b5dd65d8e863d781d0d096ad906acf4"
+PROMPT = "sha256:a7e14139ea93b5107842b115d0e9fb523e4adcc0d93efaad77e6c99524be38a0"
 RAW = "sha256:" + "a0" * 32
+_CONTENT = {DATA: b"dataset 15176705", PROMPT: b"prompt 119"}
 
 
 async def stored(bus: Bus, *digests: str) -> None:
-    """Objects under these made-up hashes, so a release may name them (it may name only stored artifacts)."""
+    """Objects under these hashes, so a release may name them (it may name only stored artifacts)."""
     for digest in digests:
-        await bus.put_object(bus.subjects.object_store, digest, digest.encode())
+        await bus.put_object(bus.subjects.object_store, digest, _CONTENT[digest])
 
 
 async def _publish_history(bus: Bus) -> GateDecided:
@@ -95,7 +98,7 @@ async def test_release_lineage_upstream_and_downstream(run_services, bus: Bus, s
     assert max(e["depth"] for e in from_gate["upstream"]) == 2
 
     # An artifact by unique hash prefix (with or without "sha256:").
-    for ref in ("sha256:d1d1d1", "d1d1d1d1"):
+    for ref in ("sha256:d1d1d1", "d1d1d189"):
         art = await asyncio.to_thread(lineage, store, ref)
         assert (art["node"], art["kind"]) == (DATA, "dataset")
         assert ("rel-2", "uses", DATA, 1) in _triples(art["downstream"])
