@@ -13,6 +13,7 @@ import math
 from collections.abc import Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 
+import msgspec
 import numpy as np
 
 from lockgate.contracts import InferenceEvent, InferenceScored
@@ -47,17 +48,51 @@ def code(value: str) -> float:
 
 @dataclass
 class Rows:
-    """A batch of observations: feature values, times (epoch seconds), and the texts to embed (None: absent)."""
+    """A batch of observations: feature values, times (epoch seconds), the texts to embed (None: absent), and each
+    row's unit (`unit`)."""
 
     values: np.ndarray
     times: np.ndarray
     prompts: list[str | None]
     responses: list[str | None]
+    units: np.ndarray
 
 
 def _refusal(scores: Mapping[str, float]) -> str | None:
     value = scores.get("refusal")
     return None if value is None else ("yes" if value >= 0.5 else "no")
+
+
+def unit(e: InferenceEvent) -> float:
+    """The row's unit for a canary-versus-stable test: the code of its user (the router's user hash, else its
+    session: what the router's sticky split keys the arm by), NaN when it has neither (the row is its own unit).
+    A whole user is on one arm and one user's requests are alike, so tests that counted rows as independent read
+    the users' split as a canary's drift (probe p81 F1/F2). An online score carries no user: its own unit."""
+    if e.user_hash:
+        return code("user:" + e.user_hash)
+    return code("session:" + e.session_id) if e.session_id else NAN
+
+
+class _Ended(msgspec.Struct):
+    finish_reason: str = ""
+
+
+_ENDINGS = msgspec.json.Decoder(list[_Ended])
+_NORMAL = frozenset({"", "stop"})
+
+
+def finish_reason(e: InferenceEvent) -> str:
+    """The answer's finish reason: choice 0's (the event's), unless that ended normally and another choice did
+    not (cut at `max_tokens`, filtered, ...): with `n` > 1 the router records every choice's in the output
+    messages, and a canary cutting every second choice was never seen by drift, which read choice 0's alone (probe
+    p81 F3). Unreadable output messages (an application's own attribute) leave choice 0's."""
+    if e.finish_reason not in _NORMAL or OUTPUT_MESSAGES not in e.attributes:
+        return e.finish_reason
+    try:
+        choices = _ENDINGS.decode(e.attributes[OUTPUT_MESSAGES])
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return e.finish_reason
+    return next((c.finish_reason for c in choices if c.finish_reason not in _NORMAL), e.finish_reason)
 
 
 def _tool_call(e: InferenceEvent) -> str:
@@ -90,13 +125,14 @@ def learn(labels: MutableMapping[float, str], names: Mapping[float, str]) -> Non
 def rows(items: Sequence[InferenceEvent | InferenceScored],
          labels: MutableMapping[float, str] | None = None) -> Rows:
     """One row per event or online score; `labels` (one tenant's table) learns the names of the category codes."""
-    out, prompts, responses = [], [], []
+    out, prompts, responses, units = [], [], [], []
     seen: dict[float, str] = {}  # the batch's categories, learnt once each
     for e in items:
         if isinstance(e, InferenceScored):
             out.append(_row((NAN,) * len(NUMERIC), e.scores, (None,) * 4 + (_refusal(e.scores), None), seen))
             prompts.append(None)
             responses.append(None)
+            units.append(NAN)
             continue
         if e.status != "ok":
             # A failure is no answer: it counts in `status` and `error_type` (its share of the arm's calls), never in
@@ -109,13 +145,15 @@ def rows(items: Sequence[InferenceEvent | InferenceScored],
             out.append(_row((NAN,) * len(NUMERIC), {}, cats, seen))
             prompts.append(None if e.superseded else e.prompt)
             responses.append(None)
+            units.append(unit(e))
             continue
-        cats = (e.finish_reason, e.error_type, e.model, e.status, _refusal(e.scores), _tool_call(e))
+        cats = (finish_reason(e), e.error_type, e.model, e.status, _refusal(e.scores), _tool_call(e))
         out.append(_row((e.output_tokens, e.latency_ms, e.input_tokens), e.scores, cats, seen))
         prompts.append(e.prompt)
         responses.append(e.response)
+        units.append(unit(e))
     if labels is not None:
         learn(labels, seen)
     values = np.array(out, dtype=np.float64).reshape(len(items), len(FEATURES))
     times = np.array([e.time.timestamp() for e in items], dtype=np.float64)
-    return Rows(values, times, prompts, responses)
+    return Rows(values, times, prompts, responses, np.array(units, dtype=np.float64))

@@ -29,6 +29,9 @@ class RingState(msgspec.Struct, frozen=True, kw_only=True):
 
     values: bytes  # (n, len(FEATURES))
     times: bytes  # (n,)
+    # (n,) float64: each row's unit (features.unit; NaN: its own). Empty: saved before units were kept, every row
+    # its own unit (the tests count rows, as they did then, until the restored rows leave the window).
+    units: bytes = b""
 
 
 class PairState(msgspec.Struct, frozen=True, kw_only=True):
@@ -111,16 +114,21 @@ def _from_json(values: list[list[float]], nan: list[int] | None) -> np.ndarray:
 
 def _ring_state(ring: Ring) -> RingState:
     values, times, _ = ring.ordered()
-    return RingState(values=values.astype(np.float64).tobytes(), times=times.astype(np.float64).tobytes())
+    return RingState(values=values.astype(np.float64).tobytes(), times=times.astype(np.float64).tobytes(),
+                     units=ring.ordered_units().astype(np.float64).tobytes())
 
 
-def _rows(state: RingState) -> tuple[np.ndarray, np.ndarray]:
-    """The state's rows; ValueError if its bytes do not hold whole rows of today's features."""
+def _rows(state: RingState) -> tuple[np.ndarray, np.ndarray, None, np.ndarray | None]:
+    """The state's rows, times, no text vectors and units (None: not saved); ValueError if its bytes do not hold
+    whole rows of today's features."""
     values = np.frombuffer(state.values, dtype=np.float64).reshape(-1, len(FEATURES))
     times = np.frombuffer(state.times, dtype=np.float64)
     if len(times) != len(values):
         raise ValueError(f"{len(values)} rows but {len(times)} times")
-    return values, times
+    units = np.frombuffer(state.units, dtype=np.float64) if state.units else None
+    if units is not None and len(units) != len(values):
+        raise ValueError(f"{len(values)} rows but {len(units)} units")
+    return values, times, None, units
 
 
 def snapshot(deployment: str, w: Windows, pair: Pair | None = None, labels: Mapping[float, str] | None = None,
@@ -167,8 +175,8 @@ def restore_pair(s: Snapshot, window_size: int, dim: int = 0) -> Pair | None:
     p = Pair(window_size, dim, canary_release=s.pair.canary_release, stable_release=s.pair.stable_release,
              since_report=min(s.pair.since_report, window_size - 1), due=s.pair.due,
              stable_credit=s.pair.stable_credit, canary_credit=s.pair.canary_credit)
-    p.stable = Ring.of(window_size, dim, *_rows(s.pair.stable), None)
-    p.canary = Ring.of(window_size, dim, *_rows(s.pair.canary), None)
+    p.stable = Ring.of(window_size, dim, *_rows(s.pair.stable))
+    p.canary = Ring.of(window_size, dim, *_rows(s.pair.canary))
     return p
 
 

@@ -227,3 +227,97 @@ def drift_test(reference: np.ndarray, current: np.ndarray, kind: str) -> StatTes
     else:
         name, dist = "jensen_shannon", jensen_shannon(reference, current)
     return StatTest(name, dist, None, DISTANCE, dist >= DISTANCE, n_ref, n_cur)
+
+
+# --- Users as the unit: a canary and its stable serve different users ------------------------------------------
+# Sticky bucketing puts each user on one arm, and one user's requests are alike (the length of their answers, their
+# topic): rows of a canary-versus-stable window are not independent draws, and a test counting rows reads the users'
+# split as drift. These tests permute whole units (a user's rows, on one arm) between the arms instead.
+
+PERMUTATIONS = 200
+SEED = 20240601  # fixed, so the same windows always get the same p-value (a redelivery, a replica)
+
+
+def units_of(reference_units: np.ndarray, current_units: np.ndarray) -> tuple[np.ndarray, int, int]:
+    """The unit of each pooled row (reference rows first), numbered 0.. in order of first appearance, and how many
+    units the reference and the current rows make. A unit is a user's rows on one arm (a user on both arms, moved
+    there as the weight rose, is a unit on each); a row without a user (NaN) is a unit of its own."""
+    n, m = len(reference_units), len(current_units)
+    pooled = np.concatenate([reference_units, current_units])
+    side = np.r_[np.zeros(n), np.ones(m)]
+    alone = np.isnan(pooled)
+    # A row without a user gets a key no user has: its own index, on a side of its own (2, 3) apart from users'.
+    key = np.stack([np.where(alone, np.arange(n + m), pooled), side + 2 * alone], axis=1)
+    _, first, inverse = np.unique(key, axis=0, return_index=True, return_inverse=True)
+    rank = np.empty(len(first), dtype=np.int64)
+    rank[np.argsort(first, kind="stable")] = np.arange(len(first))
+    unit = rank[inverse.reshape(-1)]
+    g_ref = len(np.unique(unit[:n]))
+    return unit, g_ref, int(unit.max()) + 1 - g_ref
+
+
+def clustered(reference_units: np.ndarray, current_units: np.ndarray) -> bool:
+    """Whether some unit holds more than one row (with one row each the row-level tests already count units)."""
+    unit, g_ref, g_cur = units_of(reference_units, current_units)
+    return g_ref + g_cur < len(unit)
+
+
+def splits(units: int, first: int, permutations: int = PERMUTATIONS, seed: int = SEED) -> np.ndarray:
+    """(permutations, units) 0/1: row k marks the `first` units random split k puts on the reference side."""
+    rng = np.random.default_rng(seed)
+    order = np.argsort(rng.random((permutations, units)), axis=1)[:, :first]
+    out = np.zeros((permutations, units))
+    np.put_along_axis(out, order, 1.0, axis=1)
+    return out
+
+
+def _numeric_stats(x: np.ndarray, ref: np.ndarray, test: str) -> np.ndarray:
+    """Per split (rows of `ref`, 0/1 per pooled row of `x`): KS statistic, or Wasserstein-1 normed by the reference
+    side's std, from the two sides' empirical CDFs on the pooled values."""
+    order = np.argsort(x, kind="stable")
+    xs, a = x[order], ref[:, order]
+    last = np.r_[np.flatnonzero(np.diff(xs)), len(xs) - 1]  # each distinct value's last row
+    n_ref = a.sum(axis=1, keepdims=True)
+    cum_ref = np.cumsum(a, axis=1)[:, last]
+    cum_all = (last + 1)[None, :]
+    gap = np.abs(cum_ref / n_ref - (cum_all - cum_ref) / (len(x) - n_ref))
+    if test == "ks":
+        return gap.max(axis=1)
+    widths = np.diff(xs[last])
+    mean = (ref @ x) / n_ref[:, 0]
+    std = np.sqrt(np.maximum((ref @ (x * x)) / n_ref[:, 0] - mean * mean, 0.0))
+    return (gap[:, :-1] @ widths) / np.maximum(std, 1e-3)
+
+
+def _categorical_stats(x: np.ndarray, ref: np.ndarray, test: str) -> np.ndarray:
+    """Per split: the chi-squared statistic of the 2 x k table (Z's square for two categories), or the
+    Jensen-Shannon distance of the two sides' shares."""
+    _, idx = np.unique(x, return_inverse=True)
+    onehot = np.zeros((len(x), int(idx.max()) + 1))
+    onehot[np.arange(len(x)), idx.reshape(-1)] = 1.0
+    r = ref @ onehot
+    c = onehot.sum(axis=0)[None, :] - r
+    if test == "jensen_shannon":
+        p, q = r / r.sum(axis=1, keepdims=True), c / c.sum(axis=1, keepdims=True)
+        mid = (p + q) / 2
+        kl = np.where(p > 0, p * np.log(np.where(p > 0, p, 1) / np.where(mid > 0, mid, 1)), 0.0)
+        kl2 = np.where(q > 0, q * np.log(np.where(q > 0, q, 1) / np.where(mid > 0, mid, 1)), 0.0)
+        return np.sqrt(np.maximum((kl.sum(axis=1) + kl2.sum(axis=1)) / 2, 0.0))
+    table = np.stack([r, c], axis=1)  # (splits, 2, k)
+    expected = table.sum(axis=2, keepdims=True) * table.sum(axis=1, keepdims=True) / len(x)
+    return np.sum(np.where(expected > 0, (table - expected) ** 2 / np.where(expected > 0, expected, 1), 0.0),
+                  axis=(1, 2))
+
+
+def unit_pvalue(reference: np.ndarray, current: np.ndarray, reference_units: np.ndarray,
+                current_units: np.ndarray, test: str, *, permutations: int = PERMUTATIONS, seed: int = SEED) -> float:
+    """The share of random splits of the units (`units_of`) between the arms whose `test` statistic (drift_test's:
+    KS or Wasserstein for a number, chi-squared, Z or Jensen-Shannon for a category) is at least the observed one:
+    how often the users' split alone parts the windows as far. Cheap: a window is at most a few thousand rows."""
+    unit, g_ref, g_cur = units_of(reference_units, current_units)
+    x = np.concatenate([reference, current])
+    observed = np.r_[np.ones(len(reference)), np.zeros(len(current))][None, :]
+    split = np.vstack([observed, splits(g_ref + g_cur, g_ref, permutations, seed)[:, unit]])
+    values = (_categorical_stats if test in CATEGORICAL_TESTS else _numeric_stats)(x, split, test)
+    at_least = int(np.sum(values[1:] >= values[0] - 1e-12))
+    return (1 + at_least) / (1 + permutations)

@@ -19,12 +19,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from lockgate.embedmodel import installed_model_path
-from lockgate.services.drift.stats import ALPHA, StatTest
+from lockgate.services.drift.stats import ALPHA, PERMUTATIONS, SEED, StatTest, splits, units_of
 
 HASHING_DIM = 256
 MIN_TEXTS = 10  # fewer texts on either side: no text test (a permutation test on a handful says nothing)
-PERMUTATIONS = 200
-SEED = 20240601  # fixed, so the same windows always get the same p-value (a redelivery, a replica)
 _WORD = re.compile(r"\w+", re.UNICODE)
 log = logging.getLogger("lockgate.drift")
 
@@ -90,23 +88,30 @@ def default_embedder() -> Embedder:
     return local_model() or HASHING
 
 
-def mean_distance_test(reference: np.ndarray, current: np.ndarray, *, permutations: int = PERMUTATIONS,
+def mean_distance_test(reference: np.ndarray, current: np.ndarray, reference_units: np.ndarray | None = None,
+                       current_units: np.ndarray | None = None, *, permutations: int = PERMUTATIONS,
                        seed: int = SEED) -> StatTest | None:
     """Euclidean distance between the two windows' mean embeddings, and its permutation p-value (the share
-    of random splits of the pooled rows at least as far apart); None when either side has too few rows."""
+    of random splits of the pooled units at least as far apart); None when either side has too few rows.
+
+    The units (stats.units_of: a user's rows on one arm; None or NaN: each row its own) move between the sides
+    whole: one user's answers share a topic, and a split of rows read the users' split between a canary and its
+    stable as the canary's drift (probe p81 F2). With one row per unit it is the row-level test, split for split."""
     n, m = len(reference), len(current)
     if min(n, m) < MIN_TEXTS:
         return None
-    pooled = np.vstack([reference, current])
+    ref_units = np.full(n, np.nan) if reference_units is None else reference_units
+    cur_units = np.full(m, np.nan) if current_units is None else current_units
+    unit, g_ref, g_cur = units_of(ref_units, cur_units)
+    pooled = np.zeros((g_ref + g_cur, reference.shape[1]))
+    np.add.at(pooled, unit, np.vstack([reference, current]))  # each unit's sum of vectors
+    sizes = np.bincount(unit, minlength=g_ref + g_cur).astype(np.float64)
     total = pooled.sum(axis=0)
     observed = float(np.linalg.norm(reference.mean(axis=0) - current.mean(axis=0)))
-    rng = np.random.default_rng(seed)
-    # All splits at once: row k of `first` marks the n pooled rows that split k puts on the reference side.
-    order = np.argsort(rng.random((permutations, n + m)), axis=1)[:, :n]
-    first = np.zeros((permutations, n + m))
-    np.put_along_axis(first, order, 1.0, axis=1)
-    a = first @ pooled
-    d = np.linalg.norm(a / n - (total - a) / m, axis=1)
+    # All splits at once: row k of `first` marks the units split k puts on the reference side.
+    first = splits(g_ref + g_cur, g_ref, permutations, seed)
+    a, k = first @ pooled, (first @ sizes)[:, None]
+    d = np.linalg.norm(a / k - (total - a) / (n + m - k), axis=1)
     at_least = int(np.sum(d >= observed - 1e-12))
     p = (1 + at_least) / (1 + permutations)
     return StatTest("embedding_mean_distance", observed, p, ALPHA, p < ALPHA, n, m)

@@ -21,6 +21,8 @@ class Ring:
     pos: int = 0
     values: np.ndarray = field(init=False)
     times: np.ndarray = field(init=False)
+    # Each row's unit for the tests (features.unit: its user's code; NaN: the row is its own unit).
+    units: np.ndarray = field(init=False)
     # The text vectors, float32, made when the first embedded text comes and grown as rows come (NaN: none):
     # allocated whole for every ring, (size, 2, dim) float64 was ~4 MB per deployment name an application's
     # events named, most of them never holding a text (probe p6). The statistics read float64 copies (`ordered`).
@@ -29,6 +31,7 @@ class Ring:
     def __post_init__(self) -> None:
         self.values = np.empty((self.size, len(FEATURES)))
         self.times = np.empty(self.size)
+        self.units = np.full(self.size, math.nan)
 
     def _reserve(self, upto: int) -> None:
         """Room in the text vectors for slots below `upto`, doubling (a ring fills its slots in order until it wraps)."""
@@ -49,12 +52,14 @@ class Ring:
             inside = slots < len(self.text)
             self.text[slots[inside]] = math.nan if vectors is None else vectors[inside]
 
-    def push(self, values: np.ndarray, times: np.ndarray, vectors: np.ndarray | None) -> None:
-        """Append rows, overwriting the oldest."""
+    def push(self, values: np.ndarray, times: np.ndarray, vectors: np.ndarray | None,
+             units: np.ndarray | None = None) -> None:
+        """Append rows (`units` None: each its own unit), overwriting the oldest."""
         values, times = values[-self.size:], times[-self.size:]
         k = len(values)
         slots = (self.pos + np.arange(k)) % self.size
         self.values[slots], self.times[slots] = values, times
+        self.units[slots] = math.nan if units is None else units[-self.size:]
         self.put_text(slots, None if vectors is None else vectors[-self.size:])
         self.pos = (self.pos + k) % self.size
         self.n = min(self.n + k, self.size)
@@ -74,15 +79,20 @@ class Ring:
             text[inside] = self.text[order[inside]]
         return self.values[order], self.times[order], text
 
+    def ordered_units(self) -> np.ndarray:
+        """Each row's unit, oldest row first (as `ordered`)."""
+        return self.units[(self.pos - self.n + np.arange(self.n)) % self.size]
+
     @property
     def full(self) -> bool:
         return self.n >= self.size
 
     @classmethod
-    def of(cls, size: int, dim: int, values: np.ndarray, times: np.ndarray, vectors: np.ndarray | None) -> Ring:
+    def of(cls, size: int, dim: int, values: np.ndarray, times: np.ndarray, vectors: np.ndarray | None,
+           units: np.ndarray | None = None) -> Ring:
         """A ring holding these rows (oldest first; the newest `size` if there are more)."""
         ring = cls(size, dim)
-        ring.push(values, times, vectors if dim else None)
+        ring.push(values, times, vectors if dim else None, units)
         return ring
 
 
