@@ -415,7 +415,8 @@ class DriftMonitor:
         window: a canary's and its stable's) a test's verdict is also the units' (`_by_units`)."""
         out = []
         labels = self.labels.get((tenant, app), {})
-        ref_units, cur_units = units if units is not None else (np.full(len(ref), math.nan), np.full(len(cur), math.nan))
+        nobody = (np.full(len(ref), math.nan), np.full(len(cur), math.nan))  # each row its own unit
+        ref_units, cur_units = units if units is not None else nobody
         for j, name in enumerate(FEATURES):
             present_r, present_c = ~np.isnan(ref[:, j]), ~np.isnan(cur[:, j])
             r, c = ref[present_r, j], cur[present_c, j]

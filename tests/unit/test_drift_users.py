@@ -15,7 +15,7 @@ import msgspec
 import numpy as np
 import pytest
 
-from lockgate.contracts import DriftReport, InferenceEvent
+from lockgate.contracts import DriftReport, FeatureDrift, InferenceEvent
 from lockgate.services.drift import snapshots, stats, text
 from lockgate.services.drift.domain import DriftMonitor
 from lockgate.services.drift.features import OUTPUT_MESSAGES, finish_reason, rows
@@ -51,7 +51,7 @@ def reports(users: bool, *, longer: float = 1.0, per_request: bool = False) -> l
         canary = u < USERS
         e = InferenceEvent(deployment="chat", app="shop", variant="canary" if canary else "stable",
                            release="r2" if canary else "r1", model="m", input_tokens=10, latency_ms=5.0,
-                           output_tokens=max(1, int(length * FACTORS[k // (2 * USERS) % 5] * (longer if canary else 1))),
+                           output_tokens=max(1, int(length * FACTORS[k // (2 * USERS) % 5] * longer ** canary)),
                            finish_reason="stop", prompt="q", response=answer(topic, k),
                            user_hash=(f"r{k}" if per_request else f"u{u}") if users else "",
                            time=t0 + timedelta(seconds=k / 100))
@@ -60,7 +60,7 @@ def reports(users: bool, *, longer: float = 1.0, per_request: bool = False) -> l
     return out
 
 
-def feature(report: DriftReport, name: str) -> msgspec.Struct:
+def feature(report: DriftReport, name: str) -> FeatureDrift:
     return next(f for f in report.features if f.feature == name)
 
 
@@ -68,20 +68,20 @@ def test_an_identical_canary_serving_other_users_does_not_drift() -> None:
     for by_rows, by_users in zip(reports(False), reports(True), strict=True):
         rows_out, users_out = feature(by_rows, "output_tokens"), feature(by_users, "output_tokens")
         # As rows: significant and material, an alarm (what aborted identical canaries, probe p81 F1) ...
-        assert rows_out.drifted and rows_out.p_value < 0.001 and rows_out.psi > 0.5  # type: ignore[attr-defined]
+        assert rows_out.drifted and rows_out.p_value is not None and rows_out.p_value < 0.001 and rows_out.psi > 0.5
         # ... as users: the same PSI, but these 40 users split at random part the windows as far
-        assert users_out.psi == rows_out.psi and not users_out.test_drifted and not users_out.drifted  # type: ignore[attr-defined]
-        assert users_out.p_value > 0.2 and not by_users.drifted  # type: ignore[attr-defined]
+        assert users_out.psi == rows_out.psi and not users_out.test_drifted and not users_out.drifted
+        assert users_out.p_value is not None and users_out.p_value > 0.2 and not by_users.drifted
         # the text test permutes users: the arms' topics are the users' (probe p81 F2)
-        assert feature(by_rows, "response_text").test_drifted  # type: ignore[attr-defined]
+        assert feature(by_rows, "response_text").test_drifted
         users_text = feature(by_users, "response_text")
-        assert not users_text.test_drifted and users_text.p_value > 0.2  # type: ignore[attr-defined]
+        assert not users_text.test_drifted and users_text.p_value is not None and users_text.p_value > 0.2
 
 
 def test_a_real_shift_drifts_with_users_as_the_unit() -> None:
     report = reports(True, longer=3.0)[0]
     out = feature(report, "output_tokens")
-    assert out.drifted and out.p_value < 0.05 and report.drifted  # type: ignore[attr-defined]
+    assert out.drifted and out.p_value is not None and out.p_value < 0.05 and report.drifted
 
 
 def test_one_request_per_user_keeps_the_row_level_verdicts() -> None:
@@ -135,6 +135,7 @@ def test_a_rollouts_windows_keep_their_units_across_a_restart() -> None:
     np.testing.assert_array_equal(back.canary.ordered_units(), batch.units)
     assert len(np.unique(batch.units)) == 3
     # saved before units were kept: every row its own unit
-    old = msgspec.structs.replace(snap.pair, canary=msgspec.structs.replace(snap.pair.canary, units=b""))  # type: ignore[arg-type]
+    assert snap.pair is not None
+    old = msgspec.structs.replace(snap.pair, canary=msgspec.structs.replace(snap.pair.canary, units=b""))
     again = snapshots.restore_pair(msgspec.structs.replace(snap, pair=old), 10)
     assert again is not None and np.isnan(again.canary.ordered_units()).all()
