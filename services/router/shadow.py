@@ -13,7 +13,8 @@ spend) makes no copy: shadowing is optional, the candidate's spend is not.
 A copy is made as the candidate's served call of the request would be: streamed when the client streamed, under the
 candidate endpoint's own timeouts (connect, first byte, between chunks, total), so its failures are the candidate's
 and no bound of the shadow's own decides them. A request the candidate's served call would refuse before any upstream
-(its endpoint not configured, its provider unable to take the body) is not copied: no evidence either way.
+is not copied: its endpoint not configured, no evidence either way; its provider unable to take the body, recorded as
+that call would be, refused with a 400 (client_error_rate weighs it: probe p83 F1).
 
 A copy is the caller's spend too: it is reserved on the budgets and token rate limits that cover the caller's tenant,
 app and key, as a request of its own (`Admission.admit`, counting no request against `rpm`), and settled after as the
@@ -198,14 +199,21 @@ class Shadow:
                 prov = provider(provider_name := endpoint.provider)  # the candidate may speak another provider
                 payload = prov.request(CHAT, _candidate_body(body, target, req.stream))
             except (UnknownEndpoint, Unsupported) as exc:
-                # The candidate's served call would be refused before any upstream (a 502, or a 400 its provider
-                # cannot take), with no event: no copy either. Recorded as the candidate's error, any app could fail
-                # it at will with a body only its provider refuses (probe p9).
-                why = "upstream_not_configured" if isinstance(exc, UnknownEndpoint) else "unsupported_by_candidate"
+                # The candidate's served call would be refused before any upstream: no copy. A 400 its provider
+                # cannot take is recorded as that call's event would be (proxy: an event of its arm refused with a
+                # 400), so the preview's look weighs the share of requests it would refuse (client_error_rate, never
+                # error_rate: probe p9) as a canary's. Uncounted, a preview whose provider refused half the
+                # deployment's requests (`n: 2` to Anthropic) was judged on the other half and promoted (probe p83
+                # F1). An endpoint not configured is the route's fault (a 502 with no event): no evidence.
+                unsupported = isinstance(exc, Unsupported)
+                why = "unsupported_by_candidate" if unsupported else "upstream_not_configured"
                 if not budget.skipped[why]:
                     log.warning("shadow of %s: a request not copied: %s", budget.key, exc.message)
                 slot = False
                 budget.refused(why)
+                if unsupported:
+                    self._record(key, trace_id, deployment, target, req, body, user, session, provider_name,
+                                 answer, "error", "400", (time.perf_counter() - t0) * 1000.0)
                 return
             http = self.session_of()
             if http is None:
@@ -282,6 +290,13 @@ class Shadow:
             await self._settle(budget, reserved, used)
         if ticket is not None:
             self._charge(ticket, answer, status, error, call, sent, gone)
+        self._record(key, trace_id, deployment, target, req, body, user, session, provider_name, answer, status,
+                     error, latency_ms)
+
+    def _record(self, key: ApiKey, trace_id: str, deployment: str, target: domain.Target, req: ApiRequest,
+                body: bytes, user: str, session: str, provider_name: str, answer: _Answer, status: str, error: str,
+                latency_ms: float) -> None:
+        """Record the copy's event (variant "shadow", the candidate's release): never raises into the loop."""
         try:
             event = InferenceEvent(
                 tenant=key.tenant, trace_id=trace_id, span_id=os.urandom(8).hex(), source="lockgate-router",

@@ -323,8 +323,9 @@ async def test_a_shadow_copy_is_held_to_the_candidate_endpoints_own_timeouts(
 async def test_a_request_the_candidates_provider_cannot_take_is_not_copied(
         timed: Any, http: aiohttp.ClientSession, signer: Signer, keys: Any, store: Store) -> None:
     # Found by a probe (p9 F4): served to a candidate on an Anthropic endpoint, a request Anthropic has no counterpart
-    # for (`n: 2`) is a 400 with no event; its copy was recorded as the candidate's error, so any app failed a
-    # preview at will. It is not copied now: counted as skipped, no evidence either way.
+    # for (`n: 2`) is a 400; its copy was recorded as the candidate's error, so any app failed a preview at will. It
+    # is not copied now (counted as skipped), and recorded as the candidate's served call would be: refused with a
+    # 400, in client_error_rate only (probe p83 F1), neither paired nor an error.
     await _start(http, timed, "claude-same", {"shadow": {"sample": 1.0, **WIDE}})
     await _pass(timed, signer, "claude-same")
     async with _app(timed, keys) as c:
@@ -337,8 +338,39 @@ async def test_a_request_the_candidates_provider_cannot_take_is_not_copied(
     await timed.proxy.shadow.idle()
     summary = await _summary(http, timed)
     assert (summary["mirrored"], summary["skipped"]) == (1, {"unsupported_by_candidate": 3})
-    paired = await timed.rollouts.wait_for_shadow("chat", lambda s: s.pairs >= 1, timeout=30)
-    assert (paired.shadow_events, paired.pairs, paired.shadow_error_rate) == (1, 1, 0.0)
+    paired = await timed.rollouts.wait_for_shadow("chat", lambda s: s.shadow_events >= 4 and s.pairs >= 1,
+                                                  timeout=30)
+    assert (paired.shadow_events, paired.pairs, paired.shadow_error_rate) == (4, 1, 0.0)
+
+
+async def test_a_preview_whose_provider_refuses_half_the_requests_is_not_promoted(
+        timed: Any, http: aiohttp.ClientSession, signer: Signer, keys: Any) -> None:
+    # Found by a probe (p83 F1): a blue-green preview on an Anthropic endpoint, judged on shadow copies, while half of
+    # the deployment's requests ask for two choices (`n: 2`), which Anthropic cannot take. Those were not copied and
+    # counted nowhere, so the look judged the preview on the requests it can serve and promoted it ("pre-promotion
+    # analysis passed at step 0"); after the promotion every `n: 2` request got 400. A request the candidate would
+    # refuse is now its copy's 400, in client_error_rate as a canary's refusals are: a preview refusing half fails.
+    analysis = {"metrics": [{"name": "error_rate", "max_increase": 0.01, "max": 0.05}], "min_sample": 50,
+                "failure_limit": 0, "inconclusive_limit": 1000}
+    await _start(http, timed, "claude-same", {
+        "interval_s": 0.3, "shadow": {"sample": 1.0, **WIDE},
+        "blue_green": {"auto_promotion_s": 2, "scale_down_delay_s": 600, "pre_promotion_analysis": analysis}})
+    await _pass(timed, signer, "claude-same")
+    url, sent, statuses = f"{timed.url}/v1/chat/completions", 0, set()
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {keys.app_key}"}) as app:
+        async def one(i: int) -> None:
+            body = {"model": "m", "messages": [{"role": "user", "content": f"q {i}"}], "user": f"user-{i}",
+                    **({"n": 2} if i % 2 else {})}
+            async with app.post(url, json=body) as resp:
+                statuses.add(resp.status)
+
+        while timed.rollouts.route("chat").phase == "progressing" and sent < 4000:
+            await asyncio.gather(*(one(sent + k) for k in range(40)))
+            sent += 40
+    route = timed.rollouts.route("chat")
+    assert (route.phase, route.stable.release) == ("aborted", "r1"), route.reason
+    assert "client_error_rate" in route.reason, route.reason
+    assert statuses == {200}  # stable served both kinds throughout
 
 
 @pytest.fixture
