@@ -1195,8 +1195,8 @@ def incomplete(m: Measurement, why: str) -> Measurement:
 
 def uncopied(m: Measurement, canary: VariantSample, stable: VariantSample, keys: Sequence[str],
              min_sample: int) -> Measurement:
-    """A blue-green preview's look, judged on shadow copies, when a shadow budget every key shares left requests of
-    `keys` uncopied (`evidence.Evidence.uncopied`): such a key with `min_sample` requests stable served, which would
+    """A blue-green preview's look, judged on shadow copies, when the shadow left requests of `keys` uncopied for a
+    reason other than its sample (SHADOW_SKIPPED; `evidence.Evidence.uncopied`): such a key with `min_sample` requests stable served, which would
     be judged alone, needs `min_sample` copies of its own, and those keys with fewer, pooled as `groups` pools them,
     as many together. Short of them the look is INCONCLUSIVE, never a pass: after the promotion the candidate
     serves those requests, and one key's copies spending the budget first must not leave the preview judged on
@@ -1219,9 +1219,9 @@ def uncopied(m: Measurement, canary: VariantSample, stable: VariantSample, keys:
         short.append(f"{len(small)} other API keys, pooled ({pooled_copies} of {pooled} requests)")
     if not short:
         return m
-    why = (f"the shadow budget left requests of {', '.join(short)} uncopied, short of the {min_sample} copies "
-           f"needed to judge them: not judged on the other keys' copies, never a pass (raise the budget, or promote "
-           f"by hand)")
+    why = (f"the shadow left requests of {', '.join(short)} uncopied (a budget, or an action at the provider a copy "
+           f"would repeat), short of the {min_sample} copies needed to judge them: not judged on the other keys' "
+           f"copies, never a pass (raise the budget, or promote by hand)")
     results = [r if r.dry_run else msgspec.structs.replace(r, verdict="INCONCLUSIVE", why=why, canary=None)
                for r in m.metrics]
     return msgspec.structs.replace(m, verdict="INCONCLUSIVE", metrics=results)

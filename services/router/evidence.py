@@ -213,8 +213,8 @@ class Evidence:
         # they count as its failures: from its first failed call of its own on (`charge`), which a replica that
         # reads its events back out of time order may come to after them.
         self._diverted: dict[tuple[str, str], _Ring] = {}
-        # Per (deployment, release), the API keys (their indexes) whose requests it served a shadow budget every key
-        # shares left uncopied (SHADOW_SKIPPED), each with the latest such request's time (`uncopied`).
+        # Per (deployment, release), the API keys (their indexes) whose requests it served the shadow left uncopied
+        # for a reason other than its sample (SHADOW_SKIPPED), each with the latest such request's time (`uncopied`).
         self._uncopied: dict[tuple[str, str], dict[int, float]] = {}
         # Online evaluation scores per (deployment, release) and scorer: the scored answer's event id -> (time,
         # value), oldest first. By event id, so an answer's score counts once however often it arrives (live and
@@ -357,8 +357,8 @@ class Evidence:
             del self._uncopied[key]
 
     def uncopied(self, deployment: str, release: str, since: float) -> list[str]:
-        """The API keys with a request `release` served for `deployment` from `since` (unix seconds) on that a
-        shadow budget every key shares left uncopied (SHADOW_SKIPPED)."""
+        """The API keys with a request `release` served for `deployment` from `since` (unix seconds) on that the
+        shadow left uncopied for a reason other than its sample (SHADOW_SKIPPED)."""
         seen = self._uncopied.get((deployment, release), {})
         return [self._keys[i] for i, at in seen.items() if at >= since]
 

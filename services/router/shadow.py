@@ -46,7 +46,7 @@ from lockgate.pricebook import ModelPrice, load_price_book
 from lockgate.server.apikeys import ApiKey
 from lockgate.services.router import domain, shadowstats
 from lockgate.services.router.admission import OPEN_ADMISSION, Admission, Call, Ticket
-from lockgate.services.router.budgets import cost_of, pointed_at, worst_case
+from lockgate.services.router.budgets import cost_of, pointed_at, provider_runs, worst_case
 from lockgate.services.router.cache import MAX_KEYED_BYTES
 from lockgate.services.router.endpoints import Endpoints, UnknownEndpoint
 from lockgate.services.router.fit import encode_served
@@ -214,6 +214,14 @@ class Shadow:
                 if unsupported:
                     self._record(key, trace_id, deployment, target, req, body, user, session, provider_name,
                                  answer, "error", "400", (time.perf_counter() - t0) * 1000.0)
+                return
+            if _acts_at_provider(req):
+                # The copy would do again what the served call did on the provider's side: a web search or a tool
+                # the provider runs (code in a container, an MCP server's actions), billed and acted on twice
+                # (probe p83 F2). Not copied, and the served event says so: the preview is not judged on it.
+                slot = False
+                budget.refused("provider_side_action")
+                marks[SHADOW_SKIPPED] = "provider_side_action"
                 return
             http = self.session_of()
             if http is None:
@@ -405,11 +413,28 @@ def _digested(attributes: dict[str, str], body: bytes, target: domain.Target) ->
     return {**attributes, REQUEST_DIGEST: digest} if digest is not None else dict(attributes)
 
 
+def _acts_at_provider(req: ApiRequest) -> bool:
+    """Whether the request has the provider act on its side (chat's `web_search_options`, a tool it runs:
+    budgets.provider_runs), which a copy would repeat. Tools unreadable to the router count as such."""
+    if bytes(req.web_search_options) not in (b"", b"null"):
+        return True
+    if not req.declares_tools():
+        return False
+    try:
+        return provider_runs(msgspec.json.decode(bytes(req.tools)))
+    except msgspec.DecodeError:
+        return True
+
+
 def _candidate_body(body: bytes, target: domain.Target, stream: bool) -> bytes:
     """The request as the candidate's release serves it, streamed as the client's was (with its usage, for the
-    copy's cost), so that the candidate's answer is held to the bounds its served call would be."""
+    copy's cost), so that the candidate's answer is held to the bounds its served call would be; stored nowhere at the
+    provider: no `store`, nor the client's `metadata` (which only a stored completion keeps). Before, probe p83 F2, a
+    client's `store: true` had the provider store a second completion under the client's metadata."""
     data = top_level(body)
     as_released(data, target.model, target.params, CHAT)  # the client's service_tier neither (a dearer copy)
+    data.pop("store", None)  # OpenAI's default: not stored
+    data.pop("metadata", None)
     data["stream"] = stream
     data.pop("stream_options", None)
     if stream:

@@ -15,6 +15,7 @@ from typing import Any
 import aiohttp
 import openai
 import pytest
+from aiohttp import web
 from click.testing import CliRunner
 
 from lockgate.cli.main import cli
@@ -27,7 +28,7 @@ from lockgate.services.router.shadowstats import spend_key
 from lockgate.signing import Signer
 from lockgate.store import Store
 from lockgate_dev.sim import ModelSpec, SimConfig, SimServer
-from tests.helpers import chat_releases, eventually, register_model_release
+from tests.helpers import ChatUpstream, chat_releases, eventually, register_model_release
 from tests.integration import test_rollout_analysis as analysis_tests
 from tests.integration.test_rollout_analysis import CANARY, STABLE, _pass, _start, serving
 from tests.integration.test_rollout_per_key import PickyCanary
@@ -373,6 +374,60 @@ async def test_a_preview_whose_provider_refuses_half_the_requests_is_not_promote
     assert statuses == {200}  # stable served both kinds throughout
 
 
+class Recorder(ChatUpstream):
+    """An upstream that answers every chat request alike, keeping each body it got (its model, `store`, `metadata`
+    and whether it asked for a web search)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bodies: list[dict[str, Any]] = []
+
+    async def chat(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        self.bodies.append({k: body.get(k) for k in ("model", "store", "metadata", "web_search_options", "tools")})
+        return web.json_response({
+            "id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": body.get("model"),
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
+
+
+@pytest.fixture
+async def recorded(context: ServiceContext, run_services: Any, signer: Signer) -> AsyncIterator[Any]:
+    """The router of deployment `chat`, stable and the candidate `same` on one upstream that keeps every body."""
+    async with Recorder() as up:
+        router = await serving(context, run_services, signer, up.url, up.url, ("same",))
+        router.up = up
+        yield router
+
+
+async def test_a_copy_repeats_no_provider_side_action(
+        recorded: Any, http: aiohttp.ClientSession, signer: Signer, keys: Any) -> None:
+    # Found by a probe (p83 F2): a copy was the client's body, `service_tier` aside. A chat request with `store: true`
+    # and `metadata` had the provider store a second completion under the client's metadata; one with
+    # `web_search_options` ran (and billed) its search again. A copy now stores nothing and carries no metadata, and a
+    # request whose copy would repeat what the provider does on its side (a web search, a tool it runs) is not copied.
+    await _start(http, recorded, "same", {"shadow": {"sample": 1.0, **WIDE}})
+    await _pass(recorded, signer, "same")
+    bodies: list[dict[str, Any]] = [
+        {"store": True, "metadata": {"customer": "c-77"}},
+        {"web_search_options": {}},
+        {"tools": [{"type": "web_search_preview"}]},
+        {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]}]
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {keys.app_key}"}) as app:
+        for i, extra in enumerate(bodies):
+            body = {"model": "m", "messages": [{"role": "user", "content": f"my order {i}"}], "user": f"u{i}", **extra}
+            async with app.post(f"{recorded.url}/v1/chat/completions", json=body) as resp:
+                assert resp.status == 200, await resp.text()
+    await recorded.proxy.shadow.idle()
+    copies = [b for b in recorded.up.bodies if b["model"] == "same"]
+    assert [(b["store"], b["metadata"], b["tools"] is not None) for b in copies] == [(None, None, False),
+                                                                                     (None, None, True)]
+    served = [b for b in recorded.up.bodies if b["model"] != "same"]
+    assert [(b["store"], b["metadata"]) for b in served][0] == (True, {"customer": "c-77"})  # the client's own call
+    summary = await _summary(http, recorded)
+    assert (summary["mirrored"], summary["skipped"]) == (2, {"provider_side_action": 2})
+
+
 @pytest.fixture
 async def picky(context: ServiceContext, run_services: Any, signer: Signer, tmp_path: Path) -> AsyncIterator[Any]:
     """The per-key tests' router: a stable that never fails and the candidate `picky`, which fails the prompt
@@ -453,6 +508,6 @@ async def test_one_key_spending_the_shadow_budget_first_cannot_get_a_failing_pre
     culprit = last.failing()
     assert culprit is not None
     assert describe(culprit) == (
-        f"error_rate: the shadow budget left requests of API key {real_key.id} (0 of 600 requests) uncopied, short "
-        f"of the 100 copies needed to judge them: not judged on the other keys' copies, never a pass (raise the "
-        f"budget, or promote by hand)")
+        f"error_rate: the shadow left requests of API key {real_key.id} (0 of 600 requests) uncopied (a budget, or "
+        f"an action at the provider a copy would repeat), short of the 100 copies needed to judge them: not judged on "
+        f"the other keys' copies, never a pass (raise the budget, or promote by hand)")

@@ -642,7 +642,8 @@ def test_a_preview_whose_shared_shadow_budget_left_a_keys_requests_uncopied_is_n
     m = judged(keyed(flood=400), keyed(flood=400, real=600), ["real"])
     assert m.verdict == "INCONCLUSIVE" and {r.verdict for r in m.metrics} == {"INCONCLUSIVE"}
     assert analysis.describe(m.metrics[0]).startswith(
-        "error_rate: the shadow budget left requests of API key real (0 of 600 requests) uncopied, short of the 100")
+        "error_rate: the shadow left requests of API key real (0 of 600 requests) uncopied (a budget, or an action at "
+        "the provider a copy would repeat), short of the 100")
     assert judged(keyed(flood=300, real=100), keyed(flood=400, real=600), ["real"]) == passed  # judged alone
     assert judged(keyed(flood=400), keyed(flood=400, real=600), []) == passed  # nothing left uncopied
     # Keys under min_sample are pooled, as analysis pools them: 2 x 60 requests need 100 copies between them.

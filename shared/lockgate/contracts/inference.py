@@ -62,10 +62,12 @@ REQUEST_DIGEST = "lockgate.request_digest"
 # mask of the broader scrub (probe p71 F3: placeholder code, `password="password"`, scored a leak). Only a router's
 # counts steer a rollout; an application's on its own event count for that event's scores alone.
 SECRETS_MASKED = "lockgate.secrets_masked"
-# A router event of a request stable served that its rollout's shadow budget left uncopied (the value names the
-# budget: `over_max_requests`, `over_max_rps`, `over_max_concurrency`, `over_max_cost`): budgets every key's copies
-# share, so one key's copies may have spent them. A blue-green preview judged on copies is no pass while such a key
-# is short of its own sample of copies (analysis.uncopied; probe p46 F3).
+# A router event of a request stable served that its rollout's shadow left uncopied for a reason other than its sample
+# (the value names it: a budget every key's copies share, `over_max_requests`, `over_max_rps`, `over_max_concurrency`,
+# `over_max_cost`, `cost_store_unavailable`, so one key's copies may have spent it; the caller's own,
+# `over_caller_budget`; or `provider_side_action`, a copy that would repeat a web search or a tool the provider runs).
+# A blue-green preview judged on copies is no pass while such a key is short of its own sample of copies
+# (analysis.uncopied; probe p46 F3, p83 F2).
 SHADOW_SKIPPED = "lockgate.shadow_skipped"
 # A router event of a failed call that a request went past (`ATTEMPT: SUPERSEDED`): retried, or fallen back from to
 # another endpoint or arm, the request's own event following it. A call, not a request nor an answer: per-call
