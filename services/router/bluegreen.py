@@ -94,12 +94,21 @@ def auto_promotion_due(route: Route, now: float) -> bool:
     return spec(route) is not None and route.phase == "progressing" and 0 < route.promote_at <= now
 
 
+def swappable(route: Route) -> bool:
+    """Whether the promoted release's predecessor swaps back at once: within the scale-down window, and while the
+    post-promotion analysis runs (a failing one rolls back to it, whatever `scale_down_delay_s`). Before, probe p83
+    F3, with `scale_down_delay_s: 0` an operator's abort and undo were refused while the analysis could roll back."""
+    return route.phase == "promoted" and bool(route.scale_down_at or route.verifying)
+
+
 def _swappable(route: Route) -> None:
     if route.phase != "promoted" or route.previous is None:
         raise InvalidRollout(f"deployment {route.deployment!r} has no promoted release to undo")
-    if spec(route) is not None and not route.scale_down_at:
-        raise InvalidRollout(f"the old release {route.previous.release!r} of {route.deployment!r} is scaled down "
-                             "(scale_down_delay_s is over): start a new rollout to go back to it")
+    if spec(route) is not None and not swappable(route):
+        old = route.previous.release
+        raise InvalidRollout(f"the old release {old!r} of {route.deployment!r} is scaled down (scale_down_delay_s is "
+                             f"over): put it back by name as a known-good release (lockgate rollout undo "
+                             f"{route.deployment} --to {old}), or start a new rollout")
 
 
 def undo(route: Route, decision: GateDecided | None, actor: str) -> Route:

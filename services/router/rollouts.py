@@ -1006,7 +1006,7 @@ class Rollouts:
 
         async def change() -> str:
             now = self.route(deployment)
-            if action == "abort" and not (now.phase == "promoted" and now.scale_down_at):
+            if action == "abort" and not bluegreen.swappable(now):
                 return await self._abort(deployment, actor, canary, started_at)
             # Read on every attempt, for the route as it is then. `undo`: refused if the release it puts back is not
             # allowed now (its verified current decision: the gate may have BLOCKed it since); `retry`: refused for
@@ -1039,9 +1039,10 @@ class Rollouts:
                 self._apply(bluegreen.undo(route, decision, actor), actor=actor)
                 assert route.previous is not None
                 followed[:] = [route.previous.release]
-            elif action == "abort" and route.phase == "promoted" and route.scale_down_at:
-                # Within a blue-green scale-down window an abort is an instant swap back to the last known-good
-                # release (an abort is always allowed: it takes off the release the operator stops).
+            elif action == "abort" and bluegreen.swappable(route):
+                # Within a blue-green scale-down window, or while its post-promotion analysis runs, an abort is an
+                # instant swap back to the last known-good release, as a failed analysis's rollback (an abort is
+                # always allowed: it takes off the release the operator stops).
                 if route is not before:  # changed while the decisions were read: try again on the route as it is
                     raise RouteContended("route changed while its known-good releases' decisions were read")
                 self._apply(bluegreen.abort_promotion(route, actor, rollbacks), actor=actor)

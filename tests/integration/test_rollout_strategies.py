@@ -147,6 +147,40 @@ async def test_blue_green_undo_puts_the_previous_release_back_only_if_its_gate_a
     assert status == 200 and body["stable"]["release"] == "r1", body
 
 
+@pytest.mark.parametrize("action", ["abort", "undo"])
+async def test_a_promotion_under_post_promotion_analysis_swaps_back_with_no_scale_down_delay(
+        router: Any, http: aiohttp.ClientSession, signer: Signer, action: str) -> None:
+    # Found by a probe (p83 F3): with `scale_down_delay_s: 0` and the post-promotion analysis running, an abort was
+    # refused ("canary of 'chat' is already promoted") and an undo too ("old release 'r1' ... is scaled down ... start
+    # a new rollout"), while an automatic rollback and `undo --to r1` went back to it. Until the analysis ends the old
+    # release is where a rollback goes: an abort rolls back as a failed analysis does, an undo swaps it back.
+    post = {"metrics": [{"name": "error_rate", "max_increase": 0.01}], "min_sample": 5000, "failure_limit": 0,
+            "inconclusive_limit": 1000}
+    await _start(http, router, "same", {"interval_s": 0.2, "blue_green": {"scale_down_delay_s": 0,
+                                                                          "post_promotion_analysis": post}})
+    await _pass(router, signer, "same")
+    status, body = await _post(http, router, "promote")
+    assert status == 200 and body["verifying"] and body["stable"]["release"] == "same", body
+    status, body = await _post(http, router, action)
+    assert status == 200 and body["stable"]["release"] == "r1", body
+    assert set(await _releases(http, router, 20)) == {"r1"}
+
+
+async def test_an_undo_after_the_scale_down_names_the_undo_that_reaches_the_old_release(
+        router: Any, http: aiohttp.ClientSession, signer: Signer) -> None:
+    # The old release scaled down, a bare undo is refused, naming what still puts it back (probe p83 F3: it said
+    # "start a new rollout", yet `undo --to r1` did).
+    await _start(http, router, "same", {"interval_s": 0.1, "blue_green": {"scale_down_delay_s": 0}})
+    await _pass(router, signer, "same")
+    status, body = await _post(http, router, "promote")
+    assert status == 200 and not body["verifying"], body
+    status, body = await _post(http, router, "undo")
+    assert status == 409 and "lockgate rollout undo chat --to r1" in body["error"]["message"], body
+    async with http.post(f"{router.url}/lockgate/v1/deployments/chat/undo", json={"to": "r1"}) as resp:
+        status, body = resp.status, await resp.json()
+    assert status == 200 and body["stable"]["release"] == "r1", body
+
+
 async def test_blue_green_failed_post_promotion_analysis_rolls_back(
         router: Any, http: aiohttp.ClientSession, signer: Signer) -> None:
     await _start(http, router, "bad", {"interval_s": 0.1, "blue_green": {"post_promotion_analysis": ERRORS}})
