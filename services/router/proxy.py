@@ -37,6 +37,7 @@ from lockgate.contracts.inference import (
     KEPT_WAITING,
     REQUEST_DIGEST,
     ROUTED_BY,
+    STICKY,
     SUPERSEDED,
     UPSTREAM_UNANSWERED,
 )
@@ -414,7 +415,8 @@ class Proxy:
         # Sticky by user, else session, else the client's own key; never by the client's IP, which
         # would send every user behind one app host or NAT to the same variant.
         # A header route is honoured for a tester's key only (HeaderRoute.honours): anyone else is routed by weight.
-        variant, target = domain.choose(route, user or session or h.get("x-lockgate-sticky-key") or "", h,
+        sticky = "" if user or session else h.get("x-lockgate-sticky-key") or ""
+        variant, target = domain.choose(route, user or session or sticky, h,
                                         salt=self.rollouts.sticky_salt(route), key_id=key.id, role=key.role)
         by_header = variant == "canary" and domain.by_header(route, h, key.id, key.role)
         model = target.model or req.model
@@ -441,7 +443,7 @@ class Proxy:
             rec.error_type, rec.latency_ms = "400", (time.perf_counter() - t0) * 1000.0
             asyncio.get_running_loop().call_soon(self._record, INVALID_SPAN, key, secrets.token_hex(16),
                                                  secrets.token_hex(8), deployment, variant, target, model, req, user,
-                                                 session, rec, op, by_header)
+                                                 session, rec, op, by_header, b"", sticky)
             return error_response(400, exc.message, "invalid_request_error")
         # Budgets and rate limits, once the model the upstream will bill is known: 429/503 or a ticket. The input
         # is bounded by the bodies the upstreams get (a release's patch or a translation may lengthen them).
@@ -580,11 +582,12 @@ class Proxy:
             # turn, after aiohttp has handed the response to the socket, not before.
             loop = asyncio.get_running_loop()
             loop.call_soon(self._record, span, key, trace_id, span_id, deployment, variant, target, model, req, user,
-                           session, rec, op, by_header, b"" if shaped else body)
+                           session, rec, op, by_header, b"" if shaped else body, sticky)
             for failed, attempt in zip(rec.earlier, attempts, strict=True):
                 f_variant, f_target = failed.hop.tag
                 loop.call_soon(self._record, INVALID_SPAN, key, trace_id, secrets.token_hex(8), deployment, f_variant,
-                               f_target, f_target.model or req.model, req, user, session, attempt, op, by_header)
+                               f_target, f_target.model or req.model, req, user, session, attempt, op, by_header,
+                               b"", sticky)
         self.admission.remember(ticket, deployment, response, rec, streamed)
         return response
 
@@ -619,9 +622,11 @@ class Proxy:
 
     def _record(self, span: Any, key: ApiKey, trace_id: str, span_id: str, deployment: str, variant: str,
                 target: domain.Target, model: str, req: ApiRequest, user: str, session: str,
-                rec: _Record, op: Operation = CHAT, by_header: bool = False, body: bytes = b"") -> None:
+                rec: _Record, op: Operation = CHAT, by_header: bool = False, body: bytes = b"",
+                sticky: str = "") -> None:
         """Queue the request's inference event and end its span (runs after the response is sent). `body`: the
-        request as the client sent it, digested on a chat request's own event (the calls it went past have none)."""
+        request as the client sent it, digested on a chat request's own event (the calls it went past have none).
+        `sticky`: the `x-lockgate-sticky-key` the request was split by, when it named no user nor session."""
         try:
             attributes = rec.attributes  # the cache's verdict, if any
             # What the client asked, whole: a recorded eval scores only requests its release's own prompt makes, so
@@ -633,6 +638,8 @@ class Proxy:
                 attributes[REQUEST_DIGEST] = digest
             if op.api == "responses":  # its operation name is "chat": say which API it came through
                 attributes["lockgate.api"] = op.api
+            if sticky:  # the user analysis counts the request as, keyed as a user id is: never the raw key (STICKY)
+                attributes[STICKY] = self.rollouts.user_hash(key.tenant, sticky)
             if by_header:  # a tester's request sent to the candidate by its header route, not by weight (README)
                 attributes[ROUTED_BY] = "header"
             cut: dict[str, int] = {}  # the fields cut to fit one bus message, and their sizes before (fit.py)

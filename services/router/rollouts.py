@@ -30,7 +30,7 @@ from lockgate.contracts import (
     InferenceScored,
     RolloutState,
 )
-from lockgate.contracts.inference import ATTEMPT, SHADOW_SKIPPED
+from lockgate.contracts.inference import ATTEMPT, SHADOW_SKIPPED, STICKY
 from lockgate.errors import (
     BusUnavailable,
     ConfigError,
@@ -59,9 +59,10 @@ log = logging.getLogger("lockgate.router")
 # a starting router reads back from the record (handlers.replay_served), as the others (an answer's tool calls, up to
 # 64 kB) made its pages too large for one NATS message (probe p36 F1). A key read there must be named here (and
 # `Evidence.add`'s, SHADOW_SKIPPED: a restarted router must not judge a preview on the copies of one key alone; the
-# shadow ledger's, ATTEMPT: a failed call a retry went past pairs with no shadow).
+# shadow ledger's, ATTEMPT: a failed call a retry went past pairs with no shadow; `evidence.unit`'s, STICKY: a
+# restarted router counts the users of the sticky-key header as users).
 EVIDENCE_ATTRIBUTES = ("cache", "lockgate.fallback_from", "lockgate.fallback_from_release",
-                       "lockgate.fallback_reason", SHADOW_SKIPPED, ATTEMPT)
+                       "lockgate.fallback_reason", SHADOW_SKIPPED, ATTEMPT, STICKY)
 
 _route_decoder = msgspec.json.Decoder(Route)
 _gate_codec: Codec[GateDecided] = Codec(GateDecided)

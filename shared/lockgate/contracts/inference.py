@@ -74,6 +74,11 @@ SHADOW_SKIPPED = "lockgate.shadow_skipped"
 # error_rate counts it, cost analysis adds its charge to its arm's answers', the drift monitor counts it in status
 # and error_type only, the shadow ledger pairs it with no shadow (probe p78).
 ATTEMPT = "lockgate.attempt"
+# A router event of a request that named neither a user nor a session, split to its arm by the client's
+# `x-lockgate-sticky-key` header: that key, hashed as `user_hash` is (keyed with the router's secret). Canary analysis
+# counts the request's user by it, as by `user_hash` (the router's evidence.unit; probe p84 F1: each such request
+# counted as a user of its own, and a few heavy users aborted an identical canary).
+STICKY = "lockgate.sticky"
 SUPERSEDED = "superseded"
 # An application's event of a call it made through a lockgate router (`ROUTER_BILLED`), which the router's own served
 # event bills: the OTLP receiver marks a GenAI client span whose endpoint (`server.address`/`server.port`, `url.full`,
