@@ -725,6 +725,10 @@ def _judge(spec: MetricSpec, canary: VariantSample, stable: VariantSample, z: fl
                    relative, baseline_final)
 
 
+# How `_enough`'s verdicts begin (the baseline still growing, or final): `_judge_groups` tells them by it.
+_SHORT = ("not yet judged: ", "no longer judged: ")
+
+
 def _enough(result: MetricResult, min_sample: int, sized: tuple[tuple[int, float], tuple[int, float]],
             relative: bool, baseline_final: bool) -> MetricResult:
     """`result` WAITING (INCONCLUSIVE when only the baseline is short and `baseline_final`: it grows no more) while
@@ -742,7 +746,7 @@ def _enough(result: MetricResult, min_sample: int, sized: tuple[tuple[int, float
     counted = "; ".join(f"{arm}'s {n} count as {n / d:.0f} independent {'one' if round(n / d) == 1 else 'ones'} "
                         f"(design effect {d:.3g})" for arm, n, d in short)
     final = baseline_final and all(arm == "stable" for arm, _, _ in short)
-    why = (f"{'no longer' if final else 'not yet'} judged: {counted}, short of min_sample "
+    why = (f"{_SHORT[final]}{counted}, short of min_sample "
            f"{min_sample}: each user's requests are alike and all on one arm, so a comparison of a few users is "
            "of which users landed on which arm" + ("; the baseline gets no more: no data is never a pass"
                                                    if final else ""))
@@ -1035,15 +1039,29 @@ def _judge_groups(spec: MetricSpec, canary: VariantSample, stable: VariantSample
         return result
 
     relative = spec.max_increase is not None or spec.max_ratio is not None
-    found = []
+    found, alone = [], []
     for g in judged(spec.name):
         compared, weights, left_out = _baseline(g, spec.name)
         if not left_out or not relative:
             result = against(spec, g.canary, weights)  # every canary value was compared, or none needs stable
         else:
             result = _judge_in_time(spec, g.canary, compared, weights, left_out, against, stable.n)
-        found.append(msgspec.structs.replace(result, group=g.label))
-    return _deciding(found)
+        result = msgspec.structs.replace(result, group=g.label)
+        # A key's group `_enough` holds (its requests count as fewer than min_sample users' values) never decides: a
+        # key sending one user id per arm (a batch job's `user: "system"`) held every look WAITING, and so every
+        # rollout of the deployment at its step until its progress deadline paused it (probe p84 F2). Its requests
+        # are judged with everyone's (the group of all requests, "", which `_enough` holds as before); its FAILED
+        # stands, as its bounds count its users.
+        if g.label and result.verdict in ("WAITING", "INCONCLUSIVE") and result.why.startswith(_SHORT):
+            alone.append(g.label)
+        else:
+            found.append(result)
+    decided = _deciding(found)  # never empty: the group of all requests is always judged (`groups`)
+    if not alone:
+        return decided
+    note = (f"{', '.join(alone)} not judged alone: too few users to tell the arms apart (fewer than min_sample "
+            "independent values), judged with all requests")
+    return msgspec.structs.replace(decided, why="; ".join(w for w in (decided.why, note) if w))
 
 
 def _judge_in_time(spec: MetricSpec, canary: VariantSample, compared: VariantSample,

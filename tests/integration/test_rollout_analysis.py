@@ -647,14 +647,17 @@ TOKENS = {"metrics": [{"name": "tokens_per_request", "max_ratio": 1.5}],
           "min_sample": 100, "failure_limit": 0, "inconclusive_limit": 1000}
 
 
+@pytest.mark.parametrize("by", ["user", "sticky key"])
 async def test_a_few_heavy_users_on_an_identical_canary_never_abort_it(router: Any, http: aiohttp.ClientSession,
-                                                                        signer: Signer) -> None:
+                                                                        signer: Signer, by: str) -> None:
     """Found by a probe: one app key, 20 users each sending prompts of one length, an identical canary (`echo`
     answers as stable does) was aborted in 3 of 8 rollouts (`tokens_per_request 190.6 tokens > threshold 145.8
     tokens (stable 97.22 tokens; 880 canary vs 1150 stable requests compared)`): counted as independent requests,
     the longer prompts of the users who landed on the canary were "significant". Here, fixed: the canary's three
     users send long prompts, stable's four short ones, 70 requests each. Traffic is split by user and a user's requests
-    are alike: analysis counts users (probe p75 F1)."""
+    are alike: analysis counts users (probe p75 F1). Users named by the `x-lockgate-sticky-key` header, which the
+    proxy splits by as it does by `user`, are counted alike (probe p84 F1: each of their requests counted as a user,
+    the identical canary was aborted again)."""
     await _start(http, router, "echo", {"steps": [50, 100], "interval_s": 0.1, "analysis": TOKENS})
     await _pass(router, signer, "echo")
     salt = router.rollouts.sticky_salt(router.rollouts.route("chat"))
@@ -665,9 +668,14 @@ async def test_a_few_heavy_users_on_an_identical_canary_never_abort_it(router: A
     url = f"{router.url}/v1/chat/completions"
 
     async def one(user: str) -> str:
-        body = {"model": "m", "messages": [{"role": "user", "content": " ".join(["word"] * words[user])}],
-                "user": user}
-        async with http.post(url, json=body) as resp:
+        body: dict[str, Any] = {"model": "m",
+                                "messages": [{"role": "user", "content": " ".join(["word"] * words[user])}]}
+        headers = {}
+        if by == "user":
+            body["user"] = user
+        else:
+            headers["x-lockgate-sticky-key"] = user
+        async with http.post(url, json=body, headers=headers) as resp:
             assert resp.status == 200, await resp.text()
             return resp.headers["x-lockgate-variant"]
 
@@ -687,3 +695,46 @@ async def test_a_few_heavy_users_on_an_identical_canary_never_abort_it(router: A
     # Seven users: not enough of them to tell the arms apart, nor to pass (min_sample reads in independent values).
     assert tokens.verdict == "WAITING", tokens
     assert "count as" in tokens.why and "design effect" in tokens.why and "min_sample 100" in tokens.why
+
+
+async def test_a_key_sending_one_user_id_per_arm_does_not_hold_the_rollout(router: Any, http: aiohttp.ClientSession,
+                                                                          signer: Signer) -> None:
+    """Found by a probe: beside an application's many users, a second key (a batch job) naming one user id on each arm
+    had enough requests to be judged alone, and its canary's 290 counted as 1 independent one (`design effect
+    290`): WAITING, and that held every look of the deployment at its step until the progress deadline paused it
+    (probe p84 F2). Here, fixed: that key's own group never decides; the group of all requests, in which the batch
+    job's prompts are as long as the application users' on average, and the application's key, judge it: an identical
+    canary moves on (promoted: the last step passes on as few requests as the first needs)."""
+    batch, _ = KeyStore(router.ctx.settings.home).create("default", "shop", description="a batch job")
+    await _start(http, router, "echo", {"steps": [50, 100], "interval_s": 0.1, "analysis": TOKENS})
+    await _pass(router, signer, "echo")
+    salt = router.rollouts.sticky_salt(router.rollouts.route("chat"))
+    names = [f"system-{i}" for i in range(100)]
+    bots = [next(u for u in names if bucket("chat", u, salt) < 5000),
+            next(u for u in names if bucket("chat", u, salt) >= 5000)]  # one on each arm
+    url = f"{router.url}/v1/chat/completions"
+    canary = 0
+
+    async def one(session: aiohttp.ClientSession, user: str, words: int) -> None:
+        nonlocal canary
+        body = {"model": "m", "messages": [{"role": "user", "content": " ".join(["word"] * words)}], "user": user}
+        async with session.post(url, json=body) as resp:
+            assert resp.status == 200, await resp.text()
+            # An app key's answers do not say their arm: the batch job's canary user is on it (at 50%).
+            canary += resp.headers.get("x-lockgate-variant", "canary" if user == bots[0] else "") == "canary"
+
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {batch}"}) as job:
+        # The batch job first: 120 calls on each arm, enough for its key to be judged alone (min_sample 100).
+        for _ in range(12):
+            await asyncio.gather(*(one(job, b, 10) for b in bots for _ in range(10)))
+        for r in range(30):  # then 22 new users of the application a round (5 to 15 words), and the job's calls
+            await asyncio.gather(*(one(http, f"user-{r}-{i}", 5 + i % 11) for i in range(22)),
+                                 *(one(job, b, 10) for b in bots))
+    await router.rollouts.wait_for(
+        lambda r: r["chat"].phase != "progressing" or r["chat"].weight > 50 or (
+            r["chat"].analysis is not None and r["chat"].analysis.last is not None
+            and r["chat"].analysis.last.canary_n >= canary), timeout=30)
+    route = router.rollouts.route("chat")
+    assert route.phase == "promoted" or (route.phase, route.weight) == ("progressing", 100.0), \
+        f"{route.phase} at {route.weight:g}%: {route.reason}"
+    assert route.analysis is not None and route.analysis.failures == 0
