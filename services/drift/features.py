@@ -64,13 +64,12 @@ def _refusal(scores: Mapping[str, float]) -> str | None:
 
 
 def unit(e: InferenceEvent) -> float:
-    """The row's unit for a canary-versus-stable test: the code of its user (the router's user hash, else its
-    session: what the router's sticky split keys the arm by), NaN when it has neither (the row is its own unit).
+    """The row's unit for a canary-versus-stable test: the code of what the router's sticky split put it on its arm by
+    (`InferenceEvent.arm_key`: its user, session or sticky key), NaN when it names none (the row is its own unit).
     A whole user is on one arm and one user's requests are alike, so tests that counted rows as independent read
     the users' split as a canary's drift (probe p81 F1/F2). An online score carries no user: its own unit."""
-    if e.user_hash:
-        return code("user:" + e.user_hash)
-    return code("session:" + e.session_id) if e.session_id else NAN
+    key = e.arm_key
+    return code(key) if key else NAN
 
 
 class _Ended(msgspec.Struct):

@@ -25,7 +25,6 @@ from lockgate.contracts.inference import (
     CLIENT_DISCONNECTED,
     KEPT_WAITING,
     SHADOW_SKIPPED,
-    STICKY,
     UPSTREAM_UNANSWERED,
 )
 from lockgate.services.router.analysis import ROWS, VariantSample, from_rows
@@ -50,17 +49,15 @@ def refused_4xx(event: InferenceEvent) -> bool:
 
 
 def unit(event: InferenceEvent) -> float:
-    """The sampling unit of the event's request (`analysis.ROWS`' `unit`): the sticky key the proxy split it to an
-    arm by, as the event records it (its user's hash, else its session, else its sticky-key header's hash, STICKY),
-    as a float that holds it exactly (52 bits
-    of a hash: two of a deployment's users share one with a negligible chance); -1.0 for a request that names
-    neither, which drew its own arm and is a unit of its own. A user's requests are alike (prompt lengths, habits)
-    and all on one arm: counted as independent draws, a few heavy users on the canary aborted an identical release
-    (probe p75 F1)."""
-    sticky = event.user_hash or event.session_id or event.attributes.get(STICKY, "")
-    if not sticky:
+    """The sampling unit of the event's request (`analysis.ROWS`' `unit`): what the proxy split it to an arm by
+    (`InferenceEvent.arm_key`), as a float that holds it exactly (52 bits of a hash: two of a deployment's users
+    share one with a negligible chance); -1.0 for a request that names none, which drew its own arm and is a unit of
+    its own. A user's requests are alike (prompt lengths, habits) and all on one arm: counted as independent draws, a
+    few heavy users on the canary aborted an identical release (probe p75 F1)."""
+    key = event.arm_key
+    if not key:
         return -1.0
-    return float(int.from_bytes(hashlib.blake2b(sticky.encode(), digest_size=8).digest(), "big") >> 12)
+    return float(int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") >> 12)
 
 
 class Unanswered(NamedTuple):

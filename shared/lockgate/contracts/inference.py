@@ -184,6 +184,19 @@ class InferenceEvent(Event, frozen=True, kw_only=True, tag="lockgate.inference",
         return self.attributes.get(ATTEMPT) == SUPERSEDED
 
     @property
+    def arm_key(self) -> str:
+        """What the router's sticky split put the request on its arm by, as the event records it: its user's hash,
+        else its session, else its sticky-key header's hash (`STICKY`), each named by kind; "" for a request naming
+        none, which drew its arm alone. A user's requests are alike and all on one arm, so canary analysis and the
+        drift monitor count them as one unit (probes p75 F1, p81 F1/F2, p84 F1)."""
+        if self.user_hash:
+            return "user:" + self.user_hash
+        if self.session_id:
+            return "session:" + self.session_id
+        sticky = self.attributes.get(STICKY, "")
+        return "sticky:" + sticky if sticky else ""
+
+    @property
     def billed_by_router(self) -> bool:
         """A call a router's own event bills (`BILLED_BY`): not booked again from this event. The router's events
         never say so; an application's saying so of calls it made elsewhere only hides its own reported spend."""
