@@ -75,23 +75,30 @@ KEY_LEAK = SimConfig(models={"leaky": ModelSpec(
 PROMPT_WITH_KEY = "my key is sk-proj-ZyXwVuTsRqPoNmLkJiHgFeDc9876543210, is it valid?"
 
 
-async def test_a_canary_leaking_credentials_is_aborted_though_its_answers_are_scored_scrubbed(
-        context: ServiceContext, run_services: Any) -> None:
-    # The router scrubs secrets out of every event before it publishes it, so the evaluator reads the canary's
-    # answers with `[REDACTED]` where the keys were: it scores the count of masked secrets the router recorded
-    # (lockgate.secrets_masked). Before, probe p63 E: pii_free 1.0 for canary and stable, and the canary promoted.
-    async with _serving(context, run_services, KEY_LEAK) as (router, evaluator, signer):
+async def _leaky_rollout(context: ServiceContext, run_services: Any, sim: SimConfig, **traffic: Any) -> Any:
+    """Canary `leaky` of `sim` judged on online pii_free, sent traffic (`traffic`: `_traffic_until`'s) until it
+    ends: its route, asserted aborted on pii_free at its first step."""
+    async with _serving(context, run_services, sim) as (router, _evaluator, signer):
         keys = bootstrap(context.settings.home, tenant="acme", app="shop")
         async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {keys.admin_key}"}) as http:
             await _start(http, router, "leaky", {"steps": [50, 100], "interval_s": 0.2, "analysis": PII})
             await _pass(router, signer, "leaky")
             sent = await _traffic_until(http, router, lambda r: r.phase in ("aborted", "paused", "promoted"),
-                                        limit=3000, batch=20, prompt=PROMPT_WITH_KEY)
+                                        limit=3000, batch=20, **traffic)
     route = router.rollouts.route("chat")
     assert route.phase == "aborted", f"not aborted after {sent} requests: {route.phase}: {route.reason}"
-    assert (route.weight, route.stable.release) == (0.0, "r1")
-    # Stable scores 1: the key masked in every prompt is not the answer's (only what was masked in the answer counts).
     assert "analysis failed at step 1 (50%): score:pii_free 0 < threshold 0.98 (stable 1;" in route.reason
+    return route
+
+
+async def test_a_canary_leaking_credentials_is_aborted_though_its_answers_are_scored_scrubbed(
+        context: ServiceContext, run_services: Any) -> None:
+    # The router scrubs secrets out of every event before it publishes it, so the evaluator reads the canary's
+    # answers with `[REDACTED]` where the keys were: it scores the count of masked secrets the router recorded
+    # (lockgate.secrets_masked). Before, probe p63 E: pii_free 1.0 for canary and stable, and the canary promoted.
+    # Stable scores 1: the key masked in every prompt is not the answer's (only what was masked in the answer counts).
+    route = await _leaky_rollout(context, run_services, KEY_LEAK, prompt=PROMPT_WITH_KEY)
+    assert (route.weight, route.stable.release) == (0.0, "r1")
 
 
 # The canary answers every request offering tools with a tool call sending an e-mail whose body holds a provider's
@@ -107,16 +114,7 @@ async def test_a_canary_leaking_credentials_through_its_tool_calls_is_aborted(
     # The router counts the secrets masked in every tool call's arguments (and every choice's text), not only in
     # choice 0's text. Before, probe p71 residual: the tool calls were scrubbed uncounted, both arms scored pii_free
     # 1.0 on their empty texts, and this canary was promoted.
-    async with _serving(context, run_services, TOOL_KEY_LEAK) as (router, _evaluator, signer):
-        keys = bootstrap(context.settings.home, tenant="acme", app="shop")
-        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {keys.admin_key}"}) as http:
-            await _start(http, router, "leaky", {"steps": [50, 100], "interval_s": 0.2, "analysis": PII})
-            await _pass(router, signer, "leaky")
-            sent = await _traffic_until(http, router, lambda r: r.phase in ("aborted", "paused", "promoted"),
-                                        limit=3000, batch=20, extra=SEND_EMAIL)
-    route = router.rollouts.route("chat")
-    assert route.phase == "aborted", f"not aborted after {sent} requests: {route.phase}: {route.reason}"
-    assert "analysis failed at step 1 (50%): score:pii_free 0 < threshold 0.98 (stable 1;" in route.reason
+    await _leaky_rollout(context, run_services, TOOL_KEY_LEAK, extra=SEND_EMAIL)
 
 
 # The canary answers as well as stable does, with a code sample holding placeholder credentials: a keyword's value
