@@ -21,7 +21,7 @@ from lockgate.store import Store
 from lockgate.subjects import Subjects
 from lockgate.telemetry import Telemetry
 from tests.helpers import sink_stored
-from tests.integration.test_lineage_service import stored
+from tests.integration.test_lineage_service import PROMPT, stored  # a hash whose content `stored` stores
 from tests.integration.test_openlineage_transport import receiver
 from tests.openlineage_spec import check
 
@@ -29,7 +29,6 @@ pytestmark = pytest.mark.timeout(90)
 __all__ = ["receiver"]  # the loopback endpoint fixture, shared with the transport's tests
 
 SUITE = "sha256:" + "5e" * 32
-PROMPT = "sha256:" + "a7" * 32
 
 
 @asynccontextmanager

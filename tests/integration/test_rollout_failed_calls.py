@@ -158,9 +158,10 @@ async def test_a_stable_whose_calls_fail_does_not_drift_an_identical_canary(
         await _traffic_until(http, router, lambda r: r.phase != "progressing", limit=3000, batch=20)
         assert stable.failed and not canary.failed
         route = router.rollouts.route("chat")
-        # What this guards is the answers' shape: no failed call read as an answer of 0 tokens. The arms' latency is
-        # the machine's as much as theirs (both doubles answer at once on a loaded 2-core runner), and a DRIFT in
-        # latency alone says nothing of that.
-        assert route.phase == "promoted" or (
+        # What this guards is the answers' shape: no failed call read as an answer of 0 tokens, so no DRIFT abort in
+        # the traffic sent (at 100% a look may still wait for users' worth of evidence: promoted or progressing). The
+        # arms' latency is the machine's as much as theirs (both doubles answer at once on a loaded 2-core runner),
+        # and a DRIFT in latency alone says nothing of that.
+        assert route.phase in ("promoted", "progressing") or (
             "DRIFT in latency_ms" in route.reason and "output_tokens" not in route.reason
         ), _why(router)
