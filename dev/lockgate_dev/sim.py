@@ -67,6 +67,9 @@ class ModelSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # When set, the arguments of every chat tool call it makes, in place of `{"q": <last user text>}`: a model that
     # leaks through its tool calls what it never says in its text (a key in an e-mail it sends).
     tool_arguments: str = ""
+    # A stream's pause between its finish chunks and its usage chunk (and `[DONE]`), as a provider totting up the
+    # usage: a client stopping at the finish reason leaves before it (probe p71 F1).
+    usage_tail_ms: NonNegative = 0.0
 
 
 class SimConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -436,6 +439,8 @@ class SimServer:
                             await send([choice])
             for i in range(len(answers)):
                 await send([{"index": i, "delta": {}, "finish_reason": finish}])
+            if model.spec.usage_tail_ms:
+                await asyncio.sleep(model.spec.usage_tail_ms / 1000.0)
             if include_usage:
                 await send([], usage=usage)
             await resp.write(b"data: [DONE]\n\n")

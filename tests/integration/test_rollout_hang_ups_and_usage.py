@@ -19,7 +19,7 @@ import pytest
 from aiohttp import web
 
 from lockgate.signing import Signer
-from lockgate_dev.sim import SimServer
+from lockgate_dev.sim import ModelSpec, SimConfig, SimServer
 from tests.helpers import ChatUpstream
 from tests.integration import test_rollout_analysis as analysis_tests
 from tests.integration.test_rollout_analysis import (
@@ -156,34 +156,13 @@ async def _streams_until(http: aiohttp.ClientSession, router: Any, done: Any, li
     return sent
 
 
-class Paced(ChatUpstream):
-    """A healthy upstream for model `model`: a stream of 10 words 15 ms apart, then its finish chunk, then after
-    `tail_s` (a provider totting up the usage) the usage chunk, when asked for, and `[DONE]`."""
-
-    def __init__(self, model: str, tail_s: float = 0.0) -> None:
-        super().__init__()
-        self.model, self.tail_s = model, tail_s
-
-    async def chat(self, request: web.Request) -> web.StreamResponse:
-        body = await request.json()
-        out = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await out.prepare(request)
-        await out.write(self._chunk({"role": "assistant", "content": "w"}))
-        for _ in range(9):
-            await asyncio.sleep(0.015)  # the provider's pace (the answer flowing), not synchronisation
-            await out.write(self._chunk({"content": " w"}))
-        await out.write(self._chunk({}, "stop"))
-        await asyncio.sleep(self.tail_s)  # the provider's tail after the finish chunk (probe p71 F1), not synchronisation
-        if (body.get("stream_options") or {}).get("include_usage"):
-            await out.write(self._chunk(None, usage={"prompt_tokens": 2, "completion_tokens": 10, "total_tokens": 12}))
-        await out.write(b"data: [DONE]\n\n")
-        await out.write_eof()
-        return out
-
-    def _chunk(self, delta: dict[str, Any] | None, finish: str | None = None, **extra: Any) -> bytes:
-        choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish}]
-        chunk = {"id": "c1", "object": "chat.completion.chunk", "created": 0, "model": self.model, "choices": choices}
-        return b"data: " + json.dumps(chunk | extra).encode() + b"\n\n"
+# Healthy arms answering alike: a stream of 10 words 15 ms apart (the simulator spreads a model's latency over its
+# tokens), then the finish chunk; the twin's usage chunk and `[DONE]` come 50 ms after it (`TAILED`), as real
+# providers' do.
+_WORDS = " ".join(["w"] * 10)
+PACED = SimConfig(models={m: ModelSpec(default=_WORDS, latency_ms=135) for m in ("m", "twin")}, seed=3)
+TAILED = SimConfig(models={"m": ModelSpec(default=_WORDS, latency_ms=135),
+                           "twin": ModelSpec(default=_WORDS, latency_ms=135, usage_tail_ms=50)}, seed=3)
 
 
 async def _streams_read_until(app: aiohttp.ClientSession, router: Any, stop: Any, done: Any,
@@ -215,8 +194,8 @@ async def test_clients_leaving_at_the_finish_reason_leave_a_healthy_canary_to_be
     (`if choice.finish_reason: break`). Each was recorded `client_disconnected` and counted in hang_up_rate: the
     canary was aborted with `hang_up_rate 0.931 > threshold 0.05`. Now a client leaving once every choice has its
     finish reason had the whole answer: recorded as answered, and the canary is promoted."""
-    async with Paced("m") as stable, Paced("twin", tail_s=0.05) as canary:
-        router = await serving(context, run_services, signer, stable.url, canary.url, ("twin",))
+    async with SimServer(TAILED) as sim:
+        router = await serving(context, run_services, signer, sim.url, sim.url, ("twin",))
         analysis = {"metrics": [{"name": "error_rate", "max_increase": 0.05}], "min_sample": 30, "failure_limit": 0}
         await _start(http, router, "twin", {"steps": [50, 100], "interval_s": 0.2, "analysis": analysis})
         await _pass(router, signer, "twin")
@@ -238,8 +217,8 @@ async def test_an_app_key_closing_the_canary_streams_cannot_abort_a_healthy_cana
     any app key could stop every canary of its tenant's deployments. Now a hang-up counts only when the upstream had
     kept its client waiting for `router_hang_up_s` (its stream silent since its latest chunk): these left while the
     answer flowed, count nowhere, and the canary is never judged on them."""
-    async with Paced("m") as stable, Paced("twin") as canary:
-        router = await serving(context, run_services, signer, stable.url, canary.url, ("twin",))
+    async with SimServer(PACED) as sim:
+        router = await serving(context, run_services, signer, sim.url, sim.url, ("twin",))
         analysis = {"metrics": [{"name": "error_rate", "max_increase": 0.05}], "min_sample": 30, "failure_limit": 0}
         await _start(http, router, "twin", {"steps": [50, 100], "interval_s": 0.2, "analysis": analysis})
         await _pass(router, signer, "twin")
