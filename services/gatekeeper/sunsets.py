@@ -3,7 +3,7 @@
 successor (adapter: a timer per known sunset, remake.remake signs and stores).
 
 An eval judged after the sunset is a BLOCK already (the lifecycle rule); this holds a decision made before it to the
-same rule (README, "Deprecation and sunset").
+same rule (docs/provenance.md, "Deprecation and sunset").
 
 The timers are armed from the lifecycle records: at its start, for every artifact version with a sunset (one already
 past is judged before the start returns), then for each record appended while it runs. Every replica hears each one

@@ -1,7 +1,7 @@
 """Budgets before admission: what an operator declares, what one request may cost at most, and the
 per-replica allowance ledger. Pure (no I/O, clocks passed in); admission.py does the KV compare-and-set.
 
-Design (README "Budgets and rate limits"): the KV holds, per budget counter and period, the total
+Design (docs/budgets.md): the KV holds, per budget counter and period, the total
 amount *leased* to replicas. A replica leases a chunk (a share of the limit, at least what the request
 needs) with one compare-and-set on the counter's revision, and then reserves requests from that local
 allowance without touching the KV. A grant never takes the counter past the limit, so every replica's

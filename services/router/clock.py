@@ -2,7 +2,7 @@
 
 Rollout times (a rollout's start, its next step or look, a promotion) are written with the clock of the replica
 that wrote the route and compared with the clocks of the others, and served events are stamped by whichever replica
-served them: replicas must agree on the time (the README's "Running at scale"). Nothing in the route can tell a
+served them: replicas must agree on the time (docs/scale.md). Nothing in the route can tell a
 skewed writer, so each replica measures its own offset against the server's time (JetStream's answers carry it)
 and reports itself degraded past `MAX_SKEW_S`, for an operator to fix its clock (NTP) before it acts on rollouts.
 """

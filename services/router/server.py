@@ -208,7 +208,7 @@ class RouterService(Service):
 
     async def _metrics(self, request: web.Request) -> web.StreamResponse:
         # The request counters are by variant: read before and after one request they tell which arm of a canary
-        # a user id loads, which is the admin API's to say (README "Sticky bucketing"). So the metrics take the
+        # a user id loads, which is the admin API's to say (docs/rollouts.md "Sticky bucketing"). So the metrics take the
         # admin API's own read check, a key of role viewer, approver, operator or admin: 401 without a key, 403
         # for an app key, in the same JSON shape.
         return await self.admin.middleware(request, self._router_wide)

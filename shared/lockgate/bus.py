@@ -595,7 +595,7 @@ class Bus:
         if left:
             log.error("%s: %d of the streams that record who did what differ from lockgate's configuration and are "
                       "left as they are: %s. No lockgate identity may change them, admin included (nor delete or "
-                      "purge them): only the server's operator does, with nats-server's own tools (README, "
+                      "purge them): only the server's operator does, with nats-server's own tools (docs/scale.md, "
                       "\"Changing a kept stream\"). Check each first (`nats stream info NAME`): unless an upgrade "
                       "or a home made before explains it, someone with the server's store or configuration changed it",
                       self.name, len(left), "; ".join(left))

@@ -1,7 +1,7 @@
 """A router replica killed -9 mid-load while it holds a budget allowance and reservations: two
 `lockgate serve router` processes share a budget (KV counter on a real nats-server), one dies.
 
-What the lease design promises (README "Budgets and rate limits", services/router/budgets.py):
+What the lease design promises (docs/budgets.md, services/router/budgets.py):
 - no overshoot: every reservation the dead replica made was granted by the counter, so what the
   provider served stays within the limit (plus the documented bound: calls outrunning their
   reservation, none here: max_tokens is set);

@@ -50,4 +50,4 @@ def register(cli: click.Group) -> None:
         if left:
             # Not allowed, as README's exit codes say: no lockgate identity may change these, admin included.
             fail(f"{len(left)} kept stream(s) differ from lockgate's configuration and were left as they are (the "
-                 "rest is applied); see README, \"Changing a kept stream\"", 5)
+                 "rest is applied); see docs/scale.md, \"Changing a kept stream\"", 5)
