@@ -16,6 +16,7 @@ from contextlib import contextmanager
 import msgspec
 
 from lockgate.server.httpguard import HttpLimits
+from lockgate.server.offloop import Shares
 
 MAX_BODIES = 8  # 8 x 16 MiB held at most
 # One tenant's share: with the receiver to itself it still sends several exports at once (a Collector's
@@ -44,15 +45,28 @@ class BodySlots:
     queued: a queued one would hold its connection, and the exporter's 10 s, for nothing."""
 
     def __init__(self, slots: int = MAX_BODIES, per_tenant: int = TENANT_BODIES) -> None:
-        self.slots = max(1, slots)
-        self.per_tenant = max(1, min(per_tenant, self.slots))
-        self.held: Counter[str] = Counter()
+        self.shares = Shares(slots, per_tenant)  # counted as the receiver's decode slots are
+
+    @property
+    def slots(self) -> int:
+        """Bodies received at once, at most."""
+        return self.shares.total
+
+    @property
+    def per_tenant(self) -> int:
+        """Of them, one tenant's at most."""
+        return self.shares.per_owner
+
+    @property
+    def held(self) -> Counter[str]:
+        """The bodies each tenant's requests are receiving."""
+        return self.shares.held
 
     def refusal(self, tenant: str) -> str | None:
         """Why `tenant` may not take a slot now (a retryable answer's message), or None when it may."""
-        if sum(self.held.values()) >= self.slots:
+        if self.shares.full():
             return "too many OTLP exports being received; retry shortly"
-        if self.held[tenant] >= self.per_tenant:
+        if self.shares.owner_full(tenant):
             return (f"tenant {tenant} already has {self.per_tenant} OTLP exports being received, its share of the "
                     f"receiver's {self.slots}; retry shortly")
         return None
@@ -60,10 +74,8 @@ class BodySlots:
     @contextmanager
     def holding(self, tenant: str) -> Iterator[None]:
         """A slot of `tenant`'s while the block runs (`refusal(tenant)` said None just before)."""
-        self.held[tenant] += 1
+        self.shares.take(tenant)
         try:
             yield
         finally:
-            self.held[tenant] -= 1
-            if self.held[tenant] <= 0:
-                del self.held[tenant]
+            self.shares.give(tenant)

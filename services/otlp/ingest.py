@@ -2,8 +2,8 @@
 
 Nothing is dropped silently: a span is stored, or refused and counted in the answer's partial
 success, or the whole request is answered with a retryable status (the bus did not acknowledge,
-or too many requests are in flight) so the exporter sends it again. A re-sent request publishes the
-same message ids and event ids, so JetStream and the sink keep one copy.
+or too many requests are in flight, or its tenant holds its share of them) so the exporter sends it again. A
+re-sent request publishes the same message ids and event ids, so JetStream and the sink keep one copy.
 
 A partial success reaches the sender's exporter only, and the OpenTelemetry Python exporters ignore it (they log
 nothing): so each refusal (a span refused, a model call stored with no inference event) is also counted here
@@ -48,6 +48,10 @@ log = logging.getLogger("lockgate.otlp")
 RETRY = RetryPolicy(attempts=3, initial_s=0.05, max_s=0.5)
 
 
+# The most of the receiver's in-flight slots, and of its decode threads, one tenant's exports hold at once: the other
+# half stays for the other tenants (probe p89 F1), as of the OTLP/HTTP bodies being received (bodies.TENANT_BODIES).
+TENANT_SHARE = 0.5
+
 REFUSED_LOG_S = 60.0  # one key's refusals are logged at most once in this long
 
 
@@ -90,16 +94,19 @@ class Receiver:
     """The transport-independent receiver: one per service, shared by the gRPC and HTTP servers."""
 
     def __init__(self, bus: Bus, keys: KeyStore, *, limits: EventLimits | None = None, max_in_flight: int = 64,
-                 retry_after_s: float = 1.0, decode_threads: int | None = None,
+                 retry_after_s: float = 1.0, decode_threads: int | None = None, tenant_share: float = TENANT_SHARE,
                  answer_within_s: float = ANSWER_WITHIN_S) -> None:
         self.bus = bus
         self.answer_within_s = answer_within_s  # the whole publish wait of one export
         self.keys = keys
         self.limits = limits or EventLimits()  # the window of span times, as for inference events
         self.retry_after_s = retry_after_s
-        # Exports being parsed, mapped, scrubbed and published: threads of their own, and at most max_in_flight.
-        self.work = OffLoop("otlp-decode", slots=max_in_flight, threads=decode_threads,
-                            busy="too many OTLP exports in flight; retry shortly")
+        # Exports being parsed, mapped, scrubbed and published: threads of their own, and at most max_in_flight; of
+        # both, a tenant's share at most (by tenant, not key, as the OTLP/HTTP bodies: a tenant holds many keys).
+        self.work = OffLoop("otlp-decode", slots=max_in_flight, threads=decode_threads, share=tenant_share,
+                            busy="too many OTLP exports in flight; retry shortly",
+                            over_share="tenant {owner} already has {share} OTLP exports in flight, its share of the "
+                                       "receiver's {total}; retry shortly")
         self.retry_asked = Progress()  # exports answered "retry later"; tests await it instead of sleeping
         self.refused = Progress()  # exports answered with a partial success (spans refused, model calls unmade)
         self.refusals = RefusalLog()
@@ -117,15 +124,16 @@ class Receiver:
         """Publish a request's spans and inference events (`request` may be a function parsing it, which runs
         off the event loop too); raises InvalidEvent (it does not parse), Forbidden (another tenant's span, or
         a model call of a deployment outside the key's scope), or BusUnavailable (retryable: too many exports
-        in flight, or nothing or only part was acknowledged, and a retry completes it)."""
+        in flight, the key's tenant holds its share of them, or nothing or only part was acknowledged, and a retry
+        completes it)."""
         try:
             # The slot first: parsing, mapping and scrubbing a 16 MiB export costs about a second of CPU,
             # so the exports being worked on, and the memory they hold, are bounded by the slots.
-            async with self.work.slot():
+            async with self.work.slot(key.tenant):
                 # Off the event loop, which the router and every other service share in embedded mode:
                 # on it, a 15 MB export stalled them all for a second (three at once, for almost four).
                 decoded, received, batches, events = await self.work.run(
-                    functools.partial(self._prepare, key, request))
+                    functools.partial(self._prepare, key, request), key.tenant)
                 metrics.events_in("otlp", received)
                 await self._publish(batches, events)
         except BusUnavailable:
