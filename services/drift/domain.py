@@ -483,11 +483,11 @@ def _test_fields(t: stats.StatTest) -> dict[str, object]:
 
 def _by_units(t: stats.StatTest, r: np.ndarray, c: np.ndarray, units: tuple[np.ndarray, np.ndarray]) -> stats.StatTest:
     """A test's verdict with users as the unit: where some user holds several of the rows, drift only if the
-    windows also part further than random splits of the users between them part them (stats.unit_pvalue), and the
-    p-value the larger of the two. Sticky bucketing puts whole users on one arm and a user's answers are alike, so
-    an identical canary serving other users drifted by the rows' test (probe p81 F1: 100-200 users whose answers
-    differ in length, 5 of 14 identical canaries aborted for output_tokens). With one row per user (or no users)
-    the row-level verdict stands as it was; a test that found no drift is not run again."""
+    windows, each user weighing one, also part further than random splits of the users between them part them
+    (stats.unit_pvalue), and the p-value the larger of the two. Sticky bucketing puts whole users on one arm and a
+    user's answers are alike, so an identical canary serving other users drifted by the rows' test (probe p81 F1:
+    100-200 users whose answers differ in length, 5 of 14 identical canaries aborted for output_tokens). With one row
+    per user (or no users) the row-level verdict stands as it was; a test that found no drift is not run again."""
     if not t.drifted or not stats.clustered(*units):
         return t
     p = stats.unit_pvalue(r, c, *units, t.test)

@@ -232,7 +232,8 @@ def drift_test(reference: np.ndarray, current: np.ndarray, kind: str) -> StatTes
 # --- Users as the unit: a canary and its stable serve different users ------------------------------------------
 # Sticky bucketing puts each user on one arm, and one user's requests are alike (the length of their answers, their
 # topic): rows of a canary-versus-stable window are not independent draws, and a test counting rows reads the users'
-# split as drift. These tests permute whole units (a user's rows, on one arm) between the arms instead.
+# split as drift. These tests permute whole units (a user's rows, on one arm) between the arms instead, and weigh every
+# unit alike in the statistic (`unit_weights`): the unit is what is drawn, so it is what is counted.
 
 PERMUTATIONS = 200
 SEED = 20240601  # fixed, so the same windows always get the same p-value (a redelivery, a replica)
@@ -262,6 +263,17 @@ def clustered(reference_units: np.ndarray, current_units: np.ndarray) -> bool:
     return g_ref + g_cur < len(unit)
 
 
+def unit_weights(unit: np.ndarray) -> np.ndarray:
+    """Each row's weight in a units' statistic: 1 / its unit's rows, so every unit weighs one however many it sent.
+
+    Weighed by their rows, a few units sending most of the rows decided every split: two users, one on each arm,
+    sending four requests in five with `max_tokens: 1`, made the splits putting both on one side part the windows
+    far more than a canary answering every other user three times as long did, and it was never DRIFT (probe p87
+    F2). A user's rows are alike (why the user is the unit), so their hundredth says little their first did not;
+    and a weight fixed by the unit's own rows moves with it in every split, so the test stays exact."""
+    return 1.0 / np.bincount(unit)[unit]
+
+
 def splits(units: int, first: int, permutations: int = PERMUTATIONS, seed: int = SEED) -> np.ndarray:
     """(permutations, units) 0/1: row k marks the `first` units random split k puts on the reference side."""
     rng = np.random.default_rng(seed)
@@ -271,16 +283,17 @@ def splits(units: int, first: int, permutations: int = PERMUTATIONS, seed: int =
     return out
 
 
-def _numeric_stats(x: np.ndarray, ref: np.ndarray, test: str) -> np.ndarray:
-    """Per split (rows of `ref`, 0/1 per pooled row of `x`): KS statistic, or Wasserstein-1 normed by the reference
-    side's std, from the two sides' empirical CDFs on the pooled values."""
+def _numeric_stats(x: np.ndarray, ref: np.ndarray, w: np.ndarray, test: str) -> np.ndarray:
+    """Per split (rows of `ref`: the weight each pooled row of `x` puts on the reference side, of its weight `w`):
+    KS statistic, or Wasserstein-1 normed by the reference side's std, from the two sides' weighted empirical CDFs on
+    the pooled values."""
     order = np.argsort(x, kind="stable")
     xs, a = x[order], ref[:, order]
     last = np.r_[np.flatnonzero(np.diff(xs)), len(xs) - 1]  # each distinct value's last row
     n_ref = a.sum(axis=1, keepdims=True)
     cum_ref = np.cumsum(a, axis=1)[:, last]
-    cum_all = (last + 1)[None, :]
-    gap = np.abs(cum_ref / n_ref - (cum_all - cum_ref) / (len(x) - n_ref))
+    cum_all = np.cumsum(w[order])[last][None, :]
+    gap = np.abs(cum_ref / n_ref - (cum_all - cum_ref) / (w.sum() - n_ref))
     if test == "ks":
         return gap.max(axis=1)
     widths = np.diff(xs[last])
@@ -289,14 +302,14 @@ def _numeric_stats(x: np.ndarray, ref: np.ndarray, test: str) -> np.ndarray:
     return (gap[:, :-1] @ widths) / np.maximum(std, 1e-3)
 
 
-def _categorical_stats(x: np.ndarray, ref: np.ndarray, test: str) -> np.ndarray:
-    """Per split: the chi-squared statistic of the 2 x k table (Z's square for two categories), or the
-    Jensen-Shannon distance of the two sides' shares."""
+def _categorical_stats(x: np.ndarray, ref: np.ndarray, w: np.ndarray, test: str) -> np.ndarray:
+    """Per split (`ref` and `w` as for `_numeric_stats`): the chi-squared statistic of the 2 x k table of weights (Z's
+    square for two categories), or the Jensen-Shannon distance of the two sides' shares."""
     _, idx = np.unique(x, return_inverse=True)
     onehot = np.zeros((len(x), int(idx.max()) + 1))
     onehot[np.arange(len(x)), idx.reshape(-1)] = 1.0
     r = ref @ onehot
-    c = onehot.sum(axis=0)[None, :] - r
+    c = (w @ onehot)[None, :] - r
     if test == "jensen_shannon":
         p, q = r / r.sum(axis=1, keepdims=True), c / c.sum(axis=1, keepdims=True)
         mid = (p + q) / 2
@@ -304,7 +317,7 @@ def _categorical_stats(x: np.ndarray, ref: np.ndarray, test: str) -> np.ndarray:
         kl2 = np.where(q > 0, q * np.log(np.where(q > 0, q, 1) / np.where(mid > 0, mid, 1)), 0.0)
         return np.sqrt(np.maximum((kl.sum(axis=1) + kl2.sum(axis=1)) / 2, 0.0))
     table = np.stack([r, c], axis=1)  # (splits, 2, k)
-    expected = table.sum(axis=2, keepdims=True) * table.sum(axis=1, keepdims=True) / len(x)
+    expected = table.sum(axis=2, keepdims=True) * table.sum(axis=1, keepdims=True) / w.sum()
     return np.sum(np.where(expected > 0, (table - expected) ** 2 / np.where(expected > 0, expected, 1), 0.0),
                   axis=(1, 2))
 
@@ -312,12 +325,14 @@ def _categorical_stats(x: np.ndarray, ref: np.ndarray, test: str) -> np.ndarray:
 def unit_pvalue(reference: np.ndarray, current: np.ndarray, reference_units: np.ndarray,
                 current_units: np.ndarray, test: str, *, permutations: int = PERMUTATIONS, seed: int = SEED) -> float:
     """The share of random splits of the units (`units_of`) between the arms whose `test` statistic (drift_test's:
-    KS or Wasserstein for a number, chi-squared, Z or Jensen-Shannon for a category) is at least the observed one:
-    how often the users' split alone parts the windows as far. Cheap: a window is at most a few thousand rows."""
+    KS or Wasserstein for a number, chi-squared, Z or Jensen-Shannon for a category), each unit weighing one
+    (`unit_weights`), is at least the observed one: how often the users' split alone parts the windows as far.
+    Cheap: a window is at most a few thousand rows."""
     unit, g_ref, g_cur = units_of(reference_units, current_units)
     x = np.concatenate([reference, current])
+    w = unit_weights(unit)
     observed = np.r_[np.ones(len(reference)), np.zeros(len(current))][None, :]
-    split = np.vstack([observed, splits(g_ref + g_cur, g_ref, permutations, seed)[:, unit]])
-    values = (_categorical_stats if test in CATEGORICAL_TESTS else _numeric_stats)(x, split, test)
+    split = np.vstack([observed, splits(g_ref + g_cur, g_ref, permutations, seed)[:, unit]]) * w
+    values = (_categorical_stats if test in CATEGORICAL_TESTS else _numeric_stats)(x, split, w, test)
     at_least = int(np.sum(values[1:] >= values[0] - 1e-12))
     return (1 + at_least) / (1 + permutations)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from lockgate.embedmodel import installed_model_path
-from lockgate.services.drift.stats import ALPHA, PERMUTATIONS, SEED, StatTest, splits, units_of
+from lockgate.services.drift.stats import ALPHA, PERMUTATIONS, SEED, StatTest, splits, unit_weights, units_of
 
 HASHING_DIM = 256
 MIN_TEXTS = 10  # fewer texts on either side: no text test (a permutation test on a handful says nothing)
@@ -91,12 +91,15 @@ def default_embedder() -> Embedder:
 def mean_distance_test(reference: np.ndarray, current: np.ndarray, reference_units: np.ndarray | None = None,
                        current_units: np.ndarray | None = None, *, permutations: int = PERMUTATIONS,
                        seed: int = SEED) -> StatTest | None:
-    """Euclidean distance between the two windows' mean embeddings, and its permutation p-value (the share
-    of random splits of the pooled units at least as far apart); None when either side has too few rows.
+    """Euclidean distance between the two windows' mean embeddings, each unit weighing one, and its permutation
+    p-value (the share of random splits of the pooled units at least as far apart); None when either side has too few
+    rows.
 
     The units (stats.units_of: a user's rows on one arm; None or NaN: each row its own) move between the sides
     whole: one user's answers share a topic, and a split of rows read the users' split between a canary and its
-    stable as the canary's drift (probe p81 F2). With one row per unit it is the row-level test, split for split."""
+    stable as the canary's drift (probe p81 F2). A window's mean is its units' means' (stats.unit_weights): a few users
+    sending most of the rows no longer decide every split (probe p87 F2). With one row per unit it is the row-level
+    test, split for split."""
     n, m = len(reference), len(current)
     if min(n, m) < MIN_TEXTS:
         return None
@@ -104,14 +107,13 @@ def mean_distance_test(reference: np.ndarray, current: np.ndarray, reference_uni
     cur_units = np.full(m, np.nan) if current_units is None else current_units
     unit, g_ref, g_cur = units_of(ref_units, cur_units)
     pooled = np.zeros((g_ref + g_cur, reference.shape[1]))
-    np.add.at(pooled, unit, np.vstack([reference, current]))  # each unit's sum of vectors
-    sizes = np.bincount(unit, minlength=g_ref + g_cur).astype(np.float64)
+    # each unit's mean vector: its rows' vectors, each weighing 1 / its rows
+    np.add.at(pooled, unit, np.vstack([reference, current]) * unit_weights(unit)[:, None])
     total = pooled.sum(axis=0)
-    observed = float(np.linalg.norm(reference.mean(axis=0) - current.mean(axis=0)))
-    # All splits at once: row k of `first` marks the units split k puts on the reference side.
-    first = splits(g_ref + g_cur, g_ref, permutations, seed)
-    a, k = first @ pooled, (first @ sizes)[:, None]
-    d = np.linalg.norm(a / k - (total - a) / (n + m - k), axis=1)
-    at_least = int(np.sum(d >= observed - 1e-12))
+    # All splits at once, the observed one first: row k of `first` marks the units split k puts on the reference side.
+    first = np.vstack([np.r_[np.ones(g_ref), np.zeros(g_cur)], splits(g_ref + g_cur, g_ref, permutations, seed)])
+    a = first @ pooled
+    d = np.linalg.norm(a / g_ref - (total - a) / g_cur, axis=1)
+    at_least = int(np.sum(d[1:] >= d[0] - 1e-12))
     p = (1 + at_least) / (1 + permutations)
-    return StatTest("embedding_mean_distance", observed, p, ALPHA, p < ALPHA, n, m)
+    return StatTest("embedding_mean_distance", float(d[0]), p, ALPHA, p < ALPHA, n, m)

@@ -5,7 +5,9 @@ F1/F2: the router's split is sticky, so each arm serves its own users, and one u
 model on both arms answers 20 users on each (picked by the rollout's own split) in turn, with each user's typical
 length and topic fixed (tests/unit/test_drift_users.py's design, which the rows' tests read as drift): the report
 finds no drift in output_tokens, and the response_text test (a gate rule's `test: true`) none either.
-F3: with `n` 2, a canary cutting every request's second choice at max_tokens is aborted for its finish reason."""
+F3: with `n` 2, a canary cutting every request's second choice at max_tokens is aborted for its finish reason.
+Probe p87 F2: a client sending most of the traffic as two user ids, one on each arm, cannot hide a canary whose
+answers are three times as long as stable's."""
 
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from aiohttp import web
 
 from lockgate.codec import Codec
 from lockgate.contracts import DriftReport
+from lockgate.server.apikeys import KeyStore
 from lockgate.services.router import domain as router_domain
 from lockgate.signing import Signer
 from tests.helpers import ChatUpstream
@@ -26,7 +29,7 @@ from tests.integration import test_rollout_analysis as analysis_tests
 from tests.integration.test_rollout_analysis import _pass, _start, _traffic_until, serving
 from tests.unit.test_drift_users import FACTORS, USERS, WINDOW, answer, design
 
-http, keys, signer = analysis_tests.http, analysis_tests.keys, analysis_tests.signer
+http, keys, signer, router = analysis_tests.http, analysis_tests.keys, analysis_tests.signer, analysis_tests.router
 pytestmark = pytest.mark.timeout(120)
 _reports: Codec[DriftReport] = Codec(DriftReport)
 _PROMPT = re.compile(r"L=(\d+) T=(\d+) K=(\d+)")
@@ -108,3 +111,40 @@ async def test_a_canary_cutting_every_second_choice_is_aborted_for_its_finish_re
         route = router.rollouts.route("chat")
         assert route.phase == "aborted", f"not aborted after {sent} requests: {route.reason}"
         assert "DRIFT in finish_reason:length" in route.reason, route.reason
+
+
+async def test_two_giant_users_cannot_hide_a_canary_whose_answers_triple(
+        router: Any, http: aiohttp.ClientSession, signer: Signer, run_services: Any) -> None:
+    # Probe p87 F2: another key of the tenant sends four requests in five as two user ids, one the split puts on
+    # each arm, with `max_tokens: 1` (the same one-token answer from either release). Each window is then mostly two
+    # users: counted by their rows, the random splits putting both on one side parted the windows far more than the
+    # canary's real users' answers, three times as long, did, and no report was DRIFT (5 of 6 runs, ~250 reports).
+    drift = (await run_services("drift"))["drift"]
+    other, _ = KeyStore(router.ctx.settings.home).create("default", "shop", description="a batch client")
+    await _start(http, router, "long", {"steps": [50, 100], "interval_s": 3600})
+    reference = router.ctx.settings.drift_reference_size
+    await _traffic_until(http, router, lambda r: False, limit=reference, batch=reference // 5)
+    await drift.handlers.events.wait_for(reference, 30)
+    await _pass(router, signer, "long")
+    route = router.rollouts.route("chat")
+    salt = router.rollouts.sticky_salt(route)
+    names = [f"heavy-{i}" for i in range(100)]
+    arm = {n: router_domain.choose(route, n, salt=salt)[0] for n in names}
+    giants = [next(n for n in names if arm[n] == "stable"), next(n for n in names if arm[n] == "canary")]
+    url = f"{router.url}/v1/chat/completions"
+
+    async def ask(session: aiohttp.ClientSession, user: str, **extra: Any) -> None:
+        body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "user": user, **extra}
+        async with session.post(url, json=body) as resp:
+            assert resp.status == 200, await resp.text()
+
+    sent = 0
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {other}"}) as client:
+        # Each round, 10 requests of users seen once and 40 of the giants: ~50 reports in all (a window is 50).
+        while router.rollouts.route("chat").phase == "progressing" and sent < 1000:
+            await asyncio.gather(*(ask(http, f"real-{sent + i}") for i in range(10)),
+                                 *(ask(client, giants[i % 2], max_tokens=1) for i in range(40)))
+            sent += 10
+    route = router.rollouts.route("chat")
+    assert route.phase == "aborted", f"not aborted after {sent} requests of users and {4 * sent} of two: {route.reason}"
+    assert "DRIFT in output_tokens (PSI" in route.reason and "(canary long vs stable r1)" in route.reason

@@ -40,22 +40,30 @@ def answer(topic: int, k: int) -> str:
     return "Sure. " + " ".join(r.choice(TOPICS[topic].split()) for _ in range(12)) + ". Anything else?"
 
 
-def reports(users: bool, *, longer: float = 1.0, per_request: bool = False) -> list[DriftReport]:
+def reports(users: bool, *, longer: float = 1.0, per_request: bool = False,
+            giants: tuple[int, int] | None = None) -> list[DriftReport]:
     """The canary-versus-stable reports of two windows' traffic (`users`: events carry their user; `longer`: the
-    canary's answers that many times as long; `per_request`: each request its own user)."""
+    canary's answers that many times as long; `per_request`: each request its own user; `giants`: besides each
+    request, four of two more users, one on each arm, whose answers are that many tokens long, stable's and the
+    canary's, whatever the release)."""
     m = DriftMonitor(WINDOW, WINDOW, 0.2, embedder=text.HASHING)
     t0, d, out = datetime(2026, 1, 1, tzinfo=UTC), design(), []
     for k in range(4 * WINDOW + 200):
         u = k % (2 * USERS)
         length, topic = d[u]
         canary = u < USERS
+        time = t0 + timedelta(seconds=k / 100)
         e = InferenceEvent(deployment="chat", app="shop", variant="canary" if canary else "stable",
                            release="r2" if canary else "r1", model="m", input_tokens=10, latency_ms=5.0,
                            output_tokens=max(1, int(length * FACTORS[k // (2 * USERS) % 5] * longer ** canary)),
                            finish_reason="stop", prompt="q", response=answer(topic, k),
-                           user_hash=(f"r{k}" if per_request else f"u{u}") if users else "",
-                           time=t0 + timedelta(seconds=k / 100))
-        out += [r for r in m.observe_events([e]) if r.comparison == "canary_vs_stable"]
+                           user_hash=(f"r{k}" if per_request else f"u{u}") if users else "", time=time)
+        heavy = [InferenceEvent(deployment="chat", app="shop", variant="canary" if arm else "stable",
+                                release="r2" if arm else "r1", model="m", input_tokens=10, latency_ms=5.0,
+                                output_tokens=giants[arm], finish_reason="stop", prompt="q",
+                                response=answer(0, k), user_hash=f"giant{arm}", time=time)
+                 for arm in (0, 1)] if giants else []
+        out += [r for r in m.observe_events([e, *heavy]) if r.comparison == "canary_vs_stable"]
     assert len(out) >= 2
     return out
 
@@ -108,6 +116,54 @@ def test_a_user_level_permutation_sees_a_shift_between_many_users() -> None:
     assert stats.unit_pvalue(ref, cur, users[:300], users[300:], "ks") < 0.01
     assert stats.unit_pvalue(ref, cur, users[:300], users[300:], "wasserstein") < 0.01
     assert stats.unit_pvalue(ref, typical[300:], users[:300], users[300:], "ks") > 0.05
+
+
+def giant_windows(seed: int, longer: float, giant_tokens: float | None) -> tuple[np.ndarray, ...]:
+    """A stable's and its canary's windows and their rows' users: on each arm 20 users sending 5 answers each around
+    their typical length (lognormal around 60 tokens) and 2 sending 200 each, four rows in five. The canary's answers
+    are `longer` times as long; with `giant_tokens`, the giants' are all that long on either arm (`max_tokens`)."""
+    rng = np.random.default_rng(seed)
+    sizes = np.r_[np.full(40, 5), np.full(4, 200)]
+    canary = np.r_[np.zeros(20), np.ones(20), 0, 0, 1, 1].astype(bool)
+    typical = rng.lognormal(math.log(60), 0.8, len(sizes))
+    if giant_tokens is not None:
+        typical[40:] = giant_tokens
+    user = np.repeat(np.arange(len(sizes), dtype=np.float64), sizes)
+    values = np.round(typical[user.astype(int)] * rng.uniform(0.8, 1.2, len(user)))
+    on_canary = canary[user.astype(int)]
+    values[on_canary & (giant_tokens is None or user < 40)] *= longer
+    return values[~on_canary], values[on_canary], user[~on_canary], user[on_canary]
+
+
+@pytest.mark.parametrize("giant_tokens", [None, 1.0])
+def test_a_few_giant_users_neither_decide_nor_hide_the_users_splits(giant_tokens: float | None) -> None:
+    # Probe p87 F2: counted by their rows, the splits putting both giants of two on one side parted the windows far
+    # more than any canary did; with `max_tokens: 1` giants (1.0) a canary three times as long was never found.
+    # Every user weighing one, 100 designs: an identical canary's users' test errs at about its 5%, and the three
+    # times as long canary is found, whatever the giants answer.
+    same = sum(stats.unit_pvalue(*giant_windows(seed, 1.0, giant_tokens), "ks") < 0.05 for seed in range(100))
+    longer = sum(stats.unit_pvalue(*giant_windows(seed, 3.0, giant_tokens), "ks") < 0.05 for seed in range(100))
+    assert same <= 10 and longer >= 90, (same, longer)
+
+
+def test_two_giant_users_cannot_hide_a_canary_answering_three_times_as_long() -> None:
+    # Two users, one on each arm, send two rows in three with `max_tokens: 1` (probe p87 F2, through the monitor):
+    # where the rows' KS test finds the canary, the users' test no longer overrides it.
+    found = 0
+    for report in reports(True, longer=3.0, giants=(1, 1)):
+        out = feature(report, "output_tokens")
+        assert out.psi >= 0.2 and out.drifted == (out.ks_pvalue < 0.05), out
+        found += out.drifted
+    assert found >= 2
+
+
+@pytest.mark.parametrize("giants", [(150, 20), (20, 150)])
+def test_an_identical_canary_with_a_heavy_user_on_each_arm_does_not_drift(giants: tuple[int, int]) -> None:
+    # One user on each arm sends two rows in three, answered at a length of their own by either release: the rows'
+    # test always finds the two apart, but 21 users a side split at random part them as far.
+    for report in reports(True, giants=giants):
+        out = feature(report, "output_tokens")
+        assert out.ks_pvalue < 0.001 and not out.drifted and not report.drifted, out
 
 
 @pytest.mark.parametrize(("choices", "expected"), [
