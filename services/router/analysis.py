@@ -725,8 +725,10 @@ def _judge(spec: MetricSpec, canary: VariantSample, stable: VariantSample, z: fl
                    relative, baseline_final)
 
 
-# How `_enough`'s verdicts begin (the baseline still growing, or final): `_judge_groups` tells them by it.
+# How `_enough`'s verdicts begin (the baseline still growing, or final), and what they add when the point estimate
+# is past the threshold: `_judge_groups` tells them by these.
 _SHORT = ("not yet judged: ", "no longer judged: ")
+_PAST = "the canary's point estimate is past its threshold"
 
 
 def _enough(result: MetricResult, min_sample: int, sized: tuple[tuple[int, float], tuple[int, float]],
@@ -736,7 +738,9 @@ def _enough(result: MetricResult, min_sample: int, sized: tuple[tuple[int, float
     count as fewer than `min_sample` independent ones: a pass on the point estimate needs `min_sample` users' worth
     of evidence, not `min_sample` requests of a few users (a canary 16% costlier than stable was promoted on which
     users landed on it, probe p75 F1). A failure stands: its bound already counts users (`design_effect`). A design
-    effect of 1 (every user's requests as unalike as anyone's, or one request a user) leaves `result` as it was."""
+    effect of 1 (every user's requests as unalike as anyone's, or one request a user) leaves `result` as it was.
+    The reason says when the point estimate is past the threshold (`_PAST`): no verdict, but evidence pointing to a
+    failure, which an API key's group too short to judge alone holds the look on (`_judge_groups`)."""
     if result.verdict == "FAILED" or not min_sample:
         return result
     arms = (("canary", *sized[0]), ("stable", *sized[1])) if relative else (("canary", *sized[0]),)
@@ -746,10 +750,11 @@ def _enough(result: MetricResult, min_sample: int, sized: tuple[tuple[int, float
     counted = "; ".join(f"{arm}'s {n} count as {n / d:.0f} independent {'one' if round(n / d) == 1 else 'ones'} "
                         f"(design effect {d:.3g})" for arm, n, d in short)
     final = baseline_final and all(arm == "stable" for arm, _, _ in short)
+    past = result.canary is not None and result.threshold is not None and result.canary > result.threshold
     why = (f"{_SHORT[final]}{counted}, short of min_sample "
            f"{min_sample}: each user's requests are alike and all on one arm, so a comparison of a few users is "
-           "of which users landed on which arm" + ("; the baseline gets no more: no data is never a pass"
-                                                   if final else ""))
+           "of which users landed on which arm" + (f"; {_PAST}" if past else "")
+           + ("; the baseline gets no more: no data is never a pass" if final else ""))
     return msgspec.structs.replace(result, verdict="INCONCLUSIVE" if final else "WAITING", why=why, canary=None)
 
 
@@ -1013,10 +1018,11 @@ _RANK = {"FAILED": 0, "WAITING": 1, "INCONCLUSIVE": 2, "SUCCESSFUL": 3}
 def _deciding(results: list[MetricResult]) -> MetricResult:
     """Of one metric's results per group, the one that decides: failed before waiting before inconclusive
     before successful; among equals one of a named group (an operator reads which key failed) before all requests
-    together, then the one furthest past (or nearest to) its threshold."""
+    together, then one whose short sample's point estimate is past its threshold (`_enough`: it holds a key's group
+    that `_judge_groups` would otherwise leave out), then the one furthest past (or nearest to) its threshold."""
     def margin(r: MetricResult) -> float:
         return r.canary - r.threshold if r.canary is not None and r.threshold is not None else 0.0
-    return min(results, key=lambda r: (_RANK[r.verdict], not r.group, -margin(r)))
+    return min(results, key=lambda r: (_RANK[r.verdict], not r.group, _PAST not in r.why, -margin(r)))
 
 
 def _judge_groups(spec: MetricSpec, canary: VariantSample, stable: VariantSample,
@@ -1047,12 +1053,16 @@ def _judge_groups(spec: MetricSpec, canary: VariantSample, stable: VariantSample
         else:
             result = _judge_in_time(spec, g.canary, compared, weights, left_out, against, stable.n)
         result = msgspec.structs.replace(result, group=g.label)
-        # A key's group `_enough` holds (its requests count as fewer than min_sample users' values) never decides: a
-        # key sending one user id per arm (a batch job's `user: "system"`) held every look WAITING, and so every
-        # rollout of the deployment at its step until its progress deadline paused it (probe p84 F2). Its requests
-        # are judged with everyone's (the group of all requests, "", which `_enough` holds as before); its FAILED
-        # stands, as its bounds count its users.
-        if g.label and result.verdict in ("WAITING", "INCONCLUSIVE") and result.why.startswith(_SHORT):
+        # A key's group `_enough` holds (its requests count as fewer than min_sample users' values) decides only when
+        # its point estimate is past its threshold (`_PAST`). Else it never decides: a key sending one user id per
+        # arm (a batch job's `user: "system"`) held every look WAITING, and so every rollout of the deployment at its
+        # step until its progress deadline paused it (probe p84 F2); its requests are judged with everyone's (the
+        # group of all requests, "", which `_enough` holds as before). Past its threshold it holds the look as any
+        # short sample does: left out, other keys' users outvoted its regression in the group of all requests and
+        # the canary was promoted (probe p87 F1). A key that holds so gains no power to stop a rollout: with enough
+        # fresh user ids its own requests could fail its group anyway. Its FAILED stands, its bounds count its users.
+        if g.label and result.verdict in ("WAITING", "INCONCLUSIVE") and result.why.startswith(_SHORT) \
+                and _PAST not in result.why:
             alone.append(g.label)
         else:
             found.append(result)

@@ -738,3 +738,65 @@ async def test_a_key_sending_one_user_id_per_arm_does_not_hold_the_rollout(route
     assert route.phase == "promoted" or (route.phase, route.weight) == ("progressing", 100.0), \
         f"{route.phase} at {route.weight:g}%: {route.reason}"
     assert route.analysis is not None and route.analysis.failures == 0
+
+
+# The canary answers six prompt lengths (one per user of the shop's key, below) 60 words long, every other prompt as
+# stable does: a regression only that key's users see.
+KEYED_LENGTHS = (20, 60, 150, 250, 40, 100)
+LONGER = SimConfig(models={"longer": ModelSpec(default="stable says hi", answers={
+    " ".join(["word"] * n): " ".join(["long"] * 60) for n in KEYED_LENGTHS})}, seed=3)
+
+
+@pytest.fixture
+async def keyed(context: ServiceContext, run_services: Any, signer: Signer) -> AsyncIterator[Any]:
+    """The router stack with one canary release, `longer`, whose answers to the `KEYED_LENGTHS` prompts are longer."""
+    async with SimServer(STABLE) as stable, SimServer(LONGER) as canary:
+        yield await serving(context, run_services, signer, stable.url, canary.url, ("longer",))
+
+
+async def test_another_keys_many_users_never_outvote_a_short_keys_regression(keyed: Any, http: aiohttp.ClientSession,
+                                                                            signer: Signer) -> None:
+    """Found by a probe: a key of six users an arm whose canary answers were ~1.55 times as long (held to 1.2) was
+    rightly WAITING alone (`canary's 114 count as 5 independent ones`); then a second key sent one request per fresh
+    user id, answered as stable answers them, the group of all requests passed min_sample on its users and the
+    first key's regression in it (137.6 tokens against a threshold of 159.7), and the canary was promoted (`API key
+    ... not judged alone: too few users`) (probe p87 F1). Here, fixed: a key too short to judge alone whose point
+    estimate is past its threshold holds the look, as every sample short of min_sample does."""
+    shop, victim = KeyStore(keyed.ctx.settings.home).create("default", "shop", description="the regressed app")
+    other, _ = KeyStore(keyed.ctx.settings.home).create("default", "shop", description="another app")
+    await _start(http, keyed, "longer", {"steps": [50, 100], "interval_s": 0.1, "analysis": {
+        "metrics": [{"name": "tokens_per_request", "max_ratio": 1.2}], "min_sample": 100, "failure_limit": 0,
+        "inconclusive_limit": 1000}})
+    await _pass(keyed, signer, "longer")
+    salt = keyed.rollouts.sticky_salt(keyed.rollouts.route("chat"))
+    names = [f"shop-{i}" for i in range(200)]
+    users = dict(zip([u for u in names if bucket("chat", u, salt) < 5000][:6], KEYED_LENGTHS, strict=True)) | \
+        dict(zip([u for u in names if bucket("chat", u, salt) >= 5000][:6], KEYED_LENGTHS, strict=True))
+    url = f"{keyed.url}/v1/chat/completions"
+    lengths = [51 + (i * 37) % 99 for i in range(40)]  # 51 to 149 words: none the canary answers differently
+    canary = 0
+
+    async def one(session: aiohttp.ClientSession, user: str, words: int) -> None:
+        nonlocal canary
+        body = {"model": "m", "messages": [{"role": "user", "content": " ".join(["word"] * words)}], "user": user}
+        async with session.post(url, json=body) as resp:
+            assert resp.status == 200, await resp.text()
+        canary += bucket("chat", user, salt) < 5000  # on the canary at 50% (an app key's answers do not say)
+
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {shop}"}) as app, \
+            aiohttp.ClientSession(headers={"Authorization": f"Bearer {other}"}) as many:
+        for _ in range(20):  # the shop: 12 users, 20 requests each
+            await asyncio.gather(*(one(app, u, n) for u, n in users.items()))
+        for r in range(80):  # then 40 new users of the other app a round, and one of the shop's requests
+            await asyncio.gather(*(one(many, f"fresh-{r}-{i}", n) for i, n in enumerate(lengths)),
+                                 *(one(app, u, users[u]) for u in list(users)[r % 12:r % 12 + 1]))
+    await keyed.rollouts.wait_for(
+        lambda r: r["chat"].phase != "progressing" or r["chat"].weight > 50 or (
+            r["chat"].analysis is not None and r["chat"].analysis.last is not None
+            and r["chat"].analysis.last.canary_n >= canary), timeout=30)
+    route = keyed.rollouts.route("chat")
+    assert (route.phase, route.weight) == ("progressing", 50.0), f"{route.phase} at {route.weight:g}%: {route.reason}"
+    assert route.analysis is not None and route.analysis.last is not None
+    tokens = route.analysis.last.metrics[0]
+    assert (tokens.verdict, tokens.group) == ("WAITING", f"API key {victim.id}"), tokens
+    assert "not yet judged" in tokens.why and "past its threshold" in tokens.why, tokens.why

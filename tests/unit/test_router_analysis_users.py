@@ -39,8 +39,9 @@ def test_design_effect_is_the_sandwich_variance_over_the_independent_one() -> No
     assert analysis.design_effect(np.zeros(4), np.array([0.0, 0.0, 1.0, 1.0])) == 1.0
 
 
-def _event(release: str, tokens: int, user: str = "", at: float = 0.0, status: str = "ok") -> InferenceEvent:
-    return InferenceEvent(app="shop", deployment="d", release=release, key_id="k-app", output_tokens=tokens,
+def _event(release: str, tokens: int, user: str = "", at: float = 0.0, status: str = "ok",
+           key: str = "k-app") -> InferenceEvent:
+    return InferenceEvent(app="shop", deployment="d", release=release, key_id=key, output_tokens=tokens,
                           latency_ms=100.0 + tokens, status=status, error_type="" if status == "ok" else "500",
                           user_hash=user, time=datetime.fromtimestamp(T0 + at, UTC))
 
@@ -128,3 +129,53 @@ def test_many_users_alike_still_decide() -> None:
 
     assert served(True, 1.0).verdict == served(False, 1.0).verdict == "SUCCESSFUL"
     assert served(True, 1.5).verdict == served(False, 1.5).verdict == "FAILED"
+
+
+def _two_keys(short: dict[str, tuple[str, int, int]], requests: int, fresh: int) -> analysis.Measurement:
+    """A key `k-short` whose users (`short`: user -> (release, stable's tokens, canary's)) each send `requests`
+    requests, beside a key `k-many` sending one request each from `fresh` new users an arm, answered alike on both
+    (51 to 149 tokens): tokens_per_request held to 1.2 times stable's, min_sample 100."""
+    rng = random.Random(11)
+    ev = Evidence(price=lambda e: None)
+    at = 0.0
+    for k in range(max(requests, fresh)):
+        if k < requests:
+            for u, (release, tokens, worse) in short.items():
+                ev.add(_event(release, worse if release == "r2" else tokens, u, at=at, key="k-short"))
+                at += 1
+        if k < fresh:
+            for release in ("r1", "r2"):
+                ev.add(_event(release, rng.randint(51, 149), f"fresh-{release}-{k}", at=at, key="k-many"))
+                at += 1
+    spec = AnalysisSpec(metrics=[MetricSpec(name="tokens_per_request", max_ratio=1.2)], min_sample=100)
+    return analysis.measure(spec, ev.sample("d", "r2", T0), ev.sample("d", "r1", T0), look=1)
+
+
+LENGTHS = (20, 60, 150, 250, 40, 100)
+
+
+def test_a_key_too_short_to_judge_alone_whose_estimate_is_past_its_threshold_holds_the_look() -> None:
+    # Probe p87 F1: six users an arm whose canary answers are ~1.55 times as long. Alone, the look waits...
+    regressed = {f"{arm}{i}": (arm, n, n + 60) for arm in ("r1", "r2") for i, n in enumerate(LENGTHS)}
+    alone = _two_keys(regressed, 20, 0)
+    assert alone.verdict == "WAITING" and "design effect" in alone.metrics[0].why
+    # ...and another key's fresh users, many enough for all requests together to pass min_sample, and passing them
+    # (the regression diluted), do not pass it: the short key's point estimate is past its threshold.
+    m = _two_keys(regressed, 20, 1000)
+    tokens = m.metrics[0]
+    assert (m.verdict, tokens.verdict, tokens.group) == ("WAITING", "WAITING", "API key k-short"), \
+        analysis.describe(tokens)
+    assert "not yet judged" in tokens.why and "past its threshold" in tokens.why
+    # The same traffic without the regression passes: the fresh users are enough for all requests together.
+    same = {u: (arm, n, n) for u, (arm, n, _) in regressed.items()}
+    assert _two_keys(same, 20, 1000).verdict == "SUCCESSFUL"
+
+
+def test_a_key_too_short_to_judge_alone_whose_estimate_passes_is_judged_with_all_requests() -> None:
+    # Probe p84 F2: a batch job naming one user id per arm, answered alike, is judged with everyone's requests and
+    # never holds the look: the application's fresh users pass the canary.
+    batch = {"system-a": ("r1", 100, 100), "system-b": ("r2", 100, 100)}
+    m = _two_keys(batch, 150, 1000)
+    tokens = m.metrics[0]
+    assert (m.verdict, tokens.verdict) == ("SUCCESSFUL", "SUCCESSFUL"), analysis.describe(tokens)
+    assert "API key k-short not judged alone" in tokens.why
