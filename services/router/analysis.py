@@ -750,7 +750,7 @@ def _enough(result: MetricResult, min_sample: int, sized: tuple[tuple[int, float
     counted = "; ".join(f"{arm}'s {n} count as {n / d:.0f} independent {'one' if round(n / d) == 1 else 'ones'} "
                         f"(design effect {d:.3g})" for arm, n, d in short)
     final = baseline_final and all(arm == "stable" for arm, _, _ in short)
-    past = result.canary is not None and result.threshold is not None and result.canary > result.threshold
+    past = _beyond(result) > 0
     why = (f"{_SHORT[final]}{counted}, short of min_sample "
            f"{min_sample}: each user's requests are alike and all on one arm, so a comparison of a few users is "
            "of which users landed on which arm" + (f"; {_PAST}" if past else "")
@@ -1020,9 +1020,15 @@ def _deciding(results: list[MetricResult]) -> MetricResult:
     before successful; among equals one of a named group (an operator reads which key failed) before all requests
     together, then one whose short sample's point estimate is past its threshold (`_enough`: it holds a key's group
     that `_judge_groups` would otherwise leave out), then the one furthest past (or nearest to) its threshold."""
-    def margin(r: MetricResult) -> float:
-        return r.canary - r.threshold if r.canary is not None and r.threshold is not None else 0.0
-    return min(results, key=lambda r: (_RANK[r.verdict], not r.group, _PAST not in r.why, -margin(r)))
+    return min(results, key=lambda r: (_RANK[r.verdict], not r.group, _PAST not in r.why, -_beyond(r)))
+
+
+def _beyond(r: MetricResult) -> float:
+    """How far the canary's point estimate is past its threshold, on the failing side (above a ceiling, below a
+    score's floor); negative within it, 0.0 without either."""
+    if r.canary is None or r.threshold is None:
+        return 0.0
+    return r.threshold - r.canary if r.higher_is_better else r.canary - r.threshold
 
 
 def _judge_groups(spec: MetricSpec, canary: VariantSample, stable: VariantSample,

@@ -179,3 +179,14 @@ def test_a_key_too_short_to_judge_alone_whose_estimate_passes_is_judged_with_all
     tokens = m.metrics[0]
     assert (m.verdict, tokens.verdict) == ("SUCCESSFUL", "SUCCESSFUL"), analysis.describe(tokens)
     assert "API key k-short not judged alone" in tokens.why
+
+
+@pytest.mark.parametrize(("canary", "past"), [(0.3, True), (0.9, False)])
+def test_a_score_floors_short_sample_is_past_its_threshold_below_the_floor(canary: float, past: bool) -> None:
+    # A score held to a floor (higher is better) is past it below, not above: above, a short key's group would hold
+    # every look of a healthy canary (p84 F2 again), and below, one failing would be left out (p87 F1 again).
+    scored = analysis.MetricResult(name="score", verdict="SUCCESSFUL" if canary >= 0.5 else "INCONCLUSIVE",
+                                   canary=canary, threshold=0.5, higher_is_better=True)
+    held = analysis._enough(scored, 100, ((120, 30.0), (120, 30.0)), relative=False, baseline_final=False)
+    assert held.verdict == "WAITING" and held.why.startswith("not yet judged")
+    assert ("past its threshold" in held.why) is past
