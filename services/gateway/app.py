@@ -31,8 +31,13 @@ class Gateway(Service):
         """host:port of the gRPC API once bound."""
         return {"grpc": self.server.address} if self._serving else {}
 
+    def problems(self) -> list[str]:
+        """Not ready while the key store holds no key: every call would be refused (UNAUTHENTICATED)."""
+        return [problem] if (problem := self.server.keys.problem()) else []
+
     async def start(self) -> None:
         """Bind and serve."""
+        self.server.keys.say_problem(self.log)
         await self.server.start()
         await self.relay.start()
         await self.reads.start()

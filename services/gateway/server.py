@@ -408,7 +408,7 @@ class GrpcServer:
         # the configured trust roots only (trust file, pinned PEMs), never keys published on the bus
         self.settings = settings or Settings()
         self.verifier = Verifier(bus, self.settings)
-        self.keys = KeyStore(self.settings.home)  # every call presents one of these API keys
+        self.keys = KeyStore.of(self.settings)  # every call presents one of these API keys
         # Requests decoded and Send batches checked and encoded: threads of their own, at most 64 requests at once.
         self.work = OffLoop("grpc-ingest", busy="too many gRPC requests being decoded or checked; retry shortly")
         self._server: grpc.aio.Server | None = None

@@ -23,7 +23,7 @@ class OtlpService(Service):
 
     def __init__(self, ctx: ServiceContext) -> None:
         super().__init__(ctx)
-        self.receiver = Receiver(ctx.bus, KeyStore(ctx.settings.home), limits=EventLimits.from_settings(ctx.settings))
+        self.receiver = Receiver(ctx.bus, KeyStore.of(ctx.settings), limits=EventLimits.from_settings(ctx.settings))
         self.http = HttpApp(self.receiver, otlp_limits(HttpLimits.from_settings(ctx.settings)))
         self._grpc: grpc.aio.Server | None = None
         self._http: web.AppRunner | None = None
@@ -34,8 +34,13 @@ class OtlpService(Service):
         """The OTLP/gRPC address and the OTLP/HTTP base URL once bound."""
         return dict(self._endpoints)
 
+    def problems(self) -> list[str]:
+        """Not ready while the key store holds no key: every export would be refused (401, UNAUTHENTICATED)."""
+        return [problem] if (problem := self.receiver.keys.problem()) else []
+
     async def start(self) -> None:
         """Bind both ports and serve."""
+        self.receiver.keys.say_problem(self.log)
         s = self.ctx.settings
         tls = ssl_context(s)  # a bad certificate fails the start, before anything binds
         # A router of this process has bound by now (it starts first: registry.ORDER), on the port it chose.

@@ -61,7 +61,7 @@ class RouterService(Service):
                               overflow="drop_oldest", max_in_flight=4, retry=UNTIL_BACK,
                               via="served", name="router-events", spool=open_spool(ctx.settings),
                               on_sent=metrics.events_out_counter("router"), on_drop=metrics.drop_counter("router"))
-        self.keys = KeyStore(ctx.settings.home)  # clients and operators authenticate with these
+        self.keys = KeyStore.of(ctx.settings)  # clients and operators authenticate with these
         self.proxy = Proxy(ctx.settings, self.rollouts, self.batcher, ctx.telemetry.server_spans(self.name),
                            self.keys, self.upstreams)
         self.rollouts.upstream = self.proxy.upstream  # its breakers hold a failing canary's steps (Rollouts.tripped)
@@ -105,6 +105,7 @@ class RouterService(Service):
         # How long the loop is held by any work (a large body's decode, a GC pause, another embedded service's), so
         # a wait on an upstream leaves it out: that time is not the upstream's silence (Proxy's hang-ups, probe p18).
         self.proxy.upstream.lag = LoopLag(asyncio.get_running_loop())
+        self.keys.say_problem(log)
         await self.rollouts.restore()
         self.spawn(self.rollouts.run_watch(), "route-watch")
         # Live evidence for canary analysis: the events of requests served by this replica and the others,
@@ -230,6 +231,10 @@ class RouterService(Service):
         # tenant's event rate in `lockgate_events_received_total{service="sink"}`.)
         return await metrics.serve_prometheus(request, None if key.tenants is None else metrics.routers_own)
 
+    def problems(self) -> list[str]:
+        """Not ready while the key store holds no key: every request would be refused (401)."""
+        return [problem] if (problem := self.keys.problem()) else []
+
     async def _health(self, request: web.Request) -> web.Response:
         # Requests are still served while the bus is away (events wait in the bounded outbox), so a
         # lost bus is "degraded", not a failed health check that would restart a working router; and the answer
@@ -243,6 +248,10 @@ class RouterService(Service):
         skewed = self.clock is not None and self.clock.skewed
         lag = self.proxy.upstream.lag
         healthy = bus == "connected" and not cut_off and not full and not skewed
+        # Not ready (503: the readiness probe keeps traffic away) only when no request can be served; a lost bus is
+        # degraded but ready, as requests are still served.
+        problems = self.problems()
+        ready = self.rollouts.ready.is_set() and not problems
         return web.json_response({"status": "ok" if healthy else "degraded",
                                   "bus": bus, "streams_full": full,
                                   # The process's, not the router's own connection's: in `lockgate up` the sink
@@ -251,7 +260,7 @@ class RouterService(Service):
                                                               for bus in self.ctx.buses or [self.ctx.bus]),
                                   "clock_offset_s": round(self.clock.seconds, 3) if self.clock else None,
                                   "clock_skewed": skewed,
-                                  "ready": self.rollouts.ready.is_set(),
+                                  "ready": ready, "problems": problems,
                                   "serving": "none" if self.rollouts.refusing else
                                              "stable_only" if cut_off else "all",
                                   "events_dropped": self.batcher.dropped,
@@ -265,7 +274,8 @@ class RouterService(Service):
                                   # How long the event loop was held (every embedded service's work counts), in all
                                   # and at worst at once, since the start: a request waits at least that long.
                                   "loop_held_s": round(lag.held_s(), 3),
-                                  "loop_longest_hold_s": round(lag.worst_s, 3)})
+                                  "loop_longest_hold_s": round(lag.worst_s, 3)},
+                                 status=200 if ready else 503)
 
 
 def open_spool(settings: Settings) -> Spool | None:

@@ -123,6 +123,9 @@ class Settings(msgspec.Struct, kw_only=True):
     # the two upstream settings above. Credentials are looked up by name in the environment, then here:
     endpoints_file: str = ""
     secrets_file: str = ""  # YAML mapping NAME: secret (keep it 0600)
+    # the API keys the router, the gRPC gateway and the OTLP receiver check, and `lockgate keys` changes (hashed:
+    # lockgate.server.apikeys); empty: {home}/apikeys.json. Pods with a home of their own mount it (deploy/k8s)
+    api_keys_file: str = ""
     # gateway policy (YAML: budgets, rate_limits, cache; services/router/admission.py); empty = none
     gateway_file: str = ""
     # TLS for the gateway's gRPC API and the OTLP receiver (both ports) when both are set (PEM files);

@@ -22,6 +22,7 @@ import aiohttp
 import pytest
 
 from lockgate.config import Settings
+from lockgate.server.apikeys import bootstrap
 from lockgate.server.runtime import Runtime
 from tests.helpers import hang
 
@@ -47,6 +48,7 @@ async def _get(http: aiohttp.ClientSession, url: str) -> tuple[float, int, dict[
 
 async def test_health_answers_at_once_and_says_the_bus_is_unresponsive_while_nats_server_hangs(
         settings: Settings) -> None:
+    bootstrap(settings.home)  # a router without a key is not ready (503), whatever its bus
     runtime = Runtime(settings.replace(nats_url="nats://127.0.0.1:0", health_port=_free_port()), services=["router"])
     await runtime.start()
     try:

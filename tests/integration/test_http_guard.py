@@ -123,7 +123,8 @@ async def _request(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, p
 
 
 async def test_connections_past_the_cap_are_closed_while_the_open_ones_are_served(
-        context: ServiceContext, run_services: Callable[..., Awaitable[Any]]) -> None:
+        context: ServiceContext, run_services: Callable[..., Awaitable[Any]], keys: Bootstrap) -> None:
+    # (keys: a router with none answers /healthz 503, not ready)
     # Before (probe p37 F4), every connection was accepted until the process had no descriptor left: then each accept
     # failed and was logged (121,855 errors, 62 MB of log), and the loop was held 35 s. Now one past the cap is closed
     # at once, and the process keeps serving those it holds.

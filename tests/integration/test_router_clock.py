@@ -11,6 +11,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from lockgate.server.apikeys import bootstrap
 from lockgate.services.router import clock
 from tests.integration.test_router_drift_replay import Stack, stack
 
@@ -27,6 +28,7 @@ async def _health(router: Any) -> dict[str, Any]:
 
 async def test_a_replica_whose_clock_is_off_the_servers_reports_itself_degraded(
         stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    bootstrap(stack.settings.home)  # a router without a key is not ready (503), whatever its clock
     health = await _health(await stack.replica("router-a"))
     assert (health["status"], health["clock_skewed"]) == ("ok", False), health
     assert abs(health["clock_offset_s"]) < clock.MAX_SKEW_S

@@ -1,7 +1,8 @@
 """`lockgate keys create|list|scope|revoke`: the API keys clients and operators present to the router and gRPC API.
 
-Keys live hashed in `{home}/apikeys.json` (0600), so this command runs where the stack's home is;
-the running services pick up changes on their next request.
+Keys live hashed in `{home}/apikeys.json` (0600; LOCKGATE_API_KEYS_FILE names another), so this command runs
+where the stack's home is; the running services that read that file pick up changes on their next request (pods with
+a home of their own read a copy: docs/scale.md "API keys on every replica").
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def register(cli: click.Group) -> None:
         """API keys: an app key (tenant + app) for traffic; viewer/operator/approver/admin for the admin API."""
         if home:  # the stack's home: its API keys, and the NATS credentials a key change is recorded with
             ctx.obj["settings"] = ctx.obj["settings"].replace(home=home)
-        ctx.obj["keys"] = KeyStore(ctx.obj["settings"].home)
+        ctx.obj["keys"] = KeyStore.of(ctx.obj["settings"])
 
     @keys.command("create")
     @click.option("--tenant", required=True)

@@ -115,6 +115,9 @@ async def serve_stack(settings: Settings, *, extra: dict[str, str] | None = None
 
     runtime = Runtime(settings)
     try:
+        # The router and the gRPC gateway take only API keys: the first ones are made before they start, so none of
+        # them starts on an empty key store (it would say it is not ready, and log that every key is refused).
+        keys = bootstrap(settings.home, app=settings.app, keys_file=settings.api_keys_file)
         await runtime.start()
         console.print("[bold green]lockgate is up[/bold green] (embedded: nats-server + chDB + all services)")
         _print_endpoints(runtime.endpoints | (extra or {}), notes or {})
@@ -124,9 +127,7 @@ async def serve_stack(settings: Settings, *, extra: dict[str, str] | None = None
                       f"CLI finds them with --home {home} or LOCKGATE_HOME; roles "
                       f"{', '.join(ROLES)}; an SDK app uses its own, `lockgate app-credential create --tenant T --app A`, "
                       "or the shared app.json, trusted with every tenant)", soft_wrap=True)
-        # The router and the gRPC gateway take only API keys: make the first ones and say where they
-        # are (files 0600; the keys themselves are never printed or logged).
-        keys = bootstrap(settings.home, app=settings.app)
+        # Where the first API keys are (files 0600; the keys themselves are never printed or logged).
         # A key file holds the key alone, so what the banner says to send works as written.
         if keys.admin_key:
             console.print(f"  [bold]{'admin key':<11}[/bold] {keys.admin_file}  (role admin: router admin API, "

@@ -3,10 +3,11 @@
 A key may also name the deployments it may send traffic to (`deployments`); none means every one,
 which is what keys made before the field existed decode to.
 
-The plaintext `lg-...` key is shown once (returned by `create`); `{home}/apikeys.json` (0600) keeps
-only its sha256, so a copy of the file does not let anyone call the router or the gRPC gateway.
-Services re-read the file when it changes, so a key created or revoked by the CLI takes effect on
-the next request without a restart. Commands change it one at a time (lockgate.filelock), so two at once both count.
+The plaintext `lg-...` key is shown once (returned by `create`); `{home}/apikeys.json` (0600; `api_keys_file`,
+LOCKGATE_API_KEYS_FILE, names another) keeps only its sha256, so a copy of the file does not let anyone call the
+router or the gRPC gateway. Services re-read the file when it changes (another inode too: a file replaced by a rename,
+or a Kubernetes Secret volume's symlink swap), so a key created or revoked by the CLI takes effect on the next request
+without a restart. Commands change it one at a time (lockgate.filelock), so two at once both count.
 """
 
 from __future__ import annotations
@@ -14,12 +15,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import hmac
+import logging
 import os
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import msgspec
 
@@ -27,6 +29,9 @@ from lockgate import documents, filelock
 from lockgate.contracts.names import NAME_RULE, is_name
 from lockgate.errors import ConfigError, LockgateError, NotFound
 from lockgate.ticks import Idle, ticking
+
+if TYPE_CHECKING:
+    from lockgate.config import Settings
 
 Role = Literal["app", "viewer", "operator", "approver", "admin"]
 ROLES: tuple[str, ...] = ("app", "viewer", "operator", "approver", "admin")
@@ -102,10 +107,11 @@ def bearer(header: str | None) -> str | None:
 
 
 class KeyStore:
-    """The API keys of one home directory; reads are cached and refreshed when the file changes."""
+    """The API keys of one home directory (or of the file `path` names); reads are cached and refreshed when the file
+    changes."""
 
-    def __init__(self, home: str | Path) -> None:
-        self.path = Path(home) / FILE
+    def __init__(self, home: str | Path, *, path: str | Path = "") -> None:
+        self.path = Path(path) if path else Path(home) / FILE
         self._file = str(self.path)  # os.stat on every request: skip Path's conversion
         self._by_hash: dict[str, ApiKey] = {}
         # Presented keys already hashed (the same few keys call all day): a dict lookup, not a sha256
@@ -113,9 +119,15 @@ class KeyStore:
         self._digests: dict[str, str] = {}
         self._stamp: tuple[int, int, int] | None = None
 
+    @classmethod
+    def of(cls, settings: Settings) -> KeyStore:
+        """The key store the settings name: `api_keys_file`, else the home's apikeys.json."""
+        return cls(settings.home, path=settings.api_keys_file)
+
     # reading
     def _refresh(self) -> None:
         try:
+            # stat follows symlinks: a Secret volume's update (its `..data` link swapped) is a new inode here
             st = os.stat(self._file)
         except FileNotFoundError:
             self._by_hash, self._stamp = {}, None
@@ -134,6 +146,25 @@ class KeyStore:
         """Every key ever created (revoked ones included), oldest first."""
         self._refresh()
         return sorted(self._by_hash.values(), key=lambda k: k.created_at)
+
+    def problem(self) -> str:
+        """Why every key is refused ("" when the store holds one): no file, a file with no key, or one that does not
+        read. A service that checks keys is not ready while there is one (a pod without the key store mounted said
+        ready and answered 401 to every key, probe p86 F1); a revoked key still counts, as a store someone keeps."""
+        try:
+            self._refresh()
+        except ConfigError as exc:
+            return exc.message
+        if self._by_hash:
+            return ""
+        return (f"no API keys in {self.path}: create one with `lockgate keys create`, or mount the key store there "
+                "(LOCKGATE_API_KEYS_FILE names another file)")
+
+    def say_problem(self, log: logging.Logger) -> None:
+        """Log once at start why every key is refused, if it is; readiness says it from then on (`problem`)."""
+        if problem := self.problem():
+            log.warning("%s; every request is refused (401) and this service is not ready until the store holds a key",
+                        problem)
 
     def authenticate(self, key: str | None) -> ApiKey:
         """The live key record for a presented key; AuthError when missing, unknown or revoked."""
@@ -328,7 +359,7 @@ class Bootstrap(msgspec.Struct, frozen=True):
     withheld: tuple[str, ...] = ()
 
 
-def bootstrap(home: str | Path, *, tenant: str = "default", app: str = "default") -> Bootstrap:
+def bootstrap(home: str | Path, *, tenant: str = "default", app: str = "default", keys_file: str = "") -> Bootstrap:
     """Create the first admin key and an app key once (plaintext in 0600 files under home/credentials).
 
     A file holds the key alone (`lg-...`), what `Authorization: Bearer $(cat FILE)` sends; its id is in `lockgate
@@ -340,7 +371,7 @@ def bootstrap(home: str | Path, *, tenant: str = "default", app: str = "default"
     home = Path(home)
     creds = home / "credentials"
     admin_file, app_file = creds / "router-admin.key", creds / "router-app.key"
-    store = KeyStore(home)
+    store = KeyStore(home, path=keys_file)  # the store the stack's services read (Settings.api_keys_file)
     keys: dict[Path, str] = {}
     withheld: list[str] = []
     for path, role, who in ((admin_file, "admin", "first admin"), (app_file, "app", "demo app")):
