@@ -92,6 +92,8 @@ def k8s_problems(text: str) -> list[str]:
                 volume = _mounted(mounts, key) if key else None
                 if volume is None or "secret" not in volume:
                     problems.append(f"{where}: the signing key must be LOCKGATE_SIGNING_KEY on a mounted Secret")
+            if service in _KEY_CHECKERS:
+                problems += [f"{where}: {p}" for p in _key_store_problems(config, env, c, volumes)]
             if service == "router":
                 endpoints = env.get("LOCKGATE_ENDPOINTS_FILE", {}).get("value", "")
                 upstream = env.get("LOCKGATE_STABLE_UPSTREAM", {}).get("value", "")
@@ -99,6 +101,24 @@ def k8s_problems(text: str) -> list[str]:
                     problems.append(f"{where}: no upstream configured (LOCKGATE_ENDPOINTS_FILE on a mounted "
                                     "ConfigMap); the default is the simulator on 127.0.0.1")
     return problems + _k8s_operations(docs)
+
+
+# The services that check API keys (lockgate.server.apikeys.KeyStore): a pod of its own home reads them from the file
+# LOCKGATE_API_KEYS_FILE names, which must be on a Secret volume mounted whole (the kubelet updates no subPath mount).
+# Before (probe p86 F1), no pod had one: each said ready and refused every key.
+_KEY_CHECKERS = ("router", "gateway", "otlp")
+
+
+def _key_store_problems(config: dict[str, str], env: dict[str, Any], container: dict[str, Any],
+                        volumes: dict[str, Any]) -> list[str]:
+    path = env.get("LOCKGATE_API_KEYS_FILE", {}).get("value") or config.get("LOCKGATE_API_KEYS_FILE", "")
+    for m in container.get("volumeMounts", []):
+        if path == m["mountPath"] or path.startswith(m["mountPath"].rstrip("/") + "/"):
+            secret = (volumes.get(m["name"]) or {}).get("secret", {})
+            if secret and "subPath" not in m and Path(path).name in (
+                    [i["path"] for i in secret.get("items", [])] or ["apikeys.json"]):
+                return []
+    return ["the key store must be LOCKGATE_API_KEYS_FILE on a Secret volume mounted whole (key apikeys.json)"]
 
 
 # Variables whose values are credentials: a Secret's, never a literal or a ConfigMap's.
@@ -224,6 +244,15 @@ def test_compose_matches_the_cli() -> None:
      "", "readiness must be /readyz"),
     ("args: ['serve', 'cost', '--host', '0.0.0.0', '--health-port', '8081']", "args: ['serve', 'cost']",
      "readiness must be /readyz on its --health-port"),
+    ("  LOCKGATE_API_KEYS_FILE: /etc/lockgate/apikeys/apikeys.json\n", "", "the key store must be"),
+    ("            - {name: apikeys, mountPath: /etc/lockgate/apikeys, readOnly: true}\n          ports: [{containerPort: 50051",
+     "          ports: [{containerPort: 50051", "Deployment lockgate-gateway: the key store must be"),
+    ("volumeMounts: [{name: apikeys, mountPath: /etc/lockgate/apikeys, readOnly: true}]",
+     "volumeMounts: [{name: apikeys, mountPath: /etc/lockgate/apikeys/apikeys.json, subPath: apikeys.json}]",
+     "Deployment lockgate-otlp: the key store must be"),
+    ("- {name: apikeys, mountPath: /etc/lockgate/apikeys, readOnly: true}\n          ports: [{containerPort: 8080",
+     "- {name: apikeys, mountPath: /etc/lockgate/keys, readOnly: true}\n          ports: [{containerPort: 8080",
+     "Deployment lockgate-router: the key store must be"),
 ])
 def test_a_broken_k8s_manifest_fails(old: str, new: str, expected: str) -> None:
     text = (ROOT / "deploy/k8s/lockgate.yaml").read_text()
