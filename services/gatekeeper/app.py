@@ -45,6 +45,7 @@ class Gatekeeper(Service):
         # rather than let evals be judged by whatever policy they name.
         self.handlers = GateHandlers(ctx, self.tracer, self.signer, load_gates_file(ctx.settings.gates_file))
         self.unheld = ""  # why the PASSes standing at start were not all judged against the gates file (start)
+        self.unmeasured = ""  # why those standing at start were not all judged against their baselines (start)
         s = ctx.bus.subjects
         consume(ctx.bus, self.consumers, subject=s.eval_completed, stream="events",
                 durable=s.durable("gatekeeper", "evals"), wire_type=EvalCompleted, origin="gatekeeper",
@@ -100,6 +101,14 @@ class Gatekeeper(Service):
             self.unheld = (f"PASSes decided before the gates file {self.ctx.settings.gates_file} were not all judged "
                            f"against it ({exc.message}): restart the gatekeeper")
             log.error("%s", self.unheld)
+        try:
+            # A PASS measured against a release that is no allowed baseline now is a BLOCK: its baseline withdrawn
+            # before a gatekeeper that reaches back ran, or while one was stopped mid-pass (measured.Measured).
+            await self.handlers.measured.sweep()
+        except LockgateError as exc:
+            self.unmeasured = (f"decisions measured against a release that is no allowed baseline now were not all "
+                               f"judged again ({exc.message}): restart the gatekeeper")
+            log.error("%s", self.unmeasured)
         # Every replica hears every lifecycle record appended from now on (no queue group): a record read by the
         # shared consumer alone armed one replica's timer, and the sunset went unheld if that one stopped (probe p32).
         # Taken before the listing below, so no record falls between the two.
@@ -150,10 +159,10 @@ class Gatekeeper(Service):
 
     def problems(self) -> list[str]:
         """Not ready while its signing key is not trusted (it then decides and chains nothing), or while PASSes the
-        gates file may not allow were not judged against it, or releases using an artifact past its sunset may still
-        admit."""
+        gates file may not allow, or measured against a release no allowed baseline now, were not judged again, or
+        releases using an artifact past its sunset may still admit."""
         problem = self.handlers.own.problem()
-        return [p for p in (problem, self.unheld, self.unsunset, *self.sunsets.problems()) if p]
+        return [p for p in (problem, self.unheld, self.unmeasured, self.unsunset, *self.sunsets.problems()) if p]
 
 
 def create(ctx: ServiceContext) -> Gatekeeper:

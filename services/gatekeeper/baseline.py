@@ -14,8 +14,8 @@ from lockgate.contracts import GateDecided, RuleResult
 from lockgate.services.gatekeeper.gatesfile import Required
 from lockgate.services.gatekeeper.policy import Policy
 
-__all__ = ["BASELINE_ALLOWED", "REQUIRED_BASELINE", "refusal", "refused_rule", "required_baseline_rules",
-           "uses_baseline"]
+__all__ = ["BASELINE_ALLOWED", "REQUIRED_BASELINE", "disallowed", "refusal", "refused_rule",
+           "required_baseline_rules", "uses_baseline"]
 
 BASELINE_ALLOWED = "baseline_allowed"
 REQUIRED_BASELINE = "required_baseline"
@@ -47,12 +47,8 @@ def refusal(baseline: str, decision: GateDecided | None, registered: Mapping[str
     if app is not None and baseline_app != app:
         return (f"baseline {baseline!r} is a release of app {baseline_app!r}, not of {app!r}: a release is "
                 "compared with an earlier release of its own app, gated by the same gates")
-    if decision is None:
-        return f"baseline {baseline!r} has no gate decision: the gate never allowed it"
-    if decision.decision != "PASS":
-        by = f", rejected by {decision.reviewed_by}" if decision.reviewed_by else ""
-        return (f"baseline {baseline!r} is not allowed by the gate: its current decision is {decision.decision}"
-                f"{by} ({_cut(decision.reason)})")
+    if decision is None or decision.decision != "PASS":
+        return disallowed(baseline, decision)
     if decision.judged != dict(registered):
         return (f"baseline {baseline!r}'s PASS (decision {decision.id}) judged other artifacts than it is "
                 "registered with")
@@ -61,6 +57,20 @@ def refusal(baseline: str, decision: GateDecided | None, registered: Mapping[str
         return (f"this eval compared with {compared} of baseline {baseline!r}, but its PASS "
                 f"(decision {decision.id}) judged run {decision.eval_run or 'none'}: run the eval again once that "
                 f"run is stored, or gate {baseline!r} on this suite first")
+    return ""
+
+
+def disallowed(baseline: str, decision: GateDecided | None) -> str:
+    """Why the release `baseline`, whose current (verified) decision is `decision` (None: it has none), is no
+    yardstick whatever was compared with it ("" while it is a PASS): never gated, awaiting review, or BLOCKed (a
+    person's reject, a drift BLOCK, an artifact's sunset, a later eval). What an eval naming it is refused for
+    (refusal), and what a PASS measured against it is remade for once it stops being one (measured.Measured)."""
+    if decision is None:
+        return f"baseline {baseline!r} has no gate decision: the gate never allowed it"
+    if decision.decision != "PASS":
+        by = f", rejected by {decision.reviewed_by}" if decision.reviewed_by else ""
+        return (f"baseline {baseline!r} is not allowed by the gate: its current decision is {decision.decision}"
+                f"{by} ({_cut(decision.reason)})")
     return ""
 
 

@@ -16,7 +16,7 @@ from lockgate.services.gatekeeper.review import VETOED, review_reasons
 from lockgate.services.gatekeeper.rules import Evidence, evaluate_rule
 
 __all__ = ["OPS", "Evidence", "Limits", "Outcome", "Pin", "Policy", "Required", "ReviewTrigger", "Rule", "Used",
-           "binding_rules", "binds_content", "called_rules", "content_digest", "decide", "decide_eval",
+           "baseline_withdrawn", "binding_rules", "binds_content", "called_rules", "content_digest", "decide", "decide_eval",
            "decision_id", "evaluate_rule", "judged_artifacts", "legacy_veto_key", "meets", "parse_policy",
            "past_sunset", "reached_by_veto", "release_rules", "required_rules", "served_content", "standing_veto",
            "under_requirement", "under_veto", "veto_key", "with_rules"]
@@ -461,6 +461,26 @@ def past_sunset(current: GateDecided, lifecycle: Sequence[RuleResult]) -> Outcom
         return None
     kept = tuple(r for r in current.rules if not r.rule.startswith("lifecycle"))
     return with_rules(Outcome(current.decision, kept, current.reason, current.review_required), lifecycle)
+
+
+def baseline_withdrawn(current: GateDecided, why: str, policy: Policy | None) -> Outcome | None:
+    """What the release's current decision becomes once the release it was measured against (`current.baseline`) is
+    no allowed baseline any more (`why`: baseline.disallowed, "" while it is): a PASS or a NEEDS_REVIEW judged under
+    a policy that gates on the comparison (baseline.uses_baseline; `policy` None: it cannot be read now, so it may)
+    is a BLOCK carrying rule baseline_allowed, its remediation leading the reason: what an eval of it against that
+    baseline is now (decide_eval). None when it stays: the baseline is still allowed, the policy judged nothing on the
+    comparison, or it admits nothing and no approval can make it admit (a BLOCK).
+
+    A BLOCK, not the veto reach-back's NEEDS_REVIEW: that one holds content a person rejected for an approver, whose
+    approval lifts the veto; here the evidence itself is void (no regression against a release the gate no longer
+    allows says nothing), and no approval supplies it: an eval against an allowed baseline does. A NEEDS_REVIEW is
+    remade too, so no approval PASSes it on that comparison."""
+    if not why or not current.baseline or current.decision not in ("PASS", "NEEDS_REVIEW"):
+        return None
+    if policy is not None and not baselines.uses_baseline(policy):
+        return None
+    return with_rules(Outcome(current.decision, tuple(current.rules), current.reason, current.review_required),
+                      (baselines.refused_rule(why),))
 
 
 def _remedy(what: str, pin: Pin) -> str:

@@ -23,6 +23,7 @@ from lockgate.services.gatekeeper.domain import Outcome
 from lockgate.services.gatekeeper.driftgate import known_good, read_route
 from lockgate.services.gatekeeper.evaluated import evaluated_rules
 from lockgate.services.gatekeeper.gatesfile import Gates
+from lockgate.services.gatekeeper.measured import Measured, baseline_decision
 from lockgate.services.gatekeeper.ownkey import OwnKey
 from lockgate.services.gatekeeper.records import REQUIRED, Records
 from lockgate.services.gatekeeper.registrations import Registrations
@@ -52,6 +53,8 @@ class GateHandlers:
         self.own = OwnKey(ctx, signer, self.verifier)
         self.siblings = Siblings(ctx, self.own, self.records, self.publish_key)
         self.records.siblings = self.siblings.veto
+        self.measured = Measured(ctx, self.own, self.records, self.publish_key)
+        self.records.measured = self.measured.after
         self._key_published = False
 
     async def upgrade_vetoes(self) -> None:
@@ -295,13 +298,9 @@ class GateHandlers:
         """Why the eval's baseline is refused as its yardstick ("" if it is not; baseline.refusal), and its
         artifacts (None when unknown or refused: review triggers then take every artifact as changed)."""
         base = await self._bundle(done.baseline)
-        try:
-            current = await self.records.current(done.baseline)
-            if current is not None:
-                # As history: a baseline PASSed before a rotation is still one (a leaked key's PASS is not).
-                await self.verifier.verify(current, history=True)
-        except (UnreadableValue, SignatureError) as exc:
-            return f"baseline {done.baseline!r}'s current decision cannot be trusted: {exc.message}", None
+        current, untrusted = await baseline_decision(self.records, self.verifier, done.baseline)
+        if untrusted:
+            return untrusted, None
         compared = done.baseline_run if done.baseline_run or done.comparisons else None
         app = None if bundle is None else str(bundle.get("app", ""))
         why = baselines.refusal(done.baseline, current, _artifacts(base), app=app,

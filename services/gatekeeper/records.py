@@ -31,8 +31,12 @@ REQUIRED = "required"
 # The audit action of a PASS or NEEDS_REVIEW remade as a BLOCK when an artifact it binds reached its sunset
 # (sunsets.Sunsets).
 SUNSET = "sunset"
+# The audit action of a PASS or NEEDS_REVIEW remade as a BLOCK when the release it was measured against stopped being
+# an allowed baseline (measured.Measured).
+BASELINE = "baseline"
 # The hash-chained audit log's kind of each gate action (approvals and rejections are reviews).
 _KINDS = {"decided": "decision", VETOED_SIBLING: "decision", REQUIRED: "decision", SUNSET: "decision",
+          BASELINE: "decision",
           "refused": "refusal",
           "override": "override"}
 
@@ -94,6 +98,9 @@ class Records:
         # Puts the names of a content vetoed now under its veto, after a decision about it was stored
         # (siblings.Siblings.veto; it signs).
         self.siblings: Callable[[GateDecided], Awaitable[None]] | None = None
+        # Remakes the decisions measured against a release no longer an allowed baseline, and a decision measured
+        # against one (measured.Measured.after; it signs).
+        self.measured: Callable[[GateDecided], Awaitable[None]] | None = None
 
     async def audit(self, decision: GateDecided, *, action: str, actor: str, key: str,
                     reason: str | None = None) -> None:
@@ -137,6 +144,11 @@ class Records:
             # or sees this decision in its own pass (siblings.Siblings.veto).
             if self.siblings is not None and action != VETOED_SIBLING:  # the pass that remade it covers the rest
                 await self.siblings(decision)
+            # Then what was measured against it, if it is no allowed baseline now, whatever made it so (a reject, a
+            # veto reaching it, a drift BLOCK, a sunset, a later eval): after it was stored, so an eval comparing
+            # with it that read it still allowed is seen here, or sees this decision when its own is stored.
+            if self.measured is not None:
+                await self.measured(decision)
             await self.audit(decision, action=action, actor=actor, key=key)
         finally:
             await self.ctx.bus.publish(self.ctx.bus.subjects.gate_decided(decision.release), decision, msg_id=key)

@@ -2,7 +2,8 @@
 (adapter: signs, stores and audits). The veto reach-back remakes the names of a vetoed content under the veto
 (siblings.Siblings); the start of a gatekeeper remakes the PASSes the gates file does not allow as BLOCKs
 (GateHandlers.hold_to_gates_file); an artifact's sunset remakes the PASSes and NEEDS_REVIEWs binding it as BLOCKs
-(sunsets.Sunsets)."""
+(sunsets.Sunsets); a release that stops being an allowed baseline remakes the PASSes and NEEDS_REVIEWs measured against
+it as BLOCKs (measured.Measured)."""
 
 from __future__ import annotations
 

@@ -44,6 +44,7 @@ from tests.helpers import (
     register_model_release,
     run_cli,
     sink_stored,
+    store_decision,
     store_pass,
 )
 from tests.integration.test_gate_flow import audit, audited  # noqa: F401  (the gate audit subscription)
@@ -446,6 +447,138 @@ async def test_an_eval_that_compared_no_run_of_the_pinned_baseline_is_refused(
                                    "is stored, or gate 'r1' on this suite first"), d.reason
         state = await canary(svcs["router"], "rb1")
         assert (state["phase"], state["weight"]) == ("aborted", 0.0)
+
+
+async def first_release(router: Any, deployment: str, release: str) -> tuple[int, dict[str, Any]]:
+    """PUT `deployment` with `release` as its first (stable) release, as `lockgate rollout start` does."""
+    async with aiohttp.ClientSession(headers=admin_headers(router.ctx.settings.home)) as http:
+        async with http.put(f"{router.url}/lockgate/v1/deployments/{deployment}",
+                            json={"stable_release": release}) as resp:
+            return resp.status, await resp.json()
+
+
+async def gate_verify(settings: Settings, release: str) -> Result:
+    """`lockgate gate verify RELEASE` as an operator types it."""
+    args = ["--nats", settings.nats_url, "--prefix", settings.prefix, "--home", settings.home, "gate", "verify",
+            release]
+    return await asyncio.to_thread(CliRunner().invoke, cli, args, catch_exceptions=False)
+
+
+@pytest.mark.parametrize("pinned", [False, True], ids=["named", "pinned"])
+async def test_a_pass_measured_against_a_baseline_a_person_rejects_since_admits_no_more(
+    bus: Bus, settings: Settings, context: ServiceContext, run_services: Callable[..., Any], tmp_path: Path,
+    files: dict[str, str], trusted: Keyring, pinned: bool
+) -> None:
+    # Found by probe p85 (F1): r2 PASSed "no regression against r1", then carol rejected r1. The gate refused r1 as a
+    # yardstick from then on (an eval of r2's very content against it BLOCKed on baseline_allowed), but r2's PASS,
+    # whose only evidence on the regression rule was the comparison with r1, kept admitting: `gate verify r2` exit 0,
+    # a first release of r2 served at 100%, across restarts; so with the gates file pinning the baseline too.
+    apps: dict[str, Any] = {"shop": {"policy": "rel"}}
+    if pinned:
+        apps["shop"]["baseline"] = {"deployment": "base"}
+    async with gated(context, run_services, tmp_path, apps) as svcs:
+        router = svcs["router"]
+        await register_model_release(bus, "r0", "good", temperature=0.5)
+        await store_pass(bus, "r0", settings)
+        await register_model_release(bus, "r1", "good")
+        await register_model_release(bus, "r2", "good", temperature=0)
+        assert (await eval_run(settings, "", "r1", files["rel"])).exit_code == 0  # nothing to compare with yet
+        await sink_stored(svcs["sink"], eval_runs=1)
+        if pinned:
+            assert (await first_release(router, "base", "r1"))[1]["phase"] == "promoted"  # base's known-good
+        good = await eval_run(settings, "", "r2", files["rel"], "--baseline", "r1")
+        assert good.exit_code == 0, good.output
+        passed = await current_decision(bus, "r2")
+        assert (passed.decision, passed.baseline) == ("PASS", "r1")
+        assert (await canary(router, "r2", stable="r0"))["admitted"] == passed.id
+
+        person(settings, "carol", "approver")
+        rejected = await review(settings, "carol", "reject", "r1", "half its answers are wrong")
+        assert rejected.exit_code == 0, rejected.output
+        veto = json.loads(rejected.output)
+        # The reach-back runs before the reject is announced (Records.finish), which `gate reject` waited for.
+        held = await current_decision(bus, "r2")
+        assert held.decision == "BLOCK" and trusted.verify(held) == held.key_id
+        assert [(r.rule, r.verdict) for r in held.rules] == [
+            ("no-regression", "PASS"), ("few-errors", "PASS"), ("baseline_allowed", "FAIL")]
+        assert held.reason.startswith(f"baseline 'r1' is not allowed by the gate: its current decision is BLOCK, "
+                                      f"rejected by carol ({veto['reason'][:30]}"), held.reason
+        assert "run the eval with `--baseline` naming one" in held.reason
+        assert (held.eval_run, held.baseline, held.policy, held.reviewed_by, held.approvals) == (
+            passed.eval_run, "r1", passed.policy, "", [])
+        verified = await gate_verify(settings, "r2")
+        assert verified.exit_code == 5 and "(r2: BLOCK, decided " in verified.output, verified.output
+        await router.rollouts.wait_for(lambda routes: routes["chat"].decision_id == held.id, timeout=20)
+        route = router.rollouts.route("chat")
+        assert (route.stable.release, route.canary.release, route.phase, route.weight) == ("r0", "r2", "aborted", 0.0)
+        status, body = await first_release(router, "web", "r2")
+        assert status == 409 and "BLOCK" in json.dumps(body), body
+        await eventually(lambda: context.store.scalar(
+            "SELECT count() FROM gate_decisions WHERE id = {id:String} AND action = 'baseline'",
+            {"id": held.id}) == 1, [svcs["sink"].progress("gate_decisions")], what="the remade BLOCK audited")
+
+
+async def test_a_pass_judged_while_its_baseline_was_rejected_is_remade_once_stored(
+    bus: Bus, settings: Settings, context: ServiceContext, run_services: Callable[..., Any], tmp_path: Path,
+    files: dict[str, str], trusted: Keyring, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # r2's eval read its baseline r1 allowed (a PASS), then carol's reject of r1 was stored and its pass over what was
+    # measured against r1 listed the decisions before r2's PASS was stored: the PASS is judged again once stored.
+    async with gated(context, run_services, tmp_path, {"shop": {"policy": "rel"}}) as svcs:
+        await register_model_release(bus, "r1", "good")
+        await register_model_release(bus, "r2", "good", temperature=0)
+        assert (await eval_run(settings, "", "r1", files["rel"])).exit_code == 0
+        await sink_stored(svcs["sink"], eval_runs=1)
+        person(settings, "carol", "approver")
+        rejected: list[Result] = []
+        judge = handlers.evaluated_rules
+
+        async def reject_meanwhile(*args: Any) -> Any:  # after r2's eval read its baseline, before it stores
+            if args[1].release == "r2" and not rejected:
+                rejected.append(await review(settings, "carol", "reject", "r1", "half its answers are wrong"))
+            return await judge(*args)
+
+        monkeypatch.setattr(handlers, "evaluated_rules", reject_meanwhile)
+        rerun = await eval_run(settings, "", "r2", files["rel"], "--baseline", "r1")
+        assert rejected and rejected[0].exit_code == 0, rejected and rejected[0].output
+        assert rerun.exit_code == 5, rerun.output  # what its run shows is the decision that stands
+        held = await current_decision(bus, "r2")
+        assert held.decision == "BLOCK" and trusted.verify(held) == held.key_id
+        assert held.eval_run == json.loads(rerun.output)["run_id"]
+        assert [r.rule for r in held.rules if r.verdict == "FAIL"] == ["baseline_allowed"]
+        assert held.reason.startswith("baseline 'r1' is not allowed by the gate: its current decision is BLOCK, "
+                                      "rejected by carol"), held.reason
+
+
+async def test_a_gatekeeper_that_starts_remakes_the_passes_measured_against_a_release_no_longer_allowed(
+    bus: Bus, settings: Settings, run_services: Callable[..., Any], trusted: Keyring
+) -> None:
+    # A baseline rejected before a gatekeeper that reaches back ran (or while one stopped mid-pass): r2 PASSed
+    # against r1, r3 against r2, r4 against r1 under a policy judging no comparison, and r1 is a person's BLOCK.
+    rel = (await artifacts.register(bus, "policy", "rel", REL)).hash
+    absolute = (await artifacts.register(bus, "policy", "absolute", {**REL, "rules": REL["rules"][1:]})).hash
+    earlier = Signer.generate()  # the gatekeeper of before
+    trust_key(trust_file_path(settings), earlier.public)
+    decided = {}
+    for release, decision, baseline, policy in (("r1", "BLOCK", "", rel), ("r2", "PASS", "r1", rel),
+                                                ("r3", "PASS", "r2", rel), ("r4", "PASS", "r1", absolute)):
+        arts = await register_model_release(bus, release, "good", temperature=int(release[1]) / 10)
+        decided[release] = earlier.sign(GateDecided(
+            release=release, decision=decision, rules=[], baseline=baseline, policy=policy, eval_run=f"run-{release}",
+            reason="half its answers are wrong" if decision == "BLOCK" else "all 2 rules of policy 'rel' passed",
+            reviewed_by="carol" if decision == "BLOCK" else "", artifacts={**arts, "policy": policy}))
+        await store_decision(bus, decided[release])
+
+    svcs = await run_services("sink", "query", "gatekeeper")
+    assert svcs["gatekeeper"].problems() == []
+    for release, baseline in (("r2", "r1"), ("r3", "r2")):  # r3's baseline is withdrawn by r2's remaking
+        held = await current_decision(bus, release)
+        assert held.decision == "BLOCK" and trusted.verify(held) == held.key_id, (release, held.reason)
+        assert held.eval_run == f"run-{release}" and [r.rule for r in held.rules] == ["baseline_allowed"]
+        assert held.reason.startswith(f"baseline {baseline!r} is not allowed by the gate: its current decision is "
+                                      "BLOCK"), held.reason
+    assert await current_decision(bus, "r4") == decided["r4"]  # it judged nothing on the comparison
+    assert await svcs["gatekeeper"].handlers.measured.sweep() == 0  # a second start remakes none
 
 
 # A person's reject binds the content it rejected.

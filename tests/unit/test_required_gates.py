@@ -7,12 +7,13 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from lockgate.contracts import BaselineComparison, EvalCompleted, GateDecided
+from lockgate.contracts import BaselineComparison, EvalCompleted, GateDecided, RuleResult
 from lockgate.errors import ConfigError
-from lockgate.services.gatekeeper.baseline import refusal, required_baseline_rules, uses_baseline
+from lockgate.services.gatekeeper.baseline import disallowed, refusal, required_baseline_rules, uses_baseline
 from lockgate.services.gatekeeper.domain import (
     Outcome,
     Used,
+    baseline_withdrawn,
     decide_eval,
     parse_policy,
     required_rules,
@@ -276,6 +277,62 @@ def test_a_refused_baseline_blocks_a_policy_judged_against_it_and_its_comparison
     assert uses_baseline(parse_policy({"name": "m", "rules": [REL["rules"][1]],
                                        "review": {"require_when": [{"metric_moved": "pii*", "by": 0.01}]}}))
     assert not uses_baseline(parse_policy({"name": "d", "rules": [{**REL["rules"][0], "dry_run": True}]}))
+
+
+@pytest.mark.parametrize(
+    ("decision", "said"),
+    [
+        (base_decision(), ""),
+        (base_decision("BLOCK", reviewed_by="carol", reason="tone"),
+         "baseline 'v1' is not allowed by the gate: its current decision is BLOCK, rejected by carol (tone)"),
+        (base_decision("BLOCK", reason="drift: latency moved"),
+         "baseline 'v1' is not allowed by the gate: its current decision is BLOCK (drift: latency moved)"),
+        (base_decision("NEEDS_REVIEW"), "its current decision is NEEDS_REVIEW"),
+        (None, "baseline 'v1' has no gate decision: the gate never allowed it"),
+    ],
+)
+def test_a_release_is_an_allowed_baseline_while_its_current_decision_is_a_pass(
+        decision: GateDecided | None, said: str) -> None:
+    why = disallowed("v1", decision)
+    assert said in why if said else why == ""
+
+
+# A decision measured against a baseline the gate no longer allows (probe p85 F1: a PASS "no regression against
+# v1" kept admitting after a person rejected v1, while a new eval against v1 BLOCKed on baseline_allowed).
+WHY = "baseline 'v1' is not allowed by the gate: its current decision is BLOCK, rejected by carol (tone)"
+
+
+def measured(decision: str = "PASS", **changes: object) -> GateDecided:
+    rules = [RuleResult(rule="no-regression", metric="exact_match", op="relative", threshold=0.02, observed=0.0,
+                        verdict="PASS")]
+    return GateDecided(**{"id": "d2", "release": "v2", "decision": decision, "rules": rules, "baseline": "v1",
+                          "eval_run": "run-v2", "reason": "all 2 rules of policy 'rel' passed", **changes})
+
+
+@pytest.mark.parametrize("decision", ["PASS", "NEEDS_REVIEW"])
+def test_a_standing_decision_measured_against_a_baseline_no_longer_allowed_is_a_block(decision: str) -> None:
+    out = baseline_withdrawn(measured(decision), WHY, parse_policy(REL))
+    assert out is not None and out.decision == "BLOCK"
+    assert [(r.rule, r.verdict) for r in out.rules] == [("no-regression", "PASS"), ("baseline_allowed", "FAIL")]
+    assert out.reason.startswith(WHY) and out.reason.endswith("; all 2 rules of policy 'rel' passed")
+    assert "run the eval with `--baseline` naming one" in out.reason
+    # A policy that cannot be read now may have judged on the comparison: held to it all the same.
+    assert baseline_withdrawn(measured(decision), WHY, None) == out
+
+
+@pytest.mark.parametrize(
+    ("current", "why", "policy"),
+    [
+        (measured(), "", REL),  # the baseline is still allowed
+        (measured(baseline=""), WHY, REL),  # measured against none
+        (measured("BLOCK"), WHY, REL),  # admits nothing already, and no approval can make it
+        (measured(), WHY, {"name": "abs", "rules": [REL["rules"][1]]}),  # judged nothing on the comparison
+        (measured(), WHY, {"name": "dry", "rules": [{**REL["rules"][0], "dry_run": True}]}),
+    ],
+)
+def test_a_decision_stays_when_its_baseline_is_allowed_or_it_rests_on_no_comparison(
+        current: GateDecided, why: str, policy: dict) -> None:
+    assert baseline_withdrawn(current, why, parse_policy(policy)) is None
 
 
 def test_a_pinned_baseline_is_the_deployments_known_good_release() -> None:
