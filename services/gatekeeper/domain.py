@@ -469,13 +469,14 @@ def baseline_withdrawn(current: GateDecided, why: str, policy: Policy | None) ->
     a policy that gates on the comparison (baseline.uses_baseline; `policy` None: it cannot be read now, so it may)
     is a BLOCK carrying rule baseline_allowed, its remediation leading the reason: what an eval of it against that
     baseline is now (decide_eval). None when it stays: the baseline is still allowed, the policy judged nothing on the
-    comparison, or it admits nothing and no approval can make it admit (a BLOCK).
+    comparison, it admits nothing and no approval can make it admit (a BLOCK), or it was measured against its own
+    release (an earlier PASS of it: what that release's decision says now is this decision itself).
 
     A BLOCK, not the veto reach-back's NEEDS_REVIEW: that one holds content a person rejected for an approver, whose
     approval lifts the veto; here the evidence itself is void (no regression against a release the gate no longer
     allows says nothing), and no approval supplies it: an eval against an allowed baseline does. A NEEDS_REVIEW is
     remade too, so no approval PASSes it on that comparison."""
-    if not why or not current.baseline or current.decision not in ("PASS", "NEEDS_REVIEW"):
+    if not why or current.baseline in ("", current.release) or current.decision not in ("PASS", "NEEDS_REVIEW"):
         return None
     if policy is not None and not baselines.uses_baseline(policy):
         return None

@@ -325,6 +325,8 @@ def test_a_standing_decision_measured_against_a_baseline_no_longer_allowed_is_a_
     [
         (measured(), "", REL),  # the baseline is still allowed
         (measured(baseline=""), WHY, REL),  # measured against none
+        # Against an earlier PASS of its own release, now awaiting review: this very decision (an approval passes it).
+        (measured("NEEDS_REVIEW", baseline="v2"), WHY, REL),
         (measured("BLOCK"), WHY, REL),  # admits nothing already, and no approval can make it
         (measured(), WHY, {"name": "abs", "rules": [REL["rules"][1]]}),  # judged nothing on the comparison
         (measured(), WHY, {"name": "dry", "rules": [{**REL["rules"][0], "dry_run": True}]}),
