@@ -1,4 +1,9 @@
-"""Upstream response cache in a NATS KV bucket, keyed by a hash of the exact request."""
+"""Upstream response cache in a NATS KV bucket, keyed by a hash of the exact request and of whose answer it is.
+
+An entry is one endpoint's answer for one tenant: two allow-listed endpoints at one URL may differ in project,
+organization or credential (another account, region or fine-tune), so each has its own entries, and one
+tenant's answers are never another's (probe p90 F1: an endpoint was gated on another's cached answers).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ from typing import Any
 
 import msgspec
 
+from lockgate.endpoints import Access
 from lockgate.ids import canonical_json
 
 log = logging.getLogger("lockgate.evaluator.cache")
@@ -24,9 +30,26 @@ class Cached(msgspec.Struct, frozen=True):
     logprobs: tuple[float, ...] | None = None
 
 
-def request_key(endpoint: str, model: str, messages: list[dict[str, str]], params: dict[str, Any]) -> str:
-    """sha256 of the canonical request (endpoint, model, messages, params)."""
-    doc = {"endpoint": endpoint.rstrip("/"), "model": model, "messages": messages, "params": params}
+class Scope(msgspec.Struct, frozen=True, kw_only=True):
+    """Whose answer an entry is: the tenant, and the endpoint with everything it sends besides the request."""
+
+    tenant: str
+    endpoint: str  # the id of the endpoint called (a group's member), or the URL a run named
+    url: str
+    provider: str
+    headers: dict[str, str]  # OpenAI-Organization / OpenAI-Project
+    credential: str  # the credential's fingerprint (endpoints.fingerprint), never the secret
+
+
+def scope_of(access: Access, tenant: str) -> Scope:
+    """The cache scope of calls to `access` for `tenant`."""
+    return Scope(tenant=tenant, endpoint=access.member or access.id, url=access.base.rstrip("/"),
+                 provider=access.provider, headers=dict(access.scope), credential=access.fingerprint)
+
+
+def request_key(scope: Scope, model: str, messages: list[dict[str, str]], params: dict[str, Any]) -> str:
+    """sha256 of the canonical request (scope, model, messages, params)."""
+    doc = {"scope": msgspec.to_builtins(scope), "model": model, "messages": messages, "params": params}
     return hashlib.sha256(canonical_json(doc)).hexdigest()
 
 

@@ -256,8 +256,7 @@ class Execution:
         judge_hook = None
         if (params := loaded.judge_params) is not None:
             at = loaded.judge or Access(id="", base="")  # no endpoint: each call fails, and says so
-            upstream = Upstream(self.session, at.base, params.model, policy, cache, headers=at.headers,
-                                provider=at.provider)
+            upstream = Upstream(self.session, at, params.model, policy, cache, tenant=req.tenant)
             judge_hook = judge_step(upstream, params)
         if suite.task.type == "recorded":
             t = suite.task
@@ -268,7 +267,7 @@ class Execution:
                                               stopping=self.stopping, max_run_s=self.ctx.settings.eval_max_run_s)
         bucket = TokenBucket(suite.rate_limit_rps) if suite.rate_limit_rps else None
         at = loaded.target or Access(id=shown_url(req.endpoint), base=req.endpoint)
-        target = Upstream(self.session, at.base, loaded.model, policy, cache, bucket, at.headers, at.provider)
+        target = Upstream(self.session, at, loaded.model, policy, cache, bucket, tenant=req.tenant)
         call = functools.partial(target, params=_params(suite, loaded))
         return await runner.run_cases(suite, cases, call, concurrency=req.concurrency, skip=skip,
                                       on_result=on_result, judge=judge_hook, stopping=self.stopping,

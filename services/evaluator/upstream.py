@@ -10,23 +10,25 @@ from typing import Any
 import aiohttp
 import msgspec
 
+from lockgate.endpoints import Access
 from lockgate.errors import LockgateError
 from lockgate.services.evaluator import domain, judge, runner
-from lockgate.services.evaluator.cache import Cached, ResponseCache, request_key
+from lockgate.services.evaluator.cache import Cached, ResponseCache, request_key, scope_of
 from lockgate.services.evaluator.ratelimit import TokenBucket
 
 
 class Upstream:
-    """Calls `model` at `endpoint` (a base URL) with `headers` (its credential, if any), in the API of its
-    `provider` (runner.complete): a cache hit costs no call; misses wait for the rate limit, then call."""
+    """Calls `model` at endpoint `at` (its base URL, with its headers: credential, project) in the API of its
+    provider (runner.complete): a cache hit (an answer of this endpoint for `tenant`) costs no call; misses wait
+    for the rate limit, then call."""
 
-    def __init__(self, session: aiohttp.ClientSession, endpoint: str, model: str, policy: runner.CallPolicy,
-                 cache: ResponseCache | None = None, bucket: TokenBucket | None = None,
-                 headers: Mapping[str, str] | None = None, provider: str = "openai") -> None:
+    def __init__(self, session: aiohttp.ClientSession, at: Access, model: str, policy: runner.CallPolicy,
+                 cache: ResponseCache | None = None, bucket: TokenBucket | None = None, tenant: str = "") -> None:
         self.session = session
-        self.endpoint = endpoint
-        self.headers = headers
-        self.provider = provider
+        self.endpoint = at.base
+        self.headers = at.headers
+        self.provider = at.provider
+        self.scope = scope_of(at, tenant)
         self.model = model
         self.policy = policy
         self.cache = cache
@@ -38,7 +40,7 @@ class Upstream:
         """A completion; `salt` joins the cache key only (e.g. the judge replica, so n replies stay n)."""
         key = ""
         if self.cache is not None:
-            key = request_key(self.endpoint, self.model, messages, {**(params or {}), **(salt or {})})
+            key = request_key(self.scope, self.model, messages, {**(params or {}), **(salt or {})})
             hit = await self.cache.get(key)
             if hit is not None:
                 return runner.Completion(text=hit.text, latency_ms=hit.latency_ms, input_tokens=hit.input_tokens,
@@ -57,7 +59,7 @@ class Upstream:
 def judge_step(upstream: Upstream, params: judge.JudgeParams) -> runner.Judge:
     """The runner hook that asks the judge n times and adds `llm_judge` and its agreement to a result."""
 
-    # Every judge setting joins the cache key (model and endpoint are in it already), so a changed
+    # Every judge setting joins the cache key (model, endpoint and tenant are in it already), so a changed
     # rubric, sample count or pass mark never reuses replies given under other settings.
     setting = msgspec.to_builtins(params)
 

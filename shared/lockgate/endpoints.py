@@ -33,6 +33,7 @@ Without a file, two endpoints come from settings: `default` (stable_upstream) an
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Mapping, Sequence
 from typing import Annotated, Any, ClassVar, Literal, NamedTuple, TypeVar
@@ -134,10 +135,21 @@ class Access(msgspec.Struct, frozen=True, kw_only=True):
     member: str = ""  # when `id` is a group's: the member endpoint whose URL and credential these are
     provider: str = "openai"
     authorization: str | None = None  # "Bearer <key>"; never logged, never in events
-    headers: dict[str, str] = {}  # the credential as this provider expects it; never logged
+    headers: dict[str, str] = {}  # the credential as this provider expects it, and `scope`; never logged
+    scope: dict[str, str] = {}  # the OpenAI-Organization / OpenAI-Project headers sent (no secret)
+    # sha256 of the credential's name and value ("" without one): tells two credentials apart (the evaluator's
+    # cache keys answers by it) without holding the secret
+    fingerprint: str = ""
 
     def __repr__(self) -> str:  # keep the secret out of any accidental repr in logs or tracebacks
         return f"Access(id={self.id!r}, base={self.base!r})"
+
+
+def fingerprint(name: str, secret: str) -> str:
+    """A credential's fingerprint: sha256 of its name and value, domain-separated ("" without a secret)."""
+    if not secret:
+        return ""
+    return hashlib.sha256(b"lockgate.credential\0" + name.encode() + b"\0" + secret.encode()).hexdigest()
 
 
 def auth_headers(provider: str, secret: str) -> dict[str, str]:
@@ -179,7 +191,8 @@ def resolve(endpoint_id: str, spec: EndpointSpec, secrets: dict[str, str]) -> Ac
                                              ("OpenAI-Project", spec.project)) if value}
     return Access(id=endpoint_id, base=spec.url.rstrip("/"), provider=spec.provider,
                   authorization=f"Bearer {secret}" if secret else None,
-                  headers={**auth_headers(spec.provider, secret), **scope})
+                  headers={**auth_headers(spec.provider, secret), **scope}, scope=scope,
+                  fingerprint=fingerprint(spec.credential, secret))
 
 
 def read(settings: Settings, file_type: type[F]) -> F:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+from typing import Any
 
 import msgspec
 import pytest
@@ -11,7 +12,8 @@ import pytest
 from lockgate.contracts.evals import EvalProgress
 from lockgate.contracts.inference import request_digest
 from lockgate.services.evaluator import domain, judge, pricing, progress, recorded, summary
-from lockgate.services.evaluator.cache import request_key
+from lockgate.endpoints import Access, EndpointSpec, fingerprint, resolve
+from lockgate.services.evaluator.cache import request_key, scope_of
 from lockgate.services.evaluator.domain import CaseResult, SuiteError
 
 pytestmark = pytest.mark.timeout(20)
@@ -218,9 +220,42 @@ def test_a_case_digest_is_the_routers_digest_of_the_same_messages_however_spelt(
 
 def test_cache_key_is_canonical() -> None:
     msgs = [{"role": "user", "content": "hi"}]
-    assert request_key("http://x/v1/", "m", msgs, {"b": 1, "a": 2}) == request_key("http://x/v1", "m", msgs,
-                                                                                    {"a": 2, "b": 1})
-    assert request_key("http://x/v1", "m", msgs, {"replica": 1}) != request_key("http://x/v1", "m", msgs, {})
+    scope = scope_of(Access(id="http://x/v1", base="http://x/v1"), "")
+    assert request_key(scope, "m", msgs, {"b": 1, "a": 2}) == request_key(scope, "m", msgs, {"a": 2, "b": 1})
+    assert request_key(scope, "m", msgs, {"replica": 1}) != request_key(scope, "m", msgs, {})
+
+
+def _listed(eid: str, tenant: str = "acme", **spec: Any) -> str:
+    """The cache key of one request to allow-listed endpoint `eid` (resolved as the evaluator does) for `tenant`."""
+    secrets = {"KEY_A": "sk-a", "KEY_B": "sk-b", "KEY_C": "sk-a"}
+    access = resolve(eid, EndpointSpec(**{"url": "http://x/v1", **spec}), secrets)
+    return request_key(scope_of(access, tenant), "m", [{"role": "user", "content": "hi"}], {})
+
+
+def test_cache_key_covers_whose_answer_it_is() -> None:
+    """Answers never cross endpoints at one URL, their project, organization, credential or provider, or tenants
+    (probe p90 F1: an endpoint with `project: eu` was gated on another's cached answers)."""
+    base = _listed("us")
+    others = {"another endpoint id": _listed("eu"), "a project": _listed("us", project="eu"),
+              "an organization": _listed("us", organization="o"), "a credential": _listed("us", credential="KEY_A"),
+              "another provider": _listed("us", provider="anthropic"), "another tenant": _listed("us", "other"),
+              "another URL": _listed("us", url="http://y/v1")}
+    assert len({base, *others.values()}) == len(others) + 1, others
+    # Two credentials differ by name or value; the same ones give the same key.
+    keyed = {_listed("us", credential=c) for c in ("KEY_A", "KEY_B", "KEY_C")}
+    assert len(keyed) == 3 and _listed("us", credential="KEY_A") == _listed("us", credential="KEY_A")
+    # A group's member is keyed as the endpoint called, whichever id named it.
+    member = resolve("us", EndpointSpec(url="http://x/v1"), {})
+    as_group = msgspec.structs.replace(member, id="any", member="us")
+    assert scope_of(as_group, "acme") == scope_of(member, "acme")
+
+
+def test_the_cache_scope_holds_a_fingerprint_never_the_secret() -> None:
+    access = resolve("a", EndpointSpec(url="http://x/v1", credential="KEY_A"), {"KEY_A": "sk-secret-value"})
+    scope = scope_of(access, "acme")
+    assert scope.credential == fingerprint("KEY_A", "sk-secret-value") and len(scope.credential) == 64
+    assert "sk-secret-value" not in msgspec.json.encode(scope).decode()
+    assert scope_of(resolve("a", EndpointSpec(url="http://x/v1"), {}), "acme").credential == ""
 
 
 async def test_progress_ticks_are_throttled_but_the_last_is_always_sent() -> None:

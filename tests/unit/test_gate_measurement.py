@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from lockgate.contracts import EvalCompleted, EvalRequested
+from lockgate.endpoints import Access
 from lockgate.services.evaluator import domain as eval_domain
 from lockgate.services.evaluator import judge, summary
 from lockgate.services.evaluator.cache import Cached
@@ -119,7 +120,8 @@ class RecordingCache:
 def judge_keys(**changes: Any) -> set[str]:
     params = judge.parse_params({**JUDGE["params"], **changes})
     cache = RecordingCache()
-    upstream = Upstream(None, "http://127.0.0.1:1/v1", params.model, CallPolicy(), cache)  # type: ignore[arg-type]
+    at = Access(id="judge", base="http://127.0.0.1:1/v1")
+    upstream = Upstream(None, at, params.model, CallPolicy(), cache)  # type: ignore[arg-type]
     asyncio.run(judge_step(upstream, params)(judged(1, 1.0)))
     return set(cache.keys)
 
