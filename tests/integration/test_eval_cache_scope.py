@@ -1,6 +1,6 @@
 """The evaluator's answer cache never crosses endpoints, credentials or tenants (probe p90 F1): two allow-listed
-endpoints at one URL, one sending `OpenAI-Project: eu`, or each with its own credential, are asked afresh, and so
-is a run of another tenant; the same run again is answered from the cache. The judge's replies are cached the
+endpoints at one URL, one sending `OpenAI-Project: eu`, or each with its own credential, are asked afresh, as is
+an endpoint whose credential changed, and a run of another tenant; the same run again is answered from the cache. The judge's replies are cached the
 same way (the suite's judge calls the evaluated endpoint here)."""
 
 from __future__ import annotations
@@ -104,15 +104,18 @@ async def test_cached_answers_never_cross_endpoints_at_one_url_credentials_or_te
     assert "n_cached" not in eu.metrics
     assert [h.get("OpenAI-Project") for h in sim.headers[-2 * N:]] == ["eu"] * (2 * N)
 
-    # Same URL, another credential.
+    # Same URL, another credential; and the same endpoint after its credential changed (another account).
     await _eval(context, suite, "a")
     await _eval(context, suite, "b")
     assert sim.requests == {"m": 4 * N, "judge-m": 4 * N}
     assert {h.get("Authorization") for h in sim.headers[-2 * N:]} == {f"Bearer {KEY_B}"}
+    (tmp_path / "secrets.yaml").write_text(f"KEY_A: {KEY_B}\nKEY_B: {KEY_A}\n")
+    await _eval(context, suite, "a")
+    assert sim.requests == {"m": 5 * N, "judge-m": 5 * N}, "endpoint a was answered under its former credential"
 
     # Same endpoint, another tenant: never one tenant's answers for another.
     other = await _eval(context, suite, "us", tenant="acme")
-    assert sim.requests == {"m": 5 * N, "judge-m": 5 * N} and "n_cached" not in other.metrics
+    assert sim.requests == {"m": 6 * N, "judge-m": 6 * N} and "n_cached" not in other.metrics
 
     # The credential is only fingerprinted: neither key is in the cache bucket or a log line.
     held = await _kv_text(context)
