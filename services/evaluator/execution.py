@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -293,6 +294,9 @@ class Execution:
             warnings.append(f"model {model!r} is not in {loaded.price_source}; cost metrics are omitted")
         if judged := judge_warning(results):
             warnings.append(judged)
+        if isinstance(suite.task, domain.RecordedTask) and (aged := recorded.age_warning(
+                results, time.time_ns() // 1000, suite.task.since)):
+            warnings.append(aged)
         metrics = domain.aggregate(suite, results, costs)
         if cached := round(metrics.get(domain.N_CACHED, 0)):
             # Said, since a latency of such a row was measured when it was first called, maybe days ago, and a

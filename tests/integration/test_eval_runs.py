@@ -7,7 +7,7 @@ import contextlib
 import json
 import math
 from collections.abc import AsyncIterator, Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import msgspec
@@ -302,6 +302,37 @@ async def test_recorded_task_scores_inference_events_without_calls(
     assert cases["c04"]["error"].startswith("no recorded response for this prompt in shop/r7 (only events a router "
                                             "served to tenant 'default' count)")
     assert cases["c01"]["output"] == "wrong"
+
+
+async def test_a_recorded_run_says_how_old_the_answers_it_scored_are(
+    bus: Bus, store: Store, run_services: Callable[..., Any], results: Callable[[str], Any]
+) -> None:
+    """Probe p90 F2: a recorded eval scores the earliest matching served answers, however old; its warning (which
+    the gate's reason carries) names when they were served, how old the oldest is, and what bounds it."""
+    now = datetime.now(UTC).replace(tzinfo=None, microsecond=0)
+    served = [now - timedelta(hours=3), now - timedelta(hours=3) + timedelta(minutes=2), now - timedelta(minutes=1)]
+    rows = [[f"old{i}", at, "default", True, "shop", "r9", "ok", c["input"], c["expected"], 10.0, 3, 2,
+             {REQUEST_DIGEST: asked(c["input"])}] for i, (c, at) in enumerate(zip(CASES[:3], served, strict=True))]
+    store.insert_rows("inference_events", ["id", "time", "tenant", "served", "app", "release", "status", "prompt",
+                                           "response", "latency_ms", "input_tokens", "output_tokens", "attributes"],
+                      rows, token="aged")
+    await register_model_release(bus, "r9")
+    await run_services("sink", "query", "evaluator")
+    ran = {}
+    for since in ("", (now - timedelta(days=1)).isoformat()):
+        task = {"type": "recorded", "app": "shop", "release": "r9", **({"since": since} if since else {})}
+        req = request(release="r9", suite=await register_suite(bus, dataset=CASES[:3], task=task), endpoint="",
+                      model="")
+        await bus.publish(bus.subjects.eval_requested, req)
+        ran[since] = await results(req.run_id)
+    span = f"{served[0].isoformat()}Z to {served[2].isoformat()}Z"
+    unbounded = [w for w in ran[""].warnings if w.startswith("recorded answers: ")]
+    assert ran[""].status == "completed" and ran[""].metrics["exact_match"] == 1.0
+    assert unbounded and f"the 3 served answers scored were recorded {span}, the oldest 3.0 h old" in unbounded[0], \
+        ran[""].warnings
+    assert "the task sets no `since`" in unbounded[0]
+    bounded = [w for w in ran[next(k for k in ran if k)].warnings if w.startswith("recorded answers: ")]
+    assert bounded and f"the task's `since` ({(now - timedelta(days=1)).isoformat()}) admits none older" in bounded[0]
 
 
 async def test_a_recorded_task_scores_only_what_a_router_served_to_the_releases_tenant(

@@ -11,8 +11,8 @@ import pytest
 
 from lockgate.contracts.evals import EvalProgress
 from lockgate.contracts.inference import request_digest
-from lockgate.services.evaluator import domain, judge, pricing, progress, recorded, summary
 from lockgate.endpoints import Access, EndpointSpec, fingerprint, resolve
+from lockgate.services.evaluator import domain, judge, pricing, progress, recorded, summary
 from lockgate.services.evaluator.cache import request_key, scope_of
 from lockgate.services.evaluator.domain import CaseResult, SuiteError
 
@@ -187,7 +187,7 @@ def test_recorded_outputs_are_the_earliest_requests_exactly_as_the_release_rende
     out = recorded.results(s, s.dataset[:4], events, skip={("c0", 1)})
     by = {(r.case_id, r.repeat): r for r in out}
     assert by[("c1", 0)].output == "a1" and by[("c1", 1)].output == "x" and ("c0", 1) not in by
-    assert by[("c1", 0)].scores["exact_match"] == 1.0 and by[("c1", 0)].details == {"event_id": "first"}
+    assert by[("c1", 0)].scores["exact_match"] == 1.0 and by[("c1", 0)].details == {"event_id": "first", "served_us": 10}
     # q2 asked only otherwise than the suite renders it: missing, never scored
     assert by[("c2", 0)].error.startswith("no recorded response for this prompt in the recorded events: a served chat "
                                           "request counts only when its messages are exactly those the release's")
@@ -197,6 +197,23 @@ def test_recorded_outputs_are_the_earliest_requests_exactly_as_the_release_rende
     # a missing case says whose served events were looked at
     mine = recorded.results(s, s.dataset[0:1], events, skip=set(), tenant="acme")
     assert "(only events a router served to tenant 'acme' count): a served chat request" in mine[0].error
+
+
+def test_a_recorded_runs_warning_says_how_old_the_answers_it_scored_are() -> None:
+    """Probe p90 F2: a PASS on the earliest matching served answers said nothing of their age."""
+    t0 = 1_796_691_720_000_000  # 2026-12-08T01:02:00Z
+    rows = [CaseResult(case_id=f"c{i}", repeat=0, input="q", expected="a", details={"event_id": f"e{i}", "served_us": t})
+            for i, t in enumerate((t0 + 60_000_000, t0))]
+    rows.append(CaseResult(case_id="c9", repeat=0, input="q", expected="a", error="no recorded response for this prompt"))
+    now = t0 + 40 * 60_000_000
+    warning = recorded.age_warning(rows, now, "")
+    assert warning.startswith("recorded answers: the 2 served answers scored were recorded 2026-12-08T01:02:00Z to "
+                              "2026-12-08T01:03:00Z, the oldest 40 min old; the task sets no `since`"), warning
+    assert "the task's `since` (2026-12-08T00:00:00) admits none older" in recorded.age_warning(
+        rows, now, "2026-12-08T00:00:00")
+    assert "the oldest 3.0 h old" in recorded.age_warning(rows, t0 + 3 * 3600_000_000, "")
+    assert "the oldest 2.5 days old" in recorded.age_warning(rows, t0 + 60 * 3600_000_000, "")
+    assert recorded.age_warning(rows[2:], now, "") == ""  # nothing scored: nothing to date
 
 
 def test_a_case_digest_is_the_routers_digest_of_the_same_messages_however_spelt() -> None:
