@@ -107,7 +107,7 @@ from lockgate.services.router.ratelimit import (
     refusal,
 )
 from lockgate.services.router.resilience import may_have_generated
-from lockgate.services.router.wire import CHAT, USAGE_WARNING, error_response, own_request_id
+from lockgate.services.router.wire import CHAT, RESPONSE_FAILED, USAGE_WARNING, error_response, own_request_id
 
 log = logging.getLogger("lockgate.router.admission")
 T = TypeVar("T")
@@ -230,6 +230,13 @@ class Ticket:
         """Something is held on a budget or rate limit (not when no policy applies, nor once settled)."""
         return self.cost is not ZERO
 
+
+
+def _cut_stream(ticket: Ticket, rec: Any) -> bool:
+    """The call `rec` records streamed and stopped before its end: cut (by the client, a timeout, a broken connection),
+    truncated, or ended by an error event. A failed Responses turn (RESPONSE_FAILED) ended with its final word."""
+    return (ticket.req is not None and bool(ticket.req.stream) and rec.status != "ok"
+            and rec.error_type != RESPONSE_FAILED)
 
 
 class Admission:
@@ -388,12 +395,13 @@ class Admission:
 
     # -- calls whose usage is unknown ----------------------------------------------------------------
 
-    def worst(self, ticket: Ticket, call: Call) -> tuple[int, int, Amount]:
-        """A call's worst case (budgets.worst_case): input and output tokens, and their cost at its model's price."""
+    def worst(self, ticket: Ticket, call: Call, reported_input: int = 0) -> tuple[int, int, Amount]:
+        """A call's worst case (budgets.worst_case): input and output tokens, and their cost at its model's price;
+        its input the `reported_input` count the upstream reported when that is larger than its estimate."""
         assert ticket.req is not None  # an admitted ticket (a further reservation's has no calls to price)
         return worst_case(ticket.prices.get(call.model, ticket.price), call.body_bytes, ticket.req, call.limits,
                           ticket.max_fields, self.file.default_max_tokens, self.file.bytes_per_token, ticket.pointed,
-                          call.writes)
+                          call.writes, reported_input)
 
     async def cover(self, ticket: Ticket, spent: Sequence[Call], then: Call) -> str | None:
         """Before a call (a fallback) that follows calls abandoned after their request went out: reserve what the
@@ -441,10 +449,10 @@ class Admission:
         ticket.cost = ticket.cost + need
         return None
 
-    def _unknown(self, ticket: Ticket, rec: Any, call: Call) -> Amount:
-        """A call whose usage is unknown costs its worst case; its record says so, and what was charged (its
-        event's attributes), so the cost accountant books the same."""
-        tokens_in, tokens_out, cost = self.worst(ticket, call)
+    def _unknown(self, ticket: Ticket, rec: Any, call: Call, reported_input: int = 0) -> Amount:
+        """A call whose usage is unknown costs its worst case (its input the believed `reported_input` when larger);
+        its record says so, and what was charged (its event's attributes), so the cost accountant books the same."""
+        tokens_in, tokens_out, cost = self.worst(ticket, call, reported_input)
         rec.attributes[USAGE_UNKNOWN] = "worst_case"
         rec.attributes[CHARGED_INPUT_TOKENS] = str(tokens_in)
         rec.attributes[CHARGED_OUTPUT_TOKENS] = str(tokens_out)
@@ -583,6 +591,13 @@ class Admission:
             rec.attributes[USAGE_WARNING] = f"usage not believed: {doubt}"
             believed = False
         if believed and (rec.input_tokens or rec.output_tokens):
+            if call is not None and _cut_stream(ticket, rec):
+                # A stream that stopped before its end reported a running count at most (vLLM's in every chunk when
+                # the client asks `continuous_usage_stats`), not what the provider bills for what it generated
+                # before it noticed the cut: its output is unknown. The input it reported stands where it is above
+                # the estimate (one that only guesses). Before, probe p88 F1, a client leaving after 3 chunks was
+                # charged 3 output tokens, and the ledger booked them.
+                return self._unknown(ticket, rec, call, rec.input_tokens)
             # `model` may be none the request could reach: another model answered (Proxy._answered_by), at its price.
             price = ticket.prices[model] if model in ticket.prices else self.prices.get(model, ticket.price)
             return cost_of(price, rec.input_tokens, rec.output_tokens, rec.cached_tokens, rec.cache_write_tokens,

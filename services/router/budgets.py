@@ -427,12 +427,14 @@ def reckoned(price: ModelPrice | None, writes: bool) -> ModelPrice | None:
 
 def worst_case(price: ModelPrice | None, body_bytes: int, req: ApiRequest, limits: OutputLimits,
                fields: Sequence[str], default_max_tokens: int, bytes_per_token: float,
-               pointed: int = 0, writes: bool = False) -> tuple[int, int, Amount]:
+               pointed: int = 0, writes: bool = False, reported_input: int = 0) -> tuple[int, int, Amount]:
     """What one call may be billed at most: its input estimate (from the `body_bytes` it sends), the most output its
     body's `limits` allow, and their cost at its model's `price` (the input at a cache write's rate when its upstream
     `writes` the prompt cache: reckoned). Charged for a call whose usage the router never learns (abandoned after its
-    request went out), as admission reserves for a request of that call alone."""
-    tokens_in = input_estimate(body_bytes, req, bytes_per_token, pointed)
+    request went out), as admission reserves for a request of that call alone. `reported_input`: an input count the
+    upstream reported and the router believes (a cut stream's, told before its output was), charged when above the
+    estimate: where the estimate only guesses (an image at `media_tokens`) the provider bills what it read."""
+    tokens_in = max(input_estimate(body_bytes, req, bytes_per_token, pointed), reported_input)
     tokens_out = most_output(req, fields, default_max_tokens, (limits,))
     return tokens_in, tokens_out, cost_of(reckoned(price, writes), tokens_in, tokens_out)
 

@@ -54,6 +54,9 @@ OUTPUT_MESSAGES = "gen_ai.output.messages"
 # bills missing, a total that is no count): the event attribute saying why; a count that is none is 0 in
 # the event, and the call's budgets charge its worst case.
 USAGE_WARNING = "lockgate.usage_warning"
+# The error type of a Responses turn the provider failed (`status: failed`, streamed as `response.failed`): its
+# response object is the final word, its usage the turn's whole (settlement believes it, stream or not).
+RESPONSE_FAILED = "response_failed"
 # The processing tier the upstream says it served the call at (OpenAI's `service_tier`: `default`, `priority`,
 # `flex`...), named as OpenTelemetry's OpenAI conventions name it.
 SERVICE_TIER = "openai.response.service_tier"
@@ -314,7 +317,7 @@ def _response(r: Response, rec: _Record) -> None:
     elif r.status:
         out.finish[0] = r.status
     if r.status == "failed":  # the model's turn failed (streamed: response.failed), whatever the HTTP status
-        rec.status, rec.error_type = "error", "response_failed"
+        rec.status, rec.error_type = "error", RESPONSE_FAILED
     if r.usage is not None:
         _usage(rec, r.usage.tokens())
 
@@ -367,7 +370,7 @@ def parse_response_event(data: bytes, rec: _Record) -> bool:
     elif e.response is not None and e.type in ("response.completed", "response.incomplete", "response.failed"):
         _response(e.response, rec)
         if e.type == "response.failed":
-            rec.status, rec.error_type = "error", "response_failed"
+            rec.status, rec.error_type = "error", RESPONSE_FAILED
     return False
 
 

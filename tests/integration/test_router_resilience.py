@@ -214,8 +214,19 @@ class FakeLLM:
         resp = web.StreamResponse(headers={**headers, "Content-Type": "text/event-stream"})
         await resp.prepare(request)
 
+        # As vLLM does when a request's `stream_options.continuous_usage_stats` asks: every chunk with a choice carries
+        # the usage so far (a running count, one output token a chunk), the last usage chunk the whole answer's.
+        running = bool((body.get("stream_options") or {}).get("continuous_usage_stats"))
+        generated = 0
+
         def chunk(**fields: Any) -> bytes:
+            nonlocal generated
             base = {"id": f"c{n}", "object": "chat.completion.chunk", "created": 1, "model": body["model"]}
+            if running and fields.get("choices"):
+                generated += 1
+                prompt = self.usage["prompt_tokens"]
+                fields["usage"] = {"prompt_tokens": prompt, "completion_tokens": generated,
+                                   "total_tokens": prompt + generated}
             return f"data: {json.dumps({**base, **fields})}\n\n".encode()
 
         await resp.write(chunk(choices=[{"index": 0, "delta": {"role": "assistant", "content": text},
@@ -1627,6 +1638,57 @@ async def test_usage_missing_a_count_or_with_a_total_that_is_none_is_charged_wor
         spent = await _counter(router, context)
     usd = math.ceil((tokens_in * 1.0 + tokens_out * 4.0) / 1e6 * 1e9)
     assert (spent.tokens, spent.usd) == (tokens_in + tokens_out, usd)  # before: 11 tokens (13 with the total's parts)
+    # The cost ledger books what the budget kept.
+    Codec(CostLedger).decode((await ledgers.next_msg(timeout=15)).data)
+    await sink_stored(svcs["sink"].handlers, cost_ledger=1)
+    (cost,) = await asyncio.to_thread(cost_rollup, store, ["tenant"])
+    assert (cost["calls"], cost["tokens"]) == (1, tokens_in + tokens_out)
+    assert cost["cost_usd"] == pytest.approx(usd / 1e9, abs=1e-8)
+
+
+@pytest.mark.parametrize(("action", "timeouts", "error_type"), [
+    ("chunks_paced", {}, "client_disconnected"),
+    ("chunk_then_hang", {"between_chunks_s": 0.05}, "stream_interrupted:ChunkTimeout"),
+    ("chunk_then_drop", {}, "stream_interrupted:BrokenReply"),
+], ids=["client-leaves", "stalled", "connection-broken"])
+async def test_a_stream_cut_after_a_running_usage_is_charged_its_worst_case_and_booked_alike(
+        gateway: Gateway, keys: Bootstrap, context: ServiceContext, events: Any, tmp_path: Any, run_services: Any,
+        store: Any, action: str, timeouts: dict[str, float], error_type: str) -> None:
+    # Found by a probe (p88 F1): a client asking vLLM for `continuous_usage_stats` has every chunk carry the usage so
+    # far, and a stream cut after such a chunk was charged that running count: 1,000 in and 3 out (1.003 USD) for a
+    # client leaving after 3 chunks, where the same cut without it was charged its worst case (8.245 USD), and the
+    # ledger booked the running count too. Now any cut stream is charged its worst case, whatever usage it reported.
+    _priced(context, tmp_path, {"m": (1.0, 4.0)}, {"usd": 100.0, "tokens": 1_000_000})
+    ledgers = await context.bus.nc.subscribe(context.bus.subjects.cost_ledger)
+    svcs = await run_services("sink", "cost")
+    async with FakeLLM("vllm", action) as up:
+        router = await gateway({"default": {"url": up.url, "timeouts": timeouts}})
+        async with client(router, keys) as c:
+            stream = await c.chat.completions.create(
+                model="m", messages=MESSAGES, max_tokens=300, stream=True,
+                stream_options={"include_usage": True, "continuous_usage_stats": True})
+            chunks = []
+            with contextlib.suppress(openai.APIError):  # the stalled and broken streams end with an error event
+                async for chunk in stream:
+                    chunks.append(chunk)
+                    if len(chunks) == 3:  # the client that leaves: after 3 chunks
+                        break
+            await stream.close()
+        # The option reached the upstream (forwarded as the client sent it), and so did its running count.
+        assert chunks[0].usage is not None and chunks[0].usage.completion_tokens == 1
+        if action == "chunks_paced":
+            await asyncio.wait_for(up.hung_up.wait(), 10)
+        tokens_in, tokens_out = _worst(int(up.headers[0]["Content-Length"]), 300)
+        (event,) = await events(1)
+        assert (event.status, event.error_type) == ("error", error_type)
+        assert 1 <= event.output_tokens < 300  # the event keeps the running count it reported
+        assert {k: v for k, v in event.attributes.items() if k.startswith("lockgate.") and k not in (
+            "lockgate.endpoint", REQUEST_DIGEST)} == {
+            "lockgate.usage_unknown": "worst_case",
+            "lockgate.charged_input_tokens": str(tokens_in), "lockgate.charged_output_tokens": str(tokens_out)}
+        spent = await _counter(router, context)
+    usd = math.ceil((tokens_in * 1.0 + tokens_out * 4.0) / 1e6 * 1e9)
+    assert (spent.tokens, spent.usd) == (tokens_in + tokens_out, usd)  # before: 1 + the running count of output
     # The cost ledger books what the budget kept.
     Codec(CostLedger).decode((await ledgers.next_msg(timeout=15)).data)
     await sink_stored(svcs["sink"].handlers, cost_ledger=1)

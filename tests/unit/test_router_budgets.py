@@ -141,6 +141,13 @@ def test_a_calls_worst_case_is_what_admission_reserves_for_that_call_alone() -> 
     assert cost == cost_of(PRICE, tokens_in, tokens_out)
     # Probe p17 F3: a client without a limit counted default_max_tokens beside its release's 50 (4,096 charged).
     assert worst_case(PRICE, len(raw), ApiRequest(), OutputLimits(max_tokens=50), CHAT_OP.max_fields, 4096, 1.0)[1] == 50
+    # A cut stream's believed input count (probe p88 F1) is charged where it is above the estimate (an image read at
+    # more than `media_tokens`), never below it: its output is the worst case all the same.
+    more = tokens_in + 20_000
+    assert worst_case(PRICE, len(raw), req, OutputLimits(max_tokens=300, n=2), CHAT_OP.max_fields, 4096, 1.0,
+                      pointed=1500, reported_input=more) == (more, 600, cost_of(PRICE, more, 600))
+    assert worst_case(PRICE, len(raw), req, OutputLimits(max_tokens=300, n=2), CHAT_OP.max_fields, 4096, 1.0,
+                      pointed=1500, reported_input=3) == (tokens_in, tokens_out, cost)
 
 
 def test_a_further_reservation_covers_what_abandoned_calls_may_have_spent_and_the_next_call() -> None:
