@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from lockgate.contracts.inference import ADMITTED_AT
 from lockgate.errors import UnknownDimension
 from lockgate.store import Store
 
@@ -108,8 +109,13 @@ def cost_rollup(
 # (an application's own events of calls it made elsewhere are in the ledger too), and the event holds the API key.
 # A router's shadow copies are among them (sent on the same subject, with the caller's key), as the live counters
 # count them (shadow.py reserves each on the caller's budgets: probe p60 F1).
+# A call admitted before the span (`ADMITTED_AT`; an event without it, by its own time) is not in it, though it ended
+# there: its admission counted it in the period before, on that period's counter (probe p88 F2: a request admitted
+# before midnight and ended after was counted on both days' counters).
 _SERVED = ("SELECT tenant, app, id FROM inference_events WHERE served AND time >= {since:DateTime64(6, 'UTC')} "
-           "AND time < {until:DateTime64(6, 'UTC')}")
+           "AND time < {until:DateTime64(6, 'UTC')} "
+           f"AND ifNull(parseDateTime64BestEffortOrNull(attributes['{ADMITTED_AT}'], 6, 'UTC'), time) >= "
+           "{since:DateTime64(6, 'UTC')}")
 
 
 def budget_spend(store: Store, since: datetime, until: datetime, tenant: str = "", app: str = "",

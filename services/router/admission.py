@@ -37,6 +37,7 @@ from lockgate.batcher import Batcher
 from lockgate.config import Settings
 from lockgate.contracts import BudgetEvent
 from lockgate.contracts.inference import (
+    ADMITTED_AT,
     CHARGED_INPUT_RATE,
     CHARGED_INPUT_TOKENS,
     CHARGED_OUTPUT_TOKENS,
@@ -201,8 +202,8 @@ class Refused(NamedTuple):
 class Ticket:
     """One admitted request: what it reserved where, settled once after its calls."""
 
-    __slots__ = ("app", "cache_key", "charges", "cost", "deployment", "key", "key_id", "limits", "max_fields",
-                 "pointed", "price", "prices", "req", "spent", "tenant")
+    __slots__ = ("admitted", "app", "cache_key", "charges", "cost", "deployment", "key", "key_id", "limits",
+                 "max_fields", "pointed", "price", "prices", "req", "spent", "tenant")
 
     def __init__(self, key: ApiKey | None, cost: Amount, price: ModelPrice | None,
                  prices: dict[str, ModelPrice | None] | None = None) -> None:
@@ -224,6 +225,8 @@ class Ticket:
         self.deployment = ""
         # The key's router rate limits after admission, as `x-ratelimit-*` headers (RateLimiter.headers).
         self.limits: dict[str, str] = {}
+        # When it was admitted, under a policy: the instant whose periods its budgets count it in (ADMITTED_AT).
+        self.admitted: datetime | None = None
 
     @property
     def reserved(self) -> bool:
@@ -326,7 +329,7 @@ class Admission:
         if self.limiter:
             ticket.limits = limits
         now = self.clock()
-        wall = self.wall()
+        wall = ticket.admitted = self.wall()
         periods = self._periods if self._periods.ordinal == wall.toordinal() else self._new_periods(wall)
         for b in self.budgets:
             if not b.matches(key.tenant, key.app, key.id):
@@ -575,6 +578,12 @@ class Admission:
         the last call did. A call charged its worst case has its record say so (`_unknown`), whatever the ticket: the
         cost ledger books it so when no budget or rate limit covers the key too (before, probe p56 F1, such a call was
         booked 0 tokens and $0 then, though the provider bills it); only the counters need a reservation."""
+        if ticket.charges and ticket.admitted is not None:
+            # Counted on budget counters of the period of its admission: the events say when, so that the seed of a
+            # counter of the next period (the ledger dates a call as it ends) leaves them out (budget_spend).
+            stamp = ticket.admitted.isoformat(timespec="microseconds")
+            for r in (rec, *(r for r, _ in abandoned)):
+                r.attributes[ADMITTED_AT] = stamp
         spent = sum((self._unknown(ticket, r, c) for r, c in abandoned), ZERO)
         final = ticket.spent = self._final(ticket, rec, model, call)
         if not ticket.reserved:  # no policy applies, or nothing is held any more (a cache hit released it)

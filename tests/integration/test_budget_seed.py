@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +24,10 @@ from lockgate.cli.main import cli
 from lockgate.codec import Codec
 from lockgate.config import Settings
 from lockgate.contracts.cost import CostLedger
+from lockgate.contracts.inference import ADMITTED_AT
 from lockgate.server.apikeys import bootstrap
 from lockgate.services.query.registry import run
-from lockgate.services.router.budgets import NANO, Counter
+from lockgate.services.router.budgets import NANO, Amount, Counter
 from lockgate.store import Store
 from lockgate_dev.sim import SimServer
 from tests.helpers import sink_stored
@@ -125,6 +126,43 @@ async def test_a_budget_added_mid_period_holds_the_periods_earlier_spend(
     assert "shop-day" in table.stdout and "no budgets" not in table.stdout, table.stdout
 
 
+async def test_a_request_admitted_before_midnight_and_ended_after_counts_on_its_admission_days_counter_alone(
+        settings: Settings, store: Store, stack: Stack, run_services: Any, sim: SimServer, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Found by a probe (p88 F2): a request admitted on day D and ending on D+1 was reserved and settled on D's counter,
+    # its event dated as it ended (D+1), and D+1's counter, seeded at its first lease from the ledger's D+1, counted it
+    # again: 1.01 USD on D's counter and 2.02 on D+1's for 2.02 spent. Now the seed leaves out what was admitted before
+    # the period: a request counts in the period its admission counted it in (its event's `lockgate.admitted_at`).
+    keys = bootstrap(settings.home, tenant="acme", app="shop")
+    svcs = await run_services("sink", "cost", "query")
+    bus = svcs["sink"].ctx.bus
+    facts = await bus.nc.subscribe(bus.subjects.cost_ledger)
+    s = settings.replace(stable_upstream=sim.url, passthrough=True, deployment="chat", gateway_file=gateway(
+        tmp_path, budgets={"shop-day": {"tenant": "acme", "app": "shop", "period": "day",
+                                        "usd": 100 * reservation().usd / NANO}}))
+    router = await stack.add(s, store, "router-a")
+    admitted = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0) - timedelta(seconds=1)
+    async with client(router, keys.app_key) as c:
+        # Admitted a second before midnight (day D), on D's counter; its event, dated as it ends, is on D+1.
+        monkeypatch.setattr(router.admission, "wall", lambda: admitted)
+        late = (await ask(c)).usage
+        monkeypatch.undo()
+        _ledgers.decode((await facts.next_msg(timeout=30)).data)  # booked: the next counter's seed would see it
+        await sink_stored(svcs["sink"].handlers, cost_ledger=1)
+        await svcs["sink"].handlers.rows.wait_for(1)
+        # The app's first request of D+1 creates D+1's counter, seeded from what the ledger booked that day before.
+        early = (await ask(c)).usage
+    await facts.unsubscribe()
+    await router.admission.return_expired(force=True)
+    day_d = await _counter(router.ctx.bus, f"shop-day.{admitted:%Y-%m-%d}")
+    day_after = await _counter(router.ctx.bus, f"shop-day.{_today()}")
+    assert (day_d.leased.usd, day_d.seeded) == (spent([late]), Amount(0, 0))
+    # Before: seeded with the late request's cost, counted on both days.
+    assert (day_after.leased.usd, day_after.seeded) == (spent([early]), Amount(0, 0))
+    rows = store.rows("SELECT attributes['lockgate.admitted_at'] AS at FROM inference_events ORDER BY time")
+    assert rows[0]["at"] == admitted.isoformat(timespec="microseconds")
+
+
 async def test_a_counter_the_ledger_cannot_seed_counts_from_its_creation_and_says_so(
         settings: Settings, store: Store, stack: Stack, sim: SimServer, tmp_path: Path) -> None:
     # No query service answers: the router does not wait for one at every lease; the counter says it is unseeded.
@@ -146,9 +184,12 @@ def test_budget_spend_counts_served_calls_of_its_scope_and_span_only(store: Stor
     calls = [("a", 0, "acme", "shop", "k1", True, 0.5, 10, 5), ("b", 1, "acme", "shop", "k2", True, 0.25, 4, 4),
              ("c", 2, "acme", "shop", "", False, 8.0, 100, 100),  # the app's own event: no router counted it
              ("d", 3, "acme", "other", "k3", True, 2.0, 1, 1), ("e", 4, "beta", "shop", "k4", True, 4.0, 1, 1),
-             ("f", 90, "acme", "shop", "k1", True, 16.0, 1, 1)]  # after the span
-    store.insert_rows("inference_events", ["id", "time", "tenant", "app", "key_id", "served"],
-                      [(i, t0.replace(minute=m % 60, hour=10 + m // 60), t, a, k, s) for i, m, t, a, k, s, *_ in calls],
+             ("f", 90, "acme", "shop", "k1", True, 16.0, 1, 1),  # after the span
+             ("g", 5, "acme", "shop", "k1", True, 32.0, 1, 1)]  # ended in it, admitted the day before (p88 F2)
+    admitted = {"a": "2026-12-06T09:59:59.500000+00:00", "g": "2026-12-05T23:59:59.000000+00:00"}
+    store.insert_rows("inference_events", ["id", "time", "tenant", "app", "key_id", "served", "attributes"],
+                      [(i, t0.replace(minute=m % 60, hour=10 + m // 60), t, a, k, s,
+                        {ADMITTED_AT: admitted[i]} if i in admitted else {}) for i, m, t, a, k, s, *_ in calls],
                       token=None)
     store.insert_rows("cost_ledger", ["event_id", "time", "tenant", "app", "cost_usd", "input_tokens", "output_tokens"],
                       [(i, t0.replace(minute=m % 60, hour=10 + m // 60), t, a, c, n, o)
@@ -162,4 +203,4 @@ def test_budget_spend_counts_served_calls_of_its_scope_and_span_only(store: Stor
     assert spend(tenant="acme") == (2.75, 25, 3)
     assert spend() == (6.75, 27, 4)
     assert spend(tenant="acme", app="shop'; DROP TABLE cost_ledger; --") == (0.0, 0, 0)
-    assert store.scalar("SELECT count() FROM cost_ledger") == 6
+    assert store.scalar("SELECT count() FROM cost_ledger") == 7

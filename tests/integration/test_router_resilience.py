@@ -28,7 +28,7 @@ from lockgate import anthropicwire
 from lockgate.cli.budget import read_budgets
 from lockgate.codec import Codec
 from lockgate.contracts import CostLedger, InferenceEvent
-from lockgate.contracts.inference import REQUEST_DIGEST
+from lockgate.contracts.inference import ADMITTED_AT, REQUEST_DIGEST
 from lockgate.llmwire import ApiRequest
 from lockgate.server.apikeys import Bootstrap, bootstrap
 from lockgate.server.service import ServiceContext
@@ -1631,7 +1631,7 @@ async def test_usage_missing_a_count_or_with_a_total_that_is_none_is_charged_wor
         tokens_in, tokens_out = _worst(int(up.headers[0]["Content-Length"]), 300)
         (event,) = await events(1)
         assert {k: v for k, v in event.attributes.items() if k.startswith("lockgate.") and k not in (
-            "lockgate.endpoint", REQUEST_DIGEST)} == {
+            "lockgate.endpoint", REQUEST_DIGEST, ADMITTED_AT)} == {
             "lockgate.usage_warning": f"usage not believed: {why.format(tokens_in=tokens_in)}",
             "lockgate.usage_unknown": "worst_case",
             "lockgate.charged_input_tokens": str(tokens_in), "lockgate.charged_output_tokens": str(tokens_out)}
@@ -1683,7 +1683,7 @@ async def test_a_stream_cut_after_a_running_usage_is_charged_its_worst_case_and_
         assert (event.status, event.error_type) == ("error", error_type)
         assert 1 <= event.output_tokens < 300  # the event keeps the running count it reported
         assert {k: v for k, v in event.attributes.items() if k.startswith("lockgate.") and k not in (
-            "lockgate.endpoint", REQUEST_DIGEST)} == {
+            "lockgate.endpoint", REQUEST_DIGEST, ADMITTED_AT)} == {
             "lockgate.usage_unknown": "worst_case",
             "lockgate.charged_input_tokens": str(tokens_in), "lockgate.charged_output_tokens": str(tokens_out)}
         spent = await _counter(router, context)
@@ -2119,7 +2119,8 @@ async def test_a_call_the_client_gives_up_on_before_its_answer_is_charged_its_wo
         (event,) = await events(1)
         assert (event.status, event.error_type, event.input_tokens, event.output_tokens) == (
             "error", "client_disconnected", 0, 0)
-        assert {k: v for k, v in event.attributes.items() if k.startswith("lockgate.") and k != REQUEST_DIGEST} == {
+        assert {k: v for k, v in event.attributes.items() if k.startswith("lockgate.") and k not in (
+            REQUEST_DIGEST, ADMITTED_AT)} == {
             "lockgate.usage_unknown": "worst_case", "lockgate.charged_input_tokens": str(tokens_in),
             "lockgate.charged_output_tokens": str(tokens_out)}
         spent = await _counter(router, context)
@@ -2211,7 +2212,8 @@ async def test_a_fallback_is_not_called_when_what_the_abandoned_call_may_have_sp
         (event,) = await events(1)  # the request's own event is the abandoned call's
         assert (event.status, event.error_type, event.input_tokens, event.output_tokens) == (
             "error", "upstream_timeout", 0, 0)
-        assert {k: v for k, v in event.attributes.items() if k.startswith("lockgate.") and k != REQUEST_DIGEST} == {
+        assert {k: v for k, v in event.attributes.items() if k.startswith("lockgate.") and k not in (
+            REQUEST_DIGEST, ADMITTED_AT)} == {
             "lockgate.usage_unknown": "worst_case", "lockgate.charged_input_tokens": str(tokens_in),
             "lockgate.charged_output_tokens": str(tokens_out)}
         if limit == "budget":

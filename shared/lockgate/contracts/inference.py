@@ -26,6 +26,11 @@ NonNegF = Annotated[float, msgspec.Meta(ge=0, le=3.4e38)]
 USAGE_UNKNOWN = "lockgate.usage_unknown"
 CHARGED_INPUT_TOKENS = "lockgate.charged_input_tokens"
 CHARGED_OUTPUT_TOKENS = "lockgate.charged_output_tokens"
+# On a router event of a request a budget counted: when the router admitted it (ISO 8601, UTC), the instant whose
+# period (day, month) its budgets reserved and settled it in. The event is dated when it ends, which may be the next
+# period: a new counter's seed (query budget_spend) leaves out calls admitted before its period, so none counts on two
+# periods' counters (probe p88 F2).
+ADMITTED_AT = "lockgate.admitted_at"
 # With them, for a call whose upstream may write the prompt cache (Anthropic's): its input was charged at the dearest
 # rate an input token may be billed at (`DEAREST`: pricebook.ModelPrice.dearest_input_per_mtok, an hour-long write's).
 CHARGED_INPUT_RATE = "lockgate.charged_input_rate"
