@@ -33,7 +33,7 @@ class Gateway(Service):
 
     def problems(self) -> list[str]:
         """Not ready while the key store holds no key: every call would be refused (UNAUTHENTICATED)."""
-        return [problem] if (problem := self.server.keys.problem()) else []
+        return self.server.keys.problems()
 
     async def start(self) -> None:
         """Bind and serve."""

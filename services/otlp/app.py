@@ -36,7 +36,7 @@ class OtlpService(Service):
 
     def problems(self) -> list[str]:
         """Not ready while the key store holds no key: every export would be refused (401, UNAUTHENTICATED)."""
-        return [problem] if (problem := self.receiver.keys.problem()) else []
+        return self.receiver.keys.problems()
 
     async def start(self) -> None:
         """Bind both ports and serve."""

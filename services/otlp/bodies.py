@@ -9,10 +9,6 @@ and a body must keep up a minimum rate, as well as arrive within its total time.
 
 from __future__ import annotations
 
-from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import msgspec
 
 from lockgate.server.httpguard import HttpLimits
@@ -36,7 +32,7 @@ def otlp_limits(limits: HttpLimits) -> HttpLimits:
                                    body_grace_s=min(limits.body_grace_s, BODY_GRACE_S))
 
 
-class BodySlots:
+class BodySlots(Shares):
     """`slots` bodies received at once, at most `per_tenant` of them one tenant's.
 
     Counted by the authenticated key's tenant, not by key: keys are minted per app (and two live through a
@@ -45,37 +41,23 @@ class BodySlots:
     queued: a queued one would hold its connection, and the exporter's 10 s, for nothing."""
 
     def __init__(self, slots: int = MAX_BODIES, per_tenant: int = TENANT_BODIES) -> None:
-        self.shares = Shares(slots, per_tenant)  # counted as the receiver's decode slots are
+        super().__init__(slots, per_tenant)  # counted as the receiver's decode slots are (`holding` takes one)
 
     @property
     def slots(self) -> int:
         """Bodies received at once, at most."""
-        return self.shares.total
+        return self.total
 
     @property
     def per_tenant(self) -> int:
         """Of them, one tenant's at most."""
-        return self.shares.per_owner
-
-    @property
-    def held(self) -> Counter[str]:
-        """The bodies each tenant's requests are receiving."""
-        return self.shares.held
+        return self.per_owner
 
     def refusal(self, tenant: str) -> str | None:
         """Why `tenant` may not take a slot now (a retryable answer's message), or None when it may."""
-        if self.shares.full():
+        if self.full():
             return "too many OTLP exports being received; retry shortly"
-        if self.shares.owner_full(tenant):
+        if self.owner_full(tenant):
             return (f"tenant {tenant} already has {self.per_tenant} OTLP exports being received, its share of the "
                     f"receiver's {self.slots}; retry shortly")
         return None
-
-    @contextmanager
-    def holding(self, tenant: str) -> Iterator[None]:
-        """A slot of `tenant`'s while the block runs (`refusal(tenant)` said None just before)."""
-        self.shares.take(tenant)
-        try:
-            yield
-        finally:
-            self.shares.give(tenant)

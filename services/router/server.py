@@ -233,7 +233,7 @@ class RouterService(Service):
 
     def problems(self) -> list[str]:
         """Not ready while the key store holds no key: every request would be refused (401)."""
-        return [problem] if (problem := self.keys.problem()) else []
+        return self.keys.problems()
 
     async def _health(self, request: web.Request) -> web.Response:
         # Requests are still served while the bus is away (events wait in the bounded outbox), so a

@@ -160,6 +160,10 @@ class KeyStore:
         return (f"no API keys in {self.path}: create one with `lockgate keys create`, or mount the key store there "
                 "(LOCKGATE_API_KEYS_FILE names another file)")
 
+    def problems(self) -> list[str]:
+        """`problem`, as a service's readiness problems list (Service.problems)."""
+        return [problem] if (problem := self.problem()) else []
+
     def say_problem(self, log: logging.Logger) -> None:
         """Log once at start why every key is refused, if it is; readiness says it from then on (`problem`)."""
         if problem := self.problem():

@@ -22,7 +22,7 @@ import contextlib
 import itertools
 import os
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
@@ -60,6 +60,15 @@ class Shares:
         self.held[owner] -= 1
         if self.held[owner] <= 0:
             del self.held[owner]
+
+    @contextlib.contextmanager
+    def holding(self, owner: str) -> Iterator[None]:
+        """One of `owner`'s while the block runs (the caller checked it may)."""
+        self.take(owner)
+        try:
+            yield
+        finally:
+            self.give(owner)
 
     def pick(self, waiting: Sequence[str]) -> int | None:
         """Which of the owners `waiting` (in the order they came) takes the next one: of those below their share,
@@ -106,11 +115,8 @@ class OffLoop:
             raise Busy(self.busy)
         if self.slots.owner_full(owner):
             raise Busy(self.over_share.format(owner=owner, share=self.slots.per_owner, total=self.slots.total))
-        self.slots.take(owner)
-        try:
+        with self.slots.holding(owner):
             yield
-        finally:
-            self.slots.give(owner)
 
     async def run(self, work: Callable[[], T], owner: str = "") -> T:
         """`work()` in one of the threads (within a `slot(owner)`), once one is free for `owner`."""
